@@ -1,0 +1,57 @@
+"""Forward cost of a growing model, as ratios to the stage-0 model, measured in one run.
+
+A head on an existing path reuses that path's encoder features (near-zero extra cost); a
+head with adapters or on a new modality runs the shared encoder once more.
+
+    python benchmarks/expand_cost.py [--size 32] [--batch 2] [--repeats 5]
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+import unicon_tf
+
+
+def forward_seconds(model, volumes, repeats):
+    inputs = {m: volumes[m] for m in model.input}
+    model(inputs, training=False)  # warm-up (graph building, oneDNN primitives)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(inputs, training=False)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    shape = (args.size,) * 3
+    rng = np.random.default_rng(0)
+    volumes = {m: rng.normal(size=(args.batch,) + shape + (1,)).astype("float32") for m in ("ct", "pet")}
+
+    steps = [
+        ("stage 0: classification", None),
+        ("+ prognosis (same path)", dict(task="prognosis")),
+        ("+ segmentation (same path)", dict(task="segmentation")),
+        ("+ prognosis, adapters=8", dict(task="prognosis", name="prognosis_lora", adapters=8)),
+        ("+ pet, segmentation_ctpet", dict(modality="pet", task="segmentation")),
+    ]
+    model = unicon_tf.foundation(shape)
+    base = None
+    print(f"{'model':<30}{'params':>12}{'forward s':>12}{'ratio':>8}")
+    for label, options in steps:
+        if options:
+            model = unicon_tf.expand(model, **options)
+        seconds = forward_seconds(model, volumes, args.repeats)
+        base = base or seconds
+        print(f"{label:<30}{model.count_params():>12,}{seconds:>12.3f}{seconds / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

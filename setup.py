@@ -1,0 +1,37 @@
+"""unicon-tf: continual learning of 3D medical foundation models in TensorFlow/Keras."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+here = pathlib.Path(__file__).parent
+version = {}
+exec((here / "unicon_tf" / "version.py").read_text(), version)
+
+setup(
+    name="unicon-tf",
+    version=version["__version__"],
+    description="Continual learning of 3D medical foundation models (UNICON) in TensorFlow/Keras",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unicon_tf", "unicon_tf.*"]),
+    install_requires=[
+        # `tensorflow`, not `tensorflow-cpu`: tensorflow-serving-api requires it, and the two
+        # distributions overwrite each other's files in one environment.
+        "tensorflow>=2.18,<2.22",
+        "keras>=3.6",
+        "numpy",
+        "nibabel",
+        "scikit-survival",
+        "click>=8",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,181 @@
+"""The shared 3D encoder: a backbone from stem features to multi-scale feature maps.
+
+`residual_backbone` builds the default backbone (pre-activation residual Conv3D blocks with
+GroupNormalization, one stride-2 downsampling per level). `SharedEncoder` wraps any such
+functional backbone, the default one or a user's own pretrained network, so that it can
+be called once per input path (CT, fused CT+PET, an adapter's path) with shared weights,
+and so that low-rank adapters can be added to its Conv3D kernels.
+"""
+
+import math
+
+import keras
+
+from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope
+
+
+def group_norm(channels, name=None):
+    """GroupNormalization with up to 8 groups that always divide `channels`."""
+    return keras.layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
+
+
+def residual_backbone(input_channels=16, width=16, depth=4, name="residual_backbone"):
+    """The default backbone: `depth` levels, channels width * 2**level, stride 2 per level.
+
+    Args:
+        input_channels: channels of the stem features it reads.
+        width: channels of the first (full-resolution) level.
+        depth: number of levels; the total stride is 2 ** (depth - 1).
+        name: model name.
+
+    Returns:
+        A functional `keras.Model` from `(D, H, W, input_channels)` (spatial dims free)
+        to a list of `depth` feature maps, finest first.
+
+    Example:
+    >>> backbone = residual_backbone(input_channels=8, width=8, depth=3)
+    >>> [tuple(f.shape[1:]) for f in backbone(keras.ops.zeros((1, 16, 16, 16, 8)))]
+    [(16, 16, 16, 8), (8, 8, 8, 16), (4, 4, 4, 32)]
+    """
+    if width < 1 or depth < 1:
+        raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}.")
+
+    def residual_block(x, channels, prefix):
+        shortcut = x
+        if x.shape[-1] != channels:
+            shortcut = AdaptableConv3D(channels, 1, name=f"{prefix}_shortcut")(x)
+        x = group_norm(x.shape[-1], name=f"{prefix}_norm1")(x)
+        x = keras.layers.Activation("swish", name=f"{prefix}_act1")(x)
+        x = AdaptableConv3D(channels, 3, padding="same", name=f"{prefix}_conv1")(x)
+        x = group_norm(channels, name=f"{prefix}_norm2")(x)
+        x = keras.layers.Activation("swish", name=f"{prefix}_act2")(x)
+        x = AdaptableConv3D(channels, 3, padding="same", name=f"{prefix}_conv2")(x)
+        return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+
+    inputs = keras.Input((None, None, None, input_channels), name="stem_features")
+    x = inputs
+    features = []
+    for level in range(depth):
+        channels = width * 2**level
+        if level > 0:
+            x = AdaptableConv3D(channels, 3, strides=2, padding="same", name=f"level{level}_down")(x)
+        x = residual_block(x, channels, prefix=f"level{level}")
+        features.append(x)
+    return keras.Model(inputs, features, name=name)
+
+
+def _with_adaptable_convs(backbone):
+    """A copy of a user's backbone whose Conv3D layers can carry adapters, same weights."""
+
+    def clone_layer(layer):
+        if type(layer) is keras.layers.Conv3D:
+            return AdaptableConv3D.from_conv3d(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(backbone, clone_function=clone_layer, recursive=True)
+    clone.set_weights(backbone.get_weights())
+    return clone
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class SharedEncoder(keras.layers.Layer):
+    """The encoder every head reads, callable on several paths with shared weights.
+
+    Calling it with `adapter=name` runs the backbone with that adapter's low-rank kernel
+    updates; without it, with the base kernels only.
+
+    Args:
+        backbone: functional `keras.Model` from a volume of stem features
+            `(D, H, W, C)` to a list of feature maps, finest first, each a 5D tensor.
+            Plain `Conv3D` layers in a user's backbone are converted (weights kept) to
+            `AdaptableConv3D` so adapters can be added.
+        **kwargs: `keras.layers.Layer` arguments (name, ...).
+
+    Example:
+    >>> encoder = SharedEncoder(residual_backbone(input_channels=8, width=8, depth=2))
+    >>> features = encoder(keras.ops.zeros((1, 16, 16, 16, 8)))
+    >>> encoder.add_adapter("prognosis", rank=2)
+    >>> adapted = encoder(keras.ops.zeros((1, 16, 16, 16, 8)), adapter="prognosis")
+    """
+
+    def __init__(self, backbone, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(backbone, dict):
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        if not isinstance(backbone, keras.Model) or not hasattr(backbone, "inputs"):
+            raise ValueError(f"encoder must be a functional keras.Model, got {type(backbone).__name__}.")
+        if len(backbone.inputs) != 1 or len(backbone.inputs[0].shape) != 5:
+            raise ValueError(
+                "encoder must take one 5D input (batch, D, H, W, channels); got inputs "
+                f"{[tuple(t.shape) for t in backbone.inputs]}."
+            )
+        if len(backbone.outputs) < 1 or any(len(t.shape) != 5 for t in backbone.outputs):
+            raise ValueError(
+                "encoder must output a list of 5D feature maps (batch, D, H, W, C), finest first; "
+                f"got {[tuple(t.shape) for t in backbone.outputs]}."
+            )
+        has_adaptable = any(isinstance(layer, AdaptableConv3D) for layer in self._walk(backbone))
+        self.backbone = backbone if has_adaptable else _with_adaptable_convs(backbone)
+
+    @staticmethod
+    def _walk(model):
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                yield from SharedEncoder._walk(layer)
+            else:
+                yield layer
+
+    @property
+    def input_channels(self):
+        """Channels of the stem features the backbone reads."""
+        return self.backbone.inputs[0].shape[-1]
+
+    def feature_shapes(self, input_shape):
+        """Shapes `(1, d, h, w, c)` of the feature maps for a `(D, H, W)` input, finest first."""
+        shape = (1,) + tuple(input_shape) + (self.input_channels,)
+        return [tuple(s) for s in self.backbone.compute_output_shape(shape)]
+
+    @property
+    def adaptable_convs(self):
+        """The backbone's `AdaptableConv3D` layers, in graph order."""
+        return [layer for layer in self._walk(self.backbone) if isinstance(layer, AdaptableConv3D)]
+
+    @property
+    def adapters(self):
+        """`{name: {"rank", "alpha", "params"}}` of the adapters this encoder holds."""
+        summary = {}
+        for conv in self.adaptable_convs:
+            for name, spec in conv.adapters.items():
+                entry = summary.setdefault(name, {**spec, "params": 0})
+                entry["params"] += sum(_numel(w.shape) for w in conv.adapter_weights(name))
+        return summary
+
+    def base_weights(self):
+        """The backbone's own weights, without any adapter."""
+        adapter_ids = {
+            id(w) for conv in self.adaptable_convs for name in conv.adapters for w in conv.adapter_weights(name)
+        }
+        return [w for w in self.backbone.weights if id(w) not in adapter_ids]
+
+    def add_adapter(self, name, rank, alpha=None):
+        """Add adapter `name` of rank `rank` to every Conv3D kernel of the backbone."""
+        if name in self.adapters:
+            raise ValueError(f"The encoder already has an adapter named '{name}'.")
+        for conv in self.adaptable_convs:
+            conv.add_adapter(name, rank, alpha)
+
+    def call(self, inputs, adapter=None):
+        with adapter_scope(adapter):
+            return self.backbone(inputs)
+
+    def compute_output_spec(self, inputs, adapter=None):
+        return self.backbone.compute_output_spec(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+
+def _numel(shape):
+    return math.prod(int(d) for d in shape)

@@ -1,0 +1,271 @@
+"""Build the stage-0 foundation model, grow it with `expand`, and read it with `describe`.
+
+The model is one Keras functional graph with a dict of inputs (one per modality) and a
+dict of outputs (one per head):
+
+    inputs{"ct", "pet", ...} -> stems -> [fusion] -> SharedEncoder -> heads -> outputs{head}
+
+`expand` returns a new functional model over the *same* layer objects. It adds a head
+(and, for a new modality, an input and a stem) on a path that either reuses an existing
+path's feature tensors or calls the shared encoder once more (on a fused input, or with
+the new head's adapter). Nothing that an existing output depends on is rebuilt, re-
+initialised or re-wired, so old outputs stay bit-identical.
+
+The registry (head -> task, modalities, stage, adapter) is not stored beside the graph:
+it *is* the configs of the stem, fusion and head layers, so it survives `.keras` saving.
+"""
+
+import keras
+
+from unicon_tf.model.encoder import SharedEncoder, residual_backbone
+from unicon_tf.model.heads import HEADS, Head
+from unicon_tf.model.stems import ModalityFusion, ModalityStem
+
+
+def foundation(
+    input_shape,
+    modality="ct",
+    task="classification",
+    num_classes=2,
+    width=16,
+    depth=4,
+    encoder=None,
+    name="unicon",
+    **head_options,
+):
+    """The stage-0 model: one modality stem, the shared encoder and one head.
+
+    Args:
+        input_shape: spatial shape `(D, H, W)` of every modality's volume; each dim must be
+            divisible by the encoder's total stride (2 ** (depth - 1) for the built-in one).
+        modality: name of the first modality (the input's key), e.g. `"ct"`.
+        task: the first head's task, one of `classification`, `prognosis`, `segmentation`.
+        num_classes: classes of a classification or segmentation head.
+        width: channels of the built-in encoder's first level (and of the stem).
+        depth: levels of the built-in encoder.
+        encoder: optional user backbone (bring your own pretrained encoder): a functional
+            `keras.Model` from a volume `(D, H, W, C)` to a list of multi-scale feature maps,
+            finest first. With C == 1 the stem passes the volume through unchanged.
+        name: the model's name.
+        **head_options: further options of the head (see `unicon_tf.model.heads`).
+
+    Returns:
+        A functional `keras.Model` with inputs `{modality: (batch, D, H, W, 1)}` and
+        outputs `{task: ...}`.
+
+    Example:
+    >>> model = foundation((32, 32, 32), modality="ct", task="classification", num_classes=2)
+    >>> sorted(model.output)
+    ['classification']
+    """
+    input_shape = _spatial_shape(input_shape)
+    if encoder is None:
+        stride = 2 ** (depth - 1)
+        _check_divisible(input_shape, stride)
+        backbone = residual_backbone(input_channels=width, width=width, depth=depth)
+        stem_kind = "conv"
+    else:
+        backbone = encoder
+        stem_kind = "identity" if backbone.inputs[0].shape[-1] == 1 else "conv"
+    shared = SharedEncoder(backbone, name="encoder")
+    _check_feature_scales(shared, input_shape)
+
+    inputs = {modality: keras.Input(input_shape + (1,), name=modality)}
+    stem = ModalityStem(modality, channels=shared.input_channels, stage=0, kind=stem_kind)
+    features = shared(stem(inputs[modality]))
+    head = _make_head(task, shared, input_shape, name=task, modalities=[modality], stage=0,
+                      num_classes=num_classes, **head_options)
+    return keras.Model(inputs, {head.name: head(features)}, name=name)
+
+
+def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, **head_options):
+    """Add a head (and optionally a modality) to a model, sharing every existing layer.
+
+    Args:
+        model: a model built by `foundation` or `expand` (or loaded from `.keras`).
+        task: the new head's task: `classification`, `prognosis` or `segmentation`.
+        modality: a new input modality, e.g. `"pet"`; gets its own stem, and the new head
+            reads it fused with the first modality.
+        name: the new head's (and output's) name; defaults to the task, suffixed with the
+            modalities when it reads several (`segmentation_ctpet`).
+        adapters: rank r of zero-initialised low-rank adapters on the encoder's Conv3D
+            kernels, used only on the new head's path; None for none.
+        modalities: the modalities the new head reads (default: the first modality, plus
+            `modality` when given).
+        **head_options: the head's options, e.g. `num_classes=3`.
+
+    Returns:
+        A new functional `keras.Model` with one more output (and input, for a modality).
+        Existing outputs are computed by the same layers on the same tensors as before.
+
+    Example:
+    >>> model = foundation((32, 32, 32))
+    >>> model = expand(model, task="prognosis")
+    >>> model = expand(model, modality="pet", task="segmentation", num_classes=2)
+    >>> sorted(model.output)
+    ['classification', 'prognosis', 'segmentation_ctpet']
+    """
+    parts = _parts(model)
+    if task is None:
+        raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
+    if task not in HEADS:
+        raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
+    unknown = sorted(set(head_options) - set(HEADS[task].options()))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {HEADS[task].options()}.")
+    if modality is not None and modality in parts["stems"]:
+        raise ValueError(f"Modality '{modality}' is already present (stem 'stem_{modality}').")
+    primary = min(parts["stems"].values(), key=lambda stem: stem.stage).modality
+    if modalities is None:
+        modalities = [primary] if modality is None else [primary, modality]
+    modalities = list(modalities)
+    known = set(parts["stems"]) | ({modality} if modality else set())
+    missing = [m for m in modalities if m not in known]
+    if missing:
+        raise ValueError(f"The head would read modalities {missing} that the model has no stem for.")
+    name = name or (task if len(modalities) == 1 else f"{task}_{''.join(modalities)}")
+    if name in model.output or any(layer.name == name for layer in model.layers):
+        raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
+    if adapters is not None and int(adapters) < 1:
+        raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
+
+    stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
+    encoder = parts["encoder"]
+    input_shape = tuple(model.input[primary].shape[1:4])
+    inputs, outputs = dict(model.input), dict(model.output)
+
+    stem_outputs = {m: stem.output for m, stem in parts["stems"].items()}
+    if modality is not None:
+        inputs[modality] = keras.Input(input_shape + (1,), name=modality)
+        stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage)
+        stem_outputs[modality] = stem(inputs[modality])
+
+    if len(modalities) == 1:
+        path_input = stem_outputs[modalities[0]]
+    else:
+        fusion = parts["fusions"].get(tuple(modalities))
+        if fusion is None:
+            fusion = ModalityFusion(modalities, stage=stage)
+            path_input = fusion([stem_outputs[m] for m in modalities])
+        else:
+            path_input = fusion.output
+
+    if adapters is not None:
+        encoder.add_adapter(name, rank=adapters)
+        features = encoder(path_input, adapter=name)
+    else:
+        same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
+        features = same_path[0].input if same_path else encoder(path_input)
+
+    head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
+                      adapter_rank=adapters, **head_options)
+    outputs[name] = head(features)
+    return keras.Model(inputs, outputs, name=model.name)
+
+
+def describe(model):
+    """The model's registry: stems, encoder (with adapters), heads and parameter counts.
+
+    Args:
+        model: a model built by `foundation`/`expand` or loaded from `.keras`.
+
+    Returns:
+        A JSON-serialisable dict with keys `name`, `input_shape`, `stages`, `stems`,
+        `fusions`, `encoder`, `heads` and `params` (total).
+
+    Example:
+    >>> info = describe(foundation((16, 16, 16), width=8, depth=2))
+    >>> info["heads"]["classification"]["task"]
+    'classification'
+    """
+    parts = _parts(model)
+    encoder = parts["encoder"]
+    adapters = encoder.adapters
+    base_params = sum(int(w.numpy().size) for w in encoder.base_weights())
+    input_shape = tuple(next(iter(model.input.values())).shape[1:4])
+    heads = {}
+    for name, head in parts["heads"].items():
+        entry = head.describe()
+        entry["output_shape"] = list(model.output[name].shape[1:])
+        heads[name] = entry
+    stages = sorted({part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values()})
+    return {
+        "name": model.name,
+        "input_shape": list(input_shape),
+        "stages": len(stages),
+        "stems": {m: {"stage": s.stage, "kind": s.kind, "params": s.count_params()} for m, s in parts["stems"].items()},
+        "fusions": {
+            "+".join(mods): {"modalities": list(mods), "stage": f.stage, "params": f.count_params()}
+            for mods, f in parts["fusions"].items()
+        },
+        "encoder": {
+            "params": base_params,
+            "levels": [list(shape[1:]) for shape in encoder.feature_shapes(input_shape)],
+            "adapters": adapters,
+        },
+        "heads": heads,
+        "params": model.count_params(),
+    }
+
+
+def _parts(model):
+    """The stems (by modality), fusions (by modality tuple), heads (by name) and encoder."""
+    if not isinstance(model.input, dict) or not isinstance(model.output, dict):
+        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: its inputs and outputs must be dicts.")
+    parts = {"stems": {}, "fusions": {}, "heads": {}, "encoder": None}
+    for layer in model.layers:
+        if isinstance(layer, ModalityStem):
+            parts["stems"][layer.modality] = layer
+        elif isinstance(layer, ModalityFusion):
+            parts["fusions"][tuple(layer.modalities)] = layer
+        elif isinstance(layer, Head):
+            parts["heads"][layer.name] = layer
+        elif isinstance(layer, SharedEncoder):
+            parts["encoder"] = layer
+    if parts["encoder"] is None or not parts["stems"] or not parts["heads"]:
+        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: it needs stems, a SharedEncoder and heads.")
+    return parts
+
+
+def _make_head(task, encoder, input_shape, **options):
+    if task not in HEADS:
+        raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
+    head_class = HEADS[task]
+    if task == "classification" or task == "segmentation":
+        options.setdefault("num_classes", 2)
+    else:
+        options.pop("num_classes", None)
+    if task == "segmentation":
+        finest = encoder.feature_shapes(input_shape)[0]
+        options["final_upsampling"] = input_shape[0] // finest[1]
+    return head_class(**options)
+
+
+def _spatial_shape(input_shape):
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be three positive spatial dims (D, H, W), got {tuple(input_shape)}.")
+    return shape
+
+
+def _check_divisible(input_shape, stride):
+    if any(d % stride for d in input_shape):
+        raise ValueError(
+            f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "
+            f"use multiples of {stride} (or a smaller depth)."
+        )
+
+
+def _check_feature_scales(encoder, input_shape):
+    """Every feature map must be the input grid divided by one integer per level."""
+    shapes = encoder.feature_shapes(input_shape)
+    coarsest = shapes[-1][1:4]
+    if any(d is None or d < 1 for d in coarsest):
+        raise ValueError(f"The encoder gives empty features {tuple(coarsest)} for input_shape {input_shape}.")
+    stride = input_shape[0] // coarsest[0] if coarsest[0] else 0
+    for shape in shapes:
+        if any(d * (i // d) != i for d, i in zip(shape[1:4], input_shape)):
+            raise ValueError(
+                f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "
+                f"feature map {tuple(shape[1:4])} does not divide the input grid."
+            )

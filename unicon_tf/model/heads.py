@@ -1,0 +1,247 @@
+"""Task heads: named, self-describing output blocks that read the encoder's features.
+
+Each head records the task it solves, the modalities its path reads, the stage that
+added it and the rank of its encoder adapter (if any) in its config, so a saved model
+describes itself (see `unicon_tf.describe`). Every head takes the encoder's list of
+feature maps, finest first.
+
+| task             | head                 | output                                   |
+|------------------|----------------------|------------------------------------------|
+| `classification` | `ClassificationHead` | class logits `(batch, num_classes)`      |
+| `prognosis`      | `PrognosisHead`      | risk score (Cox log-hazard) `(batch,)`   |
+| `segmentation`   | `SegmentationHead`   | voxel logits `(batch, D, H, W, classes)` |
+"""
+
+import inspect
+
+import keras
+from keras import ops
+
+from unicon_tf.model.encoder import group_norm
+
+
+class Head(keras.layers.Layer):
+    """Base of all heads: the registry entry every head carries.
+
+    Args:
+        modalities: the modalities the head's input path reads, e.g. `["ct", "pet"]`.
+        stage: the continual-learning stage that added the head.
+        adapter_rank: rank of the encoder adapter on this head's path (named after the
+            head), or None when the head reads the base encoder.
+        **kwargs: `keras.layers.Layer` arguments; `name` is the head's (and output's) name.
+    """
+
+    task = None
+
+    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, **kwargs):
+        kwargs.setdefault("name", self.task)
+        super().__init__(**kwargs)
+        self.modalities = list(modalities)
+        self.stage = int(stage)
+        self.adapter_rank = None if adapter_rank is None else int(adapter_rank)
+
+    @property
+    def adapter(self):
+        """Name of the encoder adapter this head's path uses, or None."""
+        return self.name if self.adapter_rank else None
+
+    @classmethod
+    def options(cls):
+        """The task-specific constructor options (what `expand(**head_options)` accepts)."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+
+    def describe(self):
+        """This head's registry entry as a plain dict."""
+        return {
+            "task": self.task,
+            "modalities": list(self.modalities),
+            "stage": self.stage,
+            "adapter": None if self.adapter is None else {"name": self.adapter, "rank": self.adapter_rank},
+            "params": self.count_params(),
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(modalities=self.modalities, stage=self.stage, adapter_rank=self.adapter_rank)
+        return config
+
+
+class _PooledHead(Head):
+    """Normalise the coarsest feature map, pool it globally and apply a dense layer."""
+
+    def __init__(self, units, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        self.units = int(units)
+        self.dropout = float(dropout)
+        self.pool = keras.layers.GlobalAveragePooling3D(name="pool")
+        self.drop = keras.layers.Dropout(self.dropout, name="dropout")
+        self.dense = keras.layers.Dense(self.units, name="dense")
+
+    def build(self, feature_shapes):
+        coarsest = feature_shapes[-1]
+        self.norm = group_norm(coarsest[-1], name="norm")
+        self.norm.build(coarsest)
+        self.dense.build((coarsest[0], coarsest[-1]))
+
+    def pooled(self, features, training=None):
+        x = ops.silu(self.norm(features[-1]))
+        return self.dense(self.drop(self.pool(x), training=training))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dropout=self.dropout)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class ClassificationHead(_PooledHead):
+    """Patient-level classification: class logits from the coarsest features.
+
+    Args:
+        num_classes: number of classes, >= 2.
+        dropout: dropout rate before the dense layer.
+        **kwargs: see `Head`.
+
+    Example:
+    >>> head = ClassificationHead(num_classes=3)
+    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
+    (2, 3)
+    """
+
+    task = "classification"
+
+    def __init__(self, num_classes=2, dropout=0.0, **kwargs):
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
+        super().__init__(units=num_classes, dropout=dropout, **kwargs)
+        self.num_classes = int(num_classes)
+
+    def call(self, features, training=None):
+        return self.pooled(features, training=training)
+
+    def compute_output_shape(self, feature_shapes):
+        return (feature_shapes[-1][0], self.num_classes)
+
+    def describe(self):
+        return {**super().describe(), "num_classes": self.num_classes}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class PrognosisHead(_PooledHead):
+    """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
+
+    Args:
+        dropout: dropout rate before the dense layer.
+        **kwargs: see `Head`.
+
+    Example:
+    >>> head = PrognosisHead()
+    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
+    (2,)
+    """
+
+    task = "prognosis"
+
+    def __init__(self, dropout=0.0, **kwargs):
+        super().__init__(units=1, dropout=dropout, **kwargs)
+
+    def call(self, features, training=None):
+        return ops.squeeze(self.pooled(features, training=training), axis=-1)
+
+    def compute_output_shape(self, feature_shapes):
+        return (feature_shapes[-1][0],)
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class SegmentationHead(Head):
+    """UNet-style decoder over the encoder's skips: voxel logits at input resolution.
+
+    From the coarsest map upwards, each level upsamples, concatenates the skip at that
+    scale and applies Conv3D-GroupNorm-swish blocks with the skip's channel count.
+
+    Args:
+        num_classes: number of classes including background, >= 2.
+        blocks_per_level: Conv3D-GroupNorm-swish blocks after each skip concatenation.
+        final_upsampling: factor from the finest feature map to the input grid (1 for the
+            built-in encoder, whose finest level is at input resolution).
+        **kwargs: see `Head`.
+
+    Example:
+    >>> head = SegmentationHead(num_classes=3)
+    >>> features = [keras.ops.zeros((1, 16, 16, 16, 8)), keras.ops.zeros((1, 8, 8, 8, 16))]
+    >>> tuple(head(features).shape)
+    (1, 16, 16, 16, 3)
+    """
+
+    task = "segmentation"
+
+    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, **kwargs):
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
+        if int(blocks_per_level) < 1:
+            raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}.")
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.blocks_per_level = int(blocks_per_level)
+        self.final_upsampling = int(final_upsampling)
+
+    def build(self, feature_shapes):
+        self.upsamplers, self.convs, self.norms = [], [], []
+        x_shape = tuple(feature_shapes[-1])
+        for index in range(len(feature_shapes) - 2, -1, -1):
+            skip = tuple(feature_shapes[index])
+            factor = tuple(s // c for s, c in zip(skip[1:4], x_shape[1:4]))
+            self.upsamplers.append(keras.layers.UpSampling3D(factor, name=f"up{index}"))
+            in_shape = skip[:-1] + (x_shape[-1] + skip[-1],)
+            for block in range(self.blocks_per_level):
+                conv = keras.layers.Conv3D(skip[-1], 3, padding="same", name=f"dec{index}_conv{block}")
+                norm = group_norm(skip[-1], name=f"dec{index}_norm{block}")
+                conv.build(in_shape)
+                in_shape = skip
+                norm.build(in_shape)
+                self.convs.append(conv)
+                self.norms.append(norm)
+            x_shape = skip
+        self.upsample_final = keras.layers.UpSampling3D(self.final_upsampling, name="up_final")
+        self.logits = keras.layers.Conv3D(self.num_classes, 1, name="logits")
+        self.logits.build(x_shape)
+
+    def call(self, features):
+        x = features[-1]
+        blocks = zip(self.convs, self.norms)
+        for upsample, skip in zip(self.upsamplers, reversed(features[:-1])):
+            x = ops.concatenate([upsample(x), skip], axis=-1)
+            for _ in range(self.blocks_per_level):
+                conv, norm = next(blocks)
+                x = ops.silu(norm(conv(x)))
+        if self.final_upsampling > 1:
+            x = self.upsample_final(x)
+        return self.logits(x)
+
+    def compute_output_shape(self, feature_shapes):
+        finest = feature_shapes[0]
+        spatial = tuple(None if d is None else d * self.final_upsampling for d in finest[1:4])
+        return (finest[0],) + spatial + (self.num_classes,)
+
+    def describe(self):
+        return {**super().describe(), "num_classes": self.num_classes}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            blocks_per_level=self.blocks_per_level,
+            final_upsampling=self.final_upsampling,
+        )
+        return config
+
+
+HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
+"""Task name -> head class; `expand(task=...)` accepts these names."""

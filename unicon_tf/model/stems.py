@@ -1,0 +1,119 @@
+"""Modality stems and their fusion.
+
+Each imaging modality (CT, PET, ...) enters the model through its own stem, which maps a
+one-channel volume to the encoder's input channels. A path that reads several modalities
+first fuses their stem features with `ModalityFusion`, which starts out as the first
+modality's features exactly (identity on it, zero on the others): a new modality begins
+from what the model already does and learns how much to add.
+"""
+
+import keras
+from keras import ops
+
+from unicon_tf.model.encoder import group_norm
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class ModalityStem(keras.layers.Layer):
+    """Maps a `(D, H, W, 1)` volume of one modality to `(D, H, W, channels)` features.
+
+    Args:
+        modality: the modality this stem reads (also the model input's name).
+        channels: output channels (the encoder's input channels).
+        stage: the continual-learning stage that added it.
+        kind: `"conv"` (Conv3D 3^3, GroupNorm, swish) or `"identity"` (pass the volume
+            through, for a user encoder pretrained on raw one-channel volumes).
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Example:
+    >>> stem = ModalityStem("ct", channels=8)
+    >>> tuple(stem(keras.ops.zeros((1, 16, 16, 16, 1))).shape)
+    (1, 16, 16, 16, 8)
+    """
+
+    def __init__(self, modality, channels, stage=0, kind="conv", **kwargs):
+        kwargs.setdefault("name", f"stem_{modality}")
+        super().__init__(**kwargs)
+        if kind not in ("conv", "identity"):
+            raise ValueError(f"Unknown stem kind '{kind}': expected 'conv' or 'identity'.")
+        if kind == "identity" and channels != 1:
+            raise ValueError(f"An identity stem outputs 1 channel, but the encoder reads {channels}.")
+        self.modality = modality
+        self.channels = int(channels)
+        self.stage = int(stage)
+        self.kind = kind
+        if kind == "conv":
+            self.conv = keras.layers.Conv3D(self.channels, 3, padding="same", name="conv")
+            self.norm = group_norm(self.channels, name="norm")
+
+    def build(self, input_shape):
+        if self.kind == "conv":
+            self.conv.build(input_shape)
+            self.norm.build(tuple(input_shape[:-1]) + (self.channels,))
+
+    def call(self, volume):
+        if self.kind == "identity":
+            return volume
+        return ops.silu(self.norm(self.conv(volume)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.channels,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(modality=self.modality, channels=self.channels, stage=self.stage, kind=self.kind)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class ModalityFusion(keras.layers.Layer):
+    """Fuses the stem features of several modalities into the encoder's input channels.
+
+    A learned 1x1x1 mixing of the concatenated stem features, initialised to pass the
+    first modality through unchanged and to ignore the others.
+
+    Args:
+        modalities: the modalities fused, in input order; the first is passed through.
+        stage: the stage that added it.
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Example:
+    >>> fusion = ModalityFusion(["ct", "pet"])
+    >>> ct, pet = keras.ops.ones((1, 4, 4, 4, 8)), keras.ops.zeros((1, 4, 4, 4, 8))
+    >>> bool(keras.ops.all(fusion([ct, pet]) == ct))
+    True
+    """
+
+    def __init__(self, modalities, stage=0, **kwargs):
+        kwargs.setdefault("name", "fusion_" + "_".join(modalities))
+        super().__init__(**kwargs)
+        if len(modalities) < 2:
+            raise ValueError(f"Fusion needs at least two modalities, got {list(modalities)}.")
+        self.modalities = list(modalities)
+        self.stage = int(stage)
+
+    def build(self, input_shapes):
+        channels = input_shapes[0][-1]
+        if any(shape[-1] != channels for shape in input_shapes):
+            raise ValueError(f"Stems to fuse must have equal channels, got {[s[-1] for s in input_shapes]}.")
+
+        def pass_first(shape, dtype=None):
+            return ops.concatenate(
+                [ops.eye(channels, dtype=dtype), ops.zeros((shape[0] - channels, channels), dtype=dtype)], axis=0
+            )
+
+        self.mixing = self.add_weight(
+            name="mixing", shape=(channels * len(input_shapes), channels), initializer=pass_first
+        )
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
+
+    def call(self, stem_features):
+        return ops.matmul(ops.concatenate(stem_features, axis=-1), self.mixing) + self.bias
+
+    def compute_output_shape(self, input_shapes):
+        return tuple(input_shapes[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(modalities=self.modalities, stage=self.stage)
+        return config
