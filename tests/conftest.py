@@ -25,3 +25,23 @@ def run(model, volumes):
     """Outputs of `model` on the modalities it takes, as NumPy arrays."""
     outputs = model({m: volumes[m] for m in model.input}, training=False)
     return {name: np.asarray(value) for name, value in outputs.items()}
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory):
+    """A 10-patient phantom cohort on disk (CT 32^3 at 6 mm, PET 16^3 at 12 mm)."""
+    from unicon_tf.data import phantom
+
+    out = tmp_path_factory.mktemp("phantom")
+    return phantom.write_cohort(out, n=10, shape=(32, 32, 32), seed=3, spacing=6.0)
+
+
+@pytest.fixture(scope="session")
+def phantom_records(phantom_cohort, tmp_path_factory):
+    """The phantom cohort ingested at 16^3, 12 mm, cropped around the mask."""
+    from unicon_tf import data
+
+    out = tmp_path_factory.mktemp("records") / "ct16"
+    prep = data.Preprocessing(shape=(16, 16, 16), spacing=(12.0, 12.0, 12.0), center="mask")
+    data.ingest(phantom_cohort, out, prep, workers=2, verbose=False)
+    return out

@@ -1,9 +1,9 @@
 """The `unicon-tf` command line.
 
 Example:
-    unicon-tf --version
+    unicon-tf phantom --out cohort -n 120
+    unicon-tf ingest cohort/manifest.csv --out data/ct64 --shape 64 64 64 --spacing 3 3 3
     unicon-tf describe model.keras
-    unicon-tf describe model.keras --json
 """
 
 import json
@@ -35,6 +35,62 @@ def describe(model_path, as_json):
     except (ValueError, TypeError, OSError) as error:
         raise click.ClickException(f"{model_path}: cannot read a unicon_tf model: {error}") from error
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--out", required=True, type=click.Path(path_type=pathlib.Path), help="New output folder.")
+@click.option("--shape", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Output grid D H W.")
+@click.option("--spacing", nargs=3, type=float, default=(2.0, 2.0, 2.0), show_default=True, help="Voxel size (mm).")
+@click.option("--center", type=click.Choice(["body", "mask"]), default="body", show_default=True,
+              help="Crop around the body or around the mask.")
+@click.option("--window", "windows", nargs=3, type=(str, float, float), multiple=True, metavar="MODALITY LOW HIGH",
+              help="Intensity window of a modality (default: ct -1000 1000 HU, pet 0 20 SUV).")
+@click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
+              help="Multiply a modality's raw values first (e.g. PET Bq/mL -> SUV).")
+@click.option("--mask-classes", type=int, default=2, show_default=True, help="Label-map classes incl. background.")
+@click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
+@click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
+def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad):
+    """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
+    from unicon_tf import data
+
+    try:
+        window_map = {m: (w.low, w.high, w.scale) for m, w in data.DEFAULT_WINDOWS.items()}
+        window_map.update({m: (low, high, window_map.get(m, (0, 0, 1.0))[2]) for m, low, high in windows})
+        for modality, factor in scales:
+            if modality not in window_map:
+                raise click.BadParameter(f"no window for modality '{modality}': add --window {modality} LOW HIGH")
+            window_map[modality] = window_map[modality][:2] + (factor,)
+        preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
+                                           mask_classes=mask_classes)
+        schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad,
+                             shard_size=shard_size)
+    except (data.DataError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    counts = ", ".join(f"{split} {info['count']}" for split, info in schema["splits"].items())
+    rejected = out / "rejected.csv"
+    click.echo(f"wrote {out} ({counts})" + (f"; rejected patients listed in {rejected}" if rejected.exists() else ""))
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=pathlib.Path), help="Output folder.")
+@click.option("-n", "count", type=int, default=120, show_default=True, help="Number of patients.")
+@click.option("--shape", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="CT grid in voxels.")
+@click.option("--spacing", type=float, default=3.0, show_default=True, help="CT voxel size (mm).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def phantom(out, count, shape, spacing, seed):
+    """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv)."""
+    import keras
+
+    from unicon_tf.data import phantom as phantom_cohort
+
+    if count < 1:
+        raise click.BadParameter(f"-n must be >= 1, got {count}")
+    progress = keras.utils.Progbar(count, unit_name="patient")
+    manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update)
+    click.echo(f"wrote {count} patients; manifest: {manifest}")
 
 
 def format_description(info):

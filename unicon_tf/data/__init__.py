@@ -1,0 +1,33 @@
+"""Data: manifests of NIfTI cohorts -> validated TFRecord shards -> tf.data pipelines.
+
+Example:
+>>> from unicon_tf import data
+>>> manifest = data.phantom.write_cohort("cohort", n=12, shape=(32, 32, 32), spacing=6.0)  # doctest: +SKIP
+>>> data.ingest(manifest, "tfrecords", data.Preprocessing(shape=(32, 32, 32), spacing=(6, 6, 6)))  # doctest: +SKIP
+>>> train = data.dataset("tfrecords", "train", task="classification", batch_size=4)  # doctest: +SKIP
+"""
+
+from unicon_tf.data import phantom
+from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target
+from unicon_tf.data.errors import DataError
+from unicon_tf.data.ingest import ingest, read_schema
+from unicon_tf.data.manifest import Manifest, Patient, read_manifest
+from unicon_tf.data.preprocess import DEFAULT_WINDOWS, IntensityWindow, Preprocessing, load_volume, preprocess_patient
+
+__all__ = [
+    "DEFAULT_WINDOWS",
+    "DataError",
+    "IntensityWindow",
+    "Manifest",
+    "Patient",
+    "Preprocessing",
+    "TASK_TARGETS",
+    "dataset",
+    "ingest",
+    "load_volume",
+    "phantom",
+    "preprocess_patient",
+    "read_manifest",
+    "read_schema",
+    "task_target",
+]

@@ -1,0 +1,101 @@
+"""`tf.data` pipelines over an ingested cohort: parse, per-task targets, augment, batch."""
+
+import tensorflow as tf
+
+from unicon_tf.data.augment import augment_example
+from unicon_tf.data.errors import DataError
+from unicon_tf.data.ingest import read_schema
+from unicon_tf.data.records import parse_example, verify_shards
+
+TASK_TARGETS = {"classification": ("label",), "prognosis": ("time", "event"), "segmentation": ("mask",)}
+"""The cohort targets each task needs."""
+
+
+def task_target(example, task):
+    """The training target of `task` in a parsed example.
+
+    classification: class index (int32); prognosis: `(time, event)` float32;
+    segmentation: label map `(D, H, W)` int32.
+    """
+    if task == "classification":
+        return example["label"]
+    if task == "prognosis":
+        return tf.stack([example["time"], tf.cast(example["event"], tf.float32)])
+    return example["mask"]
+
+
+def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, shuffle=None,
+            modalities=None, cache=True, drop_remainder=False, with_meta=False):
+    """A batched `tf.data.Dataset` of `(inputs, targets)` from an ingested cohort folder.
+
+    Args:
+        directory: a folder written by `ingest`.
+        split: `train`, `val` or `test`.
+        task: `classification`, `prognosis` or `segmentation` (targets: that task's
+            target), or None (targets: dict of every target the cohort has).
+        batch_size: examples per batch.
+        augment: joint random flips, rotations, scaling and intensity jitter.
+        seed: seeds shuffling and augmentation: the same seed gives the same batches.
+        shuffle: shuffle examples (default: only the train split).
+        modalities: input modalities to yield (default: all the cohort has).
+        cache: keep parsed examples in memory after the first pass.
+        drop_remainder: drop a last smaller batch.
+        with_meta: also yield `{"patient_id", "affine"}` as a third element.
+
+    Returns:
+        A dataset of `(inputs, targets)` (or `(inputs, targets, meta)`), inputs a dict
+        `{modality: (batch, D, H, W, 1)}`, with known cardinality.
+
+    Raises:
+        DataError: a missing split, target or modality (naming schema.json and the
+            field), or a shard that is missing, truncated or corrupt (naming the shard).
+
+    Example:
+    >>> train = dataset("data/ct32", "train", task="classification", batch_size=4,
+    ...                 augment=True, seed=1)  # doctest: +SKIP
+    """
+    schema = read_schema(directory)
+    schema_file = f"{directory}/schema.json"
+    if task is not None and task not in TASK_TARGETS:
+        raise ValueError(f"Unknown task '{task}': expected one of {sorted(TASK_TARGETS)} or None.")
+    needed = TASK_TARGETS.get(task, ())
+    missing = [t for t in needed if t not in schema["targets"]]
+    if missing:
+        raise DataError(f"the cohort has no {missing} targets needed by a {task} task (it has {schema['targets']})",
+                        file=schema_file, field="/".join(missing))
+    modalities = list(modalities or schema["modalities"])
+    absent = [m for m in modalities if m not in schema["modalities"]]
+    if absent:
+        raise DataError(f"the cohort has no modality {absent} (it has {schema['modalities']})",
+                        file=schema_file, field="/".join(absent))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    paths = verify_shards(directory, schema, split)
+    count = schema["splits"][split]["count"]
+
+    ds = tf.data.TFRecordDataset(paths, compression_type="GZIP")
+    ds = ds.map(lambda s: parse_example(s, schema), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    if cache:
+        ds = ds.cache()
+    if split == "train" if shuffle is None else shuffle:
+        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if augment:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda example, s: augment_example(example, modalities, s),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
+
+    def to_model(example):
+        inputs = {m: example[m] for m in modalities}
+        if task is None:
+            targets = {t: example[t] for t in schema["targets"]}
+        else:
+            targets = task_target(example, task)
+        if with_meta:
+            return inputs, targets, {"patient_id": example["patient_id"], "affine": example["affine"]}
+        return inputs, targets
+
+    ds = ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

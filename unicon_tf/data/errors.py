@@ -1,0 +1,24 @@
+"""The one error type of bad input data: it names the patient, the file and the field."""
+
+
+class DataError(ValueError):
+    """Bad input data, located by patient, file and manifest field.
+
+    Args:
+        message: what is wrong.
+        patient: the patient_id, or None for a manifest-level problem.
+        file: the offending file (a NIfTI image, the manifest, a TFRecord shard).
+        field: the manifest column or record feature concerned (`ct`, `time`, ...).
+
+    Example:
+    >>> str(DataError("NaN voxels", patient="P001", file="ct.nii.gz", field="ct"))
+    'patient P001, file ct.nii.gz, field ct: NaN voxels'
+    """
+
+    def __init__(self, message, patient=None, file=None, field=None):
+        self.reason, self.patient, self.file, self.field = message, patient, file, field
+        where = [f"{label} {value}" for label, value in (("patient", patient), ("file", file), ("field", field)) if value]
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def __reduce__(self):  # keep patient, file and field across worker processes
+        return type(self), (self.reason, self.patient, self.file, self.field)

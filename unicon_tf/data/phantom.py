@@ -1,0 +1,245 @@
+"""A built-in synthetic PET/CT cohort: chest phantoms with a lesion, labels, survival and masks.
+
+Every patient is drawn independently from one documented generative model, so that the
+whole UNICON workflow (classification -> prognosis -> segmentation -> PET) runs with nothing
+to download, and so that its results can be checked against known truths.
+
+Geometry (world RAS coordinates in mm, origin at the centre of a cubic field of view F):
+
+- body: elliptic cylinder along z, semi-axes 0.42 F (x) and 0.30 F (y), 40 HU, SUV 1.0
+- lungs: ellipsoids at x = +-0.19 F, semi-axes (0.14, 0.20, 0.38) F, -850 HU, SUV 0.5
+- heart: ellipsoid at (-0.04, 0.07, -0.06) F, semi-axes (0.12, 0.10, 0.12) F, 40 HU, SUV 2.0
+- spine: cylinder along z at y = -0.22 F, radius 0.05 F, 700 HU, SUV 1.6
+- one lesion, a sphere of radius r, whose *character* is the classification label:
+  label ~ Bernoulli(0.5); r ~ U(0.035, 0.07) F for label 0, U(0.05, 0.09) F for label 1.
+  Location ~ Bernoulli(P_HIDDEN = 0.5) between:
+  * parenchymal (inside a lung): 40 HU if label 1 (solid), -350 HU if label 0 (part-solid);
+    clearly delineated on CT;
+  * juxta-cardiac (centred on the heart's lateral border, half inside the lung): soft tissue
+    40 HU whatever the label, so on CT it merges with the heart: hard to delineate.
+  Uptake: SUV ~ U(3.5, 5.5) for label 0, U(7, 13) for label 1: clear on PET everywhere.
+- CT: Gaussian noise of 15 HU. PET: the SUV map blurred (Gaussian, FWHM 2 PET voxels),
+  sampled on a grid of twice the CT spacing shifted by a quarter voxel, with 10%
+  multiplicative noise. CT and PET are co-registered in world space through their affines.
+  The CT is stored in LPS-like voxel order (x and y flipped) to exercise reorientation.
+
+Survival (months): a proportional-hazards model on the lesion's volume V (mL) and uptake,
+
+    hazard h = H0 * (V / V0) ** BETA_VOLUME * exp(BETA_SUV * (SUV - SUV0))
+    event time T ~ Exponential(h);  censoring C ~ Uniform(C_MIN, C_MAX)
+    time = min(T, C);  event = 1 if T <= C
+
+so P(event | h) = 1 - (exp(-h C_MIN) - exp(-h C_MAX)) / (h (C_MAX - C_MIN)).
+
+Mask: 1 on the lesion, 0 elsewhere, on the CT grid. Label, survival and mask all derive
+from the same lesion, so an encoder trained on one task has learned features for the
+others.
+"""
+
+import csv
+import dataclasses
+import json
+import pathlib
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+P_HIDDEN = 0.5
+H0, V0, BETA_VOLUME, SUV0, BETA_SUV = 1.0 / 24.0, 4.0, 0.8, 6.0, 0.15
+C_MIN, C_MAX = 6.0, 60.0
+SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+@dataclasses.dataclass
+class PhantomPatient:
+    """One synthetic patient: images with affines, targets, and the latent truth behind them."""
+
+    patient_id: str
+    ct: np.ndarray  # HU, int16
+    ct_affine: np.ndarray
+    pet: np.ndarray  # SUV, float32
+    pet_affine: np.ndarray
+    mask: np.ndarray  # uint8, on the CT grid
+    label: int
+    time: float
+    event: int
+    latent: dict  # location, radius_mm, volume_ml, suv, hazard, event_time
+
+
+def event_probability(hazard):
+    """P(T <= C) for T ~ Exp(hazard) and C ~ U(C_MIN, C_MAX): the model's event rate."""
+    hazard = np.asarray(hazard, dtype=np.float64)
+    return 1.0 - (np.exp(-hazard * C_MIN) - np.exp(-hazard * C_MAX)) / (hazard * (C_MAX - C_MIN))
+
+
+def _world(shape, affine):
+    """World coordinates (mm) of every voxel centre, shape `(3,) + shape`."""
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    return (affine[:3, :3] @ index + affine[:3, 3:4]).reshape((3,) + tuple(shape))
+
+
+def _ellipsoid(world, center, semi_axes):
+    d = sum(((world[i] - center[i]) / semi_axes[i]) ** 2 for i in range(3))
+    return d <= 1.0
+
+
+def _anatomy(world, fov, lesion):
+    """Label volumes (boolean) of body, lungs, heart, spine and lesion at world points."""
+    x, y = world[0], world[1]
+    body = (x / (0.42 * fov)) ** 2 + (y / (0.30 * fov)) ** 2 <= 1.0
+    lungs = _ellipsoid(world, (0.19 * fov, 0, 0), (0.14 * fov, 0.20 * fov, 0.38 * fov))
+    lungs |= _ellipsoid(world, (-0.19 * fov, 0, 0), (0.14 * fov, 0.20 * fov, 0.38 * fov))
+    heart = _ellipsoid(world, (-0.04 * fov, 0.07 * fov, -0.06 * fov), (0.12 * fov, 0.10 * fov, 0.12 * fov))
+    lungs &= ~heart
+    spine = (x / (0.05 * fov)) ** 2 + ((y + 0.22 * fov) / (0.05 * fov)) ** 2 <= 1.0
+    r = lesion["radius_mm"]
+    lesion_mask = _ellipsoid(world, lesion["center"], (r, r, r)) & body
+    return body, lungs, heart, spine, lesion_mask
+
+
+def _draw_lesion(rng, fov):
+    label = int(rng.random() < 0.5)
+    radius = rng.uniform(*((0.05, 0.09) if label else (0.035, 0.07))) * fov
+    hidden = bool(rng.random() < P_HIDDEN)
+    if hidden:  # on the heart's lateral (-x) border, at a random height within it
+        center = (-0.16 * fov, 0.07 * fov + rng.uniform(-0.04, 0.04) * fov, -0.06 * fov + rng.uniform(-0.06, 0.06) * fov)
+    else:  # well inside one lung
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        center = (side * 0.21 * fov, rng.uniform(-0.08, 0.08) * fov, rng.uniform(-0.2, 0.2) * fov)
+    suv = rng.uniform(*((7.0, 13.0) if label else (3.5, 5.5)))
+    return {"label": label, "radius_mm": float(radius), "center": tuple(float(c) for c in center),
+            "location": "juxta-cardiac" if hidden else "parenchymal", "suv": float(suv)}
+
+
+def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
+    """Draw one `PhantomPatient` from the generative model (see the module docstring).
+
+    Args:
+        patient_id: identifier.
+        rng: a `numpy.random.Generator`.
+        shape: CT grid in voxels; the field of view is `shape[0] * spacing` mm.
+        spacing: CT voxel size in mm (isotropic); PET voxels are twice as large.
+    """
+    shape = tuple(int(s) for s in shape)
+    fov = shape[0] * spacing
+    extent = np.asarray(shape) * spacing
+    ct_affine = np.diag([-spacing, -spacing, spacing, 1.0])  # LPS-like voxel order
+    ct_affine[:3, 3] = [extent[0] / 2 - spacing / 2, extent[1] / 2 - spacing / 2, -extent[2] / 2 + spacing / 2]
+    lesion = _draw_lesion(rng, fov)
+
+    body, lungs, heart, spine, lesion_mask = _anatomy(_world(shape, ct_affine), fov, lesion)
+    ct = np.full(shape, -1000.0)
+    ct[body] = 40.0
+    ct[lungs] = -850.0
+    ct[heart] = 40.0
+    ct[spine] = 700.0
+    ct[lesion_mask] = 40.0 if lesion["label"] or lesion["location"] == "juxta-cardiac" else -350.0
+    ct += rng.normal(0.0, 15.0, shape)
+
+    pet_spacing = 2.0 * spacing
+    pet_shape = tuple(max(1, s // 2) for s in shape)
+    pet_affine = np.diag([pet_spacing, pet_spacing, pet_spacing, 1.0])
+    pet_affine[:3, 3] = -np.asarray(pet_shape) * pet_spacing / 2 + pet_spacing / 2 + pet_spacing / 4
+    fine = np.diag([spacing, spacing, spacing, 1.0])  # uptake drawn at CT resolution, then blurred
+    fine_shape = tuple(2 * s for s in pet_shape)
+    fine[:3, 3] = pet_affine[:3, 3] - pet_spacing / 4
+    body, lungs, heart, spine, lesion_fine = _anatomy(_world(fine_shape, fine), fov, lesion)
+    suv = np.zeros(fine_shape)
+    suv[body], suv[lungs], suv[heart], suv[spine], suv[lesion_fine] = 1.0, 0.5, 2.0, 1.6, lesion["suv"]
+    sigma = 2.0 * 2.0 / 2.3548  # FWHM of 2 PET voxels, in fine voxels
+    suv = ndimage.gaussian_filter(suv, sigma).reshape(pet_shape[0], 2, pet_shape[1], 2, pet_shape[2], 2)
+    pet = suv.mean(axis=(1, 3, 5)) * (1.0 + rng.normal(0.0, 0.1, pet_shape))
+
+    volume_ml = float(lesion_mask.sum() * spacing**3 / 1000.0)
+    hazard = H0 * (max(volume_ml, 1e-3) / V0) ** BETA_VOLUME * np.exp(BETA_SUV * (lesion["suv"] - SUV0))
+    event_time = float(rng.exponential(1.0 / hazard))
+    censor_time = float(rng.uniform(C_MIN, C_MAX))
+    return PhantomPatient(
+        patient_id=patient_id,
+        ct=np.round(ct).astype(np.int16), ct_affine=ct_affine,
+        pet=np.clip(pet, 0.0, None).astype(np.float32), pet_affine=pet_affine,
+        mask=lesion_mask.astype(np.uint8),
+        label=lesion["label"],
+        time=float(max(min(event_time, censor_time), 0.01)),
+        event=int(event_time <= censor_time),
+        latent={**lesion, "volume_ml": volume_ml, "hazard": float(hazard), "event_time": event_time},
+    )
+
+
+def iter_cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
+    """Yield `n` phantom patients one at a time (see `cohort`)."""
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+    for i, rng in enumerate(rngs):
+        yield make_patient(f"P{i:04d}", rng, shape, spacing)
+
+
+def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
+    """Draw `n` phantom patients; the same seed gives the same cohort.
+
+    Args:
+        n: number of patients.
+        shape: CT grid in voxels.
+        seed: random seed.
+        spacing: CT voxel size in mm.
+
+    Returns:
+        A list of `PhantomPatient`, ids `P0000`, `P0001`, ...
+
+    Example:
+    >>> patients = cohort(4, shape=(32, 32, 32), seed=0, spacing=6.0)
+    >>> [p.patient_id for p in patients]
+    ['P0000', 'P0001', 'P0002', 'P0003']
+    """
+    return list(iter_cohort(n, shape, seed, spacing))
+
+
+def assign_splits(n, seed=0):
+    """Deterministic train/val/test assignment with the SPLIT_FRACTIONS proportions."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = int(round(n * SPLIT_FRACTIONS["train"]))
+    n_val = int(round(n * SPLIT_FRACTIONS["val"]))
+    splits = np.empty(n, dtype=object)
+    splits[order[:n_train]] = "train"
+    splits[order[n_train:n_train + n_val]] = "val"
+    splits[order[n_train + n_val:]] = "test"
+    return splits.tolist()
+
+
+def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None):
+    """Write a phantom cohort as NIfTI files plus `manifest.csv` and `phantom.json` (latents).
+
+    Args:
+        out: output folder (created).
+        n, shape, seed, spacing: see `cohort`.
+        progress: optional callable `progress(done)` after each patient.
+
+    Returns:
+        Path of the manifest.
+    """
+    out = pathlib.Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    splits = assign_splits(n, seed)
+    rows, latents = [], {}
+    for i, (patient, split) in enumerate(zip(iter_cohort(n, shape, seed, spacing), splits)):
+        files = {}
+        for field, data, affine in (("ct", patient.ct, patient.ct_affine), ("pet", patient.pet, patient.pet_affine),
+                                    ("mask", patient.mask, patient.ct_affine)):
+            files[field] = f"images/{patient.patient_id}_{field}.nii.gz"
+            image = nib.Nifti1Image(data, affine)
+            image.header.set_xyzt_units("mm", "sec")
+            nib.save(image, str(out / files[field]))
+        rows.append({"patient_id": patient.patient_id, "split": split, "ct": files["ct"], "pet": files["pet"],
+                     "label": patient.label, "time": f"{patient.time:.4f}", "event": patient.event,
+                     "mask": files["mask"]})
+        latents[patient.patient_id] = patient.latent
+        if progress:
+            progress(i + 1)
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "phantom.json").write_text(json.dumps(
+        {"n": n, "shape": list(shape), "seed": seed, "spacing": spacing, "latent": latents}, indent=1) + "\n")
+    return manifest
