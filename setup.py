@@ -23,6 +23,7 @@ setup(
         "tensorflow>=2.18,<2.22",
         "keras>=3.6",
         "numpy",
+        "scipy",
         "nibabel",
         "scikit-survival",
         "click>=8",

@@ -52,7 +52,7 @@ def _inside(index, shape):
 
 def sample_linear(volume, coords, fill):
     """Trilinear samples of `volume` `(D, H, W, C)` at `coords` `(N, 3)`; `fill` outside."""
-    shape = volume.shape[:3]
+    shape = tuple(int(d) for d in volume.shape[:3])
     low = tf.floor(coords)
     frac = coords - low
     low = tf.cast(low, tf.int32)
@@ -68,7 +68,7 @@ def sample_linear(volume, coords, fill):
 
 def sample_nearest(volume, coords, fill):
     """Nearest-neighbour samples of `volume` `(D, H, W)` at `coords` `(N, 3)`; `fill` outside."""
-    shape = volume.shape[:3]
+    shape = tuple(int(d) for d in volume.shape[:3])
     index = tf.cast(tf.round(coords), tf.int32)
     values = tf.gather_nd(volume, tf.clip_by_value(index, 0, tf.constant(shape, tf.int32) - 1))
     return tf.reshape(tf.where(_inside(index, shape), values, tf.cast(fill, volume.dtype)), volume.shape)
@@ -87,7 +87,7 @@ def augment_example(example, modalities, seed, max_rotation=10.0, max_scale=0.1,
         The example with augmented images and mask (other keys unchanged).
     """
     spatial_seed, intensity_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    shape = example[modalities[0]].shape[:3]
+    shape = tuple(int(d) for d in example[modalities[0]].shape[:3])
     coords = _source_coordinates(shape, random_affine(spatial_seed, max_rotation, max_scale))
     stacked = tf.concat([example[m] for m in modalities], axis=-1)
     warped = tf.split(sample_linear(stacked, coords, fill=-1.0), len(modalities), axis=-1)

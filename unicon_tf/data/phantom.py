@@ -18,7 +18,7 @@ Geometry (world RAS coordinates in mm, origin at the centre of a cubic field of 
   * juxta-cardiac (centred on the heart's lateral border, half inside the lung): soft tissue
     40 HU whatever the label, so on CT it merges with the heart: hard to delineate.
   Uptake: SUV ~ U(3.5, 5.5) for label 0, U(7, 13) for label 1: clear on PET everywhere.
-- CT: Gaussian noise of 15 HU. PET: the SUV map blurred (Gaussian, FWHM 2 PET voxels),
+- CT: Gaussian noise of 15 HU. PET: the SUV map blurred (Gaussian, FWHM 1.5 PET voxels),
   sampled on a grid of twice the CT spacing shifted by a quarter voxel, with 10%
   multiplicative noise. CT and PET are co-registered in world space through their affines.
   The CT is stored in LPS-like voxel order (x and y flipped) to exercise reorientation.
@@ -147,7 +147,7 @@ def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
     body, lungs, heart, spine, lesion_fine = _anatomy(_world(fine_shape, fine), fov, lesion)
     suv = np.zeros(fine_shape)
     suv[body], suv[lungs], suv[heart], suv[spine], suv[lesion_fine] = 1.0, 0.5, 2.0, 1.6, lesion["suv"]
-    sigma = 2.0 * 2.0 / 2.3548  # FWHM of 2 PET voxels, in fine voxels
+    sigma = 1.5 * 2.0 / 2.3548  # FWHM of 1.5 PET voxels, in fine voxels
     suv = ndimage.gaussian_filter(suv, sigma).reshape(pet_shape[0], 2, pet_shape[1], 2, pet_shape[2], 2)
     pet = suv.mean(axis=(1, 3, 5)) * (1.0 + rng.normal(0.0, 0.1, pet_shape))
 

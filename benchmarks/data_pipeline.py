@@ -1,0 +1,75 @@
+"""Data benchmarks, measured in one run and printed as ratios.
+
+1. Ingestion throughput (patients/s) of the phantom cohort with 1 and with 2 workers.
+2. Feed ratio: the training-step time of a model fed by the TFRecord pipeline divided by
+   its step time on a batch already in memory (target <= 1.05: the input pipeline keeps up).
+
+    python benchmarks/data_pipeline.py [--patients 48] [--size 32] [--steps 20]
+"""
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import unicon_tf
+from unicon_tf import data
+
+
+class StepTimer(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+
+def median_step(model, ds, steps):
+    timer = StepTimer()
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+    return float(np.median(timer.times[2:]))  # skip tracing and warm-up steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=48)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    size = args.size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        manifest = data.phantom.write_cohort(tmp / "cohort", n=args.patients, shape=(2 * size,) * 3, spacing=3.0)
+        prep = data.Preprocessing(shape=(size,) * 3, spacing=(6.0,) * 3)
+        rates = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            data.ingest(manifest, tmp / f"records{workers}", prep, workers=workers, verbose=False)
+            rates[workers] = args.patients / (time.perf_counter() - start)
+        print(f"ingestion: {rates[1]:.1f} patients/s with 1 worker, {rates[2]:.1f} with 2 "
+              f"(speed-up {rates[2] / rates[1]:.2f}x)")
+
+        model = unicon_tf.foundation((size,) * 3, task="classification")
+        model.compile(optimizer="adam", loss={"classification": keras.losses.SparseCategoricalCrossentropy(True)})
+        for augment in (False, True):
+            pipeline = data.dataset(tmp / "records2", "train", task="classification", batch_size=args.batch,
+                                    augment=augment, seed=0, modalities=["ct"], drop_remainder=True).repeat()
+            inputs, target = next(iter(pipeline))
+            in_memory = tf.data.Dataset.from_tensors((inputs, {"classification": target})).repeat()
+            fed = pipeline.map(lambda x, y: (x, {"classification": y}))
+            memory_step = median_step(model, in_memory, args.steps)
+            fed_step = median_step(model, fed, args.steps)
+            print(f"feed ratio (augment={augment}): {fed_step / memory_step:.3f} "
+                  f"(TFRecord step {fed_step * 1000:.0f} ms / in-memory step {memory_step * 1000:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The built-in phantom cohort: deterministic, and faithful to its documented model."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from unicon_tf.data import phantom
+
+
+@pytest.fixture(scope="module")
+def patients():
+    return phantom.cohort(240, shape=(32, 32, 32), seed=11, spacing=6.0)
+
+
+def test_same_seed_same_cohort_other_seed_differs():
+    a, b = phantom.cohort(3, shape=(16, 16, 16), seed=5, spacing=12.0), phantom.cohort(
+        3, shape=(16, 16, 16), seed=5, spacing=12.0)
+    c = phantom.cohort(3, shape=(16, 16, 16), seed=6, spacing=12.0)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.ct, y.ct)
+        np.testing.assert_array_equal(x.pet, y.pet)
+        assert (x.label, x.time, x.event) == (y.label, y.time, y.event)
+    assert any(not np.array_equal(x.ct, z.ct) for x, z in zip(a, c))
+
+
+def within(value, expected, sd, k=3.5):
+    assert abs(value - expected) <= k * sd, f"{value} is not within {k} sd ({sd:.3f}) of {expected}"
+
+
+def test_label_location_and_survival_follow_the_model(patients):
+    n = len(patients)
+    labels = np.array([p.label for p in patients])
+    hidden = np.array([p.latent["location"] == "juxta-cardiac" for p in patients])
+    within(labels.mean(), 0.5, np.sqrt(0.25 / n))
+    within(hidden.mean(), phantom.P_HIDDEN, np.sqrt(phantom.P_HIDDEN * (1 - phantom.P_HIDDEN) / n))
+    # hazard * T ~ Exp(1) for the latent event times.
+    scaled = np.array([p.latent["hazard"] * p.latent["event_time"] for p in patients])
+    within(scaled.mean(), 1.0, 1.0 / np.sqrt(n))
+    # The observed event rate matches P(T <= C) under uniform censoring.
+    events = np.array([p.event for p in patients])
+    expected = phantom.event_probability([p.latent["hazard"] for p in patients])
+    within(events.mean(), expected.mean(), np.sqrt(np.sum(expected * (1 - expected))) / n)
+    times = np.array([p.time for p in patients])
+    assert np.all(times > 0) and np.all(times <= phantom.C_MAX)
+    assert np.all(times[events == 0] >= phantom.C_MIN)
+    # Larger, hotter lesions (label 1) have higher hazard: the tasks share the lesion.
+    hazards = np.array([p.latent["hazard"] for p in patients])
+    assert np.median(hazards[labels == 1]) > 2 * np.median(hazards[labels == 0])
+
+
+def test_mask_is_the_documented_lesion(patients):
+    for p in patients[:40]:
+        radius_vox = p.latent["radius_mm"] / 6.0
+        assert p.mask.sum() == pytest.approx(4 / 3 * np.pi * radius_vox**3, rel=0.6, abs=6)
+        assert p.latent["volume_ml"] == pytest.approx(p.mask.sum() * 6.0**3 / 1000)
+        assert set(np.unique(p.mask)) <= {0, 1} and p.mask.sum() > 0
+
+
+def test_hidden_lesions_are_invisible_on_ct_and_clear_on_pet():
+    for p in phantom.cohort(30, shape=(64, 64, 64), seed=12, spacing=3.0):
+        lesion = p.mask.astype(bool)
+        ct_in = p.ct[lesion].mean()
+        # Peak PET near the lesion centre against the body's typical uptake.
+        center = np.append(np.array(p.latent["center"]), 1.0)
+        index = np.round(np.linalg.inv(p.pet_affine) @ center)[:3].astype(int)
+        peak = p.pet[tuple(slice(max(i - 1, 0), i + 2) for i in index)].max()
+        assert peak > 2.0 * np.median(p.pet[p.pet > 0.8])
+        if p.latent["location"] == "juxta-cardiac" or p.label == 1:
+            assert abs(ct_in - 40.0) < 10.0  # soft tissue, like the heart beside it
+        else:
+            assert abs(ct_in + 350.0) < 10.0
+
+
+def test_written_cohort_is_real_nifti_with_a_manifest(tmp_path):
+    manifest = phantom.write_cohort(tmp_path, n=5, shape=(16, 16, 16), seed=2, spacing=12.0)
+    with manifest.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["patient_id"] for r in rows] == [f"P000{i}" for i in range(5)]
+    assert {r["split"] for r in rows} <= {"train", "val", "test"}
+    drawn = phantom.cohort(5, shape=(16, 16, 16), seed=2, spacing=12.0)
+    for row, patient in zip(rows, drawn):
+        ct = nib.load(str(tmp_path / row["ct"]))
+        np.testing.assert_array_equal(np.asarray(ct.dataobj), patient.ct)
+        np.testing.assert_allclose(ct.affine, patient.ct_affine)
+        assert nib.load(str(tmp_path / row["pet"])).shape == (8, 8, 8)
+        assert int(row["label"]) == patient.label and float(row["time"]) == pytest.approx(patient.time, abs=1e-4)
