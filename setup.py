@@ -27,6 +27,7 @@ setup(
         "nibabel",
         "scikit-survival",
         "click>=8",
+        "pyyaml",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},

@@ -11,9 +11,14 @@ import tempfile
 
 
 def import_tensorflow_quietly():
-    """Import `tensorflow` and `keras` with fd 2 captured; replay it if the import fails."""
+    """Import `tensorflow` and `keras` with fd 2 captured; replay it if the import fails.
+
+    Also hides TensorFlow's C++ INFO messages (warnings and errors still show) unless
+    `TF_CPP_MIN_LOG_LEVEL` is already set.
+    """
     if "tensorflow" in sys.modules:
         return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     try:
         stderr_fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a host)

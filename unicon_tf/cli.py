@@ -93,6 +93,39 @@ def phantom(out, count, shape, spacing, seed):
     click.echo(f"wrote {count} patients; manifest: {manifest}")
 
 
+@main.command()
+@click.option("--pipeline", "pipeline_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Pipeline YAML (e.g. pipelines/chest_ct.yaml).")
+@click.option("--stage", required=True, help="The stage to train.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
+              help="Run directory [default: runs/<pipeline name>].")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder that relative data paths resolve against [default: the pipeline's folder].")
+@click.option("--strategy", type=click.Choice(["frozen", "adapters", "finetune", "naive"]), default=None,
+              help="Override the stage's strategy.")
+@click.option("--epochs", type=int, default=None, help="Override the stage's epochs.")
+@click.option("--learning-rate", type=float, default=None, help="Override the stage's learning rate.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="First stage only: start from this .keras model instead of a new foundation model.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
+def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume):
+    """Train one stage of a pipeline, starting from the previous stage's model."""
+    from unicon_tf import data
+    from unicon_tf import train as training
+
+    try:
+        pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
+        run_dir = run_dir or pathlib.Path("runs") / pipeline.name
+        record = training.train_stage(pipeline, stage, run_dir, strategy=strategy, epochs=epochs,
+                                      learning_rate=learning_rate, init=init, resume=resume)
+    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
+            ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    last = record["history"][-1] if record["history"] else {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
+    click.echo(f"stage '{stage}' ({record['strategy']}) saved to {run_dir}; last epoch: {shown}")
+
+
 def format_description(info):
     """A human-readable table of `unicon_tf.describe`'s dict."""
     shape = "x".join(str(d) for d in info["input_shape"])

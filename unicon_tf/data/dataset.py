@@ -73,7 +73,7 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
     paths = verify_shards(directory, schema, split)
     count = schema["splits"][split]["count"]
 
-    ds = tf.data.TFRecordDataset(paths, compression_type="GZIP", buffer_size=1 << 20)
+    ds = tf.data.TFRecordDataset(paths, compression_type="GZIP")
     ds = ds.map(lambda s: parse_example(s, schema), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if cache:

@@ -2,7 +2,7 @@
 
 from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.foundation import describe, expand, foundation
+from unicon_tf.model.foundation import describe, expand, foundation, model_parts
 from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 
@@ -20,5 +20,6 @@ __all__ = [
     "describe",
     "expand",
     "foundation",
+    "model_parts",
     "residual_backbone",
 ]

@@ -114,16 +114,12 @@ class SharedEncoder(keras.layers.Layer):
                 "encoder must output a list of 5D feature maps (batch, D, H, W, C), finest first; "
                 f"got {[tuple(t.shape) for t in backbone.outputs]}."
             )
-        has_adaptable = any(isinstance(layer, AdaptableConv3D) for layer in self._walk(backbone))
+        has_adaptable = any(isinstance(layer, AdaptableConv3D) for layer in _leaf_layers(backbone))
         self.backbone = backbone if has_adaptable else _with_adaptable_convs(backbone)
 
-    @staticmethod
-    def _walk(model):
-        for layer in model.layers:
-            if isinstance(layer, keras.Model):
-                yield from SharedEncoder._walk(layer)
-            else:
-                yield layer
+    def leaf_layers(self):
+        """The backbone's layers, nested models flattened, in graph order."""
+        return list(_leaf_layers(self.backbone))
 
     @property
     def input_channels(self):
@@ -138,7 +134,7 @@ class SharedEncoder(keras.layers.Layer):
     @property
     def adaptable_convs(self):
         """The backbone's `AdaptableConv3D` layers, in graph order."""
-        return [layer for layer in self._walk(self.backbone) if isinstance(layer, AdaptableConv3D)]
+        return [layer for layer in self.leaf_layers() if isinstance(layer, AdaptableConv3D)]
 
     @property
     def adapters(self):
@@ -175,6 +171,14 @@ class SharedEncoder(keras.layers.Layer):
         config = super().get_config()
         config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
         return config
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
 
 
 def _numel(shape):

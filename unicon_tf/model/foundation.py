@@ -105,7 +105,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     >>> sorted(model.output)
     ['classification', 'prognosis', 'segmentation_ctpet']
     """
-    parts = _parts(model)
+    parts = model_parts(model)
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
     if task not in HEADS:
@@ -178,7 +178,7 @@ def describe(model):
     >>> info["heads"]["classification"]["task"]
     'classification'
     """
-    parts = _parts(model)
+    parts = model_parts(model)
     encoder = parts["encoder"]
     adapters = encoder.adapters
     base_params = sum(int(w.numpy().size) for w in encoder.base_weights())
@@ -208,7 +208,7 @@ def describe(model):
     }
 
 
-def _parts(model):
+def model_parts(model):
     """The stems (by modality), fusions (by modality tuple), heads (by name) and encoder."""
     if not isinstance(model.input, dict) or not isinstance(model.output, dict):
         raise ValueError(f"Model '{model.name}' is not a unicon_tf model: its inputs and outputs must be dicts.")

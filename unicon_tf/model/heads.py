@@ -45,6 +45,10 @@ class Head(keras.layers.Layer):
         """Name of the encoder adapter this head's path uses, or None."""
         return self.name if self.adapter_rank else None
 
+    def used_features(self, features):
+        """The feature maps this head reads (all levels unless a subclass needs fewer)."""
+        return list(features)
+
     @classmethod
     def options(cls):
         """The task-specific constructor options (what `expand(**head_options)` accepts)."""
@@ -84,6 +88,9 @@ class _PooledHead(Head):
         self.norm = group_norm(coarsest[-1], name="norm")
         self.norm.build(coarsest)
         self.dense.build((coarsest[0], coarsest[-1]))
+
+    def used_features(self, features):
+        return list(features)[-1:]  # only the coarsest map
 
     def pooled(self, features, training=None):
         x = ops.silu(self.norm(features[-1]))

@@ -1,0 +1,114 @@
+"""`ContinualModel`: a stage's training loop over a unicon network (TensorFlow backend).
+
+    loss = sum over this stage's heads of task_loss(head)
+         + sum over plugins of plugin.penalty   (alpha x distillation, beta x L2-SP / EWC)
+
+The network is the functional model that gets saved; the wrapper only adds the training
+step, and its plugins keep the teacher out of Keras' variable tracking, so the teacher is
+never part of the network's weights.
+"""
+
+import keras
+import tensorflow as tf
+
+from unicon_tf.model import model_parts
+from unicon_tf.train.losses import TASK_LOSSES
+from unicon_tf.train.metrics import task_metrics
+from unicon_tf.train.plugins import Distillation
+
+
+class ContinualModel(keras.Model):
+    """Trains the heads of one stage; logs every head's loss, plugin terms and task metrics.
+
+    Args:
+        network: the unicon model (inputs dict -> outputs dict).
+        heads: `{head name: task}` trained this stage; targets come as `y[head]`.
+        plugins: `Plugin`s adding loss terms. A `Distillation` with alpha = 0 is only
+            evaluated in `test_step`, to report how far old heads moved from the teacher.
+        **kwargs: `keras.Model` arguments.
+
+    Example:
+    >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})  # doctest: +SKIP
+    >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))  # doctest: +SKIP
+    >>> trainer.fit(train.map(lambda x, y: (x, {"prognosis": y})), epochs=5)  # doctest: +SKIP
+    """
+
+    def __init__(self, network, heads, plugins=(), **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.heads = dict(heads)
+        self.plugins = list(plugins)
+        classes = _num_classes(network, self.heads)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        names = [f"{h}_loss" for h in self.heads] + [p.name for p in self.plugins]
+        names += [f"{h}_distillation" for p in self.plugins if isinstance(p, Distillation) for h in p.heads]
+        self.term_trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.head_metrics = {h: task_metrics(t, h, classes.get(h, 2)) for h, t in self.heads.items()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, *self.term_trackers.values(), *(m for ms in self.head_metrics.values() for m in ms)]
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def _active(self, plugin):
+        return not (isinstance(plugin, Distillation) and plugin.alpha == 0.0)
+
+    def train_step(self, data):
+        inputs, targets = data
+        with tf.GradientTape() as tape:
+            outputs = self(inputs, training=True)
+            terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if self._active(p)})
+            loss = tf.add_n(list(terms.values()))
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        return self._record(loss, terms, targets, outputs)
+
+    def test_step(self, data):
+        inputs, targets = data
+        outputs = self(inputs, training=False)
+        terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+        for plugin in self.plugins:
+            if isinstance(plugin, Distillation):
+                per_head = plugin.terms(inputs, outputs)
+                terms.update({f"{h}_distillation": value for h, value in per_head.items()})
+                if per_head:
+                    terms[plugin.name] = plugin.alpha * tf.add_n(list(per_head.values()))
+            else:
+                terms[plugin.name] = plugin.penalty(inputs, outputs)
+        loss = tf.add_n([v for k, v in terms.items() if not k.endswith("_distillation")])
+        return self._record(loss, terms, targets, outputs)
+
+    def _record(self, loss, terms, targets, outputs):
+        self.loss_tracker.update_state(loss)
+        for name, value in terms.items():
+            if name in self.term_trackers:
+                self.term_trackers[name].update_state(value)
+        for head, metrics in self.head_metrics.items():
+            for metric in metrics:
+                metric.update_state(targets[head], outputs[head])
+        return {m.name: m.result() for m in self.metrics}
+
+
+class CachedHeadModel(ContinualModel):
+    """Trains one head on precomputed encoder features (the `frozen` strategy's fast path).
+
+    Args:
+        network: the unicon model the head belongs to.
+        head: the head's name; its input features must not depend on anything trainable.
+        task: the head's task.
+    """
+
+    def __init__(self, network, head, task, **kwargs):
+        super().__init__(network, {head: task}, **kwargs)
+        self.head_layer = model_parts(network)["heads"][head]
+
+    def call(self, features, training=False):
+        return {self.head_layer.name: self.head_layer(features, training=training)}
+
+
+def _num_classes(network, heads):
+    parts = model_parts(network)["heads"]
+    return {h: getattr(parts[h], "num_classes", 2) for h in heads}

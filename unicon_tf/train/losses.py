@@ -1,0 +1,79 @@
+"""Task losses and distillation losses, one pair per task kind (TensorFlow via keras.ops).
+
+| task             | task loss                                  | distillation (student vs teacher) |
+|------------------|--------------------------------------------|-----------------------------------|
+| `classification` | cross-entropy on logits                    | KL, temperature T (times T^2)     |
+| `prognosis`      | negative Cox partial log-likelihood        | mean squared error of the risks   |
+| `segmentation`   | soft Dice (foreground) + cross-entropy     | voxel-wise KL, temperature T      |
+"""
+
+from keras import ops
+
+
+def classification_loss(labels, logits):
+    """Mean cross-entropy of integer `labels` `(B,)` against `logits` `(B, C)`."""
+    labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+    return ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+
+
+def cox_loss(survival, risk):
+    """Negative Cox partial log-likelihood (Breslow ties), averaged over events.
+
+    For every observed event i: -(r_i - log sum_{j: t_j >= t_i} exp(r_j)). Censored
+    patients enter only the risk sets; tied times share one risk set (Breslow). A batch
+    without events contributes 0 (and no gradient).
+
+    Args:
+        survival: `(B, 2)` of (time, event).
+        risk: `(B,)` predicted log relative hazards.
+
+    Example:
+    >>> float(cox_loss(ops.convert_to_tensor([[1.0, 1.0], [2.0, 0.0]]), ops.zeros((2,))))  # log 2
+    0.6931471824645996
+    """
+    survival = ops.cast(survival, "float32")
+    risk = ops.cast(ops.reshape(risk, (-1,)), "float32")
+    time, event = survival[:, 0], survival[:, 1]
+    at_risk = ops.cast(time[None, :] >= time[:, None], "float32")  # row i: risk set of t_i
+    shifted = risk - ops.max(risk)
+    log_risk_set = ops.log(ops.sum(at_risk * ops.exp(shifted)[None, :], axis=1)) + ops.max(risk)
+    events = ops.sum(event)
+    return ops.sum(event * (log_risk_set - risk)) / ops.maximum(events, 1.0)
+
+
+def dice_ce_loss(mask, logits, smooth=1e-5):
+    """Soft Dice over the foreground classes plus voxel-wise cross-entropy.
+
+    Args:
+        mask: `(B, D, H, W)` integer label map.
+        logits: `(B, D, H, W, C)` voxel logits.
+        smooth: added to numerator and denominator of each class's Dice.
+    """
+    classes = logits.shape[-1]
+    mask = ops.cast(mask, "int32")
+    probabilities = ops.softmax(logits, axis=-1)
+    truth = ops.one_hot(mask, classes)
+    axes = tuple(range(len(logits.shape) - 1))
+    intersection = ops.sum(probabilities * truth, axis=axes)
+    total = ops.sum(probabilities, axis=axes) + ops.sum(truth, axis=axes)
+    dice = (2.0 * intersection + smooth) / (total + smooth)
+    cross_entropy = ops.mean(ops.sparse_categorical_crossentropy(mask, logits, from_logits=True))
+    return 1.0 - ops.mean(dice[1:]) + cross_entropy
+
+
+def softmax_kl(teacher_logits, student_logits, temperature=2.0):
+    """KL(teacher || student) of temperature-softened softmaxes, times T^2, averaged over
+    every position (patients, or voxels for segmentation)."""
+    t = ops.softmax(teacher_logits / temperature, axis=-1)
+    log_t = ops.log_softmax(teacher_logits / temperature, axis=-1)
+    log_s = ops.log_softmax(student_logits / temperature, axis=-1)
+    return ops.mean(ops.sum(t * (log_t - log_s), axis=-1)) * temperature**2
+
+
+def risk_mse(teacher_risk, student_risk, temperature=None):
+    """Mean squared difference of risk scores (temperature unused: risks are not softmaxed)."""
+    return ops.mean(ops.square(ops.cast(student_risk, "float32") - ops.cast(teacher_risk, "float32")))
+
+
+TASK_LOSSES = {"classification": classification_loss, "prognosis": cox_loss, "segmentation": dice_ce_loss}
+DISTILLATION_LOSSES = {"classification": softmax_kl, "prognosis": risk_mse, "segmentation": softmax_kl}

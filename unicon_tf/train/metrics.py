@@ -1,0 +1,156 @@
+"""Task metrics as stateful Keras metrics that read a head's raw output (logits, risk).
+
+| task             | metrics                                             |
+|------------------|-----------------------------------------------------|
+| `classification` | accuracy, AUC (one-vs-rest macro for > 2 classes)   |
+| `prognosis`      | Harrell's C-index (exactly scikit-survival's)       |
+| `segmentation`   | Dice per foreground class and their mean            |
+"""
+
+import keras
+from keras import ops
+
+
+def c_index(time, event, risk, tied_tol=1e-8):
+    """Harrell's concordance index, defined as `sksurv.metrics.concordance_index_censored`.
+
+    A pair (i, j) is comparable when i had an event and t_j > t_i, or t_j == t_i with j
+    censored; it is concordant when r_i > r_j, and counts 1/2 when |r_i - r_j| <= tied_tol.
+
+    Args:
+        time, event, risk: 1D arrays or tensors of the same length.
+
+    Returns:
+        A scalar tensor; NaN when there is no comparable pair.
+
+    Example:
+    >>> float(c_index([1.0, 2.0, 3.0], [1, 1, 0], [3.0, 2.0, 1.0]))
+    1.0
+    """
+    time = ops.cast(ops.reshape(ops.convert_to_tensor(time), (-1,)), "float64")
+    event = ops.cast(ops.reshape(ops.convert_to_tensor(event), (-1,)), "bool")
+    risk = ops.cast(ops.reshape(ops.convert_to_tensor(risk), (-1,)), "float64")
+    later = time[None, :] > time[:, None]
+    tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
+    comparable = ops.cast(event[:, None] & (later | tied_censored), "float64")
+    difference = risk[:, None] - risk[None, :]
+    tied = ops.abs(difference) <= tied_tol
+    score = ops.where(tied, 0.5, ops.cast(difference > 0, "float64"))
+    pairs = ops.sum(comparable)
+    return ops.where(pairs > 0, ops.sum(comparable * score) / ops.maximum(pairs, 1.0), float("nan"))
+
+
+class ConcordanceIndex(keras.metrics.Metric):
+    """Harrell's C-index over every example seen since the last reset (up to `capacity`).
+
+    Args:
+        capacity: the most examples kept per epoch (pairs are compared all at once).
+        name: metric name.
+
+    Example:
+    >>> metric = ConcordanceIndex()
+    >>> metric.update_state([[1.0, 1.0], [2.0, 0.0]], [2.0, 1.0])
+    >>> float(metric.result())
+    1.0
+    """
+
+    def __init__(self, capacity=4096, name="c_index", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.capacity = int(capacity)
+        self.survival = self.add_variable(shape=(self.capacity, 2), initializer="zeros", name="survival")
+        self.risk = self.add_variable(shape=(self.capacity,), initializer="zeros", name="risk")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="count")
+
+    def update_state(self, survival, risk, sample_weight=None):
+        survival = ops.cast(ops.reshape(survival, (-1, 2)), "float32")
+        risk = ops.cast(ops.reshape(risk, (-1,)), "float32")
+        start = ops.minimum(self.count, self.capacity)
+        room = self.capacity - start
+        n = ops.minimum(ops.shape(risk)[0], room)
+        index = ops.expand_dims(start + ops.arange(n), -1)
+        self.survival.assign(ops.scatter_update(self.survival, index, survival[:n]))
+        self.risk.assign(ops.scatter_update(self.risk, index, risk[:n]))
+        self.count.assign(start + n)
+
+    def result(self):
+        seen = ops.arange(self.count)
+        survival, risk = ops.take(self.survival, seen, axis=0), ops.take(self.risk, seen, axis=0)
+        return ops.cast(c_index(survival[:, 0], survival[:, 1], risk), "float32")
+
+    def reset_state(self):
+        for variable in (self.survival, self.risk, self.count):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "capacity": self.capacity}
+
+
+class LogitAUC(keras.metrics.AUC):
+    """ROC AUC from class logits: of class 1 for two classes, macro one-vs-rest otherwise."""
+
+    def __init__(self, num_classes=2, name="auc", **kwargs):
+        self.num_classes = int(num_classes)
+        multi = self.num_classes > 2
+        super().__init__(name=name, multi_label=multi, num_labels=self.num_classes if multi else None, **kwargs)
+
+    def update_state(self, labels, logits, sample_weight=None):
+        probabilities = ops.softmax(logits, axis=-1)
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        if self.num_classes == 2:
+            return super().update_state(labels, probabilities[:, 1], sample_weight)
+        return super().update_state(ops.one_hot(labels, self.num_classes), probabilities, sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("multi_label", None), config.pop("num_labels", None)
+        return {**config, "num_classes": self.num_classes}
+
+
+class DiceScore(keras.metrics.Metric):
+    """Dice of the argmax label map per foreground class, pooled over every voxel seen.
+
+    `result()` is the mean over foreground classes; `per_class()` gives each class. A
+    class absent from both truth and prediction scores 1.
+
+    Args:
+        num_classes: classes including background (class 0).
+        name: metric name.
+    """
+
+    def __init__(self, num_classes=2, name="dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        shape = (self.num_classes,)
+        self.intersection = self.add_variable(shape=shape, initializer="zeros", name="intersection")
+        self.total = self.add_variable(shape=shape, initializer="zeros", name="total")
+
+    def update_state(self, mask, logits, sample_weight=None):
+        truth = ops.one_hot(ops.cast(mask, "int32"), self.num_classes)
+        predicted = ops.one_hot(ops.argmax(logits, axis=-1), self.num_classes)
+        axes = tuple(range(len(truth.shape) - 1))
+        self.intersection.assign_add(ops.sum(truth * predicted, axis=axes))
+        self.total.assign_add(ops.sum(truth, axis=axes) + ops.sum(predicted, axis=axes))
+
+    def per_class(self):
+        """Dice of classes 1..num_classes-1."""
+        return ops.where(self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0)[1:]
+
+    def result(self):
+        return ops.mean(self.per_class())
+
+    def reset_state(self):
+        for variable in (self.intersection, self.total):
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def task_metrics(task, head, num_classes=2):
+    """The metrics of a head of kind `task`, named `<head>_<metric>`."""
+    if task == "classification":
+        return [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
+                LogitAUC(num_classes, name=f"{head}_auc")]
+    if task == "prognosis":
+        return [ConcordanceIndex(name=f"{head}_c_index")]
+    return [DiceScore(num_classes, name=f"{head}_dice")]

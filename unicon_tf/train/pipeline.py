@@ -1,0 +1,196 @@
+"""Pipeline specs: an ordered list of continual-learning stages, written as YAML.
+
+```yaml
+name: chest_ct
+input_shape: [32, 32, 32]
+modality: ct                      # the first modality (stage 0's stem)
+encoder: {width: 16, depth: 4}
+defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
+stages:
+  - {name: classification, task: classification, num_classes: 2, data: ct32}
+  - {name: prognosis, task: prognosis, strategy: adapters, adapters: 4, data: ct32}
+  - {name: pet, task: segmentation, modality: pet, head: segmentation_ctpet, data: lesion32}
+```
+
+Stage keys: `name`, `task`, `data` (an ingested folder; relative paths resolve against
+the data root, by default the pipeline file's folder), optional `modality` (a new one),
+`head` (the head's name), `modalities`, `adapters` (rank), head options (`num_classes`,
+`dropout`, `blocks_per_level`) and the training keys of `TRAINING_DEFAULTS`.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+
+import yaml
+
+from unicon_tf.model.heads import HEADS
+from unicon_tf.train.strategies import check_strategy
+
+TRAINING_DEFAULTS = {
+    "strategy": "frozen",  # frozen | adapters | finetune | naive
+    "epochs": 5,
+    "batch_size": 4,
+    "learning_rate": 3e-4,
+    "weight_decay": 1e-5,
+    "alpha": 1.0,  # distillation weight (finetune)
+    "temperature": 2.0,
+    "beta": 0.0,  # L2-SP / EWC weight (finetune)
+    "penalty": "l2sp",  # l2sp | ewc
+    "augment": True,
+    "seed": 0,
+    "cache_features": True,  # frozen: train the new head on cached encoder features
+}
+STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters"}
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot be used; the message names the file, stage and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of a pipeline (see the module docstring for the keys)."""
+
+    name: str
+    task: str
+    data: pathlib.Path
+    modality: str | None = None
+    head: str | None = None
+    modalities: tuple | None = None
+    adapters: int | None = None
+    head_options: dict = dataclasses.field(default_factory=dict)
+    training: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self):
+        config = dataclasses.asdict(self)
+        config["data"] = str(self.data)
+        config["modalities"] = list(self.modalities) if self.modalities else None
+        return config
+
+    def fingerprint(self):
+        """SHA-256 of what defines the stage's model (not the data path or epochs)."""
+        defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training")}
+        defining["strategy"] = self.training["strategy"]
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """A parsed pipeline file."""
+
+    name: str
+    path: pathlib.Path
+    input_shape: tuple
+    modality: str
+    encoder: dict
+    stages: list
+
+    def stage(self, name):
+        """`(index, StageSpec)` of the stage called `name`."""
+        for index, stage in enumerate(self.stages):
+            if stage.name == name:
+                return index, stage
+        raise PipelineError(f"{self.path}: no stage '{name}' (stages: {[s.name for s in self.stages]}).")
+
+
+def load_pipeline(path, data_root=None):
+    """Read and validate a pipeline YAML file.
+
+    Args:
+        path: the YAML file.
+        data_root: folder that relative `data` paths resolve against (default: the
+            pipeline file's folder).
+
+    Returns:
+        A `PipelineSpec`.
+
+    Example:
+    >>> spec = load_pipeline("pipelines/chest_ct.yaml", data_root="demo/data")  # doctest: +SKIP
+    >>> [s.name for s in spec.stages]  # doctest: +SKIP
+    ['classification', 'prognosis', 'segmentation', 'pet']
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: pipeline file does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping with 'name', 'input_shape' and 'stages'.")
+    for key in ("name", "input_shape", "stages"):
+        if key not in raw:
+            raise PipelineError(f"{path}: missing key '{key}'.")
+    unknown = set(raw) - {"name", "input_shape", "modality", "encoder", "defaults", "stages"}
+    if unknown:
+        raise PipelineError(f"{path}: unknown key(s) {sorted(unknown)}.")
+    root = pathlib.Path(data_root) if data_root is not None else path.parent
+    defaults = {**TRAINING_DEFAULTS, **(raw.get("defaults") or {})}
+    unknown = set(defaults) - set(TRAINING_DEFAULTS)
+    if unknown:
+        raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
+    stages = [_stage(path, index, entry, defaults, root) for index, entry in enumerate(raw["stages"] or [])]
+    if not stages:
+        raise PipelineError(f"{path}: 'stages' is empty.")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{path}: stage names must be unique, got {names}.")
+    return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
+                        modality=str(raw.get("modality", "ct")), encoder=dict(raw.get("encoder") or {}),
+                        stages=stages)
+
+
+def _stage(path, index, entry, defaults, root):
+    where = f"{path}: stage {index + 1}"
+    if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
+        raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
+    where = f"{path}: stage '{entry['name']}'"
+    task = entry["task"]
+    if task not in HEADS:
+        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
+    training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
+    head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
+    unknown = set(head_options) - set(HEADS[task].options())
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
+                            f"{HEADS[task].options()}; training keys: {sorted(TRAINING_DEFAULTS)}).")
+    try:
+        check_strategy(training["strategy"])
+    except ValueError as error:
+        raise PipelineError(f"{where}: {error}") from error
+    _check_training(where, training)
+    data = pathlib.Path(entry["data"])
+    return StageSpec(
+        name=str(entry["name"]), task=task, data=data if data.is_absolute() else root / data,
+        modality=entry.get("modality"), head=entry.get("head"),
+        modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
+        adapters=entry.get("adapters"), head_options=head_options, training=training,
+    )
+
+
+def _check_training(where, training):
+    """Raise PipelineError for a training setting out of range (names the key)."""
+    rules = {
+        "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
+        "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
+        "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0, "temperature": lambda v: v > 0,
+    }
+    for key, valid in rules.items():
+        value = training[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not valid(value):
+            raise PipelineError(f"{where}: {key} = {value!r} is out of range.")
+    if training["penalty"] not in ("l2sp", "ewc"):
+        raise PipelineError(f"{where}: penalty must be 'l2sp' or 'ewc', got {training['penalty']!r}.")
+
+
+def with_overrides(stage, **overrides):
+    """A copy of `stage` with training keys overridden (None values are ignored)."""
+    training = {**stage.training, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        check_strategy(training["strategy"])
+    except ValueError as error:
+        raise PipelineError(f"stage '{stage.name}': {error}") from error
+    _check_training(f"stage '{stage.name}'", training)
+    return dataclasses.replace(stage, training=training)

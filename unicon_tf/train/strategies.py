@@ -1,0 +1,68 @@
+"""Which variables a stage trains, and which plugins guard the rest.
+
+| strategy   | trains                                        | guarded by                        |
+|------------|-----------------------------------------------|-----------------------------------|
+| `frozen`   | the stage's new head, stem and fusion         | nothing needed: old outputs are   |
+|            |                                               | bit-identical                     |
+| `adapters` | as `frozen`, plus the new head's low-rank     | nothing needed (bit-identical)    |
+|            | adapters on the encoder                       |                                   |
+| `finetune` | as `frozen`, plus the shared encoder          | distillation (alpha) and L2-SP or |
+|            |                                               | EWC (beta)                        |
+| `naive`    | as `finetune`                                 | nothing: the forgetting baseline  |
+
+Old heads, stems and fusions never train after their stage. Stage 0 trains everything.
+"""
+
+from unicon_tf.model import model_parts
+from unicon_tf.model.adapters import AdaptableConv3D
+
+STRATEGIES = ("frozen", "adapters", "finetune", "naive")
+
+
+def check_strategy(strategy):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
+
+
+def configure_trainable(network, stage, strategy):
+    """Set which variables of `network` train in `stage` under `strategy`.
+
+    Args:
+        network: the unicon model (already expanded for this stage).
+        stage: the stage number; parts whose `stage` equals it are new.
+        strategy: one of `STRATEGIES`.
+
+    Returns:
+        The names of the new heads.
+    """
+    check_strategy(strategy)
+    parts = model_parts(network)
+    network.trainable = True  # reset every flag before choosing
+    new_heads = [name for name, head in parts["heads"].items() if head.stage == stage]
+    if not new_heads:
+        raise ValueError(f"Stage {stage} added no head to model '{network.name}'.")
+    new_adapters = {parts["heads"][h].adapter for h in new_heads} - {None}
+    if strategy == "adapters" and not new_adapters and stage > 0:
+        raise ValueError("Strategy 'adapters' needs the stage's head to have adapters (e.g. adapters: 8).")
+    for group in ("stems", "fusions", "heads"):
+        for part in parts[group].values():
+            part.trainable = part.stage == stage
+    train_encoder = stage == 0 or strategy in ("finetune", "naive")
+    encoder = parts["encoder"]
+    for layer in encoder.leaf_layers():
+        layer.trainable = train_encoder
+        if isinstance(layer, AdaptableConv3D):
+            layer.trainable = True  # base kernel and each adapter are set one by one
+            for variable in (layer._kernel, layer.bias):
+                if variable is not None:
+                    variable.trainable = train_encoder
+            for name in layer.adapters:
+                for variable in layer.adapter_weights(name):
+                    variable.trainable = name in new_adapters
+    return new_heads
+
+
+def shared_trainable_variables(network):
+    """The encoder's base variables that train now (what L2-SP / EWC hold)."""
+    encoder = model_parts(network)["encoder"]
+    return [v for v in encoder.base_weights() if v.trainable]
