@@ -13,6 +13,7 @@ from keras import ops
 def classification_loss(labels, logits):
     """Mean cross-entropy of integer `labels` `(B,)` against `logits` `(B, C)`."""
     labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+    logits = ops.cast(logits, "float32")
     return ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
@@ -34,9 +35,11 @@ def cox_loss(survival, risk):
     survival = ops.cast(survival, "float32")
     risk = ops.cast(ops.reshape(risk, (-1,)), "float32")
     time, event = survival[:, 0], survival[:, 1]
-    at_risk = ops.cast(time[None, :] >= time[:, None], "float32")  # row i: risk set of t_i
-    shifted = risk - ops.max(risk)
-    log_risk_set = ops.log(ops.sum(at_risk * ops.exp(shifted)[None, :], axis=1)) + ops.max(risk)
+    at_risk = time[None, :] >= time[:, None]  # row i: the risk set of t_i (always holds i)
+    row_max = ops.max(ops.where(at_risk, risk[None, :], -float("inf")), axis=1, keepdims=True)
+    row_max = ops.stop_gradient(row_max)
+    weights = ops.where(at_risk, ops.exp(risk[None, :] - row_max), 0.0)
+    log_risk_set = ops.log(ops.sum(weights, axis=1)) + row_max[:, 0]
     events = ops.sum(event)
     return ops.sum(event * (log_risk_set - risk)) / ops.maximum(events, 1.0)
 
@@ -50,6 +53,7 @@ def dice_ce_loss(mask, logits, smooth=1e-5):
         smooth: added to numerator and denominator of each class's Dice.
     """
     classes = logits.shape[-1]
+    logits = ops.cast(logits, "float32")
     mask = ops.cast(mask, "int32")
     probabilities = ops.softmax(logits, axis=-1)
     truth = ops.one_hot(mask, classes)
@@ -64,6 +68,7 @@ def dice_ce_loss(mask, logits, smooth=1e-5):
 def softmax_kl(teacher_logits, student_logits, temperature=2.0):
     """KL(teacher || student) of temperature-softened softmaxes, times T^2, averaged over
     every position (patients, or voxels for segmentation)."""
+    teacher_logits, student_logits = ops.cast(teacher_logits, "float32"), ops.cast(student_logits, "float32")
     t = ops.softmax(teacher_logits / temperature, axis=-1)
     log_t = ops.log_softmax(teacher_logits / temperature, axis=-1)
     log_s = ops.log_softmax(student_logits / temperature, axis=-1)

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from unicon_tf.train.losses import DISTILLATION_LOSSES
+from unicon_tf.train.strategies import set_trainable
 
 
 class Plugin(abc.ABC):
@@ -64,7 +65,7 @@ class Distillation(Plugin):
         inputs = {m: teacher.input[m] for m in teacher.input if m in available}
         outputs = {h: teacher.output[h] for h in self.heads}
         self._teacher = _Untracked(keras.Model(inputs, outputs, name=f"{teacher.name}_teacher"))
-        self._teacher.model.trainable = False
+        set_trainable(self._teacher.model, False)
         self.alpha, self.temperature = float(alpha), float(temperature)
 
     def teacher_outputs(self, inputs):

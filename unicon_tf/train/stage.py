@@ -32,7 +32,7 @@ from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.plugins import Distillation, WeightPenalty
-from unicon_tf.train.strategies import configure_trainable, shared_trainable_variables
+from unicon_tf.train.strategies import configure_trainable, set_trainable, shared_trainable_variables
 from unicon_tf.version import __version__
 
 
@@ -151,6 +151,10 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
 
     schema = read_schema(spec.data)
     available = schema["modalities"]
+    model_shape = list(network.input[head_layer.modalities[0]].shape[1:4])
+    if schema["preprocessing"]["shape"] != model_shape:
+        raise StageError(f"Stage '{spec.name}': {spec.data} holds volumes of shape {schema['preprocessing']['shape']}, "
+                         f"but the model takes {model_shape}: ingest the data with --shape {' '.join(map(str, model_shape))}.")
     missing = [m for m in head_layer.modalities if m not in available]
     if missing:
         raise StageError(f"Stage '{spec.name}': head '{head}' reads {missing}, but {spec.data} has only "
@@ -187,7 +191,7 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     fisher = _fisher_if_needed(pipeline, index, network, head, make_data)
     if fisher:
         np.savez(out / "fisher.npz", **{_npz_key(k): v for k, v in fisher.items()})
-    network.trainable = True  # the saved model carries no freezing
+    set_trainable(network, True)  # the saved model carries no freezing
     record = {
         "stage": spec.name, "index": index, "head": head, "task": spec.task,
         "modalities": head_layer.modalities, "spec": spec.to_json(), "strategy": hp["strategy"],

@@ -13,6 +13,8 @@
 Old heads, stems and fusions never train after their stage. Stage 0 trains everything.
 """
 
+import keras
+
 from unicon_tf.model import model_parts
 from unicon_tf.model.adapters import AdaptableConv3D
 
@@ -22,6 +24,17 @@ STRATEGIES = ("frozen", "adapters", "finetune", "naive")
 def check_strategy(strategy):
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
+
+
+def set_trainable(layer, value):
+    """Set `trainable` on a layer and on every layer nested in it, each explicitly.
+
+    `layer.trainable = value` is not enough under the TensorFlow backend: the assignment
+    is skipped when the attribute already equals `value`, which leaves the children of a
+    loaded (or partly frozen) layer as they were.
+    """
+    for sub in layer._flatten_layers(include_self=True):
+        keras.layers.Layer.trainable.fset(sub, bool(value))
 
 
 def configure_trainable(network, stage, strategy):
@@ -37,7 +50,7 @@ def configure_trainable(network, stage, strategy):
     """
     check_strategy(strategy)
     parts = model_parts(network)
-    network.trainable = True  # reset every flag before choosing
+    set_trainable(network, True)  # reset every flag before choosing
     new_heads = [name for name, head in parts["heads"].items() if head.stage == stage]
     if not new_heads:
         raise ValueError(f"Stage {stage} added no head to model '{network.name}'.")
@@ -46,13 +59,13 @@ def configure_trainable(network, stage, strategy):
         raise ValueError("Strategy 'adapters' needs the stage's head to have adapters (e.g. adapters: 8).")
     for group in ("stems", "fusions", "heads"):
         for part in parts[group].values():
-            part.trainable = part.stage == stage
+            set_trainable(part, part.stage == stage)
     train_encoder = stage == 0 or strategy in ("finetune", "naive")
     encoder = parts["encoder"]
     for layer in encoder.leaf_layers():
-        layer.trainable = train_encoder
+        set_trainable(layer, train_encoder)
         if isinstance(layer, AdaptableConv3D):
-            layer.trainable = True  # base kernel and each adapter are set one by one
+            set_trainable(layer, True)  # base kernel and each adapter are set one by one
             for variable in (layer._kernel, layer.bias):
                 if variable is not None:
                     variable.trainable = train_encoder

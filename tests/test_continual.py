@@ -1,0 +1,247 @@
+"""Continual training through `train_stage`: protection, forgetting, distillation, resume,
+feature caching, and the refusals."""
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from unicon_tf import data, train
+from unicon_tf.cli import main
+
+UNICON_ORDER = [
+    {"name": "classification", "task": "classification", "num_classes": 2},
+    {"name": "prognosis", "task": "prognosis", "adapters": 2, "strategy": "adapters"},
+    {"name": "segmentation", "task": "segmentation", "adapters": 2, "strategy": "adapters"},
+    {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet", "strategy": "frozen"},
+]
+
+
+def write_pipeline(folder, records, stages=UNICON_ORDER, name="tiny", input_shape=(16, 16, 16), depth=3,
+                   **defaults):
+    """A small pipeline (16^3, width 8) over the phantom records; returns its path."""
+    spec = {
+        "name": name, "input_shape": list(input_shape), "modality": "ct", "encoder": {"width": 8, "depth": depth},
+        "defaults": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "seed": 1, **defaults},
+        "stages": [{"data": str(records), **stage} for stage in stages],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def outputs(model_path, batch):
+    model = keras.models.load_model(model_path)
+    return {k: np.asarray(v) for k, v in model({m: batch[m] for m in model.input}, training=False).items()}
+
+
+@pytest.fixture(scope="module")
+def batch(phantom_records):
+    x, _ = next(iter(data.dataset(phantom_records, "test", batch_size=4)))
+    return {m: v.numpy() for m, v in x.items()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_records, tmp_path_factory):
+    """All four UNICON stages, trained once for the module."""
+    folder = tmp_path_factory.mktemp("run")
+    pipeline = write_pipeline(folder, phantom_records)
+    records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
+    return pipeline, folder / "run", records
+
+
+def test_all_four_stages_train_and_record_themselves(trained_run):
+    pipeline, run, records = trained_run
+    assert [r["head"] for r in records] == ["classification", "prognosis", "segmentation", "segmentation_ctpet"]
+    assert records[3]["modalities"] == ["ct", "pet"]
+    assert records[1]["teacher"]["stage"] == "classification" and records[0]["teacher"] is None
+    for index, record in enumerate(records):
+        folder = run / "stages" / f"{index:02d}-{record['stage']}"
+        assert json.loads((folder / "stage.json").read_text())["data"]["fingerprint"] == record["data"]["fingerprint"]
+        assert len(record["history"]) == 2 and all(np.isfinite(h["loss"]) for h in record["history"])
+        assert not (folder / "checkpoint").exists()
+    status = json.loads((run / "run.json").read_text())["stages"]
+    assert [s["status"] for s in status.values()] == ["trained"] * 4
+    final = keras.models.load_model(run / "stages" / "03-pet" / "model.keras")
+    assert sorted(final.output) == ["classification", "prognosis", "segmentation", "segmentation_ctpet"]
+
+
+def test_frozen_and_adapters_keep_old_heads_bit_identical(trained_run, batch):
+    _, run, records = trained_run
+    paths = [run / "stages" / f"{i:02d}-{r['stage']}" / "model.keras" for i, r in enumerate(records)]
+    for before, after, record in zip(paths, paths[1:], records[1:]):
+        old, new = outputs(before, batch), outputs(after, batch)
+        for head in old:
+            assert np.max(np.abs(new[head] - old[head])) == 0.0, f"{head} moved in stage {record['stage']}"
+    # ...while the stage's own head did learn: its weights left their initial values.
+    assert records[1]["history"][0]["loss"] != records[1]["history"][1]["loss"]
+
+
+def test_frozen_prognosis_trains_on_cached_features(phantom_records, trained_run, tmp_path, batch):
+    pipeline_path, run, _ = trained_run
+    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "strategy": "frozen"}]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages)
+    train.train_stage(pipeline, "classification", tmp_path / "run", verbose=0)
+    record = train.train_stage(pipeline, "prognosis", tmp_path / "run", verbose=0)
+    assert record["cached_features"] is True
+    before = outputs(tmp_path / "run/stages/00-classification/model.keras", batch)
+    after = outputs(tmp_path / "run/stages/01-prognosis/model.keras", batch)
+    assert np.max(np.abs(after["classification"] - before["classification"])) == 0.0
+    assert np.std(after["prognosis"]) > 0
+
+
+def drift(run, batch, stage_dir, head="classification"):
+    before = outputs(run / "stages/00-classification/model.keras", batch)[head]
+    after = outputs(run / "stages" / stage_dir / "model.keras", batch)[head]
+    return float(np.mean(np.abs(after - before)))
+
+
+@pytest.fixture(scope="module")
+def stage0_run(phantom_records, tmp_path_factory):
+    """A run directory with only the classification stage trained (copied by each variant).
+
+    Its pipeline declares a later EWC stage, so stage 0 also saves its Fisher diagonal."""
+    folder = tmp_path_factory.mktemp("stage0")
+    later = {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "penalty": "ewc", "beta": 1.0}
+    pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], later], name="variants")
+    train.train_stage(pipeline, "classification", folder / "run", verbose=0)
+    return folder / "run"
+
+
+def second_stage(stage0_run, records, folder, **stage):
+    """Train a prognosis stage with `stage` settings on a copy of `stage0_run`; return its record."""
+    shutil.copytree(stage0_run, folder / "run")
+    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "epochs": 3, "learning_rate": 3e-3, **stage}]
+    pipeline = write_pipeline(folder, records, stages=stages, name="variants")
+    return train.train_stage(pipeline, "prognosis", folder / "run", verbose=0)
+
+
+def test_naive_forgets_and_distillation_forgets_less(phantom_records, stage0_run, tmp_path, batch):
+    drifts = {}
+    for label, stage in {"naive": dict(strategy="naive"), "alpha0": dict(strategy="finetune", alpha=0.0),
+                         "alpha5": dict(strategy="finetune", alpha=5.0)}.items():
+        (tmp_path / label).mkdir()
+        record = second_stage(stage0_run, phantom_records, tmp_path / label, **stage)
+        drifts[label] = drift(tmp_path / label / "run", batch, "01-prognosis")
+        if label == "alpha5":
+            assert [p["plugin"] for p in record["plugins"]] == ["Distillation"]
+            assert "val_classification_distillation" in record["history"][-1]
+    assert drifts["naive"] > 1e-3  # the protection tests are not vacuous
+    assert drifts["alpha0"] == pytest.approx(drifts["naive"])  # same seed, no plugin: the same run
+    assert drifts["alpha5"] < 0.7 * drifts["alpha0"], drifts
+
+
+def test_l2sp_and_ewc_hold_the_encoder(phantom_records, stage0_run, tmp_path, batch):
+    results = {}
+    for penalty, beta in (("l2sp", 50.0), ("ewc", 5e4)):
+        (tmp_path / penalty).mkdir()
+        record = second_stage(stage0_run, phantom_records, tmp_path / penalty, strategy="finetune", alpha=0.0,
+                              penalty=penalty, beta=beta)
+        results[penalty] = drift(tmp_path / penalty / "run", batch, "01-prognosis")
+        assert record["plugins"] == [{"plugin": "WeightPenalty", "kind": penalty, "beta": beta,
+                                      "variables": record["plugins"][0]["variables"]}]
+    fisher = train.load_fisher(stage0_run / "stages/00-classification")
+    assert fisher and all(np.all(f >= 0) for f in fisher.values()) and any(np.any(f > 0) for f in fisher.values())
+    (tmp_path / "none").mkdir()
+    second_stage(stage0_run, phantom_records, tmp_path / "none", strategy="finetune", alpha=0.0)
+    unguarded = drift(tmp_path / "none" / "run", batch, "01-prognosis")
+    assert results["l2sp"] < 0.7 * unguarded and results["ewc"] < 0.7 * unguarded, (results, unguarded)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
+    stages = [{"name": "classification", "task": "classification", "num_classes": 2}]
+    weights = {}
+    for label in ("straight", "resumed"):
+        folder = tmp_path / label
+        folder.mkdir()
+        pipeline = write_pipeline(folder, phantom_records, stages=stages, epochs=3)
+        if label == "resumed":
+            with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after epoch 1's checkpoint
+                train.train_stage(pipeline, "classification", folder / "run", verbose=0, callbacks=[Interrupt(1)])
+            assert json.loads((folder / "run/stages/00-classification/checkpoint/state.json").read_text())["epoch"] == 1
+            with pytest.raises(train.StageError, match="--resume"):
+                train.train_stage(pipeline, "classification", folder / "run", verbose=0)
+            record = train.train_stage(pipeline, "classification", folder / "run", verbose=0, resume=True)
+        else:
+            record = train.train_stage(pipeline, "classification", folder / "run", verbose=0)
+        assert len(record["history"]) == 3
+        model = keras.models.load_model(folder / "run/stages/00-classification/model.keras")
+        weights[label] = [w.numpy() for w in model.weights]
+    # Same seed, same per-epoch data order, restored optimizer state: the same weights.
+    for straight, resumed in zip(weights["straight"], weights["resumed"]):
+        np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_refusals_name_the_problem(phantom_records, trained_run, tmp_path):
+    pipeline_path, run, _ = trained_run
+    with pytest.raises(train.StageError, match="already trained"):
+        train.train_stage(pipeline_path, "prognosis", run, verbose=0)
+    with pytest.raises(train.StageError, match="Stage 'prognosis' must be trained first"):
+        train.train_stage(pipeline_path, "segmentation", tmp_path / "empty", verbose=0)
+    other = write_pipeline(tmp_path, phantom_records, name="other")
+    with pytest.raises(train.StageError, match="run of pipeline 'tiny', not 'other'"):
+        train.train_stage(other, "prognosis", run, verbose=0)
+    first = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:2], name="tiny", epochs=1)
+    train.train_stage(first, "classification", tmp_path / "r3", verbose=0)
+    edited = write_pipeline(tmp_path, phantom_records, stages=[dict(UNICON_ORDER[0], num_classes=3)] + UNICON_ORDER[1:2])
+    with pytest.raises(train.StageError, match="different definition of stage 'classification'"):
+        train.train_stage(edited, "prognosis", tmp_path / "r3", verbose=0)
+    with pytest.raises(train.PipelineError, match="Unknown strategy 'magic'"):
+        train.train_stage(pipeline_path, "prognosis", tmp_path / "r", strategy="magic", verbose=0)
+    with pytest.raises(train.PipelineError, match=r"learning_rate = 0.0 is out of range"):
+        train.train_stage(pipeline_path, "classification", tmp_path / "r", learning_rate=0.0, verbose=0)
+    with pytest.raises(train.PipelineError, match=r"stage 'pet': unknown key\(s\) \['colour'\]"):
+        train.load_pipeline(write_pipeline(tmp_path, phantom_records, name="bad",
+                                           stages=UNICON_ORDER[:3] + [dict(UNICON_ORDER[3], colour="red")]))
+
+
+def test_data_without_the_stage_targets_or_modality_is_refused(tmp_path):
+    from test_data_ingest import PREP_8, patient_row, write_manifest
+
+    manifest = write_manifest(tmp_path, [patient_row(tmp_path, "A", label=1), patient_row(tmp_path, "B", label=0)])
+    data.ingest(manifest, tmp_path / "ct_only", PREP_8, verbose=False)
+    stages = [{"name": "survival", "task": "prognosis"}]
+    pipeline = write_pipeline(tmp_path, tmp_path / "ct_only", stages=stages, name="surv", input_shape=(8, 8, 8), depth=2)
+    with pytest.raises(data.DataError, match=r"field time/event: the cohort has no \['time', 'event'\]"):
+        train.train_stage(pipeline, "survival", tmp_path / "r1", verbose=0)
+    stages = [{"name": "classification", "task": "classification"},
+              {"name": "pet", "task": "classification", "modality": "pet", "head": "grade_ctpet"}]
+    pipeline = write_pipeline(tmp_path, tmp_path / "ct_only", stages=stages, name="pet", input_shape=(8, 8, 8), depth=2)
+    train.train_stage(pipeline, "classification", tmp_path / "r2", verbose=0)
+    with pytest.raises(train.StageError, match=r"reads \['pet'\], but .*ct_only has only \['ct'\]"):
+        train.train_stage(pipeline, "pet", tmp_path / "r2", verbose=0)
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(phantom_records, tmp_path):
+    stages = [{"name": "classification", "task": "classification"}]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, epochs=3)
+    with pytest.raises(train.TrainingError, match=r"loss became nan at epoch \d+, step \d+") as caught:
+        train.train_stage(pipeline, "classification", tmp_path / "run", learning_rate=1e38, verbose=0)
+    assert "last good checkpoint" in str(caught.value)
+    assert not (tmp_path / "run/stages/00-classification/model.keras").exists()
+
+
+def test_cli_train_runs_a_stage_and_reports_errors(phantom_records, tmp_path):
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:1], epochs=1)
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--pipeline", str(pipeline), "--stage", "classification",
+                                  "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "stage 'classification'" in result.output and (tmp_path / "run/stages/00-classification/model.keras").exists()
+    result = runner.invoke(main, ["train", "--pipeline", str(pipeline), "--stage", "nope",
+                                  "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "no stage 'nope'" in result.output
