@@ -70,16 +70,25 @@ class Head(keras.layers.Layer):
         return config
 
 
-class _PooledHead(Head):
-    """Normalise the coarsest feature map, pool it globally and apply a dense layer."""
+POOLINGS = ("avg", "max", "avgmax")
 
-    def __init__(self, units, dropout=0.0, **kwargs):
+
+class _PooledHead(Head):
+    """Normalise the coarsest feature map, pool it globally and apply a dense layer.
+
+    `pooling="avgmax"` concatenates global average and global max pooling: the max keeps a
+    small lesion's signal that averaging over the whole volume would dilute.
+    """
+
+    def __init__(self, units, dropout=0.0, pooling="avgmax", **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got '{pooling}'.")
         self.units = int(units)
         self.dropout = float(dropout)
-        self.pool = keras.layers.GlobalAveragePooling3D(name="pool")
+        self.pooling = pooling
         self.drop = keras.layers.Dropout(self.dropout, name="dropout")
         self.dense = keras.layers.Dense(self.units, name="dense")
 
@@ -87,18 +96,23 @@ class _PooledHead(Head):
         coarsest = feature_shapes[-1]
         self.norm = group_norm(coarsest[-1], name="norm")
         self.norm.build(coarsest)
-        self.dense.build((coarsest[0], coarsest[-1]))
+        self.dense.build((coarsest[0], coarsest[-1] * (2 if self.pooling == "avgmax" else 1)))
 
     def used_features(self, features):
         return list(features)[-1:]  # only the coarsest map
 
     def pooled(self, features, training=None):
         x = ops.silu(self.norm(features[-1]))
-        return self.dense(self.drop(self.pool(x), training=training))
+        pooled = []
+        if self.pooling in ("avg", "avgmax"):
+            pooled.append(ops.mean(x, axis=(1, 2, 3)))
+        if self.pooling in ("max", "avgmax"):
+            pooled.append(ops.max(x, axis=(1, 2, 3)))
+        return self.dense(self.drop(ops.concatenate(pooled, axis=-1), training=training))
 
     def get_config(self):
         config = super().get_config()
-        config.update(dropout=self.dropout)
+        config.update(dropout=self.dropout, pooling=self.pooling)
         return config
 
 
@@ -109,6 +123,7 @@ class ClassificationHead(_PooledHead):
     Args:
         num_classes: number of classes, >= 2.
         dropout: dropout rate before the dense layer.
+        pooling: `avg`, `max` or `avgmax` (both, concatenated).
         **kwargs: see `Head`.
 
     Example:
@@ -119,10 +134,10 @@ class ClassificationHead(_PooledHead):
 
     task = "classification"
 
-    def __init__(self, num_classes=2, dropout=0.0, **kwargs):
+    def __init__(self, num_classes=2, dropout=0.0, pooling="avgmax", **kwargs):
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
-        super().__init__(units=num_classes, dropout=dropout, **kwargs)
+        super().__init__(units=num_classes, dropout=dropout, pooling=pooling, **kwargs)
         self.num_classes = int(num_classes)
 
     def call(self, features, training=None):
@@ -146,6 +161,7 @@ class PrognosisHead(_PooledHead):
 
     Args:
         dropout: dropout rate before the dense layer.
+        pooling: `avg`, `max` or `avgmax` (both, concatenated).
         **kwargs: see `Head`.
 
     Example:
@@ -156,8 +172,8 @@ class PrognosisHead(_PooledHead):
 
     task = "prognosis"
 
-    def __init__(self, dropout=0.0, **kwargs):
-        super().__init__(units=1, dropout=dropout, **kwargs)
+    def __init__(self, dropout=0.0, pooling="avgmax", **kwargs):
+        super().__init__(units=1, dropout=dropout, pooling=pooling, **kwargs)
 
     def call(self, features, training=None):
         return ops.squeeze(self.pooled(features, training=training), axis=-1)
