@@ -28,6 +28,7 @@ setup(
         "scikit-survival",
         "click>=8",
         "pyyaml",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},

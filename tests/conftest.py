@@ -29,11 +29,12 @@ def run(model, volumes):
 
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory):
-    """A 10-patient phantom cohort on disk (CT 32^3 at 6 mm, PET 16^3 at 12 mm)."""
+    """A 12-patient phantom cohort on disk (CT 32^3 at 6 mm, PET 16^3 at 12 mm); its test
+    split (3 patients) holds both classes."""
     from unicon_tf.data import phantom
 
     out = tmp_path_factory.mktemp("phantom")
-    return phantom.write_cohort(out, n=10, shape=(32, 32, 32), seed=3, spacing=6.0)
+    return phantom.write_cohort(out, n=12, shape=(32, 32, 32), seed=3, spacing=6.0)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,37 @@ def phantom_records(phantom_cohort, tmp_path_factory):
     prep = data.Preprocessing(shape=(16, 16, 16), spacing=(12.0, 12.0, 12.0), center="mask")
     data.ingest(phantom_cohort, out, prep, workers=2, verbose=False)
     return out
+
+
+UNICON_ORDER = [
+    {"name": "classification", "task": "classification", "num_classes": 2},
+    {"name": "prognosis", "task": "prognosis", "adapters": 2, "strategy": "adapters"},
+    {"name": "segmentation", "task": "segmentation", "adapters": 2, "strategy": "adapters"},
+    {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet", "strategy": "frozen"},
+]
+
+
+def write_pipeline(folder, records, stages=UNICON_ORDER, name="tiny", input_shape=(16, 16, 16), depth=3,
+                   **defaults):
+    """A small pipeline (16^3, width 8) over the phantom records; returns its path."""
+    import yaml
+
+    spec = {
+        "name": name, "input_shape": list(input_shape), "modality": "ct", "encoder": {"width": 8, "depth": depth},
+        "defaults": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "seed": 1, **defaults},
+        "stages": [{"data": str(records), **stage} for stage in stages],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_records, tmp_path_factory):
+    """All four UNICON stages of the tiny pipeline, trained once for the session."""
+    from unicon_tf import train
+
+    folder = tmp_path_factory.mktemp("run")
+    pipeline = write_pipeline(folder, phantom_records)
+    records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
+    return pipeline, folder / "run", records

@@ -7,31 +7,11 @@ import shutil
 import keras
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
+from conftest import UNICON_ORDER, write_pipeline
 
 from unicon_tf import data, train
 from unicon_tf.cli import main
-
-UNICON_ORDER = [
-    {"name": "classification", "task": "classification", "num_classes": 2},
-    {"name": "prognosis", "task": "prognosis", "adapters": 2, "strategy": "adapters"},
-    {"name": "segmentation", "task": "segmentation", "adapters": 2, "strategy": "adapters"},
-    {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet", "strategy": "frozen"},
-]
-
-
-def write_pipeline(folder, records, stages=UNICON_ORDER, name="tiny", input_shape=(16, 16, 16), depth=3,
-                   **defaults):
-    """A small pipeline (16^3, width 8) over the phantom records; returns its path."""
-    spec = {
-        "name": name, "input_shape": list(input_shape), "modality": "ct", "encoder": {"width": 8, "depth": depth},
-        "defaults": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "seed": 1, **defaults},
-        "stages": [{"data": str(records), **stage} for stage in stages],
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def outputs(model_path, batch):
@@ -43,15 +23,6 @@ def outputs(model_path, batch):
 def batch(phantom_records):
     x, _ = next(iter(data.dataset(phantom_records, "test", batch_size=4)))
     return {m: v.numpy() for m, v in x.items()}
-
-
-@pytest.fixture(scope="module")
-def trained_run(phantom_records, tmp_path_factory):
-    """All four UNICON stages, trained once for the module."""
-    folder = tmp_path_factory.mktemp("run")
-    pipeline = write_pipeline(folder, phantom_records)
-    records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
-    return pipeline, folder / "run", records
 
 
 def test_all_four_stages_train_and_record_themselves(trained_run):

@@ -186,3 +186,14 @@ def test_foundation_errors_name_the_problem():
         unicon_tf.foundation(SHAPE, task="survival", width=8, depth=2)
     with pytest.raises(ValueError, match="three positive spatial dims"):
         unicon_tf.foundation((16, 16), width=8, depth=2)
+
+
+def test_foundation_can_start_from_fused_modalities(volumes):
+    model = unicon_tf.foundation(SHAPE, modality=["ct", "pet"], task="segmentation", width=8, depth=3,
+                                 head_name="segmentation_ctpet")
+    info = unicon_tf.describe(model)
+    assert info["heads"]["segmentation_ctpet"]["modalities"] == ["ct", "pet"]
+    assert info["fusions"]["ct+pet"]["stage"] == 0
+    assert run(model, volumes)["segmentation_ctpet"].shape == (2,) + SHAPE + (2,)
+    with pytest.raises(ValueError, match="distinct modalities"):
+        unicon_tf.foundation(SHAPE, modality=["ct", "ct"], width=8, depth=3)

@@ -126,6 +126,66 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {run_dir}; last epoch: {shown}")
 
 
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.option("--stage", default=None, help="The last stage to evaluate [default: the last trained].")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+def evaluate(run_dir, stage, split):
+    """Evaluate every head after every stage: matrix, forgetting, blessing, report.md."""
+    from unicon_tf import data
+    from unicon_tf import evaluate as evaluation
+
+    try:
+        result = evaluation.evaluate_run(run_dir, stage=stage, split=split)
+        records = evaluation.stage_records(run_dir, stage)
+        report, summary, gain = evaluation.write_report(run_dir, result, records, evaluation.load_baselines(run_dir))
+    except (data.DataError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(format_matrix(result))
+    click.echo(", ".join(f"{k.replace('_', ' ')} {v:+.4f}" for k, v in summary.items()
+                         if isinstance(v, float)))
+    if gain:
+        click.echo(f"PET: {gain['fused_head']} Dice {gain['fused_dice']:.3f} vs {gain['ct_head']} "
+                   f"{gain['ct_dice']:.3f} ({gain['gain_vs_ct_head']:+.3f})"
+                   + (f", vs the CT-only baseline {gain['ct_baseline_dice']:.3f} ({gain['gain_vs_ct_baseline']:+.3f})"
+                      if "ct_baseline_dice" in gain else ""))
+    for blessing in result["blessing"]:
+        click.echo(f"{blessing['stage']}: {'blessed' if blessing['blessed'] else 'NOT blessed'}")
+    click.echo(f"report: {report}")
+
+
+@main.command()
+@click.option("--pipeline", "pipeline_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["single_task", "naive", "joint"]),
+              help="Which baselines [default: all three].")
+def baselines(pipeline_path, run_dir, data_root, kinds):
+    """Train and evaluate the baselines: single-task from scratch, naive fine-tuning, joint."""
+    from unicon_tf import data
+    from unicon_tf import evaluate as evaluation
+    from unicon_tf import train as training
+
+    try:
+        results = evaluation.run_baselines(pipeline_path, run_dir, kinds=kinds or evaluation.KINDS,
+                                           data_root=data_root, verbose=1)
+    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
+            ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    for result in results.values():
+        click.echo(format_matrix(result))
+
+
+def format_matrix(result):
+    """The stage x task matrix of an evaluation as a text table."""
+    width = max(12, *(len(t) + 2 for t in result["tasks"]))
+    lines = [f"{result['kind']} ({result['split']} split)",
+             f"{'after':<16}" + "".join(f"{t:>{width}}" for t in result["tasks"])]
+    for stage, row in zip(result["stages"], result["matrix"]):
+        lines.append(f"{stage:<16}" + "".join(f"{'':>{width}}" if v is None else f"{v:>{width}.3f}" for v in row))
+    return "\n".join(lines)
+
+
 def format_description(info):
     """A human-readable table of `unicon_tf.describe`'s dict."""
     shape = "x".join(str(d) for d in info["input_shape"])

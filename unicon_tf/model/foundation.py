@@ -31,14 +31,16 @@ def foundation(
     depth=4,
     encoder=None,
     name="unicon",
+    head_name=None,
     **head_options,
 ):
-    """The stage-0 model: one modality stem, the shared encoder and one head.
+    """The stage-0 model: modality stem(s), the shared encoder and one head.
 
     Args:
         input_shape: spatial shape `(D, H, W)` of every modality's volume; each dim must be
             divisible by the encoder's total stride (2 ** (depth - 1) for the built-in one).
-        modality: name of the first modality (the input's key), e.g. `"ct"`.
+        modality: name of the first modality (the input's key), e.g. `"ct"`; or a list of
+            modalities, fused (e.g. a single-task CT+PET baseline trained from scratch).
         task: the first head's task, one of `classification`, `prognosis`, `segmentation`.
         num_classes: classes of a classification or segmentation head.
         width: channels of the built-in encoder's first level (and of the stem).
@@ -47,11 +49,12 @@ def foundation(
             `keras.Model` from a volume `(D, H, W, C)` to a list of multi-scale feature maps,
             finest first. With C == 1 the stem passes the volume through unchanged.
         name: the model's name.
+        head_name: the head's (and output's) name; defaults to the task.
         **head_options: further options of the head (see `unicon_tf.model.heads`).
 
     Returns:
         A functional `keras.Model` with inputs `{modality: (batch, D, H, W, 1)}` and
-        outputs `{task: ...}`.
+        outputs `{head_name: ...}`.
 
     Example:
     >>> model = foundation((32, 32, 32), modality="ct", task="classification", num_classes=2)
@@ -70,10 +73,14 @@ def foundation(
     shared = SharedEncoder(backbone, name="encoder")
     _check_feature_scales(shared, input_shape)
 
-    inputs = {modality: keras.Input(input_shape + (1,), name=modality)}
-    stem = ModalityStem(modality, channels=shared.input_channels, stage=0, kind=stem_kind)
-    features = shared(stem(inputs[modality]))
-    head = _make_head(task, shared, input_shape, name=task, modalities=[modality], stage=0,
+    modalities = [modality] if isinstance(modality, str) else list(modality)
+    if not modalities or len(set(modalities)) != len(modalities):
+        raise ValueError(f"modality must name one or more distinct modalities, got {modality!r}.")
+    inputs = {m: keras.Input(input_shape + (1,), name=m) for m in modalities}
+    stems = [ModalityStem(m, channels=shared.input_channels, stage=0, kind=stem_kind)(inputs[m]) for m in modalities]
+    path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
+    features = shared(path)
+    head = _make_head(task, shared, input_shape, name=head_name or task, modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
     return keras.Model(inputs, {head.name: head(features)}, name=name)
 

@@ -41,6 +41,8 @@ TRAINING_DEFAULTS = {
     "augment": True,
     "seed": 0,
     "cache_features": True,  # frozen: train the new head on cached encoder features
+    "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
+    "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
 STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters"}
 
@@ -176,6 +178,7 @@ def _check_training(where, training):
         "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
         "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
         "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0, "temperature": lambda v: v > 0,
+        "tolerance": lambda v: v >= 0, "threshold": lambda v: True,
     }
     for key, valid in rules.items():
         value = training[key]

@@ -159,7 +159,7 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     if missing:
         raise StageError(f"Stage '{spec.name}': head '{head}' reads {missing}, but {spec.data} has only "
                          f"{available}.")
-    make_data = _data_factory(spec, head_layer.modalities, head)
+    make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
     fisher = load_fisher(run.stage_dir(index - 1)) if index > 0 else None
@@ -225,8 +225,9 @@ def _network_for_stage(run, pipeline, index, spec, init):
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters, **options)
             return network, None, {"init": str(init), "sha256": file_sha256(init)}
-        network = foundation(pipeline.input_shape, modality=spec.modality or pipeline.modality, task=spec.task,
-                             name=pipeline.name, **pipeline.encoder, **options)
+        modalities = list(spec.modalities) if spec.modalities else spec.modality or pipeline.modality
+        network = foundation(pipeline.input_shape, modality=modalities, task=spec.task, name=pipeline.name,
+                             head_name=spec.head, **pipeline.encoder, **options)
         return network, None, None
     previous = run.trained_model(index - 1)
     network = keras.models.load_model(previous)
@@ -237,8 +238,12 @@ def _network_for_stage(run, pipeline, index, spec, init):
     return network, teacher, reference
 
 
-def _data_factory(spec, modalities, head):
-    """`make(epoch)`: the stage's training data for an epoch, targets keyed by head."""
+def stage_data(spec, modalities, head):
+    """`make(epoch, split="train", ...)`: a stage's data for an epoch, targets keyed by head.
+
+    The seed of shuffling and augmentation depends only on (stage seed, epoch), so an
+    interrupted stage resumes on exactly the batches it would have seen.
+    """
     hp = spec.training
 
     def make(epoch, split="train", augment=None, shuffle=None, batch_size=None):

@@ -1,0 +1,125 @@
+"""Evaluation: continual measures by hand, perfect scores, blessing, report, NIfTI, baselines."""
+
+import json
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import UNICON_ORDER
+
+from unicon_tf import data, evaluate
+from unicon_tf.cli import main
+
+NAN = None
+HAND = [[0.8, NAN, NAN], [0.7, 0.9, NAN], [0.6, 0.85, 0.7]]
+
+
+def test_continual_measures_on_a_hand_made_matrix():
+    summary = evaluate.summarize(HAND, baselines=[0.75, 0.8, 0.6])
+    assert summary["average"] == pytest.approx((0.6 + 0.85 + 0.7) / 3)
+    assert summary["backward_transfer"] == pytest.approx(((0.6 - 0.8) + (0.85 - 0.9)) / 2)
+    assert summary["forgetting_per_task"] == pytest.approx([0.8 - 0.6, 0.9 - 0.85])
+    assert summary["forgetting"] == pytest.approx(0.125)
+    assert summary["forward_transfer_per_task"] == pytest.approx([0.05, 0.1, 0.1])
+    assert summary["forward_transfer"] == pytest.approx(0.25 / 3)
+    single = evaluate.summarize([[0.7]])
+    assert single["average"] == 0.7 and single["backward_transfer"] is None and single["forgetting"] is None
+
+
+def test_a_model_that_outputs_the_truth_scores_one():
+    labels = np.array([0, 1, 1, 0, 1])
+    assert evaluate.score("classification", labels, np.eye(2)[labels] * 10.0) == {"auc": 1.0, "accuracy": 1.0}
+    time = np.array([5.0, 3.0, 8.0, 1.0, 4.0])
+    survival = np.stack([time, [1, 1, 0, 1, 1]], 1)
+    assert evaluate.score("prognosis", survival, -time) == {"c_index": 1.0}
+    masks = np.zeros((2, 8, 8, 8), int)
+    masks[0, 2:5, 2:5, 2:5], masks[1, 1:3, 1:3, 1:3] = 1, 2
+    result = evaluate.score("segmentation", masks, np.eye(3)[masks] * 10.0)
+    assert result == {"dice": 1.0, "dice_per_class": [1.0, 1.0]}
+    wrong = evaluate.score("segmentation", masks, np.eye(3)[np.zeros_like(masks)] * 10.0)
+    assert wrong["dice"] < 1.0
+
+
+def test_a_regression_beyond_tolerance_is_not_blessed_and_named():
+    tasks = ["classification", "prognosis", "segmentation"]
+    verdict = evaluate.bless(HAND, 2, tasks, tolerance=0.01)
+    assert not verdict["blessed"]
+    assert any(r.startswith("classification: fell from 0.7000 to 0.6000") for r in verdict["reasons"])
+    assert any(r.startswith("prognosis: fell from 0.9000 to 0.8500") for r in verdict["reasons"])
+    lenient = evaluate.bless(HAND, 2, tasks, tolerance=0.01, tolerances={"classification": 0.2, "prognosis": 0.1})
+    assert lenient["blessed"], lenient["reasons"]
+    assert not evaluate.bless(HAND, 2, tasks, tolerance=0.5, threshold=0.75)["blessed"]  # own task too low
+    assert evaluate.bless(HAND, 0, tasks, threshold=0.5)["blessed"]
+
+
+def test_evaluate_run_report_and_predictions(trained_run):
+    _, run, records = trained_run
+    result = evaluate.evaluate_run(run)
+    assert result["tasks"] == ["classification", "prognosis", "segmentation", "segmentation_ctpet"]
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in result["matrix"]])
+    assert np.isnan(matrix[0, 1]) and not np.isnan(np.diag(matrix)).any()
+    # frozen / adapters: every earlier task keeps exactly its value
+    for j in range(3):
+        assert np.all(matrix[j:, j] == matrix[j, j])
+    assert result["summary"]["forgetting"] == 0.0 and result["summary"]["backward_transfer"] == 0.0
+    saved = json.loads((run / "evaluation" / "matrix.json").read_text())
+    assert saved["matrix"] == result["matrix"]
+    stage_dir = run / "stages" / "02-segmentation" / "evaluation"
+    assert json.loads((stage_dir / "blessing.json").read_text())["blessed"] in (True, False)
+    assert set(json.loads((stage_dir / "metrics.json").read_text())["heads"]) == {
+        "classification", "prognosis", "segmentation"}
+    # Label maps on the input grid, with its affine.
+    _, _, meta = next(iter(data.dataset(records[2]["data"]["path"], "test", task="segmentation", with_meta=True,
+                                        batch_size=1)))
+    patient = meta["patient_id"].numpy()[0].decode()
+    written = nib.load(str(stage_dir / "predictions" / "segmentation" / f"{patient}.nii.gz"))
+    np.testing.assert_allclose(written.affine, meta["affine"].numpy()[0], atol=1e-5)
+    assert written.shape == (16, 16, 16) and set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+
+    report, summary, gain = evaluate.write_report(run, result, evaluate.stage_records(run))
+    assert gain["fused_head"] == "segmentation_ctpet" and gain["ct_head"] == "segmentation"
+    text = report.read_text()
+    for name in ("matrix_continual.png", "learning_curves.png", "kaplan_meier.png",
+                 "overlay_segmentation.png", "overlay_segmentation_ctpet.png"):
+        assert f"]({name})" in text
+        image = matplotlib.image.imread(report.parent / name)
+        assert image.shape[:2] == (500, 800), name
+        assert image[..., :3].std() > 0.01  # not blank
+    assert "NOT blessed" in text or "blessed" in text
+
+
+def test_baselines_share_the_matrix_format(trained_run, tmp_path):
+    import shutil
+
+    pipeline, run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    results = evaluate.run_baselines(pipeline, copy)
+    single, naive, joint = results["single_task"], results["naive"], results["joint"]
+    tasks = [s["head"] if "head" in s else s["task"] for s in UNICON_ORDER]
+    for result in results.values():
+        assert result["tasks"] == tasks
+    assert all(single["matrix"][i][j] is None for i in range(4) for j in range(4) if i != j)
+    assert all(single["matrix"][i][i] is not None for i in range(4))
+    assert len(joint["matrix"]) == 1 and all(v is not None for v in joint["matrix"][0])
+    assert naive["stages"] == [s["name"] for s in UNICON_ORDER]
+    # naive shares stage 0 with the continual run, then drifts
+    continual = evaluate.evaluate_run(copy, write_predictions=False)
+    assert naive["matrix"][0][0] == continual["matrix"][0][0]
+    assert (copy / "baselines" / "joint" / "model.keras").exists()
+    loaded = evaluate.load_baselines(copy)
+    assert set(loaded) == {"single_task", "naive", "joint"}
+    report, summary, gain = evaluate.write_report(copy, continual, evaluate.stage_records(copy), loaded)
+    assert "forward_transfer" in summary and "ct_baseline_dice" in gain
+    assert (report.parent / "matrix_joint.png").exists()
+
+
+def test_cli_evaluate_prints_the_matrix(trained_run):
+    _, run, _ = trained_run
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "segmentation_ctpet" in result.output and "report:" in result.output and "forgetting +0.0000" in result.output
+    missing = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--stage", "nope"])
+    assert missing.exit_code == 1 and "stage 'nope' is not trained" in missing.output

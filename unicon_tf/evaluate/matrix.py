@@ -1,0 +1,101 @@
+"""The stage x task matrix and what it says about a continual run.
+
+`R[i][j]` is the main metric of task j (the head added by stage j) after stage i, defined
+for j <= i (NaN elsewhere). With T stages:
+
+- average metric: mean_j R[T-1][j], every task on the final model;
+- backward transfer (Lopez-Paz and Ranzato 2017): mean_{j<T-1} R[T-1][j] - R[j][j];
+  negative when learning later tasks hurt earlier ones;
+- forgetting (Chaudhry et al. 2018): mean_{j<T-1} max_{j<=l<T-1} R[l][j] - R[T-1][j],
+  the drop of each earlier task from its best value to its final value;
+- forward transfer against the respective baselines: mean_j R[j][j] - b_j, where b_j is
+  a model trained from scratch on stage j's data alone (UNICON's comparison).
+
+All metrics here are "higher is better" (AUC, C-index, Dice).
+"""
+
+import numpy as np
+
+
+def as_array(matrix):
+    """A float array from nested lists with None for undefined cells."""
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=np.float64)
+
+
+def summarize(matrix, baselines=None):
+    """Average metric, BWT, forgetting (overall and per task) and forward transfer.
+
+    Args:
+        matrix: T x T nested lists (or array), `matrix[i][j]` for j <= i.
+        baselines: optional length-T list of respective-baseline values (None to skip).
+
+    Returns:
+        dict with `average`, `backward_transfer`, `forgetting`, `forgetting_per_task`,
+        `forward_transfer` and `forward_transfer_per_task` (None where undefined).
+
+    Example:
+    >>> summarize([[0.8, None], [0.7, 0.9]])["backward_transfer"]
+    -0.1
+    """
+    r = as_array(matrix)
+    t = r.shape[0]
+    last = r[t - 1, :t]
+    out = {"average": _mean(last)}
+    earlier = range(t - 1)
+    out["backward_transfer"] = _mean([r[t - 1, j] - r[j, j] for j in earlier]) if t > 1 else None
+    per_task = [float(np.nanmax(r[j:t - 1, j]) - r[t - 1, j]) for j in earlier]
+    out["forgetting_per_task"] = per_task
+    out["forgetting"] = _mean(per_task) if per_task else None
+    if baselines is not None:
+        gains = [None if b is None else float(r[j, j] - b) for j, b in enumerate(baselines)]
+        out["forward_transfer_per_task"] = gains
+        out["forward_transfer"] = _mean([g for g in gains if g is not None])
+    return out
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return round(float(np.mean(values)), 10) if values else None
+
+
+def bless(matrix, stage, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
+    """Whether stage `stage` may be pushed: no earlier task fell by more than its tolerance
+    since the previous stage, and the stage's own task reaches its threshold.
+
+    Args:
+        matrix: the stage x task matrix (rows up to at least `stage`).
+        stage: the stage's row index.
+        tasks: task (column) names, for the reasons.
+        tolerance: largest allowed drop of an earlier task's metric (absolute).
+        threshold: smallest acceptable metric of the stage's own task.
+        tolerances: optional `{task: tolerance}` overrides.
+
+    Returns:
+        `{"blessed": bool, "reasons": [str, ...]}`, reasons given either way.
+
+    Example:
+    >>> bless([[0.9, None], [0.85, 0.7]], 1, ["classification", "prognosis"])["blessed"]
+    False
+    """
+    r = as_array(matrix)
+    tolerances = tolerances or {}
+    reasons, blessed = [], True
+    for j in range(stage):
+        allowed = tolerances.get(tasks[j], tolerance)
+        before, after = r[stage - 1, j], r[stage, j]
+        drop = before - after
+        if np.isnan(drop):
+            reasons.append(f"{tasks[j]}: not measured ({before} -> {after})")
+            blessed = False
+        elif drop > allowed + 1e-12:
+            reasons.append(f"{tasks[j]}: fell from {before:.4f} to {after:.4f} (drop {drop:.4f} > tolerance {allowed})")
+            blessed = False
+        else:
+            reasons.append(f"{tasks[j]}: {before:.4f} -> {after:.4f} (drop {max(drop, 0.0):.4f} <= tolerance {allowed})")
+    own = r[stage, stage]
+    if np.isnan(own) or own < threshold:
+        reasons.append(f"{tasks[stage]}: {own:.4f} is below the threshold {threshold}")
+        blessed = False
+    else:
+        reasons.append(f"{tasks[stage]}: {own:.4f} reaches the threshold {threshold}")
+    return {"blessed": blessed, "reasons": reasons}

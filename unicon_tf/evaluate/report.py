@@ -1,0 +1,186 @@
+"""`report.md` with PNG figures: what a continual run did, to look at rather than read.
+
+Figures (matplotlib, Agg backend, fixed pixel sizes):
+
+- `matrix_<kind>.png`: the stage x task heatmap of the continual run and of each baseline;
+- `learning_curves.png`: training and validation loss of every stage;
+- `kaplan_meier.png`: survival of the test patients split at the median predicted risk;
+- `overlay_<head>.png`: CT and PET slices through the lesion with the truth (green) and
+  the prediction (red) contours, for each segmentation head.
+"""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sksurv.nonparametric import kaplan_meier_estimator  # noqa: E402
+
+from unicon_tf.data import dataset  # noqa: E402
+from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
+
+FIGURE_SIZE = (8.0, 5.0)  # inches
+DPI = 100  # so every figure is 800 x 500 pixels
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path.name
+
+
+def plot_matrix(result, path):
+    """Heatmap of a matrix dict (rows: after stage; columns: task)."""
+    values = as_array(result["matrix"])
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(result["tasks"])), [f"{t}\n({m})" for t, m in zip(result["tasks"], result["main_metric"])],
+                  fontsize=8)
+    ax.set_yticks(range(len(result["stages"])), [f"after {s}" for s in result["stages"]], fontsize=8)
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+    ax.set_title(f"{result['kind']}: stage x task ({result['split']} split)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_learning_curves(records, path):
+    """Loss and validation loss per epoch of every stage, one panel each."""
+    fig, axes = plt.subplots(1, len(records), figsize=FIGURE_SIZE, squeeze=False)
+    for ax, record in zip(axes[0], records):
+        history = record["history"]
+        epochs = range(1, len(history) + 1)
+        for key, style in (("loss", "-"), ("val_loss", "--")):
+            if history and key in history[0]:
+                ax.plot(epochs, [h[key] for h in history], style, label=key)
+        ax.set_title(record["stage"], fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_kaplan_meier(prediction, path):
+    """Kaplan-Meier curves of the high- and low-risk halves (split at the median risk)."""
+    survival, risk = prediction["target"], np.asarray(prediction["output"]).reshape(-1)
+    high = risk > np.median(risk)
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    for group, label in ((~high, "risk <= median"), (high, "risk > median")):
+        if group.any():
+            times, probability = kaplan_meier_estimator(survival[group, 1].astype(bool), survival[group, 0])
+            ax.step(times, probability, where="post", label=f"{label} (n={group.sum()})")
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Kaplan-Meier by predicted risk (test split)")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_overlays(prediction, path, patients=3):
+    """CT (and PET) axial slices through the lesion, truth and prediction contours."""
+    ds = dataset(prediction["data"], "test", task="segmentation", batch_size=64, shuffle=False, with_meta=True)
+    images = {}
+    for inputs, _, meta in ds:
+        for k, pid in enumerate(meta["patient_id"].numpy()):
+            images[pid.decode()] = {m: v[k, ..., 0].numpy() for m, v in inputs.items()}
+    order = np.argsort([-np.sum(t > 0) for t in prediction["target"]])[:patients]
+    columns = [m for m in ("ct", "pet") if m in next(iter(images.values()))]
+    fig, axes = plt.subplots(len(order), len(columns), figsize=FIGURE_SIZE, squeeze=False)
+    for row, index in enumerate(order):
+        truth = prediction["target"][index]
+        guess = np.argmax(prediction["output"][index], axis=-1)
+        z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
+        for col, modality in enumerate(columns):
+            ax = axes[row][col]
+            ax.imshow(images[prediction["patient_id"][index]][modality][:, :, z].T, cmap="gray", origin="lower")
+            for mask, color in ((truth, "lime"), (guess, "red")):
+                if (mask[:, :, z] > 0).any():
+                    ax.contour((mask[:, :, z] > 0).T.astype(float), levels=[0.5], colors=color, linewidths=1)
+            ax.set_title(f"{prediction['patient_id'][index]} {modality} z={z}", fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _table(result, fmt="{:.3f}"):
+    header = "| after stage | " + " | ".join(f"{t} ({m})" for t, m in zip(result["tasks"], result["main_metric"])) + " |"
+    lines = [header, "|" + "---|" * (len(result["tasks"]) + 1)]
+    for stage, row in zip(result["stages"], result["matrix"]):
+        lines.append(f"| {stage} | " + " | ".join("" if v is None else fmt.format(v) for v in row) + " |")
+    return lines
+
+
+def pet_gain(continual, baselines):
+    """Dice of the fused CT+PET head against the CT-only segmentation (continual and baseline)."""
+    kinds = dict(zip(continual["tasks"], continual["task_kinds"]))
+    final = continual["matrix"][-1]
+    values = dict(zip(continual["tasks"], final))
+    fused = [h for h in continual["tasks"] if kinds[h] == "segmentation" and "pet" in h]
+    ct_only = [h for h in continual["tasks"] if kinds[h] == "segmentation" and h not in fused]
+    if not fused or not ct_only:
+        return None
+    gain = {"fused_head": fused[0], "ct_head": ct_only[0], "fused_dice": values[fused[0]],
+            "ct_dice": values[ct_only[0]], "gain_vs_ct_head": values[fused[0]] - values[ct_only[0]]}
+    single = baselines.get("single_task")
+    if single:
+        index = single["tasks"].index(ct_only[0])
+        gain["ct_baseline_dice"] = single["matrix"][index][index]
+        gain["gain_vs_ct_baseline"] = values[fused[0]] - gain["ct_baseline_dice"]
+    return gain
+
+
+def write_report(run_dir, continual, records, baselines=None):
+    """Write `<run>/report/report.md` and its figures; return the report's path.
+
+    Args:
+        run_dir: the run directory.
+        continual: `evaluate_run`'s result (with `predictions`).
+        records: the stages' records (stage.json contents).
+        baselines: `{kind: matrix dict}` of evaluated baselines (optional).
+    """
+    baselines = baselines or {}
+    out = pathlib.Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    single = baselines.get("single_task")
+    reference = [single["matrix"][j][j] for j in range(len(single["tasks"]))] if single else None
+    if reference is not None and len(reference) != len(continual["tasks"]):
+        reference = reference[: len(continual["tasks"])]
+    summary = summarize(continual["matrix"], reference)
+    lines = [f"# Continual run: {run_dir}", "", f"Evaluated on the `{continual['split']}` split of each stage's data.",
+             "", "## Stage x task (continual)", "", *_table(continual), ""]
+    lines.append(f"![continual](" + plot_matrix(continual, out / "matrix_continual.png") + ")")
+    lines += ["", "## Summary", "", "| measure | value |", "|---|---|"]
+    for key in ("average", "backward_transfer", "forgetting", "forward_transfer"):
+        if summary.get(key) is not None:
+            lines.append(f"| {key.replace('_', ' ')} | {summary[key]:+.4f} |")
+    gain = pet_gain(continual, baselines)
+    if gain:
+        lines += ["", "## PET", "", f"Dice of `{gain['fused_head']}` (CT+PET) {gain['fused_dice']:.3f} vs "
+                  f"`{gain['ct_head']}` (CT) {gain['ct_dice']:.3f}: {gain['gain_vs_ct_head']:+.3f}."]
+        if "ct_baseline_dice" in gain:
+            lines.append(f"Against the CT-only single-task baseline ({gain['ct_baseline_dice']:.3f}): "
+                         f"{gain['gain_vs_ct_baseline']:+.3f}.")
+    lines += ["", "## Blessing", ""]
+    for blessing in continual["blessing"]:
+        lines.append(f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}; "
+                     + "; ".join(blessing["reasons"]))
+    for kind, result in baselines.items():
+        lines += ["", f"## Baseline: {kind}", "", *_table(result), "",
+                  f"![{kind}](" + plot_matrix(result, out / f"matrix_{kind}.png") + ")"]
+    lines += ["", "## Learning curves", "", "![curves](" + plot_learning_curves(records, out / "learning_curves.png") + ")"]
+    for head, prediction in continual["predictions"].items():
+        if prediction["task"] == "prognosis":
+            lines += ["", f"## Kaplan-Meier ({head})", "",
+                      "![km](" + plot_kaplan_meier(prediction, out / "kaplan_meier.png") + ")"]
+        if prediction["task"] == "segmentation":
+            lines += ["", f"## Segmentation overlays ({head})", "",
+                      f"![{head}](" + plot_overlays(prediction, out / f"overlay_{head}.png") + ")"]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report, summary, gain
