@@ -29,6 +29,7 @@ setup(
         "click>=8",
         "pyyaml",
         "matplotlib",
+        "tensorflow-serving-api>=2.18,<2.22",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},

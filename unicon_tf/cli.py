@@ -176,6 +176,54 @@ def baselines(pipeline_path, run_dir, data_root, kinds):
         click.echo(format_matrix(result))
 
 
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.option("--stage", default=None, help="The stage to export [default: the last trained].")
+@click.option("--model-name", default=None, help="Served model name [default: the pipeline's name].")
+@click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
+              show_default=True, help="TF Serving base folder.")
+@click.option("--serving-root", default="/models", show_default=True,
+              help="Where --base is mounted in the serving container (for models.config).")
+@click.option("--label", "labels", multiple=True, help="Point a version label at the new version (stable, canary).")
+@click.option("--force", is_flag=True, help="Export even if the stage is not blessed.")
+@click.option("--example-request", is_flag=True, help="Also write request.json, a REST request for serving_default.")
+def export(run_dir, stage, model_name, base, serving_root, labels, force, example_request):
+    """Export a blessed stage as the next SavedModel version for TensorFlow Serving."""
+    from unicon_tf import data
+    from unicon_tf import serving
+
+    try:
+        version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
+                                           labels=labels, serving_root=serving_root, example_request=example_request)
+    except (serving.ExportError, data.DataError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    info = json.loads((version_dir / "unicon.json").read_text())
+    click.echo(f"exported {version_dir} (signatures: {', '.join(info['signatures'])}; parity max |diff| "
+               f"{info['parity_max_abs_diff']:.1e}); config: {base / 'models.config'}")
+    if example_request:
+        click.echo(f"example REST request: {version_dir / 'request.json'}")
+
+
+@main.command()
+@click.option("--saved-model", required=True, type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="A version folder written by unicon-tf export.")
+@click.option("--ct", type=click.Path(exists=True, dir_okay=False), default=None, help="CT NIfTI.")
+@click.option("--pet", type=click.Path(exists=True, dir_okay=False), default=None, help="PET NIfTI.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--overlap", type=float, default=0.5, show_default=True, help="Sliding-window overlap.")
+def predict(saved_model, ct, pet, out, overlap):
+    """Predict every head for one patient's NIfTI images (sliding window for segmentation)."""
+    from unicon_tf import data
+    from unicon_tf import serving
+
+    images = {m: p for m, p in (("ct", ct), ("pet", pet)) if p}
+    try:
+        result = serving.predict_nifti(saved_model, images, out, overlap=overlap)
+    except (data.DataError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(json.dumps(result["heads"], indent=2))
+
+
 def format_matrix(result):
     """The stage x task matrix of an evaluation as a text table."""
     width = max(12, *(len(t) + 2 for t in result["tasks"]))

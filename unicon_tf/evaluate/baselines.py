@@ -5,7 +5,8 @@
 - `naive`: the same pipeline with every later stage fine-tuned without protection (the
   forgetting baseline); stage 0 is shared with the continual run when it is trained;
 - `joint`: one multi-task model with every head, trained on all stages' data at once
-  (each step takes one batch of every stage's data; the upper reference).
+  (each step takes one batch of every stage's data, for as many steps as the longest
+  continual stage took; the upper reference).
 
 Each writes `evaluation/matrix.json` in the continual run's format (single-task: only the
 diagonal; joint: one row, after all stages).
@@ -145,9 +146,11 @@ def _joint(pipeline, run_dir, out, verbose):
         network = expand(network, task=spec.task, modality=new[0] if new else None, name=heads[i],
                          modalities=head_modalities(pipeline, i), **spec.head_options)
     set_trainable(network, True)
-    epochs = max(s.training["epochs"] for s in specs)
     makers = [stage_data(s, head_modalities(pipeline, i), heads[i]) for i, s in enumerate(specs)]
-    steps = max(int(m(0).cardinality()) for m in makers)
+    # Every stage's data gets at least the optimizer steps it had in its continual stage.
+    stage_steps = [int(m(0).cardinality()) for m in makers]
+    steps = max(stage_steps)
+    epochs = max(-(-s.training["epochs"] * n // steps) for s, n in zip(specs, stage_steps))
 
     def stage_batches(epoch):
         per_stage = [m(epoch).map(lambda x, y, h=h: (x, y[h])).repeat() for m, h in zip(makers, heads)]

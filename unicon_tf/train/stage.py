@@ -194,7 +194,8 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     set_trainable(network, True)  # the saved model carries no freezing
     record = {
         "stage": spec.name, "index": index, "head": head, "task": spec.task,
-        "modalities": head_layer.modalities, "spec": spec.to_json(), "strategy": hp["strategy"],
+        "modalities": head_layer.modalities, "spec": spec.to_json(),
+        "strategy": hp["strategy"] if head_layer.stage > 0 else "scratch",  # stage 0 trains everything
         "plugins": [p.describe() for p in plugins], "cached_features": isinstance(trainer, CachedHeadModel),
         "teacher": teacher_ref, "data": {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)},
         "history": state["history"], "train_seconds": round(time.time() - started, 2),

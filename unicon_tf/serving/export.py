@@ -1,0 +1,252 @@
+"""Export a trained stage as a TensorFlow Serving model version.
+
+    <base>/<model>/<version>/saved_model.pb, variables/      the SavedModel
+    <base>/<model>/<version>/assets.extra/tf_serving_warmup_requests
+    <base>/<model>/<version>/unicon.json                     stage, heads, preprocessing
+    <base>/models.config                                      ModelServerConfig (text)
+
+Signatures: `serving_default` (every head; one input per modality) and one per head
+(taking only the modalities the head reads). Outputs are named after what they hold:
+classification `probabilities` and `class`, prognosis `risk`, segmentation
+`probabilities` and `label_map` (prefixed `<head>_` in `serving_default`).
+
+Versions are integers; a new export takes the next free one, is written to a hidden
+temporary folder and renamed into place, so a half-written version is never visible and
+an existing one is never touched. Before the rename, every signature of the reloaded
+SavedModel is checked against the Keras model (max abs difference <= 1e-5).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from unicon_tf.model import model_parts
+
+PARITY_TOLERANCE = 1e-5
+
+
+class ExportError(RuntimeError):
+    """An export that must not happen (unblessed stage, parity failure, bad version)."""
+
+
+def head_outputs(task, output):
+    """The named serving outputs of a head's raw output."""
+    if task == "classification":
+        return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
+    if task == "prognosis":
+        return {"risk": output}
+    return {"probabilities": tf.nn.softmax(output, axis=-1), "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)}
+
+
+def signatures(model):
+    """`{signature name: (modalities, fn)}`: `serving_default` and one per head."""
+    heads = model_parts(model)["heads"]
+    shape = tuple(next(iter(model.input.values())).shape[1:])
+
+    def endpoint(modalities, names):
+        sub = keras.Model({m: model.input[m] for m in modalities}, {n: model.output[n] for n in names})
+
+        def serve(*volumes):
+            outputs = sub(dict(zip(modalities, volumes)), training=False)
+            served = {}
+            for name in names:
+                for key, value in head_outputs(heads[name].task, outputs[name]).items():
+                    served[key if len(names) == 1 else f"{name}_{key}"] = value
+            return served
+
+        specs = [tf.TensorSpec((None,) + shape, tf.float32, name=m) for m in modalities]
+        return modalities, serve, specs
+
+    result = {"serving_default": endpoint(list(model.input), list(heads))}
+    for name, head in heads.items():
+        result[name] = endpoint(list(head.modalities), [name])
+    return result
+
+
+def next_version(model_dir):
+    """The next free integer version under `model_dir` (1 when there is none)."""
+    versions = [int(p.name) for p in pathlib.Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export_model(model, base, model_name, metadata=None, version=None, parity_batch=None, example_request=False):
+    """Write `model` as version `version` (default: the next free one) of `model_name`.
+
+    Args:
+        model: the unicon Keras model.
+        base: the TF Serving base folder (e.g. `saved_models`).
+        model_name: the served model's name.
+        metadata: extra JSON-able fields for `unicon.json` (stage, preprocessing, ...).
+        version: an explicit version; refused if it exists.
+        parity_batch: `{modality: array}` to check parity on (default: seeded noise).
+        example_request: also write `request.json`, a TF Serving REST request for
+            `serving_default` built from its signature (one all-zero volume per input).
+
+    Returns:
+        The version folder's path.
+
+    Raises:
+        ExportError: the version exists, or a signature disagrees with the Keras model.
+    """
+    model_dir = pathlib.Path(base) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = int(version or next_version(model_dir))
+    final = model_dir / str(version)
+    if final.exists():
+        raise ExportError(f"{final} already exists: versions are never overwritten.")
+    staging = model_dir / f".partial-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        endpoints = signatures(model)
+        for name, (_, fn, specs) in endpoints.items():
+            archive.add_endpoint(name=name, fn=fn, input_signature=specs)
+        archive.write_out(str(staging), verbose=False)
+        batch = parity_batch or _noise_batch(model)
+        parity = check_parity(model, staging, batch)
+        write_warmup(staging, model_name, endpoints, batch)
+        info = {"model_name": model_name, "version": version, **(metadata or {}),
+                "signatures": {name: {"inputs": mods} for name, (mods, _, _) in endpoints.items()},
+                "heads": {name: {"task": h.task, "modalities": h.modalities, "stage": h.stage}
+                          for name, h in model_parts(model)["heads"].items()},
+                "input_shape": list(next(iter(model.input.values())).shape[1:4]), "parity_max_abs_diff": parity}
+        (staging / "unicon.json").write_text(json.dumps(info, indent=2) + "\n")
+        if example_request:
+            modalities = endpoints["serving_default"][0]
+            shape = info["input_shape"] + [1]
+            request = {"signature_name": "serving_default",
+                       "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
+            (staging / "request.json").write_text(json.dumps(request))
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _noise_batch(model, size=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return {m: rng.uniform(-1, 1, (size,) + tuple(t.shape[1:])).astype(np.float32) for m, t in model.input.items()}
+
+
+def check_parity(model, saved_model_dir, batch):
+    """Max abs difference of every signature's float outputs vs the Keras model on `batch`."""
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    expected = {k: np.asarray(v) for k, v in model(batch, training=False).items()}
+    heads = model_parts(model)["heads"]
+    worst = 0.0
+    for name, fn in loaded.signatures.items():
+        mods = [spec.name for spec in fn.structured_input_signature[1].values()] if fn.structured_input_signature[1] \
+            else list(batch)
+        served = fn(**{m: tf.constant(batch[m]) for m in mods})
+        for head, head_layer in heads.items():
+            reference = head_outputs(head_layer.task, tf.constant(expected[head]))
+            for key, value in reference.items():
+                served_key = key if name == head else f"{head}_{key}"
+                if name not in (head, "serving_default") or served_key not in served:
+                    continue
+                got, want = np.asarray(served[served_key]), np.asarray(value)
+                if got.dtype.kind == "f":
+                    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+                    worst = max(worst, diff)
+                    if not diff <= PARITY_TOLERANCE:
+                        raise ExportError(f"signature '{name}' output '{served_key}' differs from the Keras "
+                                          f"model by {diff:.2e} (> {PARITY_TOLERANCE}).")
+    return worst
+
+
+def write_warmup(version_dir, model_name, endpoints, batch):
+    """`assets.extra/tf_serving_warmup_requests`: one PredictRequest per signature."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    folder = pathlib.Path(version_dir) / "assets.extra"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(folder / "tf_serving_warmup_requests")) as writer:
+        for name, (modalities, _, _) in endpoints.items():
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=name))
+            for m in modalities:
+                request.inputs[m].CopyFrom(tf.make_tensor_proto(batch[m][:1]))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def update_models_config(base, model_name, serving_root="/models", labels=None):
+    """Add or update `model_name` in `<base>/models.config` (ModelServerConfig text format).
+
+    Args:
+        base: the base folder holding the model folders.
+        model_name: the model to add or update.
+        serving_root: where the base folder is mounted in the TF Serving container.
+        labels: `{label: version}` to set (e.g. `{"stable": 1, "canary": 2}`).
+
+    Returns:
+        The config file's path.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    path = pathlib.Path(base) / "models.config"
+    config = model_server_config_pb2.ModelServerConfig()
+    if path.exists():
+        text_format.Parse(path.read_text(), config)
+    entries = {c.name: c for c in config.model_config_list.config}
+    entry = entries.get(model_name) or config.model_config_list.config.add()
+    entry.name = model_name
+    entry.base_path = f"{serving_root.rstrip('/')}/{model_name}"
+    entry.model_platform = "tensorflow"
+    entry.model_version_policy.all.SetInParent()
+    for label, version in (labels or {}).items():
+        entry.version_labels[label] = int(version)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text_format.MessageToString(config))
+    partial.replace(path)
+    return path
+
+
+def export_stage(run_dir, stage=None, base="saved_models", model_name=None, force=False, labels=None,
+                 serving_root="/models", example_request=False):
+    """Export a run's stage (default: its last) if the Evaluator blessed it.
+
+    Args:
+        run_dir: the run directory.
+        stage: the stage to export.
+        base: TF Serving base folder.
+        model_name: the served name (default: the pipeline's name).
+        force: export even if the stage is not blessed (or not evaluated).
+        labels: version labels to point at the new version, e.g. `["canary"]`.
+        serving_root: where `base` is mounted in the serving container.
+        example_request: also write `request.json` (see `export_model`).
+
+    Returns:
+        The version folder's path.
+    """
+    from unicon_tf.data import read_schema
+    from unicon_tf.evaluate import stage_records
+
+    record = stage_records(run_dir, stage)[-1]
+    blessing_file = record["folder"] / "evaluation" / "blessing.json"
+    blessing = json.loads(blessing_file.read_text()) if blessing_file.exists() else None
+    if not force:
+        if blessing is None:
+            raise ExportError(f"Stage '{record['stage']}' has not been evaluated ({blessing_file} is missing): "
+                              "run unicon-tf evaluate first, or pass --force.")
+        if not blessing["blessed"]:
+            raise ExportError(f"Stage '{record['stage']}' is not blessed: " + "; ".join(blessing["reasons"])
+                              + ". Pass --force to export it anyway.")
+    run = json.loads((pathlib.Path(run_dir) / "run.json").read_text())
+    model_name = model_name or run["pipeline"]
+    model = keras.models.load_model(record["folder"] / "model.keras")
+    schema = read_schema(record["data"]["path"])
+    metadata = {"stage": record["stage"], "run_dir": str(pathlib.Path(run_dir).resolve()),
+                "pipeline": run["pipeline"], "blessing": blessing, "forced": bool(force and not (blessing or {}).get("blessed")),
+                "preprocessing": schema["preprocessing"], "modalities": schema["modalities"]}
+    version_dir = export_model(model, base, model_name, metadata=metadata, example_request=example_request)
+    update_models_config(base, model_name, serving_root, {label: int(version_dir.name) for label in labels or []})
+    return version_dir
