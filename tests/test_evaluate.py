@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import UNICON_ORDER
+from conftest import UNICON_ORDER, write_pipeline
 
 from unicon_tf import data, evaluate
 from unicon_tf.cli import main
@@ -90,30 +90,33 @@ def test_evaluate_run_report_and_predictions(trained_run):
     assert "NOT blessed" in text or "blessed" in text
 
 
-def test_baselines_share_the_matrix_format(trained_run, tmp_path):
-    import shutil
+def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
+    """Two stages (CT segmentation, then PET) keep this affordable: 2 single-task models,
+    1 naive stage, 1 joint model."""
+    from unicon_tf import train
 
-    pipeline, run, _ = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    results = evaluate.run_baselines(pipeline, copy)
+    stages = [{"name": "segmentation", "task": "segmentation"}, UNICON_ORDER[3]]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, name="pair", epochs=1)
+    for stage in stages:
+        train.train_stage(pipeline, stage["name"], tmp_path / "run", verbose=0)
+    results = evaluate.run_baselines(pipeline, tmp_path / "run")
     single, naive, joint = results["single_task"], results["naive"], results["joint"]
-    tasks = [s["head"] if "head" in s else s["task"] for s in UNICON_ORDER]
     for result in results.values():
-        assert result["tasks"] == tasks
-    assert all(single["matrix"][i][j] is None for i in range(4) for j in range(4) if i != j)
-    assert all(single["matrix"][i][i] is not None for i in range(4))
-    assert len(joint["matrix"]) == 1 and all(v is not None for v in joint["matrix"][0])
-    assert naive["stages"] == [s["name"] for s in UNICON_ORDER]
-    # naive shares stage 0 with the continual run, then drifts
-    continual = evaluate.evaluate_run(copy, write_predictions=False)
-    assert naive["matrix"][0][0] == continual["matrix"][0][0]
-    assert (copy / "baselines" / "joint" / "model.keras").exists()
-    loaded = evaluate.load_baselines(copy)
+        assert result["tasks"] == ["segmentation", "segmentation_ctpet"]
+    assert single["matrix"][0][1] is None and single["matrix"][1][0] is None
+    assert None not in (single["matrix"][0][0], single["matrix"][1][1])
+    assert len(joint["matrix"]) == 1 and None not in joint["matrix"][0]
+    assert naive["stages"] == ["segmentation", "pet"]
+    continual = evaluate.evaluate_run(tmp_path / "run", write_predictions=False)
+    assert naive["matrix"][0][0] == continual["matrix"][0][0]  # stage 0 is shared
+    assert (tmp_path / "run" / "baselines" / "joint" / "model.keras").exists()
+    loaded = evaluate.load_baselines(tmp_path / "run")
     assert set(loaded) == {"single_task", "naive", "joint"}
-    report, summary, gain = evaluate.write_report(copy, continual, evaluate.stage_records(copy), loaded)
-    assert "forward_transfer" in summary and "ct_baseline_dice" in gain
-    assert (report.parent / "matrix_joint.png").exists()
+    report, summary, gain = evaluate.write_report(tmp_path / "run", continual, evaluate.stage_records(tmp_path / "run"),
+                                                  loaded)
+    assert summary["forward_transfer_per_task"][0] == pytest.approx(continual["matrix"][0][0] - single["matrix"][0][0])
+    assert gain["ct_baseline_dice"] == single["matrix"][0][0]
+    assert (report.parent / "matrix_joint.png").exists() and "## Baseline: naive" in report.read_text()
 
 
 def test_cli_evaluate_prints_the_matrix(trained_run):

@@ -28,6 +28,12 @@ def evaluated_run(trained_run, tmp_path_factory):
     return copy
 
 
+@pytest.fixture(scope="module")
+def exported(evaluated_run, tmp_path_factory):
+    """The final stage exported once, for the tests that only read it."""
+    return serving.export_stage(evaluated_run, base=tmp_path_factory.mktemp("sm"))
+
+
 def tree_digest(folder):
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -106,9 +112,8 @@ def test_export_refusals(evaluated_run, tmp_path):
     assert result.exit_code == 1 and "stage 'nope' is not trained" in result.output
 
 
-def test_request_checks_name_the_input(evaluated_run, tmp_path):
-    version = serving.export_stage(evaluated_run, base=tmp_path / "sm")
-    signature = tf.saved_model.load(str(version)).signatures["segmentation_ctpet"]
+def test_request_checks_name_the_input(exported):
+    signature = tf.saved_model.load(str(exported)).signatures["segmentation_ctpet"]
     good = np.zeros((1, 16, 16, 16, 1), np.float32)
     serving.check_request(signature, {"ct": good, "pet": good})
     with pytest.raises(ValueError, match="input 'pet': rank 4"):
@@ -144,8 +149,8 @@ def test_sliding_window_matches_a_full_volume_pass_away_from_borders():
     assert small.shape == (10, 12, 40, 2)
 
 
-def test_predict_writes_json_and_label_maps_on_the_input_grid(evaluated_run, phantom_cohort, tmp_path):
-    version = serving.export_stage(evaluated_run, base=tmp_path / "sm")
+def test_predict_writes_json_and_label_maps_on_the_input_grid(exported, phantom_cohort, tmp_path):
+    version = exported
     folder = phantom_cohort.parent
     ct, pet = folder / "images/P0000_ct.nii.gz", folder / "images/P0000_pet.nii.gz"
     result = CliRunner().invoke(main, ["predict", "--saved-model", str(version), "--ct", str(ct), "--pet", str(pet),

@@ -72,7 +72,7 @@ def plot_kaplan_meier(prediction, path):
     for group, label in ((~high, "risk <= median"), (high, "risk > median")):
         if group.any():
             times, probability = kaplan_meier_estimator(survival[group, 1].astype(bool), survival[group, 0])
-            ax.step(times, probability, where="post", label=f"{label} (n={group.sum()})")
+            ax.step(np.r_[0.0, times], np.r_[1.0, probability], where="post", label=f"{label} (n={group.sum()})")
     ax.set_xlabel("time")
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.05)
