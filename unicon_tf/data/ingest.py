@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.manifest import read_manifest
-from unicon_tf.data.preprocess import Preprocessing, preprocess_patient
+from unicon_tf.data.preprocess import preprocess_patient
 from unicon_tf.data.records import encode_example, sha256
 
 SCHEMA_VERSION = 1

@@ -154,7 +154,7 @@ def write_report(run_dir, continual, records, baselines=None):
     summary = summarize(continual["matrix"], reference)
     lines = [f"# Continual run: {run_dir}", "", f"Evaluated on the `{continual['split']}` split of each stage's data.",
              "", "## Stage x task (continual)", "", *_table(continual), ""]
-    lines.append(f"![continual](" + plot_matrix(continual, out / "matrix_continual.png") + ")")
+    lines.append("![continual](" + plot_matrix(continual, out / "matrix_continual.png") + ")")
     lines += ["", "## Summary", "", "| measure | value |", "|---|---|"]
     for key in ("average", "backward_transfer", "forgetting", "forward_transfer"):
         if summary.get(key) is not None:

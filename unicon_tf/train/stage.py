@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from unicon_tf.data import dataset, read_schema
+from unicon_tf.data.records import sha256
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.losses import TASK_LOSSES
@@ -42,14 +43,6 @@ class StageError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training stopped (a NaN or infinite loss); the message names the step and checkpoint."""
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_fingerprint(directory):
@@ -225,7 +218,7 @@ def _network_for_stage(run, pipeline, index, spec, init):
             network = keras.models.load_model(init)
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters, **options)
-            return network, None, {"init": str(init), "sha256": file_sha256(init)}
+            return network, None, {"init": str(init), "sha256": sha256(init)}
         modalities = list(spec.modalities) if spec.modalities else spec.modality or pipeline.modality
         network = foundation(pipeline.input_shape, modality=modalities, task=spec.task, name=pipeline.name,
                              head_name=spec.head, **pipeline.encoder, **options)
@@ -235,7 +228,7 @@ def _network_for_stage(run, pipeline, index, spec, init):
     teacher = keras.models.load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
                      modalities=list(spec.modalities) if spec.modalities else None, **options)
-    reference = {"stage": pipeline.stages[index - 1].name, "model": str(previous), "sha256": file_sha256(previous)}
+    reference = {"stage": pipeline.stages[index - 1].name, "model": str(previous), "sha256": sha256(previous)}
     return network, teacher, reference
 
 
