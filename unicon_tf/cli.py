@@ -109,21 +109,27 @@ def phantom(out, count, shape, spacing, seed):
               help="First stage only: start from this .keras model instead of a new foundation model.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
 def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume):
-    """Train one stage of a pipeline, starting from the previous stage's model."""
-    from unicon_tf import data
+    """Train one stage of a pipeline, starting from the previous stage's model.
+
+    Goes through the same runner as `unicon-tf run` (ExampleGen for `sources` data, then
+    the Trainer), so the stage is recorded in the run's lineage.
+    """
+    from unicon_tf import components, data
     from unicon_tf import train as training
 
     try:
         pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
         run_dir = run_dir or pathlib.Path("runs") / pipeline.name
-        record = training.train_stage(pipeline, stage, run_dir, strategy=strategy, epochs=epochs,
-                                      learning_rate=learning_rate, init=init, resume=resume)
+        runner = components.LocalRunner(pipeline, run_dir)
+        outputs = runner.run(stages=[stage], evaluate=False, strategy=strategy, epochs=epochs,
+                             learning_rate=learning_rate, init=init, resume=resume or None)[stage]
     except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
             ValueError) as error:
         raise click.ClickException(str(error)) from error
+    record = json.loads((pathlib.Path(outputs["model"].uri) / "stage.json").read_text())
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
-    click.echo(f"stage '{stage}' ({record['strategy']}) saved to {run_dir}; last epoch: {shown}")
+    click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
 
 
 @main.command()
@@ -222,6 +228,48 @@ def predict(saved_model, ct, pet, out, overlap):
     except (data.DataError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(json.dumps(result["heads"], indent=2))
+
+
+@main.command("run")
+@click.argument("pipeline_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
+              help="Run directory [default: runs/<pipeline name>].")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--from-stage", default=None, help="Start from this stage (earlier ones must be trained).")
+@click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
+              show_default=True, help="TF Serving base folder for the Pusher.")
+@click.option("--no-push", is_flag=True, help="Stop after the Evaluator.")
+def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
+    """Run a pipeline: ExampleGen, Trainer, Evaluator and Pusher per stage, with lineage and cache."""
+    from unicon_tf import components, data
+    from unicon_tf import serving
+    from unicon_tf import train as training
+
+    try:
+        pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
+        runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name, base=base)
+        results = runner.run(from_stage=from_stage, push=not no_push)
+    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
+            serving.ExportError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    for stage, outputs in results.items():
+        pushed = outputs.get("pushed_model")
+        state = "" if pushed is None else (f", pushed {pushed.uri}" if pushed.properties["pushed"]
+                                           else f", not pushed: {pushed.properties['reason']}")
+        click.echo(f"{stage}: model {outputs['model'].uri}" + state)
+    click.echo(f"lineage: {runner.lineage_file}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+def lineage(run_dir):
+    """Print a run's lineage: every component run, its input and output artifacts."""
+    from unicon_tf.components import format_lineage
+
+    path = run_dir / "lineage.json"
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist: runs made with unicon-tf run record a lineage.")
+    click.echo(format_lineage(json.loads(path.read_text())))
 
 
 def format_matrix(result):

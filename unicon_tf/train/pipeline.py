@@ -12,8 +12,10 @@ stages:
   - {name: pet, task: segmentation, modality: pet, head: segmentation_ctpet, data: lesion32}
 ```
 
-Stage keys: `name`, `task`, `data` (an ingested folder; relative paths resolve against
-the data root, by default the pipeline file's folder), optional `modality` (a new one),
+Stage keys: `name`, `task`, `data` (an ingested folder, relative paths resolving against
+the data root, by default the pipeline file's folder; or the name of a `sources` entry,
+`{manifest, shape, spacing[, center, mask_classes, windows]}`, that the pipeline runner
+ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), head options (`num_classes`,
 `dropout`, `blocks_per_level`) and the training keys of `TRAINING_DEFAULTS`.
 """
@@ -64,6 +66,7 @@ class StageSpec:
     adapters: int | None = None
     head_options: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
+    source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
 
     def to_json(self):
         config = dataclasses.asdict(self)
@@ -88,6 +91,7 @@ class PipelineSpec:
     modality: str
     encoder: dict
     stages: list
+    sources: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name):
         """`(index, StageSpec)` of the stage called `name`."""
@@ -125,7 +129,7 @@ def load_pipeline(path, data_root=None):
     for key in ("name", "input_shape", "stages"):
         if key not in raw:
             raise PipelineError(f"{path}: missing key '{key}'.")
-    unknown = set(raw) - {"name", "input_shape", "modality", "encoder", "defaults", "stages"}
+    unknown = set(raw) - {"name", "input_shape", "modality", "encoder", "defaults", "stages", "sources"}
     if unknown:
         raise PipelineError(f"{path}: unknown key(s) {sorted(unknown)}.")
     root = pathlib.Path(data_root) if data_root is not None else path.parent
@@ -133,7 +137,8 @@ def load_pipeline(path, data_root=None):
     unknown = set(defaults) - set(TRAINING_DEFAULTS)
     if unknown:
         raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
-    stages = [_stage(path, index, entry, defaults, root) for index, entry in enumerate(raw["stages"] or [])]
+    sources = {str(name): _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
+    stages = [_stage(path, index, entry, defaults, root, sources) for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
     names = [s.name for s in stages]
@@ -141,10 +146,25 @@ def load_pipeline(path, data_root=None):
         raise PipelineError(f"{path}: stage names must be unique, got {names}.")
     return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
                         modality=str(raw.get("modality", "ct")), encoder=dict(raw.get("encoder") or {}),
-                        stages=stages)
+                        stages=stages, sources=sources)
 
 
-def _stage(path, index, entry, defaults, root):
+SOURCE_KEYS = {"manifest", "shape", "spacing", "center", "mask_classes", "windows"}
+
+
+def _source(path, name, entry, root):
+    """A `sources` entry: a NIfTI manifest and how ExampleGen ingests it."""
+    where = f"{path}: source '{name}'"
+    if not isinstance(entry, dict) or "manifest" not in entry or "shape" not in entry or "spacing" not in entry:
+        raise PipelineError(f"{where}: needs 'manifest', 'shape' and 'spacing'.")
+    unknown = set(entry) - SOURCE_KEYS
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(SOURCE_KEYS)}.")
+    manifest = pathlib.Path(entry["manifest"])
+    return {**entry, "manifest": str(manifest if manifest.is_absolute() else root / manifest)}
+
+
+def _stage(path, index, entry, defaults, root, sources):
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
@@ -164,8 +184,9 @@ def _stage(path, index, entry, defaults, root):
         raise PipelineError(f"{where}: {error}") from error
     _check_training(where, training)
     data = pathlib.Path(entry["data"])
+    source = str(entry["data"]) if str(entry["data"]) in sources else None
     return StageSpec(
-        name=str(entry["name"]), task=task, data=data if data.is_absolute() else root / data,
+        name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else root / data, source=source,
         modality=entry.get("modality"), head=entry.get("head"),
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
         adapters=entry.get("adapters"), head_options=head_options, training=training,

@@ -1,0 +1,28 @@
+"""ExampleGen: a NIfTI manifest -> validated, sharded TFRecords (an `Examples` artifact)."""
+
+import pathlib
+
+from unicon_tf.components.base import Artifact, ComponentSpec
+from unicon_tf.data import Preprocessing, ingest
+from unicon_tf.data.preprocess import DEFAULT_WINDOWS
+from unicon_tf.train.stage import data_fingerprint
+
+SPEC = ComponentSpec(
+    name="ExampleGen",
+    inputs={},
+    outputs={"examples": "Examples"},
+    parameters=("manifest", "shape", "spacing", "center", "mask_classes", "windows"),
+)
+
+
+def execute(inputs, parameters, context):
+    """Ingest `parameters["manifest"]` into `<context.output_dir>` (must not exist yet)."""
+    windows = {**DEFAULT_WINDOWS, **{m: tuple(w) for m, w in (parameters.get("windows") or {}).items()}}
+    preprocessing = Preprocessing(shape=parameters["shape"], spacing=parameters["spacing"], windows=windows,
+                                  center=parameters.get("center", "body"),
+                                  mask_classes=parameters.get("mask_classes", 2))
+    out = pathlib.Path(context["output_dir"])
+    schema = ingest(parameters["manifest"], out, preprocessing, verbose=context.get("verbose", 1) > 0)
+    return {"examples": Artifact("Examples", str(out), context["id"], data_fingerprint(out),
+                                 {"splits": {s: v["count"] for s, v in schema["splits"].items()},
+                                  "modalities": schema["modalities"], "targets": schema["targets"]})}
