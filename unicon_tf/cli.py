@@ -272,6 +272,39 @@ def lineage(run_dir):
     click.echo(format_lineage(json.loads(path.read_text())))
 
 
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path), default="demo", show_default=True,
+              help="Working folder: cohort, pipeline, run directory and report.")
+@click.option("--fast", is_flag=True, help="A smaller cohort and fewer epochs (a smoke run).")
+@click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
+              show_default=True, help="TF Serving base folder for the blessed stages.")
+def demo(out, fast, base):
+    """The whole UNICON workflow on the built-in phantom cohort, with baselines and a report."""
+    from unicon_tf.demo import run_demo
+
+    result = run_demo(out, fast=fast, base=base, echo=click.echo)
+    click.echo("")
+    click.echo(format_matrix(result["continual"]))
+    for baseline in result["baselines"].values():
+        click.echo(format_matrix(baseline))
+    summary, gain = result["summary"], result["gain"]
+    forgetting = summary["forgetting_per_task"]
+    click.echo(f"forgetting: continual {summary['forgetting']:+.4f} (per task "
+               + ", ".join(f"{f:+.3f}" for f in forgetting) + ")")
+    naive = result["baselines"].get("naive")
+    if naive:
+        from unicon_tf.evaluate import summarize
+
+        click.echo(f"forgetting: naive fine-tuning {summarize(naive['matrix'])['forgetting']:+.4f}")
+    if gain:
+        click.echo(f"PET: {gain['fused_head']} Dice {gain['fused_dice']:.3f}; CT-only {gain['ct_head']} "
+                   f"{gain['ct_dice']:.3f} ({gain['gain_vs_ct_head']:+.3f}); CT-only single-task baseline "
+                   f"{gain.get('ct_baseline_dice', float('nan')):.3f} ({gain.get('gain_vs_ct_baseline', float('nan')):+.3f})")
+    pushed = [p.uri for p in result["pushed"] if p.properties["pushed"]]
+    click.echo(f"exported: {', '.join(pushed) or 'none (no stage blessed)'}")
+    click.echo(f"report: {result['report']}  ({result['seconds']:.0f} s)")
+
+
 def format_matrix(result):
     """The stage x task matrix of an evaluation as a text table."""
     width = max(12, *(len(t) + 2 for t in result["tasks"]))
