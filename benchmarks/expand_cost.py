@@ -7,22 +7,11 @@ head with adapters or on a new modality runs the shared encoder once more.
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import unicon_tf
-
-
-def forward_seconds(model, volumes, repeats):
-    inputs = {m: volumes[m] for m in model.input}
-    model(inputs, training=False)  # warm-up (graph building, oneDNN primitives)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(inputs, training=False)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from timing import median_seconds
 
 
 def main():
@@ -48,7 +37,8 @@ def main():
     for label, options in steps:
         if options:
             model = unicon_tf.expand(model, **options)
-        seconds = forward_seconds(model, volumes, args.repeats)
+        inputs = {m: volumes[m] for m in model.input}
+        seconds = median_seconds(lambda: model(inputs, training=False), args.repeats)
         base = base or seconds
         print(f"{label:<30}{model.count_params():>12,}{seconds:>12.3f}{seconds / base:>8.2f}")
 

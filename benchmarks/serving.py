@@ -19,16 +19,7 @@ import tensorflow as tf
 
 import unicon_tf
 from unicon_tf import serving
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from timing import median_seconds
 
 
 def peak_rss_mb():

@@ -15,6 +15,8 @@ The registry (head -> task, modalities, stage, adapter) is not stored beside the
 it *is* the configs of the stem, fusion and head layers, so it survives `.keras` saving.
 """
 
+import math
+
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
@@ -188,7 +190,7 @@ def describe(model):
     parts = model_parts(model)
     encoder = parts["encoder"]
     adapters = encoder.adapters
-    base_params = sum(int(w.numpy().size) for w in encoder.base_weights())
+    base_params = sum(math.prod(w.shape) for w in encoder.base_weights())
     input_shape = tuple(next(iter(model.input.values())).shape[1:4])
     heads = {}
     for name, head in parts["heads"].items():

@@ -142,9 +142,7 @@ def check_parity(model, saved_model_dir, batch):
     heads = model_parts(model)["heads"]
     worst = 0.0
     for name, fn in loaded.signatures.items():
-        mods = [spec.name for spec in fn.structured_input_signature[1].values()] if fn.structured_input_signature[1] \
-            else list(batch)
-        served = fn(**{m: tf.constant(batch[m]) for m in mods})
+        served = fn(**{m: tf.constant(batch[m]) for m in fn.structured_input_signature[1]})
         for head, head_layer in heads.items():
             reference = head_outputs(head_layer.task, tf.constant(expected[head]))
             for key, value in reference.items():
