@@ -108,7 +108,11 @@ def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
     assert len(joint["matrix"]) == 1 and None not in joint["matrix"][0]
     assert naive["stages"] == ["segmentation", "pet"]
     continual = evaluate.evaluate_run(tmp_path / "run", write_predictions=False)
-    assert naive["matrix"][0][0] == continual["matrix"][0][0]  # stage 0 is shared
+    # Stage 0 is shared: the same model file, not a retrained one.
+    assert naive["matrix"][0][0] == single["matrix"][0][0] == continual["matrix"][0][0]
+    first = [tmp_path / "run" / p / "stages" / "00-segmentation" / "model.keras"
+             for p in ("", "baselines/naive", "baselines/single_task/segmentation")]
+    assert len({path.read_bytes() for path in first}) == 1
     assert (tmp_path / "run" / "baselines" / "joint" / "model.keras").exists()
     loaded = evaluate.load_baselines(tmp_path / "run")
     assert set(loaded) == {"single_task", "naive", "joint"}

@@ -26,26 +26,28 @@ class DemoPlan:
     cohort_shape: int
     baselines: tuple
     epochs: dict
+    crop: int = 32
+    width: int = 16
 
     def pipeline(self, manifest):
         """The demo pipeline as a YAML-ready dict."""
+        crop = [self.crop] * 3
         return {
             "name": "unicon_demo",
-            "input_shape": [32, 32, 32],
+            "input_shape": crop,
             "modality": "ct",
-            "encoder": {"width": 16, "depth": 4},
-            "sources": {"lesion32": {"manifest": str(manifest), "shape": [32, 32, 32], "spacing": [3, 3, 3],
-                                     "center": "mask"}},
+            "encoder": {"width": self.width, "depth": 4},
+            "sources": {"lesion": {"manifest": str(manifest), "shape": crop, "spacing": [3, 3, 3], "center": "mask"}},
             "defaults": {"batch_size": 4, "learning_rate": 1.0e-3, "strategy": "frozen", "seed": 0},
             "stages": [
-                {"name": "classification", "task": "classification", "data": "lesion32",
+                {"name": "classification", "task": "classification", "data": "lesion",
                  "epochs": self.epochs["classification"]},
-                {"name": "prognosis", "task": "prognosis", "data": "lesion32", "batch_size": 16,
+                {"name": "prognosis", "task": "prognosis", "data": "lesion", "batch_size": 16,
                  "learning_rate": 3.0e-3, "epochs": self.epochs["prognosis"]},
-                {"name": "segmentation", "task": "segmentation", "data": "lesion32", "strategy": "adapters",
+                {"name": "segmentation", "task": "segmentation", "data": "lesion", "strategy": "adapters",
                  "adapters": 8, "epochs": self.epochs["segmentation"]},
                 {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet",
-                 "data": "lesion32", "strategy": "adapters", "adapters": 8, "epochs": self.epochs["pet"]},
+                 "data": "lesion", "strategy": "adapters", "adapters": 8, "epochs": self.epochs["pet"]},
             ],
         }
 
@@ -86,7 +88,7 @@ def run_demo(out="demo", fast=False, base="saved_models", echo=print):
     echo(f"[3/5] baselines: {', '.join(plan.baselines)}")
     pipeline = runner.pipeline
     source_dir = pathlib.Path(
-        runner.lineage["executions"]["ExampleGen.lesion32"]["outputs"]["examples"]["uri"])
+        runner.lineage["executions"]["ExampleGen.lesion"]["outputs"]["examples"]["uri"])
     stages = [dataclasses.replace(s, data=source_dir) for s in pipeline.stages]
     baselines = evaluate.run_baselines(dataclasses.replace(pipeline, stages=stages), run_dir, kinds=plan.baselines)
     echo("[4/5] evaluation and report")

@@ -3,10 +3,13 @@
 - `single_task`: the respective baselines of UNICON: for each stage, a model trained from
   scratch on that stage's data alone (same head, modalities, epochs, batch, learning rate);
 - `naive`: the same pipeline with every later stage fine-tuned without protection (the
-  forgetting baseline); stage 0 is shared with the continual run when it is trained;
+  forgetting baseline);
 - `joint`: one multi-task model with every head, trained on all stages' data at once
   (each step takes one batch of every stage's data, for as many steps as the longest
   continual stage took; the upper reference).
+
+Stage 0 of the continual run already *is* the first single-task model and the first naive
+stage (same spec, same seed, trained from scratch), so both reuse it when it is trained.
 
 Each writes `evaluation/matrix.json` in the continual run's format (single-task: only the
 diagonal; joint: one row, after all stages).
@@ -79,10 +82,10 @@ def _single_task(pipeline, run_dir, out, verbose):
         alone = dataclasses.replace(spec, modality=None, modalities=tuple(head_modalities(pipeline, i)),
                                     head=heads[i], adapters=None)
         single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
-        folder = out / spec.name
-        if not (folder / "stages" / f"00-{spec.name}" / "model.keras").exists():
-            train_stage(single, spec.name, folder, verbose=verbose)
-        model = keras.models.load_model(folder / "stages" / f"00-{spec.name}" / "model.keras")
+        target = RunDirectory(out / spec.name, single)
+        if i > 0 or alone.modalities != (pipeline.modality,) or not _reuse_first_stage(run_dir, pipeline, target):
+            _train_missing(single, target, verbose)
+        model = keras.models.load_model(target.model_path(0))
         result = predict_head(model, heads[i], spec.data, "test")
         metrics[i][i] = {**score(tasks[i], result["target"], result["output"]), "patients": len(result["patient_id"])}
         matrix[i][i] = metrics[i][i][MAIN_METRIC[tasks[i]]]
@@ -92,18 +95,35 @@ def _single_task(pipeline, run_dir, out, verbose):
 def _naive(pipeline, run_dir, out, verbose):
     stages = [pipeline.stages[0]] + [with_overrides(s, strategy="naive") for s in pipeline.stages[1:]]
     naive = dataclasses.replace(pipeline, stages=stages)
-    shared = RunDirectory(run_dir, pipeline)
     target = RunDirectory(out, naive)
-    first = pipeline.stages[0].name
-    if first not in target.record["stages"] and shared.record["stages"].get(first, {}).get("status") == "trained":
-        shutil.copytree(shared.stage_dir(0), target.stage_dir(0), dirs_exist_ok=True)
-        target.mark(0, status="trained", model=str(target.model_path(0).relative_to(out)))
-    for spec in naive.stages:
-        if target.record["stages"].get(spec.name, {}).get("status") != "trained":
-            train_stage(naive, spec.name, out, verbose=verbose)
+    _reuse_first_stage(run_dir, pipeline, target)
+    _train_missing(naive, target, verbose)
     result = evaluate_run(out, write_predictions=False, kind="naive")
     result.pop("predictions")
     return result
+
+
+def _reuse_first_stage(run_dir, pipeline, target):
+    """Copy the continual run's trained stage 0 into the baseline run `target`; True if it is there."""
+    if _is_trained(target, 0):
+        return True
+    continual = RunDirectory(run_dir, pipeline)
+    if not _is_trained(continual, 0):
+        return False
+    shutil.copytree(continual.stage_dir(0), target.stage_dir(0), dirs_exist_ok=True)
+    target.mark(0, status="trained", model=str(target.model_path(0).relative_to(target.path)))
+    return True
+
+
+def _train_missing(pipeline, run, verbose):
+    """Train, in order, the stages of `pipeline` not yet trained in `run` (a `RunDirectory`)."""
+    for index, spec in enumerate(pipeline.stages):
+        if not _is_trained(run, index):
+            train_stage(pipeline, spec.name, run.path, verbose=verbose)
+
+
+def _is_trained(run, index):
+    return run.record["stages"].get(run.pipeline.stages[index].name, {}).get("status") == "trained"
 
 
 class JointModel(keras.Model):
