@@ -37,9 +37,27 @@ def test_a_model_that_outputs_the_truth_scores_one():
     masks = np.zeros((2, 8, 8, 8), int)
     masks[0, 2:5, 2:5, 2:5], masks[1, 1:3, 1:3, 1:3] = 1, 2
     result = evaluate.score("segmentation", masks, np.eye(3)[masks] * 10.0)
-    assert result == {"dice": 1.0, "dice_per_class": [1.0, 1.0]}
+    assert result == {"dice": 1.0, "dice_per_class": [1.0, 1.0], "dice_per_patient": [1.0, 1.0]}
     wrong = evaluate.score("segmentation", masks, np.eye(3)[np.zeros_like(masks)] * 10.0)
     assert wrong["dice"] < 1.0
+    # Patient 0 has class 1 only: class 2 (absent, not predicted) counts 1, class 1 gets 0.
+    assert wrong["dice_per_patient"] == [0.5, 0.5]
+
+
+def test_paired_bootstrap_matches_scipy_and_is_exact_for_a_constant_gain():
+    from scipy import stats
+
+    assert evaluate.paired_bootstrap([0.8, 0.9, 0.7], [0.7, 0.8, 0.6]) == pytest.approx((0.1, 0.1))
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.5, 0.9, 30)
+    better = base + rng.normal(0.04, 0.05, 30)
+    low, high = evaluate.paired_bootstrap(better, base, resamples=20000)
+    reference = stats.bootstrap((better - base,), np.mean, n_resamples=20000, method="percentile",
+                                random_state=0).confidence_interval
+    assert low == pytest.approx(reference.low, abs=0.004) and high == pytest.approx(reference.high, abs=0.004)
+    assert low < np.mean(better - base) < high
+    with pytest.raises(ValueError, match="equal-length"):
+        evaluate.paired_bootstrap([0.5, 0.6], [0.5])
 
 
 def test_a_regression_beyond_tolerance_is_not_blessed_and_named():
@@ -80,9 +98,14 @@ def test_evaluate_run_report_and_predictions(trained_run):
 
     report, summary, gain = evaluate.write_report(run, result, evaluate.stage_records(run))
     assert gain["fused_head"] == "segmentation_ctpet" and gain["ct_head"] == "segmentation"
+    low, high = gain["gain_vs_ct_head_ci"]  # both heads scored on the same test patients
+    assert low <= gain["gain_vs_ct_head"] <= high and gain["patients"] == len(result["metrics"][-1][2]["patient_ids"])
+    per_patient = gain["per_patient"]
+    assert np.mean(per_patient["segmentation_ctpet"]) - np.mean(per_patient["segmentation (continual)"]) == pytest.approx(
+        gain["gain_vs_ct_head"])
     text = report.read_text()
     for name in ("matrix_continual.png", "learning_curves.png", "kaplan_meier.png",
-                 "overlay_segmentation.png", "overlay_segmentation_ctpet.png"):
+                 "overlay_segmentation.png", "overlay_segmentation_ctpet.png", "pet_gain.png"):
         assert f"]({name})" in text
         image = matplotlib.image.imread(report.parent / name)
         assert image.shape[:2] == (500, 800), name
@@ -120,6 +143,8 @@ def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
                                                   loaded)
     assert summary["forward_transfer_per_task"][0] == pytest.approx(continual["matrix"][0][0] - single["matrix"][0][0])
     assert gain["ct_baseline_dice"] == single["matrix"][0][0]
+    low, high = gain["gain_vs_ct_baseline_ci"]
+    assert low <= gain["gain_vs_ct_baseline"] <= high
     assert (report.parent / "matrix_joint.png").exists() and "## Baseline: naive" in report.read_text()
 
 

@@ -5,6 +5,7 @@ import csv
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from unicon_tf.data import phantom
 
@@ -32,7 +33,7 @@ def within(value, expected, sd, k=3.5):
 def test_label_location_and_survival_follow_the_model(patients):
     n = len(patients)
     labels = np.array([p.label for p in patients])
-    hidden = np.array([p.latent["location"] == "juxta-cardiac" for p in patients])
+    hidden = np.array([p.latent["location"] == "mediastinal" for p in patients])
     within(labels.mean(), 0.5, np.sqrt(0.25 / n))
     within(hidden.mean(), phantom.P_HIDDEN, np.sqrt(phantom.P_HIDDEN * (1 - phantom.P_HIDDEN) / n))
     # hazard * T ~ Exp(1) for the latent event times.
@@ -67,10 +68,16 @@ def test_hidden_lesions_are_invisible_on_ct_and_clear_on_pet():
         index = np.round(np.linalg.inv(p.pet_affine) @ center)[:3].astype(int)
         peak = p.pet[tuple(slice(max(i - 1, 0), i + 2) for i in index)].max()
         assert peak > 2.0 * np.median(p.pet[p.pet > 0.8])
-        if p.latent["location"] == "juxta-cardiac" or p.label == 1:
-            assert abs(ct_in - 40.0) < 10.0  # soft tissue, like the heart beside it
+        if p.latent["location"] == "mediastinal" or p.label == 1:
+            assert abs(ct_in - 40.0) < 10.0  # soft tissue
         else:
             assert abs(ct_in + 350.0) < 10.0
+        if p.latent["location"] == "mediastinal":
+            # No edge on CT: the voxels around the lesion are soft tissue too (no lung), and
+            # inside and around differ by noise only.
+            shell = ndimage.binary_dilation(lesion, iterations=2) & ~lesion
+            assert p.ct[shell].min() > -200.0
+            assert abs(p.ct[shell].mean() - ct_in) < 5.0
 
 
 def test_written_cohort_is_real_nifti_with_a_manifest(tmp_path):
@@ -86,3 +93,11 @@ def test_written_cohort_is_real_nifti_with_a_manifest(tmp_path):
         np.testing.assert_allclose(ct.affine, patient.ct_affine)
         assert nib.load(str(tmp_path / row["pet"])).shape == (8, 8, 8)
         assert int(row["label"]) == patient.label and float(row["time"]) == pytest.approx(patient.time, abs=1e-4)
+
+
+def test_split_fractions_are_exact_and_deterministic():
+    splits = phantom.assign_splits(96, seed=5, fractions={"train": 1 / 2, "val": 1 / 6})
+    assert [splits.count(s) for s in ("train", "val", "test")] == [48, 16, 32]
+    assert splits == phantom.assign_splits(96, seed=5, fractions={"train": 1 / 2, "val": 1 / 6})
+    default = phantom.assign_splits(20, seed=5)
+    assert [default.count(s) for s in ("train", "val", "test")] == [12, 4, 4]

@@ -297,9 +297,10 @@ def demo(out, fast, base):
 
         click.echo(f"forgetting: naive fine-tuning {summarize(naive['matrix'])['forgetting']:+.4f}")
     if gain:
-        click.echo(f"PET: {gain['fused_head']} Dice {gain['fused_dice']:.3f}; CT-only {gain['ct_head']} "
-                   f"{gain['ct_dice']:.3f} ({gain['gain_vs_ct_head']:+.3f}); CT-only single-task baseline "
-                   f"{gain.get('ct_baseline_dice', float('nan')):.3f} ({gain.get('gain_vs_ct_baseline', float('nan')):+.3f})")
+        from unicon_tf.evaluate.report import format_gain
+
+        for line in format_gain(gain):
+            click.echo(f"PET: {line}")
     pushed = [p.uri for p in result["pushed"] if p.properties["pushed"]]
     click.echo(f"exported: {', '.join(pushed) or 'none (no stage blessed)'}")
     click.echo(f"report: {result['report']}  ({result['seconds']:.0f} s)")

@@ -15,8 +15,10 @@ Geometry (world RAS coordinates in mm, origin at the centre of a cubic field of 
   Location ~ Bernoulli(P_HIDDEN = 0.5) between:
   * parenchymal (inside a lung): 40 HU if label 1 (solid), -350 HU if label 0 (part-solid);
     clearly delineated on CT;
-  * juxta-cardiac (centred on the heart's lateral border, half inside the lung): soft tissue
-    40 HU whatever the label, so on CT it merges with the heart: hard to delineate.
+  * mediastinal (within the heart's soft tissue, centre within 0.3 (s - r) of the heart's
+    centre along each semi-axis s, so that all of it lies in soft tissue): 40 HU whatever
+    the label, so on CT it is indistinguishable from the heart around it: its extent (and
+    its size, the label's cue) shows on PET only.
   Uptake: SUV ~ U(3.5, 5.5) for label 0, U(7, 13) for label 1: clear on PET everywhere.
 - CT: Gaussian noise of 15 HU. PET: the SUV map blurred (Gaussian, FWHM 1.5 PET voxels),
   sampled on a grid of twice the CT spacing shifted by a quarter voxel, with 10%
@@ -46,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 P_HIDDEN = 0.5
+HEART_CENTER, HEART_SEMI_AXES = (-0.04, 0.07, -0.06), (0.12, 0.10, 0.12)  # in units of the field of view
 H0, V0, BETA_VOLUME, SUV0, BETA_SUV = 1.0 / 24.0, 4.0, 0.8, 6.0, 0.15
 C_MIN, C_MAX = 6.0, 60.0
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -90,7 +93,7 @@ def _anatomy(world, fov, lesion):
     body = (x / (0.42 * fov)) ** 2 + (y / (0.30 * fov)) ** 2 <= 1.0
     lungs = _ellipsoid(world, (0.19 * fov, 0, 0), (0.14 * fov, 0.20 * fov, 0.38 * fov))
     lungs |= _ellipsoid(world, (-0.19 * fov, 0, 0), (0.14 * fov, 0.20 * fov, 0.38 * fov))
-    heart = _ellipsoid(world, (-0.04 * fov, 0.07 * fov, -0.06 * fov), (0.12 * fov, 0.10 * fov, 0.12 * fov))
+    heart = _ellipsoid(world, [c * fov for c in HEART_CENTER], [a * fov for a in HEART_SEMI_AXES])
     lungs &= ~heart
     spine = (x / (0.05 * fov)) ** 2 + ((y + 0.22 * fov) / (0.05 * fov)) ** 2 <= 1.0
     r = lesion["radius_mm"]
@@ -102,14 +105,15 @@ def _draw_lesion(rng, fov):
     label = int(rng.random() < 0.5)
     radius = rng.uniform(*((0.05, 0.09) if label else (0.035, 0.07))) * fov
     hidden = bool(rng.random() < P_HIDDEN)
-    if hidden:  # on the heart's lateral (-x) border, at a random height within it
-        center = (-0.16 * fov, 0.07 * fov + rng.uniform(-0.04, 0.04) * fov, -0.06 * fov + rng.uniform(-0.06, 0.06) * fov)
+    if hidden:  # inside the heart's soft tissue, none of it touching the lung
+        margin = 0.3 * (np.array(HEART_SEMI_AXES) * fov - radius)
+        center = tuple(np.array(HEART_CENTER) * fov + rng.uniform(-1.0, 1.0, 3) * margin)
     else:  # well inside one lung
         side = 1.0 if rng.random() < 0.5 else -1.0
         center = (side * 0.21 * fov, rng.uniform(-0.08, 0.08) * fov, rng.uniform(-0.2, 0.2) * fov)
     suv = rng.uniform(*((7.0, 13.0) if label else (3.5, 5.5)))
     return {"label": label, "radius_mm": float(radius), "center": tuple(float(c) for c in center),
-            "location": "juxta-cardiac" if hidden else "parenchymal", "suv": float(suv)}
+            "location": "mediastinal" if hidden else "parenchymal", "suv": float(suv)}
 
 
 def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
@@ -134,7 +138,7 @@ def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
     ct[lungs] = -850.0
     ct[heart] = 40.0
     ct[spine] = 700.0
-    ct[lesion_mask] = 40.0 if lesion["label"] or lesion["location"] == "juxta-cardiac" else -350.0
+    ct[lesion_mask] = 40.0 if lesion["label"] or lesion["location"] == "mediastinal" else -350.0
     ct += rng.normal(0.0, 15.0, shape)
 
     pet_spacing = 2.0 * spacing
@@ -194,11 +198,13 @@ def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
     return list(iter_cohort(n, shape, seed, spacing))
 
 
-def assign_splits(n, seed=0):
-    """Deterministic train/val/test assignment with the SPLIT_FRACTIONS proportions."""
+def assign_splits(n, seed=0, fractions=None):
+    """Deterministic train/val/test assignment in the proportions `fractions` (default
+    `SPLIT_FRACTIONS`); the test split takes the rest."""
+    fractions = fractions or SPLIT_FRACTIONS
     order = np.random.default_rng(seed).permutation(n)
-    n_train = int(round(n * SPLIT_FRACTIONS["train"]))
-    n_val = int(round(n * SPLIT_FRACTIONS["val"]))
+    n_train = int(round(n * fractions["train"]))
+    n_val = int(round(n * fractions["val"]))
     splits = np.empty(n, dtype=object)
     splits[order[:n_train]] = "train"
     splits[order[n_train:n_train + n_val]] = "val"
@@ -206,20 +212,22 @@ def assign_splits(n, seed=0):
     return splits.tolist()
 
 
-def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None):
+def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None, split_fractions=None):
     """Write a phantom cohort as NIfTI files plus `manifest.csv` and `phantom.json` (latents).
 
     Args:
         out: output folder (created).
         n, shape, seed, spacing: see `cohort`.
         progress: optional callable `progress(done)` after each patient.
+        split_fractions: `{"train", "val"}` fractions of the patients (the rest is test);
+            default `SPLIT_FRACTIONS`.
 
     Returns:
         Path of the manifest.
     """
     out = pathlib.Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = assign_splits(n, seed)
+    splits = assign_splits(n, seed, split_fractions)
     rows, latents = [], {}
     for i, (patient, split) in enumerate(zip(iter_cohort(n, shape, seed, spacing), splits)):
         files = {}

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.evaluate.evaluator import _write_json, evaluate_run
-from unicon_tf.evaluate.scores import MAIN_METRIC, predict_head, score
+from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -87,7 +87,7 @@ def _single_task(pipeline, run_dir, out, verbose):
             _train_missing(single, target, verbose)
         model = keras.models.load_model(target.model_path(0))
         result = predict_head(model, heads[i], spec.data, "test")
-        metrics[i][i] = {**score(tasks[i], result["target"], result["output"]), "patients": len(result["patient_id"])}
+        metrics[i][i] = head_metrics(tasks[i], result)
         matrix[i][i] = metrics[i][i][MAIN_METRIC[tasks[i]]]
     return _save(out, "single_task", pipeline, heads, tasks, matrix, metrics, [s.name for s in pipeline.stages])
 
@@ -191,7 +191,7 @@ def _joint(pipeline, run_dir, out, verbose):
     metrics = [None] * len(specs)
     for i, spec in enumerate(specs):
         result = predict_head(network, heads[i], spec.data, "test")
-        metrics[i] = {**score(tasks[i], result["target"], result["output"]), "patients": len(result["patient_id"])}
+        metrics[i] = head_metrics(tasks[i], result)
     matrix = [[m[MAIN_METRIC[t]] for m, t in zip(metrics, tasks)]]
     return _save(out, "joint", pipeline, heads, tasks, matrix, [metrics], ["all stages"])
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from unicon_tf.evaluate.matrix import bless, summarize
-from unicon_tf.evaluate.scores import MAIN_METRIC, predict_head, score
+from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
 
 
 def stage_records(run_dir, upto=None):
@@ -76,7 +76,7 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
         for j in range(i + 1):
             source = records[j]
             result = predict_head(model, heads[j], source["data"]["path"], split)
-            scores = {**score(tasks[j], result["target"], result["output"]), "patients": len(result["patient_id"])}
+            scores = head_metrics(tasks[j], result)
             metrics[i][j] = scores
             matrix[i][j] = scores[MAIN_METRIC[tasks[j]]]
             if i == len(records) - 1:

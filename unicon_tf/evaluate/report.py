@@ -6,7 +6,8 @@ Figures (matplotlib, Agg backend, fixed pixel sizes):
 - `learning_curves.png`: training and validation loss of every stage;
 - `kaplan_meier.png`: survival of the test patients split at the median predicted risk;
 - `overlay_<head>.png`: CT and PET slices through the lesion with the truth (green) and
-  the prediction (red) contours, for each segmentation head.
+  the prediction (red) contours, for each segmentation head;
+- `pet_gain.png`: per-patient Dice of the CT+PET head against the CT-only ones.
 """
 
 import pathlib
@@ -20,6 +21,7 @@ from sksurv.nonparametric import kaplan_meier_estimator  # noqa: E402
 
 from unicon_tf.data import dataset  # noqa: E402
 from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
+from unicon_tf.evaluate.scores import paired_bootstrap  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches
 DPI = 100  # so every figure is 800 x 500 pixels
@@ -117,7 +119,12 @@ def _table(result, fmt="{:.3f}"):
 
 
 def pet_gain(continual, baselines):
-    """Dice of the fused CT+PET head against the CT-only segmentation (continual and baseline)."""
+    """Dice of the fused CT+PET head against the CT-only segmentation (continual and baseline).
+
+    Each gain comes with a paired-bootstrap 95% interval over the test patients
+    (`..._ci`) when both sides were scored on the same patients, whose per-patient Dice
+    are then kept under `per_patient` (for `plot_pet_gain`).
+    """
     kinds = dict(zip(continual["tasks"], continual["task_kinds"]))
     final = continual["matrix"][-1]
     values = dict(zip(continual["tasks"], final))
@@ -125,14 +132,60 @@ def pet_gain(continual, baselines):
     ct_only = [h for h in continual["tasks"] if kinds[h] == "segmentation" and h not in fused]
     if not fused or not ct_only:
         return None
+    final_metrics = dict(zip(continual["tasks"], continual["metrics"][-1]))
+    fused_metrics = final_metrics[fused[0]]
     gain = {"fused_head": fused[0], "ct_head": ct_only[0], "fused_dice": values[fused[0]],
-            "ct_dice": values[ct_only[0]], "gain_vs_ct_head": values[fused[0]] - values[ct_only[0]]}
+            "ct_dice": values[ct_only[0]], "gain_vs_ct_head": values[fused[0]] - values[ct_only[0]],
+            "patients": fused_metrics.get("patients"), "per_patient": {}}
+    _add_interval(gain, "gain_vs_ct_head", fused_metrics, final_metrics[ct_only[0]], f"{ct_only[0]} (continual)")
     single = baselines.get("single_task")
     if single:
         index = single["tasks"].index(ct_only[0])
         gain["ct_baseline_dice"] = single["matrix"][index][index]
         gain["gain_vs_ct_baseline"] = values[fused[0]] - gain["ct_baseline_dice"]
+        _add_interval(gain, "gain_vs_ct_baseline", fused_metrics, single["metrics"][index][index],
+                      f"{ct_only[0]} (single-task)")
     return gain
+
+
+def _add_interval(gain, key, fused, reference, reference_name):
+    """`gain[key + "_ci"]`: the paired bootstrap interval, if both were scored on the same patients."""
+    ids = fused.get("patient_ids")
+    if ids and ids == reference.get("patient_ids"):
+        gain[key + "_ci"] = list(paired_bootstrap(fused["dice_per_patient"], reference["dice_per_patient"]))
+        gain["per_patient"][gain["fused_head"]] = fused["dice_per_patient"]
+        gain["per_patient"][reference_name] = reference["dice_per_patient"]
+
+
+def plot_pet_gain(gain, path):
+    """Per-patient Dice of the CT+PET head against each CT-only reference (above the diagonal: PET helped)."""
+    fused = gain["per_patient"][gain["fused_head"]]
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    ax.plot([0, 1], [0, 1], color="gray", linewidth=1)
+    for (name, dice), marker in zip([(k, v) for k, v in gain["per_patient"].items() if k != gain["fused_head"]], "o^s"):
+        ax.scatter(dice, fused, marker=marker, alpha=0.7, label=f"CT only: {name}, mean {np.mean(dice):.3f}")
+    ax.set_xlabel("Dice, CT only")
+    ax.set_ylabel(f"Dice, {gain['fused_head']} (CT+PET, mean {np.mean(fused):.3f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"PET gain per test patient (n={len(fused)})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def format_gain(gain):
+    """The PET gain as text lines, e.g. for the CLI and the report."""
+    def interval(key):
+        ci = gain.get(key + "_ci")
+        return f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f}, paired bootstrap over {gain['patients']} patients)" if ci else ""
+
+    lines = [f"Dice of {gain['fused_head']} (CT+PET) {gain['fused_dice']:.3f} vs {gain['ct_head']} (CT) "
+             f"{gain['ct_dice']:.3f}: {gain['gain_vs_ct_head']:+.3f}" + interval("gain_vs_ct_head")]
+    if "ct_baseline_dice" in gain:
+        lines.append(f"vs the CT-only single-task baseline {gain['ct_baseline_dice']:.3f}: "
+                     f"{gain['gain_vs_ct_baseline']:+.3f}" + interval("gain_vs_ct_baseline"))
+    return lines
 
 
 def write_report(run_dir, continual, records, baselines=None):
@@ -161,11 +214,9 @@ def write_report(run_dir, continual, records, baselines=None):
             lines.append(f"| {key.replace('_', ' ')} | {summary[key]:+.4f} |")
     gain = pet_gain(continual, baselines)
     if gain:
-        lines += ["", "## PET", "", f"Dice of `{gain['fused_head']}` (CT+PET) {gain['fused_dice']:.3f} vs "
-                  f"`{gain['ct_head']}` (CT) {gain['ct_dice']:.3f}: {gain['gain_vs_ct_head']:+.3f}."]
-        if "ct_baseline_dice" in gain:
-            lines.append(f"Against the CT-only single-task baseline ({gain['ct_baseline_dice']:.3f}): "
-                         f"{gain['gain_vs_ct_baseline']:+.3f}.")
+        lines += ["", "## PET", "", *[f"- {line}" for line in format_gain(gain)]]
+        if gain["per_patient"]:
+            lines += ["", "![pet gain](" + plot_pet_gain(gain, out / "pet_gain.png") + ")"]
     lines += ["", "## Blessing", ""]
     for blessing in continual["blessing"]:
         lines.append(f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}; "

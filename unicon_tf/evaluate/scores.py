@@ -4,7 +4,10 @@
 |------------------|-------------|-----------------------------------------------|
 | `classification` | `auc`       | `accuracy` (AUC: one-vs-rest macro for > 2)   |
 | `prognosis`      | `c_index`   | Harrell's C-index as scikit-survival's         |
-| `segmentation`   | `dice`      | `dice_per_class` (foreground), per patient    |
+| `segmentation`   | `dice`      | `dice_per_class` (foreground), `dice_per_patient` |
+
+`head_metrics` adds the patients a score covers (count and ids, in split order), so that
+two models scored on the same patients can be compared patient by patient.
 """
 
 import keras
@@ -87,9 +90,12 @@ def dice_per_patient(masks, logits):
 
 
 def segmentation_scores(masks, logits):
-    """Mean `dice` over foreground classes of the per-patient mean, and `dice_per_class`."""
-    per_class = dice_per_patient(np.asarray(masks), np.asarray(logits)).mean(axis=0)
-    return {"dice": float(per_class.mean()), "dice_per_class": [float(d) for d in per_class]}
+    """Mean `dice` over foreground classes of the per-patient mean; `dice_per_class` and
+    `dice_per_patient` (mean over foreground classes)."""
+    per_patient = dice_per_patient(np.asarray(masks), np.asarray(logits))
+    per_class = per_patient.mean(axis=0)
+    return {"dice": float(per_class.mean()), "dice_per_class": [float(d) for d in per_class],
+            "dice_per_patient": [float(d) for d in per_patient.mean(axis=1)]}
 
 
 SCORES = {"classification": classification_scores, "prognosis": prognosis_scores,
@@ -99,3 +105,36 @@ SCORES = {"classification": classification_scores, "prognosis": prognosis_scores
 def score(task, target, output):
     """The metrics dict of a task, its main metric under `MAIN_METRIC[task]`."""
     return SCORES[task](target, output)
+
+
+def head_metrics(task, result):
+    """The scores of a `predict_head` result, with `patients` (count) and `patient_ids`."""
+    return {**score(task, result["target"], result["output"]), "patients": len(result["patient_id"]),
+            "patient_ids": list(result["patient_id"])}
+
+
+def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):
+    """Confidence interval of `mean(a - b)` for paired per-patient scores, by resampling patients.
+
+    Args:
+        a, b: scores of the same patients under two models, in the same order.
+        resamples: bootstrap resamples.
+        level: confidence level of the percentile interval.
+        seed: the resampling seed (the same inputs give the same interval).
+
+    Returns:
+        `(low, high)`.
+
+    Example:
+    >>> low, high = paired_bootstrap([0.9, 0.8, 0.85, 0.7], [0.8, 0.8, 0.8, 0.6])
+    >>> bool(0.0 <= low <= 0.0625 <= high <= 0.1)
+    True
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired_bootstrap needs two equal-length, non-empty score lists, got {len(a)} and {len(b)}.")
+    differences = a - b
+    rows = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
+    means = differences[rows].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))
