@@ -72,7 +72,12 @@ FAST = DemoPlan(patients=24, cohort_shape=64, baselines=("single_task",),
 
 
 def run_demo(out="demo", fast=False, base="saved_models", echo=print):
-    """Run the demo into `out`; return `(continual result, summary, PET gain, report path)`.
+    """Run the demo into `out`.
+
+    Returns a dict: `continual` (the evaluated matrix), `baselines` (`{kind: matrix}`),
+    `summary` (forgetting and transfer), `gain` (the PET gain, see
+    `unicon_tf.evaluate.pet_gain`), `report` (path of report.md), `pushed` (the Pusher's
+    artifacts) and `seconds`.
 
     Args:
         out: working folder (cohort, pipeline, run directory, report).
