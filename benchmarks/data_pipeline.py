@@ -7,7 +7,6 @@
     python benchmarks/data_pipeline.py [--patients 48] [--size 32] [--steps 20]
 """
 
-import argparse
 import pathlib
 import tempfile
 import time
@@ -18,6 +17,7 @@ import tensorflow as tf
 
 import unicon_tf
 from unicon_tf import data
+from common import integer_options
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -38,12 +38,7 @@ def median_step(model, ds, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=48)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
+    args = integer_options(__doc__, patients=48, size=32, batch=2, steps=20)
     size = args.size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -6,20 +6,14 @@ head with adapters or on a new modality runs the shared encoder once more.
     python benchmarks/expand_cost.py [--size 32] [--batch 2] [--repeats 5]
 """
 
-import argparse
-
 import numpy as np
 
 import unicon_tf
-from timing import median_seconds
+from common import integer_options, median_seconds
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = integer_options(__doc__, size=32, batch=2, repeats=5)
     shape = (args.size,) * 3
     rng = np.random.default_rng(0)
     volumes = {m: rng.normal(size=(args.batch,) + shape + (1,)).astype("float32") for m in ("ct", "pet")}

@@ -7,7 +7,6 @@ process; the printed ratio is median epoch time without caching / with caching.
     python benchmarks/feature_caching.py [--patients 48] [--size 32] [--epochs 4]
 """
 
-import argparse
 import pathlib
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import numpy as np
 import yaml
 
 from unicon_tf import data, train
+from common import integer_options
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -33,11 +33,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=48)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=4)
-    args = parser.parse_args()
+    args = integer_options(__doc__, patients=48, size=32, epochs=4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         manifest = data.phantom.write_cohort(tmp / "cohort", n=args.patients, shape=(args.size,) * 3, spacing=3.0)

@@ -8,7 +8,6 @@
     python benchmarks/serving.py [--size 32] [--batch 4] [--repeats 5]
 """
 
-import argparse
 import pathlib
 import resource
 import tempfile
@@ -19,7 +18,7 @@ import tensorflow as tf
 
 import unicon_tf
 from unicon_tf import serving
-from timing import median_seconds
+from common import integer_options, median_seconds
 
 
 def peak_rss_mb():
@@ -27,11 +26,7 @@ def peak_rss_mb():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = integer_options(__doc__, size=32, batch=4, repeats=5)
     shape = (args.size,) * 3
     model = unicon_tf.foundation(shape, task="classification")
     model = unicon_tf.expand(model, task="prognosis")

@@ -72,6 +72,26 @@ def test_a_regression_beyond_tolerance_is_not_blessed_and_named():
     assert evaluate.bless(HAND, 0, tasks, threshold=0.5)["blessed"]
 
 
+def test_evaluate_run_scores_each_earlier_row_once(trained_run, tmp_path):
+    """A row saved for the same model file, split and heads is read back, not re-scored; the
+    last row is always scored (the report needs its predictions)."""
+    import shutil
+
+    _, run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first = evaluate.evaluate_run(copy, stage="segmentation", write_predictions=False)
+    saved_file = copy / "stages" / "00-classification" / "evaluation" / "metrics.json"
+    saved = json.loads(saved_file.read_text())
+    saved["metrics"]["classification"]["auc"] = -1.0  # a marker only a reused row can carry
+    saved_file.write_text(json.dumps(saved))
+    again = evaluate.evaluate_run(copy, write_predictions=False)
+    assert again["matrix"][0][0] == -1.0
+    assert again["matrix"][1][1] == first["matrix"][1][1] and again["matrix"][3][0] == first["matrix"][0][0]
+    assert evaluate.evaluate_run(copy, stage="prognosis", split="val",
+                                 write_predictions=False)["matrix"][0][0] != -1.0  # another split: re-scored
+
+
 def test_evaluate_run_report_and_predictions(trained_run):
     _, run, records = trained_run
     result = evaluate.evaluate_run(run)
@@ -86,6 +106,7 @@ def test_evaluate_run_report_and_predictions(trained_run):
     assert saved["matrix"] == result["matrix"]
     stage_dir = run / "stages" / "02-segmentation" / "evaluation"
     assert json.loads((stage_dir / "blessing.json").read_text())["blessed"] in (True, False)
+    assert json.loads((stage_dir / "blessing.json").read_text()) == result["blessing"][2]
     assert set(json.loads((stage_dir / "metrics.json").read_text())["heads"]) == {
         "classification", "prognosis", "segmentation"}
     # Label maps on the input grid, with its affine.
@@ -111,6 +132,8 @@ def test_evaluate_run_report_and_predictions(trained_run):
         assert image.shape[:2] == (500, 800), name
         assert image[..., :3].std() > 0.01  # not blank
     assert "NOT blessed" in text or "blessed" in text
+    for blessing in result["blessing"]:  # each stage's verdict, as evaluate_run gave it
+        assert f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}" in text
 
 
 def test_baselines_share_the_matrix_format(phantom_records, tmp_path):

@@ -150,11 +150,7 @@ def evaluate(run_dir, stage, split):
     click.echo(format_matrix(result))
     click.echo(", ".join(f"{k.replace('_', ' ')} {v:+.4f}" for k, v in summary.items()
                          if isinstance(v, float)))
-    if gain:
-        click.echo(f"PET: {gain['fused_head']} Dice {gain['fused_dice']:.3f} vs {gain['ct_head']} "
-                   f"{gain['ct_dice']:.3f} ({gain['gain_vs_ct_head']:+.3f})"
-                   + (f", vs the CT-only baseline {gain['ct_baseline_dice']:.3f} ({gain['gain_vs_ct_baseline']:+.3f})"
-                      if "ct_baseline_dice" in gain else ""))
+    echo_pet_gain(gain)
     for blessing in result["blessing"]:
         click.echo(f"{blessing['stage']}: {'blessed' if blessing['blessed'] else 'NOT blessed'}")
     click.echo(f"report: {report}")
@@ -296,14 +292,18 @@ def demo(out, fast, base):
         from unicon_tf.evaluate import summarize
 
         click.echo(f"forgetting: naive fine-tuning {summarize(naive['matrix'])['forgetting']:+.4f}")
-    if gain:
-        from unicon_tf.evaluate.report import format_gain
-
-        for line in format_gain(gain):
-            click.echo(f"PET: {line}")
+    echo_pet_gain(gain)
     pushed = [p.uri for p in result["pushed"] if p.properties["pushed"]]
     click.echo(f"exported: {', '.join(pushed) or 'none (no stage blessed)'}")
     click.echo(f"report: {result['report']}  ({result['seconds']:.0f} s)")
+
+
+def echo_pet_gain(gain):
+    """Print `unicon_tf.evaluate.pet_gain`'s result (nothing when the run has no PET head)."""
+    from unicon_tf.evaluate import format_gain
+
+    for line in format_gain(gain) if gain else []:
+        click.echo(f"PET: {line}")
 
 
 def format_matrix(result):

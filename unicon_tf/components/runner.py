@@ -12,15 +12,15 @@ Example:
 
 import datetime
 import json
-import os
 import pathlib
 import time
 
 from unicon_tf.components import evaluator, example_gen, pusher, trainer
 from unicon_tf.components.base import Artifact, fingerprint
 from unicon_tf.data.records import sha256
+from unicon_tf.files import write_json_atomic
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
-from unicon_tf.train.stage import data_fingerprint
+from unicon_tf.train.stage import RunDirectory, data_fingerprint
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
 
@@ -94,10 +94,10 @@ class LocalRunner:
         record = self.lineage["executions"].get(f"Trainer.{name}")
         if record:
             return Artifact(**record["outputs"]["model"])
-        folder = self.run_dir / "stages" / f"{index:02d}-{name}"
-        if not (folder / "model.keras").exists():
+        run = RunDirectory(self.run_dir, self.pipeline)
+        if not run.model_path(index).exists():
             return None  # the Trainer (train_stage) refuses with the reason
-        return Artifact("Model", str(folder), "external", sha256(folder / "model.keras"), {"stage": name})
+        return Artifact("Model", str(run.stage_dir(index)), "external", sha256(run.model_path(index)), {"stage": name})
 
     def _run(self, component, run_id, inputs, parameters):
         module = COMPONENTS[component]
@@ -124,10 +124,7 @@ class LocalRunner:
     def _event(self, run_id, cached):
         self.lineage["events"].append({"run": run_id, "cached": cached,
                                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.lineage_file.with_name(self.lineage_file.name + ".partial")
-        partial.write_text(json.dumps(self.lineage, indent=2, default=str) + "\n")
-        os.replace(partial, self.lineage_file)
+        write_json_atomic(self.lineage_file, self.lineage)
 
 
 def format_lineage(lineage):

@@ -4,7 +4,7 @@ import dataclasses
 
 from unicon_tf.components.base import Artifact, ComponentSpec
 from unicon_tf.data.records import sha256
-from unicon_tf.train.stage import train_stage
+from unicon_tf.train.stage import RunDirectory, train_stage
 
 SPEC = ComponentSpec(
     name="Trainer",
@@ -24,6 +24,6 @@ def execute(inputs, parameters, context):
                          strategy=parameters.get("strategy"), epochs=parameters.get("epochs"),
                          learning_rate=parameters.get("learning_rate"), init=parameters.get("init"),
                          resume=parameters.get("resume", False), verbose=context.get("verbose", 1))
-    folder = context["run_dir"] / "stages" / f"{index:02d}-{spec.name}"
-    return {"model": Artifact("Model", str(folder), context["id"], sha256(folder / "model.keras"),
+    run = RunDirectory(context["run_dir"], pipeline)
+    return {"model": Artifact("Model", str(run.stage_dir(index)), context["id"], sha256(run.model_path(index)),
                               {"stage": spec.name, "head": record["head"], "strategy": record["strategy"]})}

@@ -22,8 +22,9 @@ import shutil
 import keras
 import tensorflow as tf
 
-from unicon_tf.evaluate.evaluator import _write_json, evaluate_run
+from unicon_tf.evaluate.evaluator import evaluate_run
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
+from unicon_tf.files import save_model_atomic, write_json_atomic
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -184,9 +185,8 @@ def _joint(pipeline, run_dir, out, verbose):
         joint.fit(stage_batches(epoch), epochs=1, verbose=verbose, shuffle=False)
         history.append({k: float(v[-1]) for k, v in joint.history.history.items()})
     out.mkdir(parents=True, exist_ok=True)
-    network.save(out / ".model.partial.keras")
-    (out / ".model.partial.keras").replace(out / "model.keras")
-    _write_json(out / "history.json", history)
+    save_model_atomic(network, out / "model.keras")
+    write_json_atomic(out / "history.json", history)
     tasks = [s.task for s in specs]
     metrics = [None] * len(specs)
     for i, spec in enumerate(specs):
@@ -200,7 +200,7 @@ def _save(out, kind, pipeline, heads, tasks, matrix, metrics, rows):
     result = {"run": str(out), "kind": kind, "pipeline": pipeline.name, "split": "test", "stages": rows,
               "tasks": heads, "task_kinds": tasks, "main_metric": [MAIN_METRIC[t] for t in tasks],
               "matrix": matrix, "metrics": metrics}
-    _write_json(out / "evaluation" / "matrix.json", result)
+    write_json_atomic(out / "evaluation" / "matrix.json", result)
     return result
 
 

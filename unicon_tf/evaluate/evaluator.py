@@ -2,7 +2,8 @@
 
 Outputs (next to the run's stages):
 
-    <run>/stages/NN-<stage>/evaluation/metrics.json     every head's metrics after the stage
+    <run>/stages/NN-<stage>/evaluation/metrics.json     every head's metrics after the stage (reused
+                                                        while the model file and the split are unchanged)
     <run>/stages/NN-<stage>/evaluation/blessing.json    blessed or not, with the reasons
     <run>/stages/NN-<stage>/evaluation/predictions/<head>/<patient>.nii.gz
                                                         label maps on the input grid (affine)
@@ -16,8 +17,12 @@ import keras
 import nibabel as nib
 import numpy as np
 
+from unicon_tf.data.records import sha256
 from unicon_tf.evaluate.matrix import bless, summarize
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
+from unicon_tf.files import write_json_atomic
+from unicon_tf.train.stage import stage_folder
+from unicon_tf.version import __version__
 
 
 def stage_records(run_dir, upto=None):
@@ -32,7 +37,7 @@ def stage_records(run_dir, upto=None):
     for index, name in trained:
         if index != len(records):
             break  # a gap: later stages did not start from this run's earlier ones
-        folder = run_dir / "stages" / f"{index:02d}-{name}"
+        folder = stage_folder(run_dir, index, name)
         records.append({**json.loads((folder / "stage.json").read_text()), "folder": folder})
         if name == upto:
             break
@@ -70,34 +75,47 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
     metrics = [[None] * len(records) for _ in records]
     blessings, predictions = [], {}
     for i, record in enumerate(records):
-        model = keras.models.load_model(record["folder"] / "model.keras")
         evaluation = record["folder"] / "evaluation"
-        evaluation.mkdir(exist_ok=True)
-        for j in range(i + 1):
-            source = records[j]
-            result = predict_head(model, heads[j], source["data"]["path"], split)
-            scores = head_metrics(tasks[j], result)
-            metrics[i][j] = scores
-            matrix[i][j] = scores[MAIN_METRIC[tasks[j]]]
-            if i == len(records) - 1:
-                predictions[heads[j]] = {**result, "task": tasks[j], "data": source["data"]["path"]}
-            if write_predictions and tasks[j] == "segmentation" and j == i:
-                write_label_maps(evaluation / "predictions" / heads[j], result)
+        label_maps = write_predictions and tasks[i] == "segmentation"
+        key = {"split": split, "heads": heads[: i + 1], "label_maps": label_maps, "unicon_tf": __version__,
+               "model_sha256": sha256(record["folder"] / "model.keras")}
+        saved = _saved_metrics(evaluation / "metrics.json", key)
+        if saved is None or i == len(records) - 1:  # the last row also gives the report its predictions
+            model = keras.models.load_model(record["folder"] / "model.keras")
+            for j in range(i + 1):
+                source = records[j]
+                result = predict_head(model, heads[j], source["data"]["path"], split)
+                metrics[i][j] = head_metrics(tasks[j], result)
+                if i == len(records) - 1:
+                    predictions[heads[j]] = {**result, "task": tasks[j], "data": source["data"]["path"]}
+                if label_maps and j == i:
+                    write_label_maps(evaluation / "predictions" / heads[j], result)
+            write_json_atomic(evaluation / "metrics.json", {"stage": record["stage"], **key,
+                                                            "metrics": {heads[j]: metrics[i][j] for j in range(i + 1)}})
+        else:
+            metrics[i][: i + 1] = [saved[h] for h in heads[: i + 1]]
+        matrix[i][: i + 1] = [m[MAIN_METRIC[t]] for m, t in zip(metrics[i][: i + 1], tasks)]
         training = record["spec"]["training"]
         blessing = bless(matrix, i, heads, tolerance=training.get("tolerance", 0.01),
                          threshold=training.get("threshold", 0.0))
         blessings.append({"stage": record["stage"], **blessing})
-        _write_json(evaluation / "metrics.json", {"stage": record["stage"], "split": split,
-                                                  "heads": {heads[j]: metrics[i][j] for j in range(i + 1)}})
-        _write_json(evaluation / "blessing.json", blessings[-1])
+        write_json_atomic(evaluation / "blessing.json", blessings[-1])
     result = {
         "run": str(run_dir), "kind": kind, "split": split, "stages": [r["stage"] for r in records],
         "tasks": heads, "task_kinds": tasks, "main_metric": [MAIN_METRIC[t] for t in tasks],
         "matrix": matrix, "metrics": metrics, "summary": summarize(matrix), "blessing": blessings,
     }
-    (run_dir / "evaluation").mkdir(exist_ok=True)
-    _write_json(run_dir / "evaluation" / "matrix.json", result)
+    write_json_atomic(run_dir / "evaluation" / "matrix.json", result)
     return {**result, "predictions": predictions}
+
+
+def _saved_metrics(path, key):
+    """`{head: metrics}` of a stage evaluated before in the same way (same model file, split,
+    heads, label maps and package version), or None: each earlier row is scored once."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["metrics"] if {k: saved.get(k) for k in key} == key else None
 
 
 def write_label_maps(folder, result):
@@ -108,18 +126,3 @@ def write_label_maps(folder, result):
         image = nib.Nifti1Image(label_map, affine.astype(np.float64))
         image.header.set_xyzt_units("mm")
         nib.save(image, str(folder / f"{patient}.nii.gz"))
-
-
-def _write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
-    partial.replace(path)
-
-
-def _plain(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, pathlib.Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf.files import write_text_atomic
 from unicon_tf.model import model_parts
 
 PARITY_TOLERANCE = 1e-5
@@ -44,7 +45,7 @@ def head_outputs(task, output):
 
 
 def signatures(model):
-    """`{signature name: (modalities, fn)}`: `serving_default` and one per head."""
+    """`{signature name: (modalities, fn, input specs)}`: `serving_default` and one per head."""
     heads = model_parts(model)["heads"]
     shape = tuple(next(iter(model.input.values())).shape[1:])
 
@@ -138,17 +139,16 @@ def _noise_batch(model, size=2, seed=0):
 def check_parity(model, saved_model_dir, batch):
     """Max abs difference of every signature's float outputs vs the Keras model on `batch`."""
     loaded = tf.saved_model.load(str(saved_model_dir))
-    expected = {k: np.asarray(v) for k, v in model(batch, training=False).items()}
     heads = model_parts(model)["heads"]
+    outputs = model(batch, training=False)
+    expected = {head: head_outputs(layer.task, outputs[head]) for head, layer in heads.items()}
     worst = 0.0
     for name, fn in loaded.signatures.items():
         served = fn(**{m: tf.constant(batch[m]) for m in fn.structured_input_signature[1]})
-        for head, head_layer in heads.items():
-            reference = head_outputs(head_layer.task, tf.constant(expected[head]))
-            for key, value in reference.items():
-                served_key = key if name == head else f"{head}_{key}"
-                if name not in (head, "serving_default") or served_key not in served:
-                    continue
+        names = list(heads) if name == "serving_default" else [name]
+        for head in names:
+            for key, value in expected[head].items():
+                served_key = key if len(names) == 1 else f"{head}_{key}"  # as `signatures` names them
                 got, want = np.asarray(served[served_key]), np.asarray(value)
                 if got.dtype.kind == "f":
                     diff = float(np.max(np.abs(got - want))) if got.size else 0.0
@@ -202,9 +202,7 @@ def update_models_config(base, model_name, serving_root="/models", labels=None):
     entry.model_version_policy.all.SetInParent()
     for label, version in (labels or {}).items():
         entry.version_labels[label] = int(version)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text_format.MessageToString(config))
-    partial.replace(path)
+    write_text_atomic(path, text_format.MessageToString(config))
     return path
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, load_volume, reference_grid, resample
+from unicon_tf.files import write_json_atomic
 
 
 def check_request(signature, inputs):
@@ -141,6 +142,7 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
     body = resample(reference, ref_affine, grid_affine, grid_shape, 1, -1024.0) > prep.body_threshold
     start = crop_start(body, grid_shape, patch)
     out.mkdir(parents=True, exist_ok=True)
+    source = nib.load(str(images[reference_modality]))  # label maps go back on the input's own grid
     result = {"model": info["model_name"], "version": info["version"], "stage": info.get("stage"), "heads": {}}
     for head, spec in info["heads"].items():
         lacking = [m for m in spec["modalities"] if m not in volumes]
@@ -152,7 +154,6 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
             probabilities = sliding_window(signature_predictor(signature, "probabilities"),
                                            {m: volumes[m] for m in spec["modalities"]}, patch, overlap)
             label_map = np.argmax(probabilities, axis=-1).astype(np.uint8)
-            source = nib.load(str(images[reference_modality]))  # the input's own grid and orientation
             original = resample(label_map, grid_affine, source.affine, source.shape[:3], 0, 0).astype(np.uint8)
             image = nib.Nifti1Image(original, source.affine)
             image.header.set_xyzt_units("mm")
@@ -169,5 +170,5 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
                                      "class": int(served["class"].numpy()[0])}
         else:
             result["heads"][head] = {"risk": float(served["risk"].numpy()[0])}
-    (out / "prediction.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out / "prediction.json", result)
     return result

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from unicon_tf.data import dataset, read_schema
 from unicon_tf.data.records import sha256
+from unicon_tf.files import save_model_atomic, write_json_atomic
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.losses import TASK_LOSSES
@@ -52,6 +53,11 @@ def data_fingerprint(directory):
     return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
+def stage_folder(run_dir, index, name):
+    """Where stage `index` called `name` of a run lives: `<run>/stages/NN-<name>`."""
+    return pathlib.Path(run_dir) / "stages" / f"{index:02d}-{name}"
+
+
 class RunDirectory:
     """A run directory bound to one pipeline: where each stage's model and record live.
 
@@ -72,7 +78,7 @@ class RunDirectory:
             self.record = {"pipeline": pipeline.name, "pipeline_file": str(pipeline.path), "stages": {}}
 
     def stage_dir(self, index):
-        return self.path / "stages" / f"{index:02d}-{self.pipeline.stages[index].name}"
+        return stage_folder(self.path, index, self.pipeline.stages[index].name)
 
     def model_path(self, index):
         return self.stage_dir(index) / "model.keras"
@@ -94,8 +100,7 @@ class RunDirectory:
         spec = self.pipeline.stages[index]
         entry = self.record["stages"].setdefault(spec.name, {})
         entry.update(index=index, fingerprint=spec.fingerprint(), **fields)
-        self.path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.record_file, self.record)
+        write_json_atomic(self.record_file, self.record)
 
 
 def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_rate=None, init=None,
@@ -196,10 +201,8 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
         "fisher": "fisher.npz" if fisher else None,
     }
-    partial = out / ".model.partial.keras"
-    network.save(partial)
-    os.replace(partial, run.model_path(index))
-    _write_json_atomic(out / "stage.json", record)
+    save_model_atomic(network, run.model_path(index))
+    write_json_atomic(out / "stage.json", record)
     shutil.rmtree(checkpoint, ignore_errors=True)
     run.mark(index, status="trained", model=str(run.model_path(index).relative_to(run.path)))
     return record
@@ -396,9 +399,3 @@ def load_fisher(stage_dir):
         return None
     with np.load(file) as saved:
         return {k.replace("|", "/"): saved[k] for k in saved.files}
-
-
-def _write_json_atomic(path, obj):
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(partial, path)
