@@ -65,7 +65,7 @@ class DemoPlan:
 
 FULL = DemoPlan(patients=96, cohort_shape=64, baselines=("single_task", "naive"),
                 epochs={"classification": 15, "prognosis": 12, "segmentation": 6, "pet": 6})
-"""The default: about 7.5 minutes on a 2-core CPU."""
+"""The default: about 8 minutes on a 2-core CPU (7.5 to 8.5 measured)."""
 FAST = DemoPlan(patients=24, cohort_shape=64, baselines=("single_task",),
                 epochs={"classification": 3, "prognosis": 4, "segmentation": 3, "pet": 3})
 """A smoke run (`--fast`): every component, artifact and report, too short to learn much."""
