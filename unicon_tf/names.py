@@ -1,0 +1,59 @@
+"""The one rule for modality and head names, checked where a name first enters.
+
+A modality name becomes a manifest column, a TFRecord feature, a Keras input and layer
+name, and a SavedModel signature argument; a head name becomes an output key, a layer name
+and a signature name. TensorFlow rewrites signature argument names it does not like
+(lowercasing them and replacing other characters by `_`), so a name such as `t1-ce` or
+`T1.post` would be served under another name than the one the model and `unicon.json`
+carry. Rather than rename silently, unicon-tf accepts only names that every one of those
+places keeps as they are: a lower-case letter, then lower-case letters, digits or `_`, at
+most 64 characters.
+
+Example:
+>>> check_name("t1_ce", "modality")
+'t1_ce'
+>>> check_name("t1-ce", "modality")
+Traceback (most recent call last):
+...
+unicon_tf.names.InvalidNameError: modality name 't1-ce' is not allowed: use a lower-case letter, then lower-case letters, digits or '_' (at most 64 characters), e.g. 't1_ce'
+"""
+
+import re
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class InvalidNameError(ValueError):
+    """A modality or head name that the model, its records or its signatures cannot hold."""
+
+
+def suggest_name(name):
+    """The closest valid name to `name` (lower-cased, other characters replaced by `_`).
+
+    Example:
+    >>> suggest_name("T1.post"), suggest_name("3d ct")
+    ('t1_post', 'x3d_ct')
+    """
+    candidate = re.sub(r"[^a-z0-9_]", "_", str(name).strip().lower()) or "x"
+    return (candidate if candidate[0].isalpha() else "x" + candidate)[:64]
+
+
+def check_name(name, kind):
+    """Return `name` if it is a valid modality or head name, else raise.
+
+    Args:
+        name: the name to check.
+        kind: what it names, for the message (`"modality"`, `"head"`).
+
+    Returns:
+        `name`, unchanged.
+
+    Raises:
+        InvalidNameError: `name` does not match `[a-z][a-z0-9_]{0,63}`; the message
+            names it and suggests a valid one.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidNameError(
+            f"{kind} name {name!r} is not allowed: use a lower-case letter, then lower-case "
+            f"letters, digits or '_' (at most 64 characters), e.g. {suggest_name(name)!r}")
+    return name
