@@ -1,4 +1,4 @@
-"""The one error type of bad input data: it names the patient, the file and the field."""
+"""The error type of bad input data (it names the patient, the file and the field) and its warning."""
 
 
 class DataError(ValueError):
@@ -22,3 +22,7 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep patient, file and field across worker processes
         return type(self), (self.reason, self.patient, self.file, self.field)
+
+
+class DataWarning(UserWarning):
+    """Input data that is usable but doubtful (e.g. a NIfTI whose sform and qform disagree); names the file."""
