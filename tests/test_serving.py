@@ -166,3 +166,59 @@ def test_predict_writes_json_and_label_maps_on_the_input_grid(exported, phantom_
         np.testing.assert_allclose(written.affine, source.affine)  # LPS-stored input: same affine back
     ct_only = serving.predict_nifti(version, {"ct": ct}, tmp_path / "ct_only")
     assert "skipped" in ct_only["heads"]["segmentation_ctpet"]
+
+
+def test_predict_reads_trailing_singleton_dimensions_as_3d(exported, phantom_cohort, tmp_path):
+    ct = phantom_cohort.parent / "images/P0000_ct.nii.gz"
+    source = nib.load(str(ct))
+    stored = tmp_path / "ct_x_y_z_1.nii.gz"
+    nib.save(nib.Nifti1Image(source.get_fdata()[..., None, None], source.affine), str(stored))
+    plain = serving.predict_nifti(exported, {"ct": ct}, tmp_path / "plain")
+    singleton = serving.predict_nifti(exported, {"ct": stored}, tmp_path / "singleton")
+    assert singleton["heads"]["classification"] == pytest.approx(plain["heads"]["classification"])
+    assert singleton["heads"]["segmentation"]["voxels"] == plain["heads"]["segmentation"]["voxels"]
+    written = nib.load(singleton["heads"]["segmentation"]["label_map"])
+    assert written.shape == source.shape[:3]
+
+
+def test_predict_refuses_what_ingest_refuses(exported, phantom_cohort, tmp_path):
+    from unicon_tf import data
+
+    folder = phantom_cohort.parent / "images"
+    pet = nib.load(str(folder / "P0000_pet.nii.gz"))
+    far = pet.affine.copy()
+    far[:3, 3] += [800.0, 0.0, 0.0]  # a PET from elsewhere: no overlap with the CT
+    moved = tmp_path / "far_pet.nii.gz"
+    nib.save(nib.Nifti1Image(pet.get_fdata(), far), str(moved))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(exported), "--ct", str(folder / "P0000_ct.nii.gz"),
+                                       "--pet", str(moved), "--out", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert str(moved) in result.output and "field pet" in result.output and "covers 0%" in result.output
+    assert not out.exists()
+    # Ingestion refuses the very same file with the very same reason.
+    prep = data.Preprocessing.from_json(json.loads((exported / "unicon.json").read_text())["preprocessing"])
+    with pytest.raises(data.DataError) as caught:
+        data.resample_patient({"ct": folder / "P0000_ct.nii.gz", "pet": moved}, prep, patient="P0000")
+    assert caught.value.reason in result.output
+
+
+def test_predict_wants_the_per_patient_factor_the_model_was_trained_with(exported, phantom_cohort, tmp_path):
+    folder = phantom_cohort.parent / "images"
+    images = {"ct": folder / "P0000_ct.nii.gz", "pet": folder / "P0000_pet.nii.gz"}
+    trained_with_suv = tmp_path / "version"
+    shutil.copytree(exported, trained_with_suv)
+    info = json.loads((trained_with_suv / "unicon.json").read_text())
+    assert info["scaling"] == {}  # the phantom's PET is in SUV already
+    info["scaling"] = {"pet": "SUVbw = Bq/mL * weight_kg * 1000 / injected_dose_bq"}
+    (trained_with_suv / "unicon.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="scaled per patient.*--scale pet"):
+        serving.predict_nifti(trained_with_suv, images, tmp_path / "refused")
+    # The PET given in Bq/mL with its factor predicts as the PET already in SUV.
+    bq = tmp_path / "pet_bq.nii.gz"
+    pet = nib.load(str(images["pet"]))
+    nib.save(nib.Nifti1Image(pet.get_fdata() * 4000.0, pet.affine), str(bq))
+    scaled = serving.predict_nifti(trained_with_suv, {**images, "pet": bq}, tmp_path / "scaled",
+                                   scales={"pet": 1 / 4000.0})
+    suv = serving.predict_nifti(exported, images, tmp_path / "suv")
+    assert scaled["heads"]["segmentation_ctpet"]["voxels"] == suv["heads"]["segmentation_ctpet"]["voxels"]

@@ -47,7 +47,8 @@ def describe(model_path, as_json):
 @click.option("--window", "windows", nargs=3, type=(str, float, float), multiple=True, metavar="MODALITY LOW HIGH",
               help="Intensity window of a modality (default: ct -1000 1000 HU, pet 0 20 SUV).")
 @click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
-              help="Multiply a modality's raw values first (e.g. PET Bq/mL -> SUV).")
+              help="Multiply a modality's raw values first, one factor for the cohort (per patient: a "
+                   "<modality>_scale or weight_kg/injected_dose_bq manifest column; not both).")
 @click.option("--mask-classes", type=int, default=2, show_default=True, help="Label-map classes incl. background.")
 @click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
@@ -213,14 +214,16 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
 @click.option("--pet", type=click.Path(exists=True, dir_okay=False), default=None, help="PET NIfTI.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--overlap", type=float, default=0.5, show_default=True, help="Sliding-window overlap.")
-def predict(saved_model, ct, pet, out, overlap):
+@click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
+              help="This patient's factor on a modality's raw values (e.g. pet SUVbw factor, mL/Bq).")
+def predict(saved_model, ct, pet, out, overlap, scales):
     """Predict every head for one patient's NIfTI images (sliding window for segmentation)."""
     from unicon_tf import data
     from unicon_tf import serving
 
     images = {m: p for m, p in (("ct", ct), ("pet", pet)) if p}
     try:
-        result = serving.predict_nifti(saved_model, images, out, overlap=overlap)
+        result = serving.predict_nifti(saved_model, images, out, overlap=overlap, scales=dict(scales))
     except (data.DataError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(json.dumps(result["heads"], indent=2))

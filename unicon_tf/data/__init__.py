@@ -9,17 +9,21 @@ Example:
 
 from unicon_tf.data import phantom
 from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target
-from unicon_tf.data.errors import DataError
+from unicon_tf.data import suv
+from unicon_tf.data.errors import DataError, DataWarning
 from unicon_tf.data.ingest import ingest, read_schema
 from unicon_tf.data.manifest import Manifest, Patient, read_manifest
-from unicon_tf.data.preprocess import DEFAULT_WINDOWS, IntensityWindow, Preprocessing, load_volume, preprocess_patient
+from unicon_tf.data.preprocess import (DEFAULT_WINDOWS, IntensityWindow, PatientGrid, Preprocessing, load_volume,
+                                      preprocess_patient, resample_patient)
 
 __all__ = [
     "DEFAULT_WINDOWS",
     "DataError",
+    "DataWarning",
     "IntensityWindow",
     "Manifest",
     "Patient",
+    "PatientGrid",
     "Preprocessing",
     "TASK_TARGETS",
     "dataset",
@@ -29,5 +33,7 @@ __all__ = [
     "preprocess_patient",
     "read_manifest",
     "read_schema",
+    "resample_patient",
+    "suv",
     "task_target",
 ]

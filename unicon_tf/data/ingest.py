@@ -64,11 +64,12 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         raise DataError("output folder already exists and is not empty; choose a new one", file=out, field="out")
     cohort = read_manifest(manifest, skip_bad=skip_bad)
     for modality in cohort.modalities:
-        window = preprocessing.window(modality)
-        if modality in cohort.scaling and window.scale != 1.0:
-            raise DataError(f"'{modality}' is scaled per patient by the manifest ({cohort.scaling[modality]}) and by "
-                            f"the window's scale {window.scale} (--scale {modality}): give one of the two",
-                            file=cohort.path, field=modality)
+        preprocessing.window(modality)
+        if modality in cohort.scaling:
+            try:
+                preprocessing.check_per_patient_scale(modality, f"manifest: {cohort.scaling[modality]}")
+            except ValueError as error:
+                raise DataError(str(error), file=cohort.path, field=modality) from error
     workers = max(1, int(workers or os.cpu_count() or 1))
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"

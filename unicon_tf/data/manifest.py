@@ -171,7 +171,7 @@ def _read_table(path):
                         "save the manifest as 'CSV UTF-8'", file=path) from error
     first = text.lstrip("\r\n").splitlines()[0] if text.strip() else ""
     delimiter = max(",;\t", key=first.count) if any(d in first for d in ",;\t") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     header = next((cells for cells in reader if any(cell.strip() for cell in cells)), [])
     columns = [cell.strip().lstrip("\ufeff").strip() for cell in header]
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})

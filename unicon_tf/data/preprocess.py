@@ -101,6 +101,20 @@ class Preprocessing:
             )
         return self.windows[modality]
 
+    def check_per_patient_scale(self, modality, source):
+        """Refuse a per-patient factor (from `source`) on a modality whose window already scales.
+
+        One factor per modality: the cohort's window `scale` (`--scale`) or a per-patient
+        one (a manifest column, `predict --scale`), never both multiplied.
+
+        Raises:
+            ValueError: the window of `modality` has a `scale` other than 1.
+        """
+        scale = self.window(modality).scale
+        if scale != 1.0:
+            raise ValueError(f"'{modality}' is scaled per patient ({source}) and by the window's scale {scale} "
+                             f"(--scale {modality} at ingestion): give one of the two")
+
     def to_json(self):
         """A JSON-ready dict (inverse: `Preprocessing.from_json`)."""
         config = dataclasses.asdict(self)

@@ -242,7 +242,8 @@ def export_stage(run_dir, stage=None, base="saved_models", model_name=None, forc
     schema = read_schema(record["data"]["path"])
     metadata = {"stage": record["stage"], "run_dir": str(pathlib.Path(run_dir).resolve()),
                 "pipeline": run["pipeline"], "blessing": blessing, "forced": bool(force and not (blessing or {}).get("blessed")),
-                "preprocessing": schema["preprocessing"], "modalities": schema["modalities"]}
+                "preprocessing": schema["preprocessing"], "modalities": schema["modalities"],
+                "scaling": schema.get("scaling", {})}
     version_dir = export_model(model, base, model_name, metadata=metadata, example_request=example_request)
     update_models_config(base, model_name, serving_root, {label: int(version_dir.name) for label in labels or []})
     return version_dir

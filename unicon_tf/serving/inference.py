@@ -138,6 +138,13 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     reference_modality = info["modalities"][0]
     if reference_modality not in images:
         raise ValueError(f"the model's grid is defined by '{reference_modality}': pass --{reference_modality}.")
+    scales = dict(scales or {})
+    for modality in scales:
+        prep.check_per_patient_scale(modality, "predict --scale")
+    for modality, how in info.get("scaling", {}).items():
+        if modality in images and modality not in scales:
+            raise ValueError(f"the model was trained on '{modality}' scaled per patient ({how}): give this "
+                             f"patient's factor (--scale {modality} F; see unicon_tf.data.suv.suv_bw_factor).")
     ordered = {reference_modality: images[reference_modality], **images}
     grid = resample_patient(ordered, prep, scales=scales)  # the same loading and checks as ingestion
     volumes, grid_affine = grid.images, grid.affine
