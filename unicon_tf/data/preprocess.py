@@ -2,7 +2,8 @@
 
 Every modality of a patient is resampled, through the images' affines, onto one grid: an
 axis-aligned RAS grid with the target spacing that covers the reference image (the first
-modality, usually CT). Images are interpolated linearly and label maps by nearest
+modality, usually CT), after the geometry checks of `resample_patient`, which ingestion and
+inference share. Images are interpolated linearly and label maps by nearest
 neighbour. Intensities are clipped to a per-modality window and scaled to [-1, 1] (CT:
 [-1000, 1000] HU as in UNICON; PET: SUV [0, 20]). Finally every volume is cropped or
 padded to the stage's shape around the body (or the mask), and the affine of that crop is
@@ -63,7 +64,9 @@ class Preprocessing:
         mask_classes: label-map classes including background; mask values must lie in
             [0, mask_classes - 1].
         body_threshold: raw reference intensity that separates body from air (HU for CT).
-        min_overlap: smallest fraction of the reference grid another modality must cover.
+        min_overlap: smallest fraction of the reference image's (oriented) field of view
+            another modality must cover, and of the smaller field of view a mask must share
+            with it (see `resample_patient`).
 
     Example:
     >>> Preprocessing(shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0)).window("ct").high
