@@ -266,14 +266,19 @@ SPREADSHEET_VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(SPREADSHEET_VARIANTS))
 def test_spreadsheet_saved_manifests_read_as_the_plain_one(tmp_path, variant):
-    rows = [patient_row(tmp_path, "A", label=1), patient_row(tmp_path, "B", split="test", label=0)]
+    rows = [patient_row(tmp_path, "A", label=1, time="12.5", event=1),
+            patient_row(tmp_path, "B", split="test", label=0, time="3", event=0)]
     plain = data.read_manifest(write_manifest(tmp_path, rows))
+    text = SPREADSHEET_VARIANTS[variant](plain.path.read_text())
+    if variant == "semicolons":
+        text = text.replace("12.5", "12,5")  # a decimal comma, as those spreadsheets write it
     path = tmp_path / "saved.csv"
-    path.write_bytes(SPREADSHEET_VARIANTS[variant](plain.path.read_text()).encode("utf-8"))
+    path.write_bytes(text.encode("utf-8"))
     read = data.read_manifest(path)
-    assert [(p.patient_id, p.split, p.images, p.label) for p in read.patients] == [
-        (p.patient_id, p.split, p.images, p.label) for p in plain.patients]
-    assert read.modalities == ["ct"] and read.targets == ["label"]
+    assert [(p.patient_id, p.split, p.images, p.label, p.time) for p in read.patients] == [
+        (p.patient_id, p.split, p.images, p.label, p.time) for p in plain.patients]
+    assert read.modalities == ["ct"] and read.targets == ["label", "time", "event"]
+    assert read.patients[0].time == 12.5
 
 
 def test_cli_ingests_a_manifest_with_bom_and_crlf(tmp_path):

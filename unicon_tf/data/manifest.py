@@ -27,8 +27,9 @@ refused by name. A column a stage does not need may be left empty, but a column 
 filled for every patient or for none, so each split's targets are complete.
 
 The file is read as UTF-8 with or without a byte-order mark, with any line ending, and
-with `,`, `;` or tab between cells (as spreadsheets save it); header cells are matched
-after trimming spaces; rows that are wholly empty are skipped.
+with `,`, `;` or tab between cells (as spreadsheets save it; with `;`, numbers may use a
+decimal comma, `12,5`); header cells are matched after trimming spaces; rows that are
+wholly empty are skipped.
 
 Errors: a problem of the whole cohort (a required column missing, duplicate ids, an
 unknown column) is fatal; a problem of one row (an empty or bad cell, a missing file) is
@@ -50,6 +51,7 @@ RESERVED = ("patient_id", "split") + TARGET_COLUMNS
 SUV_MODALITY = "pet"
 SUV_COLUMNS = ("weight_kg", "injected_dose_bq", "injection_time", "acquisition_time", "scan_delay_s", "half_life_s")
 SCALE_SUFFIX = "_scale"
+NUMERIC_COLUMNS = ("label", "time", "event", "weight_kg", "injected_dose_bq", "scan_delay_s", "half_life_s")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz")
 """File names nibabel reads as 3D images; a column whose cells name none of them is no image."""
 
@@ -177,11 +179,14 @@ def _read_table(path):
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})
     if repeated:
         raise DataError(f"column(s) {repeated} appear more than once in the header", file=path, field=repeated[0])
+    decimal_comma = delimiter == ";"  # the spreadsheets that separate cells by ';' write 12,5 for 12.5
+    numeric = [c for c in columns if c in NUMERIC_COLUMNS or c.endswith(SCALE_SUFFIX)] if decimal_comma else []
     rows = []
     for cells in reader:
         cells = [cell.strip() for cell in cells]
         if any(cells):
-            rows.append({c: (cells[i] if i < len(cells) else "") for i, c in enumerate(columns) if c})
+            row = {c: (cells[i] if i < len(cells) else "") for i, c in enumerate(columns) if c}
+            rows.append({**row, **{c: row[c].replace(",", ".") for c in numeric}})
     return columns, rows
 
 
