@@ -535,3 +535,18 @@ def test_skip_bad_keeps_cohort_level_errors_fatal(tmp_path):
     with pytest.raises(data.DataError, match="duplicate patient_id"):
         data.ingest(manifest, tmp_path / "out", PREP_8, workers=1, skip_bad=True, verbose=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["manifest", "images"])
+def test_when_every_patient_is_rejected_the_error_quotes_the_reasons(tmp_path, where):
+    rows = [patient_row(tmp_path, "A", time="5", event=1), patient_row(tmp_path, "B", time="5", event=0)]
+    if where == "manifest":
+        rows[0]["time"], rows[1]["time"] = "0", "-1"
+    else:
+        for row in rows:
+            (tmp_path / row["ct"]).write_bytes(b"not a NIfTI")
+    with pytest.raises(data.DataError, match="no usable patient: all 2 rejected, e.g. A: .*; B: ") as caught:
+        data.ingest(write_manifest(tmp_path, rows), tmp_path / "out", PREP_8, workers=1, skip_bad=True,
+                    verbose=False)
+    assert ("time must be > 0" if where == "manifest" else "unreadable") in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -26,3 +26,16 @@ class DataError(ValueError):
 
 class DataWarning(UserWarning):
     """Input data that is usable but doubtful (e.g. a NIfTI whose sform and qform disagree); names the file."""
+
+
+def no_usable_patient(file, rejected):
+    """The error when every patient of a cohort was rejected, quoting the first reasons.
+
+    Args:
+        file: the manifest.
+        rejected: `[(patient_id, split, DataError)]`.
+    """
+    reasons = "; ".join(f"{pid}: {error}" for pid, _, error in rejected[:3])
+    more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
+    return DataError(f"no usable patient: all {len(rejected)} rejected, e.g. {reasons}{more}" if rejected
+                     else "the manifest has no patients", file=file, field="patients")

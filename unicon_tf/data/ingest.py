@@ -25,7 +25,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
 from unicon_tf.data.records import encode_example, sha256
@@ -92,8 +92,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
                 progress.update(done, finalize=done == len(cohort))
         splits = writer.close()
         if not splits:
-            raise DataError("no usable patient: every patient was rejected (see the reasons above)",
-                            file=cohort.path, field="patients")
+            raise no_usable_patient(cohort.path, rejected)
         if rejected:
             _write_rejected(staging / "rejected.csv", rejected)
         schema = _schema(cohort, preprocessing, splits, stats)

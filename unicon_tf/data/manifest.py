@@ -41,7 +41,7 @@ import dataclasses
 import io
 import pathlib
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.suv import F18_HALF_LIFE_S, delay_seconds, suv_bw_factor
 from unicon_tf.names import InvalidNameError, check_name
 
@@ -156,8 +156,7 @@ def read_manifest(path, modalities=None, skip_bad=False):
                 raise
             rejected.append((row.get("patient_id") or f"<line {line}>", row.get("split", ""), error))
     if not patients:
-        raise DataError("the manifest has no usable patient" + (" (every row was rejected)" if rejected else ""),
-                        file=path)
+        raise no_usable_patient(path, rejected)
     return Manifest(path=path, patients=patients, modalities=modalities, targets=targets, scaling=scaling,
                     rejected=rejected)
 

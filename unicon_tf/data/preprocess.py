@@ -315,6 +315,12 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
     Raises:
         DataError: naming patient, file and field of an unreadable image, a bad mask value
             or a geometry rule broken.
+
+    Example:
+    >>> grid = resample_patient({"ct": "ct.nii.gz", "pet": "pet.nii.gz"}, Preprocessing((64, 64, 64), (2, 2, 2)),
+    ...                         mask="lesion.nii.gz", scales={"pet": 2.7e-4})  # doctest: +SKIP
+    >>> grid.images["pet"].shape == grid.mask.shape == grid.shape  # doctest: +SKIP
+    True
     """
     prep, scales = preprocessing, scales or {}
     modalities = list(images)
@@ -361,6 +367,12 @@ def fov_coverage(shape, affine, other_shape, other_affine, points=None):
 
     Returns:
         A fraction in [0, 1].
+
+    Example:
+    >>> ct = np.diag([2.0, 2.0, 2.0, 1.0])
+    >>> shifted = ct.copy(); shifted[0, 3] = 16.0  # half of 16 voxels along x
+    >>> fov_coverage((16, 16, 16), ct, (16, 16, 16), shifted)
+    0.5
     """
     if points is None:
         axes = [(np.arange(m) + 0.5) * n / m - 0.5 for n, m in ((int(n), min(int(n), 32)) for n in shape)]
