@@ -279,6 +279,11 @@ def test_spreadsheet_saved_manifests_read_as_the_plain_one(tmp_path, variant):
         (p.patient_id, p.split, p.images, p.label, p.time) for p in plain.patients]
     assert read.modalities == ["ct"] and read.targets == ["label", "time", "event"]
     assert read.patients[0].time == 12.5
+    bad = path.read_text(encoding="utf-8-sig").replace("test", "tset")
+    path.write_text(bad, encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"got 'tset' \(manifest line 3\)" if variant != "blank_rows" else
+                       r"got 'tset' \(manifest line 4\)"):
+        data.read_manifest(path)  # line numbers count the file's own lines
 
 
 def test_cli_ingests_a_manifest_with_bom_and_crlf(tmp_path):

@@ -118,7 +118,7 @@ def read_manifest(path, modalities=None, skip_bad=False):
     (['ct', 'pet'], ['label', 'time', 'event', 'mask'])
     """
     path = pathlib.Path(path)
-    columns, rows = _read_table(path)
+    columns, rows, lines = _read_table(path)
     for column in ("patient_id", "split"):
         if column not in columns:
             near = [c for c in columns if c.lower().replace(" ", "_") == column]
@@ -141,14 +141,14 @@ def read_manifest(path, modalities=None, skip_bad=False):
     required = list(modalities) + targets + [c for c in filled if c in SUV_COLUMNS or c.endswith(SCALE_SUFFIX)]
 
     seen = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         pid = row.get("patient_id", "")
         if pid and pid in seen:
             raise DataError(f"duplicate patient_id (manifest lines {seen[pid]} and {line})", patient=pid,
                             file=path, field="patient_id")
         seen.setdefault(pid, line)
     patients, rejected = [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         try:
             patients.append(_patient(row, line, path, modalities, targets, required, scaling))
         except DataError as error:
@@ -162,7 +162,7 @@ def read_manifest(path, modalities=None, skip_bad=False):
 
 
 def _read_table(path):
-    """Header cells (trimmed) and rows (`{column: trimmed cell}`, wholly empty rows dropped)."""
+    """Header cells (trimmed), rows (`{column: trimmed cell}`, wholly empty rows dropped) and their line numbers."""
     if not path.is_file():
         raise DataError("manifest file does not exist", file=path)
     try:
@@ -180,13 +180,14 @@ def _read_table(path):
         raise DataError(f"column(s) {repeated} appear more than once in the header", file=path, field=repeated[0])
     decimal_comma = delimiter == ";"  # the spreadsheets that separate cells by ';' write 12,5 for 12.5
     numeric = [c for c in columns if c in NUMERIC_COLUMNS or c.endswith(SCALE_SUFFIX)] if decimal_comma else []
-    rows = []
+    rows, lines = [], []
     for cells in reader:
         cells = [cell.strip() for cell in cells]
         if any(cells):
             row = {c: (cells[i] if i < len(cells) else "") for i, c in enumerate(columns) if c}
             rows.append({**row, **{c: row[c].replace(",", ".") for c in numeric}})
-    return columns, rows
+            lines.append(reader.line_num)
+    return columns, rows, lines
 
 
 def _image_columns(path, filled, rows):
