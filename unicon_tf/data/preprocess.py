@@ -162,7 +162,9 @@ def load_volume(path, patient=None, field=None):
     except Exception as error:  # nibabel raises many types for unreadable or truncated files
         raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
     affine, source = image.affine, _affine_source(image)
-    if affine is None or not np.all(np.isfinite(affine)):
+    if affine is None:
+        raise fail("the image has no affine: its position in world space is unknown")
+    if not np.all(np.isfinite(affine)):
         raise fail(f"the affine ({source}) holds NaN or Inf: {np.asarray(affine).round(3).tolist()}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise fail(f"the affine ({source}) is singular (a zero voxel size or collapsed axes): "
@@ -200,9 +202,7 @@ def _warn_if_sform_and_qform_disagree(image, path):
     if not hasattr(header, "get_sform") or int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
         return
     sform, qform = header.get_sform(), header.get_qform()
-    shape = np.asarray(image.shape[:3], dtype=np.float64)
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
-                        for k in (-0.5, shape[2] - 0.5)])
+    corners = fov_corners(image.shape[:3])
     finite = np.all(np.isfinite(qform))
     gap = float(np.linalg.norm(((sform - qform) @ corners.T)[:3], axis=0).max()) if finite else float("inf")
     voxel = float(np.min(np.linalg.norm(sform[:3, :3], axis=0)))
@@ -212,15 +212,19 @@ def _warn_if_sform_and_qform_disagree(image, path):
                       DataWarning, stacklevel=3)
 
 
+def fov_corners(shape):
+    """The 8 corners of a field of view `(X, Y, Z)`, homogeneous voxel indices `(8, 4)` (voxel edges at +-0.5)."""
+    return np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                     for k in (-0.5, shape[2] - 0.5)])
+
+
 def reference_grid(data, affine, spacing):
     """The axis-aligned RAS grid with `spacing` (mm) that covers an image's field of view.
 
     Returns:
         `(grid_affine, grid_shape)`.
     """
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, data.shape[0] - 0.5)
-                        for j in (-0.5, data.shape[1] - 0.5) for k in (-0.5, data.shape[2] - 0.5)])
-    world = (affine @ corners.T).T[:, :3]
+    world = (affine @ fov_corners(data.shape).T).T[:, :3]
     low, high = world.min(axis=0), world.max(axis=0)
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = np.maximum(1, np.round((high - low) / spacing).astype(int))
