@@ -134,8 +134,9 @@ class Interrupt(keras.callbacks.Callback):
 
 
 def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
-    stages = [{"name": "classification", "task": "classification", "num_classes": 2}]
-    weights = {}
+    # Dropout 0.5: its seed generators' state must be restored too, not only weights and optimizer.
+    stages = [{"name": "classification", "task": "classification", "num_classes": 2, "dropout": 0.5}]
+    weights, histories = {}, {}
     for label in ("straight", "resumed"):
         folder = tmp_path / label
         folder.mkdir()
@@ -152,7 +153,13 @@ def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
         assert len(record["history"]) == 3
         model = keras.models.load_model(folder / "run/stages/00-classification/model.keras")
         weights[label] = [w.numpy() for w in model.weights]
-    # Same seed, same per-epoch data order, restored optimizer state: the same weights.
+        histories[label] = record["history"]
+    # Same seed, same per-epoch data order, restored optimizer and dropout state: identical
+    # losses and weights (1e-6 allows only for the order of float reductions).
+    for straight, resumed in zip(histories["straight"], histories["resumed"]):
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert resumed[key] == pytest.approx(straight[key], rel=0, abs=1e-6), key
     for straight, resumed in zip(weights["straight"], weights["resumed"]):
         np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
 

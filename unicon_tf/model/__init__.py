@@ -2,7 +2,7 @@
 
 from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.foundation import describe, expand, foundation, model_parts
+from unicon_tf.model.foundation import describe, expand, foundation, model_parts, non_finite_weights
 from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 
@@ -21,5 +21,6 @@ __all__ = [
     "expand",
     "foundation",
     "model_parts",
+    "non_finite_weights",
     "residual_backbone",
 ]
