@@ -1,5 +1,8 @@
 """The `unicon-tf` command line.
 
+TensorFlow is imported only inside the commands that need it, so `--help` and
+`--version` answer at once.
+
 Example:
     unicon-tf phantom --out cohort -n 120
     unicon-tf ingest cohort/manifest.csv --out data/ct64 --shape 64 64 64 --spacing 3 3 3
@@ -25,13 +28,13 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def describe(model_path, as_json):
     """Show a saved model's stems, encoder, adapters and heads with parameter counts."""
-    import keras
+    from unicon_tf import model as unicon_model  # first: imports TensorFlow quietly
 
-    import unicon_tf
+    import keras
 
     try:
         model = keras.models.load_model(model_path)
-        info = unicon_tf.describe(model)
+        info = unicon_model.describe(model)
     except (ValueError, TypeError, OSError) as error:
         raise click.ClickException(f"{model_path}: cannot read a unicon_tf model: {error}") from error
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
@@ -83,9 +86,9 @@ def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes,
 @click.option("--seed", type=int, default=0, show_default=True)
 def phantom(out, count, shape, spacing, seed):
     """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv)."""
-    import keras
+    from unicon_tf.data import phantom as phantom_cohort  # first: imports TensorFlow quietly
 
-    from unicon_tf.data import phantom as phantom_cohort
+    import keras
 
     if count < 1:
         raise click.BadParameter(f"-n must be >= 1, got {count}")
