@@ -243,13 +243,9 @@ def assert_finite_h5(path):
     assert arrays and all(np.all(np.isfinite(a)) for a in arrays)
 
 
-class BlowUpWeights(keras.callbacks.Callback):
+class BlowUpWeights(Interrupt):
     """At the end of an epoch, one adapter or head weight becomes NaN: an update that blew up
     on the epoch's last step, whose loss (computed before that update) was still finite."""
-
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.at_epoch:
