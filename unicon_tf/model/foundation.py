@@ -168,7 +168,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     parts = model_parts(model)
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
-    head_class = _head_class(task, parts["encoder"])
+    head_class = task_head(task, vit=is_vit(parts["encoder"].backbone))
     unknown = sorted(set(head_options) - set(head_class.options()))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {head_class.options()}.")
@@ -287,11 +287,11 @@ def model_parts(model):
     return parts
 
 
-def _head_class(task, encoder):
-    """The head for `task` on `encoder`: a UNETR decoder for segmentation on a ViT."""
+def task_head(task, vit=False):
+    """The head class for `task`: on a ViT encoder (`vit=True`) segmentation is UNETR."""
     if task not in HEADS:
         raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    if task == "segmentation" and is_vit(encoder.backbone):
+    if task == "segmentation" and vit:
         return UNETRHead
     return HEADS[task]
 
@@ -304,7 +304,7 @@ def _apply_head(head, features, inputs):
 
 
 def _make_head(task, encoder, input_shape, **options):
-    head_class = _head_class(task, encoder)
+    head_class = task_head(task, vit=is_vit(encoder.backbone))
     if task == "classification" or task == "segmentation":
         options.setdefault("num_classes", 2)
     else:

@@ -26,7 +26,7 @@ import pathlib
 import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder
-from unicon_tf.model.vit import is_vit, sincos_position_embedding
+from unicon_tf.model.vit import is_vit
 
 FORMATS = ("safetensors", "npz")
 
@@ -121,10 +121,10 @@ def _encoder_and_stem(model_or_encoder):
         parts = model_parts(model_or_encoder)
         encoder = parts["encoder"]
         stem = min(parts["stems"].values(), key=lambda s: s.stage)
-        if stem.kind != "patch":
-            raise PretrainedWeightsError(f"Stem '{stem.name}' is not a patch embedding (kind '{stem.kind}').")
     if not is_vit(encoder.backbone):
         raise PretrainedWeightsError("load_pretrained reads ViT weights; this model's encoder is not a 'vit' one.")
+    if stem is not None and stem.kind != "patch":
+        raise PretrainedWeightsError(f"Stem '{stem.name}' is not a patch embedding (kind '{stem.kind}').")
     return encoder, stem
 
 
@@ -166,7 +166,7 @@ def _targets(encoder, stem, state):
         add("patch_embedding.position_embeddings", (1,) + tuple(position.embedding.shape), [position.embedding],
             lambda a: a[0])
     else:  # a fixed table: the file's must be the one this layer computes
-        expected = sincos_position_embedding(position.grid, channels, position.temperature)[None]
+        expected = np.asarray(position.table(position.grid, channels)).reshape(1, -1, channels)
         targets["patch_embedding.position_embeddings"] = (expected.shape, lambda a: None)
         checks["patch_embedding.position_embeddings"] = lambda a: None if np.allclose(a, expected, atol=1e-5) else \
             "the file's sin-cos table differs from the encoder's (another temperature or grid?)"

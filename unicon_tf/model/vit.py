@@ -31,42 +31,41 @@ POSITIONS = ("learned", "sincos")
 DEFAULT_ADAPTER_TARGETS = ("query", "value")
 
 
-def resize_matrix(size_in, size_out):
-    """`(size_out, size_in)` linear-interpolation matrix, half-pixel centres.
+def resize_axis(table, axis, size):
+    """Resize `table` along `axis` to `size` by linear interpolation, half-pixel centres.
 
-    The same sampling as `torch.nn.functional.interpolate(..., mode="trilinear",
-    align_corners=False)` along one axis (source index `(i + 0.5) * in / out - 0.5`,
-    clamped at 0).
+    The sampling of `torch.nn.functional.interpolate(..., mode="trilinear",
+    align_corners=False)` along one axis: source index `(i + 0.5) * in / out - 0.5`,
+    clamped at 0. `size` may be a tensor (a grid known only at run time).
     """
-    matrix = np.zeros((size_out, size_in), np.float64)
-    scale = size_in / size_out
-    for i in range(size_out):
-        source = max((i + 0.5) * scale - 0.5, 0.0)
-        low = min(int(math.floor(source)), size_in - 1)
-        high = min(low + 1, size_in - 1)
-        weight = source - low
-        matrix[i, low] += 1.0 - weight
-        matrix[i, high] += weight
-    return matrix
+    size_in = int(table.shape[axis])
+    source = (ops.arange(size, dtype="float32") + 0.5) * (size_in / ops.cast(size, "float32")) - 0.5
+    source = ops.maximum(source, 0.0)
+    low = ops.minimum(ops.floor(source), float(size_in - 1))
+    weight = ops.reshape(source - low, [-1 if i == axis else 1 for i in range(len(table.shape))])
+    low = ops.cast(low, "int32")
+    high = ops.minimum(low + 1, size_in - 1)
+    return ops.take(table, low, axis=axis) * (1.0 - weight) + ops.take(table, high, axis=axis) * weight
 
 
 def sincos_position_embedding(grid, channels, temperature=10000.0):
-    """Fixed 3D sine-cosine position embedding `(d * h * w, channels)`, as MONAI builds it.
+    """Fixed 3D sine-cosine position embedding `(d, h, w, channels)`, as MONAI builds it.
 
     Channels are six equal groups: sin/cos of the second axis, of the first, of the third
-    (`monai.networks.blocks.pos_embed_utils.build_sincos_position_embedding`).
+    (`monai.networks.blocks.pos_embed_utils.build_sincos_position_embedding`). The grid
+    may hold tensors (sizes known only at run time).
 
     Raises:
         ValueError: `channels` is not divisible by 6.
     """
     if channels % 6:
         raise ValueError(f"A 3D sin-cos position embedding needs hidden_size divisible by 6, got {channels}.")
-    axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid], indexing="ij")
-    quarter = channels // 6
-    omega = 1.0 / (temperature ** (np.arange(quarter, dtype=np.float32) / quarter))
-    first, second, third = (np.outer(a.reshape(-1), omega) for a in axes)
-    parts = [np.sin(second), np.cos(second), np.sin(first), np.cos(first), np.sin(third), np.cos(third)]
-    return np.concatenate(parts, axis=1).astype(np.float32)
+    sixth = channels // 6
+    omega = 1.0 / (temperature ** (np.arange(sixth, dtype=np.float32) / sixth))
+    axes = ops.meshgrid(*[ops.arange(n, dtype="float32") for n in grid], indexing="ij")
+    first, second, third = (ops.reshape(a, (-1, 1)) * omega[None] for a in axes)
+    parts = [ops.sin(second), ops.cos(second), ops.sin(first), ops.cos(first), ops.sin(third), ops.cos(third)]
+    return ops.reshape(ops.concatenate(parts, axis=1), (*grid, channels))
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
@@ -107,27 +106,22 @@ class PositionEmbedding(keras.layers.Layer):
                 name="position_embeddings", shape=(math.prod(self.grid), channels),
                 initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             )
-        else:
-            sincos_position_embedding(self.grid, channels, self.temperature)  # fail early on channels
+        elif channels % 6:
+            raise ValueError(f"A 3D sin-cos position embedding needs hidden_size divisible by 6, got {channels}.")
 
     def table(self, grid, channels):
-        """The embedding `(d, h, w, channels)` for token grid `grid`."""
-        grid = tuple(int(g) for g in grid)
+        """The embedding `(d, h, w, channels)` for token grid `grid` (ints or tensors)."""
         if self.kind == "sincos":
-            return ops.convert_to_tensor(
-                sincos_position_embedding(grid, channels, self.temperature).reshape(grid + (channels,))
-            )
-        table = ops.reshape(self.embedding, self.grid + (-1,))
-        if grid == self.grid:
-            return table
-        factors = [ops.convert_to_tensor(resize_matrix(n, m).astype(np.float32)) for n, m in zip(self.grid, grid)]
-        return ops.einsum("ai,bj,ck,ijkz->abcz", *factors, table)
+            return sincos_position_embedding(grid, channels, self.temperature)
+        table = ops.reshape(self.embedding, self.grid + (channels,))
+        for axis, (size, trained) in enumerate(zip(grid, self.grid)):
+            if not (isinstance(size, int) and size == trained):
+                table = resize_axis(table, axis, size)
+        return table
 
     def call(self, tokens):
-        grid = tuple(tokens.shape[1:4])
-        if any(d is None for d in grid):
-            raise ValueError(f"The position embedding needs a static token grid, got {grid}.")
-        return tokens + ops.cast(self.table(grid, int(tokens.shape[-1])), tokens.dtype)
+        shape = ops.shape(tokens)
+        return tokens + ops.cast(self.table(tuple(shape[1:4]), int(tokens.shape[-1])), tokens.dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
