@@ -187,6 +187,8 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
     if adapters is not None and int(adapters) < 1:
         raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
+    if adapter_targets is not None and adapters is None:
+        raise ValueError("adapter_targets chooses where adapters go: pass adapters=r (a rank) with it.")
 
     stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
     encoder = parts["encoder"]
