@@ -16,6 +16,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 import yaml
 
 import unicon_tf
@@ -59,7 +60,10 @@ def step_fn(model, stage, options, strategy, rank, inputs, rng, shape, batch):
     trainer.compile(optimizer=keras.optimizers.AdamW(1e-3))
     x = {m: inputs[m] for m in layer.modalities}
     y = {head: targets(layer.task, batch, shape, rng)}
-    return model, lambda: trainer.train_on_batch(x, y)
+    # The step `fit` runs (train_on_batch would add a sample weight to the batch).
+    trainer.make_train_function()
+    batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    return model, lambda: trainer.train_function(batches)
 
 
 def main():
