@@ -156,7 +156,7 @@ class SharedEncoder(keras.layers.Layer):
 
     @property
     def adapters(self):
-        """`{name: {"rank", "alpha", "params"}}` of the adapters this encoder holds."""
+        """`{name: {"rank", "alpha", "params", "targets"}}` of the adapters this encoder holds."""
         summary = {}
         for layer in self.adaptable_layers:
             for name, spec in layer.adapters.items():

@@ -21,6 +21,7 @@ import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
 from unicon_tf.model.heads import HEADS, Head
+from unicon_tf.model.pretrained import load_pretrained
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 from unicon_tf.model.unetr import UNETRHead
 from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
@@ -115,8 +116,6 @@ def foundation(
                       num_classes=num_classes, **head_options)
     model = keras.Model(inputs, {head.name: _apply_head(head, features, inputs)}, name=name)
     if weights[0] is not None:
-        from unicon_tf.model.pretrained import load_pretrained
-
         load_pretrained(model, weights[0], format=weights[1])
     return model
 

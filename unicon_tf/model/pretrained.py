@@ -113,7 +113,7 @@ def load_pretrained(model_or_encoder, path, format=None, strict=True):
 
 
 def _encoder_and_stem(model_or_encoder):
-    from unicon_tf.model.foundation import model_parts
+    from unicon_tf.model.foundation import model_parts  # foundation imports this module
 
     if isinstance(model_or_encoder, SharedEncoder):
         encoder, stem = model_or_encoder, None
