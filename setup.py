@@ -31,7 +31,10 @@ setup(
         "matplotlib",
         "tensorflow-serving-api>=2.18,<2.22",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7", "safetensors>=0.4"],
+        "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
+    },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

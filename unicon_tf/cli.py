@@ -344,8 +344,13 @@ def format_description(info):
     encoder = info["encoder"]
     levels = ", ".join("x".join(str(d) for d in level) for level in encoder["levels"])
     lines += ["", f"encoder  params {encoder['params']:,}  levels {levels}"]
+    if encoder.get("kind") == "vit":
+        lines.append(f"  vit: patch {'x'.join(map(str, encoder['patch_size']))}, hidden {encoder['hidden_size']}, "
+                     f"{encoder['num_layers']} blocks, {encoder['num_heads']} heads, mlp {encoder['mlp_dim']}, "
+                     f"{encoder['position']} positions, states of blocks {encoder['feature_layers']}")
     for name, adapter in encoder["adapters"].items():
-        lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}")
+        lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}, "
+                     f"on {', '.join(adapter['targets'])}")
     lines += ["", f"{'head':<22}{'task':<16}{'modalities':<14}{'stage':>6}{'adapter':>9}{'params':>12}  output"]
     for name, head in info["heads"].items():
         rank = head["adapter"]["rank"] if head["adapter"] else "-"
