@@ -1,0 +1,311 @@
+"""Run an experiment: folds x seeds x training fractions x arms, each cell through the components.
+
+    <out>/examples/<source>-<key>/                   the pipeline's sources, ingested once (ExampleGen)
+    <out>/folds.json                                 the patients, their strata and the folds
+    <out>/data/<cohort>/fold{k}/all/                 fold k's splits (records copied, bytes unchanged)
+    <out>/data/<cohort>/fold{k}/seed{s}-frac{f}/     the same, its train split cut to fraction f
+    <out>/cells/fold{k}/seed{s}/foundation/          stage 0, trained once per fold and seed
+    <out>/cells/fold{k}/seed{s}/frac{f}/continual/   the continual run (a copy of the foundation run,
+                                                     then the later stages through `LocalRunner`)
+    <out>/cells/fold{k}/seed{s}/frac{f}/continual/baselines/<kind>/   the baselines' runs
+    <out>/cells/fold{k}/seed{s}/frac{f}/<arm>/cell.json   a finished cell: its matrix, final
+                                                     scores and per-patient test predictions
+
+A cell is one arm (`continual` or a baseline) at one fold, seed and fraction. At fraction
+f every stage after the first trains on f of its training patients (stratified, nested
+across fractions); stage 0, the foundation, always trains on all of them, once per fold and
+seed: each fraction's continual run starts as a copy of the foundation run, whose
+lineage makes the Trainer and Evaluator of stage 0 cache hits. Validation and test splits
+never change with f. A cell whose `cell.json` exists is not run again; an interrupted cell
+resumes inside (the runner's cache skips finished component runs; an interrupted stage
+continues from its checkpoint).
+
+Example:
+>>> experiment = run_experiment("pipelines/chest_ct.yaml", "experiments/chest_ct",
+...                             ExperimentPlan(folds=5, seeds=(0, 1), fractions=(0.25, 0.5, 1.0)))  # doctest: +SKIP
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import keras
+
+from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
+from unicon_tf.evaluate import evaluate_run, head_metrics, predict_head, run_baselines
+from unicon_tf.evaluate.baselines import KINDS, head_modalities, head_name
+from unicon_tf.evaluate.scores import MAIN_METRIC
+from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
+from unicon_tf.files import write_json_atomic
+from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
+from unicon_tf.train.stage import stage_folder
+
+ARMS = ("continual",) + KINDS
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """What an experiment runs.
+
+    Args:
+        folds: K of the patient-level K-fold cross-validation (>= 2).
+        seeds: training seeds; each also draws its own training subsets.
+        fractions: shares of each later stage's training patients, in (0, 1].
+        baselines: arms beside the continual run (`single_task`, `naive`, `joint`).
+        val_fraction: share of a fold's non-test patients kept for validation.
+        fold_seed: the seed of the fold partition.
+    """
+
+    folds: int = 5
+    seeds: tuple = (0,)
+    fractions: tuple = (1.0,)
+    baselines: tuple = ("single_task", "naive")
+    val_fraction: float = 0.25
+    fold_seed: int = 0
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}.")
+        if not self.seeds or not self.fractions:
+            raise ValueError("an experiment needs at least one seed and one fraction.")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}.")
+        unknown = set(self.baselines) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {sorted(unknown)}: expected some of {list(KINDS)}.")
+        object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in self.fractions))))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @property
+    def arms(self):
+        return ("continual",) + tuple(k for k in KINDS if k in self.baselines)
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+def fraction_name(fraction):
+    """`frac0.25`, `frac1`: the folder of a fraction."""
+    return f"frac{fraction:g}"
+
+
+def run_experiment(pipeline, out, plan, data_root=None, verbose=0, echo=print):
+    """Run every cell of `plan` not run yet, then aggregate and write the report.
+
+    Args:
+        pipeline: a `PipelineSpec` or pipeline YAML file.
+        out: the experiment folder (created; an existing one is resumed).
+        plan: an `ExperimentPlan`.
+        data_root: for relative data paths of a pipeline file.
+        verbose: Keras verbosity.
+        echo: where progress lines go.
+
+    Returns:
+        The `experiment.json` dict (`unicon_tf.experiment.aggregate.aggregate` plus the
+        plan, folds and cells), with `report` (path of report.md).
+
+    Raises:
+        ValueError: `out` holds an experiment of other folds (another pipeline, cohort or
+            plan); PipelineError, DataError, StageError as the components raise them.
+    """
+    from unicon_tf.experiment.aggregate import aggregate
+    from unicon_tf.experiment.report import write_report
+
+    if not isinstance(pipeline, PipelineSpec):
+        pipeline = load_pipeline(pipeline, data_root=data_root)
+    out = pathlib.Path(out).resolve()
+    started = time.time()
+    cohorts = _cohorts(pipeline, out, verbose)
+    folds = _folds(out, plan, cohorts)
+    cells = []
+    total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
+    for k in range(plan.folds):
+        for seed in plan.seeds:
+            foundation = _foundation(pipeline, out, plan, cohorts, folds, k, seed, verbose)
+            for fraction in plan.fractions:
+                cell_pipeline = _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, fraction)
+                for arm in plan.arms:
+                    cells.append(_run_cell(cell_pipeline, out, foundation, arm, k, seed, fraction, verbose))
+                    echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
+                         + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
+                         + f" ({time.time() - started:.0f} s)")
+    experiment = {"pipeline": pipeline.name, "pipeline_file": str(pipeline.path), "out": str(out),
+                  "plan": plan.to_json(), "patients": len(folds["patients"]), "folds": folds["folds"],
+                  **aggregate(cells, plan)}
+    experiment["cells"] = [{k: c[k] for k in ("arm", "fold", "seed", "fraction", "run", "record", "final", "matrix",
+                                              "tasks", "stages")} for c in cells]
+    experiment["report"] = str(write_report(out, experiment, cells))
+    write_json_atomic(out / "experiment.json", experiment)
+    return experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """An ingested folder some stage reads: a short name for its derived folders, and its patients."""
+
+    name: str
+    folder: pathlib.Path
+    patients: tuple  # Patient, in record order
+
+
+def _cohorts(pipeline, out, verbose):
+    """`{stage index: Cohort}`; the pipeline's sources are ingested once, by ExampleGen."""
+    folders = {}
+    for index, spec in enumerate(pipeline.stages):
+        if spec.source is None:
+            folders[index] = (spec.data.name, pathlib.Path(spec.data).resolve())
+            continue
+        parameters = dict(pipeline.sources[spec.source])
+        folder = out / "examples" / f"{spec.source}-{fingerprint('ExampleGen', parameters)[:12]}"
+        if not (folder / "schema.json").exists():
+            context = {"id": f"ExampleGen.{spec.source}", "output_dir": folder, "run_dir": out,
+                       "pipeline": pipeline, "verbose": verbose}
+            COMPONENTS["ExampleGen"].execute({}, parameters, context)
+        folders[index] = (spec.source, folder)
+    cohorts = {}
+    for index, (name, folder) in folders.items():
+        known = next((c for c in cohorts.values() if c.folder == folder), None)
+        if known is None:
+            taken = {c.name for c in cohorts.values()}
+            known = Cohort(name if name not in taken else f"{name}-{index}", folder, tuple(read_patients(folder)))
+        cohorts[index] = known
+    return cohorts
+
+
+def _folds(out, plan, cohorts):
+    """`{"patients", "folds"}`, saved as folds.json; a resumed experiment must find the same."""
+    patients = pool_patients({c.folder: c.patients for c in cohorts.values()}.values())
+    folds = make_folds(patients, plan.folds, val_fraction=plan.val_fraction, fold_seed=plan.fold_seed)
+    record = {"patients": [dataclasses.asdict(p) for p in patients], "folds": folds}
+    path = out / "folds.json"
+    if path.exists() and json.loads(path.read_text()) != record:
+        raise ValueError(f"{path}: this folder holds an experiment with other folds (another cohort, "
+                         "--folds, --val-fraction or fold seed): use another --out.")
+    write_json_atomic(path, record)
+    return {"patients": patients, "folds": folds}
+
+
+def _fold_data(out, plan, cohort, folds, k, seed, fraction):
+    """The ingested folder a stage reads at fold k, seed and fraction (written on first use)."""
+    present = {p.patient_id for p in cohort.patients}
+    ids = {split: [p for p in members if p in present] for split, members in folds["folds"][k].items()}
+    folder = out / "data" / cohort.name / f"fold{k}"
+    if fraction >= 1:
+        return write_split(cohort.folder, folder / "all", {s: v for s, v in ids.items() if v}, {"fold": k})
+    ids["train"] = training_subset(ids["train"], folds["patients"], fraction,
+                                   seed=plan.fold_seed * 1_000_000 + 1000 * k + seed)
+    return write_split(cohort.folder, folder / f"seed{seed}-{fraction_name(fraction)}",
+                       {s: v for s, v in ids.items() if v}, {"fold": k, "seed": seed, "fraction": fraction})
+
+
+def _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, fraction):
+    """The pipeline of one fold, seed and fraction: each stage's data, the seed set."""
+    stages = []
+    for index, spec in enumerate(pipeline.stages):
+        data = _fold_data(out, plan, cohorts[index], folds, k, seed, 1.0 if index == 0 else fraction)
+        stages.append(dataclasses.replace(with_overrides(spec, seed=seed), data=data, source=None))
+    return dataclasses.replace(pipeline, stages=stages, sources={})
+
+
+def _foundation(pipeline, out, plan, cohorts, folds, k, seed, verbose):
+    """The run directory of stage 0 at fold k and seed (trained and evaluated here once)."""
+    folder = out / "cells" / f"fold{k}" / f"seed{seed}" / "foundation"
+    first = _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, 1.0)
+    LocalRunner(first, folder, base=out / "saved_models", verbose=verbose).run(
+        stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
+    return folder
+
+
+def _run_cell(pipeline, out, foundation, arm, k, seed, fraction, verbose):
+    """One cell's record: read back if the cell is finished, else run it and write it."""
+    folder = out / "cells" / f"fold{k}" / f"seed{seed}" / fraction_name(fraction)
+    record_file = folder / arm / "cell.json"
+    if record_file.exists():
+        return json.loads(record_file.read_text())
+    started = time.time()
+    run_dir = folder / "continual"
+    if arm == "continual":
+        if not run_dir.exists():
+            _copy_run(foundation, run_dir)
+        LocalRunner(pipeline, run_dir, base=out / "saved_models", verbose=verbose).run(
+            evaluate=True, push=False, resume=True)
+        result = evaluate_run(run_dir)
+        predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
+        run = run_dir
+    else:
+        run = run_dir / "baselines" / arm
+        for checkpoint in run.rglob("checkpoint"):  # an interrupted baseline stage starts again
+            shutil.rmtree(checkpoint)
+        result = run_baselines(pipeline, run_dir, kinds=[arm], verbose=verbose)[arm]
+        predictions = _baseline_predictions(pipeline, run, arm)
+    final = {}
+    for j, head in enumerate(result["tasks"]):
+        column = [row[j] for row in result["matrix"] if j < len(row) and row[j] is not None]
+        final[head] = column[-1] if column else None
+    record = {"arm": arm, "fold": k, "seed": seed, "fraction": fraction, "run": str(run), "record": str(record_file),
+              "data": {s.name: str(s.data) for s in pipeline.stages}, "stages": result["stages"],
+              "tasks": result["tasks"], "task_kinds": result["task_kinds"], "main_metric": result["main_metric"],
+              "modalities": {head_name(pipeline, j): head_modalities(pipeline, j) for j in range(len(pipeline.stages))},
+              "matrix": result["matrix"], "final": final, "predictions": predictions,
+              "seconds": round(time.time() - started, 1)}
+    write_json_atomic(record_file, record)
+    return record
+
+
+def _copy_run(source, target):
+    """Copy a run directory; its lineage's paths are moved to the copy (so its runs are cache hits there)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    lineage = partial / "lineage.json"
+    if lineage.exists():
+        write_json_atomic(lineage, _moved(json.loads(lineage.read_text()), str(source), str(target)))
+    partial.rename(target)
+
+
+def _moved(value, old, new):
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    return value
+
+
+def _baseline_predictions(pipeline, run, kind):
+    """Per-patient test predictions of every head of a baseline, from the model its final score is from."""
+    last = len(pipeline.stages) - 1
+    models = {}
+    predictions = {}
+    for j, spec in enumerate(pipeline.stages):
+        if kind == "single_task":
+            path = stage_folder(run / spec.name, 0, spec.name) / "model.keras"
+        elif kind == "naive":
+            path = stage_folder(run, last, pipeline.stages[last].name) / "model.keras"
+        else:
+            path = run / "model.keras"
+        if path not in models:
+            models[path] = keras.models.load_model(path)
+        head = head_name(pipeline, j)
+        predictions[head] = _per_patient(spec.task, predict_head(models[path], head, spec.data, "test"))
+    return predictions
+
+
+def _per_patient(task, prediction):
+    """What a patient-level bootstrap needs of a head's test predictions (JSON-able).
+
+    classification and prognosis: `target` and `output` per patient (the metric is
+    recomputed on each resample); segmentation: `dice_per_patient`.
+    """
+    metrics = head_metrics(task, prediction)
+    record = {"task": task, "patient_ids": metrics["patient_ids"], "value": metrics[MAIN_METRIC[task]]}
+    if task == "segmentation":
+        record["dice_per_patient"] = metrics["dice_per_patient"]
+    else:
+        record["target"] = prediction["target"].tolist()
+        record["output"] = prediction["output"].tolist()
+    return record
