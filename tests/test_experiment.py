@@ -141,3 +141,113 @@ def test_resampled_auc_and_c_index_equal_the_evaluators_scores_on_the_resampled_
         expected = [score(prediction["task"], np.asarray(prediction["target"])[r],
                           np.asarray(prediction["output"])[r])[metric] for r in rows]
         np.testing.assert_allclose(resampled_metric(prediction, rows), expected, rtol=1e-9)
+
+
+TWO_STAGES = [{"name": "classification", "task": "classification", "num_classes": 2},
+              {"name": "prognosis", "task": "prognosis", "strategy": "frozen"}]
+PLAN = ExperimentPlan(folds=2, seeds=(0,), fractions=(1.0,), baselines=("single_task",))
+
+
+def executions(out):
+    """`{component run id: times executed (not a cache hit)}` over every lineage.json of an experiment."""
+    counts = {}
+    for lineage in (out / "cells").rglob("lineage.json"):
+        for event in json.loads(lineage.read_text())["events"]:
+            if not event["cached"]:
+                counts[event["run"]] = counts.get(event["run"], 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def interrupted_experiment(phantom_records, tmp_path_factory):
+    """A 2-fold experiment (continual + single-task) interrupted after its first cell, then rerun."""
+    folder = tmp_path_factory.mktemp("experiment")
+    pipeline = write_pipeline(folder, phantom_records, stages=TWO_STAGES, epochs=1)
+    out = folder / "out"
+    run_cell = experiment_runner.Experiment.run_cell
+    calls = []
+
+    def interrupted(self, *args):
+        if calls:
+            raise KeyboardInterrupt("interrupted after the first cell")
+        calls.append(args)
+        return run_cell(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment_runner.Experiment, "run_cell", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(pipeline, out, PLAN)
+    first = out / "cells" / "fold0" / "seed0" / "frac1" / "continual" / "cell.json"
+    before = {"executions": executions(out), "first": first.read_text(), "first_mtime": first.stat().st_mtime_ns}
+    result = run_experiment(pipeline, out, PLAN)
+    return {"pipeline": pipeline, "out": out, "result": result, "before": before, "first": first}
+
+
+def test_an_interrupted_experiment_resumes_without_redoing_finished_cells(interrupted_experiment):
+    out, before = interrupted_experiment["out"], interrupted_experiment["before"]
+    assert before["executions"] == {"Trainer.classification": 1, "Evaluator.classification": 1,
+                                    "Trainer.prognosis": 1, "Evaluator.prognosis": 1}
+    # Stage 0 trained once per fold (each continual run's copy is a cache hit), each later stage once.
+    assert executions(out) == {"Trainer.classification": 2, "Evaluator.classification": 2,
+                               "Trainer.prognosis": 2, "Evaluator.prognosis": 2}
+    first = interrupted_experiment["first"]
+    assert first.stat().st_mtime_ns == before["first_mtime"] and first.read_text() == before["first"]
+    # The single-task baseline reused the foundation: only its later stage was trained.
+    trained = sorted(p.parent.name for p in (out / "cells").rglob("baselines/single_task/*/stages/*/stage.json"))
+    assert trained == ["00-classification", "00-classification", "00-prognosis", "00-prognosis"]
+    cells = interrupted_experiment["result"]["cells"]
+    assert len(cells) == 4 and all(json.loads((out / c["record"]).read_text())["run"] == c["run"] for c in cells)
+
+
+def test_folds_are_the_same_for_every_arm_and_disjoint(interrupted_experiment):
+    out = interrupted_experiment["out"]
+    tested = {}
+    for cell in (out / "cells").rglob("cell.json"):
+        record = json.loads(cell.read_text())
+        for head, prediction in record["predictions"].items():
+            tested.setdefault((record["fold"], head), set()).add(tuple(sorted(prediction["patient_ids"])))
+    assert all(len(ids) == 1 for ids in tested.values())  # continual and single-task: the same test patients
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    for k in (0, 1):
+        assert tested[k, "prognosis"] == {tuple(folds[k]["test"])}
+    assert not set(folds[0]["test"]) & set(folds[1]["test"])
+
+
+def test_fractions_cut_only_the_later_stages_training_split(interrupted_experiment):
+    plan = ExperimentPlan(folds=2, seeds=(0,), fractions=(0.5, 1.0), baselines=("single_task",))
+    experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
+    full, half = experiment.cell_pipeline(1, 0, 1.0), experiment.cell_pipeline(1, 0, 0.5)
+    assert half.stages[0].data == full.stages[0].data  # the foundation's data never changes
+
+    def ids(folder, split):
+        return {p.patient_id for p in read_patients(folder, [split])}
+
+    later_full, later_half = full.stages[1].data, half.stages[1].data
+    assert later_half != later_full
+    for split in ("val", "test"):
+        assert ids(later_half, split) == ids(later_full, split)
+    train = ids(later_full, "train")
+    assert ids(later_half, "train") < train and len(ids(later_half, "train")) == round(len(train) / 2)
+    schema = json.loads((later_half / "schema.json").read_text())
+    assert schema["derived_from"]["fraction"] == 0.5 and schema["splits"]["train"]["count"] == round(len(train) / 2)
+
+
+def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(interrupted_experiment):
+    from unicon_tf.cli import main
+
+    out = interrupted_experiment["out"]
+    args = ["experiment", str(interrupted_experiment["pipeline"]), "--seeds", "1", "--fractions", "1.0",
+            "--baselines", "single_task", "--out", str(out)]
+    before = executions(out)
+    result = CliRunner().invoke(main, args + ["--folds", "2"])
+    assert result.exit_code == 0, result.output
+    assert executions(out) == before  # every cell was finished: nothing trained
+    assert "report:" in result.output
+    experiment = json.loads((out / "experiment.json").read_text())
+    assert {c["arm"] for c in experiment["cells"]} == {"continual", "single_task"}
+    report = (out / "report" / "report.md").read_text()
+    for png in ("curves_prognosis.png", "matrix_fold0.png", "matrix_fold1.png"):
+        assert f"]({png})" in report
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused = CliRunner().invoke(main, args + ["--folds", "3"])
+    assert refused.exit_code == 1 and "folds.json" in refused.output and "Traceback" not in refused.output

@@ -11,7 +11,7 @@ the continual run and its baselines in every cell, intervals on every comparison
 
 from unicon_tf.experiment.aggregate import aggregate, paired_tests, patient_bootstrap, summary_interval
 from unicon_tf.experiment.folds import Patient, make_folds, read_patients, training_subset, write_split
-from unicon_tf.experiment.runner import ARMS, ExperimentPlan, run_experiment
+from unicon_tf.experiment.runner import ARMS, Experiment, ExperimentPlan, run_experiment
 
-__all__ = ["ARMS", "ExperimentPlan", "Patient", "aggregate", "make_folds", "paired_tests", "patient_bootstrap",
+__all__ = ["ARMS", "Experiment", "ExperimentPlan", "Patient", "aggregate", "make_folds", "paired_tests", "patient_bootstrap",
            "read_patients", "run_experiment", "summary_interval", "training_subset", "write_split"]

@@ -53,10 +53,14 @@ class Patient:
         return f"{self.label}|{self.event}"
 
 
-def read_patients(directory):
-    """The patients of an ingested folder (every split), with label and event where present.
+def read_patients(directory, splits=None):
+    """The patients of an ingested folder, with label and event where present.
 
     Reads only `patient_id`, `label` and `event` of each record.
+
+    Args:
+        directory: an ingested folder.
+        splits: the splits to read (default: all).
 
     Returns:
         `[Patient]` in split, then record order.
@@ -70,7 +74,7 @@ def read_patients(directory):
         if target in schema["targets"]:
             spec[target] = tf.io.FixedLenFeature([], tf.int64)
     patients = []
-    for split in schema["splits"]:
+    for split in splits or schema["splits"]:
         records = tf.data.TFRecordDataset(verify_shards(directory, schema, split), compression_type="GZIP")
         for serialized in records:
             parsed = tf.io.parse_single_example(serialized, spec)

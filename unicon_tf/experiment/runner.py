@@ -104,42 +104,127 @@ def run_experiment(pipeline, out, plan, data_root=None, verbose=0, echo=print):
         echo: where progress lines go.
 
     Returns:
-        The `experiment.json` dict (`unicon_tf.experiment.aggregate.aggregate` plus the
-        plan, folds and cells), with `report` (path of report.md).
+        The `experiment.json` dict: `unicon_tf.experiment.aggregate.aggregate`'s
+        `scores`, `comparisons`, `transfer` and `data_efficiency`, plus the plan, the folds,
+        the cells (arm, fold, seed, fraction, run folder, record) and `report` (report.md).
 
     Raises:
-        ValueError: `out` holds an experiment of other folds (another pipeline, cohort or
-            plan); PipelineError, DataError, StageError as the components raise them.
+        ValueError: `out` holds an experiment with other folds (another cohort or plan);
+            PipelineError, DataError, StageError, TrainingError from the components.
     """
-    from unicon_tf.experiment.aggregate import aggregate
-    from unicon_tf.experiment.report import write_report
+    return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose).run(echo=echo)
 
-    if not isinstance(pipeline, PipelineSpec):
-        pipeline = load_pipeline(pipeline, data_root=data_root)
-    out = pathlib.Path(out).resolve()
-    started = time.time()
-    cohorts = _cohorts(pipeline, out, verbose)
-    folds = _folds(out, plan, cohorts)
-    cells = []
-    total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
-    for k in range(plan.folds):
-        for seed in plan.seeds:
-            foundation = _foundation(pipeline, out, plan, cohorts, folds, k, seed, verbose)
-            for fraction in plan.fractions:
-                cell_pipeline = _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, fraction)
-                for arm in plan.arms:
-                    cells.append(_run_cell(cell_pipeline, out, foundation, arm, k, seed, fraction, verbose))
-                    echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
-                         + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
-                         + f" ({time.time() - started:.0f} s)")
-    experiment = {"pipeline": pipeline.name, "pipeline_file": str(pipeline.path), "out": str(out),
-                  "plan": plan.to_json(), "patients": len(folds["patients"]), "folds": folds["folds"],
-                  **aggregate(cells, plan)}
-    experiment["cells"] = [{k: c[k] for k in ("arm", "fold", "seed", "fraction", "run", "record", "final", "matrix",
-                                              "tasks", "stages")} for c in cells]
-    experiment["report"] = str(write_report(out, experiment, cells))
-    write_json_atomic(out / "experiment.json", experiment)
-    return experiment
+
+class Experiment:
+    """An experiment folder bound to a pipeline and a plan: its cohorts, folds and cells.
+
+    Opening it ingests the pipeline's sources (once) and fixes the folds (`folds.json`).
+
+    Args:
+        pipeline: a `PipelineSpec` or pipeline YAML file.
+        out: the experiment folder.
+        plan: an `ExperimentPlan`.
+        data_root: for relative data paths of a pipeline file.
+        verbose: Keras verbosity.
+    """
+
+    def __init__(self, pipeline, out, plan, data_root=None, verbose=0):
+        self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root=data_root)
+        self.out, self.plan, self.verbose = pathlib.Path(out).resolve(), plan, verbose
+        self.cohorts = _cohorts(self.pipeline, self.out, verbose)
+        self.folds = _folds(self.out, plan, self.cohorts)
+
+    def run(self, echo=print):
+        """Every cell (running those not finished), aggregated; see `run_experiment`."""
+        from unicon_tf.experiment.aggregate import aggregate
+        from unicon_tf.experiment.report import write_report
+
+        plan, started, cells = self.plan, time.time(), []
+        total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
+        for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
+            for k in range(plan.folds):
+                for fraction in plan.fractions:
+                    for arm in plan.arms:
+                        cells.append(self.run_cell(arm, k, seed, fraction))
+                        echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
+                             + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
+                             + f" ({time.time() - started:.0f} s)")
+        experiment = {"pipeline": self.pipeline.name, "pipeline_file": str(self.pipeline.path), "out": str(self.out),
+                      "plan": plan.to_json(), "patients": len(self.folds["patients"]), "folds": self.folds["folds"],
+                      **aggregate(cells, plan)}
+        experiment["cells"] = [{k: c[k] for k in ("arm", "fold", "seed", "fraction", "run", "record", "data", "final",
+                                                  "matrix", "tasks", "stages", "seconds")} for c in cells]
+        experiment["report"] = str(write_report(self.out, experiment, cells))
+        write_json_atomic(self.out / "experiment.json", experiment)
+        return experiment
+
+    def cell_folder(self, fold, seed, fraction):
+        return self.out / "cells" / f"fold{fold}" / f"seed{seed}" / fraction_name(fraction)
+
+    def data(self, index, fold, seed, fraction):
+        """The ingested folder stage `index` reads at a fold, seed and fraction (written on first use):
+        the fold's splits, and for a later stage with fraction < 1 the train split cut down."""
+        cohort = self.cohorts[index]
+        present = {p.patient_id for p in cohort.patients}
+        ids = {split: [p for p in members if p in present] for split, members in self.folds["folds"][fold].items()}
+        folder = self.out / "data" / cohort.name / f"fold{fold}"
+        if index == 0 or fraction >= 1:
+            return write_split(cohort.folder, folder / "all", {s: v for s, v in ids.items() if v}, {"fold": fold})
+        ids["train"] = training_subset(ids["train"], self.folds["patients"], fraction,
+                                       seed=self.plan.fold_seed * 1_000_000 + 1000 * fold + seed)
+        return write_split(cohort.folder, folder / f"seed{seed}-{fraction_name(fraction)}",
+                           {s: v for s, v in ids.items() if v}, {"fold": fold, "seed": seed, "fraction": fraction})
+
+    def cell_pipeline(self, fold, seed, fraction):
+        """The pipeline of a fold, seed and fraction: each stage's data, every stage's seed."""
+        stages = [dataclasses.replace(with_overrides(spec, seed=seed), data=self.data(i, fold, seed, fraction),
+                                      source=None) for i, spec in enumerate(self.pipeline.stages)]
+        return dataclasses.replace(self.pipeline, stages=stages, sources={})
+
+    def foundation(self, fold, seed):
+        """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""
+        folder = self.out / "cells" / f"fold{fold}" / f"seed{seed}" / "foundation"
+        first = self.cell_pipeline(fold, seed, 1.0)
+        LocalRunner(first, folder, base=self.out / "saved_models", verbose=self.verbose).run(
+            stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
+        return folder
+
+    def run_cell(self, arm, fold, seed, fraction):
+        """One cell's record: read back if the cell is finished, else run it and write it."""
+        record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
+        if record_file.exists():
+            return json.loads(record_file.read_text())
+        started = time.time()
+        pipeline = self.cell_pipeline(fold, seed, fraction)
+        run_dir = self.cell_folder(fold, seed, fraction) / "continual"
+        if not run_dir.exists():
+            _copy_run(self.foundation(fold, seed), run_dir)
+        if arm == "continual":
+            LocalRunner(pipeline, run_dir, base=self.out / "saved_models", verbose=self.verbose).run(
+                evaluate=True, push=False, resume=True)
+            result = evaluate_run(run_dir)
+            predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
+            run = run_dir
+        else:
+            run = run_dir / "baselines" / arm
+            for checkpoint in run.rglob("checkpoint"):  # an interrupted baseline stage starts again
+                shutil.rmtree(checkpoint)
+            result = run_baselines(pipeline, run_dir, kinds=[arm], verbose=self.verbose)[arm]
+            predictions = _baseline_predictions(pipeline, run, arm)
+        final = {}
+        for j, head in enumerate(result["tasks"]):
+            column = [row[j] for row in result["matrix"] if j < len(row) and row[j] is not None]
+            final[head] = column[-1] if column else None
+        stages = range(len(pipeline.stages))
+        record = {"arm": arm, "fold": fold, "seed": seed, "fraction": fraction, "run": str(run),
+                  "record": str(record_file), "data": {s.name: str(s.data) for s in pipeline.stages},
+                  "stages": result["stages"], "tasks": result["tasks"], "task_kinds": result["task_kinds"],
+                  "main_metric": result["main_metric"],
+                  "modalities": {head_name(pipeline, j): head_modalities(pipeline, j) for j in stages},
+                  "matrix": result["matrix"], "final": final, "predictions": predictions,
+                  "seconds": round(time.time() - started, 1)}
+        write_json_atomic(record_file, record)
+        return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,81 +273,17 @@ def _folds(out, plan, cohorts):
     return {"patients": patients, "folds": folds}
 
 
-def _fold_data(out, plan, cohort, folds, k, seed, fraction):
-    """The ingested folder a stage reads at fold k, seed and fraction (written on first use)."""
-    present = {p.patient_id for p in cohort.patients}
-    ids = {split: [p for p in members if p in present] for split, members in folds["folds"][k].items()}
-    folder = out / "data" / cohort.name / f"fold{k}"
-    if fraction >= 1:
-        return write_split(cohort.folder, folder / "all", {s: v for s, v in ids.items() if v}, {"fold": k})
-    ids["train"] = training_subset(ids["train"], folds["patients"], fraction,
-                                   seed=plan.fold_seed * 1_000_000 + 1000 * k + seed)
-    return write_split(cohort.folder, folder / f"seed{seed}-{fraction_name(fraction)}",
-                       {s: v for s, v in ids.items() if v}, {"fold": k, "seed": seed, "fraction": fraction})
-
-
-def _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, fraction):
-    """The pipeline of one fold, seed and fraction: each stage's data, the seed set."""
-    stages = []
-    for index, spec in enumerate(pipeline.stages):
-        data = _fold_data(out, plan, cohorts[index], folds, k, seed, 1.0 if index == 0 else fraction)
-        stages.append(dataclasses.replace(with_overrides(spec, seed=seed), data=data, source=None))
-    return dataclasses.replace(pipeline, stages=stages, sources={})
-
-
-def _foundation(pipeline, out, plan, cohorts, folds, k, seed, verbose):
-    """The run directory of stage 0 at fold k and seed (trained and evaluated here once)."""
-    folder = out / "cells" / f"fold{k}" / f"seed{seed}" / "foundation"
-    first = _cell_pipeline(pipeline, out, plan, cohorts, folds, k, seed, 1.0)
-    LocalRunner(first, folder, base=out / "saved_models", verbose=verbose).run(
-        stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
-    return folder
-
-
-def _run_cell(pipeline, out, foundation, arm, k, seed, fraction, verbose):
-    """One cell's record: read back if the cell is finished, else run it and write it."""
-    folder = out / "cells" / f"fold{k}" / f"seed{seed}" / fraction_name(fraction)
-    record_file = folder / arm / "cell.json"
-    if record_file.exists():
-        return json.loads(record_file.read_text())
-    started = time.time()
-    run_dir = folder / "continual"
-    if arm == "continual":
-        if not run_dir.exists():
-            _copy_run(foundation, run_dir)
-        LocalRunner(pipeline, run_dir, base=out / "saved_models", verbose=verbose).run(
-            evaluate=True, push=False, resume=True)
-        result = evaluate_run(run_dir)
-        predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
-        run = run_dir
-    else:
-        run = run_dir / "baselines" / arm
-        for checkpoint in run.rglob("checkpoint"):  # an interrupted baseline stage starts again
-            shutil.rmtree(checkpoint)
-        result = run_baselines(pipeline, run_dir, kinds=[arm], verbose=verbose)[arm]
-        predictions = _baseline_predictions(pipeline, run, arm)
-    final = {}
-    for j, head in enumerate(result["tasks"]):
-        column = [row[j] for row in result["matrix"] if j < len(row) and row[j] is not None]
-        final[head] = column[-1] if column else None
-    record = {"arm": arm, "fold": k, "seed": seed, "fraction": fraction, "run": str(run), "record": str(record_file),
-              "data": {s.name: str(s.data) for s in pipeline.stages}, "stages": result["stages"],
-              "tasks": result["tasks"], "task_kinds": result["task_kinds"], "main_metric": result["main_metric"],
-              "modalities": {head_name(pipeline, j): head_modalities(pipeline, j) for j in range(len(pipeline.stages))},
-              "matrix": result["matrix"], "final": final, "predictions": predictions,
-              "seconds": round(time.time() - started, 1)}
-    write_json_atomic(record_file, record)
-    return record
-
-
 def _copy_run(source, target):
-    """Copy a run directory; its lineage's paths are moved to the copy (so its runs are cache hits there)."""
+    """Copy a run directory. The copy's lineage keeps the executions, their paths moved to the
+    copy (so they are cache hits there), but not the source's events: each component run is
+    counted where it ran."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial)
     lineage = partial / "lineage.json"
     if lineage.exists():
-        write_json_atomic(lineage, _moved(json.loads(lineage.read_text()), str(source), str(target)))
+        record = _moved(json.loads(lineage.read_text()), str(source), str(target))
+        write_json_atomic(lineage, {**record, "events": [], "copied_from": str(source)})
     partial.rename(target)
 
 
