@@ -35,8 +35,9 @@ import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import StratifiedKFold
 
+from unicon_tf.data import read_schema
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import _ShardWriter, read_schema
+from unicon_tf.data.ingest import _ShardWriter
 from unicon_tf.data.records import verify_shards
 
 

@@ -8,6 +8,7 @@
 """
 
 import pathlib
+import warnings
 
 import numpy as np
 
@@ -60,8 +61,9 @@ def mean_matrix(cells, fold, fraction):
     """The continual matrix of a fold at a fraction, averaged over seeds (a matrix dict)."""
     chosen = [c for c in cells if c["arm"] == "continual" and c["fold"] == fold and c["fraction"] == fraction]
     stack = np.array([[[np.nan if v is None else v for v in row] for row in c["matrix"]] for c in chosen])
-    with np.errstate(invalid="ignore"):
-        mean = np.nanmean(stack, axis=0) if len(chosen) else stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the cells above the diagonal are all NaN
+        mean = np.nanmean(stack, axis=0)
     matrix = [[None if np.isnan(v) else float(v) for v in row] for row in mean]
     return {"matrix": matrix, "tasks": chosen[0]["tasks"], "main_metric": chosen[0]["main_metric"],
             "stages": chosen[0]["stages"], "split": "test",
