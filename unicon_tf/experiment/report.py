@@ -118,7 +118,7 @@ def write_report(out, experiment, cells):
         lines += ["", f"![{entry['task']}]({name})", ""]
     largest = max(plan["fractions"])
     lines += ["## Stage x task matrices per fold (continual, fraction " + f"{largest:g})", ""]
-    for fold in range(plan["folds"]):
+    for fold in sorted({c["fold"] for c in cells if c["arm"] == "continual" and c["fraction"] == largest}):
         name = plot_matrix(mean_matrix(cells, fold, largest), folder / f"matrix_fold{fold}.png")
         lines.append(f"![fold {fold}]({name})")
     lines += ["", "## Runs", "", "Every number comes from the cells in `experiment.json` (`cells`: arm, fold, "
