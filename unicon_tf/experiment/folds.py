@@ -26,9 +26,7 @@ Example:
 
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
 import warnings
 
 import numpy as np
@@ -39,6 +37,7 @@ from unicon_tf.data import read_schema
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.ingest import _ShardWriter
 from unicon_tf.data.records import verify_shards
+from unicon_tf.files import atomic_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +183,8 @@ def write_split(source, out, assignment, provenance=None, shard_size=64):
 
     Patients `assignment` does not name are left out. The records' bytes are unchanged;
     `schema.json` is the source's with the new splits (counts, shards, checksums) and a
-    `derived_from` entry. Written through a partial folder and a rename; an existing
-    `out` is kept as it is (it holds the same split).
+    `derived_from` entry. Written through `atomic_folder`; an existing `out` is kept
+    as it is (it holds the same split).
 
     Args:
         source: an ingested folder.
@@ -205,10 +204,7 @@ def write_split(source, out, assignment, provenance=None, shard_size=64):
         return out
     schema = read_schema(source)
     split_of = {pid: split for split, ids in assignment.items() for pid in ids}
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as staging:
         writer = _ShardWriter(staging, shard_size)
         spec = {"patient_id": tf.io.FixedLenFeature([], tf.string)}
         for split in schema["splits"]:
@@ -225,9 +221,4 @@ def write_split(source, out, assignment, provenance=None, shard_size=64):
         derived = {"source": str(pathlib.Path(source).resolve()), **(provenance or {})}
         (staging / "schema.json").write_text(json.dumps({**schema, "splits": splits, "derived_from": derived},
                                                         indent=2) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

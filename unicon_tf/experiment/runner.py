@@ -34,15 +34,15 @@ import time
 import keras
 
 from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
-from unicon_tf.evaluate import evaluate_run, head_metrics, predict_head, run_baselines
-from unicon_tf.evaluate.baselines import KINDS, head_modalities, head_name
+from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, predict_head
 from unicon_tf.evaluate.scores import MAIN_METRIC
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
-from unicon_tf.files import write_json_atomic
+from unicon_tf.files import atomic_folder, write_json_atomic
+from unicon_tf.run import BASELINES, Run
+from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
-from unicon_tf.train.stage import stage_folder
 
-ARMS = ("continual",) + KINDS
+ARMS = ("continual",) + BASELINES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +73,15 @@ class ExperimentPlan:
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad:
             raise ValueError(f"fractions must be in (0, 1], got {bad}.")
-        unknown = set(self.baselines) - set(KINDS)
+        unknown = set(self.baselines) - set(BASELINES)
         if unknown:
-            raise ValueError(f"unknown baseline(s) {sorted(unknown)}: expected some of {list(KINDS)}.")
+            raise ValueError(f"unknown baseline(s) {sorted(unknown)}: expected some of {list(BASELINES)}.")
         object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in self.fractions))))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
     @property
     def arms(self):
-        return ("continual",) + tuple(k for k in KINDS if k in self.baselines)
+        return ("continual",) + tuple(k for k in BASELINES if k in self.baselines)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -206,11 +206,12 @@ class Experiment:
             predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
             run = run_dir
         else:
-            run = run_dir / "baselines" / arm
+            run = Run(run_dir).baseline_dir(arm)
             for checkpoint in run.rglob("checkpoint"):  # an interrupted baseline stage starts again
                 shutil.rmtree(checkpoint)
-            result = run_baselines(pipeline, run_dir, kinds=[arm], verbose=self.verbose)[arm]
-            predictions = _baseline_predictions(pipeline, run, arm)
+            trained = train_baselines(pipeline, run_dir, kinds=[arm], verbose=self.verbose)
+            result = evaluate_baselines(run_dir, trained)[arm]
+            predictions = _baseline_predictions(pipeline, trained[arm], arm)
         final = {}
         for j, head in enumerate(result["tasks"]):
             column = [row[j] for row in result["matrix"] if j < len(row) and row[j] is not None]
@@ -220,7 +221,7 @@ class Experiment:
                   "record": str(record_file), "data": {s.name: str(s.data) for s in pipeline.stages},
                   "stages": result["stages"], "tasks": result["tasks"], "task_kinds": result["task_kinds"],
                   "main_metric": result["main_metric"],
-                  "modalities": {head_name(pipeline, j): head_modalities(pipeline, j) for j in stages},
+                  "modalities": {pipeline.head_name(j): pipeline.head_modalities(j) for j in stages},
                   "matrix": result["matrix"], "final": final, "predictions": predictions,
                   "seconds": round(time.time() - started, 1)}
         write_json_atomic(record_file, record)
@@ -277,14 +278,12 @@ def _copy_run(source, target):
     """Copy a run directory. The copy's lineage keeps the executions, their paths moved to the
     copy (so they are cache hits there), but not the source's events: each component run is
     counted where it ran."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    lineage = partial / "lineage.json"
-    if lineage.exists():
-        record = _moved(json.loads(lineage.read_text()), str(source), str(target))
-        write_json_atomic(lineage, {**record, "events": [], "copied_from": str(source)})
-    partial.rename(target)
+    with atomic_folder(target) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        lineage = staging / "lineage.json"
+        if lineage.exists():
+            record = _moved(json.loads(lineage.read_text()), str(source), str(target))
+            write_json_atomic(lineage, {**record, "events": [], "copied_from": str(source)})
 
 
 def _moved(value, old, new):
@@ -297,21 +296,15 @@ def _moved(value, old, new):
     return value
 
 
-def _baseline_predictions(pipeline, run, kind):
-    """Per-patient test predictions of every head of a baseline, from the model its final score is from."""
-    last = len(pipeline.stages) - 1
-    models = {}
-    predictions = {}
+def _baseline_predictions(pipeline, folders, kind):
+    """Per-patient test predictions of every head of a baseline, from the model its final
+    score is from (`folders`: the baseline's trained stage folders, as `train_baselines` gives them)."""
+    models, predictions = {}, {}
     for j, spec in enumerate(pipeline.stages):
-        if kind == "single_task":
-            path = stage_folder(run / spec.name, 0, spec.name) / "model.keras"
-        elif kind == "naive":
-            path = stage_folder(run, last, pipeline.stages[last].name) / "model.keras"
-        else:
-            path = run / "model.keras"
+        path = (folders[j] if kind == "single_task" else folders[-1]).model
         if path not in models:
             models[path] = keras.models.load_model(path)
-        head = head_name(pipeline, j)
+        head = pipeline.head_name(j)
         predictions[head] = _per_patient(spec.task, predict_head(models[path], head, spec.data, "test"))
     return predictions
 
