@@ -31,7 +31,11 @@ setup(
         "matplotlib",
         "tensorflow-serving-api>=2.18,<2.22",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
+        "beam": ["apache-beam>=2.77"],
+    },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -52,7 +52,12 @@ def describe(model_path, as_json):
 @click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
 @click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
-def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad):
+@click.option("--runner", type=click.Choice(["multiprocessing", "beam"]), default="multiprocessing", show_default=True,
+              help="Local process pool, or an Apache Beam pipeline (needs `pip install 'unicon-tf[beam]'`).")
+@click.option("--beam-args", default=None, metavar='"--runner=... ..."',
+              help="Beam pipeline options, one quoted string [default: DirectRunner]; see README.md.")
+def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
+           runner, beam_args):
     """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
     from unicon_tf import data
 
@@ -66,8 +71,8 @@ def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes,
         preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
                                            mask_classes=mask_classes)
         schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad,
-                             shard_size=shard_size)
-    except (data.DataError, ValueError) as error:
+                             shard_size=shard_size, runner=runner, beam_args=beam_args)
+    except (data.DataError, ValueError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     counts = ", ".join(f"{split} {info['count']}" for split, info in schema["splits"].items())
     rejected = out / "rejected.csv"
