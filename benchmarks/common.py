@@ -14,18 +14,6 @@ def integer_options(doc, **defaults):
     return parser.parse_args()
 
 
-def median_seconds(fn, repeats):
-    """Median wall time of `fn()` over `repeats` calls, after one warm-up call (tracing,
-    oneDNN primitive creation)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def interleaved_seconds(functions, repeats):
     """Median wall time of each of `functions` (`{name: fn}`), measured in turns A B A B ...
     so that machine drift during the run affects every one alike; one warm-up call each."""
