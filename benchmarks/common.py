@@ -3,6 +3,7 @@
 import argparse
 import time
 
+import keras
 import numpy as np
 
 
@@ -52,3 +53,16 @@ def graph_flops(concrete_function):
             value = None
         total += int(value or 0)
     return total
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training step of a `fit`, in `self.times` (reset by each fit)."""
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self.start)

@@ -17,18 +17,7 @@ import tensorflow as tf
 
 import unicon_tf
 from unicon_tf import data
-from common import integer_options
-
-
-class StepTimer(keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
-
-    def on_train_begin(self, logs=None):
-        self.times = []
+from common import StepTimer, integer_options
 
 
 def median_step(model, ds, steps):

@@ -33,25 +33,11 @@ import numpy as np
 import tensorflow as tf
 
 import unicon_tf
-from common import graph_flops, interleaved_seconds
+from common import StepTimer, graph_flops, interleaved_seconds
 from unicon_tf.train import ContinualModel
 from unicon_tf.train.losses import classification_loss
 
 WIDTH, DEPTH, BATCH = 16, 4, 2
-
-
-class StepTimes(keras.callbacks.Callback):
-    """Per-step wall times of every fit it is passed to, appended to `self.times`."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def batch_of(size, seed=0):
@@ -66,11 +52,10 @@ class Trainer:
     median step time of that call."""
 
     def __init__(self, model, x, y, steps):
-        self.model, self.steps, self.timer = model, steps, StepTimes()
+        self.model, self.steps, self.timer = model, steps, StepTimer()
         self.data = tf.data.Dataset.from_tensors((x, {"classification": y})).repeat()
 
     def __call__(self):
-        self.timer.times = []
         self.model.fit(self.data, epochs=1, steps_per_epoch=self.steps, verbose=0, callbacks=[self.timer])
         return float(np.median(self.timer.times[1:]))
 
