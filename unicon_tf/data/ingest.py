@@ -31,7 +31,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
 from unicon_tf.data.records import encode_example, sha256
@@ -49,8 +49,9 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         out: output folder; must not exist yet (or be empty).
         preprocessing: a `Preprocessing` (shape, spacing, windows, crop centre, ...).
         workers: processes preprocessing patients in parallel (default: CPU count).
-        skip_bad: write every good patient and list the bad ones in `rejected.csv`
-            instead of failing on the first bad one.
+        skip_bad: write every good patient and list the bad ones (a bad manifest row or a
+            bad image) in `rejected.csv` instead of failing on the first; problems of the
+            whole cohort (a required column missing, duplicate ids) stay fatal.
         shard_size: examples per TFRecord shard.
         verbose: show a progress bar.
         runner: `"multiprocessing"` (a local process pool) or `"beam"` (an Apache Beam
@@ -63,7 +64,8 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
 
     Raises:
         DataError: naming patient, file and field of the first bad input (without skip_bad),
-            or when no patient is usable. Nothing is written in that case.
+            a cohort-level problem, a modality scaled both per patient by the manifest and
+            by its window's `scale`, or when no patient is usable. Nothing is written then.
         ImportError: `runner="beam"` without Apache Beam installed.
 
     Example:
@@ -73,9 +75,14 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError("output folder already exists and is not empty; choose a new one", file=out, field="out")
-    cohort = read_manifest(manifest)
+    cohort = read_manifest(manifest, skip_bad=skip_bad)
     for modality in cohort.modalities:
         preprocessing.window(modality)
+        if modality in cohort.scaling:
+            try:
+                preprocessing.check_per_patient_scale(modality, f"manifest: {cohort.scaling[modality]}")
+            except ValueError as error:
+                raise DataError(str(error), file=cohort.path, field=modality) from error
     if runner not in RUNNERS:
         raise ValueError(f"Unknown ingestion runner '{runner}': expected one of {list(RUNNERS)}.")
     workers = max(1, int(workers or os.cpu_count() or 1))
@@ -92,13 +99,13 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
             writer = _ShardWriter(staging, shard_size)
             outcomes = _process_and_write(cohort, preprocessing, workers, writer)
         stats = _Stats(cohort.modalities)
-        rejected = []
+        rejected = list(cohort.rejected)  # (patient_id, split, DataError), manifest rows first
         progress = tf.keras.utils.Progbar(len(cohort), unit_name="patient") if verbose else None
         for done, (patient, outcome) in enumerate(outcomes, 1):
             if isinstance(outcome, DataError):
                 if not skip_bad:
                     raise outcome
-                rejected.append((patient, outcome))
+                rejected.append((patient.patient_id, patient.split, outcome))
             else:
                 stats.add(patient.split, outcome)
             if progress:
@@ -106,8 +113,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         if runner != "beam":
             splits = writer.close()
         if not splits:
-            raise DataError("no usable patient: every patient was rejected (see the reasons above)",
-                            file=cohort.path, field="patients")
+            raise no_usable_patient(cohort.path, rejected)
         if rejected:
             _write_rejected(staging / "rejected.csv", rejected)
         schema = _schema(cohort, preprocessing, splits, stats)
@@ -308,6 +314,7 @@ def _schema(cohort, preprocessing, splits, stats):
         "manifest": str(cohort.path.resolve()),
         "modalities": list(cohort.modalities),
         "targets": list(cohort.targets),
+        "scaling": dict(cohort.scaling),
         "features": features,
         "preprocessing": preprocessing.to_json(),
         "compression": "GZIP",
@@ -319,6 +326,6 @@ def _write_rejected(path, rejected):
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["patient_id", "split", "file", "field", "reason"])
-        for patient, error in rejected:
-            writer.writerow([patient.patient_id, patient.split, error.file or "", error.field or "", error.reason])
+        for patient_id, split, error in rejected:
+            writer.writerow([patient_id, split, error.file or "", error.field or "", error.reason])
 

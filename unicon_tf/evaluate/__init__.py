@@ -1,11 +1,15 @@
 """Evaluation: every head after every stage, continual-learning measures, blessing,
 baselines and a report with figures."""
 
-from unicon_tf.evaluate.baselines import KINDS, JointModel, load_baselines, run_baselines
-from unicon_tf.evaluate.evaluator import evaluate_run, stage_records, write_label_maps
-from unicon_tf.evaluate.matrix import bless, summarize
-from unicon_tf.evaluate.report import format_gain, pet_gain, write_report
-from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.evaluate.baselines import KINDS, JointModel, load_baselines, run_baselines  # noqa: E402
+from unicon_tf.evaluate.evaluator import evaluate_run, stage_records, write_label_maps  # noqa: E402
+from unicon_tf.evaluate.matrix import bless, summarize  # noqa: E402
+from unicon_tf.evaluate.report import format_gain, pet_gain, write_report  # noqa: E402
+from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score  # noqa: E402
 
 __all__ = [
     "KINDS", "JointModel", "MAIN_METRIC", "bless", "evaluate_run", "format_gain", "head_metrics", "load_baselines",

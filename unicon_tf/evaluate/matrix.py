@@ -93,7 +93,10 @@ def bless(matrix, stage, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
         else:
             reasons.append(f"{tasks[j]}: {before:.4f} -> {after:.4f} (drop {max(drop, 0.0):.4f} <= tolerance {allowed})")
     own = r[stage, stage]
-    if np.isnan(own) or own < threshold:
+    if np.isnan(own):
+        reasons.append(f"{tasks[stage]}: not measured (non-finite outputs, or a split it cannot be scored on)")
+        blessed = False
+    elif own < threshold:
         reasons.append(f"{tasks[stage]}: {own:.4f} is below the threshold {threshold}")
         blessed = False
     else:

@@ -22,7 +22,10 @@ class ContinualModel(keras.Model):
 
     Args:
         network: the unicon model (inputs dict -> outputs dict).
-        heads: `{head name: task}` trained this stage; targets come as `y[head]`.
+        heads: `{head name: task}` trained this stage; targets come as `y[head]`, optional
+            per-patient sample weights (Keras' third element of a batch) as one `(B,)`
+            array or `{head: (B,)}`; they weight the task losses (not the plugin terms or
+            the reported metrics).
         plugins: `Plugin`s adding loss terms. A `Distillation` with alpha = 0 is only
             evaluated in `test_step`, to report how far old heads moved from the teacher.
         **kwargs: `keras.Model` arguments.
@@ -55,11 +58,19 @@ class ContinualModel(keras.Model):
     def _active(self, plugin):
         return not (isinstance(plugin, Distillation) and plugin.alpha == 0.0)
 
+    def _task_terms(self, targets, outputs, sample_weight):
+        """`{head_loss: value}`; `sample_weight` is None, one `(B,)` array or `{head: (B,)}`."""
+        def weight(head):
+            return sample_weight.get(head) if isinstance(sample_weight, dict) else sample_weight
+
+        return {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h], sample_weight=weight(h))
+                for h, t in self.heads.items()}
+
     def train_step(self, data):
-        inputs, targets = data
+        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
-            terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+            terms = self._task_terms(targets, outputs, sample_weight)
             terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if self._active(p)})
             loss = tf.add_n(list(terms.values()))
         variables = self.trainable_variables
@@ -67,9 +78,9 @@ class ContinualModel(keras.Model):
         return self._record(loss, terms, targets, outputs)
 
     def test_step(self, data):
-        inputs, targets = data
+        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         outputs = self(inputs, training=False)
-        terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+        terms = self._task_terms(targets, outputs, sample_weight)
         for plugin in self.plugins:
             if isinstance(plugin, Distillation):
                 per_head = plugin.terms(inputs, outputs)
