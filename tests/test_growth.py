@@ -50,7 +50,7 @@ def test_old_heads_stay_bit_identical_and_fine_levels_are_shared(start, volumes)
         assert (features[start - 1] is base[start - 1]) == (head == "segmentation")  # PET is fused in there
     # Adapters exist only where the path computes: levels >= start.
     encoder = model.get_layer("encoder")
-    adapted = {conv.name for conv in encoder.adaptable_convs if "segmentation" in conv.adapters}
+    adapted = {conv.name for conv in encoder.adaptable_layers if "segmentation" in conv.adapters}
     computed = {layer.name for layer in encoder.levels_from(start).layers if isinstance(layer, AdaptableConv3D)}
     assert adapted == computed and all(not name.startswith("level0_") for name in adapted)
 
@@ -96,6 +96,11 @@ def test_adapter_start_errors_name_the_problem(small_foundation):
     model = unicon_tf.expand(small_foundation, modality="pet", task="segmentation", adapter_start=1)
     with pytest.raises(ValueError, match=r"already fuses \['ct', 'pet'\] at encoder level 1"):
         unicon_tf.expand(model, task="prognosis", modalities=["ct", "pet"], adapters=2, adapter_start=2)
+    vit = unicon_tf.foundation(SHAPE, encoder="vit", patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
+                               mlp_dim=64)
+    with pytest.raises(ValueError, match=r"adapter_start=1 needs .*residual CNN.*use adapter_start=0"):
+        unicon_tf.expand(vit, task="segmentation", adapters=2, adapter_start=1)
+    assert unicon_tf.describe(vit)["encoder"]["adapters"] == {}  # refused before anything was added
 
 
 def test_pipeline_stage_option(tmp_path):

@@ -3,9 +3,9 @@
 | component    | inputs                      | outputs                  | calls                        |
 |--------------|-----------------------------|--------------------------|------------------------------|
 | `ExampleGen` | -                           | Examples                 | `unicon_tf.data.ingest`      |
-| `Trainer`    | Examples, base Model        | Model                    | `unicon_tf.train.train_stage`|
-| `Evaluator`  | Model                       | Evaluation, Blessing     | `unicon_tf.evaluate`         |
-| `Pusher`     | Model, Blessing             | PushedModel (or skipped) | `unicon_tf.serving`          |
+| `Trainer`    | Examples, base Model        | Model                    | `unicon_tf.train.fit_stage`  |
+| `Evaluator`  | Model, baseline Evaluation  | Evaluation, Blessing     | `unicon_tf.evaluate.evaluate_stage` |
+| `Pusher`     | Model, Blessing             | PushedModel (or skipped) | `unicon_tf.serving.push_stage` |
 """
 
 from unicon_tf._quiet import import_tensorflow_quietly
@@ -13,6 +13,7 @@ from unicon_tf._quiet import import_tensorflow_quietly
 import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
 
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint  # noqa: E402
-from unicon_tf.components.runner import COMPONENTS, LocalRunner, format_lineage  # noqa: E402
+from unicon_tf.components.runner import COMPONENTS, LocalRunner, execute_recorded, format_lineage  # noqa: E402
 
-__all__ = ["Artifact", "COMPONENTS", "ComponentSpec", "LocalRunner", "fingerprint", "format_lineage"]
+__all__ = ["Artifact", "COMPONENTS", "ComponentSpec", "LocalRunner", "execute_recorded", "fingerprint",
+           "format_lineage"]

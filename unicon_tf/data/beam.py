@@ -50,7 +50,7 @@ def run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args=Non
         the schema's `splits` (empty when nothing was written).
 
     Raises:
-        ImportError: Apache Beam is not installed.
+        DataError: Apache Beam is not installed (field `runner`).
         ValueError: shard_size < 1.
     """
     beam = import_beam()
@@ -82,13 +82,12 @@ def run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args=Non
 
 
 def import_beam():
-    """`apache_beam`, or an ImportError that says how to install it."""
+    """`apache_beam`, or a DataError (field `runner`) that says how to install it."""
     try:
         import apache_beam
     except ImportError as error:
-        raise ImportError(
-            "Ingestion with --runner beam needs Apache Beam: pip install 'unicon-tf[beam]'"
-        ) from error
+        raise DataError("ingestion with --runner beam needs Apache Beam: pip install 'unicon-tf[beam]'",
+                        field="runner") from error
     return apache_beam
 
 

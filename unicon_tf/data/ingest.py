@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -34,7 +33,8 @@ import tensorflow as tf
 from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
-from unicon_tf.data.records import encode_example, sha256
+from unicon_tf.data.records import encode_example
+from unicon_tf.files import atomic_folder, sha256
 
 SCHEMA_VERSION = 1
 RUNNERS = ("multiprocessing", "beam")
@@ -66,7 +66,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         DataError: naming patient, file and field of the first bad input (without skip_bad),
             a cohort-level problem, a modality scaled both per patient by the manifest and
             by its window's `scale`, or when no patient is usable. Nothing is written then.
-        ImportError: `runner="beam"` without Apache Beam installed.
+        DataError: `runner="beam"` without Apache Beam installed (field `runner`).
 
     Example:
     >>> schema = ingest("cohort/manifest.csv", "data/ct32",
@@ -87,10 +87,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         raise ValueError(f"Unknown ingestion runner '{runner}': expected one of {list(RUNNERS)}.")
     workers = max(1, int(workers or os.cpu_count() or 1))
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as staging:
         if runner == "beam":
             from unicon_tf.data.beam import run_beam
 
@@ -119,21 +116,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         schema = _schema(cohort, preprocessing, splits, stats)
         (staging / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
         (staging / "stats.json").write_text(json.dumps(stats.summary(), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return schema
-
-
-def read_schema(directory):
-    """The `schema.json` of an ingested cohort folder."""
-    path = pathlib.Path(directory) / "schema.json"
-    if not path.is_file():
-        raise DataError("not an ingested cohort: schema.json is missing", file=path, field="schema")
-    return json.loads(path.read_text())
 
 
 def process_patient(patient, preprocessing, targets):

@@ -23,9 +23,17 @@ import keras
 import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.heads import HEADS, Head
+from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
+from unicon_tf.model.pretrained import load_pretrained
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
+from unicon_tf.model.unetr import UNETRHead
+from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 from unicon_tf.names import check_name
+
+VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
+               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
+"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
+LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
 
 
 def foundation(
@@ -51,12 +59,23 @@ def foundation(
         num_classes: classes of a classification or segmentation head.
         width: channels of the built-in encoder's first level (and of the stem).
         depth: levels of the built-in encoder.
-        encoder: optional user backbone (bring your own pretrained encoder): a functional
-            `keras.Model` from a volume `(D, H, W, C)` to a list of multi-scale feature maps,
-            finest first. With C == 1 the stem passes the volume through unchanged.
+        encoder: None (the residual CNN), `"vit"` (a 3D ViT: patch-embedding stems, LoRA on
+            attention, UNETR segmentation; options below), or a user backbone (bring your
+            own pretrained encoder): a functional `keras.Model` from a volume `(D, H, W, C)`
+            to a list of multi-scale feature maps, finest first. With C == 1 the stem passes
+            the volume through unchanged.
         name: the model's name.
-        head_name: the head's (and output's) name; defaults to the task.
-        **head_options: further options of the head (see `unicon_tf.model.heads`).
+        head_name: the head's (and output's) name; defaults to the task, suffixed with the
+            modalities when it reads several (`default_head_name`).
+        **head_options: further options of the head (see `unicon_tf.model.heads`), and
+            with `encoder="vit"` the `VIT_OPTIONS`: `patch_size` (int or per axis, default
+            16; a power of two for UNETR), `hidden_size` (768), `num_layers` (12),
+            `num_heads` (12), `mlp_dim` (3072), `position` (`learned` | `sincos`),
+            `position_grid` (the learned embedding's token grid, default the model's;
+            another grid is interpolated), `feature_layers`, `qkv_bias`,
+            `adapter_targets` (default `["query", "value"]`), `weights` (a MONAI ViT
+            state dict, `.safetensors` or `.npz`, loaded into the CT stem and encoder)
+            and `weights_format`.
 
     Returns:
         A functional `keras.Model` with inputs `{modality: (batch, D, H, W, 1)}` and
@@ -64,7 +83,10 @@ def foundation(
 
     Raises:
         InvalidNameError: a modality or head name breaks `unicon_tf.names.check_name`.
-        ValueError: a shape the encoder cannot take, an unknown task or head option.
+        ValueError: `input_shape` is not three positive dims or not divisible by the
+            encoder's stride; `modality` names no or repeated modalities; an unknown
+            `task` or head option; `num_classes` < 2.
+        PretrainedWeightsError: `weights` that do not fit the ViT.
 
     Example:
     >>> model = foundation((32, 32, 32), modality="ct", task="classification", num_classes=2)
@@ -72,15 +94,23 @@ def foundation(
     ['classification']
     """
     input_shape = _spatial_shape(input_shape)
-    if encoder is None:
+    vit_options = {k: head_options.pop(k) for k in VIT_OPTIONS if k in head_options}
+    if vit_options and encoder != "vit":
+        raise ValueError(f"Option(s) {sorted(vit_options)} apply to encoder='vit' only.")
+    weights = vit_options.pop("weights", None), vit_options.pop("weights_format", None)
+    stem_options = {}
+    if encoder is None or encoder == "residual":
         stride = 2 ** (depth - 1)
         _check_divisible(input_shape, stride)
-        backbone = residual_backbone(input_channels=width, width=width, depth=depth)
-        stem_kind = "conv"
+        shared = SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
+    elif encoder == "vit":
+        shared = _vit_encoder(input_shape, **vit_options)
+        stem_options = shared.stem_options()
+    elif isinstance(encoder, str):
+        raise ValueError(f"Unknown encoder '{encoder}': expected 'residual', 'vit' or a keras.Model backbone.")
     else:
-        backbone = encoder
-        stem_kind = "identity" if backbone.inputs[0].shape[-1] == 1 else "conv"
-    shared = SharedEncoder(backbone, name="encoder")
+        shared = SharedEncoder(encoder, name="encoder")
+        stem_options = {"kind": "identity" if encoder.inputs[0].shape[-1] == 1 else "conv"}
     _check_feature_scales(shared, input_shape)
 
     modalities = [modality] if isinstance(modality, str) else list(modality)
@@ -88,17 +118,33 @@ def foundation(
         raise ValueError(f"modality must name one or more distinct modalities, got {modality!r}.")
     for m in modalities:
         check_name(m, "modality")
-    check_name(head_name or task, "head")
+    head_name = check_name(head_name or default_head_name(task, modalities), "head")
     inputs = {m: keras.Input(input_shape + (1,), name=m) for m in modalities}
-    stems = [ModalityStem(m, channels=shared.input_channels, stage=0, kind=stem_kind)(inputs[m]) for m in modalities]
+    stems = [ModalityStem(m, channels=shared.input_channels, stage=0, **stem_options)(inputs[m]) for m in modalities]
     path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
     features = shared(path)
-    head = _make_head(task, shared, input_shape, name=head_name or task, modalities=modalities, stage=0,
+    head = _make_head(task, shared, input_shape, name=head_name, modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
-    return keras.Model(inputs, {head.name: head(features)}, name=name)
+    model = keras.Model(inputs, {head.name: _apply_head(head, features, inputs)}, name=name)
+    if weights[0] is not None:
+        load_pretrained(model, weights[0], format=weights[1])
+    return model
 
 
-def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_start=0,
+def _vit_encoder(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS,
+                 **options):
+    """`SharedEncoder` around `vit_backbone` for volumes of `input_shape`."""
+    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
+    if any(d % p for d, p in zip(input_shape, patch)):
+        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
+    grid = tuple(d // p for d, p in zip(input_shape, patch))
+    backbone = vit_backbone(position_grid or grid, **options)
+    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
+
+
+def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None, adapter_start=0,
            **head_options):
     """Add a head (and optionally a modality) to a model, sharing every existing layer.
 
@@ -110,10 +156,14 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         name: the new head's (and output's) name; defaults to the task, suffixed with the
             modalities when it reads several (`segmentation_ctpet`).
         adapters: rank r of zero-initialised low-rank adapters on the encoder's Conv3D
-            kernels, used only on the new head's path; None for none.
+            kernels (ViT: attention projections), used only on the new head's path; None
+            for none.
         modalities: the modalities the new head reads (default: the first modality, plus
             `modality` when given).
-        adapter_start: the first encoder level the new path computes (0: all levels).
+        adapter_targets: for a ViT, the projections the adapters go on, from `query`,
+            `key`, `value`, `out`, `mlp` (default: the encoder's, `["query", "value"]`).
+        adapter_start: the first encoder level the new path computes (0: all levels; the
+            residual CNN only: a ViT computes every block at one resolution).
             With s > 0 the path reuses the base (no adapter) feature maps of its first
             modality for levels < s; the adapters act on levels >= s only, and a new
             modality is fused (its stem features average-pooled to that grid) into the
@@ -127,7 +177,9 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
 
     Raises:
         InvalidNameError: `modality` or `name` breaks `unicon_tf.names.check_name`.
-        ValueError: an unknown task or option, a modality or head that exists already.
+        ValueError: no or an unknown `task`, an unknown head option, a `modality` the
+            model already has, `modalities` it has no stem for, a head `name` already
+            used, or an adapter rank < 1.
 
     Example:
     >>> model = foundation((32, 32, 32))
@@ -139,30 +191,33 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     parts = model_parts(model)
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
-    if task not in HEADS:
-        raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    unknown = sorted(set(head_options) - set(HEADS[task].options()))
+    head_class = task_head(task, vit=is_vit(parts["encoder"].backbone))
+    unknown = sorted(set(head_options) - set(head_class.options()))
     if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {HEADS[task].options()}.")
+        raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {head_class.options()}.")
     if modality is not None:
         check_name(modality, "modality")
     if modality is not None and modality in parts["stems"]:
         raise ValueError(f"Modality '{modality}' is already present (stem 'stem_{modality}').")
     primary = min(parts["stems"].values(), key=lambda stem: stem.stage).modality
-    if modalities is None:
-        modalities = [primary] if modality is None else [primary, modality]
-    modalities = list(modalities)
+    modalities = list(modalities) if modalities is not None else default_modalities(primary, modality)
     known = set(parts["stems"]) | ({modality} if modality else set())
     missing = [m for m in modalities if m not in known]
     if missing:
         raise ValueError(f"The head would read modalities {missing} that the model has no stem for.")
-    name = check_name(name or (task if len(modalities) == 1 else f"{task}_{''.join(modalities)}"), "head")
+    name = check_name(name or default_head_name(task, modalities), "head")
     if name in model.output or any(layer.name == name for layer in model.layers):
         raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
     if adapters is not None and int(adapters) < 1:
         raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
+    if adapter_targets is not None and adapters is None:
+        raise ValueError("adapter_targets chooses where adapters go: pass adapters=r (a rank) with it.")
     encoder = parts["encoder"]
     adapter_start = int(adapter_start or 0)
+    if adapter_start and is_vit(encoder.backbone):
+        raise ValueError(f"adapter_start={adapter_start} needs an encoder whose levels are computed one from the "
+                         "previous (the residual CNN); the ViT's feature states all come from one token grid: "
+                         "use adapter_start=0.")
     if not 0 <= adapter_start < encoder.depth:
         raise ValueError(f"adapter_start must be an encoder level in [0, {encoder.depth - 1}], got {adapter_start}.")
 
@@ -173,16 +228,16 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     stem_outputs = {m: stem.output for m, stem in parts["stems"].items()}
     if modality is not None:
         inputs[modality] = keras.Input(input_shape + (1,), name=modality)
-        stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage)
+        stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage, **encoder.stem_options())
         stem_outputs[modality] = stem(inputs[modality])
 
     same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
     adapter = None
     if adapters is not None:
-        encoder.add_adapter(name, rank=adapters, start=adapter_start)
+        encoder.add_adapter(name, rank=adapters, targets=adapter_targets, start=adapter_start)
         adapter = name
     if adapter is None and same_path:
-        features = same_path[0].input
+        features = same_path[0].encoder_features(same_path[0].input)
     elif adapter_start == 0:
         first = stem_outputs[modalities[0]]
         path_input = _fused(parts, modalities, stage, 0, first, stem_outputs) if len(modalities) > 1 else first
@@ -200,7 +255,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
 
     head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
                       adapter_rank=adapters, adapter_start=adapter_start, **head_options)
-    outputs[name] = head(features)
+    outputs[name] = _apply_head(head, features, inputs)
     return keras.Model(inputs, outputs, name=model.name)
 
 
@@ -240,6 +295,7 @@ def describe(model):
             for mods, f in parts["fusions"].items()
         },
         "encoder": {
+            **(vit_summary(encoder) if is_vit(encoder.backbone) else {}),
             "params": base_params,
             "levels": [list(shape[1:]) for shape in encoder.feature_shapes(input_shape)],
             "adapters": adapters,
@@ -267,7 +323,7 @@ def _base_features(parts, encoder, stem_output, modality):
     or a new encoder call that later paths share."""
     for head in parts["heads"].values():
         if head.modalities == [modality] and head.adapter is None:
-            return list(head.input)
+            return list(head.encoder_features(head.input))
     return list(encoder(stem_output))
 
 
@@ -304,15 +360,29 @@ def non_finite_weights(model):
     return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
-def _make_head(task, encoder, input_shape, **options):
+def task_head(task, vit=False):
+    """The head class for `task`: on a ViT encoder (`vit=True`) segmentation is UNETR."""
     if task not in HEADS:
         raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    head_class = HEADS[task]
+    if task == "segmentation" and vit:
+        return UNETRHead
+    return HEADS[task]
+
+
+def _apply_head(head, features, inputs):
+    """The head's output tensor; a head that reads volumes also gets its modalities' inputs."""
+    if not head.reads_volumes:
+        return head(features)
+    return head(list(features) + [inputs[m] for m in head.modalities])
+
+
+def _make_head(task, encoder, input_shape, **options):
+    head_class = task_head(task, vit=is_vit(encoder.backbone))
     if task == "classification" or task == "segmentation":
         options.setdefault("num_classes", 2)
     else:
         options.pop("num_classes", None)
-    if task == "segmentation":
+    if head_class is HEADS["segmentation"]:
         finest = encoder.feature_shapes(input_shape)[0]
         options["final_upsampling"] = input_shape[0] // finest[1]
     return head_class(**options)

@@ -34,6 +34,7 @@ class Head(keras.layers.Layer):
     """
 
     task = None
+    reads_volumes = False  # True: called on encoder features + the raw volume of each modality
 
     def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, adapter_start=0, **kwargs):
         kwargs.setdefault("name", self.task)
@@ -47,6 +48,10 @@ class Head(keras.layers.Layer):
     def adapter(self):
         """Name of the encoder adapter this head's path uses, or None."""
         return self.name if self.adapter_rank else None
+
+    def encoder_features(self, inputs):
+        """The encoder's feature maps among the head's inputs (all of them unless it reads volumes)."""
+        return inputs
 
     def used_features(self, features):
         """The feature maps this head reads (all levels unless a subclass needs fewer)."""
@@ -273,3 +278,26 @@ class SegmentationHead(Head):
 
 HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
 """Task name -> head class; `expand(task=...)` accepts these names."""
+
+
+def default_head_name(task, modalities):
+    """A head's name when none is given: the task, suffixed with the modalities when it
+    reads several.
+
+    Example:
+    >>> default_head_name("segmentation", ["ct"]), default_head_name("segmentation", ["ct", "pet"])
+    ('segmentation', 'segmentation_ctpet')
+    """
+    modalities = list(modalities)
+    return task if len(modalities) == 1 else f"{task}_{''.join(modalities)}"
+
+
+def default_modalities(primary, modality=None):
+    """The modalities a new head reads when none are given: the model's first modality,
+    plus the new `modality` when the stage adds one.
+
+    Example:
+    >>> default_modalities("ct"), default_modalities("ct", "pet")
+    (['ct'], ['ct', 'pet'])
+    """
+    return [primary] + ([modality] if modality else [])

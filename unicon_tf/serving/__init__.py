@@ -11,6 +11,7 @@ from unicon_tf.serving.export import (  # noqa: E402
     export_model,
     export_stage,
     next_version,
+    push_stage,
     remove_stale_exports,
     signatures,
     update_models_config,
@@ -20,5 +21,6 @@ from unicon_tf.serving.inference import check_request, gaussian_weights, predict
 
 __all__ = [
     "ExportError", "check_exportable", "check_parity", "check_request", "export_model", "export_stage",
-    "gaussian_weights", "next_version", "predict_nifti", "remove_stale_exports", "signatures", "sliding_window", "update_models_config", "write_warmup",
+    "gaussian_weights", "next_version", "predict_nifti", "push_stage", "remove_stale_exports", "signatures",
+    "sliding_window", "update_models_config", "write_warmup",
 ]

@@ -12,9 +12,9 @@ classification `probabilities` and `class`, prognosis `risk`, segmentation
 
 Versions are integers; a new export claims the next free one atomically (a `.claim-<v>`
 hard link, so concurrent exports get distinct versions), is written to a hidden
-`.partial-<v>-<pid>` folder and renamed into place, so a half-written version is never
-visible and an existing one is never touched; claims and partial folders of dead
-processes are removed by the next export. Before the rename, every signature of the reloaded
+`.partial-<v>-<pid>` folder and renamed into place (`unicon_tf.files.atomic_folder`), so a
+half-written version is never visible and an existing one is never touched; claims and
+partial folders of dead processes are removed by the next export. Before the rename, every signature of the reloaded
 SavedModel is checked against the Keras model (max abs difference <= 1e-5).
 """
 
@@ -30,9 +30,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.files import write_text_atomic
+from unicon_tf.data.records import read_schema
+from unicon_tf.files import atomic_folder, write_text_atomic
 from unicon_tf.model import model_parts, non_finite_weights
 from unicon_tf.names import InvalidNameError, check_name
+from unicon_tf.run import Evaluation, Run, StageFolder
 
 PARITY_TOLERANCE = 1e-5
 
@@ -41,13 +43,19 @@ class ExportError(RuntimeError):
     """An export that must not happen (unblessed stage, parity failure, bad version)."""
 
 
+SERVING_OUTPUTS = {
+    "classification": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
+                                      "class": tf.argmax(output, axis=-1)},
+    "prognosis": lambda output: {"risk": output},
+    "segmentation": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
+                                    "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)},
+}
+"""Task -> the named serving outputs of a head's raw output."""
+
+
 def head_outputs(task, output):
-    """The named serving outputs of a head's raw output."""
-    if task == "classification":
-        return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
-    if task == "prognosis":
-        return {"risk": output}
-    return {"probabilities": tf.nn.softmax(output, axis=-1), "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)}
+    """The named serving outputs of a head's raw output (`SERVING_OUTPUTS[task]`)."""
+    return SERVING_OUTPUTS[task](output)
 
 
 def signatures(model):
@@ -200,36 +208,37 @@ def export_model(model, base, model_name, metadata=None, version=None, parity_ba
     model_dir.mkdir(parents=True, exist_ok=True)
     version, claim = _claim_version(model_dir, version)
     final = model_dir / str(version)
-    staging = model_dir / f".partial-{version}-{os.getpid()}"
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        endpoints = signatures(model)
-        for name, (_, fn, specs) in endpoints.items():
-            archive.add_endpoint(name=name, fn=fn, input_signature=specs)
-        archive.write_out(str(staging), verbose=False)
-        batch = parity_batch or _noise_batch(model)
-        parity = check_parity(model, staging, batch)
-        write_warmup(staging, model_name, endpoints, batch)
-        info = {"model_name": model_name, "version": version, **(metadata or {}),
-                "signatures": {name: {"inputs": mods} for name, (mods, _, _) in endpoints.items()},
-                "heads": {name: {"task": h.task, "modalities": h.modalities, "stage": h.stage}
-                          for name, h in model_parts(model)["heads"].items()},
-                "input_shape": list(next(iter(model.input.values())).shape[1:4]), "parity_max_abs_diff": parity}
-        (staging / "unicon.json").write_text(json.dumps(info, indent=2) + "\n")
-        if example_request:
-            modalities = endpoints["serving_default"][0]
-            shape = info["input_shape"] + [1]
-            request = {"signature_name": "serving_default",
-                       "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
-            (staging / "request.json").write_text(json.dumps(request))
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_folder(final, staging=model_dir / f".partial-{version}-{os.getpid()}") as staging:
+            _write_version(staging, model, model_name, version, metadata, parity_batch, example_request)
     finally:
         claim.unlink(missing_ok=True)
     return final
+
+
+def _write_version(staging, model, model_name, version, metadata, parity_batch, example_request):
+    """The SavedModel, its parity check, warmup requests, unicon.json (and request.json) in `staging`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    endpoints = signatures(model)
+    for name, (_, fn, specs) in endpoints.items():
+        archive.add_endpoint(name=name, fn=fn, input_signature=specs)
+    archive.write_out(str(staging), verbose=False)
+    batch = parity_batch or _noise_batch(model)
+    parity = check_parity(model, staging, batch)
+    write_warmup(staging, model_name, endpoints, batch)
+    info = {"model_name": model_name, "version": version, **(metadata or {}),
+            "signatures": {name: {"inputs": mods} for name, (mods, _, _) in endpoints.items()},
+            "heads": {name: {"task": h.task, "modalities": h.modalities, "stage": h.stage}
+                      for name, h in model_parts(model)["heads"].items()},
+            "input_shape": list(next(iter(model.input.values())).shape[1:4]), "parity_max_abs_diff": parity}
+    (staging / "unicon.json").write_text(json.dumps(info, indent=2) + "\n")
+    if example_request:
+        modalities = endpoints["serving_default"][0]
+        shape = info["input_shape"] + [1]
+        request = {"signature_name": "serving_default",
+                   "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
+        (staging / "request.json").write_text(json.dumps(request))
 
 
 def check_exportable(model):
@@ -355,26 +364,56 @@ def export_stage(run_dir, stage=None, base="saved_models", model_name=None, forc
 
     Returns:
         The version folder's path.
-    """
-    from unicon_tf.data import read_schema
-    from unicon_tf.evaluate import stage_records
 
-    record = stage_records(run_dir, stage)[-1]
-    blessing_file = record["folder"] / "evaluation" / "blessing.json"
-    blessing = json.loads(blessing_file.read_text()) if blessing_file.exists() else None
+    Raises:
+        ExportError: the stage is not evaluated or not blessed (without `force`), or
+            the export fails its parity check.
+        FileNotFoundError: `run_dir` is not a run directory.
+        ValueError: `stage` is not trained there.
+    """
+    folder = Run(run_dir).trained_stages(stage)[-1]
+    record = folder.record()
+    blessing = Evaluation(folder.evaluation).blessing()
     if not force:
         if blessing is None:
-            raise ExportError(f"Stage '{record['stage']}' has not been evaluated ({blessing_file} is missing): "
+            raise ExportError(f"Stage '{record['stage']}' has not been evaluated "
+                              f"({Evaluation(folder.evaluation).blessing_file} is missing): "
                               "run unicon-tf evaluate first, or pass --force.")
         if not blessing["blessed"]:
             raise ExportError(f"Stage '{record['stage']}' is not blessed: " + "; ".join(blessing["reasons"])
                               + ". Pass --force to export it anyway.")
-    run = json.loads((pathlib.Path(run_dir) / "run.json").read_text())
-    model_name = model_name or run["pipeline"]
-    model = keras.models.load_model(record["folder"] / "model.keras")
+    return push_stage(folder, base, model_name, blessing=blessing, labels=labels, serving_root=serving_root,
+                      example_request=example_request)
+
+
+def push_stage(stage, base="saved_models", model_name=None, blessing=None, labels=None, serving_root="/models",
+               example_request=False):
+    """Export a trained stage's model as the next version and list it in `models.config`.
+
+    The gate is the caller's: `export_stage` (the CLI) and the Pusher component check the
+    blessing once, then call this.
+
+    Args:
+        stage: the stage's folder (`StageFolder` or path: a Model artifact's URI).
+        base: TF Serving base folder.
+        model_name: the served name (default: the stage's pipeline's name).
+        blessing: the stage's blessing, kept in `unicon.json` (None: exported unevaluated).
+        labels, serving_root, example_request: see `export_stage`.
+
+    Returns:
+        The version folder's path.
+
+    Raises:
+        ExportError: the SavedModel fails its parity check.
+        StageError: the folder holds no trained stage.
+    """
+    stage = stage if isinstance(stage, StageFolder) else StageFolder(stage)
+    record = stage.record()
+    model_name = model_name or record["pipeline"]
+    model = keras.models.load_model(stage.model)
     schema = read_schema(record["data"]["path"])
-    metadata = {"stage": record["stage"], "run_dir": str(pathlib.Path(run_dir).resolve()),
-                "pipeline": run["pipeline"], "blessing": blessing, "forced": bool(force and not (blessing or {}).get("blessed")),
+    metadata = {"stage": record["stage"], "stage_dir": str(stage.path.resolve()), "pipeline": record["pipeline"],
+                "blessing": blessing, "forced": not (blessing or {}).get("blessed", False),
                 "preprocessing": schema["preprocessing"], "modalities": schema["modalities"],
                 "scaling": schema.get("scaling", {})}
     version_dir = export_model(model, base, model_name, metadata=metadata, example_request=example_request)

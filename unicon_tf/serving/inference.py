@@ -125,7 +125,10 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
             `unicon_tf.data.suv`).
 
     Returns:
-        The prediction dict (also in `prediction.json`).
+        The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
+        `heads`, `{head: outputs}`: classification `probabilities` and `class`, prognosis
+        `risk`, segmentation `label_map` (the NIfTI file's path) and `voxels` per class;
+        `{"skipped": reason}` for a head whose modalities were not given.
 
     Raises:
         DataError: an image ingestion would refuse (unreadable, not 3D, not overlapping

@@ -1,7 +1,7 @@
 """`ContinualModel`: a stage's training loop over a unicon network (TensorFlow backend).
 
     loss = sum over this stage's heads of task_loss(head)
-         + sum over plugins of plugin.penalty   (alpha x distillation, beta x L2-SP / EWC)
+         + sum over active plugins of plugin.penalty   (alpha x distillation, beta x L2-SP / EWC)
 
 The network is the functional model that gets saved; the wrapper only adds the training
 step, and its plugins keep the teacher out of Keras' variable tracking, so the teacher is
@@ -14,7 +14,6 @@ import tensorflow as tf
 from unicon_tf.model import model_parts
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.metrics import task_metrics
-from unicon_tf.train.plugins import Distillation
 
 
 class ContinualModel(keras.Model):
@@ -26,14 +25,22 @@ class ContinualModel(keras.Model):
             per-patient sample weights (Keras' third element of a batch) as one `(B,)`
             array or `{head: (B,)}`; they weight the task losses (not the plugin terms or
             the reported metrics).
-        plugins: `Plugin`s adding loss terms. A `Distillation` with alpha = 0 is only
-            evaluated in `test_step`, to report how far old heads moved from the teacher.
+        plugins: `Plugin`s adding loss terms. An inactive one (e.g. a `Distillation` with
+            alpha = 0) is only evaluated in `test_step`, to report (here: how far old
+            heads moved from the teacher).
         **kwargs: `keras.Model` arguments.
 
     Example:
-    >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})  # doctest: +SKIP
-    >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))  # doctest: +SKIP
-    >>> trainer.fit(train.map(lambda x, y: (x, {"prognosis": y})), epochs=5)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> from unicon_tf.model import foundation
+    >>> network = foundation((8, 8, 8), task="prognosis", width=4, depth=2)
+    >>> x = {"ct": np.random.default_rng(0).normal(size=(4, 8, 8, 8, 1)).astype("float32")}
+    >>> y = {"prognosis": np.array([[1.0, 1], [2.0, 0], [3.0, 1], [4.0, 1]], "float32")}
+    >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})
+    >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))
+    >>> history = trainer.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0, shuffle=False)
+    >>> sorted(history.history)
+    ['loss', 'prognosis_c_index', 'prognosis_loss']
     """
 
     def __init__(self, network, heads, plugins=(), **kwargs):
@@ -44,7 +51,7 @@ class ContinualModel(keras.Model):
         classes = _num_classes(network, self.heads)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         names = [f"{h}_loss" for h in self.heads] + [p.name for p in self.plugins]
-        names += [f"{h}_distillation" for p in self.plugins if isinstance(p, Distillation) for h in p.heads]
+        names += [f"{h}_{p.name}" for p in self.plugins for h in p.heads]
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.head_metrics = {h: task_metrics(t, h, classes.get(h, 2)) for h, t in self.heads.items()}
 
@@ -54,9 +61,6 @@ class ContinualModel(keras.Model):
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
-
-    def _active(self, plugin):
-        return not (isinstance(plugin, Distillation) and plugin.alpha == 0.0)
 
     def _task_terms(self, targets, outputs, sample_weight):
         """`{head_loss: value}`; `sample_weight` is None, one `(B,)` array or `{head: (B,)}`."""
@@ -71,7 +75,7 @@ class ContinualModel(keras.Model):
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
             terms = self._task_terms(targets, outputs, sample_weight)
-            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if self._active(p)})
+            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
         variables = self.trainable_variables
         self.optimizer.apply(tape.gradient(loss, variables), variables)
@@ -81,15 +85,12 @@ class ContinualModel(keras.Model):
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         outputs = self(inputs, training=False)
         terms = self._task_terms(targets, outputs, sample_weight)
+        loss = tf.add_n(list(terms.values()))
         for plugin in self.plugins:
-            if isinstance(plugin, Distillation):
-                per_head = plugin.terms(inputs, outputs)
-                terms.update({f"{h}_distillation": value for h, value in per_head.items()})
-                if per_head:
-                    terms[plugin.name] = plugin.alpha * tf.add_n(list(per_head.values()))
-            else:
-                terms[plugin.name] = plugin.penalty(inputs, outputs)
-        loss = tf.add_n([v for k, v in terms.items() if not k.endswith("_distillation")])
+            per_head = plugin.head_terms(inputs, outputs)
+            terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
+            terms[plugin.name] = plugin.penalty(inputs, outputs, per_head)
+            loss += terms[plugin.name]
         return self._record(loss, terms, targets, outputs)
 
     def _record(self, loss, terms, targets, outputs):

@@ -4,7 +4,7 @@
 name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
-encoder: {width: 16, depth: 4}
+encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
 defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
@@ -29,7 +29,8 @@ import pathlib
 
 import yaml
 
-from unicon_tf.model.heads import HEADS
+from unicon_tf.model.foundation import VIT_OPTIONS, task_head
+from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_name
 from unicon_tf.train.strategies import check_strategy
 
@@ -43,6 +44,7 @@ TRAINING_DEFAULTS = {
     "temperature": 2.0,
     "beta": 0.0,  # L2-SP / EWC weight (finetune)
     "penalty": "l2sp",  # l2sp | ewc
+    "ewc_gamma": 1.0,  # online EWC: decay of the running Fisher at each stage's end (1: no decay)
     "augment": True,
     "seed": 0,
     "cache_features": True,  # frozen: train the new head on cached encoder features
@@ -100,11 +102,53 @@ class PipelineSpec:
     sources: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name):
-        """`(index, StageSpec)` of the stage called `name`."""
+        """`(index, StageSpec)` of the stage called `name`.
+
+        Raises:
+            PipelineError: no stage has that name.
+        """
         for index, stage in enumerate(self.stages):
             if stage.name == name:
                 return index, stage
         raise PipelineError(f"{self.path}: no stage '{name}' (stages: {[s.name for s in self.stages]}).")
+
+    def head_modalities(self, index):
+        """The modalities stage `index`'s head reads: its `modalities`, else the pipeline's
+        modality (for stage 0: the stage's own `modality`, if any) plus the stage's new one."""
+        spec = self.stages[index]
+        if spec.modalities:
+            return list(spec.modalities)
+        if index == 0:
+            return [spec.modality or self.modality]
+        return default_modalities(self.modality, spec.modality)
+
+    def head_name(self, index):
+        """The output name of stage `index`'s head: its `head`, else the default name."""
+        spec = self.stages[index]
+        return spec.head or default_head_name(spec.task, self.head_modalities(index))
+
+    def to_json(self):
+        """A JSON-able dict that `PipelineSpec.from_json` turns back into this spec."""
+        return {"name": self.name, "path": str(self.path), "input_shape": list(self.input_shape),
+                "modality": self.modality, "encoder": dict(self.encoder), "sources": dict(self.sources),
+                "stages": [s.to_json() for s in self.stages]}
+
+    @classmethod
+    def from_json(cls, config):
+        """The spec `to_json` wrote (e.g. a component's recorded parameter).
+
+        Example:
+        >>> spec = PipelineSpec("p", pathlib.Path("p.yaml"), (16, 16, 16), "ct", {}, [
+        ...     StageSpec("a", "classification", pathlib.Path("data"), training=dict(TRAINING_DEFAULTS))])
+        >>> PipelineSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+        True
+        """
+        stages = [StageSpec(**{**s, "data": pathlib.Path(s["data"]),
+                               "modalities": tuple(s["modalities"]) if s["modalities"] else None})
+                  for s in config["stages"]]
+        return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
+                   modality=config["modality"], encoder=dict(config["encoder"]), stages=stages,
+                   sources=dict(config["sources"]))
 
 
 def load_pipeline(path, data_root=None):
@@ -118,10 +162,25 @@ def load_pipeline(path, data_root=None):
     Returns:
         A `PipelineSpec`.
 
+    Raises:
+        PipelineError: the file is missing, not YAML, or a key or value is wrong (the
+            message names the file, the stage and the key).
+
     Example:
-    >>> spec = load_pipeline("pipelines/chest_ct.yaml", data_root="demo/data")  # doctest: +SKIP
-    >>> [s.name for s in spec.stages]  # doctest: +SKIP
-    ['classification', 'prognosis', 'segmentation', 'pet']
+    >>> import tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny.yaml"
+    >>> _ = path.write_text('''
+    ... name: tiny
+    ... input_shape: [16, 16, 16]
+    ... stages:
+    ...   - {name: grade, task: classification, data: ct16, epochs: 2}
+    ...   - {name: survival, task: prognosis, data: ct16, strategy: adapters, adapters: 4}
+    ... ''')
+    >>> spec = load_pipeline(path, data_root="/data")
+    >>> [(s.name, s.training["strategy"], str(s.data)) for s in spec.stages]
+    [('grade', 'frozen', '/data/ct16'), ('survival', 'adapters', '/data/ct16')]
+    >>> spec.head_name(1), spec.head_modalities(1)
+    ('prognosis', ['ct'])
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -144,7 +203,10 @@ def load_pipeline(path, data_root=None):
     if unknown:
         raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
     sources = {str(name): _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
-    stages = [_stage(path, index, entry, defaults, root, sources) for index, entry in enumerate(raw["stages"] or [])]
+    encoder = _encoder(path, raw.get("encoder"), root)
+    vit = encoder.get("encoder") == "vit"
+    stages = [_stage(path, index, entry, defaults, root, sources, vit)
+              for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
     names = [s.name for s in stages]
@@ -152,7 +214,7 @@ def load_pipeline(path, data_root=None):
         raise PipelineError(f"{path}: stage names must be unique, got {names}.")
     modality = _checked_name(f"{path}", "modality", raw.get("modality", "ct"), "modality")
     return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
-                        modality=modality, encoder=dict(raw.get("encoder") or {}),
+                        modality=modality, encoder=encoder,
                         stages=stages, sources=sources)
 
 
@@ -171,7 +233,27 @@ def _source(path, name, entry, root):
     return {**entry, "manifest": str(manifest if manifest.is_absolute() else root / manifest)}
 
 
-def _stage(path, index, entry, defaults, root, sources):
+def _encoder(path, entry, root):
+    """`foundation` keyword arguments from the `encoder` mapping (`kind: residual | vit`).
+
+    A relative `weights` path resolves against the data root, like stage data.
+    """
+    entry = dict(entry or {})
+    kind = entry.pop("kind", "residual")
+    known = {"residual": ("width", "depth"), "vit": VIT_OPTIONS}
+    if kind not in known:
+        raise PipelineError(f"{path}: encoder kind '{kind}' is unknown (expected one of {sorted(known)}).")
+    unknown = set(entry) - set(known[kind])
+    if unknown:
+        raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} for kind '{kind}'; "
+                            f"known: {sorted(known[kind])}.")
+    if "weights" in entry:
+        weights = pathlib.Path(entry["weights"])
+        entry["weights"] = str(weights if weights.is_absolute() else root / weights)
+    return {"encoder": "vit", **entry} if kind == "vit" else entry
+
+
+def _stage(path, index, entry, defaults, root, sources, vit=False):
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
@@ -181,14 +263,11 @@ def _stage(path, index, entry, defaults, root, sources):
         raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    unknown = set(head_options) - set(HEADS[task].options())
+    accepted = task_head(task, vit).options()
+    unknown = set(head_options) - set(accepted)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
-                            f"{HEADS[task].options()}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    try:
-        check_strategy(training["strategy"])
-    except ValueError as error:
-        raise PipelineError(f"{where}: {error}") from error
+                            f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
     _check_training(where, training)
     modality = entry.get("modality")
     if modality is not None:
@@ -226,12 +305,16 @@ def _checked_name(where, field, name, kind):
 
 
 def _check_training(where, training):
-    """Raise PipelineError for a training setting out of range (names the key)."""
+    """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
+    try:
+        check_strategy(training["strategy"])
+    except ValueError as error:
+        raise PipelineError(f"{where}: {error}") from error
     rules = {
         "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
         "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
         "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0, "temperature": lambda v: v > 0,
-        "tolerance": lambda v: v >= 0, "threshold": lambda v: True,
+        "tolerance": lambda v: v >= 0, "threshold": lambda v: True, "ewc_gamma": lambda v: 0 <= v <= 1,
     }
     for key, valid in rules.items():
         value = training[key]
@@ -242,11 +325,11 @@ def _check_training(where, training):
 
 
 def with_overrides(stage, **overrides):
-    """A copy of `stage` with training keys overridden (None values are ignored)."""
+    """A copy of `stage` with training keys overridden (None values are ignored).
+
+    Raises:
+        PipelineError: an unknown strategy or a value out of range (names the key).
+    """
     training = {**stage.training, **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        check_strategy(training["strategy"])
-    except ValueError as error:
-        raise PipelineError(f"stage '{stage.name}': {error}") from error
     _check_training(f"stage '{stage.name}'", training)
     return dataclasses.replace(stage, training=training)
