@@ -34,6 +34,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "safetensors>=0.4"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
+        # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
+        "beam": ["apache-beam>=2.77"],
     },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[

@@ -34,14 +34,24 @@ class EpochTimer(keras.callbacks.Callback):
 
 def main():
     args = integer_options(__doc__, patients=48, size=32, epochs=4)
+    result = measure(args.patients, args.size, args.epochs)
+    print(f"prognosis head, frozen encoder, {args.patients} patients at {args.size}^3:")
+    print(f"  epoch with cached features {result['cached_epoch_s']:.3f} s, encoder every step "
+          f"{result['uncached_epoch_s']:.3f} s")
+    print(f"  speed-up per epoch: {result['speedup_per_epoch']:.1f}x "
+          f"(whole stage incl. the caching pass: {result['speedup_stage']:.2f}x over {args.epochs} epochs)")
+
+
+def measure(patients=48, size=32, epochs=4):
+    """`{"cached_epoch_s", "uncached_epoch_s", "speedup_per_epoch", "speedup_stage"}`."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        manifest = data.phantom.write_cohort(tmp / "cohort", n=args.patients, shape=(args.size,) * 3, spacing=3.0)
-        prep = data.Preprocessing(shape=(args.size,) * 3, spacing=(3.0,) * 3, center="mask")
+        manifest = data.phantom.write_cohort(tmp / "cohort", n=patients, shape=(size,) * 3, spacing=3.0)
+        prep = data.Preprocessing(shape=(size,) * 3, spacing=(3.0,) * 3, center="mask")
         data.ingest(manifest, tmp / "records", prep, verbose=False)
         stages = [{"name": "classification", "task": "classification", "epochs": 1},
                   {"name": "prognosis", "task": "prognosis", "strategy": "frozen", "augment": False}]
-        spec = {"name": "caching", "input_shape": [args.size] * 3, "defaults": {"epochs": args.epochs},
+        spec = {"name": "caching", "input_shape": [size] * 3, "defaults": {"epochs": epochs},
                 "stages": [{**s, "data": str(tmp / "records")} for s in stages]}
         pipeline = tmp / "pipeline.yaml"
         pipeline.write_text(yaml.safe_dump(spec))
@@ -59,10 +69,8 @@ def main():
             totals[cached] = time.perf_counter() - start
             assert record["cached_features"] is cached
             per_epoch[cached] = float(np.median(timer.seconds[1:]))  # first epoch includes tracing
-        print(f"prognosis head, frozen encoder, {args.patients} patients at {args.size}^3:")
-        print(f"  epoch with cached features {per_epoch[True]:.3f} s, encoder every step {per_epoch[False]:.3f} s")
-        print(f"  speed-up per epoch: {per_epoch[False] / per_epoch[True]:.1f}x "
-              f"(whole stage incl. the caching pass: {totals[False] / totals[True]:.2f}x over {args.epochs} epochs)")
+    return {"cached_epoch_s": per_epoch[True], "uncached_epoch_s": per_epoch[False],
+            "speedup_per_epoch": per_epoch[False] / per_epoch[True], "speedup_stage": totals[False] / totals[True]}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import unicon_tf
 from unicon_tf import serving
-from common import integer_options, median_seconds
+from common import integer_options, interleaved_seconds
 
 
 def peak_rss_mb():
@@ -27,31 +27,42 @@ def peak_rss_mb():
 
 def main():
     args = integer_options(__doc__, size=32, batch=4, repeats=5)
-    shape = (args.size,) * 3
+    result = measure(args.size, args.batch, args.repeats)
+    print(f"serving_default: {result['served_ms_per_volume']:.0f} ms/volume; model.predict: "
+          f"{result['predict_ms_per_volume']:.0f} ms/volume; ratio {result['ratio']:.2f}")
+    print(f"sliding window over {'x'.join(map(str, result['window_volume']))} (patch {args.size}^3, overlap 0.5): "
+          f"{result['window_seconds']:.1f} s, peak RSS +{result['window_peak_rss_mb']:.0f} MB "
+          f"(output {result['window_output_mb']:.0f} MB)")
+
+
+def measure(size=32, batch=4, repeats=5, volume_shape=(256, 256, 128)):
+    """`{"ratio" (serving_default / model.predict), ..., "window_seconds", "window_peak_rss_mb"}`."""
+    shape = (size,) * 3
     model = unicon_tf.foundation(shape, task="classification")
     model = unicon_tf.expand(model, task="prognosis")
     model = unicon_tf.expand(model, task="segmentation")
     model = unicon_tf.expand(model, modality="pet", task="segmentation")
     rng = np.random.default_rng(0)
-    batch = {m: rng.uniform(-1, 1, (args.batch,) + shape + (1,)).astype(np.float32) for m in ("ct", "pet")}
+    inputs = {m: rng.uniform(-1, 1, (batch,) + shape + (1,)).astype(np.float32) for m in ("ct", "pet")}
     with tempfile.TemporaryDirectory() as tmp:
         version = serving.export_model(model, pathlib.Path(tmp), "bench")
         signature = tf.saved_model.load(str(version)).signatures["serving_default"]
-        tensors = {m: tf.constant(v) for m, v in batch.items()}
-        served = median_seconds(lambda: signature(**tensors), args.repeats)
-        keras_predict = median_seconds(lambda: model.predict(batch, verbose=0), args.repeats)
-        print(f"serving_default: {served / args.batch * 1000:.0f} ms/volume; model.predict: "
-              f"{keras_predict / args.batch * 1000:.0f} ms/volume; ratio {served / keras_predict:.2f}")
+        tensors = {m: tf.constant(v) for m, v in inputs.items()}
+        seconds = interleaved_seconds({"served": lambda: signature(**tensors),
+                                       "predict": lambda: model.predict(inputs, verbose=0)}, repeats)
 
         segmentation = tf.saved_model.load(str(version)).signatures["segmentation"]
         predict = serving.inference.signature_predictor(segmentation, "probabilities")
-        volume = {"ct": rng.uniform(-1, 1, (256, 256, 128)).astype(np.float32)}
+        volume = {"ct": rng.uniform(-1, 1, volume_shape).astype(np.float32)}
         before = peak_rss_mb()
         start = time.perf_counter()
         probabilities = serving.sliding_window(predict, volume, shape, overlap=0.5, batch_size=4)
-        seconds = time.perf_counter() - start
-        print(f"sliding window over 256x256x128 (patch {args.size}^3, overlap 0.5): {seconds:.1f} s, "
-              f"peak RSS +{peak_rss_mb() - before:.0f} MB (output {probabilities.nbytes / 2**20:.0f} MB)")
+        window_seconds = time.perf_counter() - start
+    return {"ratio": seconds["served"] / seconds["predict"],
+            "served_ms_per_volume": seconds["served"] / batch * 1000,
+            "predict_ms_per_volume": seconds["predict"] / batch * 1000,
+            "window_volume": list(volume_shape), "window_seconds": window_seconds,
+            "window_peak_rss_mb": peak_rss_mb() - before, "window_output_mb": probabilities.nbytes / 2**20}
 
 
 if __name__ == "__main__":

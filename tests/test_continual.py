@@ -58,7 +58,7 @@ def test_frozen_and_adapters_keep_old_heads_bit_identical(trained_run, batch):
     # only gradient steps move them; the new head's outputs differ between patients.
     for index, record in enumerate(records[1:3], start=1):
         encoder = model_parts(keras.models.load_model(paths[index]))["encoder"]
-        up = [conv.adapter_weights(record["head"])[1] for conv in encoder.adaptable_convs]  # B, zero at the start
+        up = [conv.adapter_weights(record["head"])[1] for conv in encoder.adaptable_layers]  # B, zero at the start
         assert up and any(np.any(np.asarray(b) != 0) for b in up), record["head"]
         assert np.std(outputs(paths[index], batch)[record["head"]]) > 0
 

@@ -85,8 +85,13 @@ def describe(model_path, as_json):
 @click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
 @click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
+@click.option("--runner", type=click.Choice(["multiprocessing", "beam"]), default="multiprocessing", show_default=True,
+              help="Local process pool, or an Apache Beam pipeline (needs `pip install 'unicon-tf[beam]'`).")
+@click.option("--beam-args", default=None, metavar='"--runner=... ..."',
+              help="Beam pipeline options, one quoted string [default: DirectRunner]; see README.md.")
 @user_errors
-def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad):
+def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
+           runner, beam_args):
     """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
     from unicon_tf import data
 
@@ -98,7 +103,8 @@ def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes,
         window_map[modality] = window_map[modality][:2] + (factor,)
     preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
                                        mask_classes=mask_classes)
-    schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad, shard_size=shard_size)
+    schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad, shard_size=shard_size,
+                         runner=runner, beam_args=beam_args)
     counts = ", ".join(f"{split} {info['count']}" for split, info in schema["splits"].items())
     rejected = out / "rejected.csv"
     click.echo(f"wrote {out} ({counts})" + (f"; rejected patients listed in {rejected}" if rejected.exists() else ""))

@@ -9,6 +9,12 @@ Output folder:
                                         per-modality mean/std (train split), mask fractions
     <out>/rejected.csv                  with skip_bad: patients left out, and why
 
+Two runners do the per-patient work (`process_patient`: preprocess, encode, summarise):
+a local `multiprocessing` pool (default), or an Apache Beam pipeline (`runner="beam"`,
+see `unicon_tf.data.beam`) on the DirectRunner, Dataflow, Flink or Spark. Both assign
+examples to the same shards in manifest order and fold statistics in manifest order, so
+their outputs are equal example by example.
+
 Everything is written to a temporary sibling folder that is renamed to `<out>` at the
 end: a failed ingestion leaves nothing behind, and an existing folder is never touched.
 This is the code that the ExampleGen component calls.
@@ -31,9 +37,11 @@ from unicon_tf.data.records import encode_example
 from unicon_tf.files import atomic_folder, sha256
 
 SCHEMA_VERSION = 1
+RUNNERS = ("multiprocessing", "beam")
 
 
-def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_size=64, verbose=True):
+def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_size=64, verbose=True,
+           runner="multiprocessing", beam_args=None):
     """Preprocess every patient of a manifest into TFRecord shards, schema and stats.
 
     Args:
@@ -46,6 +54,10 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
             whole cohort (a required column missing, duplicate ids) stay fatal.
         shard_size: examples per TFRecord shard.
         verbose: show a progress bar.
+        runner: `"multiprocessing"` (a local process pool) or `"beam"` (an Apache Beam
+            pipeline; needs the `beam` extra, `pip install 'unicon-tf[beam]'`).
+        beam_args: with `runner="beam"`, Beam pipeline options as one command-line string,
+            e.g. `"--runner=FlinkRunner --flink_master=host:8081"` (default: DirectRunner).
 
     Returns:
         The schema dict (also written to `<out>/schema.json`).
@@ -54,6 +66,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         DataError: naming patient, file and field of the first bad input (without skip_bad),
             a cohort-level problem, a modality scaled both per patient by the manifest and
             by its window's `scale`, or when no patient is usable. Nothing is written then.
+        DataError: `runner="beam"` without Apache Beam installed (field `runner`).
 
     Example:
     >>> schema = ingest("cohort/manifest.csv", "data/ct32",
@@ -70,24 +83,32 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
                 preprocessing.check_per_patient_scale(modality, f"manifest: {cohort.scaling[modality]}")
             except ValueError as error:
                 raise DataError(str(error), file=cohort.path, field=modality) from error
+    if runner not in RUNNERS:
+        raise ValueError(f"Unknown ingestion runner '{runner}': expected one of {list(RUNNERS)}.")
     workers = max(1, int(workers or os.cpu_count() or 1))
 
     with atomic_folder(out) as staging:
-        writer = _ShardWriter(staging, shard_size)
+        if runner == "beam":
+            from unicon_tf.data.beam import run_beam
+
+            outcomes, splits = run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args)
+        else:
+            writer = _ShardWriter(staging, shard_size)
+            outcomes = _process_and_write(cohort, preprocessing, workers, writer)
         stats = _Stats(cohort.modalities)
         rejected = list(cohort.rejected)  # (patient_id, split, DataError), manifest rows first
         progress = tf.keras.utils.Progbar(len(cohort), unit_name="patient") if verbose else None
-        for done, (patient, result) in enumerate(_preprocess_all(cohort.patients, preprocessing, workers), 1):
-            if isinstance(result, DataError):
+        for done, (patient, outcome) in enumerate(outcomes, 1):
+            if isinstance(outcome, DataError):
                 if not skip_bad:
-                    raise result
-                rejected.append((patient.patient_id, patient.split, result))
+                    raise outcome
+                rejected.append((patient.patient_id, patient.split, outcome))
             else:
-                writer.write(patient.split, encode_example(result, cohort.targets))
-                stats.add(patient.split, result)
+                stats.add(patient.split, outcome)
             if progress:
                 progress.update(done, finalize=done == len(cohort))
-        splits = writer.close()
+        if runner != "beam":
+            splits = writer.close()
         if not splits:
             raise no_usable_patient(cohort.path, rejected)
         if rejected:
@@ -98,24 +119,88 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
     return schema
 
 
+def process_patient(patient, preprocessing, targets):
+    """The per-patient work of every runner: preprocess, encode, summarise.
+
+    Args:
+        patient: a manifest `Patient`.
+        preprocessing: the cohort's `Preprocessing`.
+        targets: the manifest's target columns (which features the example carries).
+
+    Returns:
+        `(example, summary)`: the serialized `tf.train.Example` bytes and the patient's
+        contribution to `stats.json` (see `patient_summary`).
+
+    Raises:
+        DataError: naming the patient, file and field of bad input.
+    """
+    result = preprocess_patient(patient, preprocessing)
+    return encode_example(result, targets), patient_summary(result)
+
+
+def patient_summary(result):
+    """What `stats.json` needs from one preprocessed patient: targets, foreground fraction,
+    and per modality (voxels, sum, sum of squares) in float64."""
+    moments = {}
+    for modality, volume in result["images"].items():
+        v = volume.astype(np.float64)
+        moments[modality] = [int(v.size), float(v.sum()), float(np.square(v).sum())]
+    foreground = None if result["mask"] is None else float(np.mean(result["mask"] > 0))
+    return {"label": result["label"], "time": result["time"], "event": result["event"],
+            "foreground": foreground, "moments": moments}
+
+
 def _process(job):
-    patient, preprocessing = job
+    patient, preprocessing, targets = job
     try:
-        return patient, preprocess_patient(patient, preprocessing)
+        return patient, process_patient(patient, preprocessing, targets)
     except DataError as error:
         return patient, error
 
 
-def _preprocess_all(patients, preprocessing, workers):
-    """Yield `(patient, result or DataError)` in manifest order."""
-    jobs = [(patient, preprocessing) for patient in patients]
+def _process_and_write(cohort, preprocessing, workers, writer):
+    """Yield `(patient, summary or DataError)` in manifest order, writing each example."""
+    jobs = [(patient, preprocessing, cohort.targets) for patient in cohort.patients]
+    for patient, outcome in _map_in_processes(_process, jobs, workers):
+        if isinstance(outcome, DataError):
+            yield patient, outcome
+        else:
+            example, summary = outcome
+            writer.write(patient.split, example)
+            yield patient, summary
+
+
+def _map_in_processes(function, jobs, workers):
+    """`map(function, jobs)` on a process pool, results in job order."""
     if workers == 1 or len(jobs) == 1:
-        yield from map(_process, jobs)
+        yield from map(function, jobs)
         return
-    # Workers use NumPy, SciPy and nibabel only; fork avoids re-importing TensorFlow.
+    # Workers use NumPy, SciPy, nibabel and protobuf only; fork avoids re-importing TensorFlow.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
-        yield from pool.imap(_process, jobs, chunksize=1)
+        yield from pool.imap(function, jobs, chunksize=1)
+
+
+def shard_name(split, number):
+    """File name of shard `number` of a split."""
+    return f"{split}-{number:05d}.tfrecord.gz"
+
+
+def open_shard(directory, name):
+    """A GZIP `TFRecordWriter` for a new shard."""
+    return tf.io.TFRecordWriter(str(pathlib.Path(directory) / name), options="GZIP")
+
+
+def shard_entry(directory, name, count):
+    """The schema's entry of a written shard: file, count, bytes, SHA-256."""
+    path = pathlib.Path(directory) / name
+    return {"file": name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def split_entries(shards):
+    """`{split: [entry, ...]}` (entries in shard order) -> the schema's `splits`."""
+    return {split: {"count": sum(s["count"] for s in entries), "shards": entries}
+            for split, entries in sorted(shards.items())}
 
 
 class _ShardWriter:
@@ -133,24 +218,21 @@ class _ShardWriter:
         if writer is None or count == self.shard_size:
             if writer is not None:
                 self._finish(split, writer, name, count)
-            name = f"{split}-{len(self.shards.get(split, [])):05d}.tfrecord.gz"
-            writer = tf.io.TFRecordWriter(str(self.directory / name), options="GZIP")
+            name = shard_name(split, len(self.shards.get(split, [])))
+            writer = open_shard(self.directory, name)
             count = 0
         writer.write(example)
         self.open[split] = (writer, name, count + 1)
 
     def _finish(self, split, writer, name, count):
         writer.close()
-        path = self.directory / name
-        entry = {"file": name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)}
-        self.shards.setdefault(split, []).append(entry)
+        self.shards.setdefault(split, []).append(shard_entry(self.directory, name, count))
 
     def close(self):
         for split, (writer, name, count) in self.open.items():
             self._finish(split, writer, name, count)
         self.open = {}
-        return {split: {"count": sum(s["count"] for s in shards), "shards": shards}
-                for split, shards in sorted(self.shards.items())}
+        return split_entries(self.shards)
 
 
 class _Stats:
@@ -161,19 +243,19 @@ class _Stats:
         self.counts, self.labels, self.events, self.times, self.mask_fraction = {}, {}, {}, {}, {}
         self.moments = {m: np.zeros(3) for m in modalities}  # n, sum, sum of squares (train)
 
-    def add(self, split, result):
+    def add(self, split, summary):
+        """Fold in one patient's `patient_summary` (in manifest order, for equal sums)."""
         self.counts[split] = self.counts.get(split, 0) + 1
-        if result["label"] is not None:
-            self.labels.setdefault(split, []).append(result["label"])
-        if result["time"] is not None:
-            self.events.setdefault(split, []).append(result["event"])
-            self.times.setdefault(split, []).append(result["time"])
-        if result["mask"] is not None:
-            self.mask_fraction.setdefault(split, []).append(float(np.mean(result["mask"] > 0)))
+        if summary["label"] is not None:
+            self.labels.setdefault(split, []).append(summary["label"])
+        if summary["time"] is not None:
+            self.events.setdefault(split, []).append(summary["event"])
+            self.times.setdefault(split, []).append(summary["time"])
+        if summary["foreground"] is not None:
+            self.mask_fraction.setdefault(split, []).append(summary["foreground"])
         if split == "train":
-            for modality, volume in result["images"].items():
-                v = volume.astype(np.float64)
-                self.moments[modality] += (v.size, v.sum(), np.square(v).sum())
+            for modality, moments in summary["moments"].items():
+                self.moments[modality] += moments
 
     def summary(self):
         per_split = {}

@@ -46,7 +46,9 @@ def encode_example(record, targets):
     if "time" in targets:
         features["time"] = tf.train.Feature(float_list=tf.train.FloatList(value=[record["time"]]))
         features["event"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[record["event"]]))
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: map entries in key order, so a shard's bytes do not depend on the process
+    # (or Beam worker) that encoded it.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def feature_spec(schema):

@@ -6,6 +6,10 @@ functional backbone, the default one, the 3D ViT (`unicon_tf.model.vit`) or a us
 pretrained network, so that it can be called once per input path (CT, fused CT+PET, an
 adapter's path) with shared weights, and so that low-rank adapters can be added to its
 Conv3D kernels or attention projections.
+
+A path may also start at an encoder level (`start=s`): it reads another path's level
+`s - 1` feature map and computes levels `s ...` only, so the full-resolution levels, the
+costliest, are computed once and shared by every path that starts later.
 """
 
 import math
@@ -83,7 +87,8 @@ class SharedEncoder(keras.layers.Layer):
     """The encoder every head reads, callable on several paths with shared weights.
 
     Calling it with `adapter=name` runs the backbone with that adapter's low-rank kernel
-    updates; without it, with the base kernels only.
+    updates; without it, with the base kernels only. With `start=s` it reads level `s - 1`'s
+    feature map (of another path) and returns the feature maps of levels `s ...` only.
 
     Args:
         backbone: functional `keras.Model` from a volume of stem features
@@ -102,6 +107,9 @@ class SharedEncoder(keras.layers.Layer):
     >>> features = encoder(keras.ops.zeros((1, 16, 16, 16, 8)))
     >>> encoder.add_adapter("prognosis", rank=2)
     >>> adapted = encoder(keras.ops.zeros((1, 16, 16, 16, 8)), adapter="prognosis")
+    >>> coarse = encoder(features[0], adapter="prognosis", start=1)  # level 1 only, from level 0
+    >>> [tuple(f.shape[1:]) for f in coarse]
+    [(8, 8, 8, 16)]
     """
 
     def __init__(self, backbone, input_stride=1, adapter_targets=None, **kwargs):
@@ -127,6 +135,36 @@ class SharedEncoder(keras.layers.Layer):
             )
         has_adaptable = any(isinstance(layer, LowRankAdapters) for layer in backbone._flatten_layers())
         self.backbone = backbone if has_adaptable else _with_adaptable_convs(backbone)
+        # Sub-networks from level s-1's features to levels s..: built on first use and not
+        # tracked (they are views of the backbone's own layers, weights included).
+        object.__setattr__(self, "_levels_from", {})
+
+    @property
+    def depth(self):
+        """Number of feature levels the backbone outputs."""
+        return len(self.backbone.outputs)
+
+    def levels_from(self, start):
+        """The backbone from level `start - 1`'s feature map to the feature maps of levels
+        `start ...`, sharing the backbone's layers (a functional `keras.Model`).
+
+        Raises:
+            ValueError: `start` outside `[1, depth - 1]`, or a backbone whose level `start`
+                is not computed from level `start - 1`'s output alone.
+        """
+        start = int(start)
+        if not 1 <= start < self.depth:
+            raise ValueError(f"A path can start at encoder level 1 to {self.depth - 1}, got {start}.")
+        if start not in self._levels_from:
+            try:
+                tail = keras.Model(self.backbone.outputs[start - 1], self.backbone.outputs[start:],
+                                   name=f"{self.backbone.name}_from_level{start}")
+            except ValueError as error:
+                raise ValueError(
+                    f"This encoder's level {start} does not depend on level {start - 1}'s output alone, so a "
+                    f"path cannot start there (use adapter_start=0): {error}") from error
+            self._levels_from[start] = tail
+        return self._levels_from[start]
 
     def leaf_layers(self):
         """The backbone's layers, nested models flattened, in graph order."""
@@ -173,7 +211,7 @@ class SharedEncoder(keras.layers.Layer):
         }
         return [w for w in self.backbone.weights if id(w) not in adapter_ids]
 
-    def add_adapter(self, name, rank, alpha=None, targets=None):
+    def add_adapter(self, name, rank, alpha=None, targets=None, start=0):
         """Add adapter `name` of rank `rank` to the backbone's adaptable kernels.
 
         Args:
@@ -182,26 +220,34 @@ class SharedEncoder(keras.layers.Layer):
             alpha: scale numerator (alpha / r); defaults to r.
             targets: roles of the layers to adapt (e.g. `["query", "value"]` for LoRA on
                 attention, plus `"mlp"`); default: the encoder's `adapter_targets`.
+            start: adapt only the layers of levels `start ...` (see `levels_from`); 0 for all.
 
         Raises:
-            ValueError: a duplicate name, or targets that match no layer of the backbone.
+            ValueError: a duplicate name, targets that match no layer of the backbone, or a
+                `start` this backbone cannot start a path at (see `levels_from`).
         """
         if name in self.adapters:
             raise ValueError(f"The encoder already has an adapter named '{name}'.")
         targets = targets if targets is not None else self.adapter_targets
-        layers = [layer for layer in self.adaptable_layers if targets is None or layer.role in targets]
+        candidates = self.adaptable_layers if not start else [
+            layer for layer in _leaf_layers(self.levels_from(start)) if isinstance(layer, LowRankAdapters)]
+        layers = [layer for layer in candidates if targets is None or layer.role in targets]
         if not layers:
-            roles = sorted({layer.role for layer in self.adaptable_layers})
+            roles = sorted({layer.role for layer in candidates})
             raise ValueError(f"Adapter targets {list(targets)} match no layer of the encoder (its roles: {roles}).")
         for layer in layers:
             layer.add_adapter(name, rank, alpha)
 
-    def call(self, inputs, adapter=None):
+    def call(self, inputs, adapter=None, start=0):
+        """Feature maps of levels `start ...` (all levels for `start=0`, from stem features;
+        otherwise from level `start - 1`'s feature map), with adapter `adapter` if given."""
+        network = self.backbone if not start else self.levels_from(start)
         with adapter_scope(adapter):
-            return self.backbone(inputs)
+            features = network(inputs)
+        return list(features) if isinstance(features, (list, tuple)) else [features]  # one level: Keras unwraps it
 
-    def compute_output_spec(self, inputs, adapter=None):
-        return self.backbone.compute_output_spec(inputs)
+    def compute_output_spec(self, inputs, adapter=None, start=0):
+        return (self.backbone if not start else self.levels_from(start)).compute_output_spec(inputs)
 
     def get_config(self):
         config = super().get_config()

@@ -8,8 +8,10 @@ dict of outputs (one per head):
 `expand` returns a new functional model over the *same* layer objects. It adds a head
 (and, for a new modality, an input and a stem) on a path that either reuses an existing
 path's feature tensors or calls the shared encoder once more (on a fused input, or with
-the new head's adapter). Nothing that an existing output depends on is rebuilt, re-
-initialised or re-wired, so old outputs stay bit-identical.
+the new head's adapter). With `adapter_start=s` that call starts at encoder level s: the
+new path shares the first modality's base feature maps of levels < s (the costliest,
+full-resolution ones) and computes levels s ... only. Nothing that an existing output
+depends on is rebuilt, re-initialised or re-wired, so old outputs stay bit-identical.
 
 The registry (head -> task, modalities, stage, adapter) is not stored beside the graph:
 it *is* the configs of the stem, fusion and head layers, so it survives `.keras` saving.
@@ -142,7 +144,7 @@ def _vit_encoder(input_shape, patch_size=16, position_grid=None, adapter_targets
     return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
 
 
-def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None,
+def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None, adapter_start=0,
            **head_options):
     """Add a head (and optionally a modality) to a model, sharing every existing layer.
 
@@ -160,6 +162,13 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
             `modality` when given).
         adapter_targets: for a ViT, the projections the adapters go on, from `query`,
             `key`, `value`, `out`, `mlp` (default: the encoder's, `["query", "value"]`).
+        adapter_start: the first encoder level the new path computes (0: all levels; the
+            residual CNN only: a ViT computes every block at one resolution).
+            With s > 0 the path reuses the base (no adapter) feature maps of its first
+            modality for levels < s; the adapters act on levels >= s only, and a new
+            modality is fused (its stem features average-pooled to that grid) into the
+            level s - 1 feature map that enters level s. Each path costs then about the
+            encoder's levels >= s instead of a whole encoder pass.
         **head_options: the head's options, e.g. `num_classes=3`.
 
     Returns:
@@ -203,9 +212,16 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
     if adapter_targets is not None and adapters is None:
         raise ValueError("adapter_targets chooses where adapters go: pass adapters=r (a rank) with it.")
+    encoder = parts["encoder"]
+    adapter_start = int(adapter_start or 0)
+    if adapter_start and is_vit(encoder.backbone):
+        raise ValueError(f"adapter_start={adapter_start} needs an encoder whose levels are computed one from the "
+                         "previous (the residual CNN); the ViT's feature states all come from one token grid: "
+                         "use adapter_start=0.")
+    if not 0 <= adapter_start < encoder.depth:
+        raise ValueError(f"adapter_start must be an encoder level in [0, {encoder.depth - 1}], got {adapter_start}.")
 
     stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
-    encoder = parts["encoder"]
     input_shape = tuple(model.input[primary].shape[1:4])
     inputs, outputs = dict(model.input), dict(model.output)
 
@@ -215,25 +231,30 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage, **encoder.stem_options())
         stem_outputs[modality] = stem(inputs[modality])
 
-    if len(modalities) == 1:
-        path_input = stem_outputs[modalities[0]]
-    else:
-        fusion = parts["fusions"].get(tuple(modalities))
-        if fusion is None:
-            fusion = ModalityFusion(modalities, stage=stage)
-            path_input = fusion([stem_outputs[m] for m in modalities])
-        else:
-            path_input = fusion.output
-
+    same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
+    adapter = None
     if adapters is not None:
-        encoder.add_adapter(name, rank=adapters, targets=adapter_targets)
-        features = encoder(path_input, adapter=name)
+        encoder.add_adapter(name, rank=adapters, targets=adapter_targets, start=adapter_start)
+        adapter = name
+    if adapter is None and same_path:
+        features = same_path[0].encoder_features(same_path[0].input)
+    elif adapter_start == 0:
+        first = stem_outputs[modalities[0]]
+        path_input = _fused(parts, modalities, stage, 0, first, stem_outputs) if len(modalities) > 1 else first
+        features = encoder(path_input, adapter=adapter)
     else:
-        same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
-        features = same_path[0].encoder_features(same_path[0].input) if same_path else encoder(path_input)
+        base = _base_features(parts, encoder, stem_outputs[modalities[0]], modalities[0])
+        if adapter is None and len(modalities) == 1:
+            features = base
+        else:
+            level_input = base[adapter_start - 1]
+            if len(modalities) > 1:
+                level_input = _fused(parts, modalities, stage, adapter_start, level_input, stem_outputs)
+            deeper = encoder(level_input, adapter=adapter, start=adapter_start)
+            features = list(base[: adapter_start - 1]) + [level_input] + list(deeper)
 
     head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
-                      adapter_rank=adapters, **head_options)
+                      adapter_rank=adapters, adapter_start=adapter_start, **head_options)
     outputs[name] = _apply_head(head, features, inputs)
     return keras.Model(inputs, outputs, name=model.name)
 
@@ -270,7 +291,7 @@ def describe(model):
         "stages": len(stages),
         "stems": {m: {"stage": s.stage, "kind": s.kind, "params": s.count_params()} for m, s in parts["stems"].items()},
         "fusions": {
-            "+".join(mods): {"modalities": list(mods), "stage": f.stage, "params": f.count_params()}
+            "+".join(mods): {"modalities": list(mods), "stage": f.stage, "level": f.level, "params": f.count_params()}
             for mods, f in parts["fusions"].items()
         },
         "encoder": {
@@ -282,6 +303,28 @@ def describe(model):
         "heads": heads,
         "params": model.count_params(),
     }
+
+
+def _fused(parts, modalities, stage, level, first, stem_outputs):
+    """The fused input of encoder level `level` for `modalities` (an existing fusion's
+    output, or a new `ModalityFusion` of `first` and the other modalities' stem features)."""
+    fusion = parts["fusions"].get(tuple(modalities))
+    if fusion is not None:
+        if fusion.level != level:
+            raise ValueError(f"The model already fuses {modalities} at encoder level {fusion.level}; a path "
+                             f"reading them must start there (adapter_start={fusion.level}), got {level}.")
+        return fusion.output
+    fusion = ModalityFusion(modalities, stage=stage, level=level)
+    return fusion([first] + [stem_outputs[m] for m in modalities[1:]])
+
+
+def _base_features(parts, encoder, stem_output, modality):
+    """The base (no adapter) feature maps of a one-modality path: an existing head's input,
+    or a new encoder call that later paths share."""
+    for head in parts["heads"].values():
+        if head.modalities == [modality] and head.adapter is None:
+            return list(head.encoder_features(head.input))
+    return list(encoder(stem_output))
 
 
 def model_parts(model):

@@ -28,18 +28,21 @@ class Head(keras.layers.Layer):
         stage: the continual-learning stage that added the head.
         adapter_rank: rank of the encoder adapter on this head's path (named after the
             head), or None when the head reads the base encoder.
+        adapter_start: the first encoder level its path computes itself (levels below are
+            shared with the base path; see `expand`).
         **kwargs: `keras.layers.Layer` arguments; `name` is the head's (and output's) name.
     """
 
     task = None
     reads_volumes = False  # True: called on encoder features + the raw volume of each modality
 
-    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, **kwargs):
+    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, adapter_start=0, **kwargs):
         kwargs.setdefault("name", self.task)
         super().__init__(**kwargs)
         self.modalities = list(modalities)
         self.stage = int(stage)
         self.adapter_rank = None if adapter_rank is None else int(adapter_rank)
+        self.adapter_start = int(adapter_start or 0)
 
     @property
     def adapter(self):
@@ -66,12 +69,14 @@ class Head(keras.layers.Layer):
             "modalities": list(self.modalities),
             "stage": self.stage,
             "adapter": None if self.adapter is None else {"name": self.adapter, "rank": self.adapter_rank},
+            "adapter_start": self.adapter_start,
             "params": self.count_params(),
         }
 
     def get_config(self):
         config = super().get_config()
-        config.update(modalities=self.modalities, stage=self.stage, adapter_rank=self.adapter_rank)
+        config.update(modalities=self.modalities, stage=self.stage, adapter_rank=self.adapter_rank,
+                      adapter_start=self.adapter_start)
         return config
 
 

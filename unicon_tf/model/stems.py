@@ -5,7 +5,9 @@ one-channel volume to the encoder's input channels (for a ViT encoder the stem i
 modality's patch embedding, and the fusion mixes patch tokens). A path that reads several modalities
 first fuses their stem features with `ModalityFusion`, which starts out as the first
 modality's features exactly (identity on it, zero on the others): a new modality begins
-from what the model already does and learns how much to add.
+from what the model already does and learns how much to add. A fusion may also act at an
+encoder level (`level=s`): it then mixes the new modality's stem features, average-pooled
+to that level's grid, into the first modality's level `s - 1` feature map.
 """
 
 import keras
@@ -88,14 +90,18 @@ class ModalityStem(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
 class ModalityFusion(keras.layers.Layer):
-    """Fuses the stem features of several modalities into the encoder's input channels.
+    """Fuses the features of several modalities into the first one's channels and grid.
 
-    A learned 1x1x1 mixing of the concatenated stem features, initialised to pass the
-    first modality through unchanged and to ignore the others.
+    A learned 1x1x1 mixing of the concatenated features, initialised to pass the first
+    input through unchanged and to ignore the others. Inputs on a finer grid than the first
+    (an integer factor per axis) are average-pooled to its grid first.
 
     Args:
         modalities: the modalities fused, in input order; the first is passed through.
         stage: the stage that added it.
+        level: the encoder level whose input it produces: 0 fuses stem features (the first
+            input is the first modality's stem output); s > 0 fuses into the first
+            modality's level `s - 1` feature map (see `expand(..., adapter_start=s)`).
         **kwargs: `keras.layers.Layer` arguments.
 
     Example:
@@ -105,18 +111,18 @@ class ModalityFusion(keras.layers.Layer):
     True
     """
 
-    def __init__(self, modalities, stage=0, **kwargs):
-        kwargs.setdefault("name", "fusion_" + "_".join(modalities))
+    def __init__(self, modalities, stage=0, level=0, **kwargs):
+        kwargs.setdefault("name", "fusion_" + "_".join(modalities) + (f"_level{level}" if level else ""))
         super().__init__(**kwargs)
         if len(modalities) < 2:
             raise ValueError(f"Fusion needs at least two modalities, got {list(modalities)}.")
         self.modalities = list(modalities)
         self.stage = int(stage)
+        self.level = int(level)
 
     def build(self, input_shapes):
         channels = input_shapes[0][-1]
-        if any(shape[-1] != channels for shape in input_shapes):
-            raise ValueError(f"Stems to fuse must have equal channels, got {[s[-1] for s in input_shapes]}.")
+        self.pooling = [_pool_factor(input_shapes[0], shape) for shape in input_shapes]
 
         def pass_first(shape, dtype=None):
             return ops.concatenate(
@@ -124,17 +130,29 @@ class ModalityFusion(keras.layers.Layer):
             )
 
         self.mixing = self.add_weight(
-            name="mixing", shape=(channels * len(input_shapes), channels), initializer=pass_first
+            name="mixing", shape=(sum(shape[-1] for shape in input_shapes), channels), initializer=pass_first
         )
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
-    def call(self, stem_features):
-        return ops.matmul(ops.concatenate(stem_features, axis=-1), self.mixing) + self.bias
+    def call(self, features):
+        features = [x if factor == 1 else ops.average_pool(x, factor, factor) for x, factor in zip(features, self.pooling)]
+        return ops.matmul(ops.concatenate(features, axis=-1), self.mixing) + self.bias
 
     def compute_output_shape(self, input_shapes):
         return tuple(input_shapes[0])
 
     def get_config(self):
         config = super().get_config()
-        config.update(modalities=self.modalities, stage=self.stage)
+        config.update(modalities=self.modalities, stage=self.stage, level=self.level)
         return config
+
+
+def _pool_factor(target_shape, shape):
+    """The integer factor that takes grid `shape` (5D) to `target_shape`'s grid."""
+    target, grid = tuple(target_shape[1:4]), tuple(shape[1:4])
+    if None in target + grid:
+        return 1  # spatial dims free: the grids are the same by construction
+    factor = grid[0] // max(target[0], 1)
+    if factor < 1 or any(g != t * factor for g, t in zip(grid, target)):
+        raise ValueError(f"Cannot fuse a {grid} grid into a {target} grid: it must be an equal integer multiple.")
+    return factor

@@ -16,8 +16,10 @@ Stage keys: `name`, `task`, `data` (an ingested folder, relative paths resolving
 the data root, by default the pipeline file's folder; or the name of a `sources` entry,
 `{manifest, shape, spacing[, center, mask_classes, windows]}`, that the pipeline runner
 ingests with ExampleGen), optional `modality` (a new one),
-`head` (the head's name), `modalities`, `adapters` (rank), head options (`num_classes`,
-`dropout`, `blocks_per_level`) and the training keys of `TRAINING_DEFAULTS`.
+`head` (the head's name), `modalities`, `adapters` (rank), `adapter_start` (the first
+encoder level the new path computes, levels below shared with the base path; see
+`expand`), head options (`num_classes`, `dropout`, `blocks_per_level`) and the training
+keys of `TRAINING_DEFAULTS`.
 """
 
 import dataclasses
@@ -49,7 +51,7 @@ TRAINING_DEFAULTS = {
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
-STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters"}
+STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start"}
 
 
 class PipelineError(ValueError):
@@ -67,6 +69,7 @@ class StageSpec:
     head: str | None = None
     modalities: tuple | None = None
     adapters: int | None = None
+    adapter_start: int = 0
     head_options: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
@@ -80,6 +83,8 @@ class StageSpec:
     def fingerprint(self):
         """SHA-256 of what defines the stage's model (not the data path or epochs)."""
         defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training")}
+        if not defining["adapter_start"]:
+            del defining["adapter_start"]  # runs from before the option keep their fingerprints
         defining["strategy"] = self.training["strategy"]
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
@@ -280,8 +285,15 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
         name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else root / data, source=source,
         modality=entry.get("modality"), head=entry.get("head"),
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
-        adapters=entry.get("adapters"), head_options=head_options, training=training,
+        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
+        head_options=head_options, training=training,
     )
+
+
+def _adapter_start(where, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PipelineError(f"{where}: adapter_start must be an encoder level >= 0, got {value!r}.")
+    return value
 
 
 def _checked_name(where, field, name, kind):

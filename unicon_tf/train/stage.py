@@ -227,7 +227,8 @@ def _network_for_stage(pipeline, index, spec, init, base):
         if init is not None:
             network = keras.models.load_model(init)
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
-                network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters, **options)
+                network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters,
+                                 adapter_start=spec.adapter_start, **options)
             return network, None, {"init": str(init), "sha256": sha256(init)}
         network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=spec.task,
                              name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
@@ -236,7 +237,8 @@ def _network_for_stage(pipeline, index, spec, init, base):
     network = keras.models.load_model(previous)
     teacher = keras.models.load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
-                     modalities=list(spec.modalities) if spec.modalities else None, **options)
+                     modalities=list(spec.modalities) if spec.modalities else None,
+                     adapter_start=spec.adapter_start, **options)
     reference = {"stage": pipeline.stages[index - 1].name, "model": str(previous), "sha256": sha256(previous)}
     return network, teacher, reference
 
