@@ -32,7 +32,8 @@ setup(
         "tensorflow-serving-api>=2.18,<2.22",
     ],
     extras_require={
-        "test": ["pytest>=7", "safetensors>=0.4"],
+        # the tests exercise every optional engine, so the test extra installs them all
+        "test": ["pytest>=7", "safetensors>=0.4", "apache-beam>=2.77"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],
