@@ -31,7 +31,11 @@ setup(
         "matplotlib",
         "tensorflow-serving-api>=2.18,<2.22",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs
+        "kfp": ["kfp>=2.17"],
+    },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

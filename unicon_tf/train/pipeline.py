@@ -17,7 +17,8 @@ the data root, by default the pipeline file's folder; or the name of a `sources`
 `{manifest, shape, spacing[, center, mask_classes, windows]}`, that the pipeline runner
 ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), head options (`num_classes`,
-`dropout`, `blocks_per_level`) and the training keys of `TRAINING_DEFAULTS`.
+`dropout`, `blocks_per_level`), the training keys of `TRAINING_DEFAULTS`, and
+`resources` for an orchestrator (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
 import dataclasses
@@ -46,7 +47,11 @@ TRAINING_DEFAULTS = {
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
-STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters"}
+STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "resources"}
+RESOURCE_KEYS = {"cpu": (int, float, str), "memory": (int, str), "gpu": (int,), "accelerator": (str,)}
+"""A stage's `resources` on an orchestrator (`unicon-tf compile`): cores ("8", "500m"),
+memory ("32G", "16Gi"), GPU count and accelerator type ("nvidia.com/gpu",
+"NVIDIA_TESLA_A100" on Vertex AI). The local runner ignores them."""
 
 
 class PipelineError(ValueError):
@@ -67,6 +72,7 @@ class StageSpec:
     head_options: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
+    resources: dict = dataclasses.field(default_factory=dict)  # see RESOURCE_KEYS
 
     def to_json(self):
         config = dataclasses.asdict(self)
@@ -76,7 +82,7 @@ class StageSpec:
 
     def fingerprint(self):
         """SHA-256 of what defines the stage's model (not the data path or epochs)."""
-        defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training")}
+        defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training", "resources")}
         defining["strategy"] = self.training["strategy"]
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
@@ -190,7 +196,24 @@ def _stage(path, index, entry, defaults, root, sources):
         modality=entry.get("modality"), head=entry.get("head"),
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
         adapters=entry.get("adapters"), head_options=head_options, training=training,
+        resources=_resources(where, entry.get("resources")),
     )
+
+
+def _resources(where, resources):
+    """A stage's `resources` mapping, its keys and value types checked (their formats are
+    the orchestrator's to check)."""
+    if resources is None:
+        return {}
+    if not isinstance(resources, dict):
+        raise PipelineError(f"{where}: resources must be a mapping of {sorted(RESOURCE_KEYS)}.")
+    for key, value in resources.items():
+        if key not in RESOURCE_KEYS:
+            raise PipelineError(f"{where}: unknown resources key '{key}'; known: {sorted(RESOURCE_KEYS)}.")
+        if isinstance(value, bool) or not isinstance(value, RESOURCE_KEYS[key]) or (
+                key == "gpu" and value < 0):
+            raise PipelineError(f"{where}: resources: {key} = {value!r} is not valid.")
+    return dict(resources)
 
 
 def _check_training(where, training):
