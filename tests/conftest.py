@@ -1,9 +1,13 @@
-"""Shared fixtures: small volumes (16^3) and small encoders keep the suite fast on CPU."""
+"""Shared fixtures and helpers: small volumes (16^3) and small encoders keep the suite fast on CPU."""
 
+import csv
+
+import nibabel as nib
 import numpy as np
 import pytest
 
 import unicon_tf
+from unicon_tf import data
 
 SHAPE = (16, 16, 16)
 
@@ -80,3 +84,37 @@ def trained_run(phantom_records, tmp_path_factory):
     pipeline = write_pipeline(folder, phantom_records)
     records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
     return pipeline, folder / "run", records
+
+
+RAS_2MM = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def write_nifti(path, array, affine=RAS_2MM):
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path.name
+
+
+def write_manifest(folder, rows):
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def patient_row(folder, pid, split="train", ct=None, pet=None, mask=None, **targets):
+    """Write one patient's CT (and PET, mask) 8^3 at 2 mm RAS; return its manifest row."""
+    rng = np.random.default_rng(abs(hash(pid)) % 2**32)
+    ct = rng.uniform(-1000, 1000, (8, 8, 8)).astype(np.float32) if ct is None else ct
+    row = {"patient_id": pid, "split": split, "ct": write_nifti(folder / f"{pid}_ct.nii.gz", ct)}
+    if pet is not None:
+        row["pet"] = write_nifti(folder / f"{pid}_pet.nii.gz", pet)
+    if mask is not None:
+        row["mask"] = write_nifti(folder / f"{pid}_mask.nii.gz", mask.astype(np.uint8))
+    row.update({k: v for k, v in targets.items()})
+    return row
+
+
+PREP_8 = data.Preprocessing(shape=(8, 8, 8), spacing=(2.0, 2.0, 2.0))

@@ -1,12 +1,15 @@
 """TFX-style components through the local runner: artifacts, lineage, cache, Pusher gate."""
 
+import ast
 import json
 
+import keras
+import numpy as np
 import yaml
 from click.testing import CliRunner
 
 from unicon_tf.cli import main
-from unicon_tf.components import COMPONENTS, LocalRunner, format_lineage
+from unicon_tf.components import COMPONENTS, LocalRunner, execute_recorded, format_lineage
 
 
 def write_runner_pipeline(folder, manifest):
@@ -26,12 +29,26 @@ def write_runner_pipeline(folder, manifest):
     return path
 
 
+def imported_modules(module):
+    """Every module a module's source imports (absolute names), from its syntax tree."""
+    names = set()
+    for node in ast.walk(ast.parse(open(module.__file__).read())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{module.__name__}: relative import"
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
 def test_components_are_specs_plus_executors():
+    components = {module.__name__ for module in COMPONENTS.values()}
     for name, module in COMPONENTS.items():
         assert module.SPEC.name == name and callable(module.execute)
-        # components do not import each other
-        source = open(module.__file__).read()
-        assert not any(f"components.{other}" in source for other in ("example_gen", "trainer", "evaluator", "pusher"))
+        imported = imported_modules(module)
+        # components do not import each other, nor the runner that wires them
+        assert not imported & (components | {"unicon_tf.components.runner"}), (name, imported & components)
+        assert not {"unicon_tf.components", "unicon_tf.components.runner"} & imported
 
 
 def test_runner_records_lineage_caches_and_gates_the_pusher(phantom_cohort, tmp_path):
@@ -76,3 +93,32 @@ def test_runner_records_lineage_caches_and_gates_the_pusher(phantom_cohort, tmp_
                                       "--from-stage", "prognosis"])
     assert rerun.exit_code == 0, rerun.output
     assert json.loads((run / "lineage.json").read_text())["events"][-1]["cached"] is True
+
+
+def test_a_recorded_component_run_executes_alone(phantom_cohort, tmp_path):
+    """What a container orchestrator needs: a component run is its recorded inputs and
+    parameters; executed again elsewhere (no runner, no run directory around it), the
+    Trainer gives the same model and the Evaluator the same blessing."""
+    pipeline = write_runner_pipeline(tmp_path, phantom_cohort)
+    run = tmp_path / "run"
+    LocalRunner(pipeline, run, base=tmp_path / "sm", verbose=0).run(push=False)
+    executions = json.loads((run / "lineage.json").read_text())["executions"]
+    trainer = executions["Trainer.prognosis"]
+    assert trainer["inputs"]["base_model"]["uri"] == str(run / "stages" / "00-classification")
+    assert trainer["output_dir"] == str(run / "stages" / "01-prognosis")
+    assert executions["Evaluator.prognosis"]["inputs"]["baseline"]["producer"] == "Evaluator.classification"
+
+    model = execute_recorded("Trainer.prognosis", trainer, output_dir=tmp_path / "elsewhere" / "model")["model"]
+    assert model.uri == str(tmp_path / "elsewhere" / "model")  # a .keras file holds a date: compare the weights
+    again = keras.models.load_model(tmp_path / "elsewhere" / "model" / "model.keras")
+    original = keras.models.load_model(run / "stages" / "01-prognosis" / "model.keras")
+    for a, b in zip(again.weights, original.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    evaluator = dict(executions["Evaluator.prognosis"], inputs={
+        **executions["Evaluator.prognosis"]["inputs"], "model": model.to_json()})
+    outputs = execute_recorded("Evaluator.prognosis", evaluator, output_dir=tmp_path / "elsewhere" / "evaluation")
+    recorded = executions["Evaluator.prognosis"]["outputs"]
+    assert outputs["evaluation"].properties == recorded["evaluation"]["properties"]
+    assert outputs["blessing"].properties == recorded["blessing"]["properties"]
+    assert (tmp_path / "elsewhere" / "evaluation" / "blessing.json").exists()

@@ -10,43 +10,11 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
+from conftest import PREP_8, RAS_2MM, patient_row, write_manifest, write_nifti
+
 from unicon_tf import data
 from unicon_tf.cli import main
 from unicon_tf.data.preprocess import resample
-
-RAS_2MM = np.diag([2.0, 2.0, 2.0, 1.0])
-
-
-def write_nifti(path, array, affine=RAS_2MM):
-    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
-    return path.name
-
-
-def write_manifest(folder, rows):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    path = folder / "manifest.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def patient_row(folder, pid, split="train", ct=None, pet=None, mask=None, **targets):
-    """Write one patient's CT (and PET, mask) 8^3 at 2 mm RAS; return its manifest row."""
-    rng = np.random.default_rng(abs(hash(pid)) % 2**32)
-    ct = rng.uniform(-1000, 1000, (8, 8, 8)).astype(np.float32) if ct is None else ct
-    row = {"patient_id": pid, "split": split, "ct": write_nifti(folder / f"{pid}_ct.nii.gz", ct)}
-    if pet is not None:
-        row["pet"] = write_nifti(folder / f"{pid}_pet.nii.gz", pet)
-    if mask is not None:
-        row["mask"] = write_nifti(folder / f"{pid}_mask.nii.gz", mask.astype(np.uint8))
-    row.update({k: v for k, v in targets.items()})
-    return row
-
-
-PREP_8 = data.Preprocessing(shape=(8, 8, 8), spacing=(2.0, 2.0, 2.0))
-
 
 def test_round_trip_preserves_values_grid_and_targets(tmp_path):
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import PREP_8, patient_row, write_manifest
 
 from unicon_tf import data
 from unicon_tf.data.augment import augment_example
@@ -72,8 +73,6 @@ def test_refusals_name_the_field(phantom_records, tmp_path):
 
 
 def test_prognosis_refused_without_survival_columns(tmp_path):
-    from test_data_ingest import PREP_8, patient_row, write_manifest
-
     manifest = write_manifest(tmp_path, [patient_row(tmp_path, "A", label=1)])
     data.ingest(manifest, tmp_path / "out", PREP_8, verbose=False)
     with pytest.raises(data.DataError, match=r"field time/event: the cohort has no \['time', 'event'\]"):

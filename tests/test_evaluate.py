@@ -11,6 +11,7 @@ from conftest import UNICON_ORDER, write_pipeline
 
 from unicon_tf import data, evaluate
 from unicon_tf.cli import main
+from unicon_tf.run import Run
 
 NAN = None
 HAND = [[0.8, NAN, NAN], [0.7, 0.9, NAN], [0.6, 0.85, 0.7]]
@@ -62,14 +63,16 @@ def test_paired_bootstrap_matches_scipy_and_is_exact_for_a_constant_gain():
 
 def test_a_regression_beyond_tolerance_is_not_blessed_and_named():
     tasks = ["classification", "prognosis", "segmentation"]
-    verdict = evaluate.bless(HAND, 2, tasks, tolerance=0.01)
+    before, after = HAND[1][:2], HAND[2]
+    verdict = evaluate.bless(before, after, tasks, tolerance=0.01)
     assert not verdict["blessed"]
     assert any(r.startswith("classification: fell from 0.7000 to 0.6000") for r in verdict["reasons"])
     assert any(r.startswith("prognosis: fell from 0.9000 to 0.8500") for r in verdict["reasons"])
-    lenient = evaluate.bless(HAND, 2, tasks, tolerance=0.01, tolerances={"classification": 0.2, "prognosis": 0.1})
+    lenient = evaluate.bless(before, after, tasks, tolerance=0.01, tolerances={"classification": 0.2, "prognosis": 0.1})
     assert lenient["blessed"], lenient["reasons"]
-    assert not evaluate.bless(HAND, 2, tasks, tolerance=0.5, threshold=0.75)["blessed"]  # own task too low
-    assert evaluate.bless(HAND, 0, tasks, threshold=0.5)["blessed"]
+    assert not evaluate.bless(before, after, tasks, tolerance=0.5, threshold=0.75)["blessed"]  # own task too low
+    assert evaluate.bless([], HAND[0][:1], tasks[:1], threshold=0.5)["blessed"]
+    assert not evaluate.bless([0.8], [None, 0.9], tasks[:2])["blessed"]  # an earlier task not measured
 
 
 def test_evaluate_run_scores_each_earlier_row_once(trained_run, tmp_path):
@@ -117,7 +120,7 @@ def test_evaluate_run_report_and_predictions(trained_run):
     np.testing.assert_allclose(written.affine, meta["affine"].numpy()[0], atol=1e-5)
     assert written.shape == (16, 16, 16) and set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
 
-    report, summary, gain = evaluate.write_report(run, result, evaluate.stage_records(run))
+    report, summary, gain = evaluate.write_report(run, result, Run(run).stage_records())
     assert gain["fused_head"] == "segmentation_ctpet" and gain["ct_head"] == "segmentation"
     low, high = gain["gain_vs_ct_head_ci"]  # both heads scored on the same test patients
     assert low <= gain["gain_vs_ct_head"] <= high and gain["patients"] == len(result["metrics"][-1][2]["patient_ids"])
@@ -145,7 +148,7 @@ def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
     pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, name="pair", epochs=1)
     for stage in stages:
         train.train_stage(pipeline, stage["name"], tmp_path / "run", verbose=0)
-    results = evaluate.run_baselines(pipeline, tmp_path / "run")
+    results = evaluate.evaluate_baselines(tmp_path / "run", train.train_baselines(pipeline, tmp_path / "run"))
     single, naive, joint = results["single_task"], results["naive"], results["joint"]
     for result in results.values():
         assert result["tasks"] == ["segmentation", "segmentation_ctpet"]
@@ -162,7 +165,7 @@ def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
     assert (tmp_path / "run" / "baselines" / "joint" / "model.keras").exists()
     loaded = evaluate.load_baselines(tmp_path / "run")
     assert set(loaded) == {"single_task", "naive", "joint"}
-    report, summary, gain = evaluate.write_report(tmp_path / "run", continual, evaluate.stage_records(tmp_path / "run"),
+    report, summary, gain = evaluate.write_report(tmp_path / "run", continual, Run(tmp_path / "run").stage_records(),
                                                   loaded)
     assert summary["forward_transfer_per_task"][0] == pytest.approx(continual["matrix"][0][0] - single["matrix"][0][0])
     assert gain["ct_baseline_dice"] == single["matrix"][0][0]

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import unicon_tf
 from unicon_tf import evaluate, serving
 from unicon_tf.cli import main
+from unicon_tf.run import Evaluation, Run
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
     second = serving.export_stage(evaluated_run, base=base, labels=["canary"])
     assert second == base / "tiny" / "2"
     assert tree_digest(first) == before  # version 1 untouched, byte for byte
-    assert not list((base / "tiny").glob(".partial-*"))
+    assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1", "2"]  # no staging folder left
 
     shown = subprocess.run(["saved_model_cli", "show", "--dir", str(second), "--all"],
                            capture_output=True, text=True, check=True).stdout
@@ -93,17 +94,18 @@ def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
 
 
 def test_export_refusals(evaluated_run, tmp_path):
-    blessing_file = evaluated_run / "stages/03-pet/evaluation/blessing.json"
-    original = blessing_file.read_text()
+    run = tmp_path / "run"  # a copy of its own: the shared fixture stays as it is
+    shutil.copytree(evaluated_run, run)
+    blessing_file = Evaluation(Run(run).trained_stages()[-1].evaluation).blessing_file
     blessing_file.write_text(json.dumps({"stage": "pet", "blessed": False, "reasons": ["classification: fell"]}))
-    try:
-        with pytest.raises(serving.ExportError, match="not blessed: classification: fell"):
-            serving.export_stage(evaluated_run, base=tmp_path / "sm")
-        assert not (tmp_path / "sm" / "tiny" / "1").exists()
-        forced = serving.export_stage(evaluated_run, base=tmp_path / "sm", force=True)
-        assert json.loads((forced / "unicon.json").read_text())["forced"] is True
-    finally:
-        blessing_file.write_text(original)
+    with pytest.raises(serving.ExportError, match="not blessed: classification: fell"):
+        serving.export_stage(run, base=tmp_path / "sm")
+    assert not (tmp_path / "sm").exists()  # refused before anything is written
+    forced = serving.export_stage(run, base=tmp_path / "sm", force=True)
+    assert json.loads((forced / "unicon.json").read_text())["forced"] is True
+    blessing_file.unlink()
+    with pytest.raises(serving.ExportError, match="has not been evaluated"):
+        serving.export_stage(run, base=tmp_path / "sm")
     model = keras.models.load_model(evaluated_run / "stages/00-classification/model.keras")
     with pytest.raises(serving.ExportError, match="already exists"):
         serving.export_model(model, tmp_path / "sm", "tiny", version=1)

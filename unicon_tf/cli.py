@@ -6,12 +6,34 @@ Example:
     unicon-tf describe model.keras
 """
 
+import functools
 import json
 import pathlib
 
 import click
 
+from unicon_tf.run import BASELINES
+from unicon_tf.train.strategies import STRATEGIES
 from unicon_tf.version import __version__
+
+
+def user_errors(command):
+    """Turn the errors of bad input (a pipeline, run, data or export that cannot be used)
+    into a one-line message and exit status 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from unicon_tf.data import DataError
+        from unicon_tf.run import StageError
+        from unicon_tf.serving import ExportError
+        from unicon_tf.train import TrainingError
+
+        try:
+            return command(*args, **kwargs)
+        except (StageError, TrainingError, ExportError, DataError, ValueError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from error  # PipelineError is a ValueError
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,23 +74,20 @@ def describe(model_path, as_json):
 @click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
 @click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
+@user_errors
 def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad):
     """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
     from unicon_tf import data
 
-    try:
-        window_map = {m: (w.low, w.high, w.scale) for m, w in data.DEFAULT_WINDOWS.items()}
-        window_map.update({m: (low, high, window_map.get(m, (0, 0, 1.0))[2]) for m, low, high in windows})
-        for modality, factor in scales:
-            if modality not in window_map:
-                raise click.BadParameter(f"no window for modality '{modality}': add --window {modality} LOW HIGH")
-            window_map[modality] = window_map[modality][:2] + (factor,)
-        preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
-                                           mask_classes=mask_classes)
-        schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad,
-                             shard_size=shard_size)
-    except (data.DataError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    window_map = {m: (w.low, w.high, w.scale) for m, w in data.DEFAULT_WINDOWS.items()}
+    window_map.update({m: (low, high, window_map.get(m, (0, 0, 1.0))[2]) for m, low, high in windows})
+    for modality, factor in scales:
+        if modality not in window_map:
+            raise click.BadParameter(f"no window for modality '{modality}': add --window {modality} LOW HIGH")
+        window_map[modality] = window_map[modality][:2] + (factor,)
+    preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
+                                       mask_classes=mask_classes)
+    schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad, shard_size=shard_size)
     counts = ", ".join(f"{split} {info['count']}" for split, info in schema["splits"].items())
     rejected = out / "rejected.csv"
     click.echo(f"wrote {out} ({counts})" + (f"; rejected patients listed in {rejected}" if rejected.exists() else ""))
@@ -101,32 +120,29 @@ def phantom(out, count, shape, spacing, seed):
               help="Run directory [default: runs/<pipeline name>].")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder that relative data paths resolve against [default: the pipeline's folder].")
-@click.option("--strategy", type=click.Choice(["frozen", "adapters", "finetune", "naive"]), default=None,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
               help="Override the stage's strategy.")
 @click.option("--epochs", type=int, default=None, help="Override the stage's epochs.")
 @click.option("--learning-rate", type=float, default=None, help="Override the stage's learning rate.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="First stage only: start from this .keras model instead of a new foundation model.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
+@user_errors
 def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume):
     """Train one stage of a pipeline, starting from the previous stage's model.
 
     Goes through the same runner as `unicon-tf run` (ExampleGen for `sources` data, then
     the Trainer), so the stage is recorded in the run's lineage.
     """
-    from unicon_tf import components, data
+    from unicon_tf import components
     from unicon_tf import train as training
+    from unicon_tf.run import StageFolder
 
-    try:
-        pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
-        run_dir = run_dir or pathlib.Path("runs") / pipeline.name
-        runner = components.LocalRunner(pipeline, run_dir)
-        outputs = runner.run(stages=[stage], evaluate=False, strategy=strategy, epochs=epochs,
-                             learning_rate=learning_rate, init=init, resume=resume or None)[stage]
-    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
-            ValueError) as error:
-        raise click.ClickException(str(error)) from error
-    record = json.loads((pathlib.Path(outputs["model"].uri) / "stage.json").read_text())
+    pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
+    runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name)
+    outputs = runner.run(stages=[stage], evaluate=False, strategy=strategy, epochs=epochs,
+                         learning_rate=learning_rate, init=init, resume=resume or None)[stage]
+    record = StageFolder(outputs["model"].uri).record()
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
@@ -136,17 +152,15 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
 @click.option("--stage", default=None, help="The last stage to evaluate [default: the last trained].")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@user_errors
 def evaluate(run_dir, stage, split):
     """Evaluate every head after every stage: matrix, forgetting, blessing, report.md."""
-    from unicon_tf import data
     from unicon_tf import evaluate as evaluation
+    from unicon_tf.run import Run
 
-    try:
-        result = evaluation.evaluate_run(run_dir, stage=stage, split=split)
-        records = evaluation.stage_records(run_dir, stage)
-        report, summary, gain = evaluation.write_report(run_dir, result, records, evaluation.load_baselines(run_dir))
-    except (data.DataError, ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    result = evaluation.evaluate_run(run_dir, stage=stage, split=split)
+    records = Run(run_dir).stage_records(stage)
+    report, summary, gain = evaluation.write_report(run_dir, result, records, evaluation.load_baselines(run_dir))
     click.echo(format_matrix(result))
     click.echo(", ".join(f"{k.replace('_', ' ')} {v:+.4f}" for k, v in summary.items()
                          if isinstance(v, float)))
@@ -160,20 +174,17 @@ def evaluate(run_dir, stage, split):
 @click.option("--pipeline", "pipeline_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["single_task", "naive", "joint"]),
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(BASELINES),
               help="Which baselines [default: all three].")
+@user_errors
 def baselines(pipeline_path, run_dir, data_root, kinds):
     """Train and evaluate the baselines: single-task from scratch, naive fine-tuning, joint."""
-    from unicon_tf import data
     from unicon_tf import evaluate as evaluation
     from unicon_tf import train as training
 
-    try:
-        results = evaluation.run_baselines(pipeline_path, run_dir, kinds=kinds or evaluation.KINDS,
-                                           data_root=data_root, verbose=1)
-    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
-            ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    trained = training.train_baselines(pipeline_path, run_dir, kinds=kinds or BASELINES, data_root=data_root,
+                                       verbose=1)
+    results = evaluation.evaluate_baselines(run_dir, trained)
     for result in results.values():
         click.echo(format_matrix(result))
 
@@ -189,16 +200,13 @@ def baselines(pipeline_path, run_dir, data_root, kinds):
 @click.option("--label", "labels", multiple=True, help="Point a version label at the new version (stable, canary).")
 @click.option("--force", is_flag=True, help="Export even if the stage is not blessed.")
 @click.option("--example-request", is_flag=True, help="Also write request.json, a REST request for serving_default.")
+@user_errors
 def export(run_dir, stage, model_name, base, serving_root, labels, force, example_request):
     """Export a blessed stage as the next SavedModel version for TensorFlow Serving."""
-    from unicon_tf import data
     from unicon_tf import serving
 
-    try:
-        version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
-                                           labels=labels, serving_root=serving_root, example_request=example_request)
-    except (serving.ExportError, data.DataError, ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
+                                       labels=labels, serving_root=serving_root, example_request=example_request)
     info = json.loads((version_dir / "unicon.json").read_text())
     click.echo(f"exported {version_dir} (signatures: {', '.join(info['signatures'])}; parity max |diff| "
                f"{info['parity_max_abs_diff']:.1e}); config: {base / 'models.config'}")
@@ -213,16 +221,13 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
 @click.option("--pet", type=click.Path(exists=True, dir_okay=False), default=None, help="PET NIfTI.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--overlap", type=float, default=0.5, show_default=True, help="Sliding-window overlap.")
+@user_errors
 def predict(saved_model, ct, pet, out, overlap):
     """Predict every head for one patient's NIfTI images (sliding window for segmentation)."""
-    from unicon_tf import data
     from unicon_tf import serving
 
     images = {m: p for m, p in (("ct", ct), ("pet", pet)) if p}
-    try:
-        result = serving.predict_nifti(saved_model, images, out, overlap=overlap)
-    except (data.DataError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    result = serving.predict_nifti(saved_model, images, out, overlap=overlap)
     click.echo(json.dumps(result["heads"], indent=2))
 
 
@@ -235,19 +240,15 @@ def predict(saved_model, ct, pet, out, overlap):
 @click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
               show_default=True, help="TF Serving base folder for the Pusher.")
 @click.option("--no-push", is_flag=True, help="Stop after the Evaluator.")
+@user_errors
 def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
     """Run a pipeline: ExampleGen, Trainer, Evaluator and Pusher per stage, with lineage and cache."""
-    from unicon_tf import components, data
-    from unicon_tf import serving
+    from unicon_tf import components
     from unicon_tf import train as training
 
-    try:
-        pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
-        runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name, base=base)
-        results = runner.run(from_stage=from_stage, push=not no_push)
-    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError,
-            serving.ExportError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
+    runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name, base=base)
+    results = runner.run(from_stage=from_stage, push=not no_push)
     for stage, outputs in results.items():
         pushed = outputs.get("pushed_model")
         state = "" if pushed is None else (f", pushed {pushed.uri}" if pushed.properties["pushed"]
@@ -291,11 +292,13 @@ def compile_command(pipeline_path, target, output, image, base, model_name, data
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@user_errors
 def lineage(run_dir):
     """Print a run's lineage: every component run, its input and output artifacts."""
     from unicon_tf.components import format_lineage
+    from unicon_tf.run import Run
 
-    path = run_dir / "lineage.json"
+    path = Run(run_dir).lineage_file
     if not path.exists():
         raise click.ClickException(f"{path} does not exist: runs made with unicon-tf run record a lineage.")
     click.echo(format_lineage(json.loads(path.read_text())))

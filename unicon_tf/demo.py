@@ -26,7 +26,7 @@ class DemoPlan:
         patients: phantom patients: half train, a sixth val, a third test (a large test
             split, so that the table's differences can be told from noise).
         cohort_shape: the phantom's CT grid (voxels per side, 3 mm voxels).
-        baselines: which of `unicon_tf.evaluate.KINDS` to train beside the continual run.
+        baselines: which of `unicon_tf.run.BASELINES` to train beside the continual run.
         epochs: epochs per stage name.
         crop: side of the cube ingested around each lesion (voxels, 3 mm) and fed to the model.
         width: channels of the encoder's first level.
@@ -88,6 +88,7 @@ def run_demo(out="demo", fast=False, base="saved_models", echo=print):
     from unicon_tf import evaluate
     from unicon_tf.components import LocalRunner
     from unicon_tf.data import phantom
+    from unicon_tf.train import train_baselines
 
     plan = FAST if fast else FULL
     out = pathlib.Path(out)
@@ -108,10 +109,11 @@ def run_demo(out="demo", fast=False, base="saved_models", echo=print):
     source_dir = pathlib.Path(
         runner.lineage["executions"]["ExampleGen.lesion"]["outputs"]["examples"]["uri"])
     stages = [dataclasses.replace(s, data=source_dir) for s in pipeline.stages]
-    baselines = evaluate.run_baselines(dataclasses.replace(pipeline, stages=stages), run_dir, kinds=plan.baselines)
+    trained = train_baselines(dataclasses.replace(pipeline, stages=stages), run_dir, kinds=plan.baselines)
     echo("[4/5] evaluation and report")
+    baselines = evaluate.evaluate_baselines(run_dir, trained)
     continual = evaluate.evaluate_run(run_dir)
-    report, summary, gain = evaluate.write_report(run_dir, continual, evaluate.stage_records(run_dir), baselines)
+    report, summary, gain = evaluate.write_report(run_dir, continual, runner.directory.stage_records(), baselines)
     echo(f"[5/5] done in {time.time() - started:.0f} s")
     pushed = [o["pushed_model"] for o in results.values()]
     return {"continual": continual, "baselines": baselines, "summary": summary, "gain": gain, "report": report,

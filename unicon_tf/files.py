@@ -1,7 +1,9 @@
-"""Writes that never leave a half-written file: write beside the target, then rename.
+"""Writes that never leave a half-written file or folder: write beside the target, then rename.
 
 Every JSON record (run.json, stage.json, matrix.json, blessing.json, lineage.json), the
-TF Serving `models.config` and every saved `.keras` model goes through here.
+TF Serving `models.config` and every saved `.keras` model goes through here; so does
+every folder that must appear whole or not at all (`atomic_folder`: an ingested cohort,
+a SavedModel version, a training checkpoint). `sha256` is the one file checksum.
 
 Example:
 >>> import pathlib, tempfile
@@ -11,9 +13,12 @@ Example:
 '{\\n  "dice": 0.5,\\n  "data": "x"\\n}\\n'
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -43,6 +48,72 @@ def save_model_atomic(model, path):
     partial = path.with_name(f".{path.stem}.partial.keras")
     model.save(partial)
     os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replace=False):
+    """Fill a hidden staging folder beside `path`; it becomes `path` only if the block succeeds.
+
+    On an exception the staging folder is removed and `path` is left as it was. An
+    existing empty folder at `path` is replaced; a non-empty one only with `replace`
+    (it is moved aside first, then deleted once the new folder is in place).
+
+    Args:
+        path: the folder to create.
+        replace: replace a non-empty folder at `path` (e.g. the previous checkpoint).
+
+    Yields:
+        The staging folder (a `pathlib.Path`, created empty) to write into.
+
+    Raises:
+        FileExistsError: `path` exists, is not an empty folder, and `replace` is False
+            (checked after the block, so a concurrent writer cannot be overwritten).
+
+    Example:
+    >>> import tempfile
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "version"
+    >>> with atomic_folder(out) as staging:
+    ...     _ = (staging / "saved_model.pb").write_text("...")
+    >>> sorted(p.name for p in out.iterdir()), sorted(p.name for p in out.parent.iterdir())
+    (['saved_model.pb'], ['version'])
+    """
+    path = pathlib.Path(path)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        old = None
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.exists() and replace:
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        elif path.exists():
+            raise FileExistsError(f"{path} already exists; it is never overwritten.")
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks.
+
+    Example:
+    >>> import tempfile
+    >>> file = pathlib.Path(tempfile.mkdtemp()) / "empty"
+    >>> _ = file.write_bytes(b"")
+    >>> sha256(file)[:16]
+    'e3b0c44298fc1c14'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(value):

@@ -3,12 +3,13 @@
 | component    | inputs                      | outputs                  | calls                        |
 |--------------|-----------------------------|--------------------------|------------------------------|
 | `ExampleGen` | -                           | Examples                 | `unicon_tf.data.ingest`      |
-| `Trainer`    | Examples, base Model        | Model                    | `unicon_tf.train.train_stage`|
-| `Evaluator`  | Model                       | Evaluation, Blessing     | `unicon_tf.evaluate`         |
-| `Pusher`     | Model, Blessing             | PushedModel (or skipped) | `unicon_tf.serving`          |
+| `Trainer`    | Examples, base Model        | Model                    | `unicon_tf.train.fit_stage`  |
+| `Evaluator`  | Model, baseline Evaluation  | Evaluation, Blessing     | `unicon_tf.evaluate.evaluate_stage` |
+| `Pusher`     | Model, Blessing             | PushedModel (or skipped) | `unicon_tf.serving.push_stage` |
 """
 
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
-from unicon_tf.components.runner import COMPONENTS, LocalRunner, format_lineage
+from unicon_tf.components.runner import COMPONENTS, LocalRunner, execute_recorded, format_lineage
 
-__all__ = ["Artifact", "COMPONENTS", "ComponentSpec", "LocalRunner", "fingerprint", "format_lineage"]
+__all__ = ["Artifact", "COMPONENTS", "ComponentSpec", "LocalRunner", "execute_recorded", "fingerprint",
+           "format_lineage"]

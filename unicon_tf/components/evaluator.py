@@ -1,28 +1,30 @@
-"""Evaluator: every head after a stage -> `Evaluation` and `Blessing` artifacts."""
+"""Evaluator: a `Model` artifact -> `Evaluation` and `Blessing` artifacts.
 
-import json
-import pathlib
+Scores every head of the model on its own data; blesses it against the previous stage's
+row, which the optional `baseline` Evaluation artifact (the previous stage's) carries.
+Writes into `context["output_dir"]`.
+"""
 
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
-from unicon_tf.evaluate import evaluate_run
+from unicon_tf.evaluate import evaluate_stage
 
 SPEC = ComponentSpec(
     name="Evaluator",
-    inputs={"model": "Model"},
+    inputs={"model": "Model", "baseline": "Evaluation?"},
     outputs={"evaluation": "Evaluation", "blessing": "Blessing"},
-    parameters=("stage", "split"),
+    parameters=("split",),
 )
 
 
 def execute(inputs, parameters, context):
-    """Evaluate the run up to the model's stage; bless it or say why not."""
-    result = evaluate_run(context["run_dir"], stage=parameters["stage"], split=parameters.get("split", "test"))
-    folder = pathlib.Path(inputs["model"].uri) / "evaluation"
-    blessing = json.loads((folder / "blessing.json").read_text())
-    row = result["matrix"][-1]
+    """Evaluate the model artifact; bless it or say why not."""
+    baseline = inputs.get("baseline")
+    result = evaluate_stage(inputs["model"].uri, baseline.properties["row"] if baseline else None,
+                            split=parameters.get("split", "test"), out=context["output_dir"])
+    folder, blessing = result["folder"], result["blessing"]
     return {
-        "evaluation": Artifact("Evaluation", str(folder), context["id"], fingerprint(row),
-                               {"tasks": result["tasks"], "row": row, "summary": result["summary"]}),
-        "blessing": Artifact("Blessing", str(folder / "blessing.json"), context["id"], fingerprint(blessing),
+        "evaluation": Artifact("Evaluation", str(folder.path), context["id"], fingerprint(result["row"]),
+                               {"tasks": result["tasks"], "row": result["row"]}),
+        "blessing": Artifact("Blessing", str(folder.blessing_file), context["id"], fingerprint(blessing),
                              {"blessed": blessing["blessed"], "reasons": blessing["reasons"]}),
     }

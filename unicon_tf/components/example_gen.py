@@ -3,9 +3,8 @@
 import pathlib
 
 from unicon_tf.components.base import Artifact, ComponentSpec
-from unicon_tf.data import Preprocessing, ingest
+from unicon_tf.data import Preprocessing, data_fingerprint, ingest
 from unicon_tf.data.preprocess import DEFAULT_WINDOWS
-from unicon_tf.train.stage import data_fingerprint
 
 SPEC = ComponentSpec(
     name="ExampleGen",

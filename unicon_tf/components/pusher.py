@@ -1,24 +1,28 @@
-"""Pusher: exports a model to TF Serving only if the Evaluator blessed it (as in TFX)."""
+"""Pusher: exports the `Model` artifact to TF Serving only if its `Blessing` says so (as in TFX).
+
+The blessing is checked here, once; the export (`unicon_tf.serving.push_stage`) does not
+check it again.
+"""
 
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
-from unicon_tf.data.records import sha256
-from unicon_tf.serving import export_stage
+from unicon_tf.files import sha256
+from unicon_tf.serving import push_stage
 
 SPEC = ComponentSpec(
     name="Pusher",
     inputs={"model": "Model", "blessing": "Blessing"},
     outputs={"pushed_model": "PushedModel"},
-    parameters=("stage", "base", "model_name"),
+    parameters=("base", "model_name"),
 )
 
 
 def execute(inputs, parameters, context):
-    """Export the stage as the next version, or record that it was not pushed and why."""
+    """Export the model as the next version, or record that it was not pushed and why."""
     blessing = inputs["blessing"].properties
     if not blessing["blessed"]:
         return {"pushed_model": Artifact("PushedModel", "", context["id"], fingerprint("skipped", blessing),
                                          {"pushed": False, "reason": "; ".join(blessing["reasons"])})}
-    version = export_stage(context["run_dir"], parameters["stage"], base=parameters["base"],
-                           model_name=parameters.get("model_name"))
+    version = push_stage(inputs["model"].uri, parameters["base"], parameters.get("model_name"),
+                         blessing={"stage": inputs["model"].properties.get("stage"), **blessing})
     return {"pushed_model": Artifact("PushedModel", str(version), context["id"], sha256(version / "saved_model.pb"),
                                      {"pushed": True, "version": int(version.name)})}

@@ -1,9 +1,14 @@
 """A local runner: a pipeline's stages as a graph of component runs, with lineage and cache.
 
-For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher. Each
-run is recorded in `<run>/lineage.json` with its parameters, the artifacts that went in and
-came out, and a fingerprint of all of them; a component whose fingerprint is unchanged
-and whose outputs exist is not run again (a cache hit, also recorded).
+For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher. The
+runner wires the components through their artifacts and gives each its output folder
+in the run directory (`unicon_tf.run`): ExampleGen `examples/<source>-<key>/`, Trainer
+`stages/NN-<stage>/`, Evaluator `stages/NN-<stage>/evaluation/`; the Pusher writes a
+version under the serving base. Each run is recorded in `<run>/lineage.json` with its
+parameters, output folder, the artifacts that went in and came out, and a fingerprint
+of all of them; a component whose fingerprint is unchanged and whose outputs exist is
+not run again (a cache hit, also recorded). A recorded run can be executed again on its
+own (`execute_recorded`): executors read nothing but their inputs and parameters.
 
 Example:
 >>> runner = LocalRunner("pipelines/chest_ct.yaml", "runs/chest_ct")  # doctest: +SKIP
@@ -17,12 +22,13 @@ import time
 
 from unicon_tf.components import evaluator, example_gen, pusher, trainer
 from unicon_tf.components.base import Artifact, fingerprint
-from unicon_tf.data.records import sha256
-from unicon_tf.files import write_json_atomic
+from unicon_tf.data import data_fingerprint
+from unicon_tf.files import sha256, write_json_atomic
+from unicon_tf.run import Run
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
-from unicon_tf.train.stage import RunDirectory, data_fingerprint
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
+UNDEFINING = ("resume", "pipeline")  # parameters that change no result of their own (the stage's are separate)
 
 
 class LocalRunner:
@@ -35,13 +41,17 @@ class LocalRunner:
         model_name: served model name (default: the pipeline's name).
         data_root: for relative paths of a pipeline file.
         verbose: Keras verbosity.
+
+    Raises:
+        PipelineError: the pipeline file is invalid.
+        StageError: `run_dir` holds a run of another pipeline.
     """
 
     def __init__(self, pipeline, run_dir, base="saved_models", model_name=None, data_root=None, verbose=1):
         self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root)
-        self.run_dir = pathlib.Path(run_dir)
+        self.directory = Run.create(run_dir, self.pipeline.name, self.pipeline.path)
         self.base, self.model_name, self.verbose = pathlib.Path(base), model_name, verbose
-        self.lineage_file = self.run_dir / "lineage.json"
+        self.run_dir, self.lineage_file = self.directory.path, self.directory.lineage_file
         self.lineage = (json.loads(self.lineage_file.read_text()) if self.lineage_file.exists()
                         else {"pipeline": self.pipeline.name, "executions": {}, "events": []})
 
@@ -53,10 +63,15 @@ class LocalRunner:
             from_stage: run this stage and every later one.
             evaluate: run the Evaluator after each Trainer.
             push: run the Pusher after each Evaluator (needs `evaluate`).
-            **overrides: Trainer parameters (strategy, epochs, learning_rate).
+            **overrides: Trainer parameters (strategy, epochs, learning_rate, init, resume).
 
         Returns:
-            `{stage: {output name: Artifact}}` of the stages run.
+            `{stage: {output name: Artifact}}` of the stages run: `model`, and with
+            `evaluate` also `evaluation` and `blessing`, with `push` also `pushed_model`.
+
+        Raises:
+            PipelineError: an unknown stage or override.
+            StageError, TrainingError, DataError, ExportError: from the components.
         """
         names = [s.name for s in self.pipeline.stages]
         if from_stage is not None:
@@ -67,18 +82,14 @@ class LocalRunner:
             self.pipeline.stage(name)
         results = {}
         for name in stages:
-            index, spec = self.pipeline.stage(name)
-            examples = self._examples(spec)
-            inputs = {"examples": examples, "base_model": self._model(index - 1) if index > 0 else None}
-            params = {"stage": name, **{k: v for k, v in overrides.items() if v is not None}}
-            outputs = self._run("Trainer", f"Trainer.{name}", inputs, params)
+            index, _ = self.pipeline.stage(name)
+            outputs = {"model": self._train(index, overrides)}
             if evaluate:
-                outputs.update(self._run("Evaluator", f"Evaluator.{name}", {"model": outputs["model"]},
-                                         {"stage": name, "split": "test"}))
+                outputs.update(self._evaluate(index, outputs["model"]))
             if evaluate and push:
                 outputs.update(self._run("Pusher", f"Pusher.{name}",
                                          {"model": outputs["model"], "blessing": outputs["blessing"]},
-                                         {"stage": name, "base": str(self.base), "model_name": self.model_name}))
+                                         {"base": str(self.base), "model_name": self.model_name}, None))
             results[name] = outputs
         return results
 
@@ -86,38 +97,63 @@ class LocalRunner:
         if spec.source is None:
             return Artifact("Examples", str(spec.data), "external", data_fingerprint(spec.data))
         parameters = dict(self.pipeline.sources[spec.source])
-        return self._run("ExampleGen", f"ExampleGen.{spec.source}", {}, parameters)["examples"]
+        key = fingerprint("ExampleGen", parameters)
+        return self._run("ExampleGen", f"ExampleGen.{spec.source}", {}, parameters,
+                         self.directory.examples_dir(spec.source, key))["examples"]
+
+    def _train(self, index, overrides):
+        spec = self.pipeline.stages[index]
+        inputs = {"examples": self._examples(spec), "base_model": self._model(index - 1) if index > 0 else None}
+        params = {"pipeline": self.pipeline.to_json(), "stage": spec.name,
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        folder = self.directory.stage(index, spec.name)
+        model = self._run("Trainer", f"Trainer.{spec.name}", inputs, params, folder.path)["model"]
+        self.directory.mark(index, spec.name, spec.fingerprint(), status="trained",
+                      model=str(folder.model.relative_to(self.directory.path)))
+        return model
+
+    def _evaluate(self, index, model):
+        name = self.pipeline.stages[index].name
+        inputs = {"model": model, "baseline": self._evaluation(index - 1) if index > 0 else None}
+        folder = self.directory.stage(index, name)
+        return self._run("Evaluator", f"Evaluator.{name}", inputs, {"split": "test"}, folder.evaluation)
 
     def _model(self, index):
         """The Model artifact of stage `index`: from the lineage, or from the run directory."""
-        name = self.pipeline.stages[index].name
-        record = self.lineage["executions"].get(f"Trainer.{name}")
+        spec = self.pipeline.stages[index]
+        record = self.lineage["executions"].get(f"Trainer.{spec.name}")
         if record:
             return Artifact(**record["outputs"]["model"])
-        run = RunDirectory(self.run_dir, self.pipeline)
-        if not run.model_path(index).exists():
-            return None  # the Trainer (train_stage) refuses with the reason
-        return Artifact("Model", str(run.stage_dir(index)), "external", sha256(run.model_path(index)), {"stage": name})
+        folder = self.directory.stage(index, spec.name)
+        if self.directory.status(spec.name).get("status") != "trained" or not folder.is_trained():
+            return None  # the Trainer (fit_stage) refuses with the reason
+        return Artifact("Model", str(folder.path), "external", sha256(folder.model), {"stage": spec.name})
 
-    def _run(self, component, run_id, inputs, parameters):
+    def _evaluation(self, index):
+        """The Evaluation artifact of stage `index`: from the lineage, or by evaluating it now."""
+        record = self.lineage["executions"].get(f"Evaluator.{self.pipeline.stages[index].name}")
+        if record:
+            return Artifact(**record["outputs"]["evaluation"])
+        model = self._model(index)
+        return None if model is None else self._evaluate(index, model)["evaluation"]
+
+    def _run(self, component, run_id, inputs, parameters, output_dir):
         module = COMPONENTS[component]
         module.SPEC.check(inputs, parameters)
-        defining = {k: v for k, v in parameters.items() if k != "resume"}  # resuming changes no result
+        defining = {k: v for k, v in parameters.items() if k not in UNDEFINING}
         key = fingerprint(component, defining, {k: a.fingerprint for k, a in inputs.items() if a is not None})
         record = self.lineage["executions"].get(run_id)
         if record and record["fingerprint"] == key and all(
                 not o["uri"] or pathlib.Path(o["uri"]).exists() for o in record["outputs"].values()):
             self._event(run_id, cached=True)
             return {k: Artifact(**v) for k, v in record["outputs"].items()}
-        context = {"id": run_id, "pipeline": self.pipeline, "run_dir": self.run_dir, "verbose": self.verbose,
-                   "output_dir": self.run_dir / "examples" / f"{run_id.split('.', 1)[1]}-{key[:12]}"}
+        record = {"component": component, "fingerprint": key, "parameters": parameters,
+                  "output_dir": None if output_dir is None else str(output_dir),
+                  "inputs": {k: a.to_json() for k, a in inputs.items() if a is not None}}
         started = time.time()
-        outputs = module.execute({k: a for k, a in inputs.items() if a is not None}, parameters, context)
-        self.lineage["executions"][run_id] = {
-            "component": component, "fingerprint": key, "parameters": parameters,
-            "inputs": {k: a.to_json() for k, a in inputs.items() if a is not None},
-            "outputs": {k: a.to_json() for k, a in outputs.items()}, "seconds": round(time.time() - started, 2),
-        }
+        outputs = execute_recorded(run_id, record, verbose=self.verbose)
+        record.update(outputs={k: a.to_json() for k, a in outputs.items()}, seconds=round(time.time() - started, 2))
+        self.lineage["executions"][run_id] = record
         self._event(run_id, cached=False)
         return outputs
 
@@ -125,6 +161,26 @@ class LocalRunner:
         self.lineage["events"].append({"run": run_id, "cached": cached,
                                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         write_json_atomic(self.lineage_file, self.lineage)
+
+
+def execute_recorded(run_id, record, output_dir=None, verbose=0):
+    """Execute one component run from its lineage record alone: its component, parameters
+    and input artifacts (what a container orchestrator hands a component).
+
+    Args:
+        run_id: the run's id (e.g. `Trainer.prognosis`), the outputs' producer.
+        record: the run's entry of `lineage.json` (`component`, `parameters`, `inputs`,
+            `output_dir`).
+        output_dir: write the outputs here instead of the recorded folder.
+        verbose: Keras verbosity.
+
+    Returns:
+        `{output name: Artifact}`.
+    """
+    module = COMPONENTS[record["component"]]
+    inputs = {k: Artifact(**v) for k, v in record["inputs"].items()}
+    context = {"id": run_id, "output_dir": output_dir or record["output_dir"], "verbose": verbose}
+    return module.execute(inputs, record["parameters"], context)
 
 
 def format_lineage(lineage):

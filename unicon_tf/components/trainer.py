@@ -1,29 +1,39 @@
-"""Trainer: one continual-learning stage -> a `Model` artifact (the stage's folder)."""
+"""Trainer: one continual-learning stage -> a `Model` artifact (the stage's folder).
+
+Reads only its inputs and parameters: the Examples artifact's folder is the stage's data,
+the base Model artifact's folder holds the previous stage's model (for every stage but
+the first); writes the stage into `context["output_dir"]`.
+"""
 
 import dataclasses
 
 from unicon_tf.components.base import Artifact, ComponentSpec
-from unicon_tf.data.records import sha256
-from unicon_tf.train.stage import RunDirectory, train_stage
+from unicon_tf.files import sha256
+from unicon_tf.run import StageFolder
+from unicon_tf.train.pipeline import PipelineSpec
+from unicon_tf.train.stage import fit_stage
 
 SPEC = ComponentSpec(
     name="Trainer",
     inputs={"examples": "Examples", "base_model": "Model?"},
     outputs={"model": "Model"},
-    parameters=("stage", "strategy", "epochs", "learning_rate", "init", "resume"),
+    parameters=("pipeline", "stage", "strategy", "epochs", "learning_rate", "init", "resume"),
 )
 
 
 def execute(inputs, parameters, context):
-    """Train `parameters["stage"]` of `context["pipeline"]` on the Examples artifact."""
-    pipeline = context["pipeline"]
+    """Train `parameters["stage"]` of `parameters["pipeline"]` (`PipelineSpec.to_json`) on
+    the Examples artifact, from the base Model artifact, into `context["output_dir"]`."""
+    pipeline = PipelineSpec.from_json(parameters["pipeline"])
     index, spec = pipeline.stage(parameters["stage"])
     stages = list(pipeline.stages)
     stages[index] = dataclasses.replace(spec, data=inputs["examples"].uri)
-    record = train_stage(dataclasses.replace(pipeline, stages=stages), spec.name, context["run_dir"],
-                         strategy=parameters.get("strategy"), epochs=parameters.get("epochs"),
-                         learning_rate=parameters.get("learning_rate"), init=parameters.get("init"),
-                         resume=parameters.get("resume", False), verbose=context.get("verbose", 1))
-    run = RunDirectory(context["run_dir"], pipeline)
-    return {"model": Artifact("Model", str(run.stage_dir(index)), context["id"], sha256(run.model_path(index)),
+    base = inputs.get("base_model")
+    out = StageFolder(context["output_dir"])
+    record = fit_stage(dataclasses.replace(pipeline, stages=stages), spec.name, out,
+                       base=base.uri if base else None, strategy=parameters.get("strategy"),
+                       epochs=parameters.get("epochs"), learning_rate=parameters.get("learning_rate"),
+                       init=parameters.get("init"), resume=parameters.get("resume", False),
+                       verbose=context.get("verbose", 1))
+    return {"model": Artifact("Model", str(out.path), context["id"], sha256(out.model),
                               {"stage": spec.name, "head": record["head"], "strategy": record["strategy"]})}

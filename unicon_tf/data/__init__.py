@@ -1,18 +1,27 @@
 """Data: manifests of NIfTI cohorts -> validated TFRecord shards -> tf.data pipelines.
 
 Example:
+>>> import pathlib, tempfile
 >>> from unicon_tf import data
->>> manifest = data.phantom.write_cohort("cohort", n=12, shape=(32, 32, 32), spacing=6.0)  # doctest: +SKIP
->>> data.ingest(manifest, "tfrecords", data.Preprocessing(shape=(32, 32, 32), spacing=(6, 6, 6)))  # doctest: +SKIP
->>> train = data.dataset("tfrecords", "train", task="classification", batch_size=4)  # doctest: +SKIP
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> manifest = data.phantom.write_cohort(folder / "cohort", n=6, shape=(16, 16, 16), spacing=12.0)
+>>> prep = data.Preprocessing(shape=(8, 8, 8), spacing=(24.0, 24.0, 24.0))
+>>> schema = data.ingest(manifest, folder / "tfrecords", prep, workers=1, verbose=False)
+>>> sorted(schema["splits"]), schema["modalities"]
+(['test', 'train', 'val'], ['ct', 'pet'])
+>>> train = data.dataset(folder / "tfrecords", "train", task="classification", batch_size=2)
+>>> inputs, labels = next(iter(train))
+>>> tuple(inputs["ct"].shape), labels.dtype.name
+((2, 8, 8, 8, 1), 'int32')
 """
 
 from unicon_tf.data import phantom
 from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import ingest, read_schema
+from unicon_tf.data.ingest import ingest
 from unicon_tf.data.manifest import Manifest, Patient, read_manifest
 from unicon_tf.data.preprocess import DEFAULT_WINDOWS, IntensityWindow, Preprocessing, load_volume, preprocess_patient
+from unicon_tf.data.records import data_fingerprint, read_schema
 
 __all__ = [
     "DEFAULT_WINDOWS",
@@ -22,6 +31,7 @@ __all__ = [
     "Patient",
     "Preprocessing",
     "TASK_TARGETS",
+    "data_fingerprint",
     "dataset",
     "ingest",
     "load_volume",

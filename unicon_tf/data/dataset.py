@@ -4,8 +4,7 @@ import tensorflow as tf
 
 from unicon_tf.data.augment import augment_example
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import read_schema
-from unicon_tf.data.records import parse_example, verify_shards
+from unicon_tf.data.records import parse_example, read_schema, verify_shards
 
 TASK_TARGETS = {"classification": ("label",), "prognosis": ("time", "event"), "segmentation": ("mask",)}
 """The cohort targets each task needs."""

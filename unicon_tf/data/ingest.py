@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -28,7 +27,8 @@ import tensorflow as tf
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
-from unicon_tf.data.records import encode_example, sha256
+from unicon_tf.data.records import encode_example
+from unicon_tf.files import atomic_folder, sha256
 
 SCHEMA_VERSION = 1
 
@@ -65,10 +65,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         preprocessing.window(modality)
     workers = max(1, int(workers or os.cpu_count() or 1))
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as staging:
         writer = _ShardWriter(staging, shard_size)
         stats = _Stats(cohort.modalities)
         rejected = []
@@ -92,21 +89,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         schema = _schema(cohort, preprocessing, splits, stats)
         (staging / "schema.json").write_text(json.dumps(schema, indent=2) + "\n")
         (staging / "stats.json").write_text(json.dumps(stats.summary(), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return schema
-
-
-def read_schema(directory):
-    """The `schema.json` of an ingested cohort folder."""
-    path = pathlib.Path(directory) / "schema.json"
-    if not path.is_file():
-        raise DataError("not an ingested cohort: schema.json is missing", file=path, field="schema")
-    return json.loads(path.read_text())
 
 
 def _process(job):

@@ -12,16 +12,19 @@ One `tf.train.Example` per patient:
 | `affine`        | 16 floats                   | world affine of the volume's grid    |
 
 Volumes are raw little-endian bytes rather than float lists: parsing is a cheap
-`decode_raw`. Shards are GZIP-compressed; `schema.json` lists them with their SHA-256.
+`decode_raw`. Shards are GZIP-compressed; `schema.json` lists them with their SHA-256
+(`read_schema` reads it back; `data_fingerprint` condenses the checksums).
 """
 
 import hashlib
+import json
 import pathlib
 
 import numpy as np
 import tensorflow as tf
 
 from unicon_tf.data.errors import DataError
+from unicon_tf.files import sha256
 
 
 def encode_example(record, targets):
@@ -83,13 +86,28 @@ def parse_example(serialized, schema):
     return out
 
 
-def sha256(path):
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def read_schema(directory):
+    """The `schema.json` of an ingested cohort folder.
+
+    Raises:
+        DataError: the folder has no schema.json (it was not written by `ingest`).
+    """
+    path = pathlib.Path(directory) / "schema.json"
+    if not path.is_file():
+        raise DataError("not an ingested cohort: schema.json is missing", file=path, field="schema")
+    return json.loads(path.read_text())
+
+
+def data_fingerprint(directory):
+    """SHA-256 over the shard checksums recorded in an ingested folder's schema: the same
+    examples give the same fingerprint wherever the folder lives.
+
+    Raises:
+        DataError: the folder has no schema.json.
+    """
+    schema = read_schema(directory)
+    shards = sorted(s["sha256"] for split in schema["splits"].values() for s in split["shards"])
+    return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
 def verify_shards(directory, schema, split):

@@ -1,51 +1,107 @@
-"""Evaluate a run directory: every head after every stage, the matrix, blessings, NIfTI.
+"""Evaluate a trained stage (every head it has so far), or a whole run (the stage x task matrix).
 
-Outputs (next to the run's stages):
+`evaluate_stage` is what the Evaluator component runs: it needs the stage's folder and,
+to bless it, the previous stage's row of main metrics; it writes to its own folder
+(`unicon_tf.run.Evaluation`, by default `<stage>/evaluation/`):
 
-    <run>/stages/NN-<stage>/evaluation/metrics.json     every head's metrics after the stage (reused
-                                                        while the model file and the split are unchanged)
-    <run>/stages/NN-<stage>/evaluation/blessing.json    blessed or not, with the reasons
-    <run>/stages/NN-<stage>/evaluation/predictions/<head>/<patient>.nii.gz
-                                                        label maps on the input grid (affine)
-    <run>/evaluation/matrix.json                        stage x task matrix and its summary
+    metrics.json                  every head's metrics after the stage (reused while the
+                                  model file, the split and the package are unchanged)
+    blessing.json                 blessed or not, with the reasons
+    predictions/<head>/<patient>.nii.gz
+                                  label maps on the input grid (affine)
+
+`evaluate_run` evaluates every stage of a run in order and writes the run's
+`evaluation/matrix.json`.
 """
 
-import json
 import pathlib
 
 import keras
 import nibabel as nib
 import numpy as np
 
-from unicon_tf.data.records import sha256
 from unicon_tf.evaluate.matrix import bless, summarize
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
-from unicon_tf.files import write_json_atomic
-from unicon_tf.train.stage import stage_folder
+from unicon_tf.files import sha256, write_json_atomic
+from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
 
 
-def stage_records(run_dir, upto=None):
-    """The stage.json records of a run's trained stages, in order (up to stage `upto`)."""
-    run_dir = pathlib.Path(run_dir)
-    record_file = run_dir / "run.json"
-    if not record_file.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (run.json is missing).")
-    run = json.loads(record_file.read_text())
-    trained = sorted((e["index"], name) for name, e in run["stages"].items() if e.get("status") == "trained")
-    records = []
-    for index, name in trained:
-        if index != len(records):
-            break  # a gap: later stages did not start from this run's earlier ones
-        folder = stage_folder(run_dir, index, name)
-        records.append({**json.loads((folder / "stage.json").read_text()), "folder": folder})
-        if name == upto:
-            break
-    if upto is not None and (not records or records[-1]["stage"] != upto):
-        raise ValueError(f"{run_dir}: stage '{upto}' is not trained (trained: {[r['stage'] for r in records]}).")
-    if not records:
-        raise ValueError(f"{run_dir}: no trained stage to evaluate.")
-    return records
+def score_stage(stage, split="test", out=None, write_predictions=True, fresh=False):
+    """Score every head of a stage's model on the `split` of each head's own data.
+
+    Args:
+        stage: the stage's folder (`StageFolder` or path: a Model artifact's URI).
+        split: the data split to score.
+        out: the output folder (`Evaluation` or path; default `<stage>/evaluation`).
+        write_predictions: write segmentation label maps of the stage's own head as NIfTI.
+        fresh: score again even when `metrics.json` holds this model's scores, and return
+            the predictions.
+
+    Returns:
+        A dict: `stage` (name), `tasks` (head names, in stage order), `task_kinds`,
+        `row` (each head's main metric), `metrics` (each head's metrics dict),
+        `record` (the stage's stage.json), `folder` (the `Evaluation`) and
+        `predictions` (`{head: predict_head result + task, data}` when scored, else {}).
+
+    Raises:
+        StageError: the folder holds no trained stage.
+        DataError: a head's data is missing or corrupt.
+    """
+    stage = stage if isinstance(stage, StageFolder) else StageFolder(stage)
+    record = stage.record()
+    out = out if isinstance(out, Evaluation) else Evaluation(out or stage.evaluation)
+    heads = [h["head"] for h in record["heads"]]
+    tasks = [h["task"] for h in record["heads"]]
+    label_maps = write_predictions and tasks[-1] == "segmentation"
+    key = {"split": split, "heads": heads, "label_maps": label_maps, "unicon_tf": __version__,
+           "model_sha256": sha256(stage.model)}
+    saved = out.metrics()
+    predictions = {}
+    if fresh or saved is None or {k: saved.get(k) for k in key} != key:
+        model = keras.models.load_model(stage.model)
+        metrics = []
+        for entry in record["heads"]:
+            result = predict_head(model, entry["head"], entry["data"], split)
+            metrics.append(head_metrics(entry["task"], result))
+            predictions[entry["head"]] = {**result, "task": entry["task"], "data": entry["data"]}
+        if label_maps:
+            write_label_maps(out.predictions(heads[-1]), predictions[heads[-1]])
+        out.write_metrics({"stage": record["stage"], **key, "metrics": dict(zip(heads, metrics))})
+    else:
+        metrics = [saved["metrics"][h] for h in heads]
+    return {"stage": record["stage"], "tasks": heads, "task_kinds": tasks,
+            "row": [m[MAIN_METRIC[t]] for m, t in zip(metrics, tasks)], "metrics": metrics, "record": record,
+            "folder": out, "predictions": predictions}
+
+
+def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predictions=True, fresh=False):
+    """Score a stage (`score_stage`) and bless it: what the Evaluator component runs.
+
+    Args:
+        stage, split, out, write_predictions, fresh: see `score_stage`.
+        previous_row: the main metrics of the earlier heads after the previous stage (its
+            `row`), which the blessing compares with; None for the first stage.
+
+    Returns:
+        `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`), also
+        written to the output folder's `blessing.json`.
+
+    Raises:
+        StageError, DataError: see `score_stage`.
+
+    Example:
+    >>> result = evaluate_stage("runs/chest_ct/stages/01-prognosis", previous_row=[0.8])  # doctest: +SKIP
+    >>> result["blessing"]["blessed"], result["row"]  # doctest: +SKIP
+    (True, [0.8, 0.61])
+    """
+    result = score_stage(stage, split, out, write_predictions, fresh)
+    training = result["record"]["spec"]["training"]
+    verdict = bless(previous_row or [], result["row"], result["tasks"], tolerance=training["tolerance"],
+                    threshold=training["threshold"])
+    result["blessing"] = {"stage": result["stage"], **verdict}
+    result["folder"].write_blessing(result["blessing"])
+    return result
 
 
 def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind="continual"):
@@ -59,67 +115,47 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
         kind: a label for the run (`continual`, `naive`, ...), kept in matrix.json.
 
     Returns:
-        The matrix.json dict, plus `predictions` (the final model's outputs per head) that
-        the report uses.
+        The matrix.json dict: `run`, `kind`, `split`, `stages`, `tasks` (head names),
+        `task_kinds`, `main_metric`, `matrix` (stage x task, None above the diagonal),
+        `metrics` (the same cells' metrics dicts), `summary` (see `summarize`) and
+        `blessing` (one per stage); plus `predictions` (the final model's outputs per
+        head, see `evaluate_stage`) that the report uses.
+
+    Raises:
+        FileNotFoundError: `run_dir` is not a run directory.
+        ValueError: no stage is trained, or `stage` is not.
 
     Example:
     >>> result = evaluate_run("runs/chest_ct")  # doctest: +SKIP
     >>> result["summary"]["forgetting"]  # doctest: +SKIP
     0.0
     """
-    run_dir = pathlib.Path(run_dir)
-    records = stage_records(run_dir, stage)
-    heads = [r["head"] for r in records]
-    tasks = [r["task"] for r in records]
-    matrix = [[None] * len(records) for _ in records]
-    metrics = [[None] * len(records) for _ in records]
-    blessings, predictions = [], {}
-    for i, record in enumerate(records):
-        evaluation = record["folder"] / "evaluation"
-        label_maps = write_predictions and tasks[i] == "segmentation"
-        key = {"split": split, "heads": heads[: i + 1], "label_maps": label_maps, "unicon_tf": __version__,
-               "model_sha256": sha256(record["folder"] / "model.keras")}
-        saved = _saved_metrics(evaluation / "metrics.json", key)
-        if saved is None or i == len(records) - 1:  # the last row also gives the report its predictions
-            model = keras.models.load_model(record["folder"] / "model.keras")
-            for j in range(i + 1):
-                source = records[j]
-                result = predict_head(model, heads[j], source["data"]["path"], split)
-                metrics[i][j] = head_metrics(tasks[j], result)
-                if i == len(records) - 1:
-                    predictions[heads[j]] = {**result, "task": tasks[j], "data": source["data"]["path"]}
-                if label_maps and j == i:
-                    write_label_maps(evaluation / "predictions" / heads[j], result)
-            write_json_atomic(evaluation / "metrics.json", {"stage": record["stage"], **key,
-                                                            "metrics": {heads[j]: metrics[i][j] for j in range(i + 1)}})
-        else:
-            metrics[i][: i + 1] = [saved[h] for h in heads[: i + 1]]
-        matrix[i][: i + 1] = [m[MAIN_METRIC[t]] for m, t in zip(metrics[i][: i + 1], tasks)]
-        training = record["spec"]["training"]
-        blessing = bless(matrix, i, heads, tolerance=training.get("tolerance", 0.01),
-                         threshold=training.get("threshold", 0.0))
-        blessings.append({"stage": record["stage"], **blessing})
-        write_json_atomic(evaluation / "blessing.json", blessings[-1])
+    run = Run(run_dir)
+    folders = run.trained_stages(stage)
+    if not folders:
+        raise ValueError(f"{run.path}: no trained stage to evaluate.")
+    n = len(folders)
+    results = []
+    for i, folder in enumerate(folders):
+        previous = results[-1]["row"] if results else None
+        results.append(evaluate_stage(folder, previous, split, write_predictions=write_predictions,
+                                      fresh=i == n - 1))  # the last row also gives the report its predictions
+    last = results[-1]
+    matrix = [r["row"] + [None] * (n - len(r["row"])) for r in results]
     result = {
-        "run": str(run_dir), "kind": kind, "split": split, "stages": [r["stage"] for r in records],
-        "tasks": heads, "task_kinds": tasks, "main_metric": [MAIN_METRIC[t] for t in tasks],
-        "matrix": matrix, "metrics": metrics, "summary": summarize(matrix), "blessing": blessings,
+        "run": str(run.path), "kind": kind, "split": split, "stages": [r["stage"] for r in results],
+        "tasks": last["tasks"], "task_kinds": last["task_kinds"],
+        "main_metric": [MAIN_METRIC[t] for t in last["task_kinds"]], "matrix": matrix,
+        "metrics": [r["metrics"] + [None] * (n - len(r["metrics"])) for r in results],
+        "summary": summarize(matrix), "blessing": [r["blessing"] for r in results],
     }
-    write_json_atomic(run_dir / "evaluation" / "matrix.json", result)
-    return {**result, "predictions": predictions}
-
-
-def _saved_metrics(path, key):
-    """`{head: metrics}` of a stage evaluated before in the same way (same model file, split,
-    heads, label maps and package version), or None: each earlier row is scored once."""
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    return saved["metrics"] if {k: saved.get(k) for k in key} == key else None
+    write_json_atomic(run.matrix_file, result)
+    return {**result, "predictions": last["predictions"]}
 
 
 def write_label_maps(folder, result):
     """One NIfTI label map per patient, on the grid (affine) of the preprocessed input."""
+    folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     labels = np.argmax(result["output"], axis=-1).astype(np.uint8)
     for patient, label_map, affine in zip(result["patient_id"], labels, result["affine"]):

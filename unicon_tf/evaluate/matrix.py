@@ -58,13 +58,14 @@ def _mean(values):
     return round(float(np.mean(values)), 10) if values else None
 
 
-def bless(matrix, stage, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
-    """Whether stage `stage` may be pushed: no earlier task fell by more than its tolerance
-    since the previous stage, and the stage's own task reaches its threshold.
+def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
+    """Whether a stage may be pushed: no earlier task fell by more than its tolerance since
+    the previous stage, and the stage's own task (the last one) reaches its threshold.
 
     Args:
-        matrix: the stage x task matrix (rows up to at least `stage`).
-        stage: the stage's row index.
+        previous_row: the main metric of each earlier task after the previous stage
+            (matrix row i - 1, `len(tasks) - 1` values; empty for the first stage).
+        row: the main metric of every task after this stage (matrix row i, `len(tasks)` values).
         tasks: task (column) names, for the reasons.
         tolerance: largest allowed drop of an earlier task's metric (absolute).
         threshold: smallest acceptable metric of the stage's own task.
@@ -74,15 +75,16 @@ def bless(matrix, stage, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
         `{"blessed": bool, "reasons": [str, ...]}`, reasons given either way.
 
     Example:
-    >>> bless([[0.9, None], [0.85, 0.7]], 1, ["classification", "prognosis"])["blessed"]
+    >>> bless([0.9], [0.85, 0.7], ["classification", "prognosis"])["blessed"]
     False
     """
-    r = as_array(matrix)
+    before_row, after_row = as_array([list(previous_row)]), as_array([list(row)])
+    stage = len(tasks) - 1
     tolerances = tolerances or {}
     reasons, blessed = [], True
     for j in range(stage):
         allowed = tolerances.get(tasks[j], tolerance)
-        before, after = r[stage - 1, j], r[stage, j]
+        before, after = before_row[0, j], after_row[0, j]
         drop = before - after
         if np.isnan(drop):
             reasons.append(f"{tasks[j]}: not measured ({before} -> {after})")
@@ -92,7 +94,7 @@ def bless(matrix, stage, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
             blessed = False
         else:
             reasons.append(f"{tasks[j]}: {before:.4f} -> {after:.4f} (drop {max(drop, 0.0):.4f} <= tolerance {allowed})")
-    own = r[stage, stage]
+    own = after_row[0, stage]
     if np.isnan(own) or own < threshold:
         reasons.append(f"{tasks[stage]}: {own:.4f} is below the threshold {threshold}")
         blessed = False

@@ -10,7 +10,6 @@ Figures (matplotlib, Agg backend, fixed pixel sizes):
 - `pet_gain.png`: per-patient Dice of the CT+PET head against the CT-only ones.
 """
 
-import pathlib
 
 import matplotlib
 
@@ -22,6 +21,7 @@ from sksurv.nonparametric import kaplan_meier_estimator  # noqa: E402
 from unicon_tf.data import dataset  # noqa: E402
 from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
 from unicon_tf.evaluate.scores import paired_bootstrap  # noqa: E402
+from unicon_tf.run import Run  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches
 DPI = 100  # so every figure is 800 x 500 pixels
@@ -189,16 +189,21 @@ def format_gain(gain):
 
 
 def write_report(run_dir, continual, records, baselines=None):
-    """Write `<run>/report/report.md` and its figures; return the report's path.
+    """Write `<run>/report/report.md` and its figures.
 
     Args:
         run_dir: the run directory.
         continual: `evaluate_run`'s result (with `predictions`).
-        records: the stages' records (stage.json contents).
+        records: the stages' records (stage.json contents, `Run.stage_records`).
         baselines: `{kind: matrix dict}` of evaluated baselines (optional).
+
+    Returns:
+        `(report, summary, gain)`: the path of report.md; `summarize`'s dict of the
+        continual matrix, with forward transfer when a single-task baseline is given;
+        `pet_gain`'s dict, or None when the run has no CT+PET head.
     """
     baselines = baselines or {}
-    out = pathlib.Path(run_dir) / "report"
+    out = Run(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     single = baselines.get("single_task")
     reference = [single["matrix"][j][j] for j in range(len(single["tasks"]))] if single else None

@@ -20,7 +20,7 @@ import math
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.heads import HEADS, Head
+from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 
 
@@ -51,12 +51,18 @@ def foundation(
             `keras.Model` from a volume `(D, H, W, C)` to a list of multi-scale feature maps,
             finest first. With C == 1 the stem passes the volume through unchanged.
         name: the model's name.
-        head_name: the head's (and output's) name; defaults to the task.
+        head_name: the head's (and output's) name; defaults to the task, suffixed with the
+            modalities when it reads several (`default_head_name`).
         **head_options: further options of the head (see `unicon_tf.model.heads`).
 
     Returns:
         A functional `keras.Model` with inputs `{modality: (batch, D, H, W, 1)}` and
         outputs `{head_name: ...}`.
+
+    Raises:
+        ValueError: `input_shape` is not three positive dims or not divisible by the
+            encoder's stride; `modality` names no or repeated modalities; an unknown
+            `task` or head option; `num_classes` < 2.
 
     Example:
     >>> model = foundation((32, 32, 32), modality="ct", task="classification", num_classes=2)
@@ -82,7 +88,8 @@ def foundation(
     stems = [ModalityStem(m, channels=shared.input_channels, stage=0, kind=stem_kind)(inputs[m]) for m in modalities]
     path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
     features = shared(path)
-    head = _make_head(task, shared, input_shape, name=head_name or task, modalities=modalities, stage=0,
+    head = _make_head(task, shared, input_shape, name=head_name or default_head_name(task, modalities),
+                      modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
     return keras.Model(inputs, {head.name: head(features)}, name=name)
 
@@ -107,6 +114,11 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         A new functional `keras.Model` with one more output (and input, for a modality).
         Existing outputs are computed by the same layers on the same tensors as before.
 
+    Raises:
+        ValueError: no or an unknown `task`, an unknown head option, a `modality` the
+            model already has, `modalities` it has no stem for, a head `name` already
+            used, or an adapter rank < 1.
+
     Example:
     >>> model = foundation((32, 32, 32))
     >>> model = expand(model, task="prognosis")
@@ -125,14 +137,12 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     if modality is not None and modality in parts["stems"]:
         raise ValueError(f"Modality '{modality}' is already present (stem 'stem_{modality}').")
     primary = min(parts["stems"].values(), key=lambda stem: stem.stage).modality
-    if modalities is None:
-        modalities = [primary] if modality is None else [primary, modality]
-    modalities = list(modalities)
+    modalities = list(modalities) if modalities is not None else default_modalities(primary, modality)
     known = set(parts["stems"]) | ({modality} if modality else set())
     missing = [m for m in modalities if m not in known]
     if missing:
         raise ValueError(f"The head would read modalities {missing} that the model has no stem for.")
-    name = name or (task if len(modalities) == 1 else f"{task}_{''.join(modalities)}")
+    name = name or default_head_name(task, modalities)
     if name in model.output or any(layer.name == name for layer in model.layers):
         raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
     if adapters is not None and int(adapters) < 1:

@@ -268,3 +268,26 @@ class SegmentationHead(Head):
 
 HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
 """Task name -> head class; `expand(task=...)` accepts these names."""
+
+
+def default_head_name(task, modalities):
+    """A head's name when none is given: the task, suffixed with the modalities when it
+    reads several.
+
+    Example:
+    >>> default_head_name("segmentation", ["ct"]), default_head_name("segmentation", ["ct", "pet"])
+    ('segmentation', 'segmentation_ctpet')
+    """
+    modalities = list(modalities)
+    return task if len(modalities) == 1 else f"{task}_{''.join(modalities)}"
+
+
+def default_modalities(primary, modality=None):
+    """The modalities a new head reads when none are given: the model's first modality,
+    plus the new `modality` when the stage adds one.
+
+    Example:
+    >>> default_modalities("ct"), default_modalities("ct", "pet")
+    (['ct'], ['ct', 'pet'])
+    """
+    return [primary] + ([modality] if modality else [])

@@ -6,6 +6,7 @@ from unicon_tf.serving.export import (
     export_model,
     export_stage,
     next_version,
+    push_stage,
     signatures,
     update_models_config,
     write_warmup,
@@ -14,5 +15,5 @@ from unicon_tf.serving.inference import check_request, gaussian_weights, predict
 
 __all__ = [
     "ExportError", "check_parity", "check_request", "export_model", "export_stage", "gaussian_weights",
-    "next_version", "predict_nifti", "signatures", "sliding_window", "update_models_config", "write_warmup",
+    "next_version", "predict_nifti", "push_stage", "signatures", "sliding_window", "update_models_config", "write_warmup",
 ]

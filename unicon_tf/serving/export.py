@@ -11,22 +11,22 @@ classification `probabilities` and `class`, prognosis `risk`, segmentation
 `probabilities` and `label_map` (prefixed `<head>_` in `serving_default`).
 
 Versions are integers; a new export takes the next free one, is written to a hidden
-temporary folder and renamed into place, so a half-written version is never visible and
+staging folder and renamed into place (`unicon_tf.files.atomic_folder`), so a half-written version is never visible and
 an existing one is never touched. Before the rename, every signature of the reloaded
 SavedModel is checked against the Keras model (max abs difference <= 1e-5).
 """
 
 import json
-import os
 import pathlib
-import shutil
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.files import write_text_atomic
+from unicon_tf.data.records import read_schema
+from unicon_tf.files import atomic_folder, write_text_atomic
 from unicon_tf.model import model_parts
+from unicon_tf.run import Evaluation, Run, StageFolder
 
 PARITY_TOLERANCE = 1e-5
 
@@ -35,13 +35,19 @@ class ExportError(RuntimeError):
     """An export that must not happen (unblessed stage, parity failure, bad version)."""
 
 
+SERVING_OUTPUTS = {
+    "classification": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
+                                      "class": tf.argmax(output, axis=-1)},
+    "prognosis": lambda output: {"risk": output},
+    "segmentation": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
+                                    "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)},
+}
+"""Task -> the named serving outputs of a head's raw output."""
+
+
 def head_outputs(task, output):
-    """The named serving outputs of a head's raw output."""
-    if task == "classification":
-        return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
-    if task == "prognosis":
-        return {"risk": output}
-    return {"probabilities": tf.nn.softmax(output, axis=-1), "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)}
+    """The named serving outputs of a head's raw output (`SERVING_OUTPUTS[task]`)."""
+    return SERVING_OUTPUTS[task](output)
 
 
 def signatures(model):
@@ -100,9 +106,7 @@ def export_model(model, base, model_name, metadata=None, version=None, parity_ba
     final = model_dir / str(version)
     if final.exists():
         raise ExportError(f"{final} already exists: versions are never overwritten.")
-    staging = model_dir / f".partial-{version}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_folder(final) as staging:
         archive = keras.export.ExportArchive()
         archive.track(model)
         endpoints = signatures(model)
@@ -124,10 +128,6 @@ def export_model(model, base, model_name, metadata=None, version=None, parity_ba
             request = {"signature_name": "serving_default",
                        "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
             (staging / "request.json").write_text(json.dumps(request))
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 
@@ -222,26 +222,56 @@ def export_stage(run_dir, stage=None, base="saved_models", model_name=None, forc
 
     Returns:
         The version folder's path.
-    """
-    from unicon_tf.data import read_schema
-    from unicon_tf.evaluate import stage_records
 
-    record = stage_records(run_dir, stage)[-1]
-    blessing_file = record["folder"] / "evaluation" / "blessing.json"
-    blessing = json.loads(blessing_file.read_text()) if blessing_file.exists() else None
+    Raises:
+        ExportError: the stage is not evaluated or not blessed (without `force`), or
+            the export fails its parity check.
+        FileNotFoundError: `run_dir` is not a run directory.
+        ValueError: `stage` is not trained there.
+    """
+    folder = Run(run_dir).trained_stages(stage)[-1]
+    record = folder.record()
+    blessing = Evaluation(folder.evaluation).blessing()
     if not force:
         if blessing is None:
-            raise ExportError(f"Stage '{record['stage']}' has not been evaluated ({blessing_file} is missing): "
+            raise ExportError(f"Stage '{record['stage']}' has not been evaluated "
+                              f"({Evaluation(folder.evaluation).blessing_file} is missing): "
                               "run unicon-tf evaluate first, or pass --force.")
         if not blessing["blessed"]:
             raise ExportError(f"Stage '{record['stage']}' is not blessed: " + "; ".join(blessing["reasons"])
                               + ". Pass --force to export it anyway.")
-    run = json.loads((pathlib.Path(run_dir) / "run.json").read_text())
-    model_name = model_name or run["pipeline"]
-    model = keras.models.load_model(record["folder"] / "model.keras")
+    return push_stage(folder, base, model_name, blessing=blessing, labels=labels, serving_root=serving_root,
+                      example_request=example_request)
+
+
+def push_stage(stage, base="saved_models", model_name=None, blessing=None, labels=None, serving_root="/models",
+               example_request=False):
+    """Export a trained stage's model as the next version and list it in `models.config`.
+
+    The gate is the caller's: `export_stage` (the CLI) and the Pusher component check the
+    blessing once, then call this.
+
+    Args:
+        stage: the stage's folder (`StageFolder` or path: a Model artifact's URI).
+        base: TF Serving base folder.
+        model_name: the served name (default: the stage's pipeline's name).
+        blessing: the stage's blessing, kept in `unicon.json` (None: exported unevaluated).
+        labels, serving_root, example_request: see `export_stage`.
+
+    Returns:
+        The version folder's path.
+
+    Raises:
+        ExportError: the SavedModel fails its parity check.
+        StageError: the folder holds no trained stage.
+    """
+    stage = stage if isinstance(stage, StageFolder) else StageFolder(stage)
+    record = stage.record()
+    model_name = model_name or record["pipeline"]
+    model = keras.models.load_model(stage.model)
     schema = read_schema(record["data"]["path"])
-    metadata = {"stage": record["stage"], "run_dir": str(pathlib.Path(run_dir).resolve()),
-                "pipeline": run["pipeline"], "blessing": blessing, "forced": bool(force and not (blessing or {}).get("blessed")),
+    metadata = {"stage": record["stage"], "stage_dir": str(stage.path.resolve()), "pipeline": record["pipeline"],
+                "blessing": blessing, "forced": not (blessing or {}).get("blessed", False),
                 "preprocessing": schema["preprocessing"], "modalities": schema["modalities"]}
     version_dir = export_model(model, base, model_name, metadata=metadata, example_request=example_request)
     update_models_config(base, model_name, serving_root, {label: int(version_dir.name) for label in labels or []})

@@ -122,7 +122,14 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
         overlap: sliding-window overlap for segmentation heads.
 
     Returns:
-        The prediction dict (also in `prediction.json`).
+        The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
+        `heads`, `{head: outputs}`: classification `probabilities` and `class`, prognosis
+        `risk`, segmentation `label_map` (the NIfTI file's path) and `voxels` per class;
+        `{"skipped": reason}` for a head whose modalities were not given.
+
+    Raises:
+        ValueError: the image of the model's reference modality is not given.
+        DataError: an image cannot be read or holds invalid values (names file and field).
     """
     saved_model_dir, out = pathlib.Path(saved_model_dir), pathlib.Path(out)
     info = json.loads((saved_model_dir / "unicon.json").read_text())

@@ -1,7 +1,7 @@
 """`ContinualModel`: a stage's training loop over a unicon network (TensorFlow backend).
 
     loss = sum over this stage's heads of task_loss(head)
-         + sum over plugins of plugin.penalty   (alpha x distillation, beta x L2-SP / EWC)
+         + sum over active plugins of plugin.penalty   (alpha x distillation, beta x L2-SP / EWC)
 
 The network is the functional model that gets saved; the wrapper only adds the training
 step, and its plugins keep the teacher out of Keras' variable tracking, so the teacher is
@@ -14,7 +14,6 @@ import tensorflow as tf
 from unicon_tf.model import model_parts
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.metrics import task_metrics
-from unicon_tf.train.plugins import Distillation
 
 
 class ContinualModel(keras.Model):
@@ -23,14 +22,22 @@ class ContinualModel(keras.Model):
     Args:
         network: the unicon model (inputs dict -> outputs dict).
         heads: `{head name: task}` trained this stage; targets come as `y[head]`.
-        plugins: `Plugin`s adding loss terms. A `Distillation` with alpha = 0 is only
-            evaluated in `test_step`, to report how far old heads moved from the teacher.
+        plugins: `Plugin`s adding loss terms. An inactive one (e.g. a `Distillation` with
+            alpha = 0) is only evaluated in `test_step`, to report (here: how far old
+            heads moved from the teacher).
         **kwargs: `keras.Model` arguments.
 
     Example:
-    >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})  # doctest: +SKIP
-    >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))  # doctest: +SKIP
-    >>> trainer.fit(train.map(lambda x, y: (x, {"prognosis": y})), epochs=5)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> from unicon_tf.model import foundation
+    >>> network = foundation((8, 8, 8), task="prognosis", width=4, depth=2)
+    >>> x = {"ct": np.random.default_rng(0).normal(size=(4, 8, 8, 8, 1)).astype("float32")}
+    >>> y = {"prognosis": np.array([[1.0, 1], [2.0, 0], [3.0, 1], [4.0, 1]], "float32")}
+    >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})
+    >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))
+    >>> history = trainer.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['loss', 'prognosis_c_index', 'prognosis_loss']
     """
 
     def __init__(self, network, heads, plugins=(), **kwargs):
@@ -41,7 +48,7 @@ class ContinualModel(keras.Model):
         classes = _num_classes(network, self.heads)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         names = [f"{h}_loss" for h in self.heads] + [p.name for p in self.plugins]
-        names += [f"{h}_distillation" for p in self.plugins if isinstance(p, Distillation) for h in p.heads]
+        names += [f"{h}_{p.name}" for p in self.plugins for h in p.heads]
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.head_metrics = {h: task_metrics(t, h, classes.get(h, 2)) for h, t in self.heads.items()}
 
@@ -52,15 +59,12 @@ class ContinualModel(keras.Model):
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 
-    def _active(self, plugin):
-        return not (isinstance(plugin, Distillation) and plugin.alpha == 0.0)
-
     def train_step(self, data):
         inputs, targets = data
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
             terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
-            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if self._active(p)})
+            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
         variables = self.trainable_variables
         self.optimizer.apply(tape.gradient(loss, variables), variables)
@@ -70,15 +74,12 @@ class ContinualModel(keras.Model):
         inputs, targets = data
         outputs = self(inputs, training=False)
         terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+        loss = tf.add_n(list(terms.values()))
         for plugin in self.plugins:
-            if isinstance(plugin, Distillation):
-                per_head = plugin.terms(inputs, outputs)
-                terms.update({f"{h}_distillation": value for h, value in per_head.items()})
-                if per_head:
-                    terms[plugin.name] = plugin.alpha * tf.add_n(list(per_head.values()))
-            else:
-                terms[plugin.name] = plugin.penalty(inputs, outputs)
-        loss = tf.add_n([v for k, v in terms.items() if not k.endswith("_distillation")])
+            per_head = plugin.head_terms(inputs, outputs)
+            terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
+            terms[plugin.name] = plugin.penalty(inputs, outputs, per_head)
+            loss += terms[plugin.name]
         return self._record(loss, terms, targets, outputs)
 
     def _record(self, loss, terms, targets, outputs):

@@ -146,11 +146,20 @@ class DiceScore(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
+TASK_METRICS = {
+    "classification": lambda head, num_classes: [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
+                                                 LogitAUC(num_classes, name=f"{head}_auc")],
+    "prognosis": lambda head, num_classes: [ConcordanceIndex(name=f"{head}_c_index")],
+    "segmentation": lambda head, num_classes: [DiceScore(num_classes, name=f"{head}_dice")],
+}
+"""Task -> `make(head, num_classes)`: the task's training metrics, named `<head>_<metric>`."""
+
+
 def task_metrics(task, head, num_classes=2):
-    """The metrics of a head of kind `task`, named `<head>_<metric>`."""
-    if task == "classification":
-        return [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
-                LogitAUC(num_classes, name=f"{head}_auc")]
-    if task == "prognosis":
-        return [ConcordanceIndex(name=f"{head}_c_index")]
-    return [DiceScore(num_classes, name=f"{head}_dice")]
+    """The metrics of a head of kind `task`, named `<head>_<metric>`.
+
+    Example:
+    >>> [m.name for m in task_metrics("classification", "grade", 3)]
+    ['grade_accuracy', 'grade_auc']
+    """
+    return TASK_METRICS[task](head, num_classes)

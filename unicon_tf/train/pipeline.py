@@ -28,7 +28,7 @@ import pathlib
 
 import yaml
 
-from unicon_tf.model.heads import HEADS
+from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
@@ -41,6 +41,7 @@ TRAINING_DEFAULTS = {
     "temperature": 2.0,
     "beta": 0.0,  # L2-SP / EWC weight (finetune)
     "penalty": "l2sp",  # l2sp | ewc
+    "ewc_gamma": 1.0,  # online EWC: decay of the running Fisher at each stage's end (1: no decay)
     "augment": True,
     "seed": 0,
     "cache_features": True,  # frozen: train the new head on cached encoder features
@@ -100,11 +101,53 @@ class PipelineSpec:
     sources: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name):
-        """`(index, StageSpec)` of the stage called `name`."""
+        """`(index, StageSpec)` of the stage called `name`.
+
+        Raises:
+            PipelineError: no stage has that name.
+        """
         for index, stage in enumerate(self.stages):
             if stage.name == name:
                 return index, stage
         raise PipelineError(f"{self.path}: no stage '{name}' (stages: {[s.name for s in self.stages]}).")
+
+    def head_modalities(self, index):
+        """The modalities stage `index`'s head reads: its `modalities`, else the pipeline's
+        modality (for stage 0: the stage's own `modality`, if any) plus the stage's new one."""
+        spec = self.stages[index]
+        if spec.modalities:
+            return list(spec.modalities)
+        if index == 0:
+            return [spec.modality or self.modality]
+        return default_modalities(self.modality, spec.modality)
+
+    def head_name(self, index):
+        """The output name of stage `index`'s head: its `head`, else the default name."""
+        spec = self.stages[index]
+        return spec.head or default_head_name(spec.task, self.head_modalities(index))
+
+    def to_json(self):
+        """A JSON-able dict that `PipelineSpec.from_json` turns back into this spec."""
+        return {"name": self.name, "path": str(self.path), "input_shape": list(self.input_shape),
+                "modality": self.modality, "encoder": dict(self.encoder), "sources": dict(self.sources),
+                "stages": [s.to_json() for s in self.stages]}
+
+    @classmethod
+    def from_json(cls, config):
+        """The spec `to_json` wrote (e.g. a component's recorded parameter).
+
+        Example:
+        >>> spec = PipelineSpec("p", pathlib.Path("p.yaml"), (16, 16, 16), "ct", {}, [
+        ...     StageSpec("a", "classification", pathlib.Path("data"), training=dict(TRAINING_DEFAULTS))])
+        >>> PipelineSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+        True
+        """
+        stages = [StageSpec(**{**s, "data": pathlib.Path(s["data"]),
+                               "modalities": tuple(s["modalities"]) if s["modalities"] else None})
+                  for s in config["stages"]]
+        return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
+                   modality=config["modality"], encoder=dict(config["encoder"]), stages=stages,
+                   sources=dict(config["sources"]))
 
 
 def load_pipeline(path, data_root=None):
@@ -118,10 +161,25 @@ def load_pipeline(path, data_root=None):
     Returns:
         A `PipelineSpec`.
 
+    Raises:
+        PipelineError: the file is missing, not YAML, or a key or value is wrong (the
+            message names the file, the stage and the key).
+
     Example:
-    >>> spec = load_pipeline("pipelines/chest_ct.yaml", data_root="demo/data")  # doctest: +SKIP
-    >>> [s.name for s in spec.stages]  # doctest: +SKIP
-    ['classification', 'prognosis', 'segmentation', 'pet']
+    >>> import tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "tiny.yaml"
+    >>> _ = path.write_text('''
+    ... name: tiny
+    ... input_shape: [16, 16, 16]
+    ... stages:
+    ...   - {name: grade, task: classification, data: ct16, epochs: 2}
+    ...   - {name: survival, task: prognosis, data: ct16, strategy: adapters, adapters: 4}
+    ... ''')
+    >>> spec = load_pipeline(path, data_root="/data")
+    >>> [(s.name, s.training["strategy"], str(s.data)) for s in spec.stages]
+    [('grade', 'frozen', '/data/ct16'), ('survival', 'adapters', '/data/ct16')]
+    >>> spec.head_name(1), spec.head_modalities(1)
+    ('prognosis', ['ct'])
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -184,10 +242,6 @@ def _stage(path, index, entry, defaults, root, sources):
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{HEADS[task].options()}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    try:
-        check_strategy(training["strategy"])
-    except ValueError as error:
-        raise PipelineError(f"{where}: {error}") from error
     _check_training(where, training)
     data = pathlib.Path(entry["data"])
     source = str(entry["data"]) if str(entry["data"]) in sources else None
@@ -217,12 +271,16 @@ def _resources(where, resources):
 
 
 def _check_training(where, training):
-    """Raise PipelineError for a training setting out of range (names the key)."""
+    """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
+    try:
+        check_strategy(training["strategy"])
+    except ValueError as error:
+        raise PipelineError(f"{where}: {error}") from error
     rules = {
         "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
         "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
         "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0, "temperature": lambda v: v > 0,
-        "tolerance": lambda v: v >= 0, "threshold": lambda v: True,
+        "tolerance": lambda v: v >= 0, "threshold": lambda v: True, "ewc_gamma": lambda v: 0 <= v <= 1,
     }
     for key, valid in rules.items():
         value = training[key]
@@ -233,11 +291,11 @@ def _check_training(where, training):
 
 
 def with_overrides(stage, **overrides):
-    """A copy of `stage` with training keys overridden (None values are ignored)."""
+    """A copy of `stage` with training keys overridden (None values are ignored).
+
+    Raises:
+        PipelineError: an unknown strategy or a value out of range (names the key).
+    """
     training = {**stage.training, **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        check_strategy(training["strategy"])
-    except ValueError as error:
-        raise PipelineError(f"stage '{stage.name}': {error}") from error
     _check_training(f"stage '{stage.name}'", training)
     return dataclasses.replace(stage, training=training)

@@ -1,24 +1,15 @@
-"""Train one stage of a pipeline into a run directory, the registry of the stages so far.
-
-    <run>/run.json                          pipeline name and file, each stage's status
-    <run>/stages/NN-<stage>/model.keras     the network after the stage
-    <run>/stages/NN-<stage>/stage.json      strategy, hyper-parameters, plugins, history,
-                                            teacher reference, data fingerprints, timings
-    <run>/stages/NN-<stage>/fisher.npz      diagonal Fisher of the encoder (when a later
-                                            stage uses EWC)
-    <run>/stages/NN-<stage>/checkpoint/     weights and optimizer state after every epoch,
-                                            removed when the stage completes
+"""Train one stage of a pipeline: from the previous stage's folder into the stage's own.
 
 A stage starts from the previous stage's `model.keras` (the teacher is a second, frozen
 copy of it), expands it with the stage's head, trains it under the stage's strategy and
-saves it next to its record. A finished stage is never overwritten.
+saves it next to its record, in the stage's folder (`unicon_tf.run.StageFolder`): the
+model, `stage.json`, EWC's `fisher.npz`, and a checkpoint after every epoch while it
+trains. A finished stage is never overwritten. `train_stage` does this inside a run
+directory (`unicon_tf.run.Run`), `fit_stage` for any pair of folders (the Trainer).
 """
 
 import datetime
-import hashlib
 import json
-import os
-import pathlib
 import shutil
 import time
 
@@ -26,86 +17,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data import dataset, read_schema
-from unicon_tf.data.records import sha256
-from unicon_tf.files import save_model_atomic, write_json_atomic
+from unicon_tf.data import data_fingerprint, dataset, read_schema
+from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts
+from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
-from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
-from unicon_tf.train.plugins import Distillation, WeightPenalty
+from unicon_tf.train.plugins import EWC, Distillation, WeightPenalty, load_fisher
 from unicon_tf.train.strategies import configure_trainable, set_trainable, shared_trainable_variables
 from unicon_tf.version import __version__
-
-
-class StageError(RuntimeError):
-    """A stage that cannot start: a missing or mismatched previous stage, a finished stage."""
 
 
 class TrainingError(RuntimeError):
     """Training stopped (a NaN or infinite loss); the message names the step and checkpoint."""
 
 
-def data_fingerprint(directory):
-    """SHA-256 over the shard checksums recorded in an ingested folder's schema."""
-    schema = read_schema(directory)
-    shards = sorted(s["sha256"] for split in schema["splits"].values() for s in split["shards"])
-    return hashlib.sha256("".join(shards).encode()).hexdigest()
-
-
-def stage_folder(run_dir, index, name):
-    """Where stage `index` called `name` of a run lives: `<run>/stages/NN-<name>`."""
-    return pathlib.Path(run_dir) / "stages" / f"{index:02d}-{name}"
-
-
-class RunDirectory:
-    """A run directory bound to one pipeline: where each stage's model and record live.
-
-    Args:
-        path: the run directory (created on first use).
-        pipeline: the `PipelineSpec` it belongs to; a run of another pipeline is refused.
-    """
-
-    def __init__(self, path, pipeline):
-        self.path, self.pipeline = pathlib.Path(path), pipeline
-        self.record_file = self.path / "run.json"
-        if self.record_file.exists():
-            self.record = json.loads(self.record_file.read_text())
-            if self.record["pipeline"] != pipeline.name:
-                raise StageError(f"{self.path} holds a run of pipeline '{self.record['pipeline']}', "
-                                 f"not '{pipeline.name}': use another --run-dir.")
-        else:
-            self.record = {"pipeline": pipeline.name, "pipeline_file": str(pipeline.path), "stages": {}}
-
-    def stage_dir(self, index):
-        return stage_folder(self.path, index, self.pipeline.stages[index].name)
-
-    def model_path(self, index):
-        return self.stage_dir(index) / "model.keras"
-
-    def trained_model(self, index):
-        """The saved model of stage `index`, checked against the pipeline's spec."""
-        spec = self.pipeline.stages[index]
-        entry = self.record["stages"].get(spec.name)
-        path = self.model_path(index)
-        if entry is None or entry.get("status") != "trained" or not path.exists():
-            raise StageError(f"Stage '{spec.name}' must be trained first: {path} is missing "
-                             f"(unicon-tf train --stage {spec.name}).")
-        if entry["fingerprint"] != spec.fingerprint():
-            raise StageError(f"{path} was trained from a different definition of stage '{spec.name}' "
-                             "(another pipeline or an edited one): use another --run-dir.")
-        return path
-
-    def mark(self, index, **fields):
-        spec = self.pipeline.stages[index]
-        entry = self.record["stages"].setdefault(spec.name, {})
-        entry.update(index=index, fingerprint=spec.fingerprint(), **fields)
-        write_json_atomic(self.record_file, self.record)
-
-
 def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_rate=None, init=None,
                 resume=False, data_root=None, callbacks=(), verbose=1):
-    """Train stage `stage` of `pipeline` into `run_dir` and return its record (stage.json).
+    """Train stage `stage` of `pipeline` into its folder of `run_dir`; return its record.
+
+    The previous stage must be trained in the same run directory, from the same
+    definition; the stage's status is recorded in `run.json` (see `unicon_tf.run`).
 
     Args:
         pipeline: a `PipelineSpec` or the path of a pipeline YAML.
@@ -118,8 +50,13 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         callbacks: extra Keras callbacks for `fit`.
         verbose: Keras progress-bar verbosity (0 silent, 1 bar, 2 one line per epoch).
 
+    Returns:
+        The stage's record (stage.json), see `fit_stage`.
+
     Raises:
-        StageError, TrainingError, PipelineError, DataError with the reason.
+        StageError: the run belongs to another pipeline, the previous stage is not
+            trained here or was trained from another definition (see `fit_stage` for more).
+        TrainingError, PipelineError, DataError: see `fit_stage`.
 
     Example:
     >>> record = train_stage("pipelines/chest_ct.yaml", "prognosis", "runs/chest_ct")  # doctest: +SKIP
@@ -127,22 +64,69 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     if not isinstance(pipeline, PipelineSpec):
         pipeline = load_pipeline(pipeline, data_root=data_root)
     index, spec = pipeline.stage(stage)
+    with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate)  # bad values: refused first
+    run = Run.create(run_dir, pipeline.name, pipeline.path)
+    base = None
+    if index > 0:
+        previous = pipeline.stages[index - 1]
+        base = run.trained_stage(index - 1, previous.name, previous.fingerprint())
+    out = run.stage(index, spec.name)
+    record = fit_stage(pipeline, stage, out, base=base, strategy=strategy, epochs=epochs,
+                      learning_rate=learning_rate, init=init, resume=resume, callbacks=callbacks, verbose=verbose)
+    run.mark(index, spec.name, spec.fingerprint(), status="trained", model=str(out.model.relative_to(run.path)))
+    return record
+
+
+def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learning_rate=None, init=None,
+              resume=False, callbacks=(), verbose=1):
+    """Train stage `stage` of `pipeline` into the folder `out`, starting from the folder `base`.
+
+    What the Trainer component runs: it needs no run directory, only the previous
+    stage's folder (`base`, whose model it expands; its frozen copy is the teacher) and
+    the stage's data (`spec.data`). The folder gets `model.keras`, `stage.json` and, for
+    EWC, `fisher.npz`; a checkpoint after every epoch while it trains.
+
+    Args:
+        pipeline: a `PipelineSpec`.
+        stage: the stage's name.
+        out: the stage's folder (a `StageFolder` or path); must not hold a trained stage.
+        base: the previous stage's folder (`StageFolder` or path); None for the first stage.
+        strategy, epochs, learning_rate, init, resume, callbacks, verbose: see `train_stage`.
+
+    Returns:
+        The record written to `stage.json`: `stage`, `index`, `fingerprint` (of the
+        stage's definition), `pipeline`, `head`, `task`, `modalities`, `heads` (every head
+        so far: `head`, `task`, `data`), `spec`, `strategy`, `plugins`, `cached_features`,
+        `teacher` (`stage`, `model`, `sha256`; or `init`, `sha256`; or None), `data` (`path`,
+        `fingerprint`), `history` (per-epoch logs), `train_seconds`, `finished`, versions
+        (`unicon_tf`, `tensorflow`, `keras`) and `fisher` (file name or None).
+
+    Raises:
+        StageError: `out` already holds a trained stage (never overwritten), or an
+            interrupted one and `resume` is False; `base` is missing, untrained or from
+            another definition of the previous stage; `init` for a later stage; the data's
+            shape or modalities do not fit the model; EWC without a previous Fisher.
+        TrainingError: the loss became NaN or infinite (the message names the step).
+        PipelineError: an override is out of range.
+        DataError: the data lacks the split, targets or modalities the stage needs.
+    """
+    index, spec = pipeline.stage(stage)
+    fingerprint = spec.fingerprint()
     spec = with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate)
     hp = spec.training
-    run = RunDirectory(run_dir, pipeline)
-    out = run.stage_dir(index)
-    if run.model_path(index).exists():
-        raise StageError(f"Stage '{spec.name}' is already trained in {out}; it is never overwritten: "
+    out = out if isinstance(out, StageFolder) else StageFolder(out)
+    if out.model.exists():
+        raise StageError(f"Stage '{spec.name}' is already trained in {out.path}; it is never overwritten: "
                          "use another --run-dir.")
-    checkpoint = out / "checkpoint"
-    if checkpoint.exists() and not resume:
-        raise StageError(f"{checkpoint} holds an interrupted run of stage '{spec.name}': "
+    if out.checkpoint.exists() and not resume:
+        raise StageError(f"{out.checkpoint} holds an interrupted run of stage '{spec.name}': "
                          "pass --resume to continue it, or use another --run-dir.")
     if init is not None and index > 0:
         raise StageError("--init applies to the first stage only; later stages start from the previous one.")
+    base, base_record = _base(pipeline, index, base)
 
     keras.utils.set_random_seed(hp["seed"])
-    network, teacher, teacher_ref = _network_for_stage(run, pipeline, index, spec, init)
+    network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
     head = spec.head or _newest_head(network)
     head_layer = model_parts(network)["heads"][head]
     configure_trainable(network, head_layer.stage, hp["strategy"])
@@ -160,11 +144,13 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
-    fisher = load_fisher(run.stage_dir(index - 1)) if index > 0 else None
-    plugins = _plugins(spec, network, teacher, available, fisher)
+    fisher = load_fisher(base) if base else None
+    ewc_later = any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in pipeline.stages[index + 1:])
+    plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
     trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data)
     trainer.compile(optimizer=keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"]))
 
+    checkpoint = out.checkpoint
     state = {"epoch": 0, "history": []}
     if resume and checkpoint.exists():
         state = _restore_checkpoint(checkpoint, network, trainer)
@@ -186,26 +172,44 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         state = {"epoch": epoch + 1, "history": state["history"] + [logs]}
         _save_checkpoint(checkpoint, network, trainer, state)
 
-    fisher = _fisher_if_needed(pipeline, index, network, head, make_data)
-    if fisher:
-        np.savez(out / "fisher.npz", **{_npz_key(k): v for k, v in fisher.items()})
+    for plugin in plugins:
+        plugin.end_stage(network, head, make_data(0, augment=False, shuffle=False, batch_size=1), out)
     set_trainable(network, True)  # the saved model carries no freezing
+    data = {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)}
+    earlier = base_record["heads"] if base_record else []
     record = {
-        "stage": spec.name, "index": index, "head": head, "task": spec.task,
-        "modalities": head_layer.modalities, "spec": spec.to_json(),
+        "stage": spec.name, "index": index, "fingerprint": fingerprint, "pipeline": pipeline.name, "head": head,
+        "task": spec.task, "modalities": head_layer.modalities,
+        "heads": earlier + [{"head": head, "task": spec.task, "data": data["path"]}], "spec": spec.to_json(),
         "strategy": hp["strategy"] if head_layer.stage > 0 else "scratch",  # stage 0 trains everything
         "plugins": [p.describe() for p in plugins], "cached_features": isinstance(trainer, CachedHeadModel),
-        "teacher": teacher_ref, "data": {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)},
+        "teacher": teacher_ref, "data": data,
         "history": state["history"], "train_seconds": round(time.time() - started, 2),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-        "fisher": "fisher.npz" if fisher else None,
+        "fisher": out.fisher.name if out.fisher.exists() else None,
     }
-    save_model_atomic(network, run.model_path(index))
-    write_json_atomic(out / "stage.json", record)
+    save_model_atomic(network, out.model)
+    out.write_record(record)
     shutil.rmtree(checkpoint, ignore_errors=True)
-    run.mark(index, status="trained", model=str(run.model_path(index).relative_to(run.path)))
     return record
+
+
+def _base(pipeline, index, base):
+    """`(StageFolder, record)` of the previous stage, checked against the pipeline; (None, None)
+    for the first stage."""
+    if index == 0:
+        return None, None
+    previous = pipeline.stages[index - 1]
+    if base is None:
+        raise StageError(f"Stage '{pipeline.stages[index].name}' starts from stage '{previous.name}': "
+                         "give its trained folder (the Trainer's base_model).")
+    base = base if isinstance(base, StageFolder) else StageFolder(base)
+    record = base.record()
+    if record["fingerprint"] != previous.fingerprint():
+        raise StageError(f"{base.path} was trained from a different definition of stage '{previous.name}' "
+                         "(another pipeline or an edited one): use another --run-dir.")
+    return base, record
 
 
 def _newest_head(network):
@@ -213,7 +217,7 @@ def _newest_head(network):
     return max(heads, key=lambda h: h.stage).name
 
 
-def _network_for_stage(run, pipeline, index, spec, init):
+def _network_for_stage(pipeline, index, spec, init, base):
     """(network, teacher or None, teacher reference) for the stage."""
     options = dict(spec.head_options)
     if index == 0:
@@ -222,11 +226,10 @@ def _network_for_stage(run, pipeline, index, spec, init):
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters, **options)
             return network, None, {"init": str(init), "sha256": sha256(init)}
-        modalities = list(spec.modalities) if spec.modalities else spec.modality or pipeline.modality
-        network = foundation(pipeline.input_shape, modality=modalities, task=spec.task, name=pipeline.name,
-                             head_name=spec.head, **pipeline.encoder, **options)
+        network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=spec.task,
+                             name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
         return network, None, None
-    previous = run.trained_model(index - 1)
+    previous = base.model
     network = keras.models.load_model(previous)
     teacher = keras.models.load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
@@ -252,23 +255,25 @@ def stage_data(spec, modalities, head):
     return make
 
 
-def _plugins(spec, network, teacher, available, fisher):
+def _plugins(spec, network, teacher, available, fisher, ewc_later):
+    """The stage's plugins: LwF and L2-SP or EWC under `finetune`; an inactive EWC that only
+    adds this stage's Fisher when a later stage uses EWC."""
     hp = spec.training
-    if hp["strategy"] != "finetune":
-        return []
+    finetune = hp["strategy"] == "finetune"
     plugins = []
-    if teacher is not None and hp["alpha"] > 0:
+    if finetune and teacher is not None and hp["alpha"] > 0:
         old = {name: h.task for name, h in model_parts(teacher)["heads"].items()}
         plugins.append(Distillation(teacher, old, alpha=hp["alpha"], temperature=hp["temperature"],
                                     modalities=available))
-    if hp["beta"] > 0:
-        importance = None
-        if hp["penalty"] == "ewc" and teacher is not None:
-            if fisher is None:
-                raise StageError(f"Stage '{spec.name}' uses EWC, but the previous stage saved no fisher.npz "
-                                 "(it is written when a later stage declares penalty: ewc): retrain it.")
-            importance = fisher
-        plugins.append(WeightPenalty(shared_trainable_variables(network), beta=hp["beta"], importance=importance))
+    ewc = finetune and hp["beta"] > 0 and hp["penalty"] == "ewc" and teacher is not None
+    if ewc and fisher is None:
+        raise StageError(f"Stage '{spec.name}' uses EWC, but the previous stage saved no fisher.npz "
+                         "(it is written when a later stage declares penalty: ewc): retrain it.")
+    if finetune and hp["beta"] > 0 and not ewc:
+        plugins.append(WeightPenalty(shared_trainable_variables(network), beta=hp["beta"]))
+    if ewc or ewc_later:
+        plugins.append(EWC(shared_trainable_variables(network), model_parts(network)["encoder"].base_weights(),
+                           beta=hp["beta"] if ewc else 0.0, fisher=fisher, gamma=hp["ewc_gamma"]))
     return plugins
 
 
@@ -297,20 +302,13 @@ def _trainer(spec, network, head, plugins, make_data):
         val_data = None if cached_val is None else tf.data.Dataset.from_tensor_slices(cached_val).batch(batch)
         return CachedHeadModel(network, head, spec.task), train_data, val_data
 
-    inputs = {m: network.input[m] for m in network.input if m in _needed_modalities(network, head, plugins)}
-    outputs = {head: network.output[head]}
-    for plugin in plugins:
-        if isinstance(plugin, Distillation):
-            outputs.update({h: network.output[h] for h in plugin.heads})
+    heads = [head] + [h for plugin in plugins for h in plugin.heads]
+    needed = {m for h in heads for m in parts["heads"][h].modalities}
+    inputs = {m: network.input[m] for m in network.input if m in needed}
+    outputs = {h: network.output[h] for h in heads}
     subnetwork = keras.Model(inputs, outputs, name=network.name)
     val_data = make_data(0, "val", augment=False, shuffle=False) if has_val else None
     return ContinualModel(subnetwork, {head: spec.task}, plugins), make_data, val_data
-
-
-def _needed_modalities(network, head, plugins):
-    heads = model_parts(network)["heads"]
-    names = {head} | {h for p in plugins if isinstance(p, Distillation) for h in p.heads}
-    return {m for name in names for m in heads[name].modalities}
 
 
 def _cache_features(extractor, ds):
@@ -343,20 +341,13 @@ class _NonFiniteGuard(keras.callbacks.Callback):
 
 
 def _save_checkpoint(directory, network, trainer, state):
-    """Weights, optimizer state and progress, written to a temp folder then swapped in."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    network.save_weights(partial / "network.weights.h5")
-    store = {}
-    trainer.optimizer.save_own_variables(store)
-    np.savez(partial / "optimizer.npz", **store)
-    (partial / "state.json").write_text(json.dumps(state, indent=1))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(partial, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    """Weights, optimizer state and progress, written to a staging folder then swapped in."""
+    with atomic_folder(directory, replace=True) as partial:
+        network.save_weights(partial / "network.weights.h5")
+        store = {}
+        trainer.optimizer.save_own_variables(store)
+        np.savez(partial / "optimizer.npz", **store)
+        (partial / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _restore_checkpoint(directory, network, trainer):
@@ -365,37 +356,3 @@ def _restore_checkpoint(directory, network, trainer):
     with np.load(directory / "optimizer.npz") as saved:
         trainer.optimizer.load_own_variables({k: saved[k] for k in saved.files})
     return json.loads((directory / "state.json").read_text())
-
-
-def _fisher_if_needed(pipeline, index, network, head, make_data):
-    """Diagonal empirical Fisher of the encoder's base weights, if a later stage uses EWC."""
-    later = pipeline.stages[index + 1:]
-    if not any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in later):
-        return None
-    parts = model_parts(network)
-    variables = parts["encoder"].base_weights()
-    head_layer = parts["heads"][head]
-    task_loss = TASK_LOSSES[head_layer.task]
-    sums = [np.zeros(v.shape, np.float32) for v in variables]
-    batches = 0
-    for x, y in make_data(0, augment=False, shuffle=False, batch_size=1):
-        with tf.GradientTape() as tape:
-            loss = task_loss(y[head], network(x, training=False)[head])
-        for total, grad in zip(sums, tape.gradient(loss, variables)):
-            if grad is not None:
-                total += np.square(np.asarray(grad))
-        batches += 1
-    return {v.path: total / max(batches, 1) for v, total in zip(variables, sums)}
-
-
-def _npz_key(path):
-    return path.replace("/", "|")
-
-
-def load_fisher(stage_dir):
-    """The `{variable path: Fisher diagonal}` saved with a stage, or None."""
-    file = pathlib.Path(stage_dir) / "fisher.npz"
-    if not file.exists():
-        return None
-    with np.load(file) as saved:
-        return {k.replace("|", "/"): saved[k] for k in saved.files}

@@ -1,0 +1,181 @@
+"""Train the reference runs a continual run is judged against, each in `<run>/baselines/<kind>/`
+(`unicon_tf.evaluate.baselines` scores them):
+
+- `single_task`: the respective baselines of UNICON: for each stage, a model trained from
+  scratch on that stage's data alone (same head, modalities, epochs, batch, learning rate);
+- `naive`: the same pipeline with every later stage fine-tuned without protection (the
+  forgetting baseline);
+- `joint`: one multi-task model with every head, trained on all stages' data at once
+  (each step takes one batch of every stage's data, for as many steps as the longest
+  continual stage took; the upper reference).
+
+Stage 0 of the continual run already *is* the first single-task model and the first naive
+stage (same spec, same seed, trained from scratch), so both reuse it when it is trained.
+"""
+
+import dataclasses
+import datetime
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+
+from unicon_tf.files import save_model_atomic
+from unicon_tf.model import expand, foundation, model_parts
+from unicon_tf.run import BASELINES, Run, StageFolder
+from unicon_tf.train.losses import TASK_LOSSES
+from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
+from unicon_tf.train.stage import stage_data, train_stage
+from unicon_tf.train.strategies import set_trainable
+from unicon_tf.version import __version__
+
+
+def train_baselines(pipeline, run_dir, kinds=BASELINES, data_root=None, verbose=0):
+    """Train the baselines of `pipeline` under `<run_dir>/baselines/` (what is trained stays).
+
+    Args:
+        pipeline: a `PipelineSpec` or pipeline file.
+        run_dir: the continual run's directory.
+        kinds: which of `single_task`, `naive`, `joint`.
+        data_root: for relative data paths of a pipeline file.
+        verbose: Keras verbosity.
+
+    Returns:
+        `{kind: [StageFolder, ...]}`: the trained stage folders (single-task: one per stage;
+        naive: the run's stages; joint: one folder holding the multi-task model).
+
+    Raises:
+        ValueError: an unknown kind.
+        StageError, TrainingError, DataError: as `train_stage`.
+    """
+    if not isinstance(pipeline, PipelineSpec):
+        pipeline = load_pipeline(pipeline, data_root=data_root)
+    unknown = set(kinds) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"Unknown baseline(s) {sorted(unknown)}: expected {list(BASELINES)}.")
+    run = Run.create(run_dir, pipeline.name, pipeline.path)
+    trainers = {"single_task": _single_task, "naive": _naive, "joint": _joint}
+    return {kind: trainers[kind](pipeline, run, verbose) for kind in kinds}
+
+
+def _single_task(pipeline, run, verbose):
+    folders = []
+    for i, spec in enumerate(pipeline.stages):
+        modalities = pipeline.head_modalities(i)
+        alone = dataclasses.replace(spec, modality=None, modalities=tuple(modalities), head=pipeline.head_name(i),
+                                    adapters=None)
+        single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
+        target = Run.create(run.single_task_dir(spec.name), single.name, single.path)
+        if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target):
+            _train_missing(single, target, verbose)
+        folders.append(target.stage(0, spec.name))
+    return folders
+
+
+def _naive(pipeline, run, verbose):
+    stages = [pipeline.stages[0]] + [with_overrides(s, strategy="naive") for s in pipeline.stages[1:]]
+    naive = dataclasses.replace(pipeline, stages=stages)
+    target = Run.create(run.baseline_dir("naive"), naive.name, naive.path)
+    _reuse_first_stage(run, pipeline, target)
+    _train_missing(naive, target, verbose)
+    return target.trained_stages()
+
+
+def _reuse_first_stage(run, pipeline, target):
+    """Copy the continual run's trained stage 0 into the baseline run `target`; True if it is there."""
+    spec = pipeline.stages[0]
+    if target.status(spec.name).get("status") == "trained":
+        return True
+    if run.status(spec.name).get("status") != "trained":
+        return False
+    source, copy = run.stage(0, spec.name), target.stage(0, spec.name)
+    shutil.copytree(source.path, copy.path, dirs_exist_ok=True)
+    target.mark(0, spec.name, spec.fingerprint(), status="trained", model=str(copy.model.relative_to(target.path)))
+    return True
+
+
+def _train_missing(pipeline, run, verbose):
+    """Train, in order, the stages of `pipeline` not yet trained in `run`."""
+    for spec in pipeline.stages:
+        if run.status(spec.name).get("status") != "trained":
+            train_stage(pipeline, spec.name, run.path, verbose=verbose)
+
+
+class JointModel(keras.Model):
+    """Trains every head at once; a step takes one `(inputs, target)` batch per head.
+
+    Args:
+        network: the unicon model with every head.
+        heads: the head names, in the order of the batches of a step.
+    """
+
+    def __init__(self, network, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        parts = model_parts(network)["heads"]
+        self.heads = list(heads)
+        self.tasks = [parts[h].task for h in self.heads]
+        self.paths = [keras.Model({m: network.input[m] for m in parts[h].modalities}, network.output[h])
+                      for h in self.heads]
+        self.trackers = [keras.metrics.Mean(name="loss")] + [keras.metrics.Mean(name=f"{h}_loss") for h in self.heads]
+
+    @property
+    def metrics(self):
+        return self.trackers
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            losses = [TASK_LOSSES[task](y, path(x, training=True))
+                      for (x, y), path, task in zip(data, self.paths, self.tasks)]
+            loss = tf.add_n(losses)
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        for tracker, value in zip(self.trackers, [loss] + losses):
+            tracker.update_state(value)
+        return {t.name: t.result() for t in self.trackers}
+
+
+def _joint(pipeline, run, verbose):
+    specs = pipeline.stages
+    heads = [pipeline.head_name(i) for i in range(len(specs))]
+    out = StageFolder(run.baseline_dir("joint"))
+    if out.is_trained():
+        return [out]
+    started = time.time()
+    keras.utils.set_random_seed(specs[0].training["seed"])
+    network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=specs[0].task,
+                         name=pipeline.name, head_name=heads[0], **pipeline.encoder, **specs[0].head_options)
+    for i, spec in enumerate(specs[1:], start=1):
+        modalities = pipeline.head_modalities(i)
+        new = [m for m in modalities if m not in network.input]
+        network = expand(network, task=spec.task, modality=new[0] if new else None, name=heads[i],
+                         modalities=modalities, **spec.head_options)
+    set_trainable(network, True)
+    makers = [stage_data(s, pipeline.head_modalities(i), heads[i]) for i, s in enumerate(specs)]
+    # Every stage's data gets at least the optimizer steps it had in its continual stage.
+    stage_steps = [int(m(0).cardinality()) for m in makers]
+    steps = max(stage_steps)
+    epochs = max(-(-s.training["epochs"] * n // steps) for s, n in zip(specs, stage_steps))
+
+    def stage_batches(epoch):
+        per_stage = [m(epoch).map(lambda x, y, h=h: (x, y[h])).repeat() for m, h in zip(makers, heads)]
+        return tf.data.Dataset.zip(tuple(per_stage)).take(steps)
+
+    joint = JointModel(network, heads)
+    joint.compile(optimizer=keras.optimizers.AdamW(specs[0].training["learning_rate"],
+                                                   weight_decay=specs[0].training["weight_decay"]))
+    history = []
+    for epoch in range(epochs):
+        joint.fit(stage_batches(epoch), epochs=1, verbose=verbose, shuffle=False)
+        history.append({k: float(v[-1]) for k, v in joint.history.history.items()})
+    out.path.mkdir(parents=True, exist_ok=True)
+    save_model_atomic(network, out.model)
+    out.write_record({
+        "stage": "joint", "pipeline": pipeline.name, "strategy": "joint", "epochs": epochs, "steps_per_epoch": steps,
+        "heads": [{"head": h, "task": s.task, "data": str(s.data)} for h, s in zip(heads, specs)],
+        "history": history, "train_seconds": round(time.time() - started, 2),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+    })
+    return [out]
