@@ -276,7 +276,7 @@ def compile_command(pipeline_path, target, output, image, base, model_name, data
     from unicon_tf import train as training
 
     try:
-        from unicon_tf import kubeflow
+        from unicon_tf.kubeflow import compiler as kubeflow
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("kfp"):
             raise

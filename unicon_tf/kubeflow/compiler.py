@@ -6,7 +6,8 @@ For every stage, in order:
     ImportExamples.<stage>                            (once per ingested folder, for other stages)
     Trainer.<stage>    <- Examples, Model of the previous stage
     Evaluator.<stage>  <- Model, Evaluation of the previous stage
-    Pusher.<stage>     <- Model, Blessing; only `if Evaluator.<stage>.blessed == true`
+    Pusher.<stage>     <- Model, Blessing; only if the Evaluator's `blessed` (its output
+                       parameter `Output`) is true
 
 Each KFP task's display name is the run id that `lineage.json` uses. The task runs the
 component's executor (`unicon_tf.kubeflow.tasks`) in the pipeline's image; artifacts are
@@ -31,6 +32,7 @@ import re
 import yaml
 from kfp import compiler, dsl
 
+from unicon_tf.components import COMPONENTS
 from unicon_tf.kubeflow import artifacts
 from unicon_tf.kubeflow.tasks import TASKS
 from unicon_tf.train.pipeline import PipelineError, PipelineSpec, load_pipeline
@@ -96,7 +98,7 @@ def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=Non
             evaluations.append(evaluator.outputs["evaluation"])
             for task, component in ((trainer, "Trainer"), (evaluator, "Evaluator")):
                 _limit(task.set_display_name(f"{component}.{stage.name}"), stage, spec)
-            with dsl.If(evaluator.outputs["blessed"] == True, name=f"blessed.{stage.name}"):  # noqa: E712 (a KFP condition)
+            with dsl.If(evaluator.outputs["Output"] == True, name=f"blessed.{stage.name}"):  # noqa: E712 (a KFP condition)
                 tasks["Pusher"](run_id=f"Pusher.{stage.name}", base=arguments["serving_base"],
                                 model_name=arguments["model_name"], model=models[-1],
                                 blessing=evaluator.outputs["blessing"]).set_display_name(f"Pusher.{stage.name}")
@@ -237,15 +239,19 @@ def format_task_graph(spec):
         for name, value in channels.items():
             test = test.replace(f"inputs.parameter_values['{name}']", _describe(value, tasks))
         lines.append(head + (f"  [{limits}]" if limits else "") + (f"  if {test}" if test else ""))
+        unicon = COMPONENTS.get(head.split(".")[0])  # the component's spec names the unicon types
+        types = ({**unicon.SPEC.inputs, **unicon.SPEC.outputs, "Output": "blessed"} if unicon else
+                 {"artifact": executor.get("importer", {}).get("metadata", {}).get("type", "")})
         inputs = component.get("inputDefinitions", {}).get("artifacts", {})
         for name in inputs:
             if name in resolved:
-                lines.append(f"    {name} <- {_describe(resolved[name], tasks)} ({_type(inputs[name])})")
+                lines.append(f"    {name} <- {_describe(resolved[name], tasks)}: "
+                             f"{_typed(types.get(name), inputs[name]['artifactType']['schemaTitle'])}")
         outputs = component.get("outputDefinitions", {})
         for name, definition in outputs.get("artifacts", {}).items():
-            lines.append(f"    -> {name} ({_type(definition)})")
+            lines.append(f"    -> {name}: {_typed(types.get(name), definition['artifactType']['schemaTitle'])}")
         for name, definition in outputs.get("parameters", {}).items():
-            lines.append(f"    -> {name} ({definition['parameterType'].lower()})")
+            lines.append(f"    -> {name}: {_typed(types.get(name), definition['parameterType'].lower())}")
 
     for key in sorted(set(tasks) - consumed, key=_natural) + sorted(tasks, key=_natural):
         emit(key)
@@ -270,8 +276,9 @@ def _describe(value, tasks):
     return str(value)
 
 
-def _type(definition):
-    return definition["artifactType"]["schemaTitle"]
+def _typed(unicon_type, kfp_type):
+    """`Model (system.Model)`: the unicon type, and what it travels as on KFP."""
+    return f"{unicon_type.rstrip('?')} ({kfp_type})" if unicon_type else kfp_type
 
 
 def _format_resources(resources):

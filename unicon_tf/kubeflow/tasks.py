@@ -13,8 +13,6 @@ its body. Its annotations are KFP's artifact types (`unicon_tf.kubeflow.artifact
 says which unicon type each carries).
 """
 
-from typing import NamedTuple
-
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from unicon_tf.kubeflow import artifacts
@@ -72,17 +70,15 @@ def trainer(run_id: str, pipeline: str, stage: str, examples: Input[Dataset],
 
 
 def evaluator(run_id: str, split: str, model: Input[Model], evaluation: Output[Metrics],
-              blessing: Output[Artifact], baseline: Input[Metrics] = None
-              ) -> NamedTuple("EvaluatorOutputs", [("blessed", bool)]):
-    """Evaluator: Model (and the previous stage's Evaluation) -> Evaluation, Blessing, and
-    the `blessed` parameter that the Pusher's condition reads."""
-    from typing import NamedTuple
-
+              blessing: Output[Artifact], baseline: Input[Metrics] = None) -> bool:
+    """Evaluator: Model (and the previous stage's Evaluation) -> Evaluation, Blessing; returns
+    `blessed`, the output parameter (`Output`) that the Pusher's condition reads. (A single
+    return rather than a named output: kfp.local 2.17 evaluates conditions only on those.)"""
     from unicon_tf.kubeflow.tasks import run_component
 
     results = run_component("Evaluator", run_id, {"split": split}, {"model": model, "baseline": baseline},
                             {"evaluation": evaluation, "blessing": blessing})
-    return NamedTuple("EvaluatorOutputs", [("blessed", bool)])(bool(results["blessing"].properties["blessed"]))
+    return bool(results["blessing"].properties["blessed"])
 
 
 def pusher(run_id: str, base: str, model_name: str, model: Input[Model],
