@@ -207,3 +207,14 @@ def test_a_two_stage_pipeline_runs_under_kfp_local_as_under_the_local_runner(pha
     assert not (tmp_path / "kfp_models" / "tiny" / "2").exists()
     assert expected["classification"]["pushed_model"].properties["pushed"]
     assert not expected["prognosis"]["pushed_model"].properties["pushed"]
+
+
+def test_compile_without_the_kfp_extra_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    for name in [n for n in sys.modules if n == "kfp" or n.startswith(("kfp.", "unicon_tf.kubeflow"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "kfp", None)  # as if not installed
+    result = CliRunner().invoke(main, ["compile", str(CHEST_CT), "--output", str(tmp_path / "p.json")])
+    assert result.exit_code == 1 and "pip install 'unicon-tf[kfp]'" in result.output
+    assert not (tmp_path / "p.json").exists()
