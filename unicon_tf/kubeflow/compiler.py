@@ -86,18 +86,19 @@ def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=Non
                 task = dsl.importer(artifact_uri=arguments[name], artifact_class=artifacts.KFP_TYPES["Examples"],
                                     reimport=False, metadata={"type": "Examples"})
                 task.set_display_name(f"ImportExamples.{users[0]}")
-            examples.update({user: task.output for user in users})
-        for index, stage in enumerate(spec.stages):
+            examples.update({(kind, user): task.output for user in users})
+        for stage in spec.stages:
+            data = ("manifest", stage.source) if stage.source else ("examples", stage.name)
             previous = {"base_model": models[-1]} if models else {}
             trainer = tasks["Trainer"](run_id=f"Trainer.{stage.name}", pipeline=config, stage=stage.name,
-                                       examples=examples[stage.source or stage.name], **previous)
+                                       examples=examples[data], **previous)
             models.append(trainer.outputs["model"])
             baseline = {"baseline": evaluations[-1]} if evaluations else {}
             evaluator = tasks["Evaluator"](run_id=f"Evaluator.{stage.name}", split="test", model=models[-1],
                                            **baseline)
             evaluations.append(evaluator.outputs["evaluation"])
             for task, component in ((trainer, "Trainer"), (evaluator, "Evaluator")):
-                _limit(task.set_display_name(f"{component}.{stage.name}"), stage, spec)
+                _set_resources(task.set_display_name(f"{component}.{stage.name}"), stage, spec)
             with dsl.If(evaluator.outputs["Output"] == True, name=f"blessed.{stage.name}"):  # noqa: E712 (a KFP condition)
                 tasks["Pusher"](run_id=f"Pusher.{stage.name}", base=arguments["serving_base"],
                                 model_name=arguments["model_name"], model=models[-1],
@@ -168,7 +169,7 @@ def _external_inputs(spec):
     return inputs
 
 
-def _limit(task, stage, spec):
+def _set_resources(task, stage, spec):
     """Set a stage's `resources` on one of its tasks, with KFP's own checks of the values."""
     resources = stage.resources
     try:
