@@ -12,8 +12,8 @@ import pathlib
 
 import click
 
+from unicon_tf.names import STRATEGIES
 from unicon_tf.run import BASELINES
-from unicon_tf.train.strategies import STRATEGIES
 from unicon_tf.version import __version__
 
 
@@ -23,17 +23,24 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from unicon_tf.data import DataError
-        from unicon_tf.run import StageError
-        from unicon_tf.serving import ExportError
-        from unicon_tf.train import TrainingError
-
         try:
             return command(*args, **kwargs)
-        except (StageError, TrainingError, ExportError, DataError, ValueError, FileNotFoundError) as error:
-            raise click.ClickException(str(error)) from error  # PipelineError is a ValueError
+        except (ValueError, RuntimeError, FileNotFoundError) as error:
+            if not isinstance(error, _user_errors()):
+                raise
+            raise click.ClickException(str(error)) from error
 
     return wrapper
+
+
+def _user_errors():
+    """The error types of bad input, imported only once one is raised (`--help` stays light).
+    `DataError`, `PipelineError` and `InvalidNameError` are `ValueError`s."""
+    from unicon_tf.run import StageError
+    from unicon_tf.serving import ExportError
+    from unicon_tf.train import TrainingError
+
+    return StageError, TrainingError, ExportError, ValueError, FileNotFoundError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

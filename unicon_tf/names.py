@@ -22,6 +22,9 @@ import re
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
+STRATEGIES = ("frozen", "adapters", "finetune", "naive")
+"""The training strategies a stage may name (see `unicon_tf.train.strategies`)."""
+
 
 class InvalidNameError(ValueError):
     """A modality or head name that the model, its records or its signatures cannot hold."""

@@ -35,7 +35,7 @@ class ContinualModel(keras.Model):
     >>> y = {"prognosis": np.array([[1.0, 1], [2.0, 0], [3.0, 1], [4.0, 1]], "float32")}
     >>> trainer = ContinualModel(network, {"prognosis": "prognosis"})
     >>> trainer.compile(optimizer=keras.optimizers.AdamW(3e-4))
-    >>> history = trainer.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0)
+    >>> history = trainer.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0, shuffle=False)
     >>> sorted(history.history)
     ['loss', 'prognosis_c_index', 'prognosis_loss']
     """

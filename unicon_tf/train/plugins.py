@@ -138,7 +138,7 @@ class WeightPenalty(Plugin):
     >>> import keras
     >>> w = keras.Variable(np.ones(3, np.float32))
     >>> l2sp = WeightPenalty([w], beta=2.0)
-    >>> w.assign([1.0, 2.0, 3.0])
+    >>> _ = w.assign([1.0, 2.0, 3.0])
     >>> float(l2sp.penalty({}, {}))  # 2 / 2 * (0 + 1 + 4)
     5.0
     """
@@ -181,7 +181,7 @@ class EWC(WeightPenalty):
     >>> import keras
     >>> w = keras.Variable(np.ones(2, np.float32), name="w")
     >>> ewc = EWC([w], [w], beta=2.0, fisher={w.path: np.array([0.0, 3.0], np.float32)})
-    >>> w.assign([2.0, 2.0])
+    >>> _ = w.assign([2.0, 2.0])
     >>> float(ewc.penalty({}, {}))  # 2 / 2 * (0 * 1 + 3 * 1)
     3.0
     """

@@ -17,11 +17,11 @@ import keras
 
 from unicon_tf.model import model_parts
 from unicon_tf.model.adapters import AdaptableConv3D
-
-STRATEGIES = ("frozen", "adapters", "finetune", "naive")
+from unicon_tf.names import STRATEGIES
 
 
 def check_strategy(strategy):
+    """Raise ValueError for a strategy not in `STRATEGIES`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
 
