@@ -278,21 +278,17 @@ def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
 @click.option("--data-root", default=None,
               help="Folder or URI (gs://, s3://, minio://) that relative data paths resolve against "
                    "[default: the pipeline's folder].")
+@user_errors
 def compile_command(pipeline_path, target, output, image, base, model_name, data_root):
     """Compile a pipeline for an orchestrator and print its task graph."""
-    from unicon_tf import train as training
-
     try:
         from unicon_tf.kubeflow import compiler as kubeflow
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("kfp"):
             raise
         raise click.ClickException("--target kfp needs the kfp extra: pip install 'unicon-tf[kfp]'") from error
-    try:
-        path = kubeflow.compile_pipeline(pipeline_path, output, image=image or kubeflow.DEFAULT_IMAGE, base=base,
-                                         model_name=model_name, data_root=data_root)
-    except (training.PipelineError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    path = kubeflow.compile_pipeline(pipeline_path, output, image=image or kubeflow.DEFAULT_IMAGE, base=base,
+                                     model_name=model_name, data_root=data_root)
     click.echo(kubeflow.format_task_graph(kubeflow.load_spec(path)))
     click.echo(f"wrote {path}")
 
