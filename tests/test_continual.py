@@ -2,6 +2,7 @@
 feature caching, and the refusals."""
 
 import json
+import re
 import shutil
 
 import keras
@@ -10,9 +11,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import PREP_8, UNICON_ORDER, patient_row, write_manifest, write_pipeline
 
+import unicon_tf
+import unicon_tf.model
 from unicon_tf import data, train
 from unicon_tf.cli import main
 from unicon_tf.model import model_parts
+from unicon_tf.names import InvalidNameError
 from unicon_tf.run import StageFolder
 
 
@@ -145,8 +149,9 @@ class Interrupt(keras.callbacks.Callback):
 
 
 def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
-    stages = [{"name": "classification", "task": "classification", "num_classes": 2}]
-    weights = {}
+    # Dropout 0.5: its seed generators' state must be restored too, not only weights and optimizer.
+    stages = [{"name": "classification", "task": "classification", "num_classes": 2, "dropout": 0.5}]
+    weights, histories = {}, {}
     for label in ("straight", "resumed"):
         folder = tmp_path / label
         folder.mkdir()
@@ -163,7 +168,13 @@ def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
         assert len(record["history"]) == 3
         model = keras.models.load_model(folder / "run/stages/00-classification/model.keras")
         weights[label] = [w.numpy() for w in model.weights]
-    # Same seed, same per-epoch data order, restored optimizer state: the same weights.
+        histories[label] = record["history"]
+    # Same seed, same per-epoch data order, restored optimizer and dropout state: identical
+    # losses and weights (1e-6 allows only for the order of float reductions).
+    for straight, resumed in zip(histories["straight"], histories["resumed"]):
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert resumed[key] == pytest.approx(straight[key], rel=0, abs=1e-6), key
     for straight, resumed in zip(weights["straight"], weights["resumed"]):
         np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
 
@@ -213,6 +224,81 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(phantom_records,
         train.train_stage(pipeline, "classification", tmp_path / "run", learning_rate=1e38, verbose=0)
     assert "last good checkpoint" in str(caught.value)
     assert not (tmp_path / "run/stages/00-classification/model.keras").exists()
+    checkpoint = tmp_path / "run/stages/00-classification/checkpoint/network.weights.h5"
+    if checkpoint.exists():  # whatever epoch it holds, it is finite
+        assert_finite_h5(checkpoint)
+    # A lower learning rate recovers from the last good checkpoint (or from the start).
+    record = train.train_stage(pipeline, "classification", tmp_path / "run", learning_rate=1e-3, resume=True, verbose=0)
+    assert len(record["history"]) == 3 and np.isfinite(record["history"][-1]["loss"])
+    model = keras.models.load_model(tmp_path / "run/stages/00-classification/model.keras")
+    assert unicon_tf.model.non_finite_weights(model) == []
+
+
+def assert_finite_h5(path):
+    import h5py
+
+    with h5py.File(path, "r") as weights:
+        arrays = []
+        weights.visititems(lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    assert arrays and all(np.all(np.isfinite(a)) for a in arrays)
+
+
+class BlowUpWeights(Interrupt):
+    """At the end of an epoch, one adapter or head weight becomes NaN: an update that blew up
+    on the epoch's last step, whose loss (computed before that update) was still finite."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            weight = self.model.trainable_weights[-1]
+            weight.assign(np.full(weight.shape, np.nan, np.float32))
+
+
+def test_non_finite_weights_are_never_checkpointed_or_saved(phantom_records, stage0_run, tmp_path):
+    """Adapters whose weights became NaN with a finite loss: the epoch is refused, the last
+    checkpoint stays the good one, and --resume with a lower learning rate recovers."""
+    stages = [UNICON_ORDER[0], {"name": "segmentation", "task": "segmentation", "adapters": 2, "strategy": "adapters"}]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, name="variants", epochs=2)
+    run = tmp_path / "run"
+    shutil.copytree(stage0_run, run)
+    with pytest.raises(train.TrainingError, match=r"weight\(s\) became non-finite in epoch 2 .*last good checkpoint: "
+                                                  r"epoch 1") as caught:
+        train.train_stage(pipeline, "segmentation", run, verbose=0, callbacks=[BlowUpWeights(1)])
+    assert "--resume" in str(caught.value)
+    folder = run / "stages/01-segmentation"
+    assert not (folder / "model.keras").exists()
+    assert json.loads((folder / "checkpoint/state.json").read_text())["epoch"] == 1
+    assert_finite_h5(folder / "checkpoint/network.weights.h5")
+    record = train.train_stage(pipeline, "segmentation", run, verbose=0, resume=True, learning_rate=1e-4)
+    assert len(record["history"]) == 2
+    assert unicon_tf.model.non_finite_weights(keras.models.load_model(folder / "model.keras")) == []
+
+
+def test_names_a_signature_cannot_hold_are_refused_where_they_enter(phantom_records, tmp_path):
+    for bad in ("t1-ce", "T1.post", "t1 ce"):
+        for field, stage in (("modality", {"modality": bad, "head": "seg_mr"}), ("head", {"head": bad}),
+                             ("modalities", {"modalities": ["ct", bad]})):
+            stages = [UNICON_ORDER[0], {"name": "second", "task": "segmentation", **stage}]
+            path = write_pipeline(tmp_path, phantom_records, stages=stages, name="names")
+            with pytest.raises(train.PipelineError, match=rf"names.yaml: stage 'second': field '{field}': "
+                                                          rf"(modality|head) name '{re.escape(bad)}' is not allowed"):
+                train.load_pipeline(path)
+            result = CliRunner().invoke(main, ["train", "--pipeline", str(path), "--stage", "classification",
+                                               "--run-dir", str(tmp_path / "run")])
+            assert result.exit_code == 1 and f"field '{field}'" in result.output and result.exception is not None
+            assert "Traceback" not in result.output
+        with pytest.raises(InvalidNameError, match="modality name"):
+            unicon_tf.foundation((16, 16, 16), modality=bad, width=8, depth=3)
+        with pytest.raises(InvalidNameError, match="head name"):
+            unicon_tf.foundation((16, 16, 16), head_name=bad, width=8, depth=3)
+        model = unicon_tf.foundation((16, 16, 16), width=8, depth=3)
+        with pytest.raises(InvalidNameError, match="modality name"):
+            unicon_tf.expand(model, task="segmentation", modality=bad)
+        with pytest.raises(InvalidNameError, match="head name"):
+            unicon_tf.expand(model, task="prognosis", name=bad)
+    path = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], name="top")
+    path.write_text(path.read_text().replace("modality: ct", "modality: CT"))
+    with pytest.raises(train.PipelineError, match=r"top.yaml: field 'modality': modality name 'CT' is not allowed"):
+        train.load_pipeline(path)
 
 
 def test_cli_train_runs_a_stage_and_reports_errors(phantom_records, tmp_path):

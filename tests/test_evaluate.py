@@ -45,6 +45,19 @@ def test_a_model_that_outputs_the_truth_scores_one():
     assert wrong["dice_per_patient"] == [0.5, 0.5]
 
 
+def test_non_finite_outputs_are_flagged_not_scored_and_never_blessed():
+    masks = np.zeros((2, 8, 8, 8), int)  # all background: an argmax of NaN logits (class 0) would "score" 1.0
+    logits = np.full((2, 8, 8, 8, 2), np.nan, np.float32)
+    for task, target, output in (("segmentation", masks, logits), ("classification", np.array([0, 1]), logits[:, 0, 0, 0]),
+                                 ("prognosis", np.array([[1.0, 1.0], [2.0, 1.0]]), np.array([np.inf, 0.0]))):
+        result = {"target": target, "output": output, "patient_id": ["A", "B"]}
+        metrics = evaluate.head_metrics(task, result)
+        assert np.isnan(metrics[evaluate.MAIN_METRIC[task]]) and metrics["non_finite_outputs"] >= 1
+        assert metrics["patients"] == 2
+    verdict = evaluate.bless([[0.8, None], [0.8, float("nan")]], 1, ["classification", "segmentation"])
+    assert not verdict["blessed"] and verdict["reasons"][-1].startswith("segmentation: not measured (non-finite")
+
+
 def test_paired_bootstrap_matches_scipy_and_is_exact_for_a_constant_gain():
     from scipy import stats
 

@@ -117,3 +117,61 @@ def test_distillation_losses_vanish_only_when_student_equals_teacher():
     assert float(losses.softmax_kl(logits, logits[::-1])) > 0.01
     assert float(losses.risk_mse(logits[:, 0], logits[:, 0])) == 0.0
     assert float(losses.risk_mse(logits[:, 0], logits[:, 0] + 1.0)) == pytest.approx(1.0)
+
+
+def test_weighted_cox_loss_equals_duplicated_patients():
+    rng = np.random.default_rng(4)
+    time = np.round(rng.exponential(10, 12), 0) + 1
+    event = (rng.random(12) < 0.6).astype(np.float32)
+    risk = rng.normal(size=12).astype(np.float32)
+    weight = rng.integers(0, 4, 12)
+    survival = np.stack([time, event], -1).astype(np.float32)
+    weighted = losses.cox_loss(survival, risk, sample_weight=weight.astype(np.float32))
+    duplicated = losses.cox_loss(np.repeat(survival, weight, 0), np.repeat(risk, weight))
+    assert float(weighted) == pytest.approx(float(duplicated), rel=1e-5)
+
+
+def test_weighted_classification_and_segmentation_losses():
+    rng = np.random.default_rng(5)
+    logits, labels = rng.normal(size=(4, 3)).astype(np.float32), np.array([0, 2, 1, 2])
+    weight = np.array([1.0, 0.0, 2.0, 0.5], np.float32)
+    shifted = logits - logits.max(-1, keepdims=True)
+    cross_entropy = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(4), labels]
+    assert float(losses.classification_loss(labels, logits, sample_weight=weight)) == pytest.approx(
+        float(np.mean(weight * cross_entropy)), rel=1e-5)
+    mask = rng.integers(0, 2, (3, 4, 4, 4))
+    seg_logits = rng.normal(size=(3, 4, 4, 4, 2)).astype(np.float32)
+    ones = losses.dice_ce_loss(mask, seg_logits, sample_weight=np.ones(3, np.float32))
+    assert float(ones) == pytest.approx(float(losses.dice_ce_loss(mask, seg_logits)), rel=1e-6)
+    dropped = losses.dice_ce_loss(mask, seg_logits, sample_weight=np.array([1.0, 1.0, 0.0], np.float32))
+    kept = losses.dice_ce_loss(mask[:2], seg_logits[:2])  # Dice equal; cross-entropy scaled by 2/3
+    ce = float(tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(mask[:2], seg_logits[:2],
+                                                                               from_logits=True)))
+    assert float(dropped) == pytest.approx(float(kept) - ce + ce * 2 / 3, rel=1e-5)
+
+
+def test_train_on_batch_honours_sample_weight():
+    """(x, y, sample_weight) as Keras passes it: weights [2, 0] on two patients give the
+    same SGD step as the first patient alone (mean over the batch of w * loss)."""
+    import keras
+
+    import unicon_tf
+    from unicon_tf.train import ContinualModel
+
+    keras.utils.set_random_seed(0)
+    network = unicon_tf.foundation((16, 16, 16), width=8, depth=3)
+    start = network.get_weights()
+    x = {"ct": np.random.default_rng(0).normal(size=(2, 16, 16, 16, 1)).astype(np.float32)}
+    y = {"classification": np.array([1, 0])}
+    after = {}
+    for label, batch in (("weighted", (x, y, np.array([2.0, 0.0], np.float32))),
+                         ("first only", ({"ct": x["ct"][:1]}, {"classification": y["classification"][:1]}))):
+        network.set_weights(start)
+        trainer = ContinualModel(network, {"classification": "classification"})
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1))
+        logs = trainer.train_on_batch(*batch, return_dict=True)
+        after[label] = (logs["loss"], [w.copy() for w in network.get_weights()])
+    assert after["weighted"][0] == pytest.approx(after["first only"][0], rel=1e-5)
+    assert any(not np.array_equal(a, b) for a, b in zip(after["weighted"][1], start))
+    for weighted, alone in zip(after["weighted"][1], after["first only"][1]):
+        np.testing.assert_allclose(weighted, alone, rtol=0, atol=1e-6)

@@ -3,8 +3,11 @@ NIfTI prediction on the input's grid, and the refusals."""
 
 import hashlib
 import json
+import os
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import keras
 import nibabel as nib
@@ -168,3 +171,150 @@ def test_predict_writes_json_and_label_maps_on_the_input_grid(exported, phantom_
         np.testing.assert_allclose(written.affine, source.affine)  # LPS-stored input: same affine back
     ct_only = serving.predict_nifti(version, {"ct": ct}, tmp_path / "ct_only")
     assert "skipped" in ct_only["heads"]["segmentation_ctpet"]
+
+
+def test_predict_reads_trailing_singleton_dimensions_as_3d(exported, phantom_cohort, tmp_path):
+    ct = phantom_cohort.parent / "images/P0000_ct.nii.gz"
+    source = nib.load(str(ct))
+    stored = tmp_path / "ct_x_y_z_1.nii.gz"
+    nib.save(nib.Nifti1Image(source.get_fdata()[..., None, None], source.affine), str(stored))
+    plain = serving.predict_nifti(exported, {"ct": ct}, tmp_path / "plain")
+    singleton = serving.predict_nifti(exported, {"ct": stored}, tmp_path / "singleton")
+    assert singleton["heads"]["classification"] == pytest.approx(plain["heads"]["classification"])
+    assert singleton["heads"]["segmentation"]["voxels"] == plain["heads"]["segmentation"]["voxels"]
+    written = nib.load(singleton["heads"]["segmentation"]["label_map"])
+    assert written.shape == source.shape[:3]
+
+
+def test_predict_refuses_what_ingest_refuses(exported, phantom_cohort, tmp_path):
+    from unicon_tf import data
+
+    folder = phantom_cohort.parent / "images"
+    pet = nib.load(str(folder / "P0000_pet.nii.gz"))
+    far = pet.affine.copy()
+    far[:3, 3] += [800.0, 0.0, 0.0]  # a PET from elsewhere: no overlap with the CT
+    moved = tmp_path / "far_pet.nii.gz"
+    nib.save(nib.Nifti1Image(pet.get_fdata(), far), str(moved))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(exported), "--ct", str(folder / "P0000_ct.nii.gz"),
+                                       "--pet", str(moved), "--out", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert str(moved) in result.output and "field pet" in result.output and "covers 0%" in result.output
+    assert not out.exists()
+    # Ingestion refuses the very same file with the very same reason.
+    prep = data.Preprocessing.from_json(json.loads((exported / "unicon.json").read_text())["preprocessing"])
+    with pytest.raises(data.DataError) as caught:
+        data.resample_patient({"ct": folder / "P0000_ct.nii.gz", "pet": moved}, prep, patient="P0000")
+    assert caught.value.reason in result.output
+
+
+def test_predict_wants_the_per_patient_factor_the_model_was_trained_with(exported, phantom_cohort, tmp_path):
+    folder = phantom_cohort.parent / "images"
+    images = {"ct": folder / "P0000_ct.nii.gz", "pet": folder / "P0000_pet.nii.gz"}
+    trained_with_suv = tmp_path / "version"
+    shutil.copytree(exported, trained_with_suv)
+    info = json.loads((trained_with_suv / "unicon.json").read_text())
+    assert info["scaling"] == {}  # the phantom's PET is in SUV already
+    info["scaling"] = {"pet": "SUVbw = Bq/mL * weight_kg * 1000 / injected_dose_bq"}
+    (trained_with_suv / "unicon.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="scaled per patient.*--scale pet"):
+        serving.predict_nifti(trained_with_suv, images, tmp_path / "refused")
+    # The PET given in Bq/mL with its factor predicts as the PET already in SUV.
+    bq = tmp_path / "pet_bq.nii.gz"
+    pet = nib.load(str(images["pet"]))
+    nib.save(nib.Nifti1Image(pet.get_fdata() * 4000.0, pet.affine), str(bq))
+    scaled = serving.predict_nifti(trained_with_suv, {**images, "pet": bq}, tmp_path / "scaled",
+                                   scales={"pet": 1 / 4000.0})
+    suv = serving.predict_nifti(exported, images, tmp_path / "suv")
+    assert scaled["heads"]["segmentation_ctpet"]["voxels"] == suv["heads"]["segmentation_ctpet"]["voxels"]
+
+
+EXPORT_WHEN_BOTH_READY = """
+import pathlib, sys, time
+from unicon_tf import serving
+run, base, label, barrier = sys.argv[1:]
+pathlib.Path(barrier, label).touch()
+while len(list(pathlib.Path(barrier).iterdir())) < 2:  # start both exports at the same moment
+    time.sleep(0.01)
+print(serving.export_stage(run, base=base, labels=[label]))
+"""
+
+
+def test_concurrent_exports_get_distinct_versions_and_both_labels(evaluated_run, tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    base, barrier = tmp_path / "sm", tmp_path / "barrier"
+    barrier.mkdir()
+    dead = subprocess.run(["python", "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = base / "tiny" / f".partial-1-{int(dead.stdout)}"  # left by an export that was killed
+    (stale / "variables").mkdir(parents=True)
+    (base / "tiny" / ".claim-1").write_text(json.dumps({"host": __import__("socket").gethostname(),
+                                                         "pid": int(dead.stdout)}))
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    exports = [subprocess.Popen([sys.executable, "-c", EXPORT_WHEN_BOTH_READY, str(evaluated_run), str(base),
+                                 label, str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for label in ("stable", "canary")]
+    results = [p.communicate() + (p.returncode,) for p in exports]
+    assert all(code == 0 for _, _, code in results), [err[-2000:] for _, err, _ in results]
+    versions = {label: int(pathlib.Path(out.strip().splitlines()[-1]).name)
+                for label, (out, _, _) in zip(("stable", "canary"), results)}
+    assert sorted(versions.values()) == [1, 2]
+    assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1", "2"]  # no claim, no partial left
+    config = text_format.Parse((base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (entry,) = config.model_config_list.config
+    assert dict(entry.version_labels) == versions
+    assert entry.model_version_policy.WhichOneof("policy_choice") == "all"
+
+
+def test_models_config_update_keeps_the_version_policy(tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    (tmp_path / "models.config").write_text(
+        'model_config_list { config { name: "tiny" base_path: "/models/tiny" model_platform: "tensorflow" '
+        'model_version_policy { specific { versions: 1 } } version_labels { key: "stable" value: 1 } } '
+        'config { name: "other" base_path: "/models/other" model_platform: "tensorflow" '
+        'model_version_policy { latest { num_versions: 2 } } } }')
+    serving.update_models_config(tmp_path, "tiny", labels={"canary": 2})
+    serving.update_models_config(tmp_path, "other", labels={"stable": 3})
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    tiny, other = config.model_config_list.config
+    assert list(tiny.model_version_policy.specific.versions) == [1, 2]  # pinned; the labelled version added
+    assert dict(tiny.version_labels) == {"stable": 1, "canary": 2}
+    assert other.model_version_policy.latest.num_versions == 2 and dict(other.version_labels) == {"stable": 3}
+
+
+def test_export_refuses_names_a_signature_cannot_hold_and_non_finite_weights(tmp_path, monkeypatch):
+    # A model built before the name rule (or by hand): the check at build time is bypassed.
+    monkeypatch.setattr(sys.modules["unicon_tf.model.foundation"], "check_name", lambda name, kind: name)
+    for modality, head in (("t1-ce", "classification"), ("ct", "T1.post"), ("t1 ce", "grade")):
+        model = unicon_tf.foundation((16, 16, 16), modality=modality, head_name=head, width=8, depth=3)
+        bad = modality if modality != "ct" else head
+        with pytest.raises(serving.ExportError, match=f"name '{bad}' is not allowed"):
+            serving.export_model(model, tmp_path / "sm", "names")
+    model = unicon_tf.foundation((16, 16, 16), width=8, depth=3)
+    kernel = model.get_layer("classification").dense.kernel
+    kernel.assign(np.where(np.arange(kernel.shape[0])[:, None] == 0, np.nan, kernel.numpy()))
+    with pytest.raises(serving.ExportError, match=r"1 non-finite weight\(s\) \(e\.g\. .*dense/kernel"):
+        serving.export_model(model, tmp_path / "sm", "nan")
+    assert not (tmp_path / "sm" / "nan").exists() or not any((tmp_path / "sm" / "nan").iterdir())
+    assert not (tmp_path / "sm" / "names").exists()
+
+
+def test_served_signatures_assert_the_volume_shape_like_tf_serving_sees_it(exported):
+    """TF Serving runs the graph without checking shapes: feed it through a raw session callable."""
+    from tensorflow.core.protobuf import config_pb2
+
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        meta = tf.compat.v1.saved_model.load(session, ["serve"], str(exported))
+        signature = meta.signature_def["segmentation_ctpet"]
+        options = config_pb2.CallableOptions(feed=[signature.inputs[m].name for m in ("ct", "pet")],
+                                             fetch=[signature.outputs["label_map"].name])
+        run = session._make_callable_from_options(options)
+        good = np.zeros((1, 16, 16, 16, 1), np.float32)
+        assert run(good, good)[0].shape == (1, 16, 16, 16)
+        for bad in (np.zeros((1, 32, 32, 32, 1), np.float32), good[..., 0], good[..., None]):
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=r"input pet: expected shape \(batch, 16, 16, 16, 1\), got"):
+                run(good, bad)

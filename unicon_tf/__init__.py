@@ -11,11 +11,19 @@ Example:
 ['classification', 'prognosis']
 """
 
-from unicon_tf._quiet import import_tensorflow_quietly
+from unicon_tf._quiet import install_keras_hook
 from unicon_tf.version import __version__
 
-import_tensorflow_quietly()
-
-from unicon_tf.model import describe, expand, foundation  # noqa: E402
+install_keras_hook()  # Keras, once imported, can load saved unicon_tf models
 
 __all__ = ["__version__", "describe", "expand", "foundation"]
+
+
+def __getattr__(name):
+    """`describe`, `expand` and `foundation` import TensorFlow on first use, not with the
+    package: `unicon-tf --help` and `--version` stay fast (PEP 562)."""
+    if name in ("describe", "expand", "foundation"):
+        from unicon_tf import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'unicon_tf' has no attribute {name!r}")

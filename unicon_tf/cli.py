@@ -1,5 +1,8 @@
 """The `unicon-tf` command line.
 
+TensorFlow is imported only inside the commands that need it, so `--help` and
+`--version` answer at once.
+
 Example:
     unicon-tf phantom --out cohort -n 120
     unicon-tf ingest cohort/manifest.csv --out data/ct64 --shape 64 64 64 --spacing 3 3 3
@@ -54,13 +57,13 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def describe(model_path, as_json):
     """Show a saved model's stems, encoder, adapters and heads with parameter counts."""
-    import keras
+    from unicon_tf import model as unicon_model  # first: imports TensorFlow quietly
 
-    import unicon_tf
+    import keras
 
     try:
         model = keras.models.load_model(model_path)
-        info = unicon_tf.describe(model)
+        info = unicon_model.describe(model)
     except (ValueError, TypeError, OSError) as error:
         raise click.ClickException(f"{model_path}: cannot read a unicon_tf model: {error}") from error
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
@@ -76,7 +79,8 @@ def describe(model_path, as_json):
 @click.option("--window", "windows", nargs=3, type=(str, float, float), multiple=True, metavar="MODALITY LOW HIGH",
               help="Intensity window of a modality (default: ct -1000 1000 HU, pet 0 20 SUV).")
 @click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
-              help="Multiply a modality's raw values first (e.g. PET Bq/mL -> SUV).")
+              help="Multiply a modality's raw values first, one factor for the cohort (per patient: a "
+                   "<modality>_scale or weight_kg/injected_dose_bq manifest column; not both).")
 @click.option("--mask-classes", type=int, default=2, show_default=True, help="Label-map classes incl. background.")
 @click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
@@ -108,9 +112,9 @@ def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes,
 @click.option("--seed", type=int, default=0, show_default=True)
 def phantom(out, count, shape, spacing, seed):
     """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv)."""
-    import keras
+    from unicon_tf.data import phantom as phantom_cohort  # first: imports TensorFlow quietly
 
-    from unicon_tf.data import phantom as phantom_cohort
+    import keras
 
     if count < 1:
         raise click.BadParameter(f"-n must be >= 1, got {count}")
@@ -228,13 +232,15 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
 @click.option("--pet", type=click.Path(exists=True, dir_okay=False), default=None, help="PET NIfTI.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--overlap", type=float, default=0.5, show_default=True, help="Sliding-window overlap.")
+@click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
+              help="This patient's factor on a modality's raw values (e.g. pet SUVbw factor, mL/Bq).")
 @user_errors
-def predict(saved_model, ct, pet, out, overlap):
+def predict(saved_model, ct, pet, out, overlap, scales):
     """Predict every head for one patient's NIfTI images (sliding window for segmentation)."""
     from unicon_tf import serving
 
     images = {m: p for m, p in (("ct", ct), ("pet", pet)) if p}
-    result = serving.predict_nifti(saved_model, images, out, overlap=overlap)
+    result = serving.predict_nifti(saved_model, images, out, overlap=overlap, scales=dict(scales))
     click.echo(json.dumps(result["heads"], indent=2))
 
 

@@ -51,7 +51,7 @@ def save_model_atomic(model, path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path, replace=False):
+def atomic_folder(path, replace=False, staging=None):
     """Fill a hidden staging folder beside `path`; it becomes `path` only if the block succeeds.
 
     On an exception the staging folder is removed and `path` is left as it was. An
@@ -61,6 +61,8 @@ def atomic_folder(path, replace=False):
     Args:
         path: the folder to create.
         replace: replace a non-empty folder at `path` (e.g. the previous checkpoint).
+        staging: the staging folder (default: `.<name>.partial-<pid>` beside `path`; it
+            must be on the same file system).
 
     Yields:
         The staging folder (a `pathlib.Path`, created empty) to write into.
@@ -78,7 +80,7 @@ def atomic_folder(path, replace=False):
     (['saved_model.pb'], ['version'])
     """
     path = pathlib.Path(path)
-    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    staging = pathlib.Path(staging or path.parent / f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -8,8 +8,12 @@
 | `Pusher`     | Model, Blessing             | PushedModel (or skipped) | `unicon_tf.serving.push_stage` |
 """
 
-from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
-from unicon_tf.components.runner import COMPONENTS, LocalRunner, execute_recorded, format_lineage
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint  # noqa: E402
+from unicon_tf.components.runner import COMPONENTS, LocalRunner, execute_recorded, format_lineage  # noqa: E402
 
 __all__ = ["Artifact", "COMPONENTS", "ComponentSpec", "LocalRunner", "execute_recorded", "fingerprint",
            "format_lineage"]

@@ -15,20 +15,27 @@ Example:
 ((2, 8, 8, 8, 1), 'int32')
 """
 
-from unicon_tf.data import phantom
-from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target
-from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import ingest
-from unicon_tf.data.manifest import Manifest, Patient, read_manifest
-from unicon_tf.data.preprocess import DEFAULT_WINDOWS, IntensityWindow, Preprocessing, load_volume, preprocess_patient
-from unicon_tf.data.records import data_fingerprint, read_schema
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.data import phantom, suv  # noqa: E402
+from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target  # noqa: E402
+from unicon_tf.data.errors import DataError, DataWarning  # noqa: E402
+from unicon_tf.data.ingest import ingest  # noqa: E402
+from unicon_tf.data.manifest import Manifest, Patient, read_manifest  # noqa: E402
+from unicon_tf.data.preprocess import (DEFAULT_WINDOWS, IntensityWindow, PatientGrid, Preprocessing,  # noqa: E402
+                                      load_volume, preprocess_patient, resample_patient)
+from unicon_tf.data.records import data_fingerprint, read_schema  # noqa: E402
 
 __all__ = [
     "DEFAULT_WINDOWS",
     "DataError",
+    "DataWarning",
     "IntensityWindow",
     "Manifest",
     "Patient",
+    "PatientGrid",
     "Preprocessing",
     "TASK_TARGETS",
     "data_fingerprint",
@@ -39,5 +46,7 @@ __all__ = [
     "preprocess_patient",
     "read_manifest",
     "read_schema",
+    "resample_patient",
+    "suv",
     "task_target",
 ]

@@ -1,4 +1,4 @@
-"""The one error type of bad input data: it names the patient, the file and the field."""
+"""The error type of bad input data (it names the patient, the file and the field) and its warning."""
 
 
 class DataError(ValueError):
@@ -22,3 +22,20 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep patient, file and field across worker processes
         return type(self), (self.reason, self.patient, self.file, self.field)
+
+
+class DataWarning(UserWarning):
+    """Input data that is usable but doubtful (e.g. a NIfTI whose sform and qform disagree); names the file."""
+
+
+def no_usable_patient(file, rejected):
+    """The error when every patient of a cohort was rejected, quoting the first reasons.
+
+    Args:
+        file: the manifest.
+        rejected: `[(patient_id, split, DataError)]`.
+    """
+    reasons = "; ".join(f"{pid}: {error}" for pid, _, error in rejected[:3])
+    more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
+    return DataError(f"no usable patient: all {len(rejected)} rejected, e.g. {reasons}{more}" if rejected
+                     else "the manifest has no patients", file=file, field="patients")

@@ -24,7 +24,7 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
 from unicon_tf.data.records import encode_example
@@ -41,8 +41,9 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         out: output folder; must not exist yet (or be empty).
         preprocessing: a `Preprocessing` (shape, spacing, windows, crop centre, ...).
         workers: processes preprocessing patients in parallel (default: CPU count).
-        skip_bad: write every good patient and list the bad ones in `rejected.csv`
-            instead of failing on the first bad one.
+        skip_bad: write every good patient and list the bad ones (a bad manifest row or a
+            bad image) in `rejected.csv` instead of failing on the first; problems of the
+            whole cohort (a required column missing, duplicate ids) stay fatal.
         shard_size: examples per TFRecord shard.
         verbose: show a progress bar.
 
@@ -51,7 +52,8 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
 
     Raises:
         DataError: naming patient, file and field of the first bad input (without skip_bad),
-            or when no patient is usable. Nothing is written in that case.
+            a cohort-level problem, a modality scaled both per patient by the manifest and
+            by its window's `scale`, or when no patient is usable. Nothing is written then.
 
     Example:
     >>> schema = ingest("cohort/manifest.csv", "data/ct32",
@@ -60,21 +62,26 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError("output folder already exists and is not empty; choose a new one", file=out, field="out")
-    cohort = read_manifest(manifest)
+    cohort = read_manifest(manifest, skip_bad=skip_bad)
     for modality in cohort.modalities:
         preprocessing.window(modality)
+        if modality in cohort.scaling:
+            try:
+                preprocessing.check_per_patient_scale(modality, f"manifest: {cohort.scaling[modality]}")
+            except ValueError as error:
+                raise DataError(str(error), file=cohort.path, field=modality) from error
     workers = max(1, int(workers or os.cpu_count() or 1))
 
     with atomic_folder(out) as staging:
         writer = _ShardWriter(staging, shard_size)
         stats = _Stats(cohort.modalities)
-        rejected = []
+        rejected = list(cohort.rejected)  # (patient_id, split, DataError), manifest rows first
         progress = tf.keras.utils.Progbar(len(cohort), unit_name="patient") if verbose else None
         for done, (patient, result) in enumerate(_preprocess_all(cohort.patients, preprocessing, workers), 1):
             if isinstance(result, DataError):
                 if not skip_bad:
                     raise result
-                rejected.append((patient, result))
+                rejected.append((patient.patient_id, patient.split, result))
             else:
                 writer.write(patient.split, encode_example(result, cohort.targets))
                 stats.add(patient.split, result)
@@ -82,8 +89,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
                 progress.update(done, finalize=done == len(cohort))
         splits = writer.close()
         if not splits:
-            raise DataError("no usable patient: every patient was rejected (see the reasons above)",
-                            file=cohort.path, field="patients")
+            raise no_usable_patient(cohort.path, rejected)
         if rejected:
             _write_rejected(staging / "rejected.csv", rejected)
         schema = _schema(cohort, preprocessing, splits, stats)
@@ -209,6 +215,7 @@ def _schema(cohort, preprocessing, splits, stats):
         "manifest": str(cohort.path.resolve()),
         "modalities": list(cohort.modalities),
         "targets": list(cohort.targets),
+        "scaling": dict(cohort.scaling),
         "features": features,
         "preprocessing": preprocessing.to_json(),
         "compression": "GZIP",
@@ -220,6 +227,6 @@ def _write_rejected(path, rejected):
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["patient_id", "split", "file", "field", "reason"])
-        for patient, error in rejected:
-            writer.writerow([patient.patient_id, patient.split, error.file or "", error.field or "", error.reason])
+        for patient_id, split, error in rejected:
+            writer.writerow([patient_id, split, error.file or "", error.field or "", error.reason])
 

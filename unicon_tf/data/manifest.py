@@ -2,35 +2,67 @@
 
 Columns:
 
-| column       | required | meaning                                                    |
-|--------------|----------|------------------------------------------------------------|
-| `patient_id` | yes      | unique identifier                                          |
-| `split`      | yes      | `train`, `val` or `test`                                   |
-| `ct`, `pet`… | >= 1     | path of a 3D NIfTI image per modality (relative paths are  |
-|              |          | relative to the manifest's folder)                         |
-| `label`      | no       | integer class (classification)                             |
-| `time`       | no       | follow-up time > 0 (prognosis, with `event`)               |
-| `event`      | no       | 1 if the event was observed at `time`, 0 if censored       |
-| `mask`       | no       | path of a 3D NIfTI label map (segmentation)                |
+| column             | required | meaning                                                      |
+|--------------------|----------|--------------------------------------------------------------|
+| `patient_id`       | yes      | unique identifier                                            |
+| `split`            | yes      | `train`, `val` or `test`                                     |
+| `ct`, `pet`…       | >= 1     | path of a 3D NIfTI image per modality (relative paths are    |
+|                    |          | relative to the manifest's folder)                           |
+| `label`            | no       | integer class (classification)                               |
+| `time`             | no       | follow-up time > 0 (prognosis, with `event`)                 |
+| `event`            | no       | 1 if the event was observed at `time`, 0 if censored         |
+| `mask`             | no       | path of a 3D NIfTI label map (segmentation)                  |
+| `<modality>_scale` | no       | per-patient factor on that modality's raw values (e.g.       |
+|                    |          | `pet_scale`: Bq/mL -> SUV)                                   |
+| `weight_kg`,       | no       | body-weight SUV of `pet` (`unicon_tf.data.suv`): body weight |
+| `injected_dose_bq` |          | in kg, injected activity in Bq at injection time             |
+| `injection_time`,  | no       | decay correction of the dose to the scan start: both ISO     |
+| `acquisition_time` |          | 8601 date-times or both times of day (`09:30:00`, `093000`)  |
+| `scan_delay_s`     | no       | or the delay from injection to acquisition start in s        |
+| `half_life_s`      | no       | the tracer's half-life in s (default F-18, 6586.2 s)         |
 
-A column a stage does not need may be left empty, but a column is either filled for every
-patient or for none, so each split's targets are complete.
+An image column's name must be a valid modality name (`unicon_tf.names`). A column that
+is neither an image (its cells name NIfTI files), a target nor a per-patient field above is
+refused by name. A column a stage does not need may be left empty, but a column is either
+filled for every patient or for none, so each split's targets are complete.
+
+The file is read as UTF-8 with or without a byte-order mark, with any line ending, and
+with `,`, `;` or tab between cells (as spreadsheets save it; with `;`, numbers may use a
+decimal comma, `12,5`); header cells are matched after trimming spaces; rows that are
+wholly empty are skipped.
+
+Errors: a problem of the whole cohort (a required column missing, duplicate ids, an
+unknown column) is fatal; a problem of one row (an empty or bad cell, a missing file) is
+that patient's, so ingestion with `skip_bad` can leave the patient out.
 """
 
 import csv
 import dataclasses
+import io
 import pathlib
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, no_usable_patient
+from unicon_tf.data.suv import F18_HALF_LIFE_S, delay_seconds, suv_bw_factor
+from unicon_tf.names import InvalidNameError, check_name
 
 SPLITS = ("train", "val", "test")
 TARGET_COLUMNS = ("label", "time", "event", "mask")
 RESERVED = ("patient_id", "split") + TARGET_COLUMNS
+SUV_MODALITY = "pet"
+SUV_COLUMNS = ("weight_kg", "injected_dose_bq", "injection_time", "acquisition_time", "scan_delay_s", "half_life_s")
+SCALE_SUFFIX = "_scale"
+NUMERIC_COLUMNS = ("label", "time", "event", "weight_kg", "injected_dose_bq", "scan_delay_s", "half_life_s")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz")
+"""File names nibabel reads as 3D images; a column whose cells name none of them is no image."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Patient:
-    """One manifest row, typed and with absolute paths."""
+    """One manifest row, typed and with absolute paths.
+
+    `scales` maps a modality to this patient's factor on its raw values (e.g. `pet`:
+    SUVbw factor in mL/Bq); modalities without one are not scaled per patient.
+    """
 
     patient_id: str
     split: str
@@ -39,31 +71,46 @@ class Patient:
     time: float | None = None
     event: int | None = None
     mask: pathlib.Path | None = None
+    scales: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """A validated manifest: its patients, modalities (first is the reference grid) and targets."""
+    """A validated manifest: its patients, modalities (first is the reference grid) and targets.
+
+    `scaling` maps a modality scaled per patient to how (e.g. `{"pet": "SUVbw from
+    weight_kg, injected_dose_bq"}`); `rejected` lists `(patient_id, split, DataError)` of
+    rows left out (only with `skip_bad`).
+    """
 
     path: pathlib.Path
     patients: list
     modalities: list
     targets: list
+    scaling: dict = dataclasses.field(default_factory=dict)
+    rejected: list = dataclasses.field(default_factory=list)
 
     def __len__(self):
         return len(self.patients)
 
 
-def read_manifest(path, modalities=None):
+def read_manifest(path, modalities=None, skip_bad=False):
     """Read and validate a manifest CSV; errors name the row's patient, the file and the field.
 
     Args:
         path: the CSV file.
         modalities: image columns to use, the reference grid first (default: every
-            non-reserved column, `ct` first when present).
+            image column, `ct` first when present).
+        skip_bad: collect the rows with a problem of their own in `Manifest.rejected`
+            instead of raising the first one.
 
     Returns:
         A `Manifest`.
+
+    Raises:
+        DataError: naming the file, the column and (for a row) the patient and line:
+            cohort-level problems always, row problems unless `skip_bad`, and a manifest
+            with no usable row.
 
     Example:
     >>> manifest = read_manifest("cohort/manifest.csv")  # doctest: +SKIP
@@ -71,16 +118,14 @@ def read_manifest(path, modalities=None):
     (['ct', 'pet'], ['label', 'time', 'event', 'mask'])
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError("manifest file does not exist", file=path)
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    columns, rows, lines = _read_table(path)
     for column in ("patient_id", "split"):
         if column not in columns:
-            raise DataError(f"required column '{column}' is missing", file=path, field=column)
-    image_columns = [c for c in columns if c not in RESERVED]
+            near = [c for c in columns if c.lower().replace(" ", "_") == column]
+            hint = f" (found '{near[0]}': column names are case-sensitive)" if near else ""
+            raise DataError(f"required column '{column}' is missing{hint}", file=path, field=column)
+    filled = [c for c in columns if c and any(row.get(c) for row in rows)]
+    image_columns = _image_columns(path, filled, rows)
     if modalities is None:
         modalities = sorted(image_columns, key=lambda c: (c != "ct", image_columns.index(c)))
     modalities = [m for m in modalities if any(row.get(m) for row in rows)]
@@ -89,19 +134,120 @@ def read_manifest(path, modalities=None):
             raise DataError(f"image column '{modality}' is missing", file=path, field=modality)
     if not modalities:
         raise DataError("no image column (e.g. 'ct') has any file", file=path)
-    targets = [c for c in TARGET_COLUMNS if c in columns and any(row.get(c) for row in rows)]
+    targets = [c for c in TARGET_COLUMNS if c in filled]
     if ("time" in targets) != ("event" in targets):
         raise DataError("'time' and 'event' must be given together", file=path, field="time/event")
+    scaling = _scaling(path, filled, image_columns, modalities)
+    required = list(modalities) + targets + [c for c in filled if c in SUV_COLUMNS or c.endswith(SCALE_SUFFIX)]
 
-    patients, seen = [], {}
-    for line, row in enumerate(rows, start=2):
-        patients.append(_patient(row, line, path, modalities, targets, seen))
+    seen = {}
+    for line, row in zip(lines, rows):
+        pid = row.get("patient_id", "")
+        if pid and pid in seen:
+            raise DataError(f"duplicate patient_id (manifest lines {seen[pid]} and {line})", patient=pid,
+                            file=path, field="patient_id")
+        seen.setdefault(pid, line)
+    patients, rejected = [], []
+    for line, row in zip(lines, rows):
+        try:
+            patients.append(_patient(row, line, path, modalities, targets, required, scaling))
+        except DataError as error:
+            if not skip_bad:
+                raise
+            rejected.append((row.get("patient_id") or f"<line {line}>", row.get("split", ""), error))
     if not patients:
-        raise DataError("the manifest has no patients", file=path)
-    return Manifest(path=path, patients=patients, modalities=modalities, targets=targets)
+        raise no_usable_patient(path, rejected)
+    return Manifest(path=path, patients=patients, modalities=modalities, targets=targets, scaling=scaling,
+                    rejected=rejected)
 
 
-def _patient(row, line, path, modalities, targets, seen):
+def _read_table(path):
+    """Header cells (trimmed), rows (`{column: trimmed cell}`, wholly empty rows dropped) and their line numbers."""
+    if not path.is_file():
+        raise DataError("manifest file does not exist", file=path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+                        "save the manifest as 'CSV UTF-8'", file=path) from error
+    first = text.lstrip("\r\n").splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=first.count) if any(d in first for d in ",;\t") else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+    header = next((cells for cells in reader if any(cell.strip() for cell in cells)), [])
+    columns = [cell.strip().lstrip("\ufeff").strip() for cell in header]
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"column(s) {repeated} appear more than once in the header", file=path, field=repeated[0])
+    decimal_comma = delimiter == ";"  # the spreadsheets that separate cells by ';' write 12,5 for 12.5
+    numeric = [c for c in columns if c in NUMERIC_COLUMNS or c.endswith(SCALE_SUFFIX)] if decimal_comma else []
+    rows, lines = [], []
+    for cells in reader:
+        cells = [cell.strip() for cell in cells]
+        if any(cells):
+            row = {c: (cells[i] if i < len(cells) else "") for i, c in enumerate(columns) if c}
+            rows.append({**row, **{c: row[c].replace(",", ".") for c in numeric}})
+            lines.append(reader.line_num)
+    return columns, rows, lines
+
+
+def _image_columns(path, filled, rows):
+    """The filled columns that hold images; an unknown column or an invalid modality name is refused."""
+    images = []
+    for column in filled:
+        if column in RESERVED or column in SUV_COLUMNS or column.endswith(SCALE_SUFFIX):
+            continue
+        cells = [row[column] for row in rows if row.get(column)]
+        if not any(cell.lower().endswith(IMAGE_SUFFIXES) for cell in cells):
+            raise DataError(
+                f"column '{column}' is neither an image (its cells, e.g. '{cells[0]}', name no NIfTI file), "
+                f"a target {list(TARGET_COLUMNS)} nor a per-patient field {list(SUV_COLUMNS)} or "
+                f"'<modality>{SCALE_SUFFIX}': rename or remove it", file=path, field=column)
+        try:
+            check_name(column, "modality")
+        except InvalidNameError as error:
+            raise DataError(f"image column: {error}", file=path, field=column) from error
+        images.append(column)
+    return images
+
+
+def _scaling(path, filled, image_columns, modalities):
+    """`{modality: how it is scaled per patient}`; contradictory or orphan columns are refused."""
+    scaling = {}
+    for column in [c for c in filled if c.endswith(SCALE_SUFFIX)]:
+        modality = column[: -len(SCALE_SUFFIX)]
+        if modality not in image_columns:
+            raise DataError(f"column '{column}' scales modality '{modality}', which has no image column",
+                            file=path, field=column)
+        if modality in modalities:
+            scaling[modality] = f"column {column}"
+    suv = [c for c in SUV_COLUMNS if c in filled]
+    if not suv:
+        return scaling
+    for needed in ("weight_kg", "injected_dose_bq"):
+        if needed not in suv:
+            raise DataError(f"body-weight SUV needs both 'weight_kg' and 'injected_dose_bq'; '{needed}' is missing "
+                            f"(given: {suv})", file=path, field=needed)
+    if ("injection_time" in suv) != ("acquisition_time" in suv):
+        raise DataError("decay correction needs both 'injection_time' and 'acquisition_time'", file=path,
+                        field="injection_time/acquisition_time")
+    if "scan_delay_s" in suv and "injection_time" in suv:
+        raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
+                        "not both", file=path, field="scan_delay_s")
+    if SUV_MODALITY not in modalities:
+        raise DataError(f"body-weight SUV columns {suv} are given but there is no '{SUV_MODALITY}' image column",
+                        file=path, field="weight_kg")
+    if SUV_MODALITY in scaling:
+        raise DataError(f"'{SUV_MODALITY}' is scaled twice: by column '{SUV_MODALITY}{SCALE_SUFFIX}' and by "
+                        "body-weight SUV (weight_kg, injected_dose_bq): keep one", file=path,
+                        field=f"{SUV_MODALITY}{SCALE_SUFFIX}")
+    decay = ("decay-corrected from injection_time to acquisition_time" if "injection_time" in suv else
+             "decay-corrected over scan_delay_s" if "scan_delay_s" in suv else "dose taken at the scan start")
+    half_life = "half_life_s" if "half_life_s" in suv else f"F-18 half-life {F18_HALF_LIFE_S} s"
+    scaling[SUV_MODALITY] = f"SUVbw = Bq/mL * weight_kg * 1000 / injected_dose_bq ({decay}, {half_life})"
+    return scaling
+
+
+def _patient(row, line, path, modalities, targets, required, scaling):
     pid = row.get("patient_id", "")
 
     def fail(message, field):
@@ -109,12 +255,9 @@ def _patient(row, line, path, modalities, targets, seen):
 
     if not pid:
         fail("patient_id is empty", "patient_id")
-    if pid in seen:
-        fail(f"duplicate patient_id (also on line {seen[pid]})", "patient_id")
-    seen[pid] = line
     if row.get("split") not in SPLITS:
         fail(f"split must be one of {list(SPLITS)}, got '{row.get('split')}'", "split")
-    for column in list(modalities) + [t for t in targets]:
+    for column in required:
         if not row.get(column):
             fail(f"'{column}' is empty while other patients have it", column)
 
@@ -122,7 +265,7 @@ def _patient(row, line, path, modalities, targets, seen):
         file = pathlib.Path(row[column])
         file = file if file.is_absolute() else path.parent / file
         if not file.is_file():
-            raise DataError("file does not exist", patient=pid, file=file, field=column)
+            raise DataError(f"file does not exist (manifest line {line})", patient=pid, file=file, field=column)
         return file
 
     values = {"images": {m: existing(m) for m in modalities}}
@@ -139,7 +282,34 @@ def _patient(row, line, path, modalities, targets, seen):
         values["event"] = _number(row["event"], int, fail, "event")
         if values["event"] not in (0, 1):
             fail(f"event must be 0 (censored) or 1 (observed), got {row['event']}", "event")
+    values["scales"] = {m: _scale(row, m, how, fail) for m, how in scaling.items()}
     return Patient(patient_id=pid, split=row["split"], **values)
+
+
+def _scale(row, modality, how, fail):
+    """This row's factor on `modality`: its `<modality>_scale` cell or its SUVbw factor."""
+    column = f"{modality}{SCALE_SUFFIX}"
+    if how == f"column {column}":
+        factor = _number(row[column], float, fail, column)
+        if not factor > 0:
+            fail(f"{column} must be > 0, got {row[column]}", column)
+        return factor
+    numbers = {c: _number(row[c], float, fail, c) for c in ("weight_kg", "injected_dose_bq", "scan_delay_s",
+                                                            "half_life_s") if row.get(c)}
+    delay = numbers.get("scan_delay_s", 0.0)
+    if row.get("injection_time"):
+        try:
+            delay = delay_seconds(row["injection_time"], row["acquisition_time"])
+        except ValueError as error:
+            fail(f"injection_time/acquisition_time: {error}", "injection_time")
+    for column, value in numbers.items():
+        if not value >= 0 if column == "scan_delay_s" else not value > 0:
+            fail(f"{column} must be {'>= 0' if column == 'scan_delay_s' else '> 0'}, got {row[column]}", column)
+    if delay < 0:
+        fail(f"acquisition_time '{row['acquisition_time']}' is before injection_time '{row['injection_time']}'",
+             "acquisition_time")
+    return suv_bw_factor(numbers["weight_kg"], numbers["injected_dose_bq"], delay,
+                         numbers.get("half_life_s", F18_HALF_LIFE_S))
 
 
 def _number(text, kind, fail, field):

@@ -2,7 +2,8 @@
 
 Every modality of a patient is resampled, through the images' affines, onto one grid: an
 axis-aligned RAS grid with the target spacing that covers the reference image (the first
-modality, usually CT). Images are interpolated linearly and label maps by nearest
+modality, usually CT), after the geometry checks of `resample_patient`, which ingestion and
+inference share. Images are interpolated linearly and label maps by nearest
 neighbour. Intensities are clipped to a per-modality window and scaled to [-1, 1] (CT:
 [-1000, 1000] HU as in UNICON; PET: SUV [0, 20]). Finally every volume is cropped or
 padded to the stage's shape around the body (or the mask), and the affine of that crop is
@@ -10,12 +11,13 @@ kept so predictions can be written back in world coordinates.
 """
 
 import dataclasses
+import warnings
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from unicon_tf.data.errors import DataError
+from unicon_tf.data.errors import DataError, DataWarning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,9 @@ class Preprocessing:
         mask_classes: label-map classes including background; mask values must lie in
             [0, mask_classes - 1].
         body_threshold: raw reference intensity that separates body from air (HU for CT).
-        min_overlap: smallest fraction of the reference grid another modality must cover.
+        min_overlap: smallest fraction of the reference image's (oriented) field of view
+            another modality must cover, and of the smaller field of view a mask must share
+            with it (see `resample_patient`).
 
     Example:
     >>> Preprocessing(shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0)).window("ct").high
@@ -100,6 +104,20 @@ class Preprocessing:
             )
         return self.windows[modality]
 
+    def check_per_patient_scale(self, modality, source):
+        """Refuse a per-patient factor (from `source`) on a modality whose window already scales.
+
+        One factor per modality: the cohort's window `scale` (`--scale`) or a per-patient
+        one (a manifest column, `predict --scale`), never both multiplied.
+
+        Raises:
+            ValueError: the window of `modality` has a `scale` other than 1.
+        """
+        scale = self.window(modality).scale
+        if scale != 1.0:
+            raise ValueError(f"'{modality}' is scaled per patient ({source}) and by the window's scale {scale} "
+                             f"(--scale {modality} at ingestion): give one of the two")
+
     def to_json(self):
         """A JSON-ready dict (inverse: `Preprocessing.from_json`)."""
         config = dataclasses.asdict(self)
@@ -117,6 +135,11 @@ class Preprocessing:
 def load_volume(path, patient=None, field=None):
     """Load a 3D NIfTI, reoriented to RAS; errors name patient, file and field.
 
+    A 3D image stored with trailing size-1 dimensions (`(X, Y, Z, 1)`, `(X, Y, Z, 1, 1)`,
+    as some converters write) is read as 3D; a series of several volumes is refused. When
+    the header's sform and qform both apply but place the image differently (by more than
+    a tenth of a voxel), a `DataWarning` names the file; the sform is used, as nibabel does.
+
     Args:
         path: the NIfTI file.
         patient: patient id, for error messages.
@@ -124,6 +147,10 @@ def load_volume(path, patient=None, field=None):
 
     Returns:
         `(data, affine)`: float32 array `(X, Y, Z)` in RAS voxel order and its 4x4 affine.
+
+    Raises:
+        DataError: unreadable or truncated file, not one 3D volume, NaN/Inf voxels, or an
+            affine that is not finite or singular (the message says which header field).
     """
 
     def fail(message):
@@ -131,19 +158,64 @@ def load_volume(path, patient=None, field=None):
 
     try:
         image = nib.load(str(path))
-        image = nib.as_closest_canonical(image) if len(image.shape) == 3 else image
-        data = np.asarray(image.get_fdata(dtype=np.float32))
+        shape = tuple(image.shape)
     except Exception as error:  # nibabel raises many types for unreadable or truncated files
         raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
-    if data.ndim != 3:
-        raise fail(f"expected a 3D image, got {data.ndim}D with shape {tuple(data.shape)}")
+    affine, source = image.affine, _affine_source(image)
+    if affine is None:
+        raise fail("the image has no affine: its position in world space is unknown")
+    if not np.all(np.isfinite(affine)):
+        raise fail(f"the affine ({source}) holds NaN or Inf: {np.asarray(affine).round(3).tolist()}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise fail(f"the affine ({source}) is singular (a zero voxel size or collapsed axes): "
+                   f"{np.asarray(affine).round(3).tolist()}")
+    _warn_if_sform_and_qform_disagree(image, path)
+    if len(shape) > 3 and all(size == 1 for size in shape[3:]):
+        shape = shape[:3]
+    if len(shape) != 3:
+        series = len(shape) > 3 and all(size == 1 for size in shape[4:])
+        raise fail(f"expected a 3D image, got a series of {shape[3]} volumes (shape {shape})" if series else
+                   f"expected a 3D image, got {len(shape)}D with shape {shape}")
+    try:
+        image = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:3])
+    except Exception as error:
+        raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise fail(f"{bad} of {data.size} voxels are NaN or Inf")
-    affine = image.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise fail("the affine is singular or not finite")
-    return data, affine
+    return data, image.affine
+
+
+def _affine_source(image):
+    """Which header field the image's affine comes from (as nibabel chooses it)."""
+    header = image.header
+    if not hasattr(header, "get_sform"):
+        return "header"
+    if int(header["sform_code"]) > 0:
+        return "sform"
+    return "qform" if int(header["qform_code"]) > 0 else "pixdim (no sform or qform code)"
+
+
+def _warn_if_sform_and_qform_disagree(image, path):
+    header = image.header
+    if not hasattr(header, "get_sform") or int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
+        return
+    sform, qform = header.get_sform(), header.get_qform()
+    corners = fov_corners(image.shape[:3])
+    finite = np.all(np.isfinite(qform))
+    gap = float(np.linalg.norm(((sform - qform) @ corners.T)[:3], axis=0).max()) if finite else float("inf")
+    voxel = float(np.min(np.linalg.norm(sform[:3, :3], axis=0)))
+    if not gap <= 0.1 * voxel:
+        warnings.warn(f"{path}: the sform and the qform place the image differently (by up to {gap:.3g} mm at "
+                      "its corners); using the sform, as nibabel does: check which one the scanner meant",
+                      DataWarning, stacklevel=3)
+
+
+def fov_corners(shape):
+    """The 8 corners of a field of view `(X, Y, Z)`, homogeneous voxel indices `(8, 4)` (voxel edges at +-0.5)."""
+    return np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                     for k in (-0.5, shape[2] - 0.5)])
 
 
 def reference_grid(data, affine, spacing):
@@ -152,9 +224,7 @@ def reference_grid(data, affine, spacing):
     Returns:
         `(grid_affine, grid_shape)`.
     """
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, data.shape[0] - 0.5)
-                        for j in (-0.5, data.shape[1] - 0.5) for k in (-0.5, data.shape[2] - 0.5)])
-    world = (affine @ corners.T).T[:, :3]
+    world = (affine @ fov_corners(data.shape).T).T[:, :3]
     low, high = world.min(axis=0), world.max(axis=0)
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = np.maximum(1, np.round((high - low) / spacing).astype(int))
@@ -200,6 +270,145 @@ def crop_start(foreground, size, shape):
     return tuple(int(s) for s in start)
 
 
+@dataclasses.dataclass(frozen=True)
+class PatientGrid:
+    """A patient's images (and mask) checked and resampled onto the reference grid.
+
+    Attributes:
+        affine: 4x4 world affine (mm, RAS) of the grid.
+        shape: grid shape `(X, Y, Z)`.
+        images: modality -> float32 volume on the grid, windowed to [-1, 1].
+        body: bool volume, reference image above `body_threshold`.
+        mask: uint8 label map on the grid (0 outside the mask's extent), or None.
+    """
+
+    affine: np.ndarray
+    shape: tuple
+    images: dict
+    body: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def resample_patient(images, preprocessing, mask=None, patient=None, scales=None):
+    """Load, check and resample one patient's images onto the reference grid.
+
+    The one code path of ingestion (`preprocess_patient`) and inference (`predict_nifti`),
+    so both accept and refuse the same files. Geometry rules, in world space through each
+    file's affine:
+
+    - the grid is the axis-aligned RAS box, at `preprocessing.spacing`, around the
+      reference image (the first modality), however that image is oriented;
+    - every other image must cover at least `min_overlap` of the reference image's own
+      (oriented) field of view; where it does not, its voxels take the window's low value;
+    - a mask may cover any part of the reference image (outside its extent is background);
+      it is refused when it lies mostly outside the reference image (less than
+      `min_overlap` of the smaller of the two fields of view is shared), or when less than
+      `min_overlap` of its foreground voxels lie inside the reference image.
+
+    Args:
+        images: `{modality: NIfTI path}`, the reference modality first.
+        preprocessing: a `Preprocessing` (spacing, windows, mask classes, thresholds).
+        mask: NIfTI label map path, or None.
+        patient: patient id, for error messages.
+        scales: `{modality: factor}` of this patient (e.g. SUVbw factor for `pet`), applied
+            to the raw values before the window (on top of the window's own `scale`).
+
+    Returns:
+        A `PatientGrid`.
+
+    Raises:
+        DataError: naming patient, file and field of an unreadable image, a bad mask value
+            or a geometry rule broken.
+
+    Example:
+    >>> grid = resample_patient({"ct": "ct.nii.gz", "pet": "pet.nii.gz"}, Preprocessing((64, 64, 64), (2, 2, 2)),
+    ...                         mask="lesion.nii.gz", scales={"pet": 2.7e-4})  # doctest: +SKIP
+    >>> grid.images["pet"].shape == grid.mask.shape == grid.shape  # doctest: +SKIP
+    True
+    """
+    prep, scales = preprocessing, scales or {}
+    modalities = list(images)
+    reference, ref_affine = load_volume(images[modalities[0]], patient, modalities[0])
+    grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
+    volumes = {}
+    for modality in modalities:
+        window = prep.window(modality)
+        window = dataclasses.replace(window, scale=window.scale * scales.get(modality, 1.0))
+        if modality == modalities[0]:
+            data, affine = reference, ref_affine
+        else:
+            data, affine = load_volume(images[modality], patient, modality)
+            coverage = fov_coverage(reference.shape, ref_affine, data.shape, affine)
+            if coverage < prep.min_overlap:
+                raise DataError(
+                    f"covers {coverage:.0%} of the reference image's field of view (needs >= "
+                    f"{prep.min_overlap:.0%}): check its affine (not overlapping the {modalities[0]}?)",
+                    patient=patient, file=images[modality], field=modality)
+        raw = resample(data, affine, grid_affine, grid_shape, order=1, fill=window.low / window.scale)
+        if modality == modalities[0]:
+            body = raw > prep.body_threshold
+        volumes[modality] = window.apply(raw)
+    label_map = None
+    if mask is not None:
+        data, affine = load_volume(mask, patient, "mask")
+        _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
+        label_map = resample(data, affine, grid_affine, grid_shape, order=0, fill=0).astype(np.uint8)
+    return PatientGrid(affine=grid_affine, shape=grid_shape, images=volumes, body=body, mask=label_map)
+
+
+def fov_coverage(shape, affine, other_shape, other_affine, points=None):
+    """Fraction of an image's field of view that lies inside another image's, in world space.
+
+    Each field of view is the oriented box of its voxels (`[-0.5, n - 0.5]` in voxel
+    indices), so rotated (oblique) and cropped images are measured as they are. The
+    fraction is estimated on an even lattice of at most 32 points per axis.
+
+    Args:
+        shape, affine: the first image's voxel shape and 4x4 affine.
+        other_shape, other_affine: the other image's.
+        points: voxel indices `(n, 3)` of the first image to test instead of the lattice
+            (e.g. its foreground voxels).
+
+    Returns:
+        A fraction in [0, 1].
+
+    Example:
+    >>> ct = np.diag([2.0, 2.0, 2.0, 1.0])
+    >>> shifted = ct.copy(); shifted[0, 3] = 16.0  # half of 16 voxels along x
+    >>> fov_coverage((16, 16, 16), ct, (16, 16, 16), shifted)
+    0.5
+    """
+    if points is None:
+        axes = [(np.arange(m) + 0.5) * n / m - 0.5 for n, m in ((int(n), min(int(n), 32)) for n in shape)]
+        points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    if not len(points):
+        return 1.0
+    index = nib.affines.apply_affine(np.linalg.inv(other_affine) @ affine, points)
+    inside = np.all((index >= -0.5) & (index <= np.asarray(other_shape, dtype=np.float64) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, reference):
+    def fail(message):
+        return DataError(message, patient=patient, file=file, field="mask")
+
+    values = np.unique(data)
+    bad = values[(values != np.round(values)) | (values < 0) | (values > prep.mask_classes - 1)]
+    if bad.size:
+        raise fail(f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}")
+    shared = max(fov_coverage(data.shape, affine, ref_shape, ref_affine),
+                 fov_coverage(ref_shape, ref_affine, data.shape, affine))
+    if shared < prep.min_overlap:
+        raise fail(f"lies mostly outside the {reference} image: they share {shared:.0%} of the smaller field of "
+                   f"view (needs >= {prep.min_overlap:.0%}): check its affine")
+    foreground = np.argwhere(data > 0)
+    foreground = foreground[:: max(1, len(foreground) // 100_000)]
+    inside = fov_coverage(data.shape, affine, ref_shape, ref_affine, points=foreground)
+    if inside < prep.min_overlap:
+        raise fail(f"{1 - inside:.0%} of its foreground lies outside the {reference} image (needs >= "
+                   f"{prep.min_overlap:.0%} inside): check its affine")
+
+
 def preprocess_patient(patient, preprocessing):
     """Turn one manifest `Patient` into arrays on the stage's grid.
 
@@ -207,62 +416,23 @@ def preprocess_patient(patient, preprocessing):
         dict with `patient_id`, `images` (modality -> float32 `shape` in [-1, 1]), `mask`
         (uint8 `shape` or None), `affine` (4x4 world affine of the output grid),
         `label`, `time`, `event`.
+
+    Raises:
+        DataError: see `resample_patient`.
     """
     prep = preprocessing
-    modalities = list(patient.images)
-    reference, ref_affine = load_volume(patient.images[modalities[0]], patient.patient_id, modalities[0])
-    grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
-
-    raw = {}
-    for modality in modalities:
-        window = prep.window(modality)
-        data, affine = (reference, ref_affine) if modality == modalities[0] else load_volume(
-            patient.images[modality], patient.patient_id, modality)
-        if modality != modalities[0]:
-            _check_overlap(data, affine, grid_affine, grid_shape, prep.min_overlap, patient, modality)
-        raw[modality] = resample(data, affine, grid_affine, grid_shape, order=1, fill=window.low / window.scale)
-
-    mask = None
-    if patient.mask is not None:
-        data, affine = load_volume(patient.mask, patient.patient_id, "mask")
-        values = np.unique(data)
-        bad = values[(values != np.round(values)) | (values < 0) | (values > prep.mask_classes - 1)]
-        if bad.size:
-            raise DataError(
-                f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}",
-                patient=patient.patient_id, file=patient.mask, field="mask",
-            )
-        _check_overlap(data, affine, grid_affine, grid_shape, prep.min_overlap, patient, "mask")
-        mask = resample(data, affine, grid_affine, grid_shape, order=0, fill=0).astype(np.uint8)
-
-    body = raw[modalities[0]] > prep.body_threshold
-    use_mask = prep.center == "mask" and mask is not None and np.any(mask)
-    start = crop_start(mask > 0 if use_mask else body, grid_shape, prep.shape)
-    out_affine = grid_affine.copy()
-    out_affine[:3, 3] = grid_affine[:3, :3] @ np.asarray(start, dtype=np.float64) + grid_affine[:3, 3]
-    images = {}
-    for modality, volume in raw.items():
-        window = prep.window(modality)
-        images[modality] = crop_or_pad(window.apply(volume), start, prep.shape, fill=-1.0)
+    grid = resample_patient(patient.images, prep, mask=patient.mask, patient=patient.patient_id,
+                            scales=patient.scales)
+    use_mask = prep.center == "mask" and grid.mask is not None and np.any(grid.mask)
+    start = crop_start(grid.mask > 0 if use_mask else grid.body, grid.shape, prep.shape)
+    out_affine = grid.affine.copy()
+    out_affine[:3, 3] = grid.affine[:3, :3] @ np.asarray(start, dtype=np.float64) + grid.affine[:3, 3]
     return {
         "patient_id": patient.patient_id,
-        "images": images,
-        "mask": None if mask is None else crop_or_pad(mask, start, prep.shape, fill=0),
+        "images": {m: crop_or_pad(volume, start, prep.shape, fill=-1.0) for m, volume in grid.images.items()},
+        "mask": None if grid.mask is None else crop_or_pad(grid.mask, start, prep.shape, fill=0),
         "affine": out_affine,
         "label": patient.label,
         "time": patient.time,
         "event": patient.event,
     }
-
-
-def _check_overlap(data, affine, grid_affine, grid_shape, min_overlap, patient, field):
-    inside = resample(np.ones(data.shape, np.float32), affine, grid_affine, grid_shape, order=0, fill=0.0)
-    coverage = float(inside.mean())
-    if coverage < min_overlap:
-        file = patient.mask if field == "mask" else patient.images[field]
-        raise DataError(
-            f"covers {coverage:.0%} of the reference image's field of view (needs >= {min_overlap:.0%}): "
-            "check its affine (not overlapping the CT?)",
-            patient=patient.patient_id, file=file, field=field,
-        )
-

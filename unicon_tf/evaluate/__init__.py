@@ -2,11 +2,15 @@
 baselines' scores and a report with figures. (Training, baselines' included, is in
 `unicon_tf.train`.)"""
 
-from unicon_tf.evaluate.baselines import evaluate_baselines, load_baselines
-from unicon_tf.evaluate.evaluator import evaluate_run, evaluate_stage, score_stage, write_label_maps
-from unicon_tf.evaluate.matrix import bless, summarize
-from unicon_tf.evaluate.report import format_gain, pet_gain, write_report
-from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.evaluate.baselines import evaluate_baselines, load_baselines  # noqa: E402
+from unicon_tf.evaluate.evaluator import evaluate_run, evaluate_stage, score_stage, write_label_maps  # noqa: E402
+from unicon_tf.evaluate.matrix import bless, summarize  # noqa: E402
+from unicon_tf.evaluate.report import format_gain, pet_gain, write_report  # noqa: E402
+from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score  # noqa: E402
 
 __all__ = [
     "MAIN_METRIC", "bless", "evaluate_baselines", "evaluate_run", "evaluate_stage", "format_gain", "head_metrics",

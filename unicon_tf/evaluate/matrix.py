@@ -95,7 +95,10 @@ def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=No
         else:
             reasons.append(f"{tasks[j]}: {before:.4f} -> {after:.4f} (drop {max(drop, 0.0):.4f} <= tolerance {allowed})")
     own = after_row[0, stage]
-    if np.isnan(own) or own < threshold:
+    if np.isnan(own):
+        reasons.append(f"{tasks[stage]}: not measured (non-finite outputs, or a split it cannot be scored on)")
+        blessed = False
+    elif own < threshold:
         reasons.append(f"{tasks[stage]}: {own:.4f} is below the threshold {threshold}")
         blessed = False
     else:

@@ -108,9 +108,17 @@ def score(task, target, output):
 
 
 def head_metrics(task, result):
-    """The scores of a `predict_head` result, with `patients` (count) and `patient_ids`."""
-    return {**score(task, result["target"], result["output"]), "patients": len(result["patient_id"]),
-            "patient_ids": list(result["patient_id"])}
+    """The scores of a `predict_head` result, with `patients` (count) and `patient_ids`.
+
+    Outputs holding a NaN or an infinity are not scored (an argmax would turn NaN logits
+    into a confident class): the main metric is NaN and `non_finite_outputs` counts the
+    values, so the stage is not blessed.
+    """
+    output = np.asarray(result["output"])
+    non_finite = int(output.size - np.count_nonzero(np.isfinite(output)))
+    scores = {MAIN_METRIC[task]: float("nan"), "non_finite_outputs": non_finite} if non_finite \
+        else score(task, result["target"], output)
+    return {**scores, "patients": len(result["patient_id"]), "patient_ids": list(result["patient_id"])}
 
 
 def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):

@@ -1,10 +1,14 @@
 """The UNICON model: modality stems, a shared 3D encoder with adapters, and task heads."""
 
-from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope
-from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.foundation import describe, expand, foundation, model_parts
-from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead
-from unicon_tf.model.stems import ModalityFusion, ModalityStem
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope  # noqa: E402
+from unicon_tf.model.encoder import SharedEncoder, residual_backbone  # noqa: E402
+from unicon_tf.model.foundation import describe, expand, foundation, model_parts, non_finite_weights  # noqa: E402
+from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead  # noqa: E402
+from unicon_tf.model.stems import ModalityFusion, ModalityStem  # noqa: E402
 
 __all__ = [
     "AdaptableConv3D",
@@ -21,5 +25,6 @@ __all__ = [
     "expand",
     "foundation",
     "model_parts",
+    "non_finite_weights",
     "residual_backbone",
 ]

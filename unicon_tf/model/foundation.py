@@ -18,10 +18,12 @@ it *is* the configs of the stem, fusion and head layers, so it survives `.keras`
 import math
 
 import keras
+import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
 from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
+from unicon_tf.names import check_name
 
 
 def foundation(
@@ -60,6 +62,7 @@ def foundation(
         outputs `{head_name: ...}`.
 
     Raises:
+        InvalidNameError: a modality or head name breaks `unicon_tf.names.check_name`.
         ValueError: `input_shape` is not three positive dims or not divisible by the
             encoder's stride; `modality` names no or repeated modalities; an unknown
             `task` or head option; `num_classes` < 2.
@@ -84,12 +87,14 @@ def foundation(
     modalities = [modality] if isinstance(modality, str) else list(modality)
     if not modalities or len(set(modalities)) != len(modalities):
         raise ValueError(f"modality must name one or more distinct modalities, got {modality!r}.")
+    for m in modalities:
+        check_name(m, "modality")
+    head_name = check_name(head_name or default_head_name(task, modalities), "head")
     inputs = {m: keras.Input(input_shape + (1,), name=m) for m in modalities}
     stems = [ModalityStem(m, channels=shared.input_channels, stage=0, kind=stem_kind)(inputs[m]) for m in modalities]
     path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
     features = shared(path)
-    head = _make_head(task, shared, input_shape, name=head_name or default_head_name(task, modalities),
-                      modalities=modalities, stage=0,
+    head = _make_head(task, shared, input_shape, name=head_name, modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
     return keras.Model(inputs, {head.name: head(features)}, name=name)
 
@@ -115,6 +120,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         Existing outputs are computed by the same layers on the same tensors as before.
 
     Raises:
+        InvalidNameError: `modality` or `name` breaks `unicon_tf.names.check_name`.
         ValueError: no or an unknown `task`, an unknown head option, a `modality` the
             model already has, `modalities` it has no stem for, a head `name` already
             used, or an adapter rank < 1.
@@ -134,6 +140,8 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     unknown = sorted(set(head_options) - set(HEADS[task].options()))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {HEADS[task].options()}.")
+    if modality is not None:
+        check_name(modality, "modality")
     if modality is not None and modality in parts["stems"]:
         raise ValueError(f"Modality '{modality}' is already present (stem 'stem_{modality}').")
     primary = min(parts["stems"].values(), key=lambda stem: stem.stage).modality
@@ -142,7 +150,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     missing = [m for m in modalities if m not in known]
     if missing:
         raise ValueError(f"The head would read modalities {missing} that the model has no stem for.")
-    name = name or default_head_name(task, modalities)
+    name = check_name(name or default_head_name(task, modalities), "head")
     if name in model.output or any(layer.name == name for layer in model.layers):
         raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
     if adapters is not None and int(adapters) < 1:
@@ -244,6 +252,20 @@ def model_parts(model):
     if parts["encoder"] is None or not parts["stems"] or not parts["heads"]:
         raise ValueError(f"Model '{model.name}' is not a unicon_tf model: it needs stems, a SharedEncoder and heads.")
     return parts
+
+
+def non_finite_weights(model):
+    """Paths of the model's weights that hold a NaN or an infinity (empty when all are finite).
+
+    A stage whose weights are not all finite is never checkpointed, saved, blessed or
+    exported: its outputs would be NaN (or silently clipped to a class by an argmax).
+
+    Example:
+    >>> model = foundation((16, 16, 16), width=8, depth=2)
+    >>> non_finite_weights(model)
+    []
+    """
+    return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
 def _make_head(task, encoder, input_shape, **options):

@@ -1,19 +1,26 @@
 """Serving: SavedModel versions for TensorFlow Serving, and NIfTI inference against them."""
 
-from unicon_tf.serving.export import (
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.serving.export import (  # noqa: E402
     ExportError,
+    check_exportable,
     check_parity,
     export_model,
     export_stage,
     next_version,
     push_stage,
+    remove_stale_exports,
     signatures,
     update_models_config,
     write_warmup,
 )
-from unicon_tf.serving.inference import check_request, gaussian_weights, predict_nifti, sliding_window
+from unicon_tf.serving.inference import check_request, gaussian_weights, predict_nifti, sliding_window  # noqa: E402
 
 __all__ = [
-    "ExportError", "check_parity", "check_request", "export_model", "export_stage", "gaussian_weights",
-    "next_version", "predict_nifti", "push_stage", "signatures", "sliding_window", "update_models_config", "write_warmup",
+    "ExportError", "check_exportable", "check_parity", "check_request", "export_model", "export_stage",
+    "gaussian_weights", "next_version", "predict_nifti", "push_stage", "remove_stale_exports", "signatures",
+    "sliding_window", "update_models_config", "write_warmup",
 ]

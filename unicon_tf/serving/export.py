@@ -10,14 +10,21 @@ Signatures: `serving_default` (every head; one input per modality) and one per h
 classification `probabilities` and `class`, prognosis `risk`, segmentation
 `probabilities` and `label_map` (prefixed `<head>_` in `serving_default`).
 
-Versions are integers; a new export takes the next free one, is written to a hidden
-staging folder and renamed into place (`unicon_tf.files.atomic_folder`), so a half-written version is never visible and
-an existing one is never touched. Before the rename, every signature of the reloaded
+Versions are integers; a new export claims the next free one atomically (a `.claim-<v>`
+hard link, so concurrent exports get distinct versions), is written to a hidden
+`.partial-<v>-<pid>` folder and renamed into place (`unicon_tf.files.atomic_folder`), so a
+half-written version is never visible and an existing one is never touched; claims and
+partial folders of dead processes are removed by the next export. Before the rename, every signature of the reloaded
 SavedModel is checked against the Keras model (max abs difference <= 1e-5).
 """
 
+import fcntl
 import json
+import os
 import pathlib
+import shutil
+import socket
+import threading
 
 import keras
 import numpy as np
@@ -25,7 +32,8 @@ import tensorflow as tf
 
 from unicon_tf.data.records import read_schema
 from unicon_tf.files import atomic_folder, write_text_atomic
-from unicon_tf.model import model_parts
+from unicon_tf.model import model_parts, non_finite_weights
+from unicon_tf.names import InvalidNameError, check_name
 from unicon_tf.run import Evaluation, Run, StageFolder
 
 PARITY_TOLERANCE = 1e-5
@@ -59,6 +67,9 @@ def signatures(model):
         sub = keras.Model({m: model.input[m] for m in modalities}, {n: model.output[n] for n in names})
 
         def serve(*volumes):
+            checks = [check_volume_shape(m, v, shape) for m, v in zip(modalities, volumes)]
+            with tf.control_dependencies(checks):
+                volumes = [tf.identity(v) for v in volumes]
             outputs = sub(dict(zip(modalities, volumes)), training=False)
             served = {}
             for name in names:
@@ -75,10 +86,101 @@ def signatures(model):
     return result
 
 
+def check_volume_shape(modality, volume, shape):
+    """An in-graph assertion that `volume` is `(batch, *shape)`, naming the input.
+
+    TF Serving does not check a request against the signature's shapes, so a wrong volume
+    would fail deep in the network ("Input to reshape is a tensor with ... values"). The
+    shape is padded with -1 before comparing, so a wrong rank fails too; the comparison
+    depends on the fed tensor's shape and is never folded away.
+    """
+    expected = tf.constant(tuple(shape) + (-1,), tf.int32)
+    actual = tf.concat([tf.shape(volume, out_type=tf.int32), -tf.ones([len(shape) + 1], tf.int32)], 0)
+    matches = tf.reduce_all(tf.equal(actual[1:len(shape) + 2], expected))
+    wanted = ", ".join(str(d) for d in shape)
+    return tf.debugging.Assert(matches, [f"input {modality}: expected shape (batch, {wanted}), got",
+                                         tf.shape(volume)], summarize=8, name=f"check_{modality}_shape")
+
+
 def next_version(model_dir):
-    """The next free integer version under `model_dir` (1 when there is none)."""
-    versions = [int(p.name) for p in pathlib.Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
+    """The next free integer version under `model_dir` (1 when there is none).
+
+    A version is taken when its folder exists or an export in progress claimed it.
+    """
+    model_dir = pathlib.Path(model_dir)
+    taken = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    taken += [int(p.name.split("-")[1]) for p in model_dir.glob(".claim-*") if p.name.split("-")[1].isdigit()]
+    return max(taken, default=0) + 1
+
+
+def _claim_version(model_dir, version=None):
+    """Claim `version` (default: the next free one) for this process; return `(version, claim file)`.
+
+    The claim is `<model>/.claim-<version>`, holding this host and process id, made by an
+    atomic hard link (which fails when another export holds it), so two exports into one
+    folder at once never pick the same version. Claims and `.partial-*` folders left by
+    processes that died are removed first.
+    """
+    model_dir = pathlib.Path(model_dir)
+    remove_stale_exports(model_dir)
+    owner = model_dir / f".owner-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+    owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    try:
+        while True:
+            candidate = int(version or next_version(model_dir))
+            final, claim = model_dir / str(candidate), model_dir / f".claim-{candidate}"
+            if final.exists() and version:
+                raise ExportError(f"{final} already exists: versions are never overwritten.")
+            try:
+                os.link(owner, claim)
+            except FileExistsError:
+                if version:
+                    raise ExportError(f"version {candidate} of {model_dir} is being exported by another "
+                                      f"process ({claim}).") from None
+                continue
+            if final.exists():  # finished by another export between next_version and the link
+                claim.unlink()
+                if version:
+                    raise ExportError(f"{final} already exists: versions are never overwritten.")
+                continue
+            return candidate, claim
+    finally:
+        owner.unlink()
+
+
+def remove_stale_exports(model_dir):
+    """Remove `.claim-*` files and `.partial-*` folders of exports whose process has died.
+
+    A claim is stale when it was made on this host by a process that no longer runs; a
+    partial folder (`.partial-<version>-<pid>`) when no live claim of its version is held
+    by its process. Claims made on other hosts are left alone.
+    """
+    model_dir = pathlib.Path(model_dir)
+    partials = list(model_dir.glob(".partial-*"))  # listed before the claims: a claim outlives its partial
+    live = {}
+    for claim in model_dir.glob(".claim-*"):
+        try:
+            owner = json.loads(claim.read_text())
+        except (OSError, ValueError):
+            continue  # just released
+        if owner.get("host") == socket.gethostname() and not _process_alive(owner.get("pid")):
+            claim.unlink(missing_ok=True)
+        else:
+            live[claim.name.split("-", 1)[1]] = owner.get("pid")
+    for partial in partials:
+        version, _, pid = partial.name[len(".partial-"):].partition("-")
+        if not pid.isdigit() or live.get(version) != int(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def export_model(model, base, model_name, metadata=None, version=None, parity_batch=None, example_request=False):
@@ -98,37 +200,65 @@ def export_model(model, base, model_name, metadata=None, version=None, parity_ba
         The version folder's path.
 
     Raises:
-        ExportError: the version exists, or a signature disagrees with the Keras model.
+        ExportError: a modality or head name a signature cannot hold, non-finite weights,
+            the version exists, or a signature disagrees with the Keras model.
     """
+    check_exportable(model)
     model_dir = pathlib.Path(base) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    version = int(version or next_version(model_dir))
+    version, claim = _claim_version(model_dir, version)
     final = model_dir / str(version)
-    if final.exists():
-        raise ExportError(f"{final} already exists: versions are never overwritten.")
-    with atomic_folder(final) as staging:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        endpoints = signatures(model)
-        for name, (_, fn, specs) in endpoints.items():
-            archive.add_endpoint(name=name, fn=fn, input_signature=specs)
-        archive.write_out(str(staging), verbose=False)
-        batch = parity_batch or _noise_batch(model)
-        parity = check_parity(model, staging, batch)
-        write_warmup(staging, model_name, endpoints, batch)
-        info = {"model_name": model_name, "version": version, **(metadata or {}),
-                "signatures": {name: {"inputs": mods} for name, (mods, _, _) in endpoints.items()},
-                "heads": {name: {"task": h.task, "modalities": h.modalities, "stage": h.stage}
-                          for name, h in model_parts(model)["heads"].items()},
-                "input_shape": list(next(iter(model.input.values())).shape[1:4]), "parity_max_abs_diff": parity}
-        (staging / "unicon.json").write_text(json.dumps(info, indent=2) + "\n")
-        if example_request:
-            modalities = endpoints["serving_default"][0]
-            shape = info["input_shape"] + [1]
-            request = {"signature_name": "serving_default",
-                       "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
-            (staging / "request.json").write_text(json.dumps(request))
+    try:
+        with atomic_folder(final, staging=model_dir / f".partial-{version}-{os.getpid()}") as staging:
+            _write_version(staging, model, model_name, version, metadata, parity_batch, example_request)
+    finally:
+        claim.unlink(missing_ok=True)
     return final
+
+
+def _write_version(staging, model, model_name, version, metadata, parity_batch, example_request):
+    """The SavedModel, its parity check, warmup requests, unicon.json (and request.json) in `staging`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    endpoints = signatures(model)
+    for name, (_, fn, specs) in endpoints.items():
+        archive.add_endpoint(name=name, fn=fn, input_signature=specs)
+    archive.write_out(str(staging), verbose=False)
+    batch = parity_batch or _noise_batch(model)
+    parity = check_parity(model, staging, batch)
+    write_warmup(staging, model_name, endpoints, batch)
+    info = {"model_name": model_name, "version": version, **(metadata or {}),
+            "signatures": {name: {"inputs": mods} for name, (mods, _, _) in endpoints.items()},
+            "heads": {name: {"task": h.task, "modalities": h.modalities, "stage": h.stage}
+                      for name, h in model_parts(model)["heads"].items()},
+            "input_shape": list(next(iter(model.input.values())).shape[1:4]), "parity_max_abs_diff": parity}
+    (staging / "unicon.json").write_text(json.dumps(info, indent=2) + "\n")
+    if example_request:
+        modalities = endpoints["serving_default"][0]
+        shape = info["input_shape"] + [1]
+        request = {"signature_name": "serving_default",
+                   "instances": [{m: np.zeros(shape, np.float32).tolist() for m in modalities}]}
+        (staging / "request.json").write_text(json.dumps(request))
+
+
+def check_exportable(model):
+    """Raise ExportError if `model` has a name its signatures cannot hold or a non-finite weight.
+
+    TensorFlow renames signature arguments it does not accept (`t1-ce` becomes `t1_ce`),
+    so a model whose names break `unicon_tf.names.check_name` (built before the rule, or
+    by hand) would be served under other names than `unicon.json` gives.
+    """
+    names = [(m, "modality") for m in model.input] + [(h, "head") for h in model_parts(model)["heads"]]
+    for name, kind in names:
+        try:
+            check_name(name, kind)
+        except InvalidNameError as error:
+            raise ExportError(f"model '{model.name}' cannot be exported: {error}. Rebuild it with valid names.") \
+                from error
+    bad = non_finite_weights(model)
+    if bad:
+        raise ExportError(f"model '{model.name}' has {len(bad)} non-finite weight(s) (e.g. {bad[0]}): "
+                          "it is never exported.")
 
 
 def _noise_batch(model, size=2, seed=0):
@@ -184,6 +314,11 @@ def update_models_config(base, model_name, serving_root="/models", labels=None):
         serving_root: where the base folder is mounted in the TF Serving container.
         labels: `{label: version}` to set (e.g. `{"stable": 1, "canary": 2}`).
 
+    An existing entry keeps its version policy (`all`, `latest` or `specific`); a version
+    a label points at is added to a `specific` list, since TF Serving refuses a label on a
+    version it does not load. The file is rewritten under an exclusive lock
+    (`.models.config.lock`), so concurrent exports each add their labels.
+
     Returns:
         The config file's path.
     """
@@ -191,18 +326,25 @@ def update_models_config(base, model_name, serving_root="/models", labels=None):
     from tensorflow_serving.config import model_server_config_pb2
 
     path = pathlib.Path(base) / "models.config"
-    config = model_server_config_pb2.ModelServerConfig()
-    if path.exists():
-        text_format.Parse(path.read_text(), config)
-    entries = {c.name: c for c in config.model_config_list.config}
-    entry = entries.get(model_name) or config.model_config_list.config.add()
-    entry.name = model_name
-    entry.base_path = f"{serving_root.rstrip('/')}/{model_name}"
-    entry.model_platform = "tensorflow"
-    entry.model_version_policy.all.SetInParent()
-    for label, version in (labels or {}).items():
-        entry.version_labels[label] = int(version)
-    write_text_atomic(path, text_format.MessageToString(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".models.config.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one read-modify-write at a time; released on close
+        config = model_server_config_pb2.ModelServerConfig()
+        if path.exists():
+            text_format.Parse(path.read_text(), config)
+        entries = {c.name: c for c in config.model_config_list.config}
+        entry = entries.get(model_name) or config.model_config_list.config.add()
+        entry.name = model_name
+        entry.base_path = f"{serving_root.rstrip('/')}/{model_name}"
+        entry.model_platform = "tensorflow"
+        policy = entry.model_version_policy
+        if policy.WhichOneof("policy_choice") is None:
+            policy.all.SetInParent()  # a new entry serves every version
+        for label, version in (labels or {}).items():
+            entry.version_labels[label] = int(version)
+            if policy.HasField("specific") and int(version) not in policy.specific.versions:
+                policy.specific.versions.append(int(version))  # a label needs its version loaded
+        write_text_atomic(path, text_format.MessageToString(config))
     return path
 
 
@@ -272,7 +414,8 @@ def push_stage(stage, base="saved_models", model_name=None, blessing=None, label
     schema = read_schema(record["data"]["path"])
     metadata = {"stage": record["stage"], "stage_dir": str(stage.path.resolve()), "pipeline": record["pipeline"],
                 "blessing": blessing, "forced": not (blessing or {}).get("blessed", False),
-                "preprocessing": schema["preprocessing"], "modalities": schema["modalities"]}
+                "preprocessing": schema["preprocessing"], "modalities": schema["modalities"],
+                "scaling": schema.get("scaling", {})}
     version_dir = export_model(model, base, model_name, metadata=metadata, example_request=example_request)
     update_models_config(base, model_name, serving_root, {label: int(version_dir.name) for label in labels or []})
     return version_dir

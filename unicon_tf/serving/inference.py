@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, load_volume, reference_grid, resample
+from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, resample, resample_patient
 from unicon_tf.files import write_json_atomic
 
 
@@ -111,7 +111,7 @@ def signature_predictor(signature, output):
     return predict
 
 
-def predict_nifti(saved_model_dir, images, out, overlap=0.5):
+def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     """Predict every head of an exported model for one patient's NIfTI images.
 
     Args:
@@ -120,6 +120,9 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
         out: output folder (created): `prediction.json` and `<head>.nii.gz` label maps on
             the original grid of the reference image.
         overlap: sliding-window overlap for segmentation heads.
+        scales: `{modality: factor}` for this patient's raw values, as the manifest's
+            per-patient scaling at ingestion (e.g. `{"pet": SUVbw factor}`, see
+            `unicon_tf.data.suv`).
 
     Returns:
         The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
@@ -128,8 +131,9 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
         `{"skipped": reason}` for a head whose modalities were not given.
 
     Raises:
-        ValueError: the image of the model's reference modality is not given.
-        DataError: an image cannot be read or holds invalid values (names file and field).
+        DataError: an image ingestion would refuse (unreadable, not 3D, not overlapping
+            the reference image, ...), named by file and field.
+        ValueError: the reference modality is missing.
     """
     saved_model_dir, out = pathlib.Path(saved_model_dir), pathlib.Path(out)
     info = json.loads((saved_model_dir / "unicon.json").read_text())
@@ -137,17 +141,19 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5):
     reference_modality = info["modalities"][0]
     if reference_modality not in images:
         raise ValueError(f"the model's grid is defined by '{reference_modality}': pass --{reference_modality}.")
-    reference, ref_affine = load_volume(images[reference_modality], field=reference_modality)
-    grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
-    volumes = {}
-    for modality, path in images.items():
-        data, affine = (reference, ref_affine) if modality == reference_modality else load_volume(path, field=modality)
-        window = prep.window(modality)
-        volumes[modality] = window.apply(resample(data, affine, grid_affine, grid_shape, 1, window.low / window.scale))
+    scales = dict(scales or {})
+    for modality in scales:
+        prep.check_per_patient_scale(modality, "predict --scale")
+    for modality, how in info.get("scaling", {}).items():
+        if modality in images and modality not in scales:
+            raise ValueError(f"the model was trained on '{modality}' scaled per patient ({how}): give this "
+                             f"patient's factor (--scale {modality} F; see unicon_tf.data.suv.suv_bw_factor).")
+    ordered = {reference_modality: images[reference_modality], **images}
+    grid = resample_patient(ordered, prep, scales=scales)  # the same loading and checks as ingestion
+    volumes, grid_affine = grid.images, grid.affine
     loaded = tf.saved_model.load(str(saved_model_dir))
     patch = tuple(info["input_shape"])
-    body = resample(reference, ref_affine, grid_affine, grid_shape, 1, -1024.0) > prep.body_threshold
-    start = crop_start(body, grid_shape, patch)
+    start = crop_start(grid.body, grid.shape, patch)
     out.mkdir(parents=True, exist_ok=True)
     source = nib.load(str(images[reference_modality]))  # label maps go back on the input's own grid
     result = {"model": info["model_name"], "version": info["version"], "stage": info.get("stage"), "heads": {}}

@@ -1,15 +1,20 @@
 """Continual training: losses, metrics, plugins, strategies, stages, pipeline specs and
 the baselines' training."""
 
-from unicon_tf.run import StageError
-from unicon_tf.train.baselines import JointModel, train_baselines
-from unicon_tf.train.continual import CachedHeadModel, ContinualModel
-from unicon_tf.train.losses import DISTILLATION_LOSSES, TASK_LOSSES, classification_loss, cox_loss, dice_ce_loss
-from unicon_tf.train.metrics import TASK_METRICS, ConcordanceIndex, DiceScore, LogitAUC, c_index, task_metrics
-from unicon_tf.train.pipeline import PipelineError, PipelineSpec, StageSpec, load_pipeline
-from unicon_tf.train.plugins import EWC, Distillation, Plugin, WeightPenalty, load_fisher
-from unicon_tf.train.stage import TrainingError, fit_stage, train_stage
-from unicon_tf.train.strategies import STRATEGIES, configure_trainable
+from unicon_tf._quiet import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
+
+from unicon_tf.run import StageError  # noqa: E402
+from unicon_tf.train.baselines import JointModel, train_baselines  # noqa: E402
+from unicon_tf.train.continual import CachedHeadModel, ContinualModel  # noqa: E402
+from unicon_tf.train.losses import (DISTILLATION_LOSSES, TASK_LOSSES, classification_loss, cox_loss,  # noqa: E402
+                                    dice_ce_loss)
+from unicon_tf.train.metrics import TASK_METRICS, ConcordanceIndex, DiceScore, LogitAUC, c_index, task_metrics  # noqa: E402
+from unicon_tf.train.pipeline import PipelineError, PipelineSpec, StageSpec, load_pipeline  # noqa: E402
+from unicon_tf.train.plugins import EWC, Distillation, Plugin, WeightPenalty, load_fisher  # noqa: E402
+from unicon_tf.train.stage import TrainingError, fit_stage, train_stage  # noqa: E402
+from unicon_tf.train.strategies import STRATEGIES, configure_trainable  # noqa: E402
 
 __all__ = [
     "CachedHeadModel", "ConcordanceIndex", "ContinualModel", "DISTILLATION_LOSSES", "DiceScore", "Distillation", "EWC",

@@ -21,7 +21,10 @@ class ContinualModel(keras.Model):
 
     Args:
         network: the unicon model (inputs dict -> outputs dict).
-        heads: `{head name: task}` trained this stage; targets come as `y[head]`.
+        heads: `{head name: task}` trained this stage; targets come as `y[head]`, optional
+            per-patient sample weights (Keras' third element of a batch) as one `(B,)`
+            array or `{head: (B,)}`; they weight the task losses (not the plugin terms or
+            the reported metrics).
         plugins: `Plugin`s adding loss terms. An inactive one (e.g. a `Distillation` with
             alpha = 0) is only evaluated in `test_step`, to report (here: how far old
             heads moved from the teacher).
@@ -59,11 +62,19 @@ class ContinualModel(keras.Model):
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 
+    def _task_terms(self, targets, outputs, sample_weight):
+        """`{head_loss: value}`; `sample_weight` is None, one `(B,)` array or `{head: (B,)}`."""
+        def weight(head):
+            return sample_weight.get(head) if isinstance(sample_weight, dict) else sample_weight
+
+        return {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h], sample_weight=weight(h))
+                for h, t in self.heads.items()}
+
     def train_step(self, data):
-        inputs, targets = data
+        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
-            terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+            terms = self._task_terms(targets, outputs, sample_weight)
             terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
         variables = self.trainable_variables
@@ -71,9 +82,9 @@ class ContinualModel(keras.Model):
         return self._record(loss, terms, targets, outputs)
 
     def test_step(self, data):
-        inputs, targets = data
+        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         outputs = self(inputs, training=False)
-        terms = {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h]) for h, t in self.heads.items()}
+        terms = self._task_terms(targets, outputs, sample_weight)
         loss = tf.add_n(list(terms.values()))
         for plugin in self.plugins:
             per_head = plugin.head_terms(inputs, outputs)

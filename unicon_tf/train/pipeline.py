@@ -29,6 +29,7 @@ import pathlib
 import yaml
 
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
+from unicon_tf.names import InvalidNameError, check_name
 from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
@@ -208,8 +209,9 @@ def load_pipeline(path, data_root=None):
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise PipelineError(f"{path}: stage names must be unique, got {names}.")
+    modality = _checked_name(f"{path}", "modality", raw.get("modality", "ct"), "modality")
     return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
-                        modality=str(raw.get("modality", "ct")), encoder=dict(raw.get("encoder") or {}),
+                        modality=modality, encoder=dict(raw.get("encoder") or {}),
                         stages=stages, sources=sources)
 
 
@@ -243,6 +245,16 @@ def _stage(path, index, entry, defaults, root, sources):
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{HEADS[task].options()}; training keys: {sorted(TRAINING_DEFAULTS)}).")
     _check_training(where, training)
+    modality = entry.get("modality")
+    if modality is not None:
+        _checked_name(where, "modality", modality, "modality")
+    if entry.get("head") is not None:
+        _checked_name(where, "head", entry["head"], "head")
+    modalities = entry.get("modalities")
+    if modalities is not None and (isinstance(modalities, str) or not isinstance(modalities, (list, tuple))):
+        raise PipelineError(f"{where}: field 'modalities' must be a list of modality names, got {modalities!r}.")
+    for name in modalities or []:
+        _checked_name(where, "modalities", name, "modality")
     data = pathlib.Path(entry["data"])
     source = str(entry["data"]) if str(entry["data"]) in sources else None
     return StageSpec(
@@ -268,6 +280,14 @@ def _resources(where, resources):
                 key == "gpu" and value < 0):
             raise PipelineError(f"{where}: resources: {key} = {value!r} is not valid.")
     return dict(resources)
+
+
+def _checked_name(where, field, name, kind):
+    """`name` if `unicon_tf.names.check_name` accepts it, else a PipelineError naming the field."""
+    try:
+        return check_name(name, kind)
+    except InvalidNameError as error:
+        raise PipelineError(f"{where}: field '{field}': {error}") from error
 
 
 def _check_training(where, training):

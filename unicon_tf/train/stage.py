@@ -12,6 +12,7 @@ import datetime
 import json
 import shutil
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
-from unicon_tf.model import expand, foundation, model_parts
+from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
 from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -161,14 +162,16 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     for epoch in range(state["epoch"], hp["epochs"]):
         trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
                     callbacks=[_StopAfterOneEpoch(), guard, *callbacks], verbose=verbose, shuffle=False)
-        if guard.failure:
+        logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
+        failure = guard.failure
+        problem = (f"the loss became {failure['loss']} at epoch {epoch + 1}, step {failure['step']} (optimizer "
+                   f"step {failure['iteration']})" if failure else _non_finite_state(network, logs, epoch))
+        if problem:
             last = f"epoch {state['epoch']} in {checkpoint}" if checkpoint.exists() else "none yet"
             raise TrainingError(
-                f"Stage '{spec.name}': the loss became {guard.failure['loss']} at epoch {epoch + 1}, "
-                f"step {guard.failure['step']} (optimizer step {guard.failure['iteration']}). Weights after "
-                f"that step are discarded; last good checkpoint: {last}. Lower the learning rate and rerun "
-                "with --resume.")
-        logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
+                f"Stage '{spec.name}': {problem}. Nothing of that epoch is kept "
+                f"(no checkpoint, no model); last good checkpoint: {last}. Lower the learning rate and "
+                "rerun with --resume.")
         state = {"epoch": epoch + 1, "history": state["history"] + [logs]}
         _save_checkpoint(checkpoint, network, trainer, state)
 
@@ -340,19 +343,64 @@ class _NonFiniteGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def _non_finite_state(network, logs, epoch):
+    """What is not finite after an epoch (training or validation loss, weights), or None.
+
+    An epoch can end with a finite loss and NaN weights: the loss of a step is computed
+    before its update. Checking the weights keeps such an epoch out of the checkpoint.
+    """
+    losses = {k: v for k, v in logs.items() if k in ("loss", "val_loss") and not np.isfinite(v)}
+    if losses:
+        return "the " + " and ".join(f"{k.replace('_', ' ')} became {v}" for k, v in losses.items()) \
+            + f" in epoch {epoch + 1}"
+    weights = non_finite_weights(network)
+    if weights:
+        return f"{len(weights)} weight(s) became non-finite in epoch {epoch + 1} (e.g. {weights[0]})"
+    return None
+
+
+def _random_state_variables(trainer):
+    """The trainer's random state: every Keras `SeedGenerator` (dropout and noise layers).
+
+    Keras' weight files leave them out; a resumed stage restores them so that dropout
+    draws the masks the uninterrupted run would have drawn.
+    """
+    weights = {id(v) for v in trainer.weights}
+    return [v for v in trainer.variables if id(v) not in weights]
+
+
 def _save_checkpoint(directory, network, trainer, state):
-    """Weights, optimizer state and progress, written to a staging folder then swapped in."""
+    """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
+
+    Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
+    """
     with atomic_folder(directory, replace=True) as partial:
         network.save_weights(partial / "network.weights.h5")
         store = {}
         trainer.optimizer.save_own_variables(store)
         np.savez(partial / "optimizer.npz", **store)
+        np.savez(partial / "random_state.npz", *[np.asarray(v) for v in _random_state_variables(trainer)])
         (partial / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _restore_checkpoint(directory, network, trainer):
     network.load_weights(directory / "network.weights.h5")
+    bad = non_finite_weights(network)
+    if bad:
+        raise StageError(f"{directory} holds non-finite weights (e.g. {bad[0]}; written by an older unicon-tf "
+                         "that did not check them): delete it and train the stage again.")
     trainer.optimizer.build(trainer.trainable_variables)
     with np.load(directory / "optimizer.npz") as saved:
         trainer.optimizer.load_own_variables({k: saved[k] for k in saved.files})
+    random_state = _random_state_variables(trainer)
+    if not (directory / "random_state.npz").exists():
+        warnings.warn(f"{directory} has no random_state.npz (written by an older unicon-tf): dropout "
+                      "masks after resuming will differ from an uninterrupted run.", stacklevel=2)
+        return json.loads((directory / "state.json").read_text())
+    with np.load(directory / "random_state.npz") as saved:
+        if len(saved.files) != len(random_state):
+            raise StageError(f"{directory} holds {len(saved.files)} random states, but the stage's model has "
+                             f"{len(random_state)}: it was written for another model; use another --run-dir.")
+        for index, variable in enumerate(random_state):
+            variable.assign(saved[f"arr_{index}"])
     return json.loads((directory / "state.json").read_text())
