@@ -32,7 +32,8 @@ setup(
         "tensorflow-serving-api>=2.18,<2.22",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "safetensors>=0.4"],
+        "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs
         "kfp": ["kfp>=2.17"],
     },

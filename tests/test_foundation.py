@@ -77,7 +77,7 @@ def test_fresh_modality_and_adapter_paths_start_from_the_ct_path(small_foundatio
     for b, a in zip(base, adapted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Once the adapter's B factor moves, only the adapter path changes.
-    for conv in encoder.adaptable_convs:
+    for conv in encoder.adaptable_layers:
         _, up = conv.adapter_weights("prognosis_ctpet")
         up.assign(np.full(up.shape, 0.01, "float32"))
     moved = encoder(stem_ct, adapter="prognosis_ctpet")

@@ -343,6 +343,48 @@ def demo(out, fast, base):
     click.echo(f"report: {result['report']}  ({result['seconds']:.0f} s)")
 
 
+@main.command()
+@click.argument("pipeline_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="K of the patient-level, stratified K-fold cross-validation.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training seeds per fold (0 .. S-1).")
+@click.option("--fractions", type=click.FloatRange(min=0, max=1, min_open=True), multiple=True, default=(1.0,),
+              show_default=True, help="Fractions of each later stage's training patients (repeat or list).")
+@click.option("--baselines", "kinds", type=click.Choice(["single_task", "naive", "joint"]), multiple=True,
+              default=("single_task", "naive"), show_default=True, help="Arms beside the continual run.")
+@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.25, show_default=True,
+              help="Share of a fold's non-test patients kept for validation.")
+@click.option("--fold-seed", type=int, default=0, show_default=True, help="Seed of the fold partition.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Experiment folder (an existing one is resumed).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.argument("more_fractions", nargs=-1, type=click.FloatRange(min=0, max=1, min_open=True))
+def experiment(pipeline_path, folds, seeds, fractions, kinds, val_fraction, fold_seed, out, data_root,
+               more_fractions):
+    """Cross-validated experiment: folds x seeds x fractions, continual and baselines, intervals, report.
+
+    Fractions may follow --fractions as a list: --fractions 0.25 0.5 1.0.
+    """
+    from unicon_tf import data
+    from unicon_tf import train as training
+    from unicon_tf.experiment import ExperimentPlan, run_experiment
+
+    try:
+        plan = ExperimentPlan(folds=folds, seeds=tuple(range(seeds)), fractions=tuple(fractions) + more_fractions,
+                              baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed)
+        result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo)
+    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    for entry in result["data_efficiency"]:
+        reached = entry["reached_at"]
+        if reached:
+            where = "not reached" if reached["fraction"] is None else f"{reached['fraction']:g}"
+            click.echo(f"{entry['task']}: continual reaches the full-data single-task {entry['metric']} at {where}")
+    click.echo(f"report: {result['report']}")
+    click.echo(f"numbers: {pathlib.Path(result['out']) / 'experiment.json'}")
+
+
 def echo_pet_gain(gain):
     """Print `unicon_tf.evaluate.pet_gain`'s result (nothing when the run has no PET head)."""
     from unicon_tf.evaluate import format_gain
@@ -373,8 +415,13 @@ def format_description(info):
     encoder = info["encoder"]
     levels = ", ".join("x".join(str(d) for d in level) for level in encoder["levels"])
     lines += ["", f"encoder  params {encoder['params']:,}  levels {levels}"]
+    if encoder.get("kind") == "vit":
+        lines.append(f"  vit: patch {'x'.join(map(str, encoder['patch_size']))}, hidden {encoder['hidden_size']}, "
+                     f"{encoder['num_layers']} blocks, {encoder['num_heads']} heads, mlp {encoder['mlp_dim']}, "
+                     f"{encoder['position']} positions, states of blocks {encoder['feature_layers']}")
     for name, adapter in encoder["adapters"].items():
-        lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}")
+        lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}, "
+                     f"on {', '.join(adapter['targets'])}")
     lines += ["", f"{'head':<22}{'task':<16}{'modalities':<14}{'stage':>6}{'adapter':>9}{'params':>12}  output"]
     for name, head in info["heads"].items():
         rank = head["adapter"]["rank"] if head["adapter"] else "-"

@@ -142,7 +142,43 @@ def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):
     if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
         raise ValueError(f"paired_bootstrap needs two equal-length, non-empty score lists, got {len(a)} and {len(b)}.")
     differences = a - b
-    rows = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
-    means = differences[rows].mean(axis=1)
+    return bootstrap_interval(lambda rows: differences[rows[0]].mean(axis=-1), [len(differences)],
+                              resamples=resamples, level=level, seed=seed, vectorized=True)
+
+
+def bootstrap_interval(statistic, sizes, resamples=2000, level=0.95, seed=0, vectorized=False, method="linear"):
+    """Percentile interval of a statistic under resampling of patients within groups (Efron's bootstrap).
+
+    Args:
+        statistic: `statistic(rows) -> float`, `rows` holding one array of patient indices
+            per group, `(size,)`, drawn with replacement; with `vectorized`, called once
+            with `(resamples, size)` arrays and returning `(resamples,)` values.
+        sizes: patients per group; each group is resampled on its own (e.g. a test fold).
+        resamples: bootstrap resamples.
+        level: confidence level of the percentile interval.
+        seed: the resampling seed (the same inputs give the same interval).
+        vectorized: see `statistic`.
+        method: NumPy's percentile method (`nearest` for a statistic with few values).
+
+    Returns:
+        `(low, high)`; resamples whose statistic is NaN (e.g. an AUC on one class) are
+        left out, and `(nan, nan)` if all are.
+
+    Example:
+    >>> values = np.array([1.0, 2.0, 3.0, 4.0])
+    >>> low, high = bootstrap_interval(lambda rows: values[rows[0]].mean(), [4])
+    >>> bool(1.0 <= low < 2.5 < high <= 4.0)
+    True
+    """
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(0, n, size=(resamples, n)) for n in sizes]
+    if vectorized:
+        values = np.asarray(statistic(rows), np.float64)
+    else:
+        values = np.array([statistic([r[i] for r in rows]) for i in range(resamples)], np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
     tail = 100.0 * (1.0 - level) / 2.0
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))
+    return (float(np.percentile(values, tail, method=method)),
+            float(np.percentile(values, 100.0 - tail, method=method)))

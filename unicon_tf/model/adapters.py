@@ -1,17 +1,18 @@
-"""Low-rank adapters (LoRA) on Conv3D kernels, selected per call path.
+"""Low-rank adapters (LoRA) on Conv3D and Dense kernels, selected per call path.
 
 A shared encoder serves several heads. A head added with `adapters=r` must see the encoder
 with its own low-rank kernel update while every other head keeps seeing the original
-kernels. `AdaptableConv3D` therefore holds any number of named adapters and applies the
-one that is *active* when it is called; `adapter_scope(name)` activates one for the
-duration of a call (the encoder sets it around its backbone, see `SharedEncoder`).
+kernels. `AdaptableConv3D` (the residual CNN's convolutions) and `AdaptableDense` (the
+ViT's attention and MLP projections) therefore hold any number of named adapters and
+apply the one that is *active* when they are called; `adapter_scope(name)` activates one
+for the duration of a call (the encoder sets it around its backbone, see `SharedEncoder`).
 
 With an adapter `a` of rank r the effective kernel is
 
-    W_a = W + (alpha / r) * reshape(A_a @ B_a),   A_a: (k, k, k, C_in, r), B_a: (r, C_out)
+    W_a = W + (alpha / r) * reshape(A_a @ B_a),   A_a: kernel.shape[:-1] + (r,), B_a: (r, C_out)
 
-and B_a starts at zero, so a fresh adapter leaves the path's outputs unchanged. The
-layout of A and B follows `keras.layers.Conv3D.enable_lora`.
+and B_a starts at zero, so a fresh adapter leaves the path's outputs unchanged (LoRA, Hu
+et al. 2021, arXiv 2106.09685). The layout of A and B follows Keras' own `enable_lora`.
 """
 
 import contextlib
@@ -49,38 +50,20 @@ def active_adapter():
     return _ACTIVE_ADAPTER.get()
 
 
-@keras.saving.register_keras_serializable(package="unicon_tf")
-class AdaptableConv3D(keras.layers.Conv3D):
-    """A `Conv3D` that can carry several named low-rank adapters.
+class LowRankAdapters:
+    """Mixin: named LoRA adapters on a Keras layer whose weight is `self._kernel`.
 
-    Outside an `adapter_scope` (or in the scope of an adapter this layer does not hold)
-    it computes exactly what `keras.layers.Conv3D` computes with the same weights.
-
-    Args:
-        adapters: dict `{name: {"rank": r, "alpha": a}}` of adapters to create on build
-            (used when a saved model is loaded; add new ones with `add_adapter`).
-        **kwargs: any `keras.layers.Conv3D` argument.
-
-    Example:
-    >>> conv = AdaptableConv3D(8, 3, padding="same")
-    >>> y = conv(keras.ops.zeros((2, 16, 16, 16, 4)))
-    >>> conv.add_adapter("prognosis", rank=2)
-    >>> sorted(conv.adapters)
-    ['prognosis']
+    The layer's `role` says which kind of projection it is (`conv`, `query`, `key`,
+    `value`, `out`, `mlp`), so an encoder can put adapters on some roles only.
     """
 
-    def __init__(self, *args, adapters=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    role = "conv"
+
+    def _init_adapters(self, adapters):
         self.adapters = {name: dict(spec) for name, spec in (adapters or {}).items()}
         self._adapter_weights = {}
 
-    @classmethod
-    def from_conv3d(cls, conv):
-        """A new `AdaptableConv3D` with `conv`'s configuration (weights not copied)."""
-        return cls.from_config(conv.get_config())
-
-    def build(self, input_shape):
-        super().build(input_shape)
+    def _build_adapters(self):
         pending, self.adapters = self.adapters, {}
         for name, spec in pending.items():
             self.add_adapter(name, **spec)
@@ -92,6 +75,9 @@ class AdaptableConv3D(keras.layers.Conv3D):
             name: the adapter's name (the head that uses it).
             rank: the rank r of the kernel update, >= 1.
             alpha: scale numerator (update scaled by alpha / r); defaults to `rank`.
+
+        Raises:
+            ValueError: the layer is not built, already has `name`, or rank < 1.
         """
         if not self.built:
             raise ValueError(f"Layer '{self.name}' must be built before adding adapters.")
@@ -100,7 +86,7 @@ class AdaptableConv3D(keras.layers.Conv3D):
         rank = int(rank)
         if rank < 1:
             raise ValueError(f"Adapter rank must be >= 1, got {rank}.")
-        self._tracker.unlock()  # same pattern as keras.layers.Conv3D.enable_lora
+        self._tracker.unlock()  # same pattern as Keras' enable_lora
         try:
             down = self.add_weight(
                 name=f"{name}_lora_a",
@@ -109,7 +95,7 @@ class AdaptableConv3D(keras.layers.Conv3D):
                 dtype="float32",
             )
             up = self.add_weight(
-                name=f"{name}_lora_b", shape=(rank, self.filters), initializer="zeros", dtype="float32"
+                name=f"{name}_lora_b", shape=(rank, self._kernel.shape[-1]), initializer="zeros", dtype="float32"
             )
         finally:
             self._tracker.lock()
@@ -130,14 +116,89 @@ class AdaptableConv3D(keras.layers.Conv3D):
             kernel = ops.cast(kernel + scale * ops.matmul(down, up), self.compute_dtype)
         return kernel
 
-    # Conv3D's own (de)serialisation of variables covers only kernel and bias.
+    # The Keras layers' own (de)serialisation of variables covers only kernel and bias.
     def save_own_variables(self, store):
         keras.layers.Layer.save_own_variables(self, store)
 
     def load_own_variables(self, store):
         keras.layers.Layer.load_own_variables(self, store)
 
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class AdaptableConv3D(LowRankAdapters, keras.layers.Conv3D):
+    """A `Conv3D` that can carry several named low-rank adapters.
+
+    Outside an `adapter_scope` (or in the scope of an adapter this layer does not hold)
+    it computes exactly what `keras.layers.Conv3D` computes with the same weights.
+
+    Args:
+        adapters: dict `{name: {"rank": r, "alpha": a}}` of adapters to create on build
+            (used when a saved model is loaded; add new ones with `add_adapter`).
+        **kwargs: any `keras.layers.Conv3D` argument.
+
+    Example:
+    >>> conv = AdaptableConv3D(8, 3, padding="same")
+    >>> y = conv(keras.ops.zeros((2, 16, 16, 16, 4)))
+    >>> conv.add_adapter("prognosis", rank=2)
+    >>> sorted(conv.adapters)
+    ['prognosis']
+    """
+
+    def __init__(self, *args, adapters=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapters(adapters)
+
+    @classmethod
+    def from_conv3d(cls, conv):
+        """A new `AdaptableConv3D` with `conv`'s configuration (weights not copied)."""
+        return cls.from_config(conv.get_config())
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
     def get_config(self):
         config = super().get_config()
         config["adapters"] = {name: dict(spec) for name, spec in self.adapters.items()}
+        return config
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class AdaptableDense(LowRankAdapters, keras.layers.Dense):
+    """A `Dense` projection that can carry several named low-rank adapters.
+
+    Applied to the last axis of any-rank input (tokens `(batch, N, C)` or a token grid
+    `(batch, d, h, w, C)`). Outside an `adapter_scope` of one of its adapters it computes
+    exactly what `keras.layers.Dense` computes with the same weights.
+
+    Args:
+        role: what the projection is, for choosing where adapters go: `query`, `key`,
+            `value`, `out` (attention) or `mlp`.
+        adapters: dict `{name: {"rank": r, "alpha": a}}` of adapters to create on build.
+        **kwargs: any `keras.layers.Dense` argument.
+
+    Example:
+    >>> query = AdaptableDense(8, role="query")
+    >>> y = query(keras.ops.zeros((2, 10, 8)))
+    >>> query.add_adapter("segmentation", rank=8)
+    >>> tuple(query.adapter_weights("segmentation")[0].shape)
+    (8, 8)
+    """
+
+    ROLES = ("query", "key", "value", "out", "mlp")
+
+    def __init__(self, *args, role="mlp", adapters=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if role not in self.ROLES:
+            raise ValueError(f"Unknown projection role '{role}': expected one of {list(self.ROLES)}.")
+        self.role = role
+        self._init_adapters(adapters)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(role=self.role, adapters={name: dict(spec) for name, spec in self.adapters.items()})
         return config

@@ -2,16 +2,17 @@
 
 `residual_backbone` builds the default backbone (pre-activation residual Conv3D blocks with
 GroupNormalization, one stride-2 downsampling per level). `SharedEncoder` wraps any such
-functional backbone, the default one or a user's own pretrained network, so that it can
-be called once per input path (CT, fused CT+PET, an adapter's path) with shared weights,
-and so that low-rank adapters can be added to its Conv3D kernels.
+functional backbone, the default one, the 3D ViT (`unicon_tf.model.vit`) or a user's own
+pretrained network, so that it can be called once per input path (CT, fused CT+PET, an
+adapter's path) with shared weights, and so that low-rank adapters can be added to its
+Conv3D kernels or attention projections.
 """
 
 import math
 
 import keras
 
-from unicon_tf.model.adapters import AdaptableConv3D, adapter_scope
+from unicon_tf.model.adapters import AdaptableConv3D, LowRankAdapters, adapter_scope
 
 
 def group_norm(channels, name=None):
@@ -89,6 +90,11 @@ class SharedEncoder(keras.layers.Layer):
             `(D, H, W, C)` to a list of feature maps, finest first, each a 5D tensor.
             Plain `Conv3D` layers in a user's backbone are converted (weights kept) to
             `AdaptableConv3D` so adapters can be added.
+        input_stride: per-axis factor from the model's volume grid to the grid of the stem
+            features the backbone reads: 1 for the residual CNN, the patch size for a ViT
+            (whose stems are patch embeddings).
+        adapter_targets: roles of the layers that `add_adapter` adapts by default
+            (`conv`, `query`, `key`, `value`, `out`, `mlp`); None: every adaptable layer.
         **kwargs: `keras.layers.Layer` arguments (name, ...).
 
     Example:
@@ -98,8 +104,13 @@ class SharedEncoder(keras.layers.Layer):
     >>> adapted = encoder(keras.ops.zeros((1, 16, 16, 16, 8)), adapter="prognosis")
     """
 
-    def __init__(self, backbone, **kwargs):
+    def __init__(self, backbone, input_stride=1, adapter_targets=None, **kwargs):
         super().__init__(**kwargs)
+        stride = (input_stride,) * 3 if isinstance(input_stride, int) else tuple(input_stride)
+        if len(stride) != 3 or min(stride) < 1:
+            raise ValueError(f"input_stride must be one or three positive ints, got {input_stride!r}.")
+        self.input_stride = tuple(int(s) for s in stride)
+        self.adapter_targets = None if adapter_targets is None else sorted(adapter_targets)
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
         if not isinstance(backbone, keras.Model) or not hasattr(backbone, "inputs"):
@@ -114,7 +125,7 @@ class SharedEncoder(keras.layers.Layer):
                 "encoder must output a list of 5D feature maps (batch, D, H, W, C), finest first; "
                 f"got {[tuple(t.shape) for t in backbone.outputs]}."
             )
-        has_adaptable = any(isinstance(layer, AdaptableConv3D) for layer in _leaf_layers(backbone))
+        has_adaptable = any(isinstance(layer, LowRankAdapters) for layer in backbone._flatten_layers())
         self.backbone = backbone if has_adaptable else _with_adaptable_convs(backbone)
 
     def leaf_layers(self):
@@ -127,38 +138,63 @@ class SharedEncoder(keras.layers.Layer):
         return self.backbone.inputs[0].shape[-1]
 
     def feature_shapes(self, input_shape):
-        """Shapes `(1, d, h, w, c)` of the feature maps for a `(D, H, W)` input, finest first."""
-        shape = (1,) + tuple(input_shape) + (self.input_channels,)
+        """Shapes `(1, d, h, w, c)` of the feature maps for a `(D, H, W)` volume, finest first."""
+        grid = tuple(d // s for d, s in zip(input_shape, self.input_stride))
+        shape = (1,) + grid + (self.input_channels,)
         return [tuple(s) for s in self.backbone.compute_output_shape(shape)]
 
+    def stem_options(self):
+        """`ModalityStem` options for a new modality: a patch embedding when input_stride > 1."""
+        if self.input_stride == (1, 1, 1):
+            return {}
+        return {"kind": "patch", "patch_size": list(self.input_stride)}
+
     @property
-    def adaptable_convs(self):
-        """The backbone's `AdaptableConv3D` layers, in graph order."""
-        return [layer for layer in self.leaf_layers() if isinstance(layer, AdaptableConv3D)]
+    def adaptable_layers(self):
+        """The backbone's layers that can carry adapters (`LowRankAdapters`), in graph order."""
+        return [layer for layer in self.leaf_layers() if isinstance(layer, LowRankAdapters)]
 
     @property
     def adapters(self):
-        """`{name: {"rank", "alpha", "params"}}` of the adapters this encoder holds."""
+        """`{name: {"rank", "alpha", "params", "targets"}}` of the adapters this encoder holds."""
         summary = {}
-        for conv in self.adaptable_convs:
-            for name, spec in conv.adapters.items():
-                entry = summary.setdefault(name, {**spec, "params": 0})
-                entry["params"] += sum(_numel(w.shape) for w in conv.adapter_weights(name))
+        for layer in self.adaptable_layers:
+            for name, spec in layer.adapters.items():
+                entry = summary.setdefault(name, {**spec, "params": 0, "targets": []})
+                entry["params"] += sum(_numel(w.shape) for w in layer.adapter_weights(name))
+                if layer.role not in entry["targets"]:
+                    entry["targets"].append(layer.role)
         return summary
 
     def base_weights(self):
         """The backbone's own weights, without any adapter."""
         adapter_ids = {
-            id(w) for conv in self.adaptable_convs for name in conv.adapters for w in conv.adapter_weights(name)
+            id(w) for layer in self.adaptable_layers for name in layer.adapters for w in layer.adapter_weights(name)
         }
         return [w for w in self.backbone.weights if id(w) not in adapter_ids]
 
-    def add_adapter(self, name, rank, alpha=None):
-        """Add adapter `name` of rank `rank` to every Conv3D kernel of the backbone."""
+    def add_adapter(self, name, rank, alpha=None, targets=None):
+        """Add adapter `name` of rank `rank` to the backbone's adaptable kernels.
+
+        Args:
+            name: the adapter's name (the head whose path uses it).
+            rank: rank r of each kernel update.
+            alpha: scale numerator (alpha / r); defaults to r.
+            targets: roles of the layers to adapt (e.g. `["query", "value"]` for LoRA on
+                attention, plus `"mlp"`); default: the encoder's `adapter_targets`.
+
+        Raises:
+            ValueError: a duplicate name, or targets that match no layer of the backbone.
+        """
         if name in self.adapters:
             raise ValueError(f"The encoder already has an adapter named '{name}'.")
-        for conv in self.adaptable_convs:
-            conv.add_adapter(name, rank, alpha)
+        targets = targets if targets is not None else self.adapter_targets
+        layers = [layer for layer in self.adaptable_layers if targets is None or layer.role in targets]
+        if not layers:
+            roles = sorted({layer.role for layer in self.adaptable_layers})
+            raise ValueError(f"Adapter targets {list(targets)} match no layer of the encoder (its roles: {roles}).")
+        for layer in layers:
+            layer.add_adapter(name, rank, alpha)
 
     def call(self, inputs, adapter=None):
         with adapter_scope(adapter):
@@ -170,6 +206,7 @@ class SharedEncoder(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        config.update(input_stride=list(self.input_stride), adapter_targets=self.adapter_targets)
         return config
 
 

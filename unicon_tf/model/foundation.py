@@ -22,8 +22,16 @@ import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
 from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
+from unicon_tf.model.pretrained import load_pretrained
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
+from unicon_tf.model.unetr import UNETRHead
+from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 from unicon_tf.names import check_name
+
+VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
+               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
+"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
+LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
 
 
 def foundation(
@@ -49,13 +57,23 @@ def foundation(
         num_classes: classes of a classification or segmentation head.
         width: channels of the built-in encoder's first level (and of the stem).
         depth: levels of the built-in encoder.
-        encoder: optional user backbone (bring your own pretrained encoder): a functional
-            `keras.Model` from a volume `(D, H, W, C)` to a list of multi-scale feature maps,
-            finest first. With C == 1 the stem passes the volume through unchanged.
+        encoder: None (the residual CNN), `"vit"` (a 3D ViT: patch-embedding stems, LoRA on
+            attention, UNETR segmentation; options below), or a user backbone (bring your
+            own pretrained encoder): a functional `keras.Model` from a volume `(D, H, W, C)`
+            to a list of multi-scale feature maps, finest first. With C == 1 the stem passes
+            the volume through unchanged.
         name: the model's name.
         head_name: the head's (and output's) name; defaults to the task, suffixed with the
             modalities when it reads several (`default_head_name`).
-        **head_options: further options of the head (see `unicon_tf.model.heads`).
+        **head_options: further options of the head (see `unicon_tf.model.heads`), and
+            with `encoder="vit"` the `VIT_OPTIONS`: `patch_size` (int or per axis, default
+            16; a power of two for UNETR), `hidden_size` (768), `num_layers` (12),
+            `num_heads` (12), `mlp_dim` (3072), `position` (`learned` | `sincos`),
+            `position_grid` (the learned embedding's token grid, default the model's;
+            another grid is interpolated), `feature_layers`, `qkv_bias`,
+            `adapter_targets` (default `["query", "value"]`), `weights` (a MONAI ViT
+            state dict, `.safetensors` or `.npz`, loaded into the CT stem and encoder)
+            and `weights_format`.
 
     Returns:
         A functional `keras.Model` with inputs `{modality: (batch, D, H, W, 1)}` and
@@ -66,6 +84,7 @@ def foundation(
         ValueError: `input_shape` is not three positive dims or not divisible by the
             encoder's stride; `modality` names no or repeated modalities; an unknown
             `task` or head option; `num_classes` < 2.
+        PretrainedWeightsError: `weights` that do not fit the ViT.
 
     Example:
     >>> model = foundation((32, 32, 32), modality="ct", task="classification", num_classes=2)
@@ -73,15 +92,23 @@ def foundation(
     ['classification']
     """
     input_shape = _spatial_shape(input_shape)
-    if encoder is None:
+    vit_options = {k: head_options.pop(k) for k in VIT_OPTIONS if k in head_options}
+    if vit_options and encoder != "vit":
+        raise ValueError(f"Option(s) {sorted(vit_options)} apply to encoder='vit' only.")
+    weights = vit_options.pop("weights", None), vit_options.pop("weights_format", None)
+    stem_options = {}
+    if encoder is None or encoder == "residual":
         stride = 2 ** (depth - 1)
         _check_divisible(input_shape, stride)
-        backbone = residual_backbone(input_channels=width, width=width, depth=depth)
-        stem_kind = "conv"
+        shared = SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
+    elif encoder == "vit":
+        shared = _vit_encoder(input_shape, **vit_options)
+        stem_options = shared.stem_options()
+    elif isinstance(encoder, str):
+        raise ValueError(f"Unknown encoder '{encoder}': expected 'residual', 'vit' or a keras.Model backbone.")
     else:
-        backbone = encoder
-        stem_kind = "identity" if backbone.inputs[0].shape[-1] == 1 else "conv"
-    shared = SharedEncoder(backbone, name="encoder")
+        shared = SharedEncoder(encoder, name="encoder")
+        stem_options = {"kind": "identity" if encoder.inputs[0].shape[-1] == 1 else "conv"}
     _check_feature_scales(shared, input_shape)
 
     modalities = [modality] if isinstance(modality, str) else list(modality)
@@ -91,15 +118,32 @@ def foundation(
         check_name(m, "modality")
     head_name = check_name(head_name or default_head_name(task, modalities), "head")
     inputs = {m: keras.Input(input_shape + (1,), name=m) for m in modalities}
-    stems = [ModalityStem(m, channels=shared.input_channels, stage=0, kind=stem_kind)(inputs[m]) for m in modalities]
+    stems = [ModalityStem(m, channels=shared.input_channels, stage=0, **stem_options)(inputs[m]) for m in modalities]
     path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
     features = shared(path)
     head = _make_head(task, shared, input_shape, name=head_name, modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
-    return keras.Model(inputs, {head.name: head(features)}, name=name)
+    model = keras.Model(inputs, {head.name: _apply_head(head, features, inputs)}, name=name)
+    if weights[0] is not None:
+        load_pretrained(model, weights[0], format=weights[1])
+    return model
 
 
-def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, **head_options):
+def _vit_encoder(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS,
+                 **options):
+    """`SharedEncoder` around `vit_backbone` for volumes of `input_shape`."""
+    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
+    if any(d % p for d, p in zip(input_shape, patch)):
+        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
+    grid = tuple(d // p for d, p in zip(input_shape, patch))
+    backbone = vit_backbone(position_grid or grid, **options)
+    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
+
+
+def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None,
+           **head_options):
     """Add a head (and optionally a modality) to a model, sharing every existing layer.
 
     Args:
@@ -110,9 +154,12 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         name: the new head's (and output's) name; defaults to the task, suffixed with the
             modalities when it reads several (`segmentation_ctpet`).
         adapters: rank r of zero-initialised low-rank adapters on the encoder's Conv3D
-            kernels, used only on the new head's path; None for none.
+            kernels (ViT: attention projections), used only on the new head's path; None
+            for none.
         modalities: the modalities the new head reads (default: the first modality, plus
             `modality` when given).
+        adapter_targets: for a ViT, the projections the adapters go on, from `query`,
+            `key`, `value`, `out`, `mlp` (default: the encoder's, `["query", "value"]`).
         **head_options: the head's options, e.g. `num_classes=3`.
 
     Returns:
@@ -135,11 +182,10 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     parts = model_parts(model)
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
-    if task not in HEADS:
-        raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    unknown = sorted(set(head_options) - set(HEADS[task].options()))
+    head_class = task_head(task, vit=is_vit(parts["encoder"].backbone))
+    unknown = sorted(set(head_options) - set(head_class.options()))
     if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {HEADS[task].options()}.")
+        raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {head_class.options()}.")
     if modality is not None:
         check_name(modality, "modality")
     if modality is not None and modality in parts["stems"]:
@@ -155,6 +201,8 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         raise ValueError(f"A head or layer named '{name}' already exists; pass another name=.")
     if adapters is not None and int(adapters) < 1:
         raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
+    if adapter_targets is not None and adapters is None:
+        raise ValueError("adapter_targets chooses where adapters go: pass adapters=r (a rank) with it.")
 
     stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
     encoder = parts["encoder"]
@@ -164,7 +212,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     stem_outputs = {m: stem.output for m, stem in parts["stems"].items()}
     if modality is not None:
         inputs[modality] = keras.Input(input_shape + (1,), name=modality)
-        stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage)
+        stem = ModalityStem(modality, channels=encoder.input_channels, stage=stage, **encoder.stem_options())
         stem_outputs[modality] = stem(inputs[modality])
 
     if len(modalities) == 1:
@@ -178,15 +226,15 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
             path_input = fusion.output
 
     if adapters is not None:
-        encoder.add_adapter(name, rank=adapters)
+        encoder.add_adapter(name, rank=adapters, targets=adapter_targets)
         features = encoder(path_input, adapter=name)
     else:
         same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
-        features = same_path[0].input if same_path else encoder(path_input)
+        features = same_path[0].encoder_features(same_path[0].input) if same_path else encoder(path_input)
 
     head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
                       adapter_rank=adapters, **head_options)
-    outputs[name] = head(features)
+    outputs[name] = _apply_head(head, features, inputs)
     return keras.Model(inputs, outputs, name=model.name)
 
 
@@ -226,6 +274,7 @@ def describe(model):
             for mods, f in parts["fusions"].items()
         },
         "encoder": {
+            **(vit_summary(encoder) if is_vit(encoder.backbone) else {}),
             "params": base_params,
             "levels": [list(shape[1:]) for shape in encoder.feature_shapes(input_shape)],
             "adapters": adapters,
@@ -268,15 +317,29 @@ def non_finite_weights(model):
     return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
-def _make_head(task, encoder, input_shape, **options):
+def task_head(task, vit=False):
+    """The head class for `task`: on a ViT encoder (`vit=True`) segmentation is UNETR."""
     if task not in HEADS:
         raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    head_class = HEADS[task]
+    if task == "segmentation" and vit:
+        return UNETRHead
+    return HEADS[task]
+
+
+def _apply_head(head, features, inputs):
+    """The head's output tensor; a head that reads volumes also gets its modalities' inputs."""
+    if not head.reads_volumes:
+        return head(features)
+    return head(list(features) + [inputs[m] for m in head.modalities])
+
+
+def _make_head(task, encoder, input_shape, **options):
+    head_class = task_head(task, vit=is_vit(encoder.backbone))
     if task == "classification" or task == "segmentation":
         options.setdefault("num_classes", 2)
     else:
         options.pop("num_classes", None)
-    if task == "segmentation":
+    if head_class is HEADS["segmentation"]:
         finest = encoder.feature_shapes(input_shape)[0]
         options["final_upsampling"] = input_shape[0] // finest[1]
     return head_class(**options)

@@ -32,6 +32,7 @@ class Head(keras.layers.Layer):
     """
 
     task = None
+    reads_volumes = False  # True: called on encoder features + the raw volume of each modality
 
     def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, **kwargs):
         kwargs.setdefault("name", self.task)
@@ -44,6 +45,10 @@ class Head(keras.layers.Layer):
     def adapter(self):
         """Name of the encoder adapter this head's path uses, or None."""
         return self.name if self.adapter_rank else None
+
+    def encoder_features(self, inputs):
+        """The encoder's feature maps among the head's inputs (all of them unless it reads volumes)."""
+        return inputs
 
     def used_features(self, features):
         """The feature maps this head reads (all levels unless a subclass needs fewer)."""

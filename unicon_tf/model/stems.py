@@ -1,7 +1,8 @@
 """Modality stems and their fusion.
 
 Each imaging modality (CT, PET, ...) enters the model through its own stem, which maps a
-one-channel volume to the encoder's input channels. A path that reads several modalities
+one-channel volume to the encoder's input channels (for a ViT encoder the stem is the
+modality's patch embedding, and the fusion mixes patch tokens). A path that reads several modalities
 first fuses their stem features with `ModalityFusion`, which starts out as the first
 modality's features exactly (identity on it, zero on the others): a new modality begins
 from what the model already does and learns how much to add.
@@ -15,14 +16,18 @@ from unicon_tf.model.encoder import group_norm
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
 class ModalityStem(keras.layers.Layer):
-    """Maps a `(D, H, W, 1)` volume of one modality to `(D, H, W, channels)` features.
+    """Maps a `(D, H, W, 1)` volume of one modality to the features the encoder reads.
 
     Args:
         modality: the modality this stem reads (also the model input's name).
         channels: output channels (the encoder's input channels).
         stage: the continual-learning stage that added it.
-        kind: `"conv"` (Conv3D 3^3, GroupNorm, swish) or `"identity"` (pass the volume
-            through, for a user encoder pretrained on raw one-channel volumes).
+        kind: `"conv"` (Conv3D 3^3, GroupNorm, swish: `(D, H, W, channels)`),
+            `"identity"` (pass the volume through, for a user encoder pretrained on raw
+            one-channel volumes) or `"patch"` (a ViT patch embedding: Conv3D with kernel =
+            stride = `patch_size`, giving tokens on a `(D/p, H/p, W/p, channels)` grid, as
+            `PatchEmbeddingBlock` in MONAI).
+        patch_size: the patch size per axis (an int or three), for `kind="patch"`.
         **kwargs: `keras.layers.Layer` arguments.
 
     Example:
@@ -31,22 +36,31 @@ class ModalityStem(keras.layers.Layer):
     (1, 16, 16, 16, 8)
     """
 
-    def __init__(self, modality, channels, stage=0, kind="conv", **kwargs):
+    def __init__(self, modality, channels, stage=0, kind="conv", patch_size=None, **kwargs):
         kwargs.setdefault("name", f"stem_{modality}")
         super().__init__(**kwargs)
-        if kind not in ("conv", "identity"):
-            raise ValueError(f"Unknown stem kind '{kind}': expected 'conv' or 'identity'.")
+        if kind not in ("conv", "identity", "patch"):
+            raise ValueError(f"Unknown stem kind '{kind}': expected 'conv', 'identity' or 'patch'.")
         if kind == "identity" and channels != 1:
             raise ValueError(f"An identity stem outputs 1 channel, but the encoder reads {channels}.")
         self.modality = modality
         self.channels = int(channels)
         self.stage = int(stage)
         self.kind = kind
+        self.patch_size = None
+        if kind == "patch":
+            size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size or ())
+            if len(size) != 3 or min(size) < 1:
+                raise ValueError(f"A patch stem needs patch_size: one or three positive ints, got {patch_size!r}.")
+            self.patch_size = tuple(int(p) for p in size)
+            self.conv = keras.layers.Conv3D(self.channels, self.patch_size, strides=self.patch_size, name="conv")
         if kind == "conv":
             self.conv = keras.layers.Conv3D(self.channels, 3, padding="same", name="conv")
             self.norm = group_norm(self.channels, name="norm")
 
     def build(self, input_shape):
+        if self.kind == "patch":
+            self.conv.build(input_shape)
         if self.kind == "conv":
             self.conv.build(input_shape)
             self.norm.build(tuple(input_shape[:-1]) + (self.channels,))
@@ -54,14 +68,21 @@ class ModalityStem(keras.layers.Layer):
     def call(self, volume):
         if self.kind == "identity":
             return volume
+        if self.kind == "patch":
+            return self.conv(volume)
         return ops.silu(self.norm(self.conv(volume)))
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.channels,)
+        spatial = tuple(input_shape[1:-1])
+        if self.kind == "patch":
+            spatial = tuple(None if d is None else d // p for d, p in zip(spatial, self.patch_size))
+        return (input_shape[0],) + spatial + (self.channels,)
 
     def get_config(self):
         config = super().get_config()
         config.update(modality=self.modality, channels=self.channels, stage=self.stage, kind=self.kind)
+        if self.patch_size is not None:
+            config["patch_size"] = list(self.patch_size)
         return config
 
 

@@ -4,7 +4,7 @@
 name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
-encoder: {width: 16, depth: 4}
+encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
 defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
@@ -28,6 +28,7 @@ import pathlib
 
 import yaml
 
+from unicon_tf.model.foundation import VIT_OPTIONS, task_head
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_name
 from unicon_tf.train.strategies import check_strategy
@@ -203,7 +204,10 @@ def load_pipeline(path, data_root=None):
     if unknown:
         raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
     sources = {str(name): _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
-    stages = [_stage(path, index, entry, defaults, root, sources) for index, entry in enumerate(raw["stages"] or [])]
+    encoder = _encoder(path, raw.get("encoder"), root)
+    vit = encoder.get("encoder") == "vit"
+    stages = [_stage(path, index, entry, defaults, root, sources, vit)
+              for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
     names = [s.name for s in stages]
@@ -211,7 +215,7 @@ def load_pipeline(path, data_root=None):
         raise PipelineError(f"{path}: stage names must be unique, got {names}.")
     modality = _checked_name(f"{path}", "modality", raw.get("modality", "ct"), "modality")
     return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
-                        modality=modality, encoder=dict(raw.get("encoder") or {}),
+                        modality=modality, encoder=encoder,
                         stages=stages, sources=sources)
 
 
@@ -230,7 +234,27 @@ def _source(path, name, entry, root):
     return {**entry, "manifest": str(manifest if manifest.is_absolute() else root / manifest)}
 
 
-def _stage(path, index, entry, defaults, root, sources):
+def _encoder(path, entry, root):
+    """`foundation` keyword arguments from the `encoder` mapping (`kind: residual | vit`).
+
+    A relative `weights` path resolves against the data root, like stage data.
+    """
+    entry = dict(entry or {})
+    kind = entry.pop("kind", "residual")
+    known = {"residual": ("width", "depth"), "vit": VIT_OPTIONS}
+    if kind not in known:
+        raise PipelineError(f"{path}: encoder kind '{kind}' is unknown (expected one of {sorted(known)}).")
+    unknown = set(entry) - set(known[kind])
+    if unknown:
+        raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} for kind '{kind}'; "
+                            f"known: {sorted(known[kind])}.")
+    if "weights" in entry:
+        weights = pathlib.Path(entry["weights"])
+        entry["weights"] = str(weights if weights.is_absolute() else root / weights)
+    return {"encoder": "vit", **entry} if kind == "vit" else entry
+
+
+def _stage(path, index, entry, defaults, root, sources, vit=False):
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
@@ -240,10 +264,11 @@ def _stage(path, index, entry, defaults, root, sources):
         raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    unknown = set(head_options) - set(HEADS[task].options())
+    accepted = task_head(task, vit).options()
+    unknown = set(head_options) - set(accepted)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
-                            f"{HEADS[task].options()}; training keys: {sorted(TRAINING_DEFAULTS)}).")
+                            f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
     _check_training(where, training)
     modality = entry.get("modality")
     if modality is not None:

@@ -16,7 +16,7 @@ Old heads, stems and fusions never train after their stage. Stage 0 trains every
 import keras
 
 from unicon_tf.model import model_parts
-from unicon_tf.model.adapters import AdaptableConv3D
+from unicon_tf.model.adapters import LowRankAdapters
 from unicon_tf.names import STRATEGIES
 
 
@@ -64,7 +64,7 @@ def configure_trainable(network, stage, strategy):
     encoder = parts["encoder"]
     for layer in encoder.leaf_layers():
         set_trainable(layer, train_encoder)
-        if isinstance(layer, AdaptableConv3D):
+        if isinstance(layer, LowRankAdapters):
             set_trainable(layer, True)  # base kernel and each adapter are set one by one
             for variable in (layer._kernel, layer.bias):
                 if variable is not None:

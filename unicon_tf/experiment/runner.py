@@ -1,0 +1,325 @@
+"""Run an experiment: folds x seeds x training fractions x arms, each cell through the components.
+
+    <out>/examples/<source>-<key>/                   the pipeline's sources, ingested once (ExampleGen)
+    <out>/folds.json                                 the patients, their strata and the folds
+    <out>/data/<cohort>/fold{k}/all/                 fold k's splits (records copied, bytes unchanged)
+    <out>/data/<cohort>/fold{k}/seed{s}-frac{f}/     the same, its train split cut to fraction f
+    <out>/cells/fold{k}/seed{s}/foundation/          stage 0, trained once per fold and seed
+    <out>/cells/fold{k}/seed{s}/frac{f}/continual/   the continual run (a copy of the foundation run,
+                                                     then the later stages through `LocalRunner`)
+    <out>/cells/fold{k}/seed{s}/frac{f}/continual/baselines/<kind>/   the baselines' runs
+    <out>/cells/fold{k}/seed{s}/frac{f}/<arm>/cell.json   a finished cell: its matrix, final
+                                                     scores and per-patient test predictions
+
+A cell is one arm (`continual` or a baseline) at one fold, seed and fraction. At fraction
+f every stage after the first trains on f of its training patients (stratified, nested
+across fractions); stage 0, the foundation, always trains on all of them, once per fold and
+seed: each fraction's continual run starts as a copy of the foundation run, whose
+lineage makes the Trainer and Evaluator of stage 0 cache hits. Validation and test splits
+never change with f. A cell whose `cell.json` exists is not run again; an interrupted cell
+resumes inside (the runner's cache skips finished component runs; an interrupted stage
+continues from its checkpoint).
+
+Example:
+>>> experiment = run_experiment("pipelines/chest_ct.yaml", "experiments/chest_ct",
+...                             ExperimentPlan(folds=5, seeds=(0, 1), fractions=(0.25, 0.5, 1.0)))  # doctest: +SKIP
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import keras
+
+from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
+from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, predict_head
+from unicon_tf.evaluate.scores import MAIN_METRIC
+from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
+from unicon_tf.files import atomic_folder, write_json_atomic
+from unicon_tf.run import BASELINES, Run
+from unicon_tf.train import train_baselines
+from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
+
+ARMS = ("continual",) + BASELINES
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """What an experiment runs.
+
+    Args:
+        folds: K of the patient-level K-fold cross-validation (>= 2).
+        seeds: training seeds; each also draws its own training subsets.
+        fractions: shares of each later stage's training patients, in (0, 1].
+        baselines: arms beside the continual run (`single_task`, `naive`, `joint`).
+        val_fraction: share of a fold's non-test patients kept for validation.
+        fold_seed: the seed of the fold partition.
+    """
+
+    folds: int = 5
+    seeds: tuple = (0,)
+    fractions: tuple = (1.0,)
+    baselines: tuple = ("single_task", "naive")
+    val_fraction: float = 0.25
+    fold_seed: int = 0
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}.")
+        if not self.seeds or not self.fractions:
+            raise ValueError("an experiment needs at least one seed and one fraction.")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}.")
+        unknown = set(self.baselines) - set(BASELINES)
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {sorted(unknown)}: expected some of {list(BASELINES)}.")
+        object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in self.fractions))))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @property
+    def arms(self):
+        return ("continual",) + tuple(k for k in BASELINES if k in self.baselines)
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+def fraction_name(fraction):
+    """`frac0.25`, `frac1`: the folder of a fraction."""
+    return f"frac{fraction:g}"
+
+
+def run_experiment(pipeline, out, plan, data_root=None, verbose=0, echo=print):
+    """Run every cell of `plan` not run yet, then aggregate and write the report.
+
+    Args:
+        pipeline: a `PipelineSpec` or pipeline YAML file.
+        out: the experiment folder (created; an existing one is resumed).
+        plan: an `ExperimentPlan`.
+        data_root: for relative data paths of a pipeline file.
+        verbose: Keras verbosity.
+        echo: where progress lines go.
+
+    Returns:
+        The `experiment.json` dict: `unicon_tf.experiment.aggregate.aggregate`'s
+        `scores`, `comparisons`, `transfer` and `data_efficiency`, plus the plan, the folds,
+        the cells (arm, fold, seed, fraction, run folder, record) and `report` (report.md).
+
+    Raises:
+        ValueError: `out` holds an experiment with other folds (another cohort or plan);
+            PipelineError, DataError, StageError, TrainingError from the components.
+    """
+    return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose).run(echo=echo)
+
+
+class Experiment:
+    """An experiment folder bound to a pipeline and a plan: its cohorts, folds and cells.
+
+    Opening it ingests the pipeline's sources (once) and fixes the folds (`folds.json`).
+
+    Args:
+        pipeline: a `PipelineSpec` or pipeline YAML file.
+        out: the experiment folder.
+        plan: an `ExperimentPlan`.
+        data_root: for relative data paths of a pipeline file.
+        verbose: Keras verbosity.
+    """
+
+    def __init__(self, pipeline, out, plan, data_root=None, verbose=0):
+        self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root=data_root)
+        self.out, self.plan, self.verbose = pathlib.Path(out).resolve(), plan, verbose
+        self.cohorts = _cohorts(self.pipeline, self.out, verbose)
+        self.folds = _folds(self.out, plan, self.cohorts)
+
+    def run(self, echo=print):
+        """Every cell (running those not finished), aggregated; see `run_experiment`."""
+        from unicon_tf.experiment.aggregate import aggregate
+        from unicon_tf.experiment.report import write_report
+
+        plan, started, cells = self.plan, time.time(), []
+        total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
+        for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
+            for k in range(plan.folds):
+                for fraction in plan.fractions:
+                    for arm in plan.arms:
+                        cells.append(self.run_cell(arm, k, seed, fraction))
+                        echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
+                             + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
+                             + f" ({time.time() - started:.0f} s)")
+        experiment = {"pipeline": self.pipeline.name, "pipeline_file": str(self.pipeline.path), "out": str(self.out),
+                      "plan": plan.to_json(), "patients": len(self.folds["patients"]), "folds": self.folds["folds"],
+                      **aggregate(cells, plan)}
+        experiment["cells"] = [{k: c[k] for k in ("arm", "fold", "seed", "fraction", "run", "record", "data", "final",
+                                                  "matrix", "tasks", "stages", "seconds")} for c in cells]
+        experiment["report"] = str(write_report(self.out, experiment, cells))
+        write_json_atomic(self.out / "experiment.json", experiment)
+        return experiment
+
+    def cell_folder(self, fold, seed, fraction):
+        return self.out / "cells" / f"fold{fold}" / f"seed{seed}" / fraction_name(fraction)
+
+    def data(self, index, fold, seed, fraction):
+        """The ingested folder stage `index` reads at a fold, seed and fraction (written on first use):
+        the fold's splits, and for a later stage with fraction < 1 the train split cut down."""
+        cohort = self.cohorts[index]
+        present = {p.patient_id for p in cohort.patients}
+        ids = {split: [p for p in members if p in present] for split, members in self.folds["folds"][fold].items()}
+        folder = self.out / "data" / cohort.name / f"fold{fold}"
+        if index == 0 or fraction >= 1:
+            return write_split(cohort.folder, folder / "all", {s: v for s, v in ids.items() if v}, {"fold": fold})
+        ids["train"] = training_subset(ids["train"], self.folds["patients"], fraction,
+                                       seed=self.plan.fold_seed * 1_000_000 + 1000 * fold + seed)
+        return write_split(cohort.folder, folder / f"seed{seed}-{fraction_name(fraction)}",
+                           {s: v for s, v in ids.items() if v}, {"fold": fold, "seed": seed, "fraction": fraction})
+
+    def cell_pipeline(self, fold, seed, fraction):
+        """The pipeline of a fold, seed and fraction: each stage's data, every stage's seed."""
+        stages = [dataclasses.replace(with_overrides(spec, seed=seed), data=self.data(i, fold, seed, fraction),
+                                      source=None) for i, spec in enumerate(self.pipeline.stages)]
+        return dataclasses.replace(self.pipeline, stages=stages, sources={})
+
+    def foundation(self, fold, seed):
+        """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""
+        folder = self.out / "cells" / f"fold{fold}" / f"seed{seed}" / "foundation"
+        first = self.cell_pipeline(fold, seed, 1.0)
+        LocalRunner(first, folder, base=self.out / "saved_models", verbose=self.verbose).run(
+            stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
+        return folder
+
+    def run_cell(self, arm, fold, seed, fraction):
+        """One cell's record: read back if the cell is finished, else run it and write it."""
+        record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
+        if record_file.exists():
+            return json.loads(record_file.read_text())
+        started = time.time()
+        pipeline = self.cell_pipeline(fold, seed, fraction)
+        run_dir = self.cell_folder(fold, seed, fraction) / "continual"
+        if not run_dir.exists():
+            _copy_run(self.foundation(fold, seed), run_dir)
+        if arm == "continual":
+            LocalRunner(pipeline, run_dir, base=self.out / "saved_models", verbose=self.verbose).run(
+                evaluate=True, push=False, resume=True)
+            result = evaluate_run(run_dir)
+            predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
+            run = run_dir
+        else:
+            run = Run(run_dir).baseline_dir(arm)
+            for checkpoint in run.rglob("checkpoint"):  # an interrupted baseline stage starts again
+                shutil.rmtree(checkpoint)
+            trained = train_baselines(pipeline, run_dir, kinds=[arm], verbose=self.verbose)
+            result = evaluate_baselines(run_dir, trained)[arm]
+            predictions = _baseline_predictions(pipeline, trained[arm], arm)
+        final = {}
+        for j, head in enumerate(result["tasks"]):
+            column = [row[j] for row in result["matrix"] if j < len(row) and row[j] is not None]
+            final[head] = column[-1] if column else None
+        stages = range(len(pipeline.stages))
+        record = {"arm": arm, "fold": fold, "seed": seed, "fraction": fraction, "run": str(run),
+                  "record": str(record_file), "data": {s.name: str(s.data) for s in pipeline.stages},
+                  "stages": result["stages"], "tasks": result["tasks"], "task_kinds": result["task_kinds"],
+                  "main_metric": result["main_metric"],
+                  "modalities": {pipeline.head_name(j): pipeline.head_modalities(j) for j in stages},
+                  "matrix": result["matrix"], "final": final, "predictions": predictions,
+                  "seconds": round(time.time() - started, 1)}
+        write_json_atomic(record_file, record)
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """An ingested folder some stage reads: a short name for its derived folders, and its patients."""
+
+    name: str
+    folder: pathlib.Path
+    patients: tuple  # Patient, in record order
+
+
+def _cohorts(pipeline, out, verbose):
+    """`{stage index: Cohort}`; the pipeline's sources are ingested once, by ExampleGen."""
+    folders = {}
+    for index, spec in enumerate(pipeline.stages):
+        if spec.source is None:
+            folders[index] = (spec.data.name, pathlib.Path(spec.data).resolve())
+            continue
+        parameters = dict(pipeline.sources[spec.source])
+        folder = out / "examples" / f"{spec.source}-{fingerprint('ExampleGen', parameters)[:12]}"
+        if not (folder / "schema.json").exists():
+            context = {"id": f"ExampleGen.{spec.source}", "output_dir": folder, "run_dir": out,
+                       "pipeline": pipeline, "verbose": verbose}
+            COMPONENTS["ExampleGen"].execute({}, parameters, context)
+        folders[index] = (spec.source, folder)
+    cohorts = {}
+    for index, (name, folder) in folders.items():
+        known = next((c for c in cohorts.values() if c.folder == folder), None)
+        if known is None:
+            taken = {c.name for c in cohorts.values()}
+            known = Cohort(name if name not in taken else f"{name}-{index}", folder, tuple(read_patients(folder)))
+        cohorts[index] = known
+    return cohorts
+
+
+def _folds(out, plan, cohorts):
+    """`{"patients", "folds"}`, saved as folds.json; a resumed experiment must find the same."""
+    patients = pool_patients({c.folder: c.patients for c in cohorts.values()}.values())
+    folds = make_folds(patients, plan.folds, val_fraction=plan.val_fraction, fold_seed=plan.fold_seed)
+    record = {"patients": [dataclasses.asdict(p) for p in patients], "folds": folds}
+    path = out / "folds.json"
+    if path.exists() and json.loads(path.read_text()) != record:
+        raise ValueError(f"{path}: this folder holds an experiment with other folds (another cohort, "
+                         "--folds, --val-fraction or fold seed): use another --out.")
+    write_json_atomic(path, record)
+    return {"patients": patients, "folds": folds}
+
+
+def _copy_run(source, target):
+    """Copy a run directory. The copy's lineage keeps the executions, their paths moved to the
+    copy (so they are cache hits there), but not the source's events: each component run is
+    counted where it ran."""
+    with atomic_folder(target) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        lineage = staging / "lineage.json"
+        if lineage.exists():
+            record = _moved(json.loads(lineage.read_text()), str(source), str(target))
+            write_json_atomic(lineage, {**record, "events": [], "copied_from": str(source)})
+
+
+def _moved(value, old, new):
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    return value
+
+
+def _baseline_predictions(pipeline, folders, kind):
+    """Per-patient test predictions of every head of a baseline, from the model its final
+    score is from (`folders`: the baseline's trained stage folders, as `train_baselines` gives them)."""
+    models, predictions = {}, {}
+    for j, spec in enumerate(pipeline.stages):
+        path = (folders[j] if kind == "single_task" else folders[-1]).model
+        if path not in models:
+            models[path] = keras.models.load_model(path)
+        head = pipeline.head_name(j)
+        predictions[head] = _per_patient(spec.task, predict_head(models[path], head, spec.data, "test"))
+    return predictions
+
+
+def _per_patient(task, prediction):
+    """What a patient-level bootstrap needs of a head's test predictions (JSON-able).
+
+    classification and prognosis: `target` and `output` per patient (the metric is
+    recomputed on each resample); segmentation: `dice_per_patient`.
+    """
+    metrics = head_metrics(task, prediction)
+    record = {"task": task, "patient_ids": metrics["patient_ids"], "value": metrics[MAIN_METRIC[task]]}
+    if task == "segmentation":
+        record["dice_per_patient"] = metrics["dice_per_patient"]
+    else:
+        record["target"] = prediction["target"].tolist()
+        record["output"] = prediction["output"].tolist()
+    return record
