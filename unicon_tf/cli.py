@@ -276,6 +276,35 @@ def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
     click.echo(f"lineage: {runner.lineage_file}")
 
 
+@main.command("compile")
+@click.argument("pipeline_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", type=click.Choice(["kfp"]), default="kfp", show_default=True,
+              help="The orchestrator: Kubeflow Pipelines v2 (also runs on Vertex AI Pipelines).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="The compiled pipeline: .yaml or .json.")
+@click.option("--image", default=None, help="Container image of the tasks [default: unicon-tf:<version>, "
+              "built from the repository's Dockerfile].")
+@click.option("--base", default="/models", show_default=True,
+              help="Default serving_base: where the Pusher writes versions, as the tasks see it.")
+@click.option("--model-name", default=None, help="Default model_name [default: the pipeline's name].")
+@click.option("--data-root", default=None,
+              help="Folder or URI (gs://, s3://, minio://) that relative data paths resolve against "
+                   "[default: the pipeline's folder].")
+@user_errors
+def compile_command(pipeline_path, target, output, image, base, model_name, data_root):
+    """Compile a pipeline for an orchestrator and print its task graph."""
+    try:
+        from unicon_tf.kubeflow import compiler as kubeflow
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("kfp"):
+            raise
+        raise click.ClickException("--target kfp needs the kfp extra: pip install 'unicon-tf[kfp]'") from error
+    path = kubeflow.compile_pipeline(pipeline_path, output, image=image or kubeflow.DEFAULT_IMAGE, base=base,
+                                     model_name=model_name, data_root=data_root)
+    click.echo(kubeflow.format_task_graph(kubeflow.load_spec(path)))
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
 @user_errors

@@ -37,6 +37,11 @@ def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, default=_plain) + "\n")
 
 
+def plain_json(obj):
+    """`obj` with NumPy scalars and paths turned into plain JSON values (a deep copy)."""
+    return json.loads(json.dumps(obj, default=_plain))
+
+
 def save_model_atomic(model, path):
     """`model.save(path)` (a `.keras` file) through a hidden partial file and a rename."""
     path = pathlib.Path(path)

@@ -18,8 +18,9 @@ the data root, by default the pipeline file's folder; or the name of a `sources`
 ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), `adapter_start` (the first
 encoder level the new path computes, levels below shared with the base path; see
-`expand`), head options (`num_classes`, `dropout`, `blocks_per_level`) and the training
-keys of `TRAINING_DEFAULTS`.
+`expand`), head options (`num_classes`, `dropout`, `blocks_per_level`), the training
+keys of `TRAINING_DEFAULTS`, and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
+`{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
 import dataclasses
@@ -51,7 +52,11 @@ TRAINING_DEFAULTS = {
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
-STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start"}
+STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start", "resources"}
+RESOURCE_KEYS = {"cpu": (int, float, str), "memory": (int, str), "gpu": (int,), "accelerator": (str,)}
+"""A stage's `resources` on an orchestrator (`unicon-tf compile`): cores ("8", "500m"),
+memory ("32G", "16Gi"), GPU count and accelerator type ("nvidia.com/gpu",
+"NVIDIA_TESLA_A100" on Vertex AI). The local runner ignores them."""
 
 
 class PipelineError(ValueError):
@@ -73,6 +78,7 @@ class StageSpec:
     head_options: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
+    resources: dict = dataclasses.field(default_factory=dict)  # see RESOURCE_KEYS
 
     def to_json(self):
         config = dataclasses.asdict(self)
@@ -82,7 +88,7 @@ class StageSpec:
 
     def fingerprint(self):
         """SHA-256 of what defines the stage's model (not the data path or epochs)."""
-        defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training")}
+        defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training", "resources")}
         if not defining["adapter_start"]:
             del defining["adapter_start"]  # runs from before the option keep their fingerprints
         defining["strategy"] = self.training["strategy"]
@@ -287,6 +293,7 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
         adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
         head_options=head_options, training=training,
+        resources=_resources(where, entry.get("resources")),
     )
 
 
@@ -294,6 +301,22 @@ def _adapter_start(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PipelineError(f"{where}: adapter_start must be an encoder level >= 0, got {value!r}.")
     return value
+
+
+def _resources(where, resources):
+    """A stage's `resources` mapping, its keys and value types checked (their formats are
+    the orchestrator's to check)."""
+    if resources is None:
+        return {}
+    if not isinstance(resources, dict):
+        raise PipelineError(f"{where}: resources must be a mapping of {sorted(RESOURCE_KEYS)}.")
+    for key, value in resources.items():
+        if key not in RESOURCE_KEYS:
+            raise PipelineError(f"{where}: unknown resources key '{key}'; known: {sorted(RESOURCE_KEYS)}.")
+        if isinstance(value, bool) or not isinstance(value, RESOURCE_KEYS[key]) or (
+                key == "gpu" and value < 0):
+            raise PipelineError(f"{where}: resources: {key} = {value!r} is not valid.")
+    return dict(resources)
 
 
 def _checked_name(where, field, name, kind):

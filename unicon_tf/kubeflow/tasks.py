@@ -1,0 +1,94 @@
+"""What each KFP task runs: the same executors as `LocalRunner`, behind a thin adapter.
+
+Each function below is a KFP lightweight Python component (`unicon_tf.kubeflow.compiler`
+wraps it with `dsl.component` and the pipeline's image). Its body only hands KFP's
+artifacts and parameters to `run_component`, which turns them into unicon `Artifact`
+records, calls `unicon_tf.components.<component>.execute(inputs, parameters, context)`
+with the first output artifact's path as the output folder, and writes the returned
+records back as the output artifacts' metadata. There is no second implementation of
+any component.
+
+KFP copies each function's source into the task, so a function imports what it uses in
+its body. Its annotations are KFP's artifact types (`unicon_tf.kubeflow.artifacts`
+says which unicon type each carries).
+"""
+
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from unicon_tf.kubeflow import artifacts
+
+
+def run_component(component, run_id, parameters, inputs, outputs, verbose=2):
+    """Execute `component`'s executor on KFP artifacts.
+
+    Args:
+        component: a name of `unicon_tf.components.COMPONENTS` (ExampleGen, Trainer, ...).
+        run_id: the run's id, `<component>.<stage or source>` as in `lineage.json`.
+        parameters: the executor's parameters.
+        inputs: `{name: KFP input artifact or None}` (None: an optional input not given).
+        outputs: `{name: KFP output artifact}`, in the component spec's order; the first
+            one's path is the executor's output folder.
+        verbose: Keras verbosity in the task's log (2: one line per epoch).
+
+    Returns:
+        `{output name: unicon Artifact}`, as the executor returned them.
+
+    Raises:
+        ValueError: an input is not a unicon artifact, or an executor's check fails; what
+            the executor raises (StageError, DataError, ExportError...).
+    """
+    from unicon_tf.components import COMPONENTS
+
+    module = COMPONENTS[component]
+    records = {name: artifacts.to_record(a) for name, a in inputs.items() if a is not None}
+    module.SPEC.check(records, parameters)
+    first = next(iter(module.SPEC.outputs))
+    context = {"id": run_id, "output_dir": outputs[first].path, "verbose": verbose}
+    results = module.execute(records, parameters, context)
+    for name, artifact in outputs.items():
+        artifacts.write_record(results[name], artifact)
+    return results
+
+
+def example_gen(run_id: str, source: dict, manifest: Input[Dataset], examples: Output[Dataset]):
+    """ExampleGen: the NIfTI manifest artifact and its `sources` entry -> Examples."""
+    from unicon_tf.kubeflow.tasks import run_component
+
+    run_component("ExampleGen", run_id, {**source, "manifest": manifest.path}, {}, {"examples": examples})
+
+
+def trainer(run_id: str, pipeline: str, stage: str, examples: Input[Dataset],
+            model: Output[Model], base_model: Input[Model] = None):
+    """Trainer: Examples and the previous stage's Model (none for stage 0) -> Model.
+    `pipeline` is `PipelineSpec.to_json()` as JSON text (KFP constants hold no nulls)."""
+    import json
+
+    from unicon_tf.kubeflow.tasks import run_component
+
+    run_component("Trainer", run_id, {"pipeline": json.loads(pipeline), "stage": stage},
+                  {"examples": examples, "base_model": base_model}, {"model": model})
+
+
+def evaluator(run_id: str, split: str, model: Input[Model], evaluation: Output[Metrics],
+              blessing: Output[Artifact], baseline: Input[Metrics] = None) -> bool:
+    """Evaluator: Model (and the previous stage's Evaluation) -> Evaluation, Blessing; returns
+    `blessed`, the output parameter (`Output`) that the Pusher's condition reads. (A single
+    return rather than a named output: kfp.local 2.17 evaluates conditions only on those.)"""
+    from unicon_tf.kubeflow.tasks import run_component
+
+    results = run_component("Evaluator", run_id, {"split": split}, {"model": model, "baseline": baseline},
+                            {"evaluation": evaluation, "blessing": blessing})
+    return bool(results["blessing"].properties["blessed"])
+
+
+def pusher(run_id: str, base: str, model_name: str, model: Input[Model],
+           blessing: Input[Artifact], pushed_model: Output[Artifact]):
+    """Pusher: a blessed Model -> a SavedModel version under `base` (a PushedModel)."""
+    from unicon_tf.kubeflow.tasks import run_component
+
+    run_component("Pusher", run_id, {"base": base, "model_name": model_name or None},
+                  {"model": model, "blessing": blessing}, {"pushed_model": pushed_model})
+
+
+TASKS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
+"""component name -> the function its KFP task runs."""
