@@ -54,7 +54,7 @@ def test_non_finite_outputs_are_flagged_not_scored_and_never_blessed():
         metrics = evaluate.head_metrics(task, result)
         assert np.isnan(metrics[evaluate.MAIN_METRIC[task]]) and metrics["non_finite_outputs"] >= 1
         assert metrics["patients"] == 2
-    verdict = evaluate.bless([[0.8, None], [0.8, float("nan")]], 1, ["classification", "segmentation"])
+    verdict = evaluate.bless([0.8], [0.8, float("nan")], ["classification", "segmentation"])
     assert not verdict["blessed"] and verdict["reasons"][-1].startswith("segmentation: not measured (non-finite")
 
 
