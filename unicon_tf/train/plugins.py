@@ -23,6 +23,8 @@ Plugins hold no Keras variables, so they are never saved with a model.
   weight; gamma < 1 lets old tasks fade.
 """
 
+import abc
+
 import numpy as np
 import tensorflow as tf
 
@@ -30,7 +32,7 @@ from unicon_tf.train.losses import DISTILLATION_LOSSES, TASK_LOSSES
 from unicon_tf.train.strategies import set_trainable
 
 
-class Plugin:
+class Plugin(abc.ABC):
     """A named loss term and what it needs from the training loop (see the module docstring)."""
 
     name = "plugin"
@@ -46,9 +48,9 @@ class Plugin:
         """`{head: unweighted term}` for each head the plugin covers (none by default)."""
         return {}
 
+    @abc.abstractmethod
     def penalty(self, inputs, outputs, head_terms=None):
         """The weighted scalar term for a batch (`head_terms` reused when already computed)."""
-        raise NotImplementedError
 
     def end_stage(self, network, head, data, folder):
         """Called once after the stage's last epoch.
