@@ -149,7 +149,7 @@ def load_volume(path, patient=None, field=None):
         `(data, affine)`: float32 array `(X, Y, Z)` in RAS voxel order and its 4x4 affine.
 
     Raises:
-        DataError: unreadable or truncated file, not one 3D volume, NaN/Inf voxels, or an
+        DataError: unreadable or truncated file, not one 3D volume, an empty dimension, NaN/Inf voxels, or an
             affine that is not finite or singular (the message says which header field).
     """
 
@@ -176,6 +176,8 @@ def load_volume(path, patient=None, field=None):
         series = len(shape) > 3 and all(size == 1 for size in shape[4:])
         raise fail(f"expected a 3D image, got a series of {shape[3]} volumes (shape {shape})" if series else
                    f"expected a 3D image, got {len(shape)}D with shape {shape}")
+    if 0 in shape:
+        raise fail(f"the image is empty: a dimension of size 0 (shape {shape})")
     try:
         image = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:3])
