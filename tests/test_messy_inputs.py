@@ -91,3 +91,41 @@ def test_image_with_an_empty_dimension_is_named(tmp_path):
     with pytest.raises(data.DataError, match=r"empty: a dimension of size 0 \(shape \(8, 0, 8\)\)") as caught:
         data.load_volume(tmp_path / "empty.nii.gz", patient="A", field="ct")
     assert caught.value.field == "ct" and caught.value.file == tmp_path / "empty.nii.gz"
+
+
+PIPELINE = """name: {name}
+input_shape: [16, 16, 16]
+stages:
+  - {{name: {stage}, task: classification, data: ct16}}
+"""
+
+
+@pytest.mark.parametrize("name", ["'chest ct/../x'", "c" * 65, "'ségmentation'", "'../seg'", ".hidden"])
+def test_pipeline_and_stage_names_that_cannot_name_a_folder_are_refused(tmp_path, name):
+    from unicon_tf.train.pipeline import PipelineError, load_pipeline
+
+    for pipeline_name, stage_name, what in ((name, "grade", "pipeline"), ("tiny", name, "stage")):
+        path = tmp_path / "p.yaml"
+        path.write_text(PIPELINE.format(name=pipeline_name, stage=stage_name))
+        with pytest.raises(PipelineError, match=f"field 'name': {what} name .* it names a folder"):
+            load_pipeline(path)
+
+
+def test_pipeline_and_stage_names_in_any_case_with_hyphens_or_digits_are_kept(tmp_path):
+    from unicon_tf.train.pipeline import load_pipeline
+
+    path = tmp_path / "p.yaml"
+    for name, stage in (("Chest-CT", "Grade-2"), ("2024", "2024.1")):
+        path.write_text(PIPELINE.format(name=name, stage=stage))
+        spec = load_pipeline(path)
+        assert (spec.name, spec.stages[0].name) == (name, stage)
+
+
+def test_export_refuses_a_model_name_that_cannot_name_a_folder(tmp_path):
+    import unicon_tf
+    from unicon_tf import serving
+
+    model = unicon_tf.foundation((16, 16, 16), width=4, depth=2)
+    with pytest.raises(serving.ExportError, match="model name '../escape' is not allowed"):
+        serving.export_model(model, tmp_path / "base", "../escape")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "base").exists()
