@@ -129,3 +129,35 @@ def test_export_refuses_a_model_name_that_cannot_name_a_folder(tmp_path):
     with pytest.raises(serving.ExportError, match="model name '../escape' is not allowed"):
         serving.export_model(model, tmp_path / "base", "../escape")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("fault", ["empty_safetensors", "truncated_safetensors", "junk_npz", "pickled_npz", "nan"])
+def test_corrupt_or_non_finite_pretrained_weights_are_named_and_nothing_assigned(tmp_path, fault):
+    import unicon_tf
+    from unicon_tf.model.pretrained import PretrainedWeightsError, load_pretrained
+
+    model = unicon_tf.foundation((16, 16, 16), encoder="vit", patch_size=4, hidden_size=32, num_layers=2,
+                                 num_heads=2, mlp_dim=64, task="classification")
+    before = [w.copy() for w in model.get_weights()]
+    state = {"patch_embedding.position_embeddings": np.ones((1, 64, 32), np.float32)}
+    if fault.endswith("safetensors"):
+        safetensors = pytest.importorskip("safetensors.numpy")
+        path = tmp_path / "w.safetensors"
+        safetensors.save_file(state, str(path))
+        path.write_bytes(b"" if fault.startswith("empty") else path.read_bytes()[:40])
+        message = r"unreadable or truncated safetensors state dict \(SafetensorError"
+    elif fault == "nan":
+        path = tmp_path / "w.npz"
+        state["patch_embedding.position_embeddings"][0, 3, 1] = np.nan
+        np.savez(path, **state)
+        message = r"1 tensor\(s\) hold NaN or Inf: patch_embedding.position_embeddings"
+    else:
+        path = tmp_path / "w.npz"
+        if fault == "junk_npz":
+            path.write_bytes(b"PK\x03\x04 not a zip")
+        else:
+            np.savez(path, a=np.array([{"x": 1}], dtype=object))
+        message = r"unreadable or truncated npz state dict"
+    with pytest.raises(PretrainedWeightsError, match=f"{path}: {message}"):
+        load_pretrained(model, path)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
