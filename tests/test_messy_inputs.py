@@ -3,6 +3,7 @@ kind of fault, asserting the right value or a refusal naming the file and the fi
 
 import csv
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -84,6 +85,29 @@ def test_suv_across_midnight_and_at_the_delay_bound_is_right(tmp_path):
     with pytest.raises(SUVInputError) as caught:
         suv_bw_factor(70.0, 3.7e8, longest + 1.0)
     assert caught.value.field == "scan_delay_s"
+
+
+def test_suv_from_dicom_date_times_spans_days_and_time_zones(tmp_path):
+    """DICOM DT (RadiopharmaceuticalStartDateTime, AcquisitionDateTime) as clinical exports write it."""
+    path = suv_cohort(tmp_path, {"weight_kg": "70", "injected_dose_bq": "3.7e8",
+                                 "injection_time": "20240301233000.000000+0100",
+                                 "acquisition_time": "20240301233000+0000"})
+    patient = data.read_manifest(path).patients[0]
+    assert patient.scales["pet"] == pytest.approx(70000.0 / (3.7e8 * 2 ** (-3600 / F18_HALF_LIFE_S)), rel=1e-12)
+    (tmp_path / "bad").mkdir()
+    bad = suv_cohort(tmp_path / "bad", {"weight_kg": "70", "injected_dose_bq": "3.7e8",
+                                        "injection_time": "20241301093000", "acquisition_time": "20240301103000"})
+    with pytest.raises(data.DataError, match="DICOM 20240301093000") as caught:
+        data.read_manifest(bad)
+    assert caught.value.patient == "A"
+
+
+def test_image_without_sform_or_qform_warns_that_its_position_is_a_guess(tmp_path):
+    image = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), None)  # no affine: both codes 0
+    image.header.set_zooms((2.0, 2.0, 2.0))
+    nib.save(image, tmp_path / "bare.nii.gz")
+    with pytest.warns(data.DataWarning, match=r"bare.nii.gz.*no sform or qform"):
+        data.load_volume(tmp_path / "bare.nii.gz", patient="A", field="ct")
 
 
 def test_image_with_an_empty_dimension_is_named(tmp_path):

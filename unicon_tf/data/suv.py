@@ -23,6 +23,7 @@ Example:
 
 import datetime
 import math
+import re
 
 F18_HALF_LIFE_S = 6586.2
 """Half-life of fluorine-18 in seconds (109.77 min), the default tracer."""
@@ -84,15 +85,19 @@ def suv_bw_factor(weight_kg, injected_dose_bq, delay_s=0.0, half_life_s=F18_HALF
 
 
 def delay_seconds(injection, acquisition):
-    """Seconds from `injection` to `acquisition`, each an ISO 8601 date-time or a time of day.
+    """Seconds from `injection` to `acquisition`, each a date-time or a time of day.
 
-    Times of day are `HH:MM[:SS[.ffffff]]` or DICOM's `HHMMSS[.ffffff]`; when both are
+    Date-times are ISO 8601 (`2024-03-01T09:30:00[+01:00]`) or DICOM DT
+    (`YYYYMMDDHHMMSS[.ffffff][&ZZXX]`, e.g. RadiopharmaceuticalStartDateTime, PS3.5 6.2);
+    times of day are `HH:MM[:SS[.ffffff]]` or DICOM TM (`HHMMSS[.ffffff]`); when both are
     times of day and the acquisition's is earlier, the scan is taken to be on the next
     day. A date-time and a time of day cannot be mixed.
 
     Example:
     >>> delay_seconds("09:30", "103000"), delay_seconds("2024-03-01T23:50:00", "2024-03-02T00:50:00")
     (3600.0, 3600.0)
+    >>> delay_seconds("20240301093000", "20240301103000.5")
+    3600.5
 
     Raises:
         ValueError: a value that is neither form, or a mix of both.
@@ -108,8 +113,20 @@ def delay_seconds(injection, acquisition):
     return (second - first) % 86400.0
 
 
+DICOM_DATE_TIME = re.compile(r"(\d{14})(\.\d{1,6})?([+-]\d{4})?")
+"""DICOM DT at second precision or finer: YYYYMMDDHHMMSS, fraction, UTC offset &ZZXX."""
+
+
 def _moment(text):
     text = str(text).strip()
+    dicom = DICOM_DATE_TIME.fullmatch(text)
+    if dicom:
+        whole, fraction, offset = dicom.groups()
+        try:
+            return datetime.datetime.strptime(whole + (fraction or ".0") + (offset or ""),
+                                              "%Y%m%d%H%M%S.%f" + ("%z" if offset else ""))
+        except ValueError:
+            pass
     if len(text) > 8 and ("-" in text[:10] or "T" in text):
         try:
             return datetime.datetime.fromisoformat(text)
@@ -121,5 +138,5 @@ def _moment(text):
         hours, minutes, seconds = int(whole[:2]), int(whole[2:4]), int(whole[4:6] or 0)
         if hours < 24 and minutes < 60 and seconds < 60:
             return hours * 3600.0 + minutes * 60.0 + seconds + float(f"0.{fraction or 0}")
-    raise ValueError(f"'{text}' is neither an ISO 8601 date-time (2024-03-01T09:30:00) nor a time of day "
-                     "(09:30:00 or 093000)")
+    raise ValueError(f"'{text}' is neither a date-time (2024-03-01T09:30:00 or DICOM 20240301093000) nor a "
+                     "time of day (09:30:00 or 093000)")
