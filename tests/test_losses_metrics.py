@@ -174,4 +174,4 @@ def test_train_on_batch_honours_sample_weight():
     assert after["weighted"][0] == pytest.approx(after["first only"][0], rel=1e-5)
     assert any(not np.array_equal(a, b) for a, b in zip(after["weighted"][1], start))
     for weighted, alone in zip(after["weighted"][1], after["first only"][1]):
-        np.testing.assert_allclose(weighted, alone, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(weighted, alone, rtol=0, atol=1e-5)  # batch 2 vs 1: float32 reduction order
