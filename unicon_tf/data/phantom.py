@@ -79,7 +79,7 @@ class LesionOptions:
 
     Example:
     >>> small = LesionOptions(radius_mm=(4.0, 9.0), ct_contrast_hu=60.0)
-    >>> patient = make_patient("P0", np.random.default_rng(0), shape=(48, 48, 48), spacing=2.0, lesions=small)
+    >>> patient = make_patient("P0", np.random.default_rng(0), shape=(56, 56, 56), spacing=2.0, lesions=small)
     >>> bool(4.0 <= patient.latent["radius_mm"] <= 9.0)
     True
     """
