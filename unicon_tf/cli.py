@@ -175,6 +175,8 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
+    if record.get("selection"):
+        click.echo(f"model selection: {record['selection']['reason']}")
 
 
 @main.command()
