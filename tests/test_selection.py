@@ -6,7 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import PREP_8, patient_row, write_manifest, write_pipeline
+from conftest import PREP_8, Interrupt, patient_row, write_manifest, write_pipeline
 
 from unicon_tf import data, train
 from unicon_tf.model import model_parts
@@ -43,16 +43,6 @@ class Snapshots(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.weights[epoch + 1] = [np.array(w) for w in self.model.network.weights]
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise KeyboardInterrupt
 
 
 def test_selection_state_machine():

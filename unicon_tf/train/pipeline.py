@@ -5,7 +5,7 @@ name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
 encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
-defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
+defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}  # + select, patience
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
   - {name: prognosis, task: prognosis, strategy: adapters, adapters: 4, data: ct32}
@@ -19,7 +19,8 @@ ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), `adapter_start` (the first
 encoder level the new path computes, levels below shared with the base path; see
 `expand`), head options (`num_classes`, `dropout`, `blocks_per_level`), the training
-keys of `TRAINING_DEFAULTS`, and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
+keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, see
+`unicon_tf.train.selection`), and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
 `{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
