@@ -148,3 +148,22 @@ def test_a_spec_at_default_selection_keeps_its_json_and_round_trips(tmp_path):
     chosen = train.load_pipeline(write_pipeline(tmp_path, tmp_path / "data", stages=STAGE, select="best_val",
                                                 patience=3))
     assert {"select": "best_val", "patience": 3}.items() <= chosen.stages[0].to_json()["training"].items()
+
+
+def test_a_baseline_reuses_a_continual_stage_only_if_it_kept_what_best_val_keeps(tmp_path):
+    from unicon_tf.train.baselines import _selected_as, best_val
+
+    spec = best_val(train.load_pipeline(write_pipeline(tmp_path, tmp_path / "data", stages=STAGE, epochs=3)).stages[0])
+    assert spec.training["select"] == "best_val"
+
+    def record(aucs, kept):
+        history = [{"loss": 1.0, "val_classification_auc": a} for a in aucs]
+        return {"head": "classification", "task": "classification", "spec": {"training": {"epochs": 3}},
+                "history": history, "selection": {"epochs_run": len(aucs), "epoch": kept}}
+
+    assert _selected_as(spec, record([0.6, 0.7, 0.8], kept=3))  # select: last kept the best epoch
+    assert not _selected_as(spec, record([0.6, 0.9, 0.8], kept=3))  # best_val would keep epoch 2
+    assert _selected_as(spec, record([0.6, 0.9, 0.8], kept=2))
+    old = record([0.6, 0.7, 0.8], kept=3)
+    del old["selection"]  # a stage trained before selection kept its last epoch
+    assert _selected_as(spec, old)

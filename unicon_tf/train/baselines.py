@@ -33,6 +33,7 @@ from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
+from unicon_tf.train.selection import Selection
 from unicon_tf.train.stage import stage_data, train_stage
 from unicon_tf.train.strategies import set_trainable
 from unicon_tf.version import __version__
@@ -95,19 +96,32 @@ def best_val(spec):
 
 
 def _selected_as(spec, record):
-    """Whether the stage of `record` (stage.json) was selected as `spec` would select it."""
-    trained = record["spec"]["training"]
-    wanted = {"select": spec.training["select"] or "last", "patience": spec.training["patience"],
-              "monitor": spec.training["monitor"]}
-    return wanted == {"select": trained.get("select") or "last", "patience": trained.get("patience"),
-                      "monitor": trained.get("monitor", "metric")}
+    """Whether the trained stage of `record` (stage.json) holds the weights that training
+    `spec` would keep: replaying `spec`'s selection over the recorded validation history
+    (same definition and seed, so the same epochs) gives the same epochs run and epoch kept."""
+    hp, history = spec.training, record["history"]
+    selection = Selection(record["head"], record["task"], hp["select"] or "last", hp["patience"], hp["monitor"],
+                          hp["epochs"])
+    if record["spec"]["training"]["epochs"] != hp["epochs"]:
+        return False
+    epochs_run = 0
+    for epoch, logs in enumerate(history, start=1):
+        if selection.stop():
+            break
+        if selection.needs_validation:
+            if selection.key not in logs:
+                return False
+            selection.update(epoch, logs)
+        epochs_run = epoch
+    recorded = record.get("selection") or {"epochs_run": len(history), "epoch": len(history)}
+    return (epochs_run, selection.kept_epoch(epochs_run)) == (recorded["epochs_run"], recorded["epoch"])
 
 
 def _reuse_first_stage(run, pipeline, target, spec=None):
     """Copy the continual run's trained stage 0 into the baseline run `target`; True if it is there.
 
     `spec`: the baseline's stage 0 (default the pipeline's); the continual stage is reused
-    only when it was selected the same way (`select`, `patience`, `monitor`).
+    only when it holds what `spec` would keep (`_selected_as`).
     """
     spec = spec or pipeline.stages[0]
     if target.status(spec.name).get("status") == "trained":
