@@ -5,7 +5,7 @@ name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
 encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
-defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
+defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}  # + select, patience
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
   - {name: prognosis, task: prognosis, strategy: adapters, adapters: 4, data: ct32}
@@ -19,7 +19,8 @@ ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), `adapter_start` (the first
 encoder level the new path computes, levels below shared with the base path; see
 `expand`), head options (`num_classes`, `dropout`, `blocks_per_level`), the training
-keys of `TRAINING_DEFAULTS`, and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
+keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, see
+`unicon_tf.train.selection`), and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
 `{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
@@ -37,7 +38,10 @@ from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
     "strategy": "frozen",  # frozen | adapters | finetune | naive
-    "epochs": 5,
+    "epochs": 5,  # the most epochs; fewer with patience
+    "select": None,  # best_val | last: the weights kept (unset: last for a stage, best_val for a baseline)
+    "patience": None,  # stop after this many epochs without a better validation value (unset: never)
+    "monitor": "metric",  # metric (the task's main one: AUC, C-index, per-patient Dice) | loss (the head's)
     "batch_size": 4,
     "learning_rate": 3e-4,
     "weight_decay": 1e-5,
@@ -52,6 +56,10 @@ TRAINING_DEFAULTS = {
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
+SELECTION_KEYS = ("select", "patience", "monitor")
+"""Training keys of model selection (`unicon_tf.train.selection`); left out of a spec's JSON
+at their defaults, so that runs from before them keep their fingerprints."""
+SELECT = ("best_val", "last")
 STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start", "resources"}
 RESOURCE_KEYS = {"cpu": (int, float, str), "memory": (int, str), "gpu": (int,), "accelerator": (str,)}
 """A stage's `resources` on an orchestrator (`unicon-tf compile`): cores ("8", "500m"),
@@ -82,6 +90,8 @@ class StageSpec:
 
     def to_json(self):
         config = dataclasses.asdict(self)
+        config["training"] = {k: v for k, v in config["training"].items()
+                              if k not in SELECTION_KEYS or v != TRAINING_DEFAULTS[k]}
         config["data"] = str(self.data)
         config["modalities"] = list(self.modalities) if self.modalities else None
         return config
@@ -150,6 +160,7 @@ class PipelineSpec:
         True
         """
         stages = [StageSpec(**{**s, "data": pathlib.Path(s["data"]),
+                               "training": {**{k: TRAINING_DEFAULTS[k] for k in SELECTION_KEYS}, **s["training"]},
                                "modalities": tuple(s["modalities"]) if s["modalities"] else None})
                   for s in config["stages"]]
         return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
@@ -348,6 +359,13 @@ def _check_training(where, training):
             raise PipelineError(f"{where}: {key} = {value!r} is out of range.")
     if training["penalty"] not in ("l2sp", "ewc"):
         raise PipelineError(f"{where}: penalty must be 'l2sp' or 'ewc', got {training['penalty']!r}.")
+    if training["select"] is not None and training["select"] not in SELECT:
+        raise PipelineError(f"{where}: select must be one of {list(SELECT)}, got {training['select']!r}.")
+    patience = training["patience"]
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise PipelineError(f"{where}: patience must be a whole number of epochs >= 1, got {patience!r}.")
+    if training["monitor"] not in ("metric", "loss"):
+        raise PipelineError(f"{where}: monitor must be 'metric' or 'loss', got {training['monitor']!r}.")
 
 
 def with_overrides(stage, **overrides):
