@@ -25,6 +25,12 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 STRATEGIES = ("frozen", "adapters", "finetune", "naive")
 """The training strategies a stage may name (see `unicon_tf.train.strategies`)."""
 
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+"""How a stage trains across devices and hosts (see `unicon_tf.train.distribute`)."""
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+"""The Keras dtype policies a stage may train under (see `unicon_tf.train.precision`)."""
+
 
 class InvalidNameError(ValueError):
     """A modality or head name that the model, its records or its signatures cannot hold."""
