@@ -183,5 +183,6 @@ def gather_valid(values, valid):
     # One collective per tensor: a batch may not mix host (int32) and device tensors; none takes bool.
     gathered = [context.all_gather(v, axis=0) for v in [*flat, tf.cast(valid, tf.int32)]]
     keep = gathered[-1] > 0
-    masked = iter([tf.boolean_mask(v, keep) for v in gathered[:-1]])
+    masked = iter([tf.ensure_shape(tf.boolean_mask(v, keep), [None, *local.shape[1:]])
+                   for v, local in zip(gathered[:-1], flat)])  # static shapes past the batch axis
     return tf.nest.map_structure(lambda v: None if v is None else next(masked), values)

@@ -1,0 +1,86 @@
+"""Training under tf.distribute strategies and mixed precision; TensorBoard event files.
+
+MirroredStrategy over 2 logical CPU devices and MultiWorkerMirroredStrategy over 2 local
+processes run in subprocesses (tests/fixtures/distributed_checks.py): logical devices and
+collective ops must be configured before TensorFlow starts, which this process did long ago.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import UNICON_ORDER, write_pipeline
+from unicon_tf import train
+from unicon_tf.data import dataset
+
+CHECKS = pathlib.Path(__file__).parent / "fixtures" / "distributed_checks.py"
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def check(*args, env=None, timeout=300):
+    """Run a distributed check in a new process; its last stdout line as JSON."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    done = subprocess.run([sys.executable, str(CHECKS), *map(str, args)], capture_output=True, text=True,
+                          env=environment, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cox_risk_sets_span_the_global_batch_on_two_replicas():
+    # One SGD step (learning rate 1, so the update is the gradient) on 5 patients: one
+    # device with the batch vs 2 replicas with 3 + 2 rows (one padding row).
+    result = check("cox")
+    assert result["replicas"] == 2
+    assert result["loss"][1] == pytest.approx(result["loss"][0], rel=1e-6)
+    assert result["c_index"][1] == result["c_index"][0]
+    assert result["gradient_norm"] > 1.0  # not vacuous
+    assert result["gradient_max_diff"] < 1e-5, result  # float32 reduction order only
+
+
+def compare(path_one, path_two, batch):
+    """`(max weight difference, max conv-bias difference, max output difference)` of two models.
+
+    Conv biases feed a GroupNorm that removes them: their gradient is zero in exact
+    arithmetic, float32 round-off in any other summation order, which Adam's normalised
+    step turns into moves of up to the learning rate. They are compared apart.
+    """
+    one, two = keras.models.load_model(path_one), keras.models.load_model(path_two)
+    conv_biases = {f"{layer.path}/bias" for layer in one._flatten_layers() if isinstance(layer, keras.layers.Conv3D)}
+    diffs = {a.path: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(one.weights, two.weights)}
+    weights = max(v for k, v in diffs.items() if k not in conv_biases)
+    biases = max([v for k, v in diffs.items() if k in conv_biases] or [0.0])
+    x = {m: batch[m] for m in one.input}
+    outputs = {k: float(np.max(np.abs(np.asarray(v) - np.asarray(two(x)[k])))) for k, v in one(x).items()}
+    return weights, biases, max(outputs.values())
+
+
+def test_mirrored_stages_match_one_device(phantom_records, tmp_path):
+    # Global batch 3 over 2 replicas: 2 + 1 rows, the last batch padded; classification,
+    # then prognosis (Cox) and segmentation with validation on adapters.
+    stages = [UNICON_ORDER[0], UNICON_ORDER[1], UNICON_ORDER[2]]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, batch_size=3, epochs=1, augment=False)
+    result = check("stages", tmp_path / "one", tmp_path / "two", pipeline, *[s["name"] for s in stages])
+    batch = next(iter(dataset(phantom_records, "val", batch_size=4)))[0]
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    steps = 3  # 1 epoch of ceil(7 / 3) batches
+    for index, stage in enumerate(stages):
+        name = stage["name"]
+        folder = f"stages/{index:02d}-{name}/model.keras"
+        assert result[name]["replicas"] == 2
+        weights, biases, outputs = compare(tmp_path / "one" / folder, tmp_path / "two" / folder, batch)
+        # float32 summation order, through Adam's normalised steps (learning rate 1e-3)
+        assert weights < 2e-4 and outputs < 5e-4, (name, weights, biases, outputs)
+        assert biases <= 2 * 1e-3 * steps, (name, biases)
+        for a, b in zip(result[name]["one"], result[name]["mirrored"]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key)
+    assert "val_segmentation_dice" in result["segmentation"]["mirrored"][-1]
