@@ -84,3 +84,54 @@ def test_mirrored_stages_match_one_device(phantom_records, tmp_path):
             for key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, key)
     assert "val_segmentation_dice" in result["segmentation"]["mirrored"][-1]
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def workers(run, pipeline, stage, tmp, *extra, env=None):
+    """Both workers of a 2-process MultiWorkerMirroredStrategy cluster on localhost."""
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+    processes = []
+    for index in range(2):
+        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": config,
+                       "TMPDIR": str(tmp), **(env or {})}
+        processes.append(subprocess.Popen([sys.executable, str(CHECKS), "worker", str(run), str(pipeline), stage,
+                                           *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=environment))
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_multiworker_stage_resumes_and_only_the_chief_writes(phantom_records, tmp_path):
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], epochs=2, batch_size=4)
+    run, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    # Both workers stop at the end of epoch 2, after epoch 1's checkpoint; then resume.
+    assert workers(run, pipeline, "classification", tmp, env={"UNICON_TEST_INTERRUPT": "1"}) == [
+        {"interrupted": True}] * 2
+    folder = run / "stages/00-classification"
+    assert json.loads((folder / "checkpoint/state.json").read_text())["epoch"] == 1
+    chief, other = workers(run, pipeline, "classification", tmp, "resume")
+    assert (chief["chief"], other["chief"]) == (True, False) and chief["replicas"] == 2
+    assert len(chief["history"]) == 2 and chief["history"] == other["history"]
+    np.testing.assert_allclose(other["weights"], chief["weights"], rtol=1e-6)  # in-sync replicas
+    saved = keras.models.load_model(folder / "model.keras").get_weights()
+    np.testing.assert_allclose([[np.sum(w), np.sum(np.square(w))] for w in saved], chief["weights"], rtol=1e-6)
+    # One set of stage files, the chief's; the other worker's temporary folder is gone.
+    assert sorted(p.name for p in (run / "stages").iterdir()) == ["00-classification"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.keras", "stage.json", "tensorboard"]
+    assert list(tmp.iterdir()) == []
+    assert json.loads((run / "run.json").read_text())

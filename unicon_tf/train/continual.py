@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.model import model_parts
-from unicon_tf.train.distribute import gather_valid, split_replica_inputs
+from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.metrics import task_metrics
 
@@ -102,7 +102,7 @@ class ContinualModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss / replicas)
         variables = self.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
-        return self._record(loss, terms, targets, outputs)
+        return replica_logs(self._record(loss, terms, targets, outputs))
 
     def _gather(self, inputs, valid, targets, sample_weight, outputs):
         """The global batch's inputs (only when a plugin reads them, else the local ones),
@@ -124,7 +124,8 @@ class ContinualModel(keras.Model):
             terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
             terms[plugin.name] = plugin.penalty(inputs, outputs, per_head)
             loss += terms[plugin.name]
-        return self._record(loss, terms, targets, outputs)
+        logs = self._record(loss, terms, targets, outputs)
+        return logs if valid is None else replica_logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Under a strategy, Keras' fit builds the model by drawing a first batch from a new

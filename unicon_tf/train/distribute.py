@@ -180,9 +180,25 @@ def gather_valid(values, valid):
     """
     context = tf.distribute.get_replica_context()
     flat = [v for v in tf.nest.flatten(values) if v is not None]
-    # One collective per tensor: a batch may not mix host (int32) and device tensors; none takes bool.
-    gathered = [context.all_gather(v, axis=0) for v in [*flat, tf.cast(valid, tf.int32)]]
+    parts = [*flat, tf.cast(valid, tf.int32)]  # collectives take no bool
+    devices = tf.distribute.get_strategy().extended.worker_devices
+    if len(devices) == 1:
+        # One device per worker (MultiWorkerMirroredStrategy): the step's tensors carry no
+        # device, and a collective refuses a tensor without one ("destinations can not be empty").
+        with tf.device(devices[0]):
+            parts = [tf.identity(v) for v in parts]
+    # One collective per tensor: a batch may not mix host (int32) and device tensors.
+    gathered = [context.all_gather(v, axis=0) for v in parts]
     keep = gathered[-1] > 0
     masked = iter([tf.ensure_shape(tf.boolean_mask(v, keep), [None, *local.shape[1:]])
                    for v, local in zip(gathered[:-1], flat)])  # static shapes past the batch axis
     return tf.nest.map_structure(lambda v: None if v is None else next(masked), values)
+
+
+def replica_logs(logs):
+    """A replica step's logs as Keras' multi-worker reduction takes them: it averages each
+    over axis 0 of the replicas' values concatenated, which a scalar does not have, so
+    each becomes a vector of one (the reduced log is a scalar again)."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
