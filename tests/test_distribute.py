@@ -135,3 +135,42 @@ def test_multiworker_stage_resumes_and_only_the_chief_writes(phantom_records, tm
     assert sorted(p.name for p in folder.iterdir()) == ["model.keras", "stage.json", "tensorboard"]
     assert list(tmp.iterdir()) == []
     assert json.loads((run / "run.json").read_text())
+
+
+def test_bfloat16_stage_trains_saves_float32_and_writes_tensorboard(phantom_records, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unicon_tf import serving
+
+    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "alpha": 1.0}]
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, epochs=2)
+    train.train_stage(pipeline, "classification", tmp_path / "run", verbose=0)
+    record = train.train_stage(pipeline, "prognosis", tmp_path / "run", verbose=0, precision="mixed_bfloat16")
+    assert record["spec"]["training"]["precision"] == "mixed_bfloat16"
+    assert all(np.isfinite(v) for epoch in record["history"] for v in epoch.values())
+    folder = tmp_path / "run/stages/01-prognosis"
+    model = keras.models.load_model(folder / "model.keras")
+    assert {layer.compute_dtype for layer in model._flatten_layers()} == {"float32"}  # saved in float32
+    assert {w.dtype for w in model.weights} == {"float32"}
+    before = keras.models.load_model(tmp_path / "run/stages/00-classification/model.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(before.get_weights(), model.get_weights()[:len(before.weights)]))
+    version = serving.export_model(model, tmp_path / "sm", "tiny", version=1)
+    loaded = tf.saved_model.load(str(version))
+    signature = loaded.signatures["serving_default"]
+    assert {spec.dtype for spec in signature.structured_input_signature[1].values()} == {tf.float32}
+    assert {spec.dtype for spec in signature.structured_outputs.values()} <= {tf.float32, tf.int64, tf.int32}
+
+    # TensorBoard: every loss term, plugin term and metric, train and validation, per epoch.
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        events = EventAccumulator(str(folder / "tensorboard" / split), size_guidance={"tensors": 0})
+        events.Reload()
+        tags = set(events.Tags()["tensors"])
+        expected = {f"epoch_{k[len(prefix):]}" for k in record["history"][-1] if k.startswith(prefix)
+                    and (prefix or not k.startswith("val_"))}
+        assert expected <= tags, (split, expected - tags)
+        assert {"epoch_loss", "epoch_prognosis_loss", "epoch_distillation", "epoch_prognosis_c_index"} <= tags
+        losses = events.Tensors("epoch_loss")
+        assert [e.step for e in losses] == [0, 1]
+        assert float(tf.make_ndarray(losses[-1].tensor_proto)) == pytest.approx(record["history"][-1][f"{prefix}loss"],
+                                                                                rel=1e-5)
+    assert "epoch_classification_distillation" in tags  # a plugin's per-head term (validation)
