@@ -30,6 +30,8 @@ setup(
         "pyyaml",
         "matplotlib",
         "tensorflow-serving-api>=2.18,<2.22",
+        # tf.summary's writer, for each stage's TensorBoard event files (tensorflow no longer brings it)
+        "tensorboard>=2.18,<2.22",
     ],
     extras_require={
         # the tests exercise every optional engine, so the test extra installs them all

@@ -15,7 +15,7 @@ import pathlib
 
 import click
 
-from unicon_tf.names import STRATEGIES
+from unicon_tf.names import DISTRIBUTE, PRECISIONS, STRATEGIES
 from unicon_tf.run import BASELINES
 from unicon_tf.version import __version__
 
@@ -156,8 +156,14 @@ def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="First stage only: start from this .keras model instead of a new foundation model.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
+@click.option("--distribute", type=click.Choice(DISTRIBUTE), default=None,
+              help="Override the stage's distribute: mirrored (this host's devices) or multiworker (TF_CONFIG).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Override the stage's precision.")
+@click.option("--profile-batch", default=None, metavar="N|FIRST,LAST",
+              help="TensorBoard profiler: the batch (or range of batches) to profile [default: the stage's, 0].")
 @user_errors
-def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume):
+def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume, distribute,
+          precision, profile_batch):
     """Train one stage of a pipeline, starting from the previous stage's model.
 
     Goes through the same runner as `unicon-tf run` (ExampleGen for `sources` data, then
@@ -170,13 +176,30 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
     pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
     runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name)
     outputs = runner.run(stages=[stage], evaluate=False, strategy=strategy, epochs=epochs,
-                         learning_rate=learning_rate, init=init, resume=resume or None)[stage]
+                         learning_rate=learning_rate, init=init, resume=resume or None, distribute=distribute,
+                         precision=precision, profile_batch=_profile_batch(profile_batch))[stage]
+    if outputs["model"].properties.get("worker"):
+        click.echo(f"stage '{stage}': this worker is done; the chief writes {outputs['model'].uri}")
+        return
     record = StageFolder(outputs["model"].uri).record()
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
     if record.get("selection"):
         click.echo(f"model selection: {record['selection']['reason']}")
+
+
+def _profile_batch(value):
+    """`--profile-batch` as TensorBoard takes it: None, a batch number, or [first, last]."""
+    if value is None:
+        return None
+    try:
+        numbers = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"--profile-batch takes N or FIRST,LAST, got {value!r}") from None
+    if len(numbers) > 2:
+        raise click.BadParameter(f"--profile-batch takes N or FIRST,LAST, got {value!r}")
+    return numbers[0] if len(numbers) == 1 else numbers
 
 
 @main.command()

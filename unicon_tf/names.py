@@ -30,6 +30,12 @@ ASCII file names: no path separator, no leading `.` or `-`, at most 64 character
 STRATEGIES = ("frozen", "adapters", "finetune", "naive")
 """The training strategies a stage may name (see `unicon_tf.train.strategies`)."""
 
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+"""How a stage trains across devices and hosts (see `unicon_tf.train.distribute`)."""
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+"""The Keras dtype policies a stage may train under (see `unicon_tf.train.precision`)."""
+
 
 class InvalidNameError(ValueError):
     """A name that the model, its records, its signatures or its folders cannot hold."""

@@ -9,6 +9,7 @@
                                                     history, teacher, data, the heads so far
     <run>/stages/NN-<stage>/fisher.npz              EWC's accumulated Fisher diagonal
     <run>/stages/NN-<stage>/checkpoint/             while the stage trains (removed at the end)
+    <run>/stages/NN-<stage>/tensorboard/            TensorBoard event files: train/, validation/
     <run>/stages/NN-<stage>/evaluation/             the Evaluator's output: metrics.json,
                                                     blessing.json, predictions/<head>/*.nii.gz
     <run>/evaluation/matrix.json                    the stage x task matrix of the run
@@ -60,6 +61,7 @@ class StageFolder:
         self.model = self.path / "model.keras"
         self.record_file = self.path / "stage.json"
         self.checkpoint = self.path / "checkpoint"
+        self.tensorboard = self.path / "tensorboard"
         self.fisher = self.path / "fisher.npz"
         self.evaluation = self.path / "evaluation"
 

@@ -28,7 +28,7 @@ from unicon_tf.run import Run
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
-UNDEFINING = ("resume", "pipeline")  # parameters that change no result of their own (the stage's are separate)
+UNDEFINING = ("resume", "pipeline", "profile_batch")  # parameters that change no result of their own (the stage's are separate)
 
 
 class LocalRunner:
@@ -63,7 +63,8 @@ class LocalRunner:
             from_stage: run this stage and every later one.
             evaluate: run the Evaluator after each Trainer.
             push: run the Pusher after each Evaluator (needs `evaluate`).
-            **overrides: Trainer parameters (strategy, epochs, learning_rate, init, resume).
+            **overrides: Trainer parameters (strategy, epochs, learning_rate, init, resume,
+                distribute, precision, profile_batch).
 
         Returns:
             `{stage: {output name: Artifact}}` of the stages run: `model`, and with
@@ -108,6 +109,8 @@ class LocalRunner:
                   **{k: v for k, v in overrides.items() if v is not None}}
         folder = self.directory.stage(index, spec.name)
         model = self._run("Trainer", f"Trainer.{spec.name}", inputs, params, folder.path)["model"]
+        if model.properties.get("worker"):
+            return model
         self.directory.mark(index, spec.name, spec.fingerprint(), status="trained",
                       model=str(folder.model.relative_to(self.directory.path)))
         return model
@@ -152,6 +155,8 @@ class LocalRunner:
                   "inputs": {k: a.to_json() for k, a in inputs.items() if a is not None}}
         started = time.time()
         outputs = execute_recorded(run_id, record, verbose=self.verbose)
+        if any(a.properties.get("worker") for a in outputs.values()):
+            return outputs  # not the chief of a multi-worker strategy: it records nothing
         record.update(outputs={k: a.to_json() for k, a in outputs.items()}, seconds=round(time.time() - started, 2))
         self.lineage["executions"][run_id] = record
         self._event(run_id, cached=False)

@@ -17,7 +17,8 @@ SPEC = ComponentSpec(
     name="Trainer",
     inputs={"examples": "Examples", "base_model": "Model?"},
     outputs={"model": "Model"},
-    parameters=("pipeline", "stage", "strategy", "epochs", "learning_rate", "init", "resume"),
+    parameters=("pipeline", "stage", "strategy", "epochs", "learning_rate", "init", "resume", "distribute",
+                "precision", "profile_batch"),
 )
 
 
@@ -34,6 +35,9 @@ def execute(inputs, parameters, context):
                        base=base.uri if base else None, strategy=parameters.get("strategy"),
                        epochs=parameters.get("epochs"), learning_rate=parameters.get("learning_rate"),
                        init=parameters.get("init"), resume=parameters.get("resume", False),
-                       verbose=context.get("verbose", 1))
+                       verbose=context.get("verbose", 1), distribute=parameters.get("distribute"),
+                       precision=parameters.get("precision"), profile_batch=parameters.get("profile_batch"))
+    if not record["chief"]:  # a multi-worker strategy's other worker: the chief writes (and records) the stage
+        return {"model": Artifact("Model", str(out.path), context["id"], "", {"stage": spec.name, "worker": True})}
     return {"model": Artifact("Model", str(out.path), context["id"], sha256(out.model),
                               {"stage": spec.name, "head": record["head"], "strategy": record["strategy"]})}

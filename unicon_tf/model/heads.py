@@ -49,6 +49,12 @@ class Head(keras.layers.Layer):
         """Name of the encoder adapter this head's path uses, or None."""
         return self.name if self.adapter_rank else None
 
+    @property
+    def output_layer(self):
+        """The layer that computes the head's output (logits or risk): its `logits` layer, else
+        its `dense` one. Mixed precision keeps it in float32 (`unicon_tf.train.precision`)."""
+        return self.logits if hasattr(self, "logits") else self.dense
+
     def encoder_features(self, inputs):
         """The encoder's feature maps among the head's inputs (all of them unless it reads volumes)."""
         return inputs

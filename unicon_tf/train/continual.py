@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.model import model_parts
+from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.metrics import task_metrics
 
@@ -72,18 +73,50 @@ class ContinualModel(keras.Model):
 
     def train_step(self, data):
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, valid = split_replica_inputs(inputs)
+        if valid is not None:
+            return self._replica_train_step(inputs, valid, targets, sample_weight)
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
             terms = self._task_terms(targets, outputs, sample_weight)
             terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
         variables = self.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.optimizer.apply(tape.gradient(self.optimizer.scale_loss(loss), variables), variables)
         return self._record(loss, terms, targets, outputs)
+
+    def _replica_train_step(self, inputs, valid, targets, sample_weight):
+        """One replica's step under a `tf.distribute` strategy (see `unicon_tf.train.distribute`).
+
+        Each replica computes the global batch's loss from the gathered outputs and targets
+        (so the Cox risk sets span the global batch) and takes its gradient divided by the
+        replicas in sync: the optimizer sums the replicas' gradients.
+        """
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            local = self(inputs, training=True)
+            inputs, targets, sample_weight, outputs = self._gather(inputs, valid, targets, sample_weight, local)
+            terms = self._task_terms(targets, outputs, sample_weight)
+            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
+            loss = tf.add_n(list(terms.values()))
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        return replica_logs(self._record(loss, terms, targets, outputs))
+
+    def _gather(self, inputs, valid, targets, sample_weight, outputs):
+        """The global batch's inputs (only when a plugin reads them, else the local ones),
+        targets, sample weights and outputs, on every replica."""
+        reads_inputs = any(p.heads for p in self.plugins)
+        gathered = gather_valid((inputs if reads_inputs else None, targets, sample_weight, outputs), valid)
+        return (gathered[0] if reads_inputs else inputs,) + tuple(gathered[1:])
 
     def test_step(self, data):
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, valid = split_replica_inputs(inputs)
         outputs = self(inputs, training=False)
+        if valid is not None:
+            inputs, targets, sample_weight, outputs = self._gather(inputs, valid, targets, sample_weight, outputs)
         terms = self._task_terms(targets, outputs, sample_weight)
         loss = tf.add_n(list(terms.values()))
         for plugin in self.plugins:
@@ -91,7 +124,18 @@ class ContinualModel(keras.Model):
             terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
             terms[plugin.name] = plugin.penalty(inputs, outputs, per_head)
             loss += terms[plugin.name]
-        return self._record(loss, terms, targets, outputs)
+        logs = self._record(loss, terms, targets, outputs)
+        return logs if valid is None else replica_logs(logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Under a strategy, Keras' fit builds the model by drawing a first batch from a new
+        iterator, which reshuffles the data relative to one device. The network is built
+        already; only the optimizer's variables remain, built here in the strategy's scope."""
+        if self._distribute_strategy is None:
+            return
+        with self.distribute_strategy.scope():
+            if not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
 
     def _record(self, loss, terms, targets, outputs):
         self.loss_tracker.update_state(loss)

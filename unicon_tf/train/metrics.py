@@ -72,9 +72,13 @@ class ConcordanceIndex(keras.metrics.Metric):
     def __init__(self, capacity=4096, name="c_index", **kwargs):
         super().__init__(name=name, **kwargs)
         self.capacity = int(capacity)
-        self.survival = self.add_variable(shape=(self.capacity, 2), initializer="zeros", name="survival")
-        self.risk = self.add_variable(shape=(self.capacity,), initializer="zeros", name="risk")
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="count")
+        # Under tf.distribute every replica holds the same (gathered) examples: keep the
+        # first replica's, not the sum of all (the default aggregation of metric variables).
+        first = "only_first_replica"
+        self.survival = self.add_variable(shape=(self.capacity, 2), initializer="zeros", name="survival",
+                                          aggregation=first)
+        self.risk = self.add_variable(shape=(self.capacity,), initializer="zeros", name="risk", aggregation=first)
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="count", aggregation=first)
 
     def update_state(self, survival, risk, sample_weight=None):
         survival = ops.cast(ops.reshape(survival, (-1, 2)), "float32")

@@ -34,6 +34,8 @@ import yaml
 from unicon_tf.model.foundation import VIT_OPTIONS, task_head
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
+from unicon_tf.train.distribute import check_distribute
+from unicon_tf.train.precision import check_precision
 from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
@@ -53,6 +55,9 @@ TRAINING_DEFAULTS = {
     "augment": True,
     "seed": 0,
     "cache_features": True,  # frozen: train the new head on cached encoder features
+    "distribute": "none",  # none | mirrored | multiworker (unicon_tf.train.distribute)
+    "precision": "float32",  # float32 | mixed_float16 | mixed_bfloat16 (unicon_tf.train.precision)
+    "profile_batch": 0,  # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
 }
@@ -345,8 +350,13 @@ def _check_training(where, training):
     """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
     try:
         check_strategy(training["strategy"])
+        check_distribute(training["distribute"])
+        check_precision(training["precision"])
     except ValueError as error:
         raise PipelineError(f"{where}: {error}") from error
+    if not _profile_batch_ok(training["profile_batch"]):
+        raise PipelineError(f"{where}: profile_batch = {training['profile_batch']!r} is not a batch number >= 0 "
+                            "or a pair [first, last] of batch numbers >= 1.")
     rules = {
         "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
         "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
@@ -366,6 +376,16 @@ def _check_training(where, training):
         raise PipelineError(f"{where}: patience must be a whole number of epochs >= 1, got {patience!r}.")
     if training["monitor"] not in ("metric", "loss"):
         raise PipelineError(f"{where}: monitor must be 'metric' or 'loss', got {training['monitor']!r}.")
+
+
+def _profile_batch_ok(value):
+    """Whether `value` is what Keras' TensorBoard callback takes as `profile_batch`."""
+    def batch(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(batch(v) and v >= 1 for v in value) and value[0] <= value[1]
+    return batch(value) and value >= 0
 
 
 def with_overrides(stage, **overrides):

@@ -8,6 +8,7 @@ trains. A finished stage is never overwritten. `train_stage` does this inside a 
 directory (`unicon_tf.run.Run`), `fit_stage` for any pair of folders (the Trainer).
 """
 
+import contextlib
 import datetime
 import json
 import shutil
@@ -23,8 +24,10 @@ from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
 from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
+from unicon_tf.train.distribute import chief_folder, get_strategy, release_folder, replica_batches
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.plugins import EWC, Distillation, WeightPenalty, load_fisher
+from unicon_tf.train.precision import optimizer_for, set_precision
 from unicon_tf.train.selection import Selection
 from unicon_tf.train.strategies import configure_trainable, set_trainable, shared_trainable_variables
 from unicon_tf.version import __version__
@@ -35,7 +38,8 @@ class TrainingError(RuntimeError):
 
 
 def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_rate=None, init=None,
-                resume=False, data_root=None, callbacks=(), verbose=1):
+                resume=False, data_root=None, callbacks=(), verbose=1, distribute=None, precision=None,
+                profile_batch=None):
     """Train stage `stage` of `pipeline` into its folder of `run_dir`; return its record.
 
     The previous stage must be trained in the same run directory, from the same
@@ -46,6 +50,9 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         stage: the stage's name.
         run_dir: the run directory.
         strategy, epochs, learning_rate: override the pipeline's values for this stage.
+        distribute, precision, profile_batch: override the stage's `distribute` (`none`,
+            `mirrored`, `multiworker`), `precision` (`float32`, `mixed_float16`,
+            `mixed_bfloat16`) and TensorBoard `profile_batch`.
         init: for the first stage, a `.keras` model to start from instead of `foundation`.
         resume: continue an interrupted stage from its last epoch checkpoint.
         data_root: resolve the pipeline's relative data paths against this folder.
@@ -66,34 +73,46 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     if not isinstance(pipeline, PipelineSpec):
         pipeline = load_pipeline(pipeline, data_root=data_root)
     index, spec = pipeline.stage(stage)
-    with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate)  # bad values: refused first
+    overrides = dict(strategy=strategy, epochs=epochs, learning_rate=learning_rate, distribute=distribute,
+                     precision=precision, profile_batch=profile_batch)
+    with_overrides(spec, **overrides)  # bad values: refused first
     run = Run.create(run_dir, pipeline.name, pipeline.path)
     base = None
     if index > 0:
         previous = pipeline.stages[index - 1]
         base = run.trained_stage(index - 1, previous.name, previous.fingerprint())
     out = run.stage(index, spec.name)
-    record = fit_stage(pipeline, stage, out, base=base, strategy=strategy, epochs=epochs,
-                      learning_rate=learning_rate, init=init, resume=resume, callbacks=callbacks, verbose=verbose)
-    run.mark(index, spec.name, spec.fingerprint(), status="trained", model=str(out.model.relative_to(run.path)))
+    record = fit_stage(pipeline, stage, out, base=base, init=init, resume=resume, callbacks=callbacks,
+                       verbose=verbose, **overrides)
+    if record["chief"]:
+        run.mark(index, spec.name, spec.fingerprint(), status="trained", model=str(out.model.relative_to(run.path)))
     return record
 
 
 def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learning_rate=None, init=None,
-              resume=False, callbacks=(), verbose=1):
+              resume=False, callbacks=(), verbose=1, distribute=None, precision=None, profile_batch=None):
     """Train stage `stage` of `pipeline` into the folder `out`, starting from the folder `base`.
 
     What the Trainer component runs: it needs no run directory, only the previous
     stage's folder (`base`, whose model it expands; its frozen copy is the teacher) and
     the stage's data (`spec.data`). The folder gets `model.keras`, `stage.json` and, for
-    EWC, `fisher.npz`; a checkpoint after every epoch while it trains.
+    EWC, `fisher.npz`; a checkpoint after every epoch while it trains; TensorBoard event
+    files under `tensorboard/` (`train/` and `validation/`: every loss term, plugin term
+    and metric per epoch).
+
+    Under `distribute: mirrored | multiworker` the network is loaded, built and trained in
+    the strategy's scope (`unicon_tf.train.distribute`); only the chief writes into `out`,
+    other workers into a temporary folder removed at the end. Under a mixed `precision`
+    the network trains with that dtype policy and is saved in float32
+    (`unicon_tf.train.precision`).
 
     Args:
         pipeline: a `PipelineSpec`.
         stage: the stage's name.
         out: the stage's folder (a `StageFolder` or path); must not hold a trained stage.
         base: the previous stage's folder (`StageFolder` or path); None for the first stage.
-        strategy, epochs, learning_rate, init, resume, callbacks, verbose: see `train_stage`.
+        strategy, epochs, learning_rate, init, resume, callbacks, verbose, distribute, precision,
+            profile_batch: see `train_stage`.
 
     Returns:
         The record written to `stage.json`: `stage`, `index`, `fingerprint` (of the
@@ -101,9 +120,10 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         so far: `head`, `task`, `data`), `spec`, `strategy`, `plugins`, `cached_features`,
         `teacher` (`stage`, `model`, `sha256`; or `init`, `sha256`; or None), `data` (`path`,
         `fingerprint`), `history` (per-epoch logs), `train_seconds`, `finished`, versions
-        (`unicon_tf`, `tensorflow`, `keras`), `fisher` (file name or None) and
-        `selection` (the epoch kept, the monitored value and why training stopped: see
-        `unicon_tf.train.selection.Selection.record`).
+        (`unicon_tf`, `tensorflow`, `keras`), `fisher` (file name or None), `replicas`
+        (in sync) and `selection` (the epoch kept, the monitored value and why training
+        stopped: see `unicon_tf.train.selection.Selection.record`); the returned dict adds
+        `chief` (whether this process wrote `out`).
 
     Raises:
         StageError: `out` already holds a trained stage (never overwritten), or an
@@ -116,8 +136,10 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     """
     index, spec = pipeline.stage(stage)
     fingerprint = spec.fingerprint()
-    spec = with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate)
+    spec = with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate, distribute=distribute,
+                          precision=precision, profile_batch=profile_batch)
     hp = spec.training
+    distribution = get_strategy(hp["distribute"])  # first: a multi-worker strategy must precede any TF op
     out = out if isinstance(out, StageFolder) else StageFolder(out)
     if out.model.exists():
         raise StageError(f"Stage '{spec.name}' is already trained in {out.path}; it is never overwritten: "
@@ -128,9 +150,27 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     if init is not None and index > 0:
         raise StageError("--init applies to the first stage only; later stages start from the previous one.")
     base, base_record = _base(pipeline, index, base)
+    written = StageFolder(chief_folder(out.path, distribution)) if distribution else out
+    try:
+        with distribution.scope() if distribution else contextlib.nullcontext():
+            record = _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume,
+                          callbacks, verbose, distribution)
+    finally:
+        release_folder(written.path, out.path)
+    return record
 
+
+def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume, callbacks, verbose,
+         distribution):
+    """`fit_stage`'s work once its arguments are checked (in the strategy's scope, if any):
+    reads `out` (the checkpoint to resume), writes `written` (`out` on the chief)."""
+    hp = spec.training
     keras.utils.set_random_seed(hp["seed"])
     network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
+    if hp["precision"] != "float32":
+        set_precision(network, hp["precision"])
+        if teacher is not None:
+            set_precision(teacher, hp["precision"])
     head = spec.head or _newest_head(network)
     head_layer = model_parts(network)["heads"][head]
     configure_trainable(network, head_layer.stage, hp["strategy"])
@@ -153,7 +193,17 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
     selection = _selection(spec, head, "val" in schema["splits"])
     trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data)
-    trainer.compile(optimizer=keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"]))
+    optimizer = keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"])
+    trainer.compile(optimizer=optimizer_for(hp["precision"], optimizer))
+    steps = lambda epoch: {}  # noqa: E731
+    if distribution:
+        local_train, local_val = train_data, val_data
+        train_data = lambda epoch: replica_batches(distribution, lambda: local_train(epoch))  # noqa: E731
+        val_data = None if local_val is None else replica_batches(distribution, lambda: local_val)
+        # Known step counts: a step past the data's end would still update the metrics' counts.
+        steps = lambda epoch: {"steps_per_epoch": int(local_train(epoch).cardinality()),  # noqa: E731
+                               "validation_steps": None if local_val is None else int(local_val.cardinality())}
+    board = keras.callbacks.TensorBoard(written.tensorboard, profile_batch=hp["profile_batch"], write_graph=False)
 
     checkpoint = out.checkpoint
     state = {"epoch": 0, "history": []}
@@ -168,7 +218,8 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         if selection.stop():  # stopped early before an interruption
             break
         trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
-                    callbacks=[_StopAfterOneEpoch(), guard, *callbacks], verbose=verbose, shuffle=False)
+                    callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=verbose, shuffle=False,
+                    **steps(epoch))
         logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
         failure = guard.failure
         problem = (f"the loss became {failure['loss']} at epoch {epoch + 1}, step {failure['step']} (optimizer "
@@ -181,19 +232,21 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
                 "rerun with --resume.")
         best = val_data is not None and selection.update(epoch + 1, logs)
         state = {"epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
-        _save_checkpoint(checkpoint, network, trainer, state, best=best)
+        _save_checkpoint(written.checkpoint, network, trainer, state, best=best, resumed_from=checkpoint)
         if verbose and val_data is not None:
             print(f"epoch {epoch + 1}: {selection.key} {logs[selection.key]:.4f}" + (
                 " (best so far)" if best else f" (best: epoch {selection.best_epoch}, {selection.best})"))
 
     selected = selection.record(state["epoch"])
     if selected["epoch"] != state["epoch"]:
-        network.load_weights(checkpoint / BEST_WEIGHTS)
+        network.load_weights(next(folder / BEST_WEIGHTS for folder in (written.checkpoint, checkpoint)
+                                  if (folder / BEST_WEIGHTS).exists()))
     if verbose and val_data is not None:
         print(f"stage '{spec.name}': {selected['reason']}")
     for plugin in plugins:
-        plugin.end_stage(network, head, make_data(0, augment=False, shuffle=False, batch_size=1), out)
+        plugin.end_stage(network, head, make_data(0, augment=False, shuffle=False, batch_size=1), written)
     set_trainable(network, True)  # the saved model carries no freezing
+    set_precision(network, "float32")  # the saved model computes in float32 (its variables are float32)
     data = {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)}
     earlier = base_record["heads"] if base_record else []
     record = {
@@ -206,12 +259,13 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         "history": state["history"], "train_seconds": round(time.time() - started, 2),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-        "fisher": out.fisher.name if out.fisher.exists() else None, "selection": selected,
+        "fisher": written.fisher.name if written.fisher.exists() else None,
+        "replicas": distribution.num_replicas_in_sync if distribution else 1, "selection": selected,
     }
-    save_model_atomic(network, out.model)
-    out.write_record(record)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return record
+    save_model_atomic(network, written.model)
+    written.write_record(record)
+    shutil.rmtree(written.checkpoint, ignore_errors=True)
+    return {**record, "chief": written.path == out.path}
 
 
 def _selection(spec, head, has_val, state=None):
@@ -405,19 +459,23 @@ BEST_WEIGHTS = "best.weights.h5"
 """In a checkpoint: the network's weights at the best validation epoch so far."""
 
 
-def _save_checkpoint(directory, network, trainer, state, best=False):
+def _save_checkpoint(directory, network, trainer, state, best=False, resumed_from=None):
     """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
 
     Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
     `best`: this epoch is the best on validation so far, so its weights become
-    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over.
+    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over: `directory`'s,
+    or on a first save the checkpoint the run resumed from (`resumed_from`: the chief's,
+    when this worker writes into a temporary folder).
     """
+    carried = next((folder / BEST_WEIGHTS for folder in (directory, resumed_from)
+                    if folder is not None and (folder / BEST_WEIGHTS).exists()), None)
     with atomic_folder(directory, replace=True) as partial:
         network.save_weights(partial / "network.weights.h5")
         if best:
             shutil.copy2(partial / "network.weights.h5", partial / BEST_WEIGHTS)
-        elif (directory / BEST_WEIGHTS).exists():
-            shutil.copy2(directory / BEST_WEIGHTS, partial / BEST_WEIGHTS)
+        elif carried is not None:
+            shutil.copy2(carried, partial / BEST_WEIGHTS)
         store = {}
         trainer.optimizer.save_own_variables(store)
         np.savez(partial / "optimizer.npz", **store)
