@@ -18,11 +18,10 @@ from unicon_tf.train.strategies import configure_trainable
 
 OPTIONS = {
     "adapters_level2_no_shortcuts": dict(adapters=2, adapter_levels=[2], adapter_shortcuts=False),
-    "path_norm": dict(path_norm=True),
-    "path_norm_adapters_start1": dict(adapters=2, path_norm=True, adapter_start=1),
+    "path_norm_start1": dict(path_norm=True, adapter_start=1),
     "side_encoder": dict(side_encoder=4),
-    "side_encoder_adapters": dict(adapters=2, side_encoder=4),
 }
+ALL = dict(adapters=2, adapter_levels=[1, 2], path_norm=True, side_encoder=4)
 
 
 def base_model():
@@ -42,30 +41,40 @@ def train_new_head(model, head, volumes, strategy, steps=2):
     trainer.fit(data, epochs=1, verbose=0)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_old_heads_bit_identical_after_expand_training_saving_and_export(name, volumes, tmp_path):
-    options = OPTIONS[name]
+def strategy_for(options):
+    return "adapters" if options.get("adapters") or options.get("path_norm") else "frozen"
+
+
+def expanded_and_trained(options, volumes):
+    """(model, old outputs, outputs after expand, outputs after training), old heads checked."""
     model = base_model()
     before = run(model, volumes)
     old_weights = {w.path: np.array(w) for w in model.weights}
     model = unicon_tf.expand(model, task="segmentation", **options)
     expanded = run(model, volumes)
-    for head, value in before.items():
-        np.testing.assert_array_equal(expanded[head], value)
-
-    strategy = "adapters" if options.get("adapters") or options.get("path_norm") else "frozen"
-    train_new_head(model, "segmentation", volumes, strategy)
+    train_new_head(model, "segmentation", volumes, strategy_for(options))
     trained = run(model, volumes)
     for head, value in before.items():
+        np.testing.assert_array_equal(expanded[head], value)
         np.testing.assert_array_equal(trained[head], value)
     assert np.max(np.abs(trained["segmentation"] - expanded["segmentation"])) > 0  # the new head did train
     for weight in model.weights:  # every variable that existed before is untouched
         if weight.path in old_weights:
             np.testing.assert_array_equal(np.array(weight), old_weights[weight.path], err_msg=weight.path)
+    return model, trained
 
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_each_option_keeps_old_heads_bit_identical_through_expand_and_training(name, volumes):
+    expanded_and_trained(OPTIONS[name], volumes)
+
+
+def test_all_options_through_saving_export_and_a_later_stage(volumes, tmp_path):
+    model, trained = expanded_and_trained(ALL, volumes)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert unicon_tf.describe(loaded)["heads"]["segmentation"] == unicon_tf.describe(model)["heads"]["segmentation"]
+    assert unicon_tf.describe(loaded)["encoder"]["path_norms"] == unicon_tf.describe(model)["encoder"]["path_norms"]
     reloaded = run(loaded, volumes)
     for head, value in trained.items():
         np.testing.assert_array_equal(reloaded[head], value)
@@ -78,9 +87,8 @@ def test_old_heads_bit_identical_after_expand_training_saving_and_export(name, v
     np.testing.assert_allclose(served["segmentation_probabilities"].numpy(),
                                tf.nn.softmax(trained["segmentation"]).numpy(), atol=1e-5)
 
-    # A later stage (a PET path with the same option) leaves this stage's head bit-identical too.
-    grown = unicon_tf.expand(loaded, modality="pet", task="segmentation", **options)
-    train_new_head(grown, "segmentation_ctpet", volumes, strategy)
+    # A later stage's path with the same options leaves this stage's head bit-identical too.
+    grown = unicon_tf.expand(loaded, modality="pet", task="segmentation", **ALL)
     after = run(grown, volumes)
     for head, value in trained.items():
         np.testing.assert_array_equal(after[head], value)
