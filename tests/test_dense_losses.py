@@ -53,6 +53,26 @@ def test_lesion_weighting_gives_each_lesion_half_its_patients_weight():
     assert float(dice_ce_loss(mask, logits, dice="per_patient", ce_weighting="lesion")) > plain + 1.0
 
 
+def test_trainer_uses_the_stage_loss_options():
+    import keras
+
+    import unicon_tf
+    from unicon_tf.train.continual import ContinualModel
+
+    network = unicon_tf.foundation((8, 8, 8), task="segmentation", width=4, depth=2)
+    mask, logits = masks_and_logits()
+    x = {"ct": np.random.default_rng(0).normal(size=(2, 8, 8, 8, 1)).astype("float32")}
+    losses = {}
+    for dice in ("pooled", "per_patient"):
+        trainer = ContinualModel(network, {"segmentation": "segmentation"},
+                                 loss_options={"segmentation": {"dice": dice}})
+        trainer.compile(optimizer=keras.optimizers.AdamW(1e-3))
+        losses[dice] = trainer.evaluate(x, {"segmentation": mask.numpy()}, verbose=0, return_dict=True)["loss"]
+        expected = dice_ce_loss(mask, network(x)["segmentation"], dice=dice)
+        assert losses[dice] == pytest.approx(float(expected), rel=1e-5)
+    assert losses["pooled"] != losses["per_patient"]
+
+
 def test_loss_options_are_checked():
     with pytest.raises(ValueError, match=r"loss option dice = 'mean' is not one of \['pooled', 'per_patient'\]"):
         check_loss_options("segmentation", {"dice": "mean"})

@@ -113,6 +113,20 @@ def test_adapter_levels_and_shortcuts_choose_the_layers():
     assert sum("gamma" in p for p in encoder_trainable) == 2
 
 
+def test_shortcut_convolutions_can_be_left_without_adapters():
+    """The built-in encoder's blocks have no 1x1x1 shortcut (its stride-2 convolutions change
+    the channels); a backbone whose first block changes them has one."""
+    from unicon_tf.model import SharedEncoder, residual_backbone
+
+    encoder = SharedEncoder(residual_backbone(input_channels=4, width=8, depth=2))
+    encoder(np.zeros((1, 8, 8, 8, 4), "float32"))
+    encoder.add_adapter("with", rank=2)
+    encoder.add_adapter("without", rank=2, shortcuts=False)
+    layers = {layer.name: layer for layer in encoder.adaptable_layers}
+    assert "with" in layers["level0_shortcut"].adapters and "without" not in layers["level0_shortcut"].adapters
+    assert all("without" in layer.adapters for name, layer in layers.items() if name != "level0_shortcut")
+
+
 def test_fresh_path_options_start_as_the_base_path(volumes):
     """Fresh adapters, norm copies and zero-initialised side projections: the new head reads
     exactly the features the base path computes."""
