@@ -22,12 +22,17 @@ import re
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
+FOLDER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Pipeline, stage and served-model names: they name folders (`stages/NN-<stage>/`,
+`saved_models/<model>/`), lineage ids, KFP tasks and TF Serving URLs, so they are plain
+ASCII file names: no path separator, no leading `.` or `-`, at most 64 characters."""
+
 STRATEGIES = ("frozen", "adapters", "finetune", "naive")
 """The training strategies a stage may name (see `unicon_tf.train.strategies`)."""
 
 
 class InvalidNameError(ValueError):
-    """A modality or head name that the model, its records or its signatures cannot hold."""
+    """A name that the model, its records, its signatures or its folders cannot hold."""
 
 
 def suggest_name(name):
@@ -59,4 +64,34 @@ def check_name(name, kind):
         raise InvalidNameError(
             f"{kind} name {name!r} is not allowed: use a lower-case letter, then lower-case "
             f"letters, digits or '_' (at most 64 characters), e.g. {suggest_name(name)!r}")
+    return name
+
+
+def check_folder_name(name, kind):
+    """Return `name` if it is a valid pipeline, stage or served-model name, else raise.
+
+    Args:
+        name: the name to check.
+        kind: what it names, for the message (`"stage"`, `"pipeline"`, `"model"`).
+
+    Returns:
+        `name`, unchanged.
+
+    Raises:
+        InvalidNameError: `name` does not match `FOLDER_NAME_PATTERN` (a letter or digit,
+            then letters, digits, `_`, `-` or `.`, at most 64 characters).
+
+    Example:
+    >>> check_folder_name("Seg-2", "stage")
+    'Seg-2'
+    >>> check_folder_name("../seg", "stage")
+    Traceback (most recent call last):
+    ...
+    unicon_tf.names.InvalidNameError: stage name '../seg' is not allowed: it names a folder, so use a letter or digit, then letters, digits, '_', '-' or '.' (at most 64 characters), e.g. 'seg'
+    """
+    if not isinstance(name, str) or not FOLDER_NAME_PATTERN.fullmatch(name):
+        suggestion = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).lstrip("._-")[:64] or "x"
+        raise InvalidNameError(
+            f"{kind} name {name!r} is not allowed: it names a folder, so use a letter or digit, then letters, "
+            f"digits, '_', '-' or '.' (at most 64 characters), e.g. {suggestion!r}")
     return name

@@ -4,7 +4,7 @@ Columns:
 
 | column             | required | meaning                                                      |
 |--------------------|----------|--------------------------------------------------------------|
-| `patient_id`       | yes      | unique identifier                                            |
+| `patient_id`       | yes      | unique identifier, a file name (no `/`, `\`, `..`)           |
 | `split`            | yes      | `train`, `val` or `test`                                     |
 | `ct`, `pet`…       | >= 1     | path of a 3D NIfTI image per modality (relative paths are    |
 |                    |          | relative to the manifest's folder)                           |
@@ -42,7 +42,7 @@ import io
 import pathlib
 
 from unicon_tf.data.errors import DataError, no_usable_patient
-from unicon_tf.data.suv import F18_HALF_LIFE_S, delay_seconds, suv_bw_factor
+from unicon_tf.data.suv import F18_HALF_LIFE_S, SUVInputError, delay_seconds, suv_bw_factor
 from unicon_tf.names import InvalidNameError, check_name
 
 SPLITS = ("train", "val", "test")
@@ -52,6 +52,9 @@ SUV_MODALITY = "pet"
 SUV_COLUMNS = ("weight_kg", "injected_dose_bq", "injection_time", "acquisition_time", "scan_delay_s", "half_life_s")
 SCALE_SUFFIX = "_scale"
 NUMERIC_COLUMNS = ("label", "time", "event", "weight_kg", "injected_dose_bq", "scan_delay_s", "half_life_s")
+STRAY = None
+"""Row key of the filled cells that have no column name (as `csv.DictReader`'s `restkey`):
+an unquoted separator inside a cell (`12,5` in a `,` file) shifts the cells after it."""
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz")
 """File names nibabel reads as 3D images; a column whose cells name none of them is no image."""
 
@@ -162,7 +165,11 @@ def read_manifest(path, modalities=None, skip_bad=False):
 
 
 def _read_table(path):
-    """Header cells (trimmed), rows (`{column: trimmed cell}`, wholly empty rows dropped) and their line numbers."""
+    """Header cells (trimmed), rows (`{column: trimmed cell}`, wholly empty rows dropped) and their line numbers.
+
+    A row's filled cells under no header name (beyond the header, or under a blank header
+    cell) are kept as `row[STRAY]`, `{1-based column number: cell}`, for `_patient` to refuse.
+    """
     if not path.is_file():
         raise DataError("manifest file does not exist", file=path)
     try:
@@ -185,7 +192,8 @@ def _read_table(path):
         cells = [cell.strip() for cell in cells]
         if any(cells):
             row = {c: (cells[i] if i < len(cells) else "") for i, c in enumerate(columns) if c}
-            rows.append({**row, **{c: row[c].replace(",", ".") for c in numeric}})
+            stray = {i + 1: cell for i, cell in enumerate(cells) if cell and (i >= len(columns) or not columns[i])}
+            rows.append({**row, **{c: row[c].replace(",", ".") for c in numeric}, **({STRAY: stray} if stray else {})})
             lines.append(reader.line_num)
     return columns, rows, lines
 
@@ -255,6 +263,13 @@ def _patient(row, line, path, modalities, targets, required, scaling):
 
     if not pid:
         fail("patient_id is empty", "patient_id")
+    if row.get(STRAY):
+        number, cell = next(iter(row[STRAY].items()))
+        fail(f"column {number} holds '{cell}' but has no name in the header: is a separator unquoted inside a "
+             f"cell (a decimal comma, a comma in a path)? quote that cell", f"column {number}")
+    if _file_name_unsafe(pid):
+        fail(f"patient_id {pid!r} cannot name a file (it names the patient's label maps): no '/', '\\', "
+             "control characters, '.' or '..'", "patient_id")
     if row.get("split") not in SPLITS:
         fail(f"split must be one of {list(SPLITS)}, got '{row.get('split')}'", "split")
     for column in required:
@@ -286,6 +301,12 @@ def _patient(row, line, path, modalities, targets, required, scaling):
     return Patient(patient_id=pid, split=row["split"], **values)
 
 
+def _file_name_unsafe(patient_id):
+    """Whether `patient_id` is no plain file name (a path separator, a control character, `.`, `..`)."""
+    return (patient_id in (".", "..") or any(c in "/\\" for c in patient_id)
+            or not patient_id.isprintable())
+
+
 def _scale(row, modality, how, fail):
     """This row's factor on `modality`: its `<modality>_scale` cell or its SUVbw factor."""
     column = f"{modality}{SCALE_SUFFIX}"
@@ -302,14 +323,15 @@ def _scale(row, modality, how, fail):
             delay = delay_seconds(row["injection_time"], row["acquisition_time"])
         except ValueError as error:
             fail(f"injection_time/acquisition_time: {error}", "injection_time")
-    for column, value in numbers.items():
-        if not value >= 0 if column == "scan_delay_s" else not value > 0:
-            fail(f"{column} must be {'>= 0' if column == 'scan_delay_s' else '> 0'}, got {row[column]}", column)
-    if delay < 0:
-        fail(f"acquisition_time '{row['acquisition_time']}' is before injection_time '{row['injection_time']}'",
-             "acquisition_time")
-    return suv_bw_factor(numbers["weight_kg"], numbers["injected_dose_bq"], delay,
-                         numbers.get("half_life_s", F18_HALF_LIFE_S))
+        if delay < 0:
+            fail(f"acquisition_time '{row['acquisition_time']}' is before injection_time '{row['injection_time']}'",
+                 "acquisition_time")
+    try:
+        return suv_bw_factor(numbers["weight_kg"], numbers["injected_dose_bq"], delay,
+                             numbers.get("half_life_s", F18_HALF_LIFE_S))
+    except SUVInputError as error:
+        delay_field = "acquisition_time" if row.get("injection_time") else "scan_delay_s"
+        fail(str(error), delay_field if error.field == "scan_delay_s" else error.field)
 
 
 def _number(text, kind, fail, field):

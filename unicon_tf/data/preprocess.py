@@ -139,6 +139,8 @@ def load_volume(path, patient=None, field=None):
     as some converters write) is read as 3D; a series of several volumes is refused. When
     the header's sform and qform both apply but place the image differently (by more than
     a tenth of a voxel), a `DataWarning` names the file; the sform is used, as nibabel does.
+    A header with neither an sform nor a qform code (position guessed from pixdim) also
+    warns.
 
     Args:
         path: the NIfTI file.
@@ -149,7 +151,7 @@ def load_volume(path, patient=None, field=None):
         `(data, affine)`: float32 array `(X, Y, Z)` in RAS voxel order and its 4x4 affine.
 
     Raises:
-        DataError: unreadable or truncated file, not one 3D volume, NaN/Inf voxels, or an
+        DataError: unreadable or truncated file, not one 3D volume, an empty dimension, NaN/Inf voxels, or an
             affine that is not finite or singular (the message says which header field).
     """
 
@@ -170,12 +172,18 @@ def load_volume(path, patient=None, field=None):
         raise fail(f"the affine ({source}) is singular (a zero voxel size or collapsed axes): "
                    f"{np.asarray(affine).round(3).tolist()}")
     _warn_if_sform_and_qform_disagree(image, path)
+    if source.startswith("pixdim"):
+        warnings.warn(f"{path}: the header has no sform or qform code, so the image's position and orientation "
+                      "in world space are a guess from its voxel sizes (pixdim); masks and other modalities "
+                      "are aligned to it only if they were written the same way", DataWarning, stacklevel=2)
     if len(shape) > 3 and all(size == 1 for size in shape[3:]):
         shape = shape[:3]
     if len(shape) != 3:
         series = len(shape) > 3 and all(size == 1 for size in shape[4:])
         raise fail(f"expected a 3D image, got a series of {shape[3]} volumes (shape {shape})" if series else
                    f"expected a 3D image, got {len(shape)}D with shape {shape}")
+    if 0 in shape:
+        raise fail(f"the image is empty: a dimension of size 0 (shape {shape})")
     try:
         image = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:3])

@@ -43,7 +43,8 @@ def read_state_dict(path, format=None):
         format: `safetensors` or `npz`; default from the file's suffix.
 
     Raises:
-        PretrainedWeightsError: a missing file, an unknown format, or `safetensors` not installed.
+        PretrainedWeightsError: a missing, unreadable or truncated file, an unknown format,
+            `safetensors` not installed, or a tensor holding NaN or Inf (each named).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -52,15 +53,26 @@ def read_state_dict(path, format=None):
     if format not in FORMATS:
         raise PretrainedWeightsError(f"{path}: unknown weights format '{format}': expected one of {list(FORMATS)} "
                                      "(convert a PyTorch checkpoint with safetensors.torch.save_file).")
-    if format == "npz":
-        with np.load(path) as archive:
-            return {key: np.asarray(archive[key], np.float32) for key in archive.files}
+    if format == "safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as error:
+            raise PretrainedWeightsError(f"{path}: reading .safetensors needs the 'safetensors' package "
+                                         "(pip install safetensors), or give the state dict as .npz.") from error
     try:
-        from safetensors.numpy import load_file
-    except ImportError as error:
-        raise PretrainedWeightsError(f"{path}: reading .safetensors needs the 'safetensors' package "
-                                     "(pip install safetensors), or give the state dict as .npz.") from error
-    return {key: np.asarray(value, np.float32) for key, value in load_file(str(path)).items()}
+        if format == "npz":
+            with np.load(path) as archive:
+                state = {key: np.asarray(archive[key], np.float32) for key in archive.files}
+        else:
+            state = {key: np.asarray(value, np.float32) for key, value in load_file(str(path)).items()}
+    except Exception as error:  # numpy and safetensors raise many types for a corrupt or truncated file
+        raise PretrainedWeightsError(f"{path}: unreadable or truncated {format} state dict "
+                                     f"({type(error).__name__}: {error}).") from error
+    bad = sorted(key for key, value in state.items() if not np.all(np.isfinite(value)))
+    if bad:
+        raise PretrainedWeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or Inf: {', '.join(bad[:5])}"
+                                     f"{' ...' if len(bad) > 5 else ''}.")
+    return state
 
 
 def load_pretrained(model_or_encoder, path, format=None, strict=True):

@@ -33,7 +33,7 @@ import tensorflow as tf
 from unicon_tf.data.records import read_schema
 from unicon_tf.files import atomic_folder, write_text_atomic
 from unicon_tf.model import model_parts, non_finite_weights
-from unicon_tf.names import InvalidNameError, check_name
+from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.run import Evaluation, Run, StageFolder
 
 PARITY_TOLERANCE = 1e-5
@@ -200,10 +200,15 @@ def export_model(model, base, model_name, metadata=None, version=None, parity_ba
         The version folder's path.
 
     Raises:
-        ExportError: a modality or head name a signature cannot hold, non-finite weights,
+        ExportError: a modality or head name a signature cannot hold, a `model_name` that
+            cannot name a folder (`unicon_tf.names.check_folder_name`), non-finite weights,
             the version exists, or a signature disagrees with the Keras model.
     """
     check_exportable(model)
+    try:
+        check_folder_name(model_name, "model")
+    except InvalidNameError as error:
+        raise ExportError(f"cannot export under {base}: {error}") from error
     model_dir = pathlib.Path(base) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     version, claim = _claim_version(model_dir, version)

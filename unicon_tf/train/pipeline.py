@@ -38,7 +38,7 @@ import yaml
 from unicon_tf.data.sampling import check_sampling_options
 from unicon_tf.model.foundation import VIT_OPTIONS, task_head
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
-from unicon_tf.names import InvalidNameError, check_name
+from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
 from unicon_tf.train.strategies import check_strategy
 
@@ -235,7 +235,8 @@ def load_pipeline(path, data_root=None):
     if len(set(names)) != len(names):
         raise PipelineError(f"{path}: stage names must be unique, got {names}.")
     modality = _checked_name(f"{path}", "modality", raw.get("modality", "ct"), "modality")
-    return PipelineSpec(name=str(raw["name"]), path=path.resolve(), input_shape=tuple(raw["input_shape"]),
+    name = _checked_name(f"{path}", "name", str(raw["name"]), "pipeline", check_folder_name)
+    return PipelineSpec(name=name, path=path.resolve(), input_shape=tuple(raw["input_shape"]),
                         modality=modality, encoder=encoder,
                         stages=stages, sources=sources)
 
@@ -279,6 +280,7 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
+    _checked_name(where, "name", str(entry["name"]), "stage", check_folder_name)
     where = f"{path}: stage '{entry['name']}'"
     task = entry["task"]
     if task not in HEADS:
@@ -361,10 +363,11 @@ def _resources(where, resources):
     return dict(resources)
 
 
-def _checked_name(where, field, name, kind):
-    """`name` if `unicon_tf.names.check_name` accepts it, else a PipelineError naming the field."""
+def _checked_name(where, field, name, kind, check=check_name):
+    """`name` if `check` (`unicon_tf.names.check_name` or `check_folder_name`) accepts it, else a
+    PipelineError naming the field."""
     try:
-        return check_name(name, kind)
+        return check(name, kind)
     except InvalidNameError as error:
         raise PipelineError(f"{where}: field '{field}': {error}") from error
 
