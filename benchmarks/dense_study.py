@@ -16,11 +16,15 @@ CT segmentation model from scratch. Per arm:
 - forgetting of the old head: the largest absolute change of the classification logits
   on the test split (0 = bit-identical) and the change of its AUC, worst over seeds.
 
+Every stage and the baseline keep their best-on-validation weights (`select: best_val`,
+`unicon_tf.train.selection`; `--stage-keys` adds or overrides keys, e.g. `patience`), so
+the arms are compared at their selected epochs, `epochs` being a maximum.
+
 Writes `dense_study.json` and `dense_study.md` (the table) to `--out`.
 
     python benchmarks/dense_study.py --quick --out /tmp/dense_quick      # minutes: checks it end to end
     python benchmarks/dense_study.py --out results/dense --seeds 0 1 2 \\
-        --lesion-radius 4 9 --lesion-contrast 60 [--stage-keys '{"select": "best_val"}']
+        --lesion-radius 4 9 --lesion-contrast 60 [--stage-keys '{"patience": 6}']
 """
 
 import argparse
@@ -122,7 +126,7 @@ def trainable_params(model, stage, strategy):
 
 
 def measure(plan, arms, out, lesion_radius=None, lesion_contrast=None, extra=None, echo=print):
-    extra = dict(extra or {})
+    extra = {"select": "best_val", **(extra or {})}
     work = pathlib.Path(tempfile.mkdtemp(prefix="dense_study_"))
     try:
         records = cohort(work, plan, lesion_radius, lesion_contrast, echo)

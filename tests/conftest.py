@@ -9,6 +9,8 @@ import pytest
 import unicon_tf
 from unicon_tf import data
 
+import keras  # noqa: E402  (after unicon_tf, which imports it quietly)
+
 SHAPE = (16, 16, 16)
 
 
@@ -73,6 +75,18 @@ def write_pipeline(folder, records, stages=UNICON_ORDER, name="tiny", input_shap
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of epoch `at_epoch` (0-based): a stage dies there."""
+
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="session")

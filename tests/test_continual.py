@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PREP_8, UNICON_ORDER, patient_row, write_manifest, write_pipeline
+from conftest import PREP_8, UNICON_ORDER, Interrupt, patient_row, write_manifest, write_pipeline
 
 import unicon_tf
 import unicon_tf.model
@@ -136,16 +136,6 @@ def test_l2sp_and_ewc_hold_the_encoder(phantom_records, stage0_run, tmp_path, ba
     second_stage(stage0_run, phantom_records, tmp_path / "none", strategy="finetune", alpha=0.0)
     unguarded = drift(tmp_path / "none" / "run", batch, "01-prognosis")
     assert results["l2sp"] < 0.7 * unguarded and results["ewc"] < 0.7 * unguarded, (results, unguarded)
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise KeyboardInterrupt
 
 
 def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):

@@ -38,7 +38,7 @@ def test_a_model_that_outputs_the_truth_scores_one():
     masks = np.zeros((2, 8, 8, 8), int)
     masks[0, 2:5, 2:5, 2:5], masks[1, 1:3, 1:3, 1:3] = 1, 2
     result = evaluate.score("segmentation", masks, np.eye(3)[masks] * 10.0)
-    assert result == {"dice": 1.0, "dice_per_class": [1.0, 1.0], "dice_per_patient": [1.0, 1.0]}
+    assert result == {"dice": 1.0, "dice_pooled": 1.0, "dice_per_class": [1.0, 1.0], "dice_per_patient": [1.0, 1.0]}
     wrong = evaluate.score("segmentation", masks, np.eye(3)[np.zeros_like(masks)] * 10.0)
     assert wrong["dice"] < 1.0
     # Patient 0 has class 1 only: class 2 (absent, not predicted) counts 1, class 1 gets 0.

@@ -1,6 +1,7 @@
 """The built-in phantom cohort: deterministic, and faithful to its documented model."""
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
@@ -101,3 +102,62 @@ def test_split_fractions_are_exact_and_deterministic():
     assert splits == phantom.assign_splits(96, seed=5, fractions={"train": 1 / 2, "val": 1 / 6})
     default = phantom.assign_splits(20, seed=5)
     assert [default.count(s) for s in ("train", "val", "test")] == [12, 4, 4]
+
+
+def test_small_faint_lesions_follow_the_requested_distribution(tmp_path):
+    """`unicon-tf phantom --lesion-radius 3 7 --lesion-contrast 60`: measured on the written
+    NIfTI files, the masks' equivalent radii are U(3, 7) mm and the lung lesions stand 60 HU
+    (solid) or 60 x 500/890 HU (part-solid) above the lung, mediastinal ones hidden (40 HU)."""
+    from click.testing import CliRunner
+    from scipy import stats
+
+    from unicon_tf.cli import main
+
+    low, high, contrast, n = 3.0, 7.0, 60.0, 36
+    result = CliRunner().invoke(main, ["phantom", "--out", str(tmp_path / "small"), "-n", str(n), "--shape", "40",
+                                       "40", "40", "--spacing", "2", "--seed", "4", "--lesion-radius", str(low),
+                                       str(high), "--lesion-contrast", str(contrast)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "small"
+    with (folder / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    record = json.loads((folder / "phantom.json").read_text())
+    assert record["lesions"] == {"radius_mm": [low, high], "ct_contrast_hu": contrast}
+    radii, contrasts = [], {0: [], 1: []}
+    for row in rows:
+        mask_image, ct_image = nib.load(folder / row["mask"]), nib.load(folder / row["ct"])
+        mask = np.asarray(mask_image.dataobj).astype(bool)
+        voxel_ml = float(np.prod(mask_image.header.get_zooms()[:3]))
+        radii.append((3.0 * mask.sum() * voxel_ml / (4.0 * np.pi)) ** (1.0 / 3.0))
+        ct = np.asarray(ct_image.dataobj, np.float64)
+        inside = ct[mask].mean()
+        if record["latent"][row["patient_id"]]["location"] == "mediastinal":
+            assert abs(inside - phantom.SOFT_TISSUE_HU) < 10.0
+            continue
+        shell = ndimage.binary_dilation(mask, iterations=2) & ~mask
+        lung = ct[shell & (ct < -600.0)].mean()  # the lung around the lesion
+        contrasts[int(row["label"])].append(inside - lung)
+    radii = np.array(radii)
+    assert radii.min() >= low - 0.3 and radii.max() <= high + 0.3, radii
+    assert stats.kstest(radii, "uniform", args=(low, high - low)).pvalue > 0.01
+    within(radii.mean(), (low + high) / 2, (high - low) / np.sqrt(12 * n))
+    assert contrasts[0] and contrasts[1]
+    assert np.mean(contrasts[1]) == pytest.approx(contrast, abs=8.0)
+    assert np.mean(contrasts[0]) == pytest.approx(contrast * 500.0 / 890.0, abs=8.0)
+    # Without the options the documented model holds: solid lung lesions 890 HU above the lung.
+    default = [p for p in phantom.cohort(12, shape=(40, 40, 40), seed=4, spacing=2.0)
+               if p.latent["location"] == "parenchymal" and p.label == 1]
+    assert default and all(abs(p.ct[p.mask.astype(bool)].mean() - 40.0) < 10.0 for p in default)
+
+
+def test_lesion_options_that_do_not_fit_are_refused_with_nothing_written(tmp_path):
+    from click.testing import CliRunner
+
+    from unicon_tf.cli import main
+
+    for radius, message in ((("9", "4"), "0 < low <= high"), (("4", "20"), "too large"), (("0.4", "5"), "half a voxel")):
+        out = tmp_path / f"bad{radius[0]}"
+        result = CliRunner().invoke(main, ["phantom", "--out", str(out), "-n", "2", "--shape", "40", "40", "40",
+                                           "--spacing", "2", "--lesion-radius", *radius])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output and not out.exists()

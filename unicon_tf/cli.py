@@ -116,16 +116,28 @@ def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes,
 @click.option("--shape", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="CT grid in voxels.")
 @click.option("--spacing", type=float, default=3.0, show_default=True, help="CT voxel size (mm).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def phantom(out, count, shape, spacing, seed):
-    """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv)."""
+@click.option("--lesion-radius", nargs=2, type=float, default=None, metavar="LOW HIGH",
+              help="Lesion radius ~ U(LOW, HIGH) mm for every label [default: the documented per-label sizes].")
+@click.option("--lesion-contrast", type=float, default=None, metavar="HU",
+              help="CT contrast of a solid lung lesion above the lung, HU (part-solid: 500/890 of it) "
+                   "[default: 890, i.e. 40 HU lesions in -850 HU lung].")
+@user_errors
+def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
+    """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv).
+
+    --lesion-radius 4 9 --lesion-contrast 100 (with --spacing 2) makes small, faint lesions.
+    """
     from unicon_tf.data import phantom as phantom_cohort  # first: imports TensorFlow quietly
 
     import keras
 
     if count < 1:
         raise click.BadParameter(f"-n must be >= 1, got {count}")
+    lesions = phantom_cohort.LesionOptions(radius_mm=lesion_radius or None, ct_contrast_hu=lesion_contrast)
+    lesions.check(shape[0] * spacing, spacing)  # before the progress bar
     progress = keras.utils.Progbar(count, unit_name="patient")
-    manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update)
+    manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update,
+                                           lesions=lesions)
     click.echo(f"wrote {count} patients; manifest: {manifest}")
 
 
@@ -163,6 +175,8 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
+    if record.get("selection"):
+        click.echo(f"model selection: {record['selection']['reason']}")
 
 
 @main.command()

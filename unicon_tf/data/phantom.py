@@ -20,6 +20,12 @@ Geometry (world RAS coordinates in mm, origin at the centre of a cubic field of 
     the label, so on CT it is indistinguishable from the heart around it: its extent (and
     its size, the label's cue) shows on PET only.
   Uptake: SUV ~ U(3.5, 5.5) for label 0, U(7, 13) for label 1: clear on PET everywhere.
+- Small, faint lesions (`LesionOptions`, `unicon-tf phantom --lesion-radius LOW HIGH
+  --lesion-contrast HU`): r ~ U(LOW, HIGH) mm whatever the label, and a solid
+  parenchymal lesion ct_contrast_hu above the lung's -850 HU (a part-solid one 500/890 of
+  it, the documented model's ratio); mediastinal lesions stay at 40 HU (hidden on CT).
+  Left unset, the documented distributions above hold and a cohort is byte for byte the
+  same as without the option.
 - CT: Gaussian noise of 15 HU. PET: the SUV map blurred (Gaussian, FWHM 1.5 PET voxels),
   sampled on a grid of twice the CT spacing shifted by a quarter voxel, with 10%
   multiplicative noise. CT and PET are co-registered in world space through their affines.
@@ -51,7 +57,65 @@ P_HIDDEN = 0.5
 HEART_CENTER, HEART_SEMI_AXES = (-0.04, 0.07, -0.06), (0.12, 0.10, 0.12)  # in units of the field of view
 H0, V0, BETA_VOLUME, SUV0, BETA_SUV = 1.0 / 24.0, 4.0, 0.8, 6.0, 0.15
 C_MIN, C_MAX = 6.0, 60.0
+LUNG_HU, SOFT_TISSUE_HU, PART_SOLID_HU = -850.0, 40.0, -350.0
+MAX_RADIUS = 0.09  # the largest lesion radius the anatomy holds, in units of the field of view
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionOptions:
+    """The lesions' size and CT contrast, when not the documented model's (see the module docstring).
+
+    Args:
+        radius_mm: `(low, high)`: every lesion's radius ~ U(low, high) mm, whatever its
+            label; None: the documented per-label distributions (in units of the field of view).
+        ct_contrast_hu: HU of a solid (label 1) parenchymal lesion above the lung (-850 HU);
+            a part-solid (label 0) one gets 500/890 of it; mediastinal lesions stay soft
+            tissue (40 HU, hidden on CT). None: the documented 40 / -350 HU (890 / 500 above the lung).
+
+    Raises:
+        ValueError: a radius range that is empty, not positive, or a contrast that is not
+            a finite number (`check` adds the limits that depend on the grid).
+
+    Example:
+    >>> small = LesionOptions(radius_mm=(4.0, 9.0), ct_contrast_hu=60.0)
+    >>> patient = make_patient("P0", np.random.default_rng(0), shape=(56, 56, 56), spacing=2.0, lesions=small)
+    >>> bool(4.0 <= patient.latent["radius_mm"] <= 9.0)
+    True
+    """
+
+    radius_mm: tuple | None = None
+    ct_contrast_hu: float | None = None
+
+    def __post_init__(self):
+        if self.radius_mm is not None:
+            low, high = (float(r) for r in self.radius_mm)
+            if not (np.isfinite(low) and np.isfinite(high) and 0.0 < low <= high):
+                raise ValueError(f"lesion radius range must be 0 < low <= high (mm), got {tuple(self.radius_mm)}.")
+            object.__setattr__(self, "radius_mm", (low, high))
+        if self.ct_contrast_hu is not None:
+            if isinstance(self.ct_contrast_hu, bool) or not np.isfinite(float(self.ct_contrast_hu)):
+                raise ValueError(f"lesion CT contrast must be a finite number of HU, got {self.ct_contrast_hu!r}.")
+            object.__setattr__(self, "ct_contrast_hu", float(self.ct_contrast_hu))
+
+    def check(self, fov, spacing):
+        """Raise ValueError when the radius range does not fit a grid: above `MAX_RADIUS` of
+        the field of view `fov` (mm; a larger lesion leaves the heart's soft tissue), or
+        below half a voxel (`spacing`, mm; the mask could be empty)."""
+        if self.radius_mm is None:
+            return
+        low, high = self.radius_mm
+        if high > MAX_RADIUS * fov:
+            raise ValueError(f"lesion radius {high:g} mm is too large for a {fov:g} mm field of view: at most "
+                             f"{MAX_RADIUS:g} x the field of view ({MAX_RADIUS * fov:g} mm) fits the anatomy.")
+        if low < spacing / 2:
+            raise ValueError(f"lesion radius {low:g} mm is below half a voxel ({spacing / 2:g} mm): its mask "
+                             "could be empty; use a finer --spacing or a larger radius.")
+
+    def to_json(self):
+        """The options that are set (an empty dict for the documented model)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if v is not None}
 
 
 @dataclasses.dataclass
@@ -101,9 +165,12 @@ def _anatomy(world, fov, lesion):
     return body, lungs, heart, spine, lesion_mask
 
 
-def _draw_lesion(rng, fov):
+def _draw_lesion(rng, fov, lesions):
     label = int(rng.random() < 0.5)
-    radius = rng.uniform(*((0.05, 0.09) if label else (0.035, 0.07))) * fov
+    if lesions.radius_mm is None:
+        radius = rng.uniform(*((0.05, MAX_RADIUS) if label else (0.035, 0.07))) * fov
+    else:
+        radius = rng.uniform(*lesions.radius_mm)
     hidden = bool(rng.random() < P_HIDDEN)
     if hidden:  # inside the heart's soft tissue, none of it touching the lung
         margin = 0.3 * (np.array(HEART_SEMI_AXES) * fov - radius)
@@ -116,7 +183,17 @@ def _draw_lesion(rng, fov):
             "location": "mediastinal" if hidden else "parenchymal", "suv": float(suv)}
 
 
-def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
+def _lesion_hu(lesion, lesions):
+    """The lesion's CT value: soft tissue if mediastinal; in a lung, solid or part-solid by label."""
+    if lesion["location"] == "mediastinal":
+        return SOFT_TISSUE_HU
+    if lesions.ct_contrast_hu is None:
+        return SOFT_TISSUE_HU if lesion["label"] else PART_SOLID_HU
+    ratio = 1.0 if lesion["label"] else (PART_SOLID_HU - LUNG_HU) / (SOFT_TISSUE_HU - LUNG_HU)
+    return LUNG_HU + ratio * lesions.ct_contrast_hu
+
+
+def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0, lesions=None):
     """Draw one `PhantomPatient` from the generative model (see the module docstring).
 
     Args:
@@ -124,21 +201,27 @@ def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
         rng: a `numpy.random.Generator`.
         shape: CT grid in voxels; the field of view is `shape[0] * spacing` mm.
         spacing: CT voxel size in mm (isotropic); PET voxels are twice as large.
+        lesions: a `LesionOptions` (default: the documented model).
+
+    Raises:
+        ValueError: `lesions` does not fit the grid (`LesionOptions.check`).
     """
     shape = tuple(int(s) for s in shape)
     fov = shape[0] * spacing
+    lesions = lesions or LesionOptions()
+    lesions.check(fov, spacing)
     extent = np.asarray(shape) * spacing
     ct_affine = np.diag([-spacing, -spacing, spacing, 1.0])  # LPS-like voxel order
     ct_affine[:3, 3] = [extent[0] / 2 - spacing / 2, extent[1] / 2 - spacing / 2, -extent[2] / 2 + spacing / 2]
-    lesion = _draw_lesion(rng, fov)
+    lesion = _draw_lesion(rng, fov, lesions)
 
     body, lungs, heart, spine, lesion_mask = _anatomy(_world(shape, ct_affine), fov, lesion)
     ct = np.full(shape, -1000.0)
-    ct[body] = 40.0
-    ct[lungs] = -850.0
-    ct[heart] = 40.0
+    ct[body] = SOFT_TISSUE_HU
+    ct[lungs] = LUNG_HU
+    ct[heart] = SOFT_TISSUE_HU
     ct[spine] = 700.0
-    ct[lesion_mask] = 40.0 if lesion["label"] or lesion["location"] == "mediastinal" else -350.0
+    ct[lesion_mask] = _lesion_hu(lesion, lesions)
     ct += rng.normal(0.0, 15.0, shape)
 
     pet_spacing = 2.0 * spacing
@@ -171,14 +254,14 @@ def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0):
     )
 
 
-def iter_cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
+def iter_cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0, lesions=None):
     """Yield `n` phantom patients one at a time (see `cohort`)."""
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
     for i, rng in enumerate(rngs):
-        yield make_patient(f"P{i:04d}", rng, shape, spacing)
+        yield make_patient(f"P{i:04d}", rng, shape, spacing, lesions)
 
 
-def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
+def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0, lesions=None):
     """Draw `n` phantom patients; the same seed gives the same cohort.
 
     Args:
@@ -186,16 +269,20 @@ def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0):
         shape: CT grid in voxels.
         seed: random seed.
         spacing: CT voxel size in mm.
+        lesions: a `LesionOptions` (default: the documented model).
 
     Returns:
         A list of `PhantomPatient`, ids `P0000`, `P0001`, ...
+
+    Raises:
+        ValueError: `lesions` does not fit the grid.
 
     Example:
     >>> patients = cohort(4, shape=(32, 32, 32), seed=0, spacing=6.0)
     >>> [p.patient_id for p in patients]
     ['P0000', 'P0001', 'P0002', 'P0003']
     """
-    return list(iter_cohort(n, shape, seed, spacing))
+    return list(iter_cohort(n, shape, seed, spacing, lesions))
 
 
 def assign_splits(n, seed=0, fractions=None):
@@ -212,7 +299,8 @@ def assign_splits(n, seed=0, fractions=None):
     return splits.tolist()
 
 
-def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None, split_fractions=None):
+def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None, split_fractions=None,
+                 lesions=None):
     """Write a phantom cohort as NIfTI files plus `manifest.csv` and `phantom.json` (latents).
 
     Args:
@@ -221,15 +309,22 @@ def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=N
         progress: optional callable `progress(done)` after each patient.
         split_fractions: `{"train", "val"}` fractions of the patients (the rest is test);
             default `SPLIT_FRACTIONS`.
+        lesions: a `LesionOptions` (default: the documented model); recorded in
+            `phantom.json` when set.
 
     Returns:
         Path of the manifest.
+
+    Raises:
+        ValueError: `lesions` does not fit the grid (nothing is written).
     """
+    lesions = lesions or LesionOptions()
+    lesions.check(int(shape[0]) * spacing, spacing)
     out = pathlib.Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits = assign_splits(n, seed, split_fractions)
     rows, latents = [], {}
-    for i, (patient, split) in enumerate(zip(iter_cohort(n, shape, seed, spacing), splits)):
+    for i, (patient, split) in enumerate(zip(iter_cohort(n, shape, seed, spacing, lesions), splits)):
         files = {}
         for field, data, affine in (("ct", patient.ct, patient.ct_affine), ("pet", patient.pet, patient.pet_affine),
                                     ("mask", patient.mask, patient.ct_affine)):
@@ -248,6 +343,8 @@ def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=N
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    options = {"lesions": lesions.to_json()} if lesions.to_json() else {}  # absent for the documented model
     (out / "phantom.json").write_text(json.dumps(
-        {"n": n, "shape": list(shape), "seed": seed, "spacing": spacing, "latent": latents}, indent=1) + "\n")
+        {"n": n, "shape": list(shape), "seed": seed, "spacing": spacing, **options, "latent": latents}, indent=1)
+        + "\n")
     return manifest

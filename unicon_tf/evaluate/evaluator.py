@@ -6,7 +6,9 @@ to bless it, the previous stage's row of main metrics; it writes to its own fold
 
     metrics.json                  every head's metrics after the stage (reused while the
                                   model file, the split and the package are unchanged)
-    blessing.json                 blessed or not, with the reasons
+    blessing.json                 blessed or not, with the reasons and the metric judged
+                                  per head (the main metric: AUC, C-index, per-patient
+                                  mean Dice `dice`, never the pooled `dice_pooled`)
     predictions/<head>/<patient>.nii.gz
                                   label maps on the input grid (affine)
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from unicon_tf.evaluate.matrix import bless, summarize
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
+from unicon_tf.train.metrics import METRIC_NAMES
 from unicon_tf.files import sha256, write_json_atomic
 from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
@@ -84,7 +87,8 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
             `row`), which the blessing compares with; None for the first stage.
 
     Returns:
-        `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`), also
+        `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`, and
+        `metrics`: `{head: main metric}`, e.g. `dice`, the per-patient mean), also
         written to the output folder's `blessing.json`.
 
     Raises:
@@ -97,9 +101,11 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     """
     result = score_stage(stage, split, out, write_predictions, fresh)
     training = result["record"]["spec"]["training"]
-    verdict = bless(previous_row or [], result["row"], result["tasks"], tolerance=training["tolerance"],
+    metrics = [MAIN_METRIC[t] for t in result["task_kinds"]]
+    labels = [f"{head} {METRIC_NAMES[metric]}" for head, metric in zip(result["tasks"], metrics)]
+    verdict = bless(previous_row or [], result["row"], labels, tolerance=training["tolerance"],
                     threshold=training["threshold"])
-    result["blessing"] = {"stage": result["stage"], **verdict}
+    result["blessing"] = {"stage": result["stage"], **verdict, "metrics": dict(zip(result["tasks"], metrics))}
     result["folder"].write_blessing(result["blessing"])
     return result
 

@@ -22,6 +22,7 @@ from unicon_tf.data import dataset  # noqa: E402
 from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
 from unicon_tf.evaluate.scores import paired_bootstrap  # noqa: E402
 from unicon_tf.run import Run  # noqa: E402
+from unicon_tf.train.metrics import METRIC_NAMES  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches
 DPI = 100  # so every figure is 800 x 500 pixels
@@ -38,7 +39,7 @@ def plot_matrix(result, path):
     values = as_array(result["matrix"])
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(result["tasks"])), [f"{t}\n({m})" for t, m in zip(result["tasks"], result["main_metric"])],
+    ax.set_xticks(range(len(result["tasks"])), [f"{t}\n({METRIC_NAMES[m]})" for t, m in zip(result["tasks"], result["main_metric"])],
                   fontsize=8)
     ax.set_yticks(range(len(result["stages"])), [f"after {s}" for s in result["stages"]], fontsize=8)
     for (i, j), v in np.ndenumerate(values):
@@ -111,7 +112,8 @@ def plot_overlays(prediction, path, patients=3):
 
 
 def _table(result, fmt="{:.3f}"):
-    header = "| after stage | " + " | ".join(f"{t} ({m})" for t, m in zip(result["tasks"], result["main_metric"])) + " |"
+    header = "| after stage | " + " | ".join(f"{t} ({METRIC_NAMES[m]})" for t, m in
+                                           zip(result["tasks"], result["main_metric"])) + " |"
     lines = [header, "|" + "---|" * (len(result["tasks"]) + 1)]
     for stage, row in zip(result["stages"], result["matrix"]):
         lines.append(f"| {stage} | " + " | ".join("" if v is None else fmt.format(v) for v in row) + " |")
@@ -188,6 +190,20 @@ def format_gain(gain):
     return lines
 
 
+def _dice_lines(result):
+    """Both Dice figures of every segmentation head on the final model (markdown lines)."""
+    final = dict(zip(result["tasks"], result["metrics"][-1]))
+    heads = [(t, final[t]) for t, kind in zip(result["tasks"], result["task_kinds"])
+             if kind == "segmentation" and final[t] is not None and "dice_pooled" in final[t]]
+    if not heads:
+        return []
+    lines = ["", "## Dice", "", f"| head | {METRIC_NAMES['dice']} | {METRIC_NAMES['dice_pooled']} |", "|---|---|---|"]
+    lines += [f"| {head} | {m['dice']:.3f} | {m['dice_pooled']:.3f} |" for head, m in heads]
+    return lines + ["", "The per-patient mean gives every patient the same weight (a missed small lesion "
+                    "counts fully); pooled over voxels, large lesions dominate. The matrix and blessing use the "
+                    "per-patient mean."]
+
+
 def write_report(run_dir, continual, records, baselines=None):
     """Write `<run>/report/report.md` and its figures.
 
@@ -222,7 +238,9 @@ def write_report(run_dir, continual, records, baselines=None):
         lines += ["", "## PET", "", *[f"- {line}" for line in format_gain(gain)]]
         if gain["per_patient"]:
             lines += ["", "![pet gain](" + plot_pet_gain(gain, out / "pet_gain.png") + ")"]
-    lines += ["", "## Blessing", ""]
+    lines += _dice_lines(continual)
+    lines += ["", "## Blessing", "", "Judged on each head's main metric: AUC, C-index, and for segmentation the "
+              "per-patient mean Dice (not the pooled one)."]
     for blessing in continual["blessing"]:
         lines.append(f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}; "
                      + "; ".join(blessing["reasons"]))

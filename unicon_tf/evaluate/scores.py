@@ -4,7 +4,11 @@
 |------------------|-------------|-----------------------------------------------|
 | `classification` | `auc`       | `accuracy` (AUC: one-vs-rest macro for > 2)   |
 | `prognosis`      | `c_index`   | Harrell's C-index as scikit-survival's         |
-| `segmentation`   | `dice`      | `dice_per_class` (foreground), `dice_per_patient` |
+| `segmentation`   | `dice`      | `dice_pooled`, `dice_per_class` (foreground), `dice_per_patient` |
+
+`dice` is the mean over patients of each patient's Dice (mean over foreground classes);
+`dice_pooled` is one Dice over every voxel of the split (see `unicon_tf.train.metrics`).
+Blessing and the stage x task matrix use `dice`.
 
 `head_metrics` adds the patients a score covers (count and ids, in split order), so that
 two models scored on the same patients can be compared patient by patient.
@@ -16,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 
 from unicon_tf.data import dataset
 from unicon_tf.model import model_parts
-from unicon_tf.train.metrics import c_index
+from unicon_tf.train.metrics import MAIN_METRIC, c_index
 
-MAIN_METRIC = {"classification": "auc", "prognosis": "c_index", "segmentation": "dice"}
+__all__ = ["MAIN_METRIC", "head_metrics", "paired_bootstrap", "predict_head", "score", "segmentation_scores"]
 
 
 def predict_head(model, head, data_dir, split="test", batch_size=4):
@@ -75,26 +79,45 @@ def prognosis_scores(survival, risk):
     return {"c_index": float(c_index(survival[:, 0], survival[:, 1], risk))}
 
 
-def dice_per_patient(masks, logits):
-    """Dice per patient and foreground class, `(patients, classes - 1)`; empty vs empty is 1."""
+def _overlaps(masks, logits):
+    """`(overlap, total)` per patient and foreground class, `(patients, classes - 1)` each."""
     classes = logits.shape[-1]
     predicted = np.argmax(logits, axis=-1)
-    scores = np.ones((len(masks), classes - 1))
+    overlap, total = np.zeros((2, len(masks), classes - 1))
     for c in range(1, classes):
         truth, guess = masks == c, predicted == c
         axes = tuple(range(1, truth.ndim))
-        total = truth.sum(axes) + guess.sum(axes)
-        overlap = (truth & guess).sum(axes)
-        scores[:, c - 1] = np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
-    return scores
+        total[:, c - 1] = truth.sum(axes) + guess.sum(axes)
+        overlap[:, c - 1] = (truth & guess).sum(axes)
+    return overlap, total
+
+
+def _dice(overlap, total):
+    return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
+
+
+def dice_per_patient(masks, logits):
+    """Dice per patient and foreground class, `(patients, classes - 1)`; empty vs empty is 1."""
+    return _dice(*_overlaps(masks, logits))
 
 
 def segmentation_scores(masks, logits):
-    """Mean `dice` over foreground classes of the per-patient mean; `dice_per_class` and
-    `dice_per_patient` (mean over foreground classes)."""
-    per_patient = dice_per_patient(np.asarray(masks), np.asarray(logits))
+    """`dice`: mean over foreground classes of the per-patient mean Dice; `dice_pooled`:
+    mean over foreground classes of the Dice pooled over every voxel of every patient;
+    `dice_per_class` (per-patient mean) and `dice_per_patient` (mean over foreground classes).
+
+    Example:
+    >>> masks = np.zeros((2, 4, 4, 4), int); masks[0, :2] = 1; masks[1, 0, 0, 0] = 1
+    >>> logits = np.stack([1 - masks, masks], -1).astype(float); logits[1] = [1.0, 0.0]  # patient 1 missed
+    >>> scores = segmentation_scores(masks, logits)
+    >>> scores["dice"], round(scores["dice_pooled"], 3), scores["dice_per_patient"]
+    (0.5, 0.985, [1.0, 0.0])
+    """
+    overlap, total = _overlaps(np.asarray(masks), np.asarray(logits))
+    per_patient = _dice(overlap, total)
     per_class = per_patient.mean(axis=0)
-    return {"dice": float(per_class.mean()), "dice_per_class": [float(d) for d in per_class],
+    return {"dice": float(per_class.mean()), "dice_pooled": float(_dice(overlap.sum(0), total.sum(0)).mean()),
+            "dice_per_class": [float(d) for d in per_class],
             "dice_per_patient": [float(d) for d in per_patient.mean(axis=1)]}
 
 

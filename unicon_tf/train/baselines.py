@@ -2,15 +2,22 @@
 (`unicon_tf.evaluate.baselines` scores them):
 
 - `single_task`: the respective baselines of UNICON: for each stage, a model trained from
-  scratch on that stage's data alone (same head, modalities, epochs, batch, learning rate);
+  scratch on that stage's data alone (same head, modalities, batch, learning rate, at
+  most the stage's epochs), keeping its best epoch on validation;
 - `naive`: the same pipeline with every later stage fine-tuned without protection (the
-  forgetting baseline);
+  forgetting baseline), its later stages keeping their best epoch on validation;
 - `joint`: one multi-task model with every head, trained on all stages' data at once
   (each step takes one batch of every stage's data, for as many steps as the longest
   continual stage took; the upper reference).
 
-Stage 0 of the continual run already *is* the first single-task model and the first naive
-stage (same spec, same seed, trained from scratch), so both reuse it when it is trained.
+A baseline is trained to its best, not to a copied epoch count: a stage whose `select` is
+unset keeps its best validation epoch here (`select: best_val`, see
+`unicon_tf.train.selection`), where the continual stage keeps its last. The naive run's
+stage 0 is the continual stage 0 itself (same spec, same seed, trained from scratch: the
+same start, so forgetting is compared fairly) and is reused when trained; the single-task
+model of stage 0 reuses it only when it was selected the same way (e.g. the pipeline sets
+`select: best_val` on stage 0), and is trained anew otherwise. `joint` trains for a fixed
+number of epochs (no selection).
 """
 
 import dataclasses
@@ -26,6 +33,7 @@ from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
+from unicon_tf.train.selection import Selection
 from unicon_tf.train.stage import stage_data, train_stage
 from unicon_tf.train.strategies import set_trainable
 from unicon_tf.version import __version__
@@ -63,18 +71,18 @@ def _single_task(pipeline, run, verbose):
     folders = []
     for i, spec in enumerate(pipeline.stages):
         modalities = pipeline.head_modalities(i)
-        alone = dataclasses.replace(spec, modality=None, modalities=tuple(modalities), head=pipeline.head_name(i),
-                                    adapters=None, path_options={})
+        alone = dataclasses.replace(best_val(spec), modality=None, modalities=tuple(modalities),
+                                    head=pipeline.head_name(i), adapters=None, path_options={})
         single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
         target = Run.create(run.single_task_dir(spec.name), single.name, single.path)
-        if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target):
+        if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target, alone):
             _train_missing(single, target, verbose)
         folders.append(target.stage(0, spec.name))
     return folders
 
 
 def _naive(pipeline, run, verbose):
-    stages = [pipeline.stages[0]] + [with_overrides(s, strategy="naive") for s in pipeline.stages[1:]]
+    stages = [pipeline.stages[0]] + [best_val(with_overrides(s, strategy="naive")) for s in pipeline.stages[1:]]
     naive = dataclasses.replace(pipeline, stages=stages)
     target = Run.create(run.baseline_dir("naive"), naive.name, naive.path)
     _reuse_first_stage(run, pipeline, target)
@@ -82,13 +90,45 @@ def _naive(pipeline, run, verbose):
     return target.trained_stages()
 
 
-def _reuse_first_stage(run, pipeline, target):
-    """Copy the continual run's trained stage 0 into the baseline run `target`; True if it is there."""
-    spec = pipeline.stages[0]
+def best_val(spec):
+    """`spec` with `select: best_val` unless its `select` is set: a baseline's default."""
+    return with_overrides(spec, select=spec.training["select"] or "best_val")
+
+
+def _selected_as(spec, record):
+    """Whether the trained stage of `record` (stage.json) holds the weights that training
+    `spec` would keep: replaying `spec`'s selection over the recorded validation history
+    (same definition and seed, so the same epochs) gives the same epochs run and epoch kept."""
+    hp, history = spec.training, record["history"]
+    selection = Selection(record["head"], record["task"], hp["select"] or "last", hp["patience"], hp["monitor"],
+                          hp["epochs"])
+    if record["spec"]["training"]["epochs"] != hp["epochs"]:
+        return False
+    epochs_run = 0
+    for epoch, logs in enumerate(history, start=1):
+        if selection.stop():
+            break
+        if selection.needs_validation:
+            if selection.key not in logs:
+                return False
+            selection.update(epoch, logs)
+        epochs_run = epoch
+    recorded = record.get("selection") or {"epochs_run": len(history), "epoch": len(history)}
+    return (epochs_run, selection.kept_epoch(epochs_run)) == (recorded["epochs_run"], recorded["epoch"])
+
+
+def _reuse_first_stage(run, pipeline, target, spec=None):
+    """Copy the continual run's trained stage 0 into the baseline run `target`; True if it is there.
+
+    `spec`: the baseline's stage 0 (default the pipeline's); the continual stage is reused
+    only when it holds what `spec` would keep (`_selected_as`).
+    """
+    spec = spec or pipeline.stages[0]
     if target.status(spec.name).get("status") == "trained":
         return True
-    if run.status(spec.name).get("status") != "trained":
+    if run.status(spec.name).get("status") != "trained" or not _selected_as(spec, run.stage(0, spec.name).record()):
         return False
+    spec = pipeline.stages[0]
     source, copy = run.stage(0, spec.name), target.stage(0, spec.name)
     shutil.copytree(source.path, copy.path, dirs_exist_ok=True)
     target.mark(0, spec.name, spec.fingerprint(), status="trained", model=str(copy.model.relative_to(target.path)))

@@ -4,11 +4,26 @@
 |------------------|-----------------------------------------------------|
 | `classification` | accuracy, AUC (one-vs-rest macro for > 2 classes)   |
 | `prognosis`      | Harrell's C-index (exactly scikit-survival's)       |
-| `segmentation`   | Dice per foreground class and their mean            |
+| `segmentation`   | `dice`: per-patient mean Dice; `dice_pooled`: Dice  |
+|                  | pooled over every voxel of the split                |
+
+The two Dice figures answer different questions and can be far apart: pooled over
+voxels, large lesions dominate and a missed small lesion barely counts (0.90 pooled
+against 0.49 per-patient mean on a small-lesion cohort); the per-patient mean gives every
+patient the same weight, as a clinician would. `dice` (per-patient mean) is the main
+metric everywhere: training logs (`val_<head>_dice`), model selection, `metrics.json`,
+the stage x task matrix and blessing; `dice_pooled` is reported beside it.
 """
 
 import keras
 from keras import ops
+
+MAIN_METRIC = {"classification": "auc", "prognosis": "c_index", "segmentation": "dice"}
+"""Task -> the metric that the matrix, blessing and model selection use (higher is better)."""
+
+METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "c_index": "C-index", "dice": "Dice (per-patient mean)",
+                "dice_pooled": "Dice (pooled over voxels)"}
+"""Metric key -> the name shown to people (report, training log summaries, blessing reasons)."""
 
 
 def c_index(time, event, risk, tied_tol=1e-8):
@@ -107,50 +122,85 @@ class LogitAUC(keras.metrics.AUC):
 
 
 class DiceScore(keras.metrics.Metric):
-    """Dice of the argmax label map per foreground class, pooled over every voxel seen.
+    """Dice of the argmax label map per foreground class, per patient or pooled over voxels.
 
-    `result()` is the mean over foreground classes; `per_class()` gives each class. A
-    class absent from both truth and prediction scores 1.
+    `average="patient"`: each patient's Dice (per class; a class absent from both truth
+    and prediction scores 1), averaged over every patient seen, as
+    `unicon_tf.evaluate.scores.segmentation_scores`' `dice`. `average="pooled"`: one Dice
+    per class from the intersections and sizes summed over every voxel seen (its
+    `dice_pooled`). `result()` is the mean over foreground classes; `per_class()` gives
+    each class.
 
     Args:
         num_classes: classes including background (class 0).
+        average: `patient` or `pooled`.
         name: metric name.
+
+    Raises:
+        ValueError: an unknown `average`.
+
+    Example:
+    >>> import numpy as np
+    >>> masks = np.zeros((2, 4, 4, 4), "int32"); masks[0, :2] = 1; masks[1, 0, 0, 0] = 1
+    >>> logits = np.stack([1 - masks, masks], -1).astype("float32"); logits[1] = [1.0, 0.0]  # misses patient 1
+    >>> [round(float(DiceScore(average=a)(masks, logits)), 3) for a in ("patient", "pooled")]
+    [0.5, 0.985]
     """
 
-    def __init__(self, num_classes=2, name="dice", **kwargs):
+    def __init__(self, num_classes=2, average="patient", name="dice", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.num_classes = int(num_classes)
+        if average not in ("patient", "pooled"):
+            raise ValueError(f"DiceScore: average must be 'patient' or 'pooled', got {average!r}.")
+        self.num_classes, self.average = int(num_classes), average
         shape = (self.num_classes,)
-        self.intersection = self.add_variable(shape=shape, initializer="zeros", name="intersection")
-        self.total = self.add_variable(shape=shape, initializer="zeros", name="total")
+        if average == "pooled":
+            self.intersection = self.add_variable(shape=shape, initializer="zeros", name="intersection")
+            self.total = self.add_variable(shape=shape, initializer="zeros", name="total")
+        else:
+            self.dice_sum = self.add_variable(shape=shape, initializer="zeros", name="dice_sum")
+            self.patients = self.add_variable(shape=(), initializer="zeros", name="patients")
 
     def update_state(self, mask, logits, sample_weight=None):
         truth = ops.one_hot(ops.cast(mask, "int32"), self.num_classes)
         predicted = ops.one_hot(ops.argmax(logits, axis=-1), self.num_classes)
-        axes = tuple(range(len(truth.shape) - 1))
-        self.intersection.assign_add(ops.sum(truth * predicted, axis=axes))
-        self.total.assign_add(ops.sum(truth, axis=axes) + ops.sum(predicted, axis=axes))
+        if self.average == "pooled":
+            axes = tuple(range(len(truth.shape) - 1))
+            self.intersection.assign_add(ops.sum(truth * predicted, axis=axes))
+            self.total.assign_add(ops.sum(truth, axis=axes) + ops.sum(predicted, axis=axes))
+            return
+        axes = tuple(range(1, len(truth.shape) - 1))  # per patient: over the voxels
+        overlap, total = ops.sum(truth * predicted, axis=axes), ops.sum(truth, axis=axes) + ops.sum(predicted, axis=axes)
+        self.dice_sum.assign_add(ops.sum(_dice(overlap, total), axis=0))
+        self.patients.assign_add(ops.cast(ops.shape(truth)[0], "float32"))
 
     def per_class(self):
         """Dice of classes 1..num_classes-1."""
-        return ops.where(self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0)[1:]
+        if self.average == "pooled":
+            return _dice(self.intersection, self.total)[1:]
+        return (self.dice_sum / ops.maximum(self.patients, 1.0))[1:]
 
     def result(self):
         return ops.mean(self.per_class())
 
     def reset_state(self):
-        for variable in (self.intersection, self.total):
+        for variable in self.variables:
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
+        return {**super().get_config(), "num_classes": self.num_classes, "average": self.average}
+
+
+def _dice(overlap, total):
+    """2 |A & B| / (|A| + |B|), 1 where both are empty."""
+    return ops.where(total > 0, 2.0 * overlap / ops.maximum(total, 1.0), 1.0)
 
 
 TASK_METRICS = {
     "classification": lambda head, num_classes: [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
                                                  LogitAUC(num_classes, name=f"{head}_auc")],
     "prognosis": lambda head, num_classes: [ConcordanceIndex(name=f"{head}_c_index")],
-    "segmentation": lambda head, num_classes: [DiceScore(num_classes, name=f"{head}_dice")],
+    "segmentation": lambda head, num_classes: [DiceScore(num_classes, "patient", name=f"{head}_dice"),
+                                               DiceScore(num_classes, "pooled", name=f"{head}_dice_pooled")],
 }
 """Task -> `make(head, num_classes)`: the task's training metrics, named `<head>_<metric>`."""
 

@@ -5,7 +5,7 @@ name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
 encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
-defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}
+defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}  # + select, patience
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
   - {name: prognosis, task: prognosis, strategy: adapters, adapters: 4, data: ct32}
@@ -22,10 +22,11 @@ encoder level the new path computes, levels below shared with the base path; see
 path's adapters and norm copies), `adapter_shortcuts` (adapters on 1x1x1 shortcut
 convolutions too, default true) and `path_norm` (its own GroupNorm scale and shift),
 head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the training
-keys of `TRAINING_DEFAULTS` (among them `loss: {dice: pooled | per_patient, ce_weighting:
-none | lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`, and `sampling:
-{foreground_probability: p}`, see `unicon_tf.data.sampling`), and `resources` for an
-orchestrator (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
+keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, see
+`unicon_tf.train.selection`; `loss: {dice: pooled | per_patient, ce_weighting: none |
+lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
+(`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
 import dataclasses
@@ -44,7 +45,10 @@ from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
     "strategy": "frozen",  # frozen | adapters | finetune | naive
-    "epochs": 5,
+    "epochs": 5,  # the most epochs; fewer with patience
+    "select": None,  # best_val | last: the weights kept (unset: last for a stage, best_val for a baseline)
+    "patience": None,  # stop after this many epochs without a better validation value (unset: never)
+    "monitor": "metric",  # metric (the task's main one: AUC, C-index, per-patient Dice) | loss (the head's)
     "batch_size": 4,
     "learning_rate": 3e-4,
     "weight_decay": 1e-5,
@@ -61,6 +65,13 @@ TRAINING_DEFAULTS = {
     "loss": {},  # task-loss options (losses.LOSS_OPTIONS), e.g. {dice: per_patient, ce_weighting: lesion}
     "sampling": {},  # {foreground_probability: p}: re-centre training patches (data.sampling)
 }
+SELECTION_KEYS = ("select", "patience", "monitor")
+"""Training keys of model selection (`unicon_tf.train.selection`); left out of a spec's JSON
+at their defaults, so that runs from before them keep their fingerprints."""
+OPTIONAL_TRAINING_KEYS = (*SELECTION_KEYS, "loss", "sampling")
+"""Training keys left out of a spec's JSON at their defaults (runs from before them keep
+their fingerprints and recorded parameters)."""
+SELECT = ("best_val", "last")
 PATH_KEYS = {"adapter_levels": None, "adapter_shortcuts": True, "path_norm": False}
 """A stage's isolation options for its head's own encoder parameters (`expand`'s), with
 their defaults."""
@@ -96,6 +107,10 @@ class StageSpec:
 
     def to_json(self):
         config = dataclasses.asdict(self)
+        config["training"] = {k: v for k, v in config["training"].items()
+                              if k not in OPTIONAL_TRAINING_KEYS or v != TRAINING_DEFAULTS[k]}
+        if not config["path_options"]:
+            del config["path_options"]
         config["data"] = str(self.data)
         config["modalities"] = list(self.modalities) if self.modalities else None
         return config
@@ -105,8 +120,6 @@ class StageSpec:
         defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training", "resources")}
         if not defining["adapter_start"]:
             del defining["adapter_start"]  # runs from before the option keep their fingerprints
-        if not defining["path_options"]:
-            del defining["path_options"]
         defining["strategy"] = self.training["strategy"]
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
@@ -166,6 +179,8 @@ class PipelineSpec:
         True
         """
         stages = [StageSpec(**{"path_options": {}, **s, "data": pathlib.Path(s["data"]),
+                               "training": {**{k: TRAINING_DEFAULTS[k] for k in OPTIONAL_TRAINING_KEYS},
+                                            **s["training"]},
                                "modalities": tuple(s["modalities"]) if s["modalities"] else None})
                   for s in config["stages"]]
         return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
@@ -402,6 +417,13 @@ def _check_training(where, training, task=None):
             raise PipelineError(f"{where}: {key} = {value!r} is out of range.")
     if training["penalty"] not in ("l2sp", "ewc"):
         raise PipelineError(f"{where}: penalty must be 'l2sp' or 'ewc', got {training['penalty']!r}.")
+    if training["select"] is not None and training["select"] not in SELECT:
+        raise PipelineError(f"{where}: select must be one of {list(SELECT)}, got {training['select']!r}.")
+    patience = training["patience"]
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise PipelineError(f"{where}: patience must be a whole number of epochs >= 1, got {patience!r}.")
+    if training["monitor"] not in ("metric", "loss"):
+        raise PipelineError(f"{where}: monitor must be 'metric' or 'loss', got {training['monitor']!r}.")
 
 
 def with_overrides(stage, **overrides):

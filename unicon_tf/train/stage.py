@@ -25,6 +25,7 @@ from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.plugins import EWC, Distillation, WeightPenalty, load_fisher
+from unicon_tf.train.selection import Selection
 from unicon_tf.train.strategies import configure_trainable, set_trainable, shared_trainable_variables
 from unicon_tf.version import __version__
 
@@ -100,7 +101,9 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         so far: `head`, `task`, `data`), `spec`, `strategy`, `plugins`, `cached_features`,
         `teacher` (`stage`, `model`, `sha256`; or `init`, `sha256`; or None), `data` (`path`,
         `fingerprint`), `history` (per-epoch logs), `train_seconds`, `finished`, versions
-        (`unicon_tf`, `tensorflow`, `keras`) and `fisher` (file name or None).
+        (`unicon_tf`, `tensorflow`, `keras`), `fisher` (file name or None) and
+        `selection` (the epoch kept, the monitored value and why training stopped: see
+        `unicon_tf.train.selection.Selection.record`).
 
     Raises:
         StageError: `out` already holds a trained stage (never overwritten), or an
@@ -148,6 +151,7 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     fisher = load_fisher(base) if base else None
     ewc_later = any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in pipeline.stages[index + 1:])
     plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
+    selection = _selection(spec, head, "val" in schema["splits"])
     trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data)
     trainer.compile(optimizer=keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"]))
 
@@ -155,11 +159,14 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     state = {"epoch": 0, "history": []}
     if resume and checkpoint.exists():
         state = _restore_checkpoint(checkpoint, network, trainer)
+        selection = _selection(spec, head, True, state.get("selection"))
         if verbose:
             print(f"resuming stage '{spec.name}' after epoch {state['epoch']}")
     started = time.time()
     guard = _NonFiniteGuard()
     for epoch in range(state["epoch"], hp["epochs"]):
+        if selection.stop():  # stopped early before an interruption
+            break
         trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
                     callbacks=[_StopAfterOneEpoch(), guard, *callbacks], verbose=verbose, shuffle=False)
         logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
@@ -172,9 +179,18 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
                 f"Stage '{spec.name}': {problem}. Nothing of that epoch is kept "
                 f"(no checkpoint, no model); last good checkpoint: {last}. Lower the learning rate and "
                 "rerun with --resume.")
-        state = {"epoch": epoch + 1, "history": state["history"] + [logs]}
-        _save_checkpoint(checkpoint, network, trainer, state)
+        best = val_data is not None and selection.update(epoch + 1, logs)
+        state = {"epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
+        _save_checkpoint(checkpoint, network, trainer, state, best=best)
+        if verbose and val_data is not None:
+            print(f"epoch {epoch + 1}: {selection.key} {logs[selection.key]:.4f}" + (
+                " (best so far)" if best else f" (best: epoch {selection.best_epoch}, {selection.best})"))
 
+    selected = selection.record(state["epoch"])
+    if selected["epoch"] != state["epoch"]:
+        network.load_weights(checkpoint / BEST_WEIGHTS)
+    if verbose and val_data is not None:
+        print(f"stage '{spec.name}': {selected['reason']}")
     for plugin in plugins:
         plugin.end_stage(network, head, make_data(0, augment=False, shuffle=False, batch_size=1), out)
     set_trainable(network, True)  # the saved model carries no freezing
@@ -190,12 +206,26 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         "history": state["history"], "train_seconds": round(time.time() - started, 2),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-        "fisher": out.fisher.name if out.fisher.exists() else None,
+        "fisher": out.fisher.name if out.fisher.exists() else None, "selection": selected,
     }
     save_model_atomic(network, out.model)
     out.write_record(record)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return record
+
+
+def _selection(spec, head, has_val, state=None):
+    """The stage's `Selection` (`select` unset: `last`).
+
+    Raises:
+        StageError: best_val or patience without a `val` split.
+    """
+    hp = spec.training
+    selection = Selection(head, spec.task, hp["select"] or "last", hp["patience"], hp["monitor"], hp["epochs"], state)
+    if selection.needs_validation and not has_val:
+        raise StageError(f"Stage '{spec.name}': select: {selection.select}, patience: {selection.patience} need a "
+                         f"'val' split, and {spec.data} has none: ingest one, or use select: last without patience.")
+    return selection
 
 
 def _base(pipeline, index, base):
@@ -380,13 +410,23 @@ def _random_state_variables(trainer):
     return [v for v in trainer.variables if id(v) not in weights]
 
 
-def _save_checkpoint(directory, network, trainer, state):
+BEST_WEIGHTS = "best.weights.h5"
+"""In a checkpoint: the network's weights at the best validation epoch so far."""
+
+
+def _save_checkpoint(directory, network, trainer, state, best=False):
     """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
 
     Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
+    `best`: this epoch is the best on validation so far, so its weights become
+    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over.
     """
     with atomic_folder(directory, replace=True) as partial:
         network.save_weights(partial / "network.weights.h5")
+        if best:
+            shutil.copy2(partial / "network.weights.h5", partial / BEST_WEIGHTS)
+        elif (directory / BEST_WEIGHTS).exists():
+            shutil.copy2(directory / BEST_WEIGHTS, partial / BEST_WEIGHTS)
         store = {}
         trainer.optimizer.save_own_variables(store)
         np.savez(partial / "optimizer.npz", **store)
