@@ -5,6 +5,7 @@ import tensorflow as tf
 from unicon_tf.data.augment import augment_example
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.records import parse_example, read_schema, verify_shards
+from unicon_tf.data.sampling import check_sampling_options, foreground_crop
 
 TASK_TARGETS = {"classification": ("label",), "prognosis": ("time", "event"), "segmentation": ("mask",)}
 """The cohort targets each task needs."""
@@ -24,7 +25,7 @@ def task_target(example, task):
 
 
 def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, shuffle=None,
-            modalities=None, cache=True, drop_remainder=False, with_meta=False):
+            modalities=None, cache=True, drop_remainder=False, with_meta=False, foreground_probability=None):
     """A batched `tf.data.Dataset` of `(inputs, targets)` from an ingested cohort folder.
 
     Args:
@@ -40,6 +41,9 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
         cache: keep parsed examples in memory after the first pass.
         drop_remainder: drop a last smaller batch.
         with_meta: also yield `{"patient_id", "affine"}` as a third element.
+        foreground_probability: re-centre each example's patch on a random lesion voxel
+            with this probability, else on a background voxel, before augmentation
+            (`unicon_tf.data.sampling.foreground_crop`); None keeps the stored crops.
 
     Returns:
         A dataset of `(inputs, targets)` (or `(inputs, targets, meta)`), inputs a dict
@@ -47,7 +51,9 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
 
     Raises:
         DataError: a missing split, target or modality (naming schema.json and the
-            field), or a shard that is missing, truncated or corrupt (naming the shard).
+            field), a foreground_probability for a cohort without masks, or a shard that
+            is missing, truncated or corrupt (naming the shard).
+        ValueError: a foreground_probability outside [0, 1].
 
     Example:
     >>> train = dataset("data/ct32", "train", task="classification", batch_size=4,
@@ -67,6 +73,10 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
     if absent:
         raise DataError(f"the cohort has no modality {absent} (it has {schema['modalities']})",
                         file=schema_file, field="/".join(absent))
+    check_sampling_options({"foreground_probability": foreground_probability})
+    if foreground_probability is not None and "mask" not in schema["targets"]:
+        raise DataError("foreground-biased sampling needs lesion masks, and the cohort has none",
+                        file=schema_file, field="mask")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     paths = verify_shards(directory, schema, split)
@@ -79,6 +89,12 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
         ds = ds.cache()
     if split == "train" if shuffle is None else shuffle:
         ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if foreground_probability is not None:
+        crop_seeds = tf.data.Dataset.random(seed=seed + 7919, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, crop_seeds).map(
+            lambda example, s: foreground_crop(example, modalities, s, foreground_probability),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(

@@ -4,7 +4,8 @@ from unicon_tf._quiet import import_tensorflow_quietly
 
 import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
 
-from unicon_tf.model.adapters import AdaptableConv3D, AdaptableDense, LowRankAdapters, adapter_scope  # noqa: E402
+from unicon_tf.model.adapters import (AdaptableConv3D, AdaptableDense, LowRankAdapters, PathGroupNormalization,  # noqa: E402
+                                      PathParameters, adapter_scope)
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone  # noqa: E402
 from unicon_tf.model.foundation import describe, expand, foundation, model_parts, non_finite_weights  # noqa: E402
 from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead  # noqa: E402
@@ -17,6 +18,8 @@ __all__ = [
     "AdaptableConv3D",
     "AdaptableDense",
     "LowRankAdapters",
+    "PathGroupNormalization",
+    "PathParameters",
     "PositionEmbedding",
     "PretrainedWeightsError",
     "SelfAttention",

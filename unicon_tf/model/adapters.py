@@ -1,4 +1,5 @@
-"""Low-rank adapters (LoRA) on Conv3D and Dense kernels, selected per call path.
+"""Per-path encoder parameters: low-rank adapters (LoRA) on Conv3D and Dense kernels, and
+per-path GroupNorm scale and shift, selected per call path.
 
 A shared encoder serves several heads. A head added with `adapters=r` must see the encoder
 with its own low-rank kernel update while every other head keeps seeing the original
@@ -13,6 +14,14 @@ With an adapter `a` of rank r the effective kernel is
 
 and B_a starts at zero, so a fresh adapter leaves the path's outputs unchanged (LoRA, Hu
 et al. 2021, arXiv 2106.09685). The layout of A and B follows Keras' own `enable_lora`.
+
+`PathGroupNormalization` (the residual CNN's GroupNorms) holds, per named path, its own
+copy of the scale (gamma) and shift (beta), initialised to the shared ones: a path
+with its own normalisation starts as the base path and trains its copy only, while
+every other path keeps reading the shared gamma and beta (per-path normalisation, as
+task-specific BatchNorm/GroupNorm parameters in Mudrakarta et al. 2019, "K for the price
+of 1", arXiv 1810.10703). Both kinds are `PathParameters`: the training loop trains a
+new path's variables (`path_variables`) and freezes the shared ones (`base_variables`).
 """
 
 import contextlib
@@ -50,7 +59,16 @@ def active_adapter():
     return _ACTIVE_ADAPTER.get()
 
 
-class LowRankAdapters:
+class PathParameters:
+    """Mixin: a layer holding shared (base) variables and variables of named call paths.
+
+    Each subclass provides `paths` (names of the paths with their own variables here),
+    `path_variables(name)` (the variables path `name` alone reads) and `base_variables()`
+    (the shared variables every other path reads).
+    """
+
+
+class LowRankAdapters(PathParameters):
     """Mixin: named LoRA adapters on a Keras layer whose weight is `self._kernel`.
 
     The layer's `role` says which kind of projection it is (`conv`, `query`, `key`,
@@ -105,6 +123,16 @@ class LowRankAdapters:
     def adapter_weights(self, name):
         """The (A, B) variables of adapter `name`."""
         return self._adapter_weights[name]
+
+    @property
+    def paths(self):
+        return list(self.adapters)
+
+    def path_variables(self, name):
+        return list(self._adapter_weights[name])
+
+    def base_variables(self):
+        return [v for v in (self._kernel, self.bias) if v is not None]
 
     @property
     def kernel(self):
@@ -201,4 +229,98 @@ class AdaptableDense(LowRankAdapters, keras.layers.Dense):
     def get_config(self):
         config = super().get_config()
         config.update(role=self.role, adapters={name: dict(spec) for name, spec in self.adapters.items()})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
+    """A `GroupNormalization` whose scale and shift can have a copy per named path.
+
+    Outside an `adapter_scope` of one of its paths it computes exactly what
+    `keras.layers.GroupNormalization` computes with the same weights (it reads the
+    same gamma and beta variables).
+
+    Args:
+        path_norms: names of the paths with their own gamma and beta, created on build
+            (used when a saved model is loaded; add new ones with `add_path_norm`).
+        **kwargs: any `keras.layers.GroupNormalization` argument.
+
+    Example:
+    >>> norm = PathGroupNormalization(groups=2)
+    >>> x = keras.random.normal((1, 4, 4, 4, 4), seed=0)
+    >>> y = norm(x)
+    >>> norm.add_path_norm("segmentation")
+    >>> _ = norm.path_variables("segmentation")[0].assign(2.0 * keras.ops.ones((4,)))
+    >>> with adapter_scope("segmentation"):
+    ...     z = norm(x)
+    >>> bool(keras.ops.all(norm(x) == y)), bool(keras.ops.all(keras.ops.isclose(z, 2.0 * y)))
+    (True, True)
+    """
+
+    def __init__(self, *args, path_norms=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.scale or not self.center:
+            raise ValueError("PathGroupNormalization needs scale=True and center=True (it copies gamma and beta).")
+        self._pending_paths = list(path_norms or [])
+        self._path_norms = {}
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        pending, self._pending_paths = self._pending_paths, []
+        for name in pending:
+            self.add_path_norm(name)
+
+    # Keras' build assigns self.gamma / self.beta; the properties pick the active path's copy.
+    @property
+    def gamma(self):
+        own = self._path_norms.get(active_adapter())
+        return own[0] if own else self._gamma
+
+    @gamma.setter
+    def gamma(self, value):
+        self._gamma = value
+
+    @property
+    def beta(self):
+        own = self._path_norms.get(active_adapter())
+        return own[1] if own else self._beta
+
+    @beta.setter
+    def beta(self, value):
+        self._beta = value
+
+    def add_path_norm(self, name):
+        """Give path `name` its own gamma and beta, copies of the shared ones (outputs unchanged).
+
+        Raises:
+            ValueError: the layer is not built, or already has a copy for `name`.
+        """
+        if not self.built:
+            raise ValueError(f"Layer '{self.name}' must be built before adding per-path norms.")
+        if name in self._path_norms:
+            raise ValueError(f"Layer '{self.name}' already has a per-path norm named '{name}'.")
+        self._tracker.unlock()
+        try:
+            copies = tuple(
+                self.add_weight(name=f"{name}_{kind}", shape=tuple(shared.shape), initializer="zeros", dtype=shared.dtype)
+                for kind, shared in (("gamma", self._gamma), ("beta", self._beta)))
+        finally:
+            self._tracker.lock()
+        copies[0].assign(self._gamma)
+        copies[1].assign(self._beta)
+        self._path_norms[name] = copies
+
+    @property
+    def paths(self):
+        return list(self._path_norms) + list(self._pending_paths)
+
+    def path_variables(self, name):
+        return list(self._path_norms[name])
+
+    def base_variables(self):
+        return [self._gamma, self._beta]
+
+    def get_config(self):
+        config = super().get_config()
+        config["path_norms"] = self.paths
         return config

@@ -16,12 +16,15 @@ import math
 
 import keras
 
-from unicon_tf.model.adapters import AdaptableConv3D, LowRankAdapters, adapter_scope
+from unicon_tf.model.adapters import (AdaptableConv3D, LowRankAdapters, PathGroupNormalization, PathParameters,
+                                      adapter_scope)
 
 
-def group_norm(channels, name=None):
-    """GroupNormalization with up to 8 groups that always divide `channels`."""
-    return keras.layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
+def group_norm(channels, name=None, per_path=False):
+    """GroupNormalization with up to 8 groups that always divide `channels`; with
+    `per_path=True` a `PathGroupNormalization` (the encoder's, so paths can own a copy)."""
+    layer = PathGroupNormalization if per_path else keras.layers.GroupNormalization
+    return layer(groups=math.gcd(8, channels), name=name)
 
 
 def residual_backbone(input_channels=16, width=16, depth=4, name="residual_backbone"):
@@ -49,10 +52,10 @@ def residual_backbone(input_channels=16, width=16, depth=4, name="residual_backb
         shortcut = x
         if x.shape[-1] != channels:
             shortcut = AdaptableConv3D(channels, 1, name=f"{prefix}_shortcut")(x)
-        x = group_norm(x.shape[-1], name=f"{prefix}_norm1")(x)
+        x = group_norm(x.shape[-1], name=f"{prefix}_norm1", per_path=True)(x)
         x = keras.layers.Activation("swish", name=f"{prefix}_act1")(x)
         x = AdaptableConv3D(channels, 3, padding="same", name=f"{prefix}_conv1")(x)
-        x = group_norm(channels, name=f"{prefix}_norm2")(x)
+        x = group_norm(channels, name=f"{prefix}_norm2", per_path=True)(x)
         x = keras.layers.Activation("swish", name=f"{prefix}_act2")(x)
         x = AdaptableConv3D(channels, 3, padding="same", name=f"{prefix}_conv2")(x)
         return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
@@ -70,11 +73,14 @@ def residual_backbone(input_channels=16, width=16, depth=4, name="residual_backb
 
 
 def _with_adaptable_convs(backbone):
-    """A copy of a user's backbone whose Conv3D layers can carry adapters, same weights."""
+    """A copy of a user's backbone whose Conv3D layers can carry adapters and whose
+    GroupNormalization layers per-path copies, same weights."""
 
     def clone_layer(layer):
         if type(layer) is keras.layers.Conv3D:
             return AdaptableConv3D.from_conv3d(layer)
+        if type(layer) is keras.layers.GroupNormalization and layer.scale and layer.center:
+            return PathGroupNormalization.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 
     clone = keras.models.clone_model(backbone, clone_function=clone_layer, recursive=True)
@@ -204,14 +210,51 @@ class SharedEncoder(keras.layers.Layer):
                     entry["targets"].append(layer.role)
         return summary
 
-    def base_weights(self):
-        """The backbone's own weights, without any adapter."""
-        adapter_ids = {
-            id(w) for layer in self.adaptable_layers for name in layer.adapters for w in layer.adapter_weights(name)
-        }
-        return [w for w in self.backbone.weights if id(w) not in adapter_ids]
+    @property
+    def path_layers(self):
+        """The backbone's layers with per-path variables (`PathParameters`), in graph order."""
+        return [layer for layer in self.leaf_layers() if isinstance(layer, PathParameters)]
 
-    def add_adapter(self, name, rank, alpha=None, targets=None, start=0):
+    @property
+    def path_norms(self):
+        """`{name: {"params", "layers"}}` of the per-path GroupNorm copies this encoder holds."""
+        summary = {}
+        for layer in self.path_layers:
+            if isinstance(layer, PathGroupNormalization):
+                for name in layer.paths:
+                    entry = summary.setdefault(name, {"params": 0, "layers": 0})
+                    entry["params"] += sum(_numel(w.shape) for w in layer.path_variables(name))
+                    entry["layers"] += 1
+        return summary
+
+    def base_weights(self):
+        """The backbone's own weights, without any path's adapters or norm copies."""
+        path_ids = {id(w) for layer in self.path_layers for name in layer.paths for w in layer.path_variables(name)}
+        return [w for w in self.backbone.weights if id(w) not in path_ids]
+
+    def level_layers(self, levels):
+        """The backbone's leaf layers that compute the feature maps of `levels` (a level's
+        layers are those of `levels_from(level)` that `levels_from(level + 1)` lacks).
+
+        Raises:
+            ValueError: a level outside `[0, depth - 1]`, or a backbone whose levels are not
+                computed one from the previous (see `levels_from`).
+        """
+        levels = sorted({int(level) for level in levels})
+        if not levels or levels[0] < 0 or levels[-1] >= self.depth:
+            raise ValueError(f"Encoder levels must be in [0, {self.depth - 1}], got {levels}.")
+
+        def from_level(level):
+            if level == 0:
+                return set(map(id, self.leaf_layers()))
+            if level >= self.depth:
+                return set()
+            return set(map(id, _leaf_layers(self.levels_from(level))))
+
+        chosen = set().union(*(from_level(level) - from_level(level + 1) for level in levels))
+        return [layer for layer in self.leaf_layers() if id(layer) in chosen]
+
+    def add_adapter(self, name, rank, alpha=None, targets=None, start=0, levels=None, shortcuts=True):
         """Add adapter `name` of rank `rank` to the backbone's adaptable kernels.
 
         Args:
@@ -221,22 +264,56 @@ class SharedEncoder(keras.layers.Layer):
             targets: roles of the layers to adapt (e.g. `["query", "value"]` for LoRA on
                 attention, plus `"mlp"`); default: the encoder's `adapter_targets`.
             start: adapt only the layers of levels `start ...` (see `levels_from`); 0 for all.
+            levels: adapt only the layers of these levels (see `level_layers`); default:
+                every level from `start`.
+            shortcuts: also adapt the 1x1x1 (shortcut) convolutions.
 
         Raises:
             ValueError: a duplicate name, targets that match no layer of the backbone, or a
-                `start` this backbone cannot start a path at (see `levels_from`).
+                `start` or `levels` this backbone cannot take (see `levels_from`).
         """
         if name in self.adapters:
             raise ValueError(f"The encoder already has an adapter named '{name}'.")
         targets = targets if targets is not None else self.adapter_targets
-        candidates = self.adaptable_layers if not start else [
-            layer for layer in _leaf_layers(self.levels_from(start)) if isinstance(layer, LowRankAdapters)]
+        candidates = [layer for layer in self._path_candidates(start, levels) if isinstance(layer, LowRankAdapters)]
+        if not shortcuts:
+            candidates = [layer for layer in candidates if tuple(getattr(layer, "kernel_size", ())) != (1, 1, 1)]
         layers = [layer for layer in candidates if targets is None or layer.role in targets]
         if not layers:
             roles = sorted({layer.role for layer in candidates})
             raise ValueError(f"Adapter targets {list(targets)} match no layer of the encoder (its roles: {roles}).")
         for layer in layers:
             layer.add_adapter(name, rank, alpha)
+
+    def add_path_norm(self, name, start=0, levels=None):
+        """Give path `name` its own GroupNorm scale and shift (copies of the shared ones) in
+        the backbone's `PathGroupNormalization` layers of the chosen levels.
+
+        Args:
+            name: the path's name (the head whose path uses it).
+            start, levels: which levels, as in `add_adapter`.
+
+        Raises:
+            ValueError: the chosen levels hold no `PathGroupNormalization` (e.g. an encoder
+                saved before per-path normalisation existed, or a ViT), or `name` has copies.
+        """
+        layers = [layer for layer in self._path_candidates(start, levels) if isinstance(layer, PathGroupNormalization)]
+        if not layers:
+            raise ValueError("The encoder has no GroupNorm that can hold a per-path copy in the chosen levels "
+                             "(PathGroupNormalization: the residual CNN built by this version of unicon_tf; a model "
+                             "saved by an older one cannot take path_norm).")
+        for layer in layers:
+            layer.add_path_norm(name)
+
+    def _path_candidates(self, start, levels):
+        """The leaf layers of levels `levels` (default: `start ...`)."""
+        if levels is None:
+            return self.leaf_layers() if not start else list(_leaf_layers(self.levels_from(start)))
+        levels = sorted({int(level) for level in levels})
+        if levels and levels[0] < start:
+            raise ValueError(f"A path starting at encoder level {start} computes levels {start} to "
+                             f"{self.depth - 1} only; it cannot own parameters of levels {levels}.")
+        return self.level_layers(levels)
 
     def call(self, inputs, adapter=None, start=0):
         """Feature maps of levels `start ...` (all levels for `start=0`, from stem features;

@@ -145,7 +145,7 @@ def _vit_encoder(input_shape, patch_size=16, position_grid=None, adapter_targets
 
 
 def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None, adapter_start=0,
-           **head_options):
+           adapter_levels=None, adapter_shortcuts=True, path_norm=False, **head_options):
     """Add a head (and optionally a modality) to a model, sharing every existing layer.
 
     Args:
@@ -169,7 +169,17 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
             modality is fused (its stem features average-pooled to that grid) into the
             level s - 1 feature map that enters level s. Each path costs then about the
             encoder's levels >= s instead of a whole encoder pass.
-        **head_options: the head's options, e.g. `num_classes=3`.
+        adapter_levels: the encoder levels (all >= `adapter_start`) whose layers get the
+            path's adapters and norm copies; None: every level from `adapter_start`. The
+            path still computes every level from `adapter_start` (residual CNN only).
+        adapter_shortcuts: whether the 1x1x1 shortcut convolutions get adapters too.
+        path_norm: give the new path its own copy of the encoder's GroupNorm scale and
+            shift (in the chosen levels), initialised to the shared ones and trained on
+            this path only (residual CNN built by this version; works with or without
+            `adapters`).
+        **head_options: the head's options, e.g. `num_classes=3`; a segmentation head's
+            `side_encoder=w` adds a small trainable encoder of the volumes whose features
+            enter the frozen skips through zero-initialised projections.
 
     Returns:
         A new functional `keras.Model` with one more output (and input, for a modality).
@@ -179,7 +189,9 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         InvalidNameError: `modality` or `name` breaks `unicon_tf.names.check_name`.
         ValueError: no or an unknown `task`, an unknown head option, a `modality` the
             model already has, `modalities` it has no stem for, a head `name` already
-            used, or an adapter rank < 1.
+            used, an adapter rank < 1, `adapter_levels` outside `[adapter_start, depth - 1]`
+            or without adapters or `path_norm`, or `path_norm` on an encoder without
+            `PathGroupNormalization` layers.
 
     Example:
     >>> model = foundation((32, 32, 32))
@@ -212,6 +224,9 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         raise ValueError(f"adapters must be a rank >= 1 (or None), got {adapters}.")
     if adapter_targets is not None and adapters is None:
         raise ValueError("adapter_targets chooses where adapters go: pass adapters=r (a rank) with it.")
+    if (adapter_levels is not None or not adapter_shortcuts) and adapters is None and not path_norm:
+        raise ValueError("adapter_levels and adapter_shortcuts choose where the path's own parameters go: pass "
+                         "adapters=r (a rank) or path_norm=True with them.")
     encoder = parts["encoder"]
     adapter_start = int(adapter_start or 0)
     if adapter_start and is_vit(encoder.backbone):
@@ -220,6 +235,16 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
                          "use adapter_start=0.")
     if not 0 <= adapter_start < encoder.depth:
         raise ValueError(f"adapter_start must be an encoder level in [0, {encoder.depth - 1}], got {adapter_start}.")
+    if adapter_levels is not None:
+        if isinstance(adapter_levels, (int, str)) or not adapter_levels:
+            raise ValueError(f"adapter_levels must be a non-empty list of encoder levels, got {adapter_levels!r}.")
+        adapter_levels = sorted({int(level) for level in adapter_levels})
+        if adapter_levels[0] < adapter_start or adapter_levels[-1] >= encoder.depth:
+            raise ValueError(f"adapter_levels must lie in [adapter_start, {encoder.depth - 1}] = "
+                             f"[{adapter_start}, {encoder.depth - 1}], got {adapter_levels}.")
+        if is_vit(encoder.backbone):
+            raise ValueError("adapter_levels needs an encoder of levels (the residual CNN); a ViT's blocks all "
+                             "work on one token grid: use adapter_targets.")
 
     stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
     input_shape = tuple(model.input[primary].shape[1:4])
@@ -233,8 +258,12 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
 
     same_path = [h for h in parts["heads"].values() if h.modalities == modalities and h.adapter is None]
     adapter = None
+    if path_norm:  # checked first: it refuses encoders without per-path norms before anything is added
+        encoder.add_path_norm(name, start=adapter_start, levels=adapter_levels)
+        adapter = name
     if adapters is not None:
-        encoder.add_adapter(name, rank=adapters, targets=adapter_targets, start=adapter_start)
+        encoder.add_adapter(name, rank=adapters, targets=adapter_targets, start=adapter_start, levels=adapter_levels,
+                            shortcuts=adapter_shortcuts)
         adapter = name
     if adapter is None and same_path:
         features = same_path[0].encoder_features(same_path[0].input)
@@ -254,7 +283,9 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
             features = list(base[: adapter_start - 1]) + [level_input] + list(deeper)
 
     head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
-                      adapter_rank=adapters, adapter_start=adapter_start, **head_options)
+                      adapter_rank=adapters, adapter_start=adapter_start, adapter_levels=adapter_levels,
+                      adapter_shortcuts=adapter_shortcuts if adapters is not None else True, path_norm=path_norm,
+                      **head_options)
     outputs[name] = _apply_head(head, features, inputs)
     return keras.Model(inputs, outputs, name=model.name)
 
@@ -299,6 +330,7 @@ def describe(model):
             "params": base_params,
             "levels": [list(shape[1:]) for shape in encoder.feature_shapes(input_shape)],
             "adapters": adapters,
+            "path_norms": encoder.path_norms,
         },
         "heads": heads,
         "params": model.count_params(),

@@ -30,24 +30,34 @@ class Head(keras.layers.Layer):
             head), or None when the head reads the base encoder.
         adapter_start: the first encoder level its path computes itself (levels below are
             shared with the base path; see `expand`).
+        adapter_levels: the encoder levels whose layers carry the path's adapters and norm
+            copies (None: every level from `adapter_start`).
+        adapter_shortcuts: whether the 1x1x1 shortcut convolutions carry adapters too.
+        path_norm: whether the path has its own copy of the encoder's GroupNorm scale and
+            shift (see `unicon_tf.model.adapters.PathGroupNormalization`).
         **kwargs: `keras.layers.Layer` arguments; `name` is the head's (and output's) name.
     """
 
     task = None
     reads_volumes = False  # True: called on encoder features + the raw volume of each modality
 
-    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, adapter_start=0, **kwargs):
+    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, adapter_start=0, adapter_levels=None,
+                 adapter_shortcuts=True, path_norm=False, **kwargs):
         kwargs.setdefault("name", self.task)
         super().__init__(**kwargs)
         self.modalities = list(modalities)
         self.stage = int(stage)
         self.adapter_rank = None if adapter_rank is None else int(adapter_rank)
         self.adapter_start = int(adapter_start or 0)
+        self.adapter_levels = None if adapter_levels is None else sorted(int(level) for level in adapter_levels)
+        self.adapter_shortcuts = bool(adapter_shortcuts)
+        self.path_norm = bool(path_norm)
 
     @property
     def adapter(self):
-        """Name of the encoder adapter this head's path uses, or None."""
-        return self.name if self.adapter_rank else None
+        """Name of this head's own encoder parameters (its adapters and norm copies, named
+        after the head), or None when its path reads the shared encoder only."""
+        return self.name if self.adapter_rank or self.path_norm else None
 
     @property
     def output_layer(self):
@@ -76,6 +86,9 @@ class Head(keras.layers.Layer):
             "stage": self.stage,
             "adapter": None if self.adapter is None else {"name": self.adapter, "rank": self.adapter_rank},
             "adapter_start": self.adapter_start,
+            "adapter_levels": self.adapter_levels,
+            "adapter_shortcuts": self.adapter_shortcuts,
+            "path_norm": self.path_norm,
             "params": self.count_params(),
         }
 
@@ -83,6 +96,13 @@ class Head(keras.layers.Layer):
         config = super().get_config()
         config.update(modalities=self.modalities, stage=self.stage, adapter_rank=self.adapter_rank,
                       adapter_start=self.adapter_start)
+        # Written only when set, so configs of models saved before these options stay the same.
+        if self.adapter_levels is not None:
+            config["adapter_levels"] = self.adapter_levels
+        if not self.adapter_shortcuts:
+            config["adapter_shortcuts"] = False
+        if self.path_norm:
+            config["path_norm"] = True
         return config
 
 
@@ -205,11 +225,20 @@ class SegmentationHead(Head):
     From the coarsest map upwards, each level upsamples, concatenates the skip at that
     scale and applies Conv3D-GroupNorm-swish blocks with the skip's channel count.
 
+    With `side_encoder=w` the head also reads its modalities' raw volumes through a small
+    encoder of its own (one `ResidualConvBlock` per level, `w * 2**level` channels, a
+    stride-2 convolution between levels), whose level-l features enter the encoder's
+    level-l skip through a zero-initialised 1x1x1 projection: the head starts from the
+    frozen encoder's features exactly and learns what to add (UNICON's PET skip encoder,
+    arXiv 2508.14024, here at every level, for any modality). Called then on
+    `features + volumes` (`reads_volumes`).
+
     Args:
         num_classes: number of classes including background, >= 2.
         blocks_per_level: Conv3D-GroupNorm-swish blocks after each skip concatenation.
         final_upsampling: factor from the finest feature map to the input grid (1 for the
             built-in encoder, whose finest level is at input resolution).
+        side_encoder: channels w of the side encoder's first level; 0 for none.
         **kwargs: see `Head`.
 
     Example:
@@ -217,21 +246,35 @@ class SegmentationHead(Head):
     >>> features = [keras.ops.zeros((1, 16, 16, 16, 8)), keras.ops.zeros((1, 8, 8, 8, 16))]
     >>> tuple(head(features).shape)
     (1, 16, 16, 16, 3)
+    >>> side = SegmentationHead(num_classes=2, side_encoder=4, modalities=["ct"])
+    >>> tuple(side(features + [keras.ops.zeros((1, 16, 16, 16, 1))]).shape)
+    (1, 16, 16, 16, 2)
     """
 
     task = "segmentation"
 
-    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, **kwargs):
+    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, side_encoder=0, **kwargs):
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
         if int(blocks_per_level) < 1:
             raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}.")
+        if isinstance(side_encoder, bool) or int(side_encoder) < 0:
+            raise ValueError(f"side_encoder must be a channel count >= 0 (0: none), got {side_encoder!r}.")
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.blocks_per_level = int(blocks_per_level)
         self.final_upsampling = int(final_upsampling)
+        self.side_encoder = int(side_encoder)
+        self.reads_volumes = self.side_encoder > 0
 
-    def build(self, feature_shapes):
+    def encoder_features(self, inputs):
+        return list(inputs)[: -len(self.modalities)] if self.reads_volumes else inputs
+
+    def build(self, input_shapes):
+        input_shapes = [tuple(s) for s in input_shapes]
+        feature_shapes = self.encoder_features(input_shapes)
+        if self.reads_volumes:
+            self._build_side_encoder(feature_shapes, input_shapes[-len(self.modalities):])
         self.upsamplers, self.convs, self.norms = [], [], []
         x_shape = tuple(feature_shapes[-1])
         for index in range(len(feature_shapes) - 2, -1, -1):
@@ -252,7 +295,47 @@ class SegmentationHead(Head):
         self.logits = keras.layers.Conv3D(self.num_classes, 1, name="logits")
         self.logits.build(x_shape)
 
-    def call(self, features):
+    def _build_side_encoder(self, feature_shapes, volume_shapes):
+        from unicon_tf.model.unetr import ResidualConvBlock
+
+        shape = tuple(volume_shapes[0][:-1]) + (sum(s[-1] for s in volume_shapes),)
+        self.side_pooling = tuple(v // f for v, f in zip(shape[1:4], feature_shapes[0][1:4]))
+        shape = tuple(feature_shapes[0][:-1]) + (shape[-1],)
+        self.side_downs, self.side_blocks, self.side_projections = [], [], []
+        for level, skip in enumerate(feature_shapes):
+            channels = self.side_encoder * 2**level
+            down = None
+            if level > 0:
+                factor = tuple(p // s for p, s in zip(shape[1:4], skip[1:4]))
+                down = keras.layers.Conv3D(channels, 3, strides=factor, padding="same", name=f"side{level}_down")
+                down.build(shape)
+                shape = tuple(skip[:-1]) + (channels,)
+            block = ResidualConvBlock(channels, name=f"side{level}_block")
+            block.build(shape)
+            shape = tuple(skip[:-1]) + (channels,)
+            projection = keras.layers.Conv3D(skip[-1], 1, kernel_initializer="zeros", name=f"side{level}_projection")
+            projection.build(shape)
+            self.side_downs.append(down)
+            self.side_blocks.append(block)
+            self.side_projections.append(projection)
+
+    def _with_side_features(self, features, volumes):
+        """The encoder's feature maps plus the side encoder's projected features, level by level."""
+        x = ops.concatenate(volumes, axis=-1) if len(volumes) > 1 else volumes[0]
+        if max(self.side_pooling) > 1:
+            x = ops.average_pool(x, self.side_pooling, self.side_pooling)
+        out = []
+        for feature, down, block, projection in zip(features, self.side_downs, self.side_blocks,
+                                                     self.side_projections):
+            x = block(x if down is None else down(x))
+            out.append(feature + projection(x))
+        return out
+
+    def call(self, inputs):
+        inputs = list(inputs)
+        features = self.encoder_features(inputs)
+        if self.reads_volumes:
+            features = self._with_side_features(features, inputs[-len(self.modalities):])
         x = features[-1]
         blocks = zip(self.convs, self.norms)
         for upsample, skip in zip(self.upsamplers, reversed(features[:-1])):
@@ -264,13 +347,13 @@ class SegmentationHead(Head):
             x = self.upsample_final(x)
         return self.logits(x)
 
-    def compute_output_shape(self, feature_shapes):
-        finest = feature_shapes[0]
+    def compute_output_shape(self, input_shapes):
+        finest = input_shapes[0]
         spatial = tuple(None if d is None else d * self.final_upsampling for d in finest[1:4])
         return (finest[0],) + spatial + (self.num_classes,)
 
     def describe(self):
-        return {**super().describe(), "num_classes": self.num_classes}
+        return {**super().describe(), "num_classes": self.num_classes, "side_encoder": self.side_encoder}
 
     def get_config(self):
         config = super().get_config()
@@ -279,6 +362,8 @@ class SegmentationHead(Head):
             blocks_per_level=self.blocks_per_level,
             final_upsampling=self.final_upsampling,
         )
+        if self.side_encoder:
+            config["side_encoder"] = self.side_encoder
         return config
 
 

@@ -72,7 +72,7 @@ def _single_task(pipeline, run, verbose):
     for i, spec in enumerate(pipeline.stages):
         modalities = pipeline.head_modalities(i)
         alone = dataclasses.replace(best_val(spec), modality=None, modalities=tuple(modalities),
-                                    head=pipeline.head_name(i), adapters=None)
+                                    head=pipeline.head_name(i), adapters=None, path_options={})
         single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
         target = Run.create(run.single_task_dir(spec.name), single.name, single.path)
         if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target, alone):

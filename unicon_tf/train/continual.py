@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from unicon_tf.model import model_parts
 from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
-from unicon_tf.train.losses import TASK_LOSSES
+from unicon_tf.train.losses import task_loss
 from unicon_tf.train.metrics import task_metrics
 
 
@@ -26,6 +26,8 @@ class ContinualModel(keras.Model):
             per-patient sample weights (Keras' third element of a batch) as one `(B,)`
             array or `{head: (B,)}`; they weight the task losses (not the plugin terms or
             the reported metrics).
+        loss_options: `{head: options}` of the task losses' `LOSS_OPTIONS` (e.g.
+            `{"segmentation": {"dice": "per_patient"}}`); heads not named use the defaults.
         plugins: `Plugin`s adding loss terms. An inactive one (e.g. a `Distillation` with
             alpha = 0) is only evaluated in `test_step`, to report (here: how far old
             heads moved from the teacher).
@@ -44,10 +46,11 @@ class ContinualModel(keras.Model):
     ['loss', 'prognosis_c_index', 'prognosis_loss']
     """
 
-    def __init__(self, network, heads, plugins=(), **kwargs):
+    def __init__(self, network, heads, plugins=(), loss_options=None, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.heads = dict(heads)
+        self.task_losses = {h: task_loss(t, (loss_options or {}).get(h)) for h, t in self.heads.items()}
         self.plugins = list(plugins)
         classes = _num_classes(network, self.heads)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -68,8 +71,7 @@ class ContinualModel(keras.Model):
         def weight(head):
             return sample_weight.get(head) if isinstance(sample_weight, dict) else sample_weight
 
-        return {f"{h}_loss": TASK_LOSSES[t](targets[h], outputs[h], sample_weight=weight(h))
-                for h, t in self.heads.items()}
+        return {f"{h}_loss": self.task_losses[h](targets[h], outputs[h], sample_weight=weight(h)) for h in self.heads}
 
     def train_step(self, data):
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -158,7 +160,7 @@ class CachedHeadModel(ContinualModel):
     """
 
     def __init__(self, network, head, task, **kwargs):
-        super().__init__(network, {head: task}, **kwargs)
+        super().__init__(network, {head: task}, **kwargs)  # kwargs: loss_options, keras.Model's
         self.head_layer = model_parts(network)["heads"][head]
 
     def call(self, features, training=False):

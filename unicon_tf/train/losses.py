@@ -9,9 +9,28 @@
 Every task loss takes an optional per-patient `sample_weight` `(B,)` (as Keras passes it
 from `fit(..., sample_weight=...)` or `train_on_batch(x, y, sample_weight)`); a weight of
 one for every patient gives the unweighted loss.
+
+The segmentation loss has options (`LOSS_OPTIONS`, a stage's `loss:` mapping) for small
+lesions, which a Dice pooled over the batch's voxels and a plain voxel cross-entropy
+under-weight (a lesion of 30 voxels beside one of 3000 barely moves either):
+
+- `dice: per_patient` computes the soft Dice of each patient and averages it over
+  patients (what evaluation reports, the per-patient mean Dice), instead of one Dice of
+  the voxels pooled over the batch (`pooled`, the default; as MONAI's `DiceLoss` with
+  `batch=True` vs `batch=False`);
+- `ce_weighting: lesion` weights each patient's voxels by inverse class volume, so that
+  the lesion and the background each carry half of the patient's cross-entropy weight
+  (foreground voxels n / (2 n_lesion), background n / (2 (n - n_lesion)); a patient
+  without lesion keeps weight 1 everywhere): a small lesion counts as much as a large
+  one (inverse-frequency class weighting, per image).
 """
 
+import functools
+
 from keras import ops
+
+LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")}}
+"""Task -> option -> accepted values (the first is the default); a stage's `loss:` keys."""
 
 
 def _weights(sample_weight, batch_like):
@@ -62,7 +81,7 @@ def cox_loss(survival, risk, sample_weight=None):
     return ops.sum(weight * event * (log_risk_set - risk)) / ops.maximum(events, 1.0)
 
 
-def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None):
+def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None, dice="pooled", ce_weighting="none"):
     """Soft Dice over the foreground classes plus voxel-wise cross-entropy.
 
     Args:
@@ -70,20 +89,100 @@ def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None):
         logits: `(B, D, H, W, C)` voxel logits.
         smooth: added to numerator and denominator of each class's Dice.
         sample_weight: optional `(B,)` per-patient weights: each patient's voxels count
-            w times in the batch Dice's sums and in the mean cross-entropy.
+            w times in the batch Dice's sums (`pooled`; `per_patient`: each patient's Dice
+            counts w times in the mean) and in the mean cross-entropy.
+        dice: `pooled` (one Dice of the batch's voxels) or `per_patient` (the mean of
+            each patient's Dice).
+        ce_weighting: `none` or `lesion` (inverse class volume per patient, see the
+            module docstring).
+
+    Returns:
+        A scalar: 1 - mean foreground Dice + cross-entropy.
+
+    Example:
+    >>> mask = ops.convert_to_tensor([[[[0, 1], [0, 0]]], [[[1, 1], [1, 0]]]])  # (2, 1, 2, 2)
+    >>> logits = ops.stack([ops.zeros((2, 1, 2, 2)), 4.0 * ops.cast(mask, "float32") - 2.0], axis=-1)
+    >>> [round(float(dice_ce_loss(mask, logits, dice=d)), 4) for d in ("pooled", "per_patient")]
+    [0.2461, 0.2748]
     """
+    check_loss_options("segmentation", {"dice": dice, "ce_weighting": ce_weighting})
     classes = logits.shape[-1]
     logits = ops.cast(logits, "float32")
     mask = ops.cast(mask, "int32")
-    weight = ops.reshape(_weights(sample_weight, mask[:, 0, 0, 0]), (-1,) + (1,) * (len(logits.shape) - 1))
+    patient_weight = _weights(sample_weight, mask[:, 0, 0, 0])
+    weight = ops.reshape(patient_weight, (-1,) + (1,) * (len(logits.shape) - 1))
     probabilities = ops.softmax(logits, axis=-1)
     truth = ops.one_hot(mask, classes)
-    axes = tuple(range(len(logits.shape) - 1))
-    intersection = ops.sum(weight * probabilities * truth, axis=axes)
-    total = ops.sum(weight * probabilities, axis=axes) + ops.sum(weight * truth, axis=axes)
-    dice = (2.0 * intersection + smooth) / (total + smooth)
-    cross_entropy = ops.mean(weight[..., 0] * ops.sparse_categorical_crossentropy(mask, logits, from_logits=True))
-    return 1.0 - ops.mean(dice[1:]) + cross_entropy
+    spatial = tuple(range(1, len(logits.shape) - 1))
+    if dice == "per_patient":
+        intersection = ops.sum(probabilities * truth, axis=spatial)  # (B, C)
+        total = ops.sum(probabilities, axis=spatial) + ops.sum(truth, axis=spatial)
+        per_patient = ops.mean(((2.0 * intersection + smooth) / (total + smooth))[:, 1:], axis=-1)
+        mean_dice = ops.sum(patient_weight * per_patient) / ops.maximum(ops.sum(patient_weight), 1e-12)
+    else:
+        axes = (0,) + spatial
+        intersection = ops.sum(weight * probabilities * truth, axis=axes)
+        total = ops.sum(weight * probabilities, axis=axes) + ops.sum(weight * truth, axis=axes)
+        mean_dice = ops.mean(((2.0 * intersection + smooth) / (total + smooth))[1:])
+    voxel_weight = weight[..., 0]
+    if ce_weighting == "lesion":
+        voxel_weight = voxel_weight * lesion_voxel_weights(mask)
+    cross_entropy = ops.mean(voxel_weight * ops.sparse_categorical_crossentropy(mask, logits, from_logits=True))
+    return 1.0 - mean_dice + cross_entropy
+
+
+def lesion_voxel_weights(mask):
+    """Per-voxel weights `(B, D, H, W)` that give each patient's lesion (label > 0) and
+    background half of its cross-entropy weight each: n / (2 n_lesion) on the lesion,
+    n / (2 (n - n_lesion)) elsewhere, 1 everywhere for a patient without lesion; each
+    patient's weights sum to n, its voxel count.
+
+    Example:
+    >>> w = lesion_voxel_weights(ops.convert_to_tensor([[[[0, 0], [0, 1]]]]))  # 1 of 4 voxels
+    >>> [round(float(v), 3) for v in ops.reshape(w, (-1,))]
+    [0.667, 0.667, 0.667, 2.0]
+    """
+    lesion = ops.cast(mask > 0, "float32")
+    spatial = tuple(range(1, len(mask.shape)))
+    count = ops.sum(ops.ones_like(lesion), axis=spatial, keepdims=True)
+    n_lesion = ops.sum(lesion, axis=spatial, keepdims=True)
+    n_background = count - n_lesion
+    weights = lesion * count / (2.0 * ops.maximum(n_lesion, 1.0)) \
+        + (1.0 - lesion) * count / (2.0 * ops.maximum(n_background, 1.0))
+    has_both = ops.logical_and(n_lesion > 0, n_background > 0)
+    return ops.where(has_both, weights, ops.ones_like(weights))
+
+
+def check_loss_options(task, options):
+    """`options` completed with the defaults of `LOSS_OPTIONS[task]`.
+
+    Raises:
+        ValueError: an option the task's loss does not have, or a value it does not take
+            (the message names the option).
+
+    Example:
+    >>> check_loss_options("segmentation", {"dice": "per_patient"})
+    {'dice': 'per_patient', 'ce_weighting': 'none'}
+    """
+    known = LOSS_OPTIONS.get(task, {})
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        accepted = f"it has {sorted(known)}" if known else "it has none"
+        raise ValueError(f"unknown loss option(s) {unknown} for a {task} task ({accepted}).")
+    for key, value in options.items():
+        if value not in known[key]:
+            raise ValueError(f"loss option {key} = {value!r} is not one of {list(known[key])}.")
+    return {key: options.get(key, values[0]) for key, values in known.items()}
+
+
+def task_loss(task, options=None):
+    """The task loss of `task` with its `LOSS_OPTIONS` bound: `loss(target, output, sample_weight=None)`.
+
+    Raises:
+        ValueError: see `check_loss_options`.
+    """
+    return functools.partial(TASK_LOSSES[task], **check_loss_options(task, options))
 
 
 def softmax_kl(teacher_logits, student_logits, temperature=2.0):

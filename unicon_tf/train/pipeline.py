@@ -18,10 +18,15 @@ the data root, by default the pipeline file's folder; or the name of a `sources`
 ingests with ExampleGen), optional `modality` (a new one),
 `head` (the head's name), `modalities`, `adapters` (rank), `adapter_start` (the first
 encoder level the new path computes, levels below shared with the base path; see
-`expand`), head options (`num_classes`, `dropout`, `blocks_per_level`), the training
+`expand`), the path's isolation options `adapter_levels` (levels whose layers get the
+path's adapters and norm copies), `adapter_shortcuts` (adapters on 1x1x1 shortcut
+convolutions too, default true) and `path_norm` (its own GroupNorm scale and shift),
+head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the training
 keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, see
-`unicon_tf.train.selection`), and `resources` for an orchestrator (`RESOURCE_KEYS`, e.g.
-`{cpu: 8, memory: 32G, gpu: 1}`).
+`unicon_tf.train.selection`; `loss: {dice: pooled | per_patient, ce_weighting: none |
+lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
+(`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
 
 import dataclasses
@@ -31,10 +36,12 @@ import pathlib
 
 import yaml
 
+from unicon_tf.data.sampling import check_sampling_options
 from unicon_tf.model.foundation import VIT_OPTIONS, task_head
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.train.distribute import check_distribute
+from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
 from unicon_tf.train.precision import check_precision
 from unicon_tf.train.strategies import check_strategy
 
@@ -60,12 +67,21 @@ TRAINING_DEFAULTS = {
     "profile_batch": 0,  # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
+    "loss": {},  # task-loss options (losses.LOSS_OPTIONS), e.g. {dice: per_patient, ce_weighting: lesion}
+    "sampling": {},  # {foreground_probability: p}: re-centre training patches (data.sampling)
 }
 SELECTION_KEYS = ("select", "patience", "monitor")
 """Training keys of model selection (`unicon_tf.train.selection`); left out of a spec's JSON
 at their defaults, so that runs from before them keep their fingerprints."""
+OPTIONAL_TRAINING_KEYS = (*SELECTION_KEYS, "loss", "sampling")
+"""Training keys left out of a spec's JSON at their defaults (runs from before them keep
+their fingerprints and recorded parameters)."""
 SELECT = ("best_val", "last")
-STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start", "resources"}
+PATH_KEYS = {"adapter_levels": None, "adapter_shortcuts": True, "path_norm": False}
+"""A stage's isolation options for its head's own encoder parameters (`expand`'s), with
+their defaults."""
+STAGE_KEYS = {"name", "task", "data", "modality", "head", "modalities", "adapters", "adapter_start", "resources",
+              *PATH_KEYS}
 RESOURCE_KEYS = {"cpu": (int, float, str), "memory": (int, str), "gpu": (int,), "accelerator": (str,)}
 """A stage's `resources` on an orchestrator (`unicon-tf compile`): cores ("8", "500m"),
 memory ("32G", "16Gi"), GPU count and accelerator type ("nvidia.com/gpu",
@@ -88,6 +104,7 @@ class StageSpec:
     modalities: tuple | None = None
     adapters: int | None = None
     adapter_start: int = 0
+    path_options: dict = dataclasses.field(default_factory=dict)  # PATH_KEYS given (expand's keywords)
     head_options: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
@@ -96,7 +113,9 @@ class StageSpec:
     def to_json(self):
         config = dataclasses.asdict(self)
         config["training"] = {k: v for k, v in config["training"].items()
-                              if k not in SELECTION_KEYS or v != TRAINING_DEFAULTS[k]}
+                              if k not in OPTIONAL_TRAINING_KEYS or v != TRAINING_DEFAULTS[k]}
+        if not config["path_options"]:
+            del config["path_options"]
         config["data"] = str(self.data)
         config["modalities"] = list(self.modalities) if self.modalities else None
         return config
@@ -164,8 +183,9 @@ class PipelineSpec:
         >>> PipelineSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
         True
         """
-        stages = [StageSpec(**{**s, "data": pathlib.Path(s["data"]),
-                               "training": {**{k: TRAINING_DEFAULTS[k] for k in SELECTION_KEYS}, **s["training"]},
+        stages = [StageSpec(**{"path_options": {}, **s, "data": pathlib.Path(s["data"]),
+                               "training": {**{k: TRAINING_DEFAULTS[k] for k in OPTIONAL_TRAINING_KEYS},
+                                            **s["training"]},
                                "modalities": tuple(s["modalities"]) if s["modalities"] else None})
                   for s in config["stages"]]
         return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
@@ -286,13 +306,16 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
     if task not in HEADS:
         raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
+    for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task == "segmentation")):
+        if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
+            training[key] = {}
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
     accepted = task_head(task, vit).options()
     unknown = set(head_options) - set(accepted)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    _check_training(where, training)
+    _check_training(where, training, task)
     modality = entry.get("modality")
     if modality is not None:
         _checked_name(where, "modality", modality, "modality")
@@ -310,9 +333,32 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
         modality=entry.get("modality"), head=entry.get("head"),
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
         adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
-        head_options=head_options, training=training,
+        path_options=_path_options(where, entry), head_options=head_options, training=training,
         resources=_resources(where, entry.get("resources")),
     )
+
+
+def _path_options(where, entry):
+    """The stage's `PATH_KEYS` that differ from their defaults, their types checked (the
+    ranges are `expand`'s to check, against the encoder)."""
+    options = {}
+    levels = entry.get("adapter_levels")
+    if levels is not None:
+        if not isinstance(levels, list) or not levels or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels):
+            raise PipelineError(f"{where}: field 'adapter_levels' must be a non-empty list of encoder levels "
+                                f"(integers >= 0), got {levels!r}.")
+        options["adapter_levels"] = sorted(set(levels))
+    for key in ("adapter_shortcuts", "path_norm"):
+        value = entry.get(key, PATH_KEYS[key])
+        if not isinstance(value, bool):
+            raise PipelineError(f"{where}: field '{key}' must be true or false, got {value!r}.")
+        if value != PATH_KEYS[key]:
+            options[key] = value
+    if options and entry.get("adapters") is None and not options.get("path_norm"):
+        raise PipelineError(f"{where}: fields {sorted(options)} place the head's own encoder parameters: "
+                            "give 'adapters' (a rank) or 'path_norm: true' with them.")
+    return options
 
 
 def _adapter_start(where, value):
@@ -346,7 +392,7 @@ def _checked_name(where, field, name, kind, check=check_name):
         raise PipelineError(f"{where}: field '{field}': {error}") from error
 
 
-def _check_training(where, training):
+def _check_training(where, training, task=None):
     """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
     try:
         check_strategy(training["strategy"])
@@ -357,6 +403,18 @@ def _check_training(where, training):
     if not _profile_batch_ok(training["profile_batch"]):
         raise PipelineError(f"{where}: profile_batch = {training['profile_batch']!r} is not a batch number >= 0 "
                             "or a pair [first, last] of batch numbers >= 1.")
+    for key, check in (("loss", lambda options: check_loss_options(task, options)),
+                       ("sampling", check_sampling_options)):
+        value = training.get(key) or {}
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where}: field '{key}' must be a mapping, got {value!r}.")
+        if key == "sampling" and value and task not in (None, "segmentation"):
+            raise PipelineError(f"{where}: field 'sampling' re-centres patches on lesion masks: segmentation "
+                                f"stages only (this one is {task}).")
+        try:
+            check(value)
+        except ValueError as error:
+            raise PipelineError(f"{where}: field '{key}': {error}") from error
     rules = {
         "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
         "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
@@ -395,5 +453,5 @@ def with_overrides(stage, **overrides):
         PipelineError: an unknown strategy or a value out of range (names the key).
     """
     training = {**stage.training, **{k: v for k, v in overrides.items() if v is not None}}
-    _check_training(f"stage '{stage.name}'", training)
+    _check_training(f"stage '{stage.name}'", training, stage.task)
     return dataclasses.replace(stage, training=training)

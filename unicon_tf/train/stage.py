@@ -312,7 +312,7 @@ def _network_for_stage(pipeline, index, spec, init, base):
             network = keras.models.load_model(init)
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters,
-                                 adapter_start=spec.adapter_start, **options)
+                                 adapter_start=spec.adapter_start, **spec.path_options, **options)
             return network, None, {"init": str(init), "sha256": sha256(init)}
         network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=spec.task,
                              name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
@@ -322,7 +322,7 @@ def _network_for_stage(pipeline, index, spec, init, base):
     teacher = keras.models.load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
                      modalities=list(spec.modalities) if spec.modalities else None,
-                     adapter_start=spec.adapter_start, **options)
+                     adapter_start=spec.adapter_start, **spec.path_options, **options)
     reference = {"stage": pipeline.stages[index - 1].name, "model": str(previous), "sha256": sha256(previous)}
     return network, teacher, reference
 
@@ -336,12 +336,20 @@ def stage_data(spec, modalities, head):
     hp = spec.training
 
     def make(epoch, split="train", augment=None, shuffle=None, batch_size=None):
+        # The training batches (augment not given) only: validation, Fisher and cached features see the stored crops.
+        sampled = split == "train" and augment is None
         ds = dataset(spec.data, split, task=spec.task, batch_size=batch_size or hp["batch_size"],
                      augment=hp["augment"] if augment is None else augment, seed=hp["seed"] * 1000 + epoch,
-                     shuffle=shuffle, modalities=modalities)
+                     shuffle=shuffle, modalities=modalities,
+                     foreground_probability=_foreground_probability(hp) if sampled else None)
         return ds.map(lambda x, y: (x, {head: y}))
 
     return make
+
+
+def _foreground_probability(training):
+    """The stage's `sampling: {foreground_probability}` (None: the stored crops)."""
+    return (training.get("sampling") or {}).get("foreground_probability")
 
 
 def _plugins(spec, network, teacher, available, fisher, ewc_later):
@@ -369,13 +377,14 @@ def _plugins(spec, network, teacher, available, fisher, ewc_later):
 def _trainer(spec, network, head, plugins, make_data):
     """The Keras model that trains the stage, and `(train_data(epoch), val_data)`."""
     head_layer = model_parts(network)["heads"][head]
+    loss = spec.training.get("loss") or {}
     has_val = "val" in read_schema(spec.data)["splits"]
     parts = model_parts(network)
     upstream_old = all(parts["stems"][m].stage < head_layer.stage for m in head_layer.modalities)
     fusion = parts["fusions"].get(tuple(head_layer.modalities))
     upstream_old = upstream_old and (fusion is None or fusion.stage < head_layer.stage)
     if spec.training["strategy"] == "frozen" and spec.training["cache_features"] and upstream_old \
-            and head_layer.adapter is None and head_layer.stage > 0:
+            and head_layer.adapter is None and head_layer.stage > 0 and _foreground_probability(spec.training) is None:
         extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
                                 head_layer.used_features(head_layer.input))
         cached_train = _cache_features(extractor, make_data(0, augment=False, shuffle=False))
@@ -389,7 +398,7 @@ def _trainer(spec, network, head, plugins, make_data):
             return ds.batch(batch)
 
         val_data = None if cached_val is None else tf.data.Dataset.from_tensor_slices(cached_val).batch(batch)
-        return CachedHeadModel(network, head, spec.task), train_data, val_data
+        return CachedHeadModel(network, head, spec.task, loss_options={head: loss}), train_data, val_data
 
     heads = [head] + [h for plugin in plugins for h in plugin.heads]
     needed = {m for h in heads for m in parts["heads"][h].modalities}
@@ -397,7 +406,7 @@ def _trainer(spec, network, head, plugins, make_data):
     outputs = {h: network.output[h] for h in heads}
     subnetwork = keras.Model(inputs, outputs, name=network.name)
     val_data = make_data(0, "val", augment=False, shuffle=False) if has_val else None
-    return ContinualModel(subnetwork, {head: spec.task}, plugins), make_data, val_data
+    return ContinualModel(subnetwork, {head: spec.task}, plugins, loss_options={head: loss}), make_data, val_data
 
 
 def _cache_features(extractor, ds):

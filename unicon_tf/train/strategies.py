@@ -4,8 +4,9 @@
 |------------|-----------------------------------------------|-----------------------------------|
 | `frozen`   | the stage's new head, stem and fusion         | nothing needed: old outputs are   |
 |            |                                               | bit-identical                     |
-| `adapters` | as `frozen`, plus the new head's low-rank     | nothing needed (bit-identical)    |
-|            | adapters on the encoder                       |                                   |
+| `adapters` | as `frozen`, plus the new head's own encoder  | nothing needed (bit-identical)    |
+|            | parameters: low-rank adapters, GroupNorm      |                                   |
+|            | copies (`path_norm`)                          |                                   |
 | `finetune` | as `frozen`, plus the shared encoder          | distillation (alpha) and L2-SP or |
 |            |                                               | EWC (beta)                        |
 | `naive`    | as `finetune`                                 | nothing: the forgetting baseline  |
@@ -16,7 +17,7 @@ Old heads, stems and fusions never train after their stage. Stage 0 trains every
 import keras
 
 from unicon_tf.model import model_parts
-from unicon_tf.model.adapters import LowRankAdapters
+from unicon_tf.model.adapters import PathParameters
 from unicon_tf.names import STRATEGIES
 
 
@@ -56,7 +57,8 @@ def configure_trainable(network, stage, strategy):
         raise ValueError(f"Stage {stage} added no head to model '{network.name}'.")
     new_adapters = {parts["heads"][h].adapter for h in new_heads} - {None}
     if strategy == "adapters" and not new_adapters and stage > 0:
-        raise ValueError("Strategy 'adapters' needs the stage's head to have adapters (e.g. adapters: 8).")
+        raise ValueError("Strategy 'adapters' needs the stage's head to have its own encoder parameters "
+                         "(e.g. adapters: 8, or path_norm: true).")
     for group in ("stems", "fusions", "heads"):
         for part in parts[group].values():
             set_trainable(part, part.stage == stage)
@@ -64,13 +66,12 @@ def configure_trainable(network, stage, strategy):
     encoder = parts["encoder"]
     for layer in encoder.leaf_layers():
         set_trainable(layer, train_encoder)
-        if isinstance(layer, LowRankAdapters):
-            set_trainable(layer, True)  # base kernel and each adapter are set one by one
-            for variable in (layer._kernel, layer.bias):
-                if variable is not None:
-                    variable.trainable = train_encoder
-            for name in layer.adapters:
-                for variable in layer.adapter_weights(name):
+        if isinstance(layer, PathParameters):
+            set_trainable(layer, True)  # the shared variables and each path's are set one by one
+            for variable in layer.base_variables():
+                variable.trainable = train_encoder
+            for name in layer.paths:
+                for variable in layer.path_variables(name):
                     variable.trainable = name in new_adapters
     return new_heads
 
