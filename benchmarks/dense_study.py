@@ -243,6 +243,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--patients", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="Stage-1 and baseline epochs (maximum with select).")
+    parser.add_argument("--crop", type=int, default=None, help="Side of the ingested crops and the model input (voxels).")
     parser.add_argument("--lesion-radius", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
     parser.add_argument("--lesion-contrast", type=float, default=None, metavar="HU")
     parser.add_argument("--stage-keys", type=json.loads, default={},
@@ -250,7 +251,7 @@ def main():
     args = parser.parse_args()
     plan = dict(QUICK if args.quick else FULL)
     for key, value in (("seeds", args.seeds and tuple(args.seeds)), ("patients", args.patients),
-                       ("epochs", args.epochs)):
+                       ("epochs", args.epochs), ("crop", args.crop)):
         if value:
             plan[key] = value
     result = measure(plan, args.arms, args.out, args.lesion_radius, args.lesion_contrast, args.stage_keys)

@@ -384,7 +384,8 @@ def _trainer(spec, network, head, plugins, make_data):
     fusion = parts["fusions"].get(tuple(head_layer.modalities))
     upstream_old = upstream_old and (fusion is None or fusion.stage < head_layer.stage)
     if spec.training["strategy"] == "frozen" and spec.training["cache_features"] and upstream_old \
-            and head_layer.adapter is None and head_layer.stage > 0 and _foreground_probability(spec.training) is None:
+            and head_layer.adapter is None and not head_layer.reads_volumes and head_layer.stage > 0 \
+            and _foreground_probability(spec.training) is None:
         extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
                                 head_layer.used_features(head_layer.input))
         cached_train = _cache_features(extractor, make_data(0, augment=False, shuffle=False))
