@@ -210,6 +210,11 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     if resume and checkpoint.exists():
         state = _restore_checkpoint(checkpoint, network, trainer)
         selection = _selection(spec, head, True, state.get("selection"))
+        if written.checkpoint != checkpoint and (checkpoint / BEST_WEIGHTS).exists():
+            # A worker writing elsewhere takes the chief's best weights now, before any epoch:
+            # the chief replaces its checkpoint after each one.
+            written.checkpoint.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(checkpoint / BEST_WEIGHTS, written.checkpoint / BEST_WEIGHTS)
         if verbose:
             print(f"resuming stage '{spec.name}' after epoch {state['epoch']}")
     started = time.time()
@@ -232,7 +237,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
                 "rerun with --resume.")
         best = val_data is not None and selection.update(epoch + 1, logs)
         state = {"epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
-        _save_checkpoint(written.checkpoint, network, trainer, state, best=best, resumed_from=checkpoint)
+        _save_checkpoint(written.checkpoint, network, trainer, state, best=best)
         if verbose and val_data is not None:
             print(f"epoch {epoch + 1}: {selection.key} {logs[selection.key]:.4f}" + (
                 " (best so far)" if best else f" (best: epoch {selection.best_epoch}, {selection.best})"))
@@ -469,17 +474,14 @@ BEST_WEIGHTS = "best.weights.h5"
 """In a checkpoint: the network's weights at the best validation epoch so far."""
 
 
-def _save_checkpoint(directory, network, trainer, state, best=False, resumed_from=None):
+def _save_checkpoint(directory, network, trainer, state, best=False):
     """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
 
     Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
     `best`: this epoch is the best on validation so far, so its weights become
-    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over: `directory`'s,
-    or on a first save the checkpoint the run resumed from (`resumed_from`: the chief's,
-    when this worker writes into a temporary folder).
+    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over.
     """
-    carried = next((folder / BEST_WEIGHTS for folder in (directory, resumed_from)
-                    if folder is not None and (folder / BEST_WEIGHTS).exists()), None)
+    carried = directory / BEST_WEIGHTS if (directory / BEST_WEIGHTS).exists() else None
     with atomic_folder(directory, replace=True) as partial:
         network.save_weights(partial / "network.weights.h5")
         if best:
