@@ -2,6 +2,7 @@
 kind of fault, asserting the right value or a refusal naming the file and the field."""
 
 import csv
+import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -185,3 +186,25 @@ def test_corrupt_or_non_finite_pretrained_weights_are_named_and_nothing_assigned
     with pytest.raises(PretrainedWeightsError, match=f"{path}: {message}"):
         load_pretrained(model, path)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+@pytest.mark.parametrize("options, named", [({"num_classes": "two"}, "num_classes"), ({"num_classes": 2.5}, "num_classes"),
+                                            ({"num_classes": True}, "num_classes"), ({"num_classes": 1}, "num_classes"),
+                                            ({"blocks_per_level": 0}, "blocks_per_level"),
+                                            ({"side_encoder": "wide"}, "side_encoder")])
+def test_head_options_of_the_wrong_type_or_range_are_refused_at_load_naming_the_field(tmp_path, options, named):
+    import yaml
+    from click.testing import CliRunner
+
+    from unicon_tf.cli import main
+    from unicon_tf.train.pipeline import PipelineError, load_pipeline
+
+    spec = yaml.safe_load((pathlib.Path(__file__).parents[1] / "pipelines" / "chest_ct.yaml").read_text())
+    spec["stages"][2].update(options)  # the segmentation stage
+    pipeline = tmp_path / "chest_ct.yaml"
+    pipeline.write_text(yaml.safe_dump(spec))
+    with pytest.raises(PipelineError, match=rf"{pipeline}: stage 'segmentation'.*{named}"):
+        load_pipeline(pipeline)
+    result = CliRunner().invoke(main, ["compile", str(pipeline), "--output", str(tmp_path / "out.json")])
+    assert result.exit_code == 1 and "Traceback" not in result.output and named in result.output
+    assert not (tmp_path / "out.json").exists()

@@ -161,3 +161,8 @@ def test_lesion_options_that_do_not_fit_are_refused_with_nothing_written(tmp_pat
                                            "--spacing", "2", "--lesion-radius", *radius])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output and not out.exists()
+    for contrast in ("-2000", "0", "5000", "nan"):  # below air, invisible, denser than bone, not a number
+        out = tmp_path / f"contrast{contrast}"
+        result = CliRunner().invoke(main, ["phantom", "--out", str(out), "-n", "2", "--lesion-contrast", contrast])
+        assert result.exit_code == 1 and "lesion CT contrast must be" in result.output, result.output
+        assert "Traceback" not in result.output and not out.exists()

@@ -58,6 +58,8 @@ HEART_CENTER, HEART_SEMI_AXES = (-0.04, 0.07, -0.06), (0.12, 0.10, 0.12)  # in u
 H0, V0, BETA_VOLUME, SUV0, BETA_SUV = 1.0 / 24.0, 4.0, 0.8, 6.0, 0.15
 C_MIN, C_MAX = 6.0, 60.0
 LUNG_HU, SOFT_TISSUE_HU, PART_SOLID_HU = -850.0, 40.0, -350.0
+MAX_CONTRAST_HU = 1850.0
+"""Largest `LesionOptions.ct_contrast_hu`: a lesion at most +1000 HU (calcified), as lung CT shows."""
 MAX_RADIUS = 0.09  # the largest lesion radius the anatomy holds, in units of the field of view
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -75,7 +77,8 @@ class LesionOptions:
 
     Raises:
         ValueError: a radius range that is empty, not positive, or a contrast that is not
-            a finite number (`check` adds the limits that depend on the grid).
+            a finite number in (0, MAX_CONTRAST_HU] (`check` adds the limits that depend on
+            the grid).
 
     Example:
     >>> small = LesionOptions(radius_mm=(4.0, 9.0), ct_contrast_hu=60.0)
@@ -96,6 +99,10 @@ class LesionOptions:
         if self.ct_contrast_hu is not None:
             if isinstance(self.ct_contrast_hu, bool) or not np.isfinite(float(self.ct_contrast_hu)):
                 raise ValueError(f"lesion CT contrast must be a finite number of HU, got {self.ct_contrast_hu!r}.")
+            if not 0 < float(self.ct_contrast_hu) <= MAX_CONTRAST_HU:
+                raise ValueError(f"lesion CT contrast must be in (0, {MAX_CONTRAST_HU:g}] HU above the lung's "
+                                 f"{LUNG_HU:g} HU (a lesion denser than lung, at most {LUNG_HU + MAX_CONTRAST_HU:+g} "
+                                 f"HU), got {self.ct_contrast_hu!r}.")
             object.__setattr__(self, "ct_contrast_hu", float(self.ct_contrast_hu))
 
     def check(self, fov, spacing):

@@ -31,6 +31,7 @@ p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import pathlib
 
@@ -315,6 +316,7 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
+    _check_head_options(where, task_head(task, vit), head_options)
     _check_training(where, training, task)
     modality = entry.get("modality")
     if modality is not None:
@@ -359,6 +361,32 @@ def _path_options(where, entry):
         raise PipelineError(f"{where}: fields {sorted(options)} place the head's own encoder parameters: "
                             "give 'adapters' (a rank) or 'path_norm: true' with them.")
     return options
+
+
+def _check_head_options(where, head_class, options):
+    """Raise PipelineError naming the field for a head option of the wrong type (an int
+    option given `two`, `2.5` or `true`) or one the head refuses (`num_classes: 1`): the
+    head is constructed with the options, as `expand` will."""
+    defaults = {name: p.default for name, p in inspect.signature(head_class.__init__).parameters.items()}
+    for key, value in options.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            valid = isinstance(value, bool)
+        elif isinstance(default, int):
+            valid = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            valid = isinstance(value, str)
+        else:
+            valid = True
+        if not valid:
+            raise PipelineError(f"{where}: field '{key}' must be a {type(default).__name__} like its default "
+                                f"{default!r}, got {value!r}.")
+    try:
+        head_class(**options)
+    except (TypeError, ValueError) as error:
+        raise PipelineError(f"{where}: head options {options}: {error}") from error
 
 
 def _adapter_start(where, value):
