@@ -34,8 +34,11 @@ setup(
         "tensorboard>=2.18,<2.22",
     ],
     extras_require={
-        # the tests exercise every optional engine, so the test extra installs them all
-        "test": ["pytest>=7", "safetensors>=0.4", "apache-beam>=2.77", "kfp>=2.17"],
+        # The tests exercise every optional engine, so the test extra installs them all. Bounds:
+        # the releases the suite has passed on (pytest 8 and 9, xdist 3; Beam and KFP from the
+        # first releases that resolve beside TensorFlow 2.21 up to their next major).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
+                 "kfp>=2.17,<3"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],

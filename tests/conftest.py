@@ -89,6 +89,39 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+def write_runner_pipeline(folder, manifest):
+    """A two-stage pipeline with its own ExampleGen source (the phantom manifest at 16^3): the
+    classification stage is blessed; the prognosis stage has an unreachable threshold, so the
+    Evaluator does not bless it and the Pusher skips it."""
+    import yaml
+
+    spec = {
+        "name": "tiny", "input_shape": [16, 16, 16], "encoder": {"width": 8, "depth": 3},
+        "sources": {"lesion16": {"manifest": str(manifest), "shape": [16, 16, 16], "spacing": [12, 12, 12],
+                                 "center": "mask"}},
+        "defaults": {"epochs": 1, "batch_size": 2, "seed": 1},
+        "stages": [
+            {"name": "classification", "task": "classification", "data": "lesion16"},
+            {"name": "prognosis", "task": "prognosis", "data": "lesion16", "threshold": 2.0},
+        ],
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def runner_run(phantom_cohort, tmp_path_factory):
+    """`write_runner_pipeline` run once by `LocalRunner`: `(pipeline, run dir, serving base,
+    {stage: output artifacts})`. Its users only read it, or re-run it (cache hits only)."""
+    from unicon_tf.components import LocalRunner
+
+    folder = tmp_path_factory.mktemp("runner")
+    pipeline = write_runner_pipeline(folder, phantom_cohort)
+    run, base = folder / "run", folder / "saved_models"
+    return pipeline, run, base, LocalRunner(pipeline, run, base=base, verbose=0).run()
+
+
 @pytest.fixture(scope="session")
 def trained_run(phantom_records, tmp_path_factory):
     """All four UNICON stages of the tiny pipeline, trained once for the session."""
@@ -98,6 +131,33 @@ def trained_run(phantom_records, tmp_path_factory):
     pipeline = write_pipeline(folder, phantom_records)
     records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
     return pipeline, folder / "run", records
+
+
+@pytest.fixture(scope="session")
+def stage0_run(phantom_records, tmp_path_factory):
+    """A run directory with only the classification stage trained (copied by each variant).
+
+    Its pipeline declares a later EWC stage, so stage 0 also saves its Fisher diagonal."""
+    from unicon_tf import train
+
+    folder = tmp_path_factory.mktemp("stage0")
+    later = {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "penalty": "ewc", "beta": 1.0}
+    pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], later], name="variants")
+    train.train_stage(pipeline, "classification", folder / "run", verbose=0)
+    return folder / "run"
+
+
+def second_stage(stage0_run, records, folder, **stage):
+    """Train a prognosis stage with `stage` settings on a copy of `stage0_run` in `folder/run`;
+    return its record."""
+    import shutil
+
+    from unicon_tf import train
+
+    shutil.copytree(stage0_run, folder / "run")
+    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "epochs": 3, "learning_rate": 3e-3, **stage}]
+    pipeline = write_pipeline(folder, records, stages=stages, name="variants")
+    return train.train_stage(pipeline, "prognosis", folder / "run", verbose=0)
 
 
 RAS_2MM = np.diag([2.0, 2.0, 2.0, 1.0])

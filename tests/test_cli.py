@@ -32,6 +32,7 @@ def test_help_and_version_do_not_import_tensorflow():
         assert result.stdout.strip().endswith("imported: []"), result.stdout
 
 
+@pytest.mark.slow
 def test_a_plain_keras_load_works_after_import_unicon_tf(small_foundation, volumes, tmp_path):
     """Keras 3 imports the module of a saved custom class only for its own packages, so a
     process that never imports unicon_tf cannot load a stage (documented in the README);

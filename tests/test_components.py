@@ -5,28 +5,11 @@ import json
 
 import keras
 import numpy as np
-import yaml
+import pytest
 from click.testing import CliRunner
 
 from unicon_tf.cli import main
 from unicon_tf.components import COMPONENTS, LocalRunner, execute_recorded, format_lineage
-
-
-def write_runner_pipeline(folder, manifest):
-    spec = {
-        "name": "tiny", "input_shape": [16, 16, 16], "encoder": {"width": 8, "depth": 3},
-        "sources": {"lesion16": {"manifest": str(manifest), "shape": [16, 16, 16], "spacing": [12, 12, 12],
-                                 "center": "mask"}},
-        "defaults": {"epochs": 1, "batch_size": 2, "seed": 1},
-        "stages": [
-            {"name": "classification", "task": "classification", "data": "lesion16"},
-            # an unreachable threshold: the Evaluator will not bless this stage
-            {"name": "prognosis", "task": "prognosis", "data": "lesion16", "threshold": 2.0},
-        ],
-    }
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def imported_modules(module):
@@ -51,10 +34,9 @@ def test_components_are_specs_plus_executors():
         assert not {"unicon_tf.components", "unicon_tf.components.runner"} & imported
 
 
-def test_runner_records_lineage_caches_and_gates_the_pusher(phantom_cohort, tmp_path):
-    pipeline = write_runner_pipeline(tmp_path, phantom_cohort)
-    run, base = tmp_path / "run", tmp_path / "saved_models"
-    results = LocalRunner(pipeline, run, base=base, verbose=0).run()
+@pytest.mark.e2e
+def test_runner_records_lineage_caches_and_gates_the_pusher(runner_run):
+    pipeline, run, base, results = runner_run
     first, second = results["classification"], results["prognosis"]
     assert first["model"].type == "Model" and (run / "stages/00-classification/model.keras").exists()
     assert json.loads((run / "stages/00-classification/stage.json").read_text())["data"]["path"].startswith(
@@ -95,13 +77,12 @@ def test_runner_records_lineage_caches_and_gates_the_pusher(phantom_cohort, tmp_
     assert json.loads((run / "lineage.json").read_text())["events"][-1]["cached"] is True
 
 
-def test_a_recorded_component_run_executes_alone(phantom_cohort, tmp_path):
+@pytest.mark.e2e
+def test_a_recorded_component_run_executes_alone(runner_run, tmp_path):
     """What a container orchestrator needs: a component run is its recorded inputs and
     parameters; executed again elsewhere (no runner, no run directory around it), the
     Trainer gives the same model and the Evaluator the same blessing."""
-    pipeline = write_runner_pipeline(tmp_path, phantom_cohort)
-    run = tmp_path / "run"
-    LocalRunner(pipeline, run, base=tmp_path / "sm", verbose=0).run(push=False)
+    _, run, _, _ = runner_run
     executions = json.loads((run / "lineage.json").read_text())["executions"]
     trainer = executions["Trainer.prognosis"]
     assert trainer["inputs"]["base_model"]["uri"] == str(run / "stages" / "00-classification")

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PREP_8, UNICON_ORDER, Interrupt, patient_row, write_manifest, write_pipeline
+from conftest import PREP_8, UNICON_ORDER, Interrupt, patient_row, second_stage, write_manifest, write_pipeline
 
 import unicon_tf
 import unicon_tf.model
@@ -63,12 +63,14 @@ def test_frozen_and_adapters_keep_old_heads_bit_identical(trained_run, batch):
         assert np.std(outputs(paths[index], batch)[record["head"]]) > 0
 
 
-def test_frozen_prognosis_trains_on_cached_features(phantom_records, trained_run, tmp_path, batch):
-    pipeline_path, run, _ = trained_run
-    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "strategy": "frozen"}]
-    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages)
-    train.train_stage(pipeline, "classification", tmp_path / "run", verbose=0)
-    record = train.train_stage(pipeline, "prognosis", tmp_path / "run", verbose=0)
+def drift(run, batch, stage_dir, head="classification"):
+    before = outputs(run / "stages/00-classification/model.keras", batch)[head]
+    after = outputs(run / "stages" / stage_dir / "model.keras", batch)[head]
+    return float(np.mean(np.abs(after - before)))
+
+
+def test_frozen_prognosis_trains_on_cached_features(phantom_records, stage0_run, tmp_path, batch):
+    record = second_stage(stage0_run, phantom_records, tmp_path, strategy="frozen")
     assert record["cached_features"] is True
     before = outputs(tmp_path / "run/stages/00-classification/model.keras", batch)
     after = outputs(tmp_path / "run/stages/01-prognosis/model.keras", batch)
@@ -76,68 +78,51 @@ def test_frozen_prognosis_trains_on_cached_features(phantom_records, trained_run
     assert np.std(after["prognosis"]) > 0
 
 
-def drift(run, batch, stage_dir, head="classification"):
-    before = outputs(run / "stages/00-classification/model.keras", batch)[head]
-    after = outputs(run / "stages" / stage_dir / "model.keras", batch)[head]
-    return float(np.mean(np.abs(after - before)))
-
-
 @pytest.fixture(scope="module")
-def stage0_run(phantom_records, tmp_path_factory):
-    """A run directory with only the classification stage trained (copied by each variant).
-
-    Its pipeline declares a later EWC stage, so stage 0 also saves its Fisher diagonal."""
-    folder = tmp_path_factory.mktemp("stage0")
-    later = {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "penalty": "ewc", "beta": 1.0}
-    pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], later], name="variants")
-    train.train_stage(pipeline, "classification", folder / "run", verbose=0)
-    return folder / "run"
-
-
-def second_stage(stage0_run, records, folder, **stage):
-    """Train a prognosis stage with `stage` settings on a copy of `stage0_run`; return its record."""
-    shutil.copytree(stage0_run, folder / "run")
-    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "epochs": 3, "learning_rate": 3e-3, **stage}]
-    pipeline = write_pipeline(folder, records, stages=stages, name="variants")
-    return train.train_stage(pipeline, "prognosis", folder / "run", verbose=0)
+def finetuned(phantom_records, stage0_run, tmp_path_factory, batch):
+    """The prognosis stage trained once per protection on copies of `stage0_run`:
+    `{label: (record, classification drift)}`. `alpha0` (finetune, no plugin) is also the
+    unguarded reference of the penalties."""
+    variants = {"naive": dict(strategy="naive"), "alpha0": dict(strategy="finetune", alpha=0.0),
+                "alpha5": dict(strategy="finetune", alpha=5.0),
+                "l2sp": dict(strategy="finetune", alpha=0.0, penalty="l2sp", beta=50.0),
+                "ewc": dict(strategy="finetune", alpha=0.0, penalty="ewc", beta=5e4)}
+    results = {}
+    for label, stage in variants.items():
+        folder = tmp_path_factory.mktemp(label)
+        record = second_stage(stage0_run, phantom_records, folder, **stage)
+        results[label] = record, drift(folder / "run", batch, "01-prognosis")
+    return results
 
 
-def test_naive_forgets_and_distillation_forgets_less(phantom_records, stage0_run, tmp_path, batch):
-    drifts = {}
-    for label, stage in {"naive": dict(strategy="naive"), "alpha0": dict(strategy="finetune", alpha=0.0),
-                         "alpha5": dict(strategy="finetune", alpha=5.0)}.items():
-        (tmp_path / label).mkdir()
-        record = second_stage(stage0_run, phantom_records, tmp_path / label, **stage)
-        drifts[label] = drift(tmp_path / label / "run", batch, "01-prognosis")
-        if label == "alpha5":
-            assert [p["plugin"] for p in record["plugins"]] == ["Distillation"]
-            assert "val_classification_distillation" in record["history"][-1]
+@pytest.mark.slow
+def test_naive_forgets_and_distillation_forgets_less(finetuned):
+    drifts = {label: finetuned[label][1] for label in ("naive", "alpha0", "alpha5")}
+    record = finetuned["alpha5"][0]
+    assert [p["plugin"] for p in record["plugins"]] == ["Distillation"]
+    assert "val_classification_distillation" in record["history"][-1]
     assert drifts["naive"] > 1e-3  # the protection tests are not vacuous
     assert drifts["alpha0"] == pytest.approx(drifts["naive"])  # same seed, no plugin: the same run
     assert drifts["alpha5"] < 0.7 * drifts["alpha0"], drifts
 
 
-def test_l2sp_and_ewc_hold_the_encoder(phantom_records, stage0_run, tmp_path, batch):
-    results = {}
+@pytest.mark.slow
+def test_l2sp_and_ewc_hold_the_encoder(stage0_run, finetuned):
     encoder_weights = len(model_parts(keras.models.load_model(stage0_run / "stages/00-classification/model.keras"))[
         "encoder"].base_weights())
     for penalty, beta in (("l2sp", 50.0), ("ewc", 5e4)):
-        (tmp_path / penalty).mkdir()
-        record = second_stage(stage0_run, phantom_records, tmp_path / penalty, strategy="finetune", alpha=0.0,
-                              penalty=penalty, beta=beta)
-        results[penalty] = drift(tmp_path / penalty / "run", batch, "01-prognosis")
         # finetune trains the whole encoder: the penalty holds every one of its base weights
         expected = {"plugin": "EWC" if penalty == "ewc" else "WeightPenalty", "kind": penalty, "beta": beta,
                     "variables": encoder_weights, **({"gamma": 1.0} if penalty == "ewc" else {})}
-        assert record["plugins"] == [expected]
+        assert finetuned[penalty][0]["plugins"] == [expected]
     fisher = train.load_fisher(StageFolder(stage0_run / "stages/00-classification"))
     assert fisher and all(np.all(f >= 0) for f in fisher.values()) and any(np.any(f > 0) for f in fisher.values())
-    (tmp_path / "none").mkdir()
-    second_stage(stage0_run, phantom_records, tmp_path / "none", strategy="finetune", alpha=0.0)
-    unguarded = drift(tmp_path / "none" / "run", batch, "01-prognosis")
+    results = {penalty: finetuned[penalty][1] for penalty in ("l2sp", "ewc")}
+    unguarded = finetuned["alpha0"][1]  # finetune, alpha 0, no penalty
     assert results["l2sp"] < 0.7 * unguarded and results["ewc"] < 0.7 * unguarded, (results, unguarded)
 
 
+@pytest.mark.slow
 def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
     # Dropout 0.5: its seed generators' state must be restored too, not only weights and optimizer.
     stages = [{"name": "classification", "task": "classification", "num_classes": 2, "dropout": 0.5}]
@@ -169,7 +154,7 @@ def test_resumed_stage_matches_an_uninterrupted_one(phantom_records, tmp_path):
         np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
 
 
-def test_refusals_name_the_problem(phantom_records, trained_run, tmp_path):
+def test_refusals_name_the_problem(phantom_records, trained_run, stage0_run, tmp_path):
     pipeline_path, run, _ = trained_run
     with pytest.raises(train.StageError, match="already trained"):
         train.train_stage(pipeline_path, "prognosis", run, verbose=0)
@@ -178,9 +163,9 @@ def test_refusals_name_the_problem(phantom_records, trained_run, tmp_path):
     other = write_pipeline(tmp_path, phantom_records, name="other")
     with pytest.raises(train.StageError, match="run of pipeline 'tiny', not 'other'"):
         train.train_stage(other, "prognosis", run, verbose=0)
-    first = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:2], name="tiny", epochs=1)
-    train.train_stage(first, "classification", tmp_path / "r3", verbose=0)
-    edited = write_pipeline(tmp_path, phantom_records, stages=[dict(UNICON_ORDER[0], num_classes=3)] + UNICON_ORDER[1:2])
+    shutil.copytree(stage0_run, tmp_path / "r3")  # stage 0 of pipeline 'variants', as trained
+    edited = write_pipeline(tmp_path, phantom_records, name="variants",
+                            stages=[dict(UNICON_ORDER[0], num_classes=3)] + UNICON_ORDER[1:2])
     with pytest.raises(train.StageError, match="different definition of stage 'classification'"):
         train.train_stage(edited, "prognosis", tmp_path / "r3", verbose=0)
     with pytest.raises(train.PipelineError, match="Unknown strategy 'magic'"):
@@ -207,6 +192,7 @@ def test_data_without_the_stage_targets_or_modality_is_refused(tmp_path):
         train.train_stage(pipeline, "pet", tmp_path / "r2", verbose=0)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(phantom_records, tmp_path):
     stages = [{"name": "classification", "task": "classification"}]
     pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, epochs=3)
@@ -243,6 +229,7 @@ class BlowUpWeights(Interrupt):
             weight.assign(np.full(weight.shape, np.nan, np.float32))
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed_or_saved(phantom_records, stage0_run, tmp_path):
     """Adapters whose weights became NaN with a finite loss: the epoch is refused, the last
     checkpoint stays the good one, and --resume with a lower learning rate recovers."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import UNICON_ORDER, write_pipeline
+from conftest import UNICON_ORDER, second_stage, write_pipeline
 from unicon_tf import train
 from unicon_tf.data import dataset
 
@@ -34,6 +34,7 @@ def check(*args, env=None, timeout=300):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.distributed
 def test_cox_risk_sets_span_the_global_batch_on_two_replicas():
     # One SGD step (learning rate 1, so the update is the gradient) on 5 patients: one
     # device with the batch vs 2 replicas with 3 + 2 rows (one padding row).
@@ -62,6 +63,8 @@ def compare(path_one, path_two, batch):
     return weights, biases, max(outputs.values())
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_mirrored_stages_match_one_device(phantom_records, tmp_path):
     # Global batch 3 over 2 replicas: 2 + 1 rows, the last batch padded; classification,
     # then prognosis (Cox) and segmentation with validation on adapters.
@@ -115,6 +118,8 @@ def workers(run, pipeline, stage, tmp, *extra, env=None):
     return results
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_multiworker_stage_resumes_and_only_the_chief_writes(phantom_records, tmp_path):
     pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], epochs=2, batch_size=4)
     run, tmp = tmp_path / "run", tmp_path / "tmp"
@@ -137,15 +142,14 @@ def test_multiworker_stage_resumes_and_only_the_chief_writes(phantom_records, tm
     assert json.loads((run / "run.json").read_text())
 
 
-def test_bfloat16_stage_trains_saves_float32_and_writes_tensorboard(phantom_records, tmp_path):
+@pytest.mark.slow
+def test_bfloat16_stage_trains_saves_float32_and_writes_tensorboard(phantom_records, stage0_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from unicon_tf import serving
 
-    stages = [UNICON_ORDER[0], {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "alpha": 1.0}]
-    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, epochs=2)
-    train.train_stage(pipeline, "classification", tmp_path / "run", verbose=0)
-    record = train.train_stage(pipeline, "prognosis", tmp_path / "run", verbose=0, precision="mixed_bfloat16")
+    record = second_stage(stage0_run, phantom_records, tmp_path, strategy="finetune", alpha=1.0, epochs=2,
+                          precision="mixed_bfloat16")
     assert record["spec"]["training"]["precision"] == "mixed_bfloat16"
     assert all(np.isfinite(v) for epoch in record["history"] for v in epoch.values())
     folder = tmp_path / "run/stages/01-prognosis"

@@ -152,6 +152,7 @@ def test_evaluate_run_report_and_predictions(trained_run):
         assert f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}" in text
 
 
+@pytest.mark.slow
 def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
     """Two stages (CT segmentation, then PET) keep this affordable: 2 single-task models,
     1 naive stage, 1 joint model."""

@@ -183,6 +183,8 @@ def interrupted_experiment(phantom_records, tmp_path_factory):
     return {"pipeline": pipeline, "out": out, "result": result, "before": before, "first": first}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_an_interrupted_experiment_resumes_without_redoing_finished_cells(interrupted_experiment):
     out, before = interrupted_experiment["out"], interrupted_experiment["before"]
     assert before["executions"] == {"Trainer.classification": 1, "Evaluator.classification": 1,
@@ -199,6 +201,8 @@ def test_an_interrupted_experiment_resumes_without_redoing_finished_cells(interr
     assert len(cells) == 4 and all(json.loads((out / c["record"]).read_text())["run"] == c["run"] for c in cells)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_folds_are_the_same_for_every_arm_and_disjoint(interrupted_experiment):
     out = interrupted_experiment["out"]
     tested = {}
@@ -213,6 +217,8 @@ def test_folds_are_the_same_for_every_arm_and_disjoint(interrupted_experiment):
     assert not set(folds[0]["test"]) & set(folds[1]["test"])
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_fractions_cut_only_the_later_stages_training_split(interrupted_experiment):
     plan = ExperimentPlan(folds=2, seeds=(0,), fractions=(0.5, 1.0), baselines=("single_task",))
     experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
@@ -232,6 +238,8 @@ def test_fractions_cut_only_the_later_stages_training_split(interrupted_experime
     assert schema["derived_from"]["fraction"] == 0.5 and schema["splits"]["train"]["count"] == round(len(train) / 2)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(interrupted_experiment):
     from unicon_tf.cli import main
 

@@ -69,6 +69,7 @@ def test_a_fresh_path_starting_later_computes_what_the_base_path_does(start, vol
             np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_later_start_costs_fewer_flops_and_round_trips(volumes, tmp_path):
     def flops(model):
         inputs = {m: tf.constant(volumes[m]) for m in model.input}

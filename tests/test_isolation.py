@@ -64,11 +64,13 @@ def expanded_and_trained(options, volumes):
     return model, trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_each_option_keeps_old_heads_bit_identical_through_expand_and_training(name, volumes):
     expanded_and_trained(OPTIONS[name], volumes)
 
 
+@pytest.mark.slow
 def test_all_options_through_saving_export_and_a_later_stage(volumes, tmp_path):
     model, trained = expanded_and_trained(ALL, volumes)
     model.save(tmp_path / "m.keras")
@@ -207,6 +209,7 @@ def test_pipeline_keys(tmp_path):
         load_pipeline(path)
 
 
+@pytest.mark.slow
 def test_stage_trains_with_isolation_loss_and_sampling(phantom_records, tmp_path, volumes):
     """Through the pipeline: the segmentation stage with every option trains, records them,
     and leaves stage 0's head bit-identical."""

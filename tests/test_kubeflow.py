@@ -162,22 +162,20 @@ def records(root, pattern):
     return found
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # kfp.local: an image not named 'python' runs here
 @pytest.mark.filterwarnings("ignore:.*no effect in the current local runner:UserWarning")  # display names
-def test_a_two_stage_pipeline_runs_under_kfp_local_as_under_the_local_runner(phantom_cohort, tmp_path,
-                                                                             monkeypatch):
+def test_a_two_stage_pipeline_runs_under_kfp_local_as_under_the_local_runner(runner_run, tmp_path, monkeypatch):
     """kfp.local runs each task as a subprocess of this Python (no containers): the same
     executors give the same stage models (weights) and blessings as `LocalRunner`."""
     import keras
     from kfp import local
-    from test_components import write_runner_pipeline
 
     import unicon_tf
-    from unicon_tf.components import LocalRunner
     from unicon_tf.kubeflow.compiler import build_pipeline
 
-    pipeline = write_runner_pipeline(tmp_path, phantom_cohort)  # classification blessed, prognosis not
-    expected = LocalRunner(pipeline, tmp_path / "run", base=tmp_path / "local_models", verbose=0).run()
+    pipeline, _, _, expected = runner_run  # classification blessed, prognosis not
 
     monkeypatch.setenv("PYTHONPATH", str(pathlib.Path(unicon_tf.__file__).parents[1]))  # the tasks' unicon_tf
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),

@@ -62,6 +62,7 @@ def test_selection_state_machine():
     assert last.stop() and last.record(2)["epoch"] == 2 and last.record(2)["stopped"] == "early_stop"
 
 
+@pytest.mark.slow
 def test_best_val_keeps_the_best_epoch_and_stops_early(phantom_records, tmp_path):
     pipeline = write_pipeline(tmp_path, phantom_records, stages=STAGE, epochs=6, select="best_val", patience=2,
                               monitor="loss")
@@ -81,6 +82,7 @@ def test_best_val_keeps_the_best_epoch_and_stops_early(phantom_records, tmp_path
     assert json.loads((tmp_path / "run/stages/00-classification/stage.json").read_text())["selection"] == selection
 
 
+@pytest.mark.slow
 def test_last_is_the_default_for_a_stage_and_patience_still_stops(phantom_records, tmp_path):
     pipeline = write_pipeline(tmp_path, phantom_records, stages=STAGE, epochs=5, patience=1, monitor="loss")
     snapshots = Snapshots()
@@ -93,6 +95,7 @@ def test_last_is_the_default_for_a_stage_and_patience_still_stops(phantom_record
         np.testing.assert_array_equal(np.asarray(weight), kept)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_best_epoch_and_patience_counter(phantom_records, tmp_path):
     results = {}
     for label in ("straight", "resumed"):

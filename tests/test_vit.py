@@ -217,6 +217,7 @@ def test_savedmodel_export_matches_keras(tmp_path):
     np.testing.assert_array_equal(served["label_map"].numpy(), expected)
 
 
+@pytest.mark.slow
 def test_pipeline_vit_encoder_from_weights_trains_two_stages(phantom_records, tmp_path):
     spec = {
         "name": "tiny_vit", "input_shape": [16, 16, 16], "modality": "ct",
