@@ -1,0 +1,392 @@
+"""Clinical inputs: DICOM series (CT, PET with SUV from its tags), DICOM SEG and RTSTRUCT masks, ITK
+files, the series checks, and DICOM SEG out of predict. Every DICOM file is made here, small."""
+
+import json
+import math
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import tensorflow as tf
+from click.testing import CliRunner
+from conftest import write_manifest
+from dicom_writer import pet_tags, write_rtstruct, write_seg, write_series
+
+import unicon_tf
+from unicon_tf import data, serving
+from unicon_tf.cli import main
+from unicon_tf.data import dicom
+from unicon_tf.data.errors import DataError, DataWarning
+from unicon_tf.data.suv import SUVInputError
+
+SHAPE = (16, 14, 10)
+AFFINE = np.diag([2.0, 2.5, 3.0, 1.0])
+AFFINE[:3, 3] = [-15.0, -20.0, 30.0]
+PREP = data.Preprocessing(shape=(8, 8, 8), spacing=(4.0, 4.0, 4.0), center="mask")
+SUV = {"weight_kg": "70", "injected_dose_bq": "370000000", "injection_time": "20240301093000",
+       "acquisition_time": "20240301103000"}
+
+
+def patient_volumes(seed):
+    """CT (HU), PET (Bq/mL, slice 3 at a finer RescaleSlope) and a mask of one patient, RAS `SHAPE`."""
+    rng = np.random.default_rng(seed)
+    ct = rng.integers(-1000, 1000, size=SHAPE).astype(np.float32)
+    ct[4:12, 3:11, 2:8] += 300
+    slopes = [64.0] * SHAPE[2]
+    slopes[3] = 32.0
+    pet = (rng.integers(0, 400, size=SHAPE) * np.asarray(slopes)).astype(np.float32)
+    mask = np.zeros(SHAPE, np.uint8)
+    for k in range(2 + seed % 2, 7):
+        mask[4:9 + k % 2, 5:10, k] = 1
+    mask[6, 7, 4] = 0  # a hole: the RTSTRUCT draws it as an inner contour
+    return ct, pet, slopes, mask
+
+
+def mask_boxes(mask):
+    """The per-slice boxes and one-voxel holes of `patient_volumes`' masks, for a RTSTRUCT."""
+    boxes, holes = [], []
+    for k in range(mask.shape[2]):
+        where = np.argwhere(mask[..., k] > 0)
+        if len(where):
+            (i0, j0), (i1, j1) = where.min(axis=0), where.max(axis=0)
+            boxes.append((k, i0, i1, j0, j1))
+            holes += [(k, i, i, j, j) for i, j in np.argwhere(mask[i0:i1 + 1, j0:j1 + 1, k] == 0) + [i0, j0]]
+    return boxes, holes
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three patients as NIfTI (SUV from manifest columns) and as DICOM (series; masks as SEG,
+    RTSTRUCT and .seg.nrrd; patient C's CT and PET in one study folder chosen by UID)."""
+    root = tmp_path_factory.mktemp("cohort")
+    nifti_rows, dicom_rows = [], []
+    for seed, (pid, split, mask_kind) in enumerate([("A", "train", "seg"), ("B", "train", "rtstruct"),
+                                                    ("C", "val", "nrrd")]):
+        ct, pet, slopes, mask = patient_volumes(seed)
+        folder = root / pid
+        folder.mkdir()
+        for name, array in (("ct", ct), ("pet", pet), ("mask", mask)):
+            nib.save(nib.Nifti1Image(array, AFFINE), str(folder / f"{name}.nii.gz"))
+        nifti_rows.append({"patient_id": pid, "split": split, "ct": folder / "ct.nii.gz", "pet": folder / "pet.nii.gz",
+                           "mask": folder / "mask.nii.gz", "label": seed % 2, **SUV})
+        study = folder / ("study" if pid == "C" else "ct")
+        write_series(study, ct, AFFINE, patient=pid, uid=f"1.2.826.0.1.3680043.10.1.{seed}.1", description="CT")
+        pet_folder = study if pid == "C" else folder / "pet"
+        write_series(pet_folder, pet, AFFINE, modality="PT", patient=pid, uid=f"1.2.826.0.1.3680043.10.1.{seed}.2",
+                     slopes=slopes, tags=pet_tags(), description="PET AC")
+        ct_series = dicom.SeriesRef(study, f"1.2.826.0.1.3680043.10.1.{seed}.1") if pid == "C" else study
+        if mask_kind == "seg":
+            write_seg(folder / "mask.dcm", mask, ct_series)
+        elif mask_kind == "rtstruct":
+            boxes, holes = mask_boxes(mask)
+            write_rtstruct(folder / "mask.dcm", boxes, AFFINE, study, holes=holes)
+        else:
+            write_itk(folder / "mask.seg.nrrd", mask)
+        row = {"patient_id": pid, "split": split, "ct": study, "pet": pet_folder,
+               "mask": folder / f"mask.{'seg.nrrd' if pid == 'C' else 'dcm'}", "label": seed % 2}
+        if pid == "C":
+            row.update(ct_series_uid=ct_series.uid, pet_series_uid=f"1.2.826.0.1.3680043.10.1.{seed}.2")
+        dicom_rows.append(row)
+    (root / "nifti").mkdir()
+    (root / "dicom").mkdir()
+    return root, write_manifest(root / "nifti", nifti_rows), write_manifest(root / "dicom", dicom_rows)
+
+
+def write_itk(path, array):
+    """`array` (RAS, `AFFINE`) as an ITK file (LPS: origin and direction of x and y negated)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(np.diag(AFFINE)[:3]))
+    image.SetOrigin((-AFFINE[0, 3], -AFFINE[1, 3], AFFINE[2, 3]))
+    image.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def records(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tfrecord.gz"))}
+
+
+def test_same_cohort_as_nifti_and_as_dicom_ingests_to_identical_records(cohort, tmp_path):
+    root, nifti_manifest, dicom_manifest = cohort
+    nifti = data.ingest(nifti_manifest, tmp_path / "nifti", PREP, workers=1, verbose=False)
+    from_dicom = data.ingest(dicom_manifest, tmp_path / "dicom", PREP, workers=1, verbose=False)
+    assert records(tmp_path / "nifti") and records(tmp_path / "nifti") == records(tmp_path / "dicom")
+    assert nifti["splits"] == from_dicom["splits"]  # counts, sizes and SHA-256 of every shard
+    assert from_dicom["scaling"]["pet"] == dicom.SUV_SOURCE
+    dataset = tf.data.TFRecordDataset(sorted(str(p) for p in (tmp_path / "dicom").glob("train-*")),
+                                      compression_type="GZIP")
+    assert sum(1 for _ in dataset) == 2
+
+
+def test_series_grid_matches_the_nifti_grid_and_readers_agree(cohort, tmp_path):
+    root, _, _ = cohort
+    ct, pet, _, mask = patient_volumes(1)
+    volume, affine = data.load_volume(root / "B" / "ct")
+    assert np.array_equal(volume, ct) and np.array_equal(affine, AFFINE)
+    volume, affine = data.load_volume(root / "B" / "pet")  # per-slice RescaleSlope applied
+    assert np.array_equal(volume, pet) and np.array_equal(affine, AFFINE)
+    for suffix in (".nrrd", ".mha", ".mhd"):
+        volume, affine = data.load_volume(write_itk(tmp_path / f"ct{suffix}", ct))
+        assert np.array_equal(volume, ct) and np.allclose(affine, AFFINE)
+    volume, _ = data.load_volume(root / "B" / "mask.dcm", field="mask", reference=(SHAPE, AFFINE))
+    assert np.array_equal(volume, mask)  # the RTSTRUCT's inner contour is a hole
+    seg = write_seg(tmp_path / "seg.dcm", mask, root / "B" / "ct")
+    volume, affine = data.load_volume(seg, field="mask")
+    assert np.array_equal(volume, mask) and np.allclose(affine, AFFINE)
+    assert dicom.kind_of(root / "B" / "ct") == "series" and dicom.kind_of(seg) == "dicom"
+
+
+def test_manifest_accepts_dicom_folders_and_records_the_suv_override(cohort, tmp_path):
+    root, _, dicom_manifest = cohort
+    manifest = data.read_manifest(dicom_manifest)
+    assert manifest.modalities == ["ct", "pet"] and isinstance(manifest.patients[2].images["ct"], dicom.SeriesRef)
+    expected = 70_000 / (3.7e8 * 2 ** (-3600 / 6586.2))
+    assert [p.scales["pet"] for p in manifest.patients] == pytest.approx([expected] * 3, rel=1e-12)
+    rows = [{"patient_id": "B", "split": "train", "ct": str(root / "B/ct"), "pet": str(root / "B/pet"),
+             "weight_kg": "80"}]
+    folder = tmp_path / "override"
+    folder.mkdir()
+    overridden = data.read_manifest(write_manifest(folder, rows))
+    assert overridden.patients[0].scales["pet"] == pytest.approx(expected * 80 / 70, rel=1e-12)
+    assert "['weight_kg'] override the tags" in overridden.scaling["pet"]
+
+
+def suv_series(folder, **tags):
+    pet = np.full((4, 4, 3), 128.0, np.float32)
+    return write_series(folder, pet, AFFINE, modality="PT", slopes=[1.0] * 3, tags=pet_tags(**tags))
+
+
+@pytest.mark.parametrize("tags, delay", [
+    ({}, 3600.0),  # START: the dose decays from injection to the series time
+    ({"decay": "ADMIN"}, 0.0),  # ADMIN: images are decay-corrected to the injection: no decay
+    ({"start": "20240301233000", "series_date": "20240302", "series_time": "003000"}, 3600.0),  # over midnight
+    ({"start": None, "start_time_only": "233000", "series_date": "20240302", "series_time": "003000"}, 3600.0),
+    ({"start": "20240301093000.5", "series_time": "103000"}, 3599.5),
+])
+def test_suv_from_pet_tags_follows_the_formula(tmp_path, tags, delay):
+    folder = suv_series(tmp_path / "pet", **tags)
+    factor, overridden = dicom.suv_from_tags(dicom.suv_tags(folder))
+    dose_at_scan = 3.7e8 * math.exp(-math.log(2) * delay / 6586.2)
+    assert factor == pytest.approx(70 * 1000 / dose_at_scan, rel=1e-12) and overridden == []
+    voxel_suv = 128.0 * factor
+    assert voxel_suv == pytest.approx(128.0 * 70_000 / dose_at_scan, rel=1e-12)
+
+
+def test_suv_uses_the_earliest_acquisition_when_the_series_time_is_later(tmp_path):
+    folder = suv_series(tmp_path / "pet", series_time="120000")  # rewritten by post-processing
+    for file in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(file)
+        ds.AcquisitionTime = "103000"
+        ds.save_as(file)
+    tags = dicom.suv_tags(folder)
+    assert tags["acquisition_time"] == "20240301103000"
+
+
+@pytest.mark.parametrize("tags, field, words", [
+    ({"units": "CNTS"}, "Units", "pet_scale"),
+    ({"units": "GML"}, "Units", "pet_scale"),
+    ({"decay": "NONE"}, "DecayCorrection", "START or ADMIN"),
+    ({"weight": None}, "PatientWeight", "weight_kg"),
+    ({"dose": "370"}, "RadionuclideTotalDose", "in MBq or mCi"),
+    ({"weight": "70000"}, "PatientWeight", "in g or lb"),
+    ({"start": None}, "RadiopharmaceuticalStartDateTime", "injection_time"),
+])
+def test_suv_refuses_missing_implausible_or_unsupported_tags_by_name(tmp_path, tags, field, words):
+    folder = suv_series(tmp_path / "pet", **tags)
+    with pytest.raises(SUVInputError, match=words) as raised:
+        dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert raised.value.field == field and field in str(raised.value)
+
+
+def test_suv_override_replaces_the_tag_and_cnts_takes_a_factor(tmp_path):
+    folder = suv_series(tmp_path / "pet", weight=None)
+    factor, overridden = dicom.suv_from_tags(dicom.suv_tags(folder), {"weight_kg": 70.0})
+    assert overridden == ["weight_kg"] and factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-3600 / 6586.2)))
+    cnts = suv_series(tmp_path / "cnts", units="CNTS")
+    rows = [{"patient_id": "P", "split": "train", "ct": str(folder), "pet": str(cnts), "pet_scale": "0.0003"}]
+    (tmp_path / "m").mkdir()
+    manifest = data.read_manifest(write_manifest(tmp_path / "m", rows))
+    assert manifest.patients[0].scales["pet"] == 0.0003 and manifest.scaling["pet"] == "column pet_scale"
+
+
+# ---------------------------------------------------------------------------------- series faults
+
+
+def faulty_cohort(tmp_path, edit=None, uid=None, **series):
+    """One patient 'Q' whose CT series is written by `write_series(**series)` then `edit(folder)`."""
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "Q" / "ct", ct, AFFINE, patient="Q", **series)
+    if edit:
+        edit(folder)
+    row = {"patient_id": "Q", "split": "train", "ct": "Q/ct"}
+    if uid:
+        row["ct_series_uid"] = uid
+    return write_manifest(tmp_path, [row]), folder
+
+
+def assert_refused(manifest, tmp_path, *words):
+    """`unicon-tf ingest` exits non-zero naming patient, folder and fault, and writes nothing."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["ingest", str(manifest), "--out", str(out), "--shape", "8", "8", "8",
+                                       "--spacing", "4", "4", "4", "--workers", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    message = " ".join(result.output.split())
+    for word in ("patient Q", str(tmp_path / "Q" / "ct")) + words:
+        assert word in message, (word, message[-400:])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    return message
+
+
+def second_series(folder):
+    ct, _, _, _ = patient_volumes(1)
+    write_series(folder, ct[:, :, :4], AFFINE, patient="Q", uid="1.2.3.99", description="CT thin")
+
+
+def test_several_series_without_a_uid_are_listed(tmp_path):
+    manifest, _ = faulty_cohort(tmp_path, edit=second_series, uid=None, description="CT soft")
+    message = assert_refused(manifest, tmp_path, "holds 2 series", "1.2.3.99 ('CT thin', CT, 4 image(s))",
+                             "('CT soft', CT, 10 image(s))", "ct_series_uid")
+    assert "SeriesInstanceUID" in message or "_series_uid" in message
+    manifest, _ = faulty_cohort(tmp_path / "chosen", edit=second_series, uid="1.2.3.99")
+    assert data.read_manifest(manifest).patients[0].images["ct"].uid == "1.2.3.99"
+    volume, _ = data.load_volume(data.read_manifest(manifest).patients[0].images["ct"])
+    assert volume.shape == (16, 14, 4)
+
+
+def drop(name_index):
+    return lambda folder: sorted(folder.glob("*.dcm"))[name_index].unlink()
+
+
+def shift_slice(index, dz):
+    def edit(folder):
+        file = sorted(folder.glob("*.dcm"))[index]
+        ds = pydicom.dcmread(file)
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                                   f"{float(ds.ImagePositionPatient[2]) + dz:g}"]
+        ds.save_as(file)
+    return edit
+
+
+def set_tag(index, name, value):
+    def edit(folder):
+        file = sorted(folder.glob("*.dcm"))[index]
+        ds = pydicom.dcmread(file)
+        setattr(ds, name, value)
+        ds.save_as(file)
+    return edit
+
+
+@pytest.mark.parametrize("edit, words", [
+    (drop(4), ("1 missing slice(s)", "6 mm between", "slice step is 3 mm")),
+    (shift_slice(4, 0.8), ("uneven slice spacing", "3.8 mm between")),
+    (set_tag(5, "ImageOrientationPatient", ["1", "0", "0", "0", "0.9", "0.4359"]),
+     ("inconsistent orientation within the series",)),
+    (set_tag(2, "PixelSpacing", ["2.5", "2.2"]), ("inconsistent pixel spacing within the series",)),
+    (shift_slice(6, -3.0), ("two images at the same slice position",)),
+])
+def test_series_faults_are_refused_naming_patient_folder_and_fault(tmp_path, edit, words):
+    manifest, _ = faulty_cohort(tmp_path, edit=edit)
+    assert_refused(manifest, tmp_path, *words)
+
+
+def test_undecodable_transfer_syntax_names_the_package_to_install(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(pydicom.uid.HTJ2K).is_available:
+        pytest.skip("an HTJ2K decoder is installed here")
+
+    def compress(folder):
+        for file in sorted(folder.glob("*.dcm")):
+            ds = pydicom.dcmread(file)
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.HTJ2K
+            ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+            ds["PixelData"].VR = "OB"
+            ds.save_as(file, enforce_file_format=True)
+
+    manifest, _ = faulty_cohort(tmp_path, edit=compress)
+    assert_refused(manifest, tmp_path, "High-Throughput JPEG 2000", str(pydicom.uid.HTJ2K), "pylibjpeg-openjpeg")
+
+
+def test_localizers_are_dropped_with_a_note(tmp_path):
+    def add_localizer(folder):
+        scout = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0])
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]  # a sagittal scout
+        scout.SOPInstanceUID = pydicom.uid.generate_uid()
+        scout.save_as(folder / "scout.dcm")
+
+    manifest, folder = faulty_cohort(tmp_path, edit=add_localizer)
+    with pytest.warns(DataWarning, match="dropped 1 localizer image"):
+        volume, affine = data.load_volume(folder, patient="Q", field="ct")
+    assert volume.shape == SHAPE and np.array_equal(affine, AFFINE)
+    schema = data.ingest(manifest, tmp_path / "out", PREP, workers=1, verbose=False)
+    assert schema["splits"]["train"]["count"] == 1
+
+
+def test_gantry_tilt_is_placed_by_the_slice_positions_and_resampled(tmp_path):
+    """Each slice k of a 15-degree tilted stack sits at its own ImagePositionPatient: one bright
+    voxel per slice, on a line in world space, lands on that line after resampling."""
+    tilt = math.tan(math.radians(15.0)) * 3.0  # y shift per 3 mm slice
+    ct = np.full(SHAPE, -1000.0, np.float32)
+    ct[7:10, 5:8, :] = 1000.0  # a bar around voxel column (8, 6) in every slice
+
+    def tilted(k, ds):
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], f"{float(ds.ImagePositionPatient[1]) + k * tilt:.6f}",
+                                   ds.ImagePositionPatient[2]]
+        ds.GantryDetectorTilt = "15"
+
+    folder = write_series(tmp_path / "tilted", ct, AFFINE, per_slice=tilted)
+    series = dicom.series_headers(folder)
+    assert dicom.tilt_degrees(series) == pytest.approx(15.0, abs=1e-3)
+    volume, affine = data.load_volume(folder)
+    for k in range(SHAPE[2]):
+        world = affine @ [8, 6, k, 1]
+        expected = AFFINE @ [8, 6, k, 1] - [0, k * tilt, 0, 0]  # LPS +y is RAS -y
+        assert np.allclose(world, expected, atol=1e-4)
+    grid = data.resample_patient({"ct": folder}, data.Preprocessing((8, 8, 8), (1.0, 1.0, 1.0),
+                                                                    windows={"ct": (-1000, 1000)}))
+    for k in range(1, SHAPE[2] - 1):  # inner slices: at the first and last, rounding may fall just outside
+        world = AFFINE @ [8, 6, k, 1] - [0, k * tilt, 0, 0]
+        index = np.round(np.linalg.solve(grid.affine, world)[:3]).astype(int)
+        assert grid.images["ct"][tuple(index)] > 0.9  # the bright line is where the tilt put it
+
+
+# ---------------------------------------------------------------------------------- predict -> SEG
+
+
+def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, tmp_path):
+    import highdicom as hd
+
+    root, _, _ = cohort
+    keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
+    version = serving.export_model(keras_model, tmp_path / "sm", "seg", metadata={
+        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {}})
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(version), "--ct", str(root / "B" / "ct"),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    prediction = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    head = prediction["heads"]["segmentation"]
+    nifti = nib.load(head["label_map"])
+    seg = hd.seg.segread(head["seg"])
+    source = pydicom.dcmread(sorted((root / "B" / "ct").glob("*.dcm"))[0], stop_before_pixels=True)
+    assert {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence} == {source.SeriesInstanceUID}
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID and seg.StudyInstanceUID == source.StudyInstanceUID
+    volume = seg.get_volume(combine_segments=True)
+    read_back = nib.as_closest_canonical(volume.to_nibabel())
+    original = nib.as_closest_canonical(nifti)
+    assert np.allclose(read_back.affine, original.affine) and np.allclose(original.affine, AFFINE)
+    assert np.array_equal(np.asarray(read_back.dataobj), np.asarray(original.dataobj))
+    assert read_back.shape == SHAPE and sum(head["voxels"].values()) == np.prod(SHAPE)
+
+
+def test_predict_refuses_a_faulty_series_like_ingest(tmp_path):
+    manifest, folder = faulty_cohort(tmp_path, edit=drop(3))
+    with pytest.raises(DataError, match="missing slice"):
+        data.resample_patient({"ct": folder}, PREP)
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(tmp_path), "--ct", str(folder),
+                                       "--series-uid", "pet", "1.2", "--out", str(tmp_path / "p")])
+    assert result.exit_code != 0 and "--series-uid pet" in result.output
