@@ -35,12 +35,16 @@ setup(
     ],
     extras_require={
         # the tests exercise every optional engine, so the test extra installs them all
-        "test": ["pytest>=7", "safetensors>=0.4", "apache-beam>=2.77", "kfp>=2.17"],
+        "test": ["pytest>=7", "safetensors>=0.4", "apache-beam>=2.77", "kfp>=2.17", "SimpleITK>=2.3", "pydicom>=3.0",
+                 "highdicom>=0.28"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],
         # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs
         "kfp": ["kfp>=2.17"],
+        # Clinical inputs (unicon_tf.data.dicom): DICOM series (pydicom tags, SimpleITK/GDCM pixels), ITK files
+        # (.nrrd, .mha, .mhd), DICOM SEG in and out (highdicom); RTSTRUCT contours are filled with matplotlib.
+        "dicom": ["SimpleITK>=2.3", "pydicom>=3.0", "highdicom>=0.28"],
     },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[

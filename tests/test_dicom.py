@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 
+import keras
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -362,13 +363,15 @@ def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, tmp_path
     import highdicom as hd
 
     root, _, _ = cohort
+    keras.utils.set_random_seed(0)
     keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
     version = serving.export_model(keras_model, tmp_path / "sm", "seg", metadata={
-        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {}})
+        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {"pet": dicom.SUV_SOURCE}})
     result = CliRunner().invoke(main, ["predict", "--saved-model", str(version), "--ct", str(root / "B" / "ct"),
-                                       "--out", str(tmp_path / "out")])
+                                       "--pet", str(root / "B" / "pet"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     prediction = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert prediction["scales"]["pet"]["factor"] == pytest.approx(70_000 / (3.7e8 * 2 ** (-3600 / 6586.2)))
     head = prediction["heads"]["segmentation"]
     nifti = nib.load(head["label_map"])
     seg = hd.seg.segread(head["seg"])
@@ -381,6 +384,7 @@ def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, tmp_path
     assert np.allclose(read_back.affine, original.affine) and np.allclose(original.affine, AFFINE)
     assert np.array_equal(np.asarray(read_back.dataobj), np.asarray(original.dataobj))
     assert read_back.shape == SHAPE and sum(head["voxels"].values()) == np.prod(SHAPE)
+    assert set(head["voxels"]) == {"0", "1"}  # both classes, so equal voxels say something
 
 
 def test_predict_refuses_a_faulty_series_like_ingest(tmp_path):
