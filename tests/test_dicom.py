@@ -394,3 +394,41 @@ def test_predict_refuses_a_faulty_series_like_ingest(tmp_path):
     result = CliRunner().invoke(main, ["predict", "--saved-model", str(tmp_path), "--ct", str(folder),
                                        "--series-uid", "pet", "1.2", "--out", str(tmp_path / "p")])
     assert result.exit_code != 0 and "--series-uid pet" in result.output
+
+
+def test_compressed_and_multi_frame_ct_read_as_the_plain_series(tmp_path):
+    import highdicom as hd
+
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "rle", ct, AFFINE)
+    sources = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(legacy_datasets=sources, series_instance_uid=hd.UID(),
+                                                        series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    for file, dataset in zip(sorted(folder.glob("*.dcm")), sources):
+        dataset.compress(pydicom.uid.RLELossless)
+        dataset.save_as(file)
+    for path in (folder, tmp_path / "enhanced.dcm"):
+        volume, affine = data.load_volume(path)
+        assert np.array_equal(volume, ct) and np.allclose(affine, AFFINE), path
+
+
+def test_rtstruct_drawn_on_the_pet_is_filled_on_the_pet_grid(tmp_path):
+    """Contours in the PET's slices (4 mm apart, not the CT's 3 mm) land where the same mask as
+    NIfTI on the PET grid does."""
+    ct, _, _, _ = patient_volumes(0)
+    pet_affine = np.diag([4.0, 5.0, 6.0, 1.0])
+    pet_affine[:3, 3] = [-14.0, -18.75, 31.5]
+    pet = np.full((8, 7, 5), 1000.0, np.float32)
+    mask = np.zeros((8, 7, 5), np.uint8)
+    mask[2:5, 3:6, 1:4] = 1
+    ct_folder = write_series(tmp_path / "ct", ct, AFFINE)
+    pet_folder = write_series(tmp_path / "pet", pet, pet_affine, modality="PT", slopes=[1.0] * 5)
+    rtstruct = write_rtstruct(tmp_path / "rt.dcm", mask_boxes(mask)[0], pet_affine, pet_folder)
+    nib.save(nib.Nifti1Image(mask, pet_affine), str(tmp_path / "mask.nii.gz"))
+    images = {"ct": ct_folder, "pet": pet_folder}
+    from_rtstruct = data.resample_patient(images, PREP, mask=rtstruct)
+    from_nifti = data.resample_patient(images, PREP, mask=tmp_path / "mask.nii.gz")
+    assert from_rtstruct.mask.any() and np.array_equal(from_rtstruct.mask, from_nifti.mask)
+    with pytest.raises(DataError, match="does not lie in one slice of the reference image"):
+        data.resample_patient({"ct": ct_folder}, PREP, mask=rtstruct)

@@ -15,7 +15,8 @@ and inference resample every kind of input through the same geometry checks.
 - An ITK file (`.nrrd`, `.seg.nrrd`, `.mha`, `.mhd`) is read with SimpleITK (LPS too).
 - A DICOM SEG is read with highdicom (`Segmentation.get_volume`, segments combined: a
   voxel holds its segment number); a RTSTRUCT's closed planar contours are rasterised on
-  the reference image's grid (a voxel is inside when its centre is inside the polygon,
+  the grid of the first of the patient's images (the reference image first) whose slices
+  they lie in, as on the series they were drawn on (a voxel is inside when its centre is inside the polygon,
   even-odd rule, so a contour inside another is a hole); ROI `n` of the
   StructureSetROISequence becomes class `n` (in sequence order), later ROIs drawn over earlier.
 
@@ -410,12 +411,12 @@ def load_dicom_file(path, patient=None, field=None, reference=None):
         path: the `.dcm` file.
         patient: patient id, for error messages.
         field: manifest column, for error messages.
-        reference: `(shape, RAS affine)` of the grid a RTSTRUCT is drawn on (the
-            reference image's); needed only for a RTSTRUCT.
+        reference: `(shape, RAS affine)` of the grid a RTSTRUCT may be drawn on, or a list
+            of them (the patient's images, the reference first); needed only for a RTSTRUCT.
 
     Raises:
         DataError: unreadable file, a SOP class that is neither, a SEG not on a regular
-            3D grid, a RTSTRUCT with contours off the reference grid's slices.
+            3D grid, a RTSTRUCT whose contours lie in the slices of none of the grids.
     """
     pydicom = _require("pydicom", patient, path, field)
     try:
@@ -428,7 +429,16 @@ def load_dicom_file(path, patient=None, field=None, reference=None):
         if reference is None:
             raise DataError("a RTSTRUCT is a mask: give it in the 'mask' column", patient=patient, file=path,
                             field=field)
-        return rasterise_rtstruct(dataset, *reference, patient=patient, path=path, field=field)
+        grids = [reference] if isinstance(reference, tuple) else list(reference)
+        failures = []
+        for shape, affine in grids:
+            try:
+                return rasterise_rtstruct(dataset, shape, affine, patient=patient, path=path, field=field)
+            except DataError as error:
+                failures.append(error)
+        raise failures[0] if len(grids) == 1 else DataError(
+            f"{failures[0].reason}; nor in the slices of the patient's other images", patient=patient,
+            file=path, field=field)
     highdicom = _require("highdicom", patient, path, field)
     try:
         if modality == "SEG":

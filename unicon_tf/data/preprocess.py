@@ -154,7 +154,8 @@ def load_volume(path, patient=None, field=None, reference=None):
         path: the NIfTI file, DICOM series folder or `SeriesRef`, DICOM or ITK file.
         patient: patient id, for error messages.
         field: manifest column, for error messages.
-        reference: `(shape, affine)` of the reference image, the grid a RTSTRUCT is drawn on.
+        reference: `(shape, affine)` of the grid a RTSTRUCT is drawn on, or a list of the
+            patient's image grids (the first its contours lie in is used).
 
     Returns:
         `(data, affine)`: float32 array `(X, Y, Z)` in RAS voxel order and its 4x4 affine.
@@ -353,7 +354,7 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
     modalities = list(images)
     reference, ref_affine = load_volume(images[modalities[0]], patient, modalities[0])
     grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
-    volumes = {}
+    volumes, grids = {}, []
     for modality in modalities:
         window = prep.window(modality)
         window = dataclasses.replace(window, scale=window.scale * scales.get(modality, 1.0))
@@ -367,13 +368,14 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
                     f"covers {coverage:.0%} of the reference image's field of view (needs >= "
                     f"{prep.min_overlap:.0%}): check its affine (not overlapping the {modalities[0]}?)",
                     patient=patient, file=images[modality], field=modality)
+        grids.append((data.shape, affine))  # where a RTSTRUCT mask may have been drawn
         raw = resample(data, affine, grid_affine, grid_shape, order=1, fill=window.low / window.scale)
         if modality == modalities[0]:
             body = raw > prep.body_threshold
         volumes[modality] = window.apply(raw)
     label_map = None
     if mask is not None:
-        data, affine = load_volume(mask, patient, "mask", reference=(reference.shape, ref_affine))
+        data, affine = load_volume(mask, patient, "mask", reference=grids)
         _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
         label_map = resample(data, affine, grid_affine, grid_shape, order=0, fill=0).astype(np.uint8)
     return PatientGrid(affine=grid_affine, shape=grid_shape, images=volumes, body=body, mask=label_map)
