@@ -3,7 +3,6 @@ files, the series checks, and DICOM SEG out of predict. Every DICOM file is made
 
 import json
 import math
-import pathlib
 
 import keras
 import nibabel as nib

@@ -32,10 +32,13 @@ pydicom, highdicom); without it they raise a `DataError` that says so.
 """
 
 import dataclasses
+import os
 import pathlib
 import warnings
 
 import numpy as np
+
+PathLike = str | os.PathLike
 
 from unicon_tf.data.errors import DataError, DataWarning
 from unicon_tf.data.suv import SUVInputError, delay_seconds, suv_bw_factor
@@ -69,7 +72,7 @@ class SeriesRef:
         return f"{self.folder} (SeriesInstanceUID {self.uid})" if self.uid else str(self.folder)
 
 
-def kind_of(path) -> str:
+def kind_of(path: "PathLike | SeriesRef") -> str:
     """What a manifest cell or a predict argument names: `series`, `dicom`, `itk` or `nifti`.
 
     Args:
@@ -116,8 +119,13 @@ def _require(module, patient, path, field):
                         file=path, field=field) from error
 
 
-def lps_to_ras(affine_lps):
-    """A 4x4 voxel-to-LPS affine (DICOM, ITK) as voxel-to-RAS (NIfTI, nibabel): x and y negated."""
+def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
+    """A 4x4 voxel-to-LPS affine (DICOM, ITK) as voxel-to-RAS (NIfTI, nibabel): x and y negated.
+
+    Example:
+    >>> lps_to_ras(np.eye(4))[:3, :3].diagonal().tolist()
+    [-1.0, -1.0, 1.0]
+    """
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
 
 
@@ -135,8 +143,13 @@ class Series:
     notes: tuple = ()
 
 
-def series_headers(ref, patient=None, field=None) -> Series:
+def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, field: str | None = None) -> Series:
     """Read, choose and check a DICOM series' headers (no pixels).
+
+    Geometry as DICOM PS3.3 C.7.6.2 (Image Plane Module) defines it: slices sorted by
+    ImagePositionPatient along the normal of ImageOrientationPatient's row and column
+    cosines; the affine's columns are row cosine x column spacing, column cosine x row
+    spacing, and the mean step between positions (DICOM LPS, returned as RAS).
 
     Args:
         ref: a `SeriesRef` or a folder.
@@ -272,7 +285,7 @@ def _sort_and_check(members, fail):
     return [f for f, _ in members], [h for _, h in members], lps_to_ras(affine), matrix[::-1] + (len(members),)
 
 
-def tilt_degrees(series) -> float:
+def tilt_degrees(series: Series) -> float:
     """The angle in degrees between a series' slice axis and its slice normal (gantry tilt; 0 for a plain stack)."""
     axes = series.affine[:3, :3]
     normal = np.cross(axes[:, 0], axes[:, 1])
@@ -280,11 +293,12 @@ def tilt_degrees(series) -> float:
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
-def load_series(ref, patient=None, field=None):
+def load_series(ref: "PathLike | SeriesRef", patient: str | None = None,
+                field: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A DICOM series as `(data, affine)`: float32 `(columns, rows, slices)` and its RAS affine.
 
     Pixel values are the modality values (RescaleSlope and RescaleIntercept of each image
-    applied: HU for CT, Bq/mL for PET in BQML).
+    applied, PS3.3 C.11.1: HU for CT, Bq/mL for PET in BQML).
 
     Args:
         ref: a `SeriesRef` or a folder.
@@ -354,7 +368,7 @@ def _decode_with_pydicom(series, ref, patient, field, syntaxes, sitk_error):
     return np.ascontiguousarray(np.stack(slices, axis=-1).transpose(1, 0, 2))
 
 
-def native_grid(path) -> tuple[tuple, np.ndarray]:
+def native_grid(path: "PathLike | SeriesRef") -> tuple[tuple, np.ndarray]:
     """`(shape, RAS affine)` of an image file or series in its own voxel order (before any reorientation).
 
     The grid a prediction is written back on: a NIfTI's header, a DICOM series'
@@ -379,8 +393,13 @@ def native_grid(path) -> tuple[tuple, np.ndarray]:
 # ------------------------------------------------------------------------------ files: ITK, SEG, RTSTRUCT
 
 
-def load_itk(path, patient=None, field=None):
+def load_itk(path: PathLike, patient: str | None = None, field: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An ITK-readable file (`.nrrd`, `.seg.nrrd`, `.mha`, `.mhd`) as `(data, RAS affine)`, with SimpleITK.
+
+    ITK's physical space is LPS: affine = direction x spacing, origin; turned into RAS.
+
+    Example:
+    >>> data, affine = load_itk("A/mask.seg.nrrd", patient="A", field="mask")  # doctest: +SKIP
 
     Raises:
         DataError: unreadable file, or not one 3D scalar volume.
@@ -404,8 +423,16 @@ def load_itk(path, patient=None, field=None):
     return np.ascontiguousarray(data), lps_to_ras(affine)
 
 
-def load_dicom_file(path, patient=None, field=None, reference=None):
+def load_dicom_file(path: PathLike, patient: str | None = None, field: str | None = None,
+                    reference: tuple | list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One DICOM object as `(data, RAS affine)`: a SEG (segment numbers), a RTSTRUCT (rasterised), or a multi-frame image.
+
+    SEG (PS3.3 A.51) and enhanced or legacy-converted multi-frame images are read with
+    highdicom's `get_volume` (segments combined; a voxel holds its segment number), the
+    RTSTRUCT (PS3.3 A.19) with `rasterise_rtstruct`.
+
+    Example:
+    >>> mask, affine = load_dicom_file("A/lesion_seg.dcm", patient="A", field="mask")  # doctest: +SKIP
 
     Args:
         path: the `.dcm` file.
@@ -457,8 +484,14 @@ def load_dicom_file(path, patient=None, field=None, reference=None):
     return data, affine
 
 
-def rasterise_rtstruct(dataset, shape, affine, patient=None, path=None, field="mask"):
+def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str | None = None, path=None,
+                       field: str = "mask") -> tuple[np.ndarray, np.ndarray]:
     """Rasterise a RTSTRUCT's closed planar contours on a grid: ROI `n` (sequence order) -> class `n`.
+
+    ROI Contour Module (PS3.3 C.8.8.6): ContourData are LPS points in mm; each CLOSED_PLANAR
+    contour must lie in one slice of the grid; a voxel is inside when its centre is inside
+    the polygon (matplotlib `Path.contains_points`), contours of one ROI in one slice
+    combine by the even-odd rule (an inner contour is a hole), as plastimatch and rt-utils do.
 
     Args:
         dataset: the RTSTRUCT (a pydicom `Dataset`).
@@ -523,7 +556,7 @@ SUV_TAG_OF = {"weight_kg": "PatientWeight", "injected_dose_bq": "RadionuclideTot
 """The manifest column that overrides each DICOM tag of the SUV computation."""
 
 
-def suv_tags(ref, patient=None, field="pet") -> dict:
+def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str = "pet") -> dict:
     """The body-weight SUV inputs of a PET series' tags, as the manifest's SUV columns name them.
 
     Args:
@@ -574,8 +607,13 @@ def _time(value):
     return whole.ljust(6, "0") + dot + fraction
 
 
-def suv_from_tags(tags, overrides=None) -> tuple[float, list]:
+def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, list]:
     """The SUVbw factor (mL/Bq) of a PET series from its tags (`suv_tags`), manifest columns overriding.
+
+    QIBA vendor-neutral SUV pseudo-code (QIBA FDG-PET/CT profile; cornerstone's
+    calculate-suv): BQML only; START: dose x 2^(-(scan - injection) / half-life); ADMIN:
+    the dose as injected; SUVbw factor = weight [g] / decayed dose [Bq]
+    (`unicon_tf.data.suv.suv_bw_factor`, with its plausibility ranges).
 
     Args:
         tags: the dict of `suv_tags`.
@@ -640,8 +678,16 @@ def suv_from_tags(tags, overrides=None) -> tuple[float, list]:
 # -------------------------------------------------------------------------------------- SEG output
 
 
-def write_seg(label_map, ref, out, classes, model_name="unicon-tf", version="0", description="segmentation"):
+def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike, classes: int,
+              model_name: str = "unicon-tf", version: str = "0", description: str = "segmentation") -> pathlib.Path:
     """Write a label map on a DICOM series' grid as a DICOM SEG referencing that series (highdicom).
+
+    A BINARY Segmentation (PS3.3 A.51) with one segment per class (AUTOMATIC, the model as
+    algorithm), one frame per source slice (empty ones kept), in the source series' study,
+    frame of reference and patient; a new SeriesInstanceUID.
+
+    Raises:
+        ValueError: `label_map` is not on the series' grid.
 
     Args:
         label_map: uint8 `(columns, rows, slices)` on the series' own grid (see
@@ -658,8 +704,6 @@ def write_seg(label_map, ref, out, classes, model_name="unicon-tf", version="0",
     Example:
     >>> write_seg(label_map, SeriesRef(pathlib.Path("A/ct")), "out/segmentation.seg.dcm", classes=2)  # doctest: +SKIP
     """
-    import os
-
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
