@@ -40,36 +40,45 @@ def _base(modality, patient, uid=None, sop_uid=None):
     return ds
 
 
-def geometry(affine):
-    """ImageOrientationPatient, PixelSpacing, and per slice k the ImagePositionPatient (LPS) of a RAS volume."""
+def write_series(folder, volume, affine, **options):
+    """Write `volume` (RAS `(X, Y, Z)`, axis-aligned `affine`) as a scanner's axial stack; returns the folder.
+
+    Columns run along patient left (RAS -x), rows along posterior (RAS -y): the volume is
+    flipped in x and y and its LPS affine starts at RAS voxel `(X - 1, Y - 1, 0)`.
+    `options` go to `write_stack`.
+    """
     spacing = np.abs(np.diag(affine)[:3])
-    return spacing, lambda shape, k: [-(affine[0, 3] + spacing[0] * (shape[0] - 1)),
-                                      -(affine[1, 3] + spacing[1] * (shape[1] - 1)), affine[2, 3] + spacing[2] * k]
+    lps = np.diag(np.append(spacing, 1.0))
+    lps[:3, 3] = (affine @ [volume.shape[0] - 1, volume.shape[1] - 1, 0, 1])[:3] * [-1.0, -1.0, 1.0]
+    return write_stack(folder, volume[::-1, ::-1, :], lps, **options)
 
 
-def write_series(folder, volume, affine, modality="CT", patient="P", uid=None, slopes=None, description="series",
-                 tags=None, per_slice=None, intercept=None):
-    """Write `volume` (RAS `(X, Y, Z)`, axis-aligned `affine`) as one file per slice; returns the folder.
+def write_stack(folder, stack, lps, modality="CT", patient="P", uid=None, slopes=None, description="series",
+                tags=None, per_slice=None, intercept=None):
+    """Write `stack` `(columns, rows, slices)` with voxel-to-LPS affine `lps` as one file per slice.
 
-    CT is stored as `HU + 1024` with RescaleIntercept -1024; PET as int16 with per-slice
-    RescaleSlope `slopes[k]` (volume values must be multiples of them). `tags` are set on
-    every slice, `per_slice(k, dataset)` may edit slice k.
+    ImageOrientationPatient is `lps`'s first two columns normalised, PixelSpacing their
+    lengths, ImagePositionPatient of slice k `lps @ (0, 0, k)`. CT is stored as `HU + 1024`
+    with RescaleIntercept -1024; PET as int16 with per-slice RescaleSlope `slopes[k]`
+    (values must be multiples of them). `tags` are set on every slice, `per_slice(k,
+    dataset)` may edit slice k.
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     uid = uid or generate_uid()
-    spacing, position = geometry(affine)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    cosines = (lps[:3, :2] / spacing[:2]).T.ravel()
     intercept = (-1024.0 if modality == "CT" else 0.0) if intercept is None else intercept
-    for k in range(volume.shape[2]):
+    for k in range(stack.shape[2]):
         ds = _base(modality, patient, uid)
         ds.SeriesDescription, ds.InstanceNumber = description, k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.ImagePositionPatient = [_number(v) for v in position(volume.shape, k)]
-        ds.PixelSpacing = [_number(spacing[1]), _number(spacing[0])]  # row spacing (y), column spacing (x)
+        ds.ImageOrientationPatient = [_number(v) for v in cosines]
+        ds.ImagePositionPatient = [_number(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        ds.PixelSpacing = [_number(spacing[1]), _number(spacing[0])]  # between rows, between columns
         ds.SliceThickness = _number(spacing[2])
         slope = 1.0 if slopes is None else float(slopes[k])
-        stored = np.round((volume[::-1, ::-1, k].T - intercept) / slope).astype(np.int16)
+        stored = np.round((stack[:, :, k].T - intercept) / slope).astype(np.int16)
         ds.Rows, ds.Columns = stored.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1

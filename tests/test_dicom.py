@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import tensorflow as tf
 from click.testing import CliRunner
 from conftest import write_manifest
-from dicom_writer import pet_tags, write_rtstruct, write_seg, write_series
+from dicom_writer import pet_tags, write_rtstruct, write_seg, write_series, write_stack
 
 import unicon_tf
 from unicon_tf import data, serving
@@ -431,3 +431,52 @@ def test_rtstruct_drawn_on_the_pet_is_filled_on_the_pet_grid(tmp_path):
     assert from_rtstruct.mask.any() and np.array_equal(from_rtstruct.mask, from_nifti.mask)
     with pytest.raises(DataError, match="does not lie in one slice of the reference image"):
         data.resample_patient({"ct": ct_folder}, PREP, mask=rtstruct)
+
+
+def rotation(axis, degrees):
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+@pytest.mark.parametrize("name, axes", [
+    ("sagittal", np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])),  # rows along y, slices along x
+    ("coronal", np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])),
+    ("oblique", rotation(2, 20.0) @ rotation(0, -12.0)),
+])
+def test_any_orientation_reads_as_the_same_volume_in_nifti(tmp_path, name, axes):
+    """A stack in any orientation, written as a DICOM series and as NIfTI (LPS -> RAS), reads back
+    as the same RAS volume and affine, and an RTSTRUCT drawn in its slices fills the same voxels."""
+    rng = np.random.default_rng(5)
+    stack = rng.integers(-1000, 1000, size=(12, 10, 6)).astype(np.float32)
+    lps = np.eye(4)
+    lps[:3, :3] = axes @ np.diag([2.0, 2.5, 4.0])
+    lps[:3, 3] = [10.0, -30.0, 40.0]
+    folder = write_stack(tmp_path / name, stack, lps)
+    nib.save(nib.Nifti1Image(stack, dicom.lps_to_ras(lps)), str(tmp_path / f"{name}.nii.gz"))
+    volume, affine = data.load_volume(folder)
+    expected, expected_affine = data.load_volume(tmp_path / f"{name}.nii.gz")
+    assert np.array_equal(volume, expected) and np.allclose(affine, expected_affine, atol=1e-5)
+    grids = [data.resample_patient({"ct": path}, PREP) for path in (folder, tmp_path / f"{name}.nii.gz")]
+    assert np.allclose(grids[0].images["ct"], grids[1].images["ct"], atol=1e-5)
+    mask = np.zeros(stack.shape, np.uint8)
+    mask[3:8, 2:6, 1:5] = 1
+    mask[3:5, 2:4, 2] = 0
+    nib.save(nib.Nifti1Image(mask, dicom.lps_to_ras(lps)), str(tmp_path / "mask.nii.gz"))
+    rtstruct = write_rtstruct(tmp_path / "rt.dcm", mask_boxes(mask)[0], dicom.lps_to_ras(lps), folder,
+                              holes=mask_boxes(mask)[1])
+    filled, _ = data.load_volume(rtstruct, field="mask", reference=(volume.shape, affine))
+    assert filled.any() and np.array_equal(filled, data.load_volume(tmp_path / "mask.nii.gz")[0])
+
+
+def test_a_copied_instance_is_read_once_with_a_note(tmp_path):
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE)
+    first = sorted(folder.glob("*.dcm"))[0]
+    (folder / "copy").mkdir()
+    (folder / "copy" / "IM0001").write_bytes(first.read_bytes())  # no suffix, in a sub-folder
+    with pytest.warns(DataWarning, match="skipped 1 copie"):
+        volume, _ = data.load_volume(folder, patient="Q", field="ct")
+    assert np.array_equal(volume, ct)

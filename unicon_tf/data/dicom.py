@@ -201,14 +201,21 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     if uid not in groups:
         listing = "; ".join(_describe(u, members) for u, members in groups.items())
         raise fail(f"no series with SeriesInstanceUID {uid} in the folder (it holds: {listing})")
-    members, notes = groups[uid], []
+    members, copies, seen = [], [], set()
+    for file, header in groups[uid]:  # an instance copied twice (an export and its copy) counts once
+        instance = str(header.get("SOPInstanceUID", file))
+        (copies if instance in seen else members).append(file if instance in seen else (file, header))
+        seen.add(instance)
+    notes = [f"skipped {len(copies)} copie(s) of images already read (same SOPInstanceUID): "
+             f"{', '.join(f.name for f in copies[:3])}"] if copies else []
     localizers = [file for file, header in members if "LOCALIZER" in [str(v).upper() for v in
                                                                        header.get("ImageType", [])]]
     if localizers:
         notes.append(f"dropped {len(localizers)} localizer image(s) (ImageType LOCALIZER): "
                      f"{', '.join(f.name for f in localizers[:3])}")
-        warnings.warn(f"patient {patient}, folder {ref}: {notes[-1]}", DataWarning, stacklevel=2)
         members = [(f, h) for f, h in members if f not in localizers]
+    if notes:
+        warnings.warn(f"patient {patient}, folder {ref}: {'; '.join(notes)}", DataWarning, stacklevel=2)
     if not members:
         raise fail("the series holds only localizer images")
     frames = [int(h.get("NumberOfFrames", 1) or 1) for _, h in members]
