@@ -175,6 +175,16 @@ def test_suv_from_pet_tags_follows_the_formula(tmp_path, tags, delay):
     assert voxel_suv == pytest.approx(128.0 * 70_000 / dose_at_scan, rel=1e-12)
 
 
+def test_suv_time_zones_from_the_tag(tmp_path):
+    folder = suv_series(tmp_path / "pet", start="20240301083000+0000")  # injection in UTC, series local
+    for file in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(file)
+        ds.TimezoneOffsetFromUTC = "+0100"
+        ds.save_as(file)
+    factor, _ = dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-3600 / 6586.2)), rel=1e-12)
+
+
 def test_suv_uses_the_earliest_acquisition_when_the_series_time_is_later(tmp_path):
     folder = suv_series(tmp_path / "pet", series_time="120000")  # rewritten by post-processing
     for file in sorted(folder.glob("*.dcm")):

@@ -34,6 +34,7 @@ pydicom, highdicom); without it they raise a `DataError` that says so.
 import dataclasses
 import os
 import pathlib
+import re
 import warnings
 
 import numpy as np
@@ -573,7 +574,8 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
     Returns:
         `{"units", "decay_correction", "weight_kg", "injected_dose_bq", "injection_time",
         "acquisition_time", "half_life_s"}`, each None when its tag is absent; times as
-        DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM.
+        DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM;
+        TimezoneOffsetFromUTC, where given, is the zone of a date-time that has none.
         The scan time is SeriesDate/SeriesTime, or the earliest AcquisitionDate/Time
         where that is earlier (QIBA: a series time rewritten by post-processing).
 
@@ -601,11 +603,17 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
     if acquisitions and (scan is None or acquisitions[0] < scan):
         scan = acquisitions[0]
     if time_of_day and scan is not None:
-        scan = scan[8:]  # the injection is a time of day: compare times of day (a scan after midnight is next day)
+        scan = scan[8:]
+    zone = text(first, "TimezoneOffsetFromUTC")  # the local zone of the dates and times without one
+    if zone and start and scan and not time_of_day:
+        start, scan = (value if _ZONED.search(value) else value + zone for value in (start, scan))  # the injection is a time of day: compare times of day (a scan after midnight is next day)
     weight = text(first, "PatientWeight")
     return {"units": text(first, "Units"), "decay_correction": text(first, "DecayCorrection"),
             "weight_kg": float(weight) if weight else None, "injected_dose_bq": float(dose) if dose else None,
             "injection_time": start, "acquisition_time": scan, "half_life_s": float(half_life) if half_life else None}
+
+
+_ZONED = re.compile(r"[+-]\d{4}$")
 
 
 def _time(value):
@@ -718,7 +726,7 @@ def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike,
     series = series_headers(ref)
     if tuple(label_map.shape) != tuple(series.shape):
         raise ValueError(f"label map shape {label_map.shape} is not the series' {series.shape}")
-    sources = [pydicom.dcmread(f) for f in series.files]
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # attributes only
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=codes.cid7162.ArtificialIntelligence,
                                                    version=str(version))
     segments = [hd.seg.SegmentDescription(segment_number=c, segment_label=f"class {c}",
