@@ -490,3 +490,24 @@ def test_a_copied_instance_is_read_once_with_a_note(tmp_path):
     with pytest.warns(DataWarning, match="skipped 1 copie"):
         volume, _ = data.load_volume(folder, patient="Q", field="ct")
     assert np.array_equal(volume, ct)
+
+
+def test_manifest_refuses_misplaced_series_uids_and_folder_masks(tmp_path):
+    ct, _, _, mask = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE, uid="1.2.3.4")
+    nib.save(nib.Nifti1Image(ct, AFFINE), str(tmp_path / "ct.nii.gz"))
+    cases = [
+        ({"ct": "ct", "ct_series_uid": "9.9"}, "SeriesInstanceUID 9.9", "1.2.3.4 ('series', CT, 10 image(s))"),
+        ({"ct": "ct.nii.gz", "ct_series_uid": "1.2.3.4"}, "'ct_series_uid' chooses a series in a DICOM folder", "ct"),
+        ({"ct": "ct", "mask": "ct"}, "a mask is one file", "mask"),
+        ({"ct": "ct", "pet_series_uid": "1.2"}, "column 'pet_series_uid' chooses a series of 'pet'", "no image"),
+    ]
+    for cells, *words in cases:
+        manifest = write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", **cells}])
+        with pytest.raises(DataError) as raised:
+            for patient in data.read_manifest(manifest).patients:
+                data.resample_patient(patient.images, PREP, mask=patient.mask, patient="Q")
+        assert all(word in str(raised.value) for word in words), (words, str(raised.value))
+    assert data.read_manifest(write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", "ct": "ct",
+                                                        "ct_series_uid": "1.2.3.4"}])).patients[0].images["ct"] \
+        == dicom.SeriesRef(folder, "1.2.3.4")
