@@ -433,7 +433,7 @@ def load_itk(path: PathLike, patient: str | None = None, field: str | None = Non
 
 def load_dicom_file(path: PathLike, patient: str | None = None, field: str | None = None,
                     reference: tuple | list | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One DICOM object as `(data, RAS affine)`: a SEG (segment numbers), a RTSTRUCT (rasterised), or a multi-frame image.
+    """One DICOM object as `(data, RAS affine)`: a SEG, a RTSTRUCT (rasterised) or a multi-frame image.
 
     SEG (PS3.3 A.51) and enhanced or legacy-converted multi-frame images are read with
     highdicom's `get_volume` (segments combined; a voxel holds its segment number), the
@@ -603,10 +603,10 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
     if acquisitions and (scan is None or acquisitions[0] < scan):
         scan = acquisitions[0]
     if time_of_day and scan is not None:
-        scan = scan[8:]
+        scan = scan[8:]  # the injection is a time of day: compare times of day (a scan after midnight is next day)
     zone = text(first, "TimezoneOffsetFromUTC")  # the local zone of the dates and times without one
     if zone and start and scan and not time_of_day:
-        start, scan = (value if _ZONED.search(value) else value + zone for value in (start, scan))  # the injection is a time of day: compare times of day (a scan after midnight is next day)
+        start, scan = (value if _ZONED.search(value) else value + zone for value in (start, scan))
     weight = text(first, "PatientWeight")
     return {"units": text(first, "Units"), "decay_correction": text(first, "DecayCorrection"),
             "weight_kg": float(weight) if weight else None, "injected_dose_bq": float(dose) if dose else None,

@@ -30,8 +30,8 @@ its own tags (`unicon_tf.data.dicom.suv_from_tags`); the SUV columns above, wher
 override the tags they replace, and the schema's `scaling` records which.
 
 An image column's name must be a valid modality name (`unicon_tf.names`). A column that
-is neither an image (its cells name image files or DICOM folders), a target nor a per-patient field above is
-refused by name. A column a stage does not need may be left empty, but a column is either
+is neither an image (its cells name image files or DICOM folders), a target nor a
+per-patient field above is refused by name. A column a stage does not need may be left empty, but a column is either
 filled for every patient or for none, so each split's targets are complete.
 
 The file is read as UTF-8 with or without a byte-order mark, with any line ending, and
@@ -64,7 +64,8 @@ NUMERIC_COLUMNS = ("label", "time", "event", "weight_kg", "injected_dose_bq", "s
 STRAY = None
 """Row key of the filled cells that have no column name (as `csv.DictReader`'s `restkey`):
 an unquoted separator inside a cell (`12,5` in a `,` file) shifts the cells after it."""
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz") + dicom.ITK_SUFFIXES + dicom.DICOM_SUFFIXES
+IMAGE_SUFFIXES = ((".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz") + dicom.ITK_SUFFIXES
+                  + dicom.DICOM_SUFFIXES)
 """File names read as 3D images (nibabel's, ITK's, DICOM's); a column whose cells name none
 of them, nor a folder (a DICOM series) or a DICOM file, is no image."""
 SERIES_UID_SUFFIX = "_series_uid"
@@ -259,12 +260,12 @@ def _scaling(path, filled, image_columns, modalities, rows):
         if modality in modalities:
             scaling[modality] = f"column {column}"
     suv = [c for c in SUV_COLUMNS if c in filled]
+    if "scan_delay_s" in suv and "injection_time" in suv:
+        raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
+                        "not both", file=path, field="scan_delay_s")
     pet_series = SUV_MODALITY in modalities and SUV_MODALITY not in scaling and any(
         row.get(SUV_MODALITY) and dicom.kind_of(_resolve(path, row[SUV_MODALITY])) == "series" for row in rows)
-    if pet_series:
-        if "scan_delay_s" in suv and "injection_time" in suv:
-            raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
-                            "not both", file=path, field="scan_delay_s")
+    if pet_series:  # SUV from each series' tags, the columns overriding them
         scaling[SUV_MODALITY] = SUV_FROM_TAGS + (f"; manifest columns {suv} override the tags" if suv else "")
         return scaling
     if not suv:
@@ -276,9 +277,6 @@ def _scaling(path, filled, image_columns, modalities, rows):
     if ("injection_time" in suv) != ("acquisition_time" in suv):
         raise DataError("decay correction needs both 'injection_time' and 'acquisition_time'", file=path,
                         field="injection_time/acquisition_time")
-    if "scan_delay_s" in suv and "injection_time" in suv:
-        raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
-                        "not both", file=path, field="scan_delay_s")
     if SUV_MODALITY not in modalities:
         raise DataError(f"body-weight SUV columns {suv} are given but there is no '{SUV_MODALITY}' image column",
                         file=path, field="weight_kg")
@@ -370,8 +368,8 @@ def _scale(row, modality, how, fail, image=None):
             fail(f"body-weight SUV from the tags of {image}: {error}", error.field)
     for needed in ("weight_kg", "injected_dose_bq"):
         if needed not in numbers:
-            fail(f"'{needed}' is empty: the cohort's other PET series give SUV from their DICOM tags, this '{modality}' "
-                 "is no DICOM series", needed)
+            fail(f"'{needed}' is empty: the cohort's other PET series give SUV from their DICOM tags, this "
+                 f"'{modality}' is no DICOM series", needed)
     delay = numbers.get("scan_delay_s", 0.0)
     if row.get("injection_time"):
         try:

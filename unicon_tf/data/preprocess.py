@@ -135,7 +135,7 @@ class Preprocessing:
 
 
 def load_volume(path, patient=None, field=None, reference=None):
-    """Load a 3D image (NIfTI, DICOM series, SEG, RTSTRUCT, ITK file), reoriented to RAS; errors name patient, file and field.
+    """Load a 3D image (NIfTI, DICOM, ITK), reoriented to RAS; errors name patient, file and field.
 
     NIfTI (and nibabel's other formats) are read with nibabel; a folder (or a
     `unicon_tf.data.dicom.SeriesRef`) as a DICOM series, a `.dcm` file as a DICOM SEG,

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from unicon_tf.data import dicom
 from unicon_tf.data.errors import DataError
+from unicon_tf.data.manifest import SUV_MODALITY
 from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, resample, resample_patient
 from unicon_tf.data.suv import SUVInputError
 from unicon_tf.files import write_json_atomic
@@ -155,7 +156,8 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
         prep.check_per_patient_scale(modality, "predict --scale")
     from_tags = {}
     for modality, how in info.get("scaling", {}).items():
-        if modality in images and modality not in scales and dicom.kind_of(images[modality]) == "series":
+        suv = modality == SUV_MODALITY and "SUVbw" in how  # trained on SUV: a PET series' tags give it
+        if suv and modality in images and modality not in scales and dicom.kind_of(images[modality]) == "series":
             try:
                 scales[modality] = dicom.suv_from_tags(dicom.suv_tags(images[modality], field=modality))[0]
             except SUVInputError as error:
