@@ -511,3 +511,38 @@ def test_manifest_refuses_misplaced_series_uids_and_folder_masks(tmp_path):
     assert data.read_manifest(write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", "ct": "ct",
                                                         "ct_series_uid": "1.2.3.4"}])).patients[0].images["ct"] \
         == dicom.SeriesRef(folder, "1.2.3.4")
+
+
+def test_sparse_fractional_and_overlapping_segs_read_as_label_maps(tmp_path):
+    """A SEG without its empty frames, a FRACTIONAL SEG (>= 0.5 is inside) and overlapping
+    segments (the highest number wins, as a RTSTRUCT's later ROI) read as label maps."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE)
+    sources = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    algorithm = hd.AlgorithmIdentificationSequence(name="t", family=codes.cid7162.ArtificialIntelligence, version="1")
+    segments = [hd.seg.SegmentDescription(segment_number=n, segment_label=f"s{n}", algorithm_type="AUTOMATIC",
+                                          segmented_property_category=codes.SCT.Tissue,
+                                          segmented_property_type=codes.SCT.Tissue, algorithm_identification=algorithm)
+                for n in (1, 2)]
+    first, second = np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32)
+    first[3:6, 3:6, [2, 6]] = 0.8  # slices 3-5 empty: omitted from the file
+    first[3, 3, 2] = 0.3  # below one half: outside
+    second[4:8, 4:8, 6] = 1.0  # overlaps segment 1 on slice 6
+    expected = np.where(second >= 0.5, 2, np.where(first >= 0.5, 1, 0))
+
+    def to_frames(volume):
+        return np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0))
+
+    for kind, pixels in (("FRACTIONAL", np.stack([to_frames(first), to_frames(second)], -1)),
+                         ("BINARY", np.stack([to_frames(first >= 0.5), to_frames(second >= 0.5)], -1).astype(np.uint8))):
+        seg = hd.seg.Segmentation(source_images=sources, pixel_array=pixels, segmentation_type=kind,
+                                  segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=9,
+                                  sop_instance_uid=hd.UID(), instance_number=1, manufacturer="t",
+                                  manufacturer_model_name="t", software_versions="1", device_serial_number="1")
+        seg.save_as(tmp_path / f"{kind}.dcm")
+        grid = data.resample_patient({"ct": folder}, data.Preprocessing(SHAPE, (2.0, 2.5, 3.0), mask_classes=3),
+                                     mask=tmp_path / f"{kind}.dcm", patient="Q")  # the CT's own grid
+        assert grid.shape == SHAPE and np.array_equal(grid.mask, expected), kind

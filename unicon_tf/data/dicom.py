@@ -14,16 +14,18 @@ and inference resample every kind of input through the same geometry checks.
   and resampled exactly.
 - An ITK file (`.nrrd`, `.seg.nrrd`, `.mha`, `.mhd`) is read with SimpleITK (LPS too).
 - A DICOM SEG is read with highdicom (`Segmentation.get_volume`, segments combined: a
-  voxel holds its segment number); a RTSTRUCT's closed planar contours are rasterised on
-  the grid of the first of the patient's images (the reference image first) whose slices
-  they lie in, as on the series they were drawn on (a voxel is inside when its centre is inside the polygon,
+  voxel holds its segment number, the highest where segments overlap; a FRACTIONAL SEG's
+  voxel its most probable segment where that is >= 0.5; omitted empty frames are
+  background); a RTSTRUCT's closed planar contours are rasterised on the grid of the first
+  of the patient's images (the reference image first) whose slices they lie in, as on the
+  series they were drawn on (a voxel is inside when its centre is inside the polygon,
   even-odd rule, so a contour inside another is a hole); ROI `n` of the
   StructureSetROISequence becomes class `n` (in sequence order), later ROIs drawn over earlier.
 
 Body-weight SUV from a PET series' own tags (`suv_tags`, `suv_from_tags`) follows the
 QIBA vendor-neutral pseudo-code (as cornerstone's calculate-suv): Units must be BQML;
 DecayCorrection START decays the injected dose from RadiopharmaceuticalStartDateTime
-(or SeriesDate + RadiopharmaceuticalStartTime) to the scan start, SeriesDate/SeriesTime
+(or RadiopharmaceuticalStartTime, a time of day) to the scan start, SeriesDate/SeriesTime
 (or the earliest AcquisitionDate/AcquisitionTime when the series time is later, as after
 post-processing); ADMIN takes the dose as it is. Manifest columns override the tags.
 
@@ -477,7 +479,7 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
     highdicom = _require("highdicom", patient, path, field)
     try:
         if modality == "SEG":
-            volume = highdicom.seg.Segmentation.from_dataset(dataset).get_volume(combine_segments=True)
+            volume = _seg_volume(highdicom.seg.Segmentation.from_dataset(dataset))
         elif int(dataset.get("NumberOfFrames", 1) or 1) > 1:
             volume = highdicom.Image.from_dataset(dataset).get_volume()
         else:
@@ -490,6 +492,18 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
     data = np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0), dtype=np.float32)
     affine = volume.get_affine("RAS")[:, [2, 1, 0, 3]]
     return data, affine
+
+
+def _seg_volume(seg):
+    """A SEG as one label volume: segment numbers, the highest where segments overlap (as a RTSTRUCT's
+    later ROI); a FRACTIONAL SEG's voxel takes its most probable segment where that is >= 0.5."""
+    if str(seg.SegmentationType) != "FRACTIONAL":
+        return seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+    volume = seg.get_volume(combine_segments=False, dtype=np.float32)
+    probabilities = np.asarray(volume.array).reshape(volume.spatial_shape + (-1,))
+    numbers = np.asarray(seg.segment_numbers)
+    labels = np.where(probabilities.max(axis=-1) >= 0.5, numbers[probabilities.argmax(axis=-1)], 0)
+    return type(volume)(labels.astype(np.float32), volume.affine, coordinate_system="PATIENT")
 
 
 def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str | None = None, path=None,
