@@ -7,20 +7,23 @@ import math
 import keras
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
-import SimpleITK as sitk
 import tensorflow as tf
 from click.testing import CliRunner
 from conftest import write_manifest
-from dicom_writer import pet_tags, write_rtstruct, write_seg, write_series, write_stack
 
-import unicon_tf
-from unicon_tf import data, serving
-from unicon_tf.cli import main
-from unicon_tf.data import dicom
-from unicon_tf.data.errors import DataError, DataWarning
-from unicon_tf.data.suv import SUVInputError
+pydicom = pytest.importorskip("pydicom")  # the dicom extra (in the test extra)
+sitk = pytest.importorskip("SimpleITK")
+pytest.importorskip("highdicom")
+
+from dicom_writer import pet_tags, write_rtstruct, write_seg, write_series, write_stack  # noqa: E402
+
+import unicon_tf  # noqa: E402
+from unicon_tf import data, serving  # noqa: E402
+from unicon_tf.cli import main  # noqa: E402
+from unicon_tf.data import dicom  # noqa: E402
+from unicon_tf.data.errors import DataError, DataWarning  # noqa: E402
+from unicon_tf.data.suv import SUVInputError  # noqa: E402
 
 SHAPE = (16, 14, 10)
 AFFINE = np.diag([2.0, 2.5, 3.0, 1.0])
