@@ -115,7 +115,7 @@ def records(folder):
 def test_same_cohort_as_nifti_and_as_dicom_ingests_to_identical_records(cohort, tmp_path):
     root, nifti_manifest, dicom_manifest = cohort
     nifti = data.ingest(nifti_manifest, tmp_path / "nifti", PREP, workers=1, verbose=False)
-    from_dicom = data.ingest(dicom_manifest, tmp_path / "dicom", PREP, workers=1, verbose=False)
+    from_dicom = data.ingest(dicom_manifest, tmp_path / "dicom", PREP, workers=2, verbose=False)  # forked workers
     assert records(tmp_path / "nifti") and records(tmp_path / "nifti") == records(tmp_path / "dicom")
     assert nifti["splits"] == from_dicom["splits"]  # counts, sizes and SHA-256 of every shard
     assert from_dicom["scaling"]["pet"] == dicom.SUV_SOURCE
@@ -549,3 +549,15 @@ def test_sparse_fractional_and_overlapping_segs_read_as_label_maps(tmp_path):
         grid = data.resample_patient({"ct": folder}, data.Preprocessing(SHAPE, (2.0, 2.5, 3.0), mask_classes=3),
                                      mask=tmp_path / f"{kind}.dcm", patient="Q")  # the CT's own grid
         assert grid.shape == SHAPE and np.array_equal(grid.mask, expected), kind
+
+
+def test_skip_bad_lists_a_faulty_series_and_keeps_the_good_patients(tmp_path):
+    manifest, folder = faulty_cohort(tmp_path, edit=drop(4))
+    ct, _, _, _ = patient_volumes(1)
+    write_series(tmp_path / "R" / "ct", ct, AFFINE, patient="R")
+    manifest = write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", "ct": "Q/ct"},
+                                         {"patient_id": "R", "split": "train", "ct": "R/ct"}])
+    schema = data.ingest(manifest, tmp_path / "out", PREP, workers=1, verbose=False, skip_bad=True)
+    assert schema["splits"]["train"]["count"] == 1
+    rejected = (tmp_path / "out" / "rejected.csv").read_text()
+    assert "Q,train," in rejected and str(folder) in rejected and "missing slice" in rejected
