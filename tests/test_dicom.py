@@ -157,9 +157,10 @@ def test_manifest_accepts_dicom_folders_and_records_the_suv_override(cohort, tmp
     assert "['weight_kg'] override the tags" in overridden.scaling["pet"]
 
 
-def suv_series(folder, **tags):
+def suv_series(folder, extra=None, **tags):
+    """A 4x4x3 PET series of 128 Bq/mL with the SUV tags of `pet_tags(**tags)` and `extra` tags."""
     pet = np.full((4, 4, 3), 128.0, np.float32)
-    return write_series(folder, pet, AFFINE, modality="PT", slopes=[1.0] * 3, tags=pet_tags(**tags))
+    return write_series(folder, pet, AFFINE, modality="PT", slopes=[1.0] * 3, tags={**pet_tags(**tags), **(extra or {})})
 
 
 @pytest.mark.parametrize("tags, delay", [
@@ -179,21 +180,14 @@ def test_suv_from_pet_tags_follows_the_formula(tmp_path, tags, delay):
 
 
 def test_suv_time_zones_from_the_tag(tmp_path):
-    folder = suv_series(tmp_path / "pet", start="20240301083000+0000")  # injection in UTC, series local
-    for file in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(file)
-        ds.TimezoneOffsetFromUTC = "+0100"
-        ds.save_as(file)
+    folder = suv_series(tmp_path / "pet", {"TimezoneOffsetFromUTC": "+0100"},  # the series in local time
+                        start="20240301083000+0000")  # the injection in UTC
     factor, _ = dicom.suv_from_tags(dicom.suv_tags(folder))
     assert factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-3600 / 6586.2)), rel=1e-12)
 
 
 def test_suv_uses_the_earliest_acquisition_when_the_series_time_is_later(tmp_path):
-    folder = suv_series(tmp_path / "pet", series_time="120000")  # rewritten by post-processing
-    for file in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(file)
-        ds.AcquisitionTime = "103000"
-        ds.save_as(file)
+    folder = suv_series(tmp_path / "pet", {"AcquisitionTime": "103000"}, series_time="120000")  # post-processed
     tags = dicom.suv_tags(folder)
     assert tags["acquisition_time"] == "20240301103000"
 
@@ -273,23 +267,24 @@ def drop(name_index):
     return lambda folder: sorted(folder.glob("*.dcm"))[name_index].unlink()
 
 
-def shift_slice(index, dz):
+def edit_slice(index, change):
+    """An edit of a series folder: `change(dataset)` on its `index`-th file, saved in place."""
     def edit(folder):
         file = sorted(folder.glob("*.dcm"))[index]
         ds = pydicom.dcmread(file)
-        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
-                                   f"{float(ds.ImagePositionPatient[2]) + dz:g}"]
+        change(ds)
         ds.save_as(file)
     return edit
+
+
+def shift_slice(index, dz):
+    def move(ds):
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], f"{float(ds.ImagePositionPatient[2]) + dz:g}"]
+    return edit_slice(index, move)
 
 
 def set_tag(index, name, value):
-    def edit(folder):
-        file = sorted(folder.glob("*.dcm"))[index]
-        ds = pydicom.dcmread(file)
-        setattr(ds, name, value)
-        ds.save_as(file)
-    return edit
+    return edit_slice(index, lambda ds: setattr(ds, name, value))
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -299,6 +294,7 @@ def set_tag(index, name, value):
      ("inconsistent orientation within the series",)),
     (set_tag(2, "PixelSpacing", ["2.5", "2.2"]), ("inconsistent pixel spacing within the series",)),
     (shift_slice(6, -3.0), ("two images at the same slice position",)),
+    (edit_slice(3, lambda ds: delattr(ds, "ImagePositionPatient")), ("lacks ImagePositionPatient",)),
 ])
 def test_series_faults_are_refused_naming_patient_folder_and_fault(tmp_path, edit, words):
     manifest, _ = faulty_cohort(tmp_path, edit=edit)
@@ -336,7 +332,8 @@ def test_localizers_are_dropped_with_a_note(tmp_path):
     with pytest.warns(DataWarning, match="dropped 1 localizer image"):
         volume, affine = data.load_volume(folder, patient="Q", field="ct")
     assert volume.shape == SHAPE and np.array_equal(affine, AFFINE)
-    schema = data.ingest(manifest, tmp_path / "out", PREP, workers=1, verbose=False)
+    with pytest.warns(DataWarning, match="localizer"):
+        schema = data.ingest(manifest, tmp_path / "out", PREP, workers=1, verbose=False)
     assert schema["splits"]["train"]["count"] == 1
 
 
@@ -353,15 +350,16 @@ def test_gantry_tilt_is_placed_by_the_slice_positions_and_resampled(tmp_path):
         ds.GantryDetectorTilt = "15"
 
     folder = write_series(tmp_path / "tilted", ct, AFFINE, per_slice=tilted)
-    series = dicom.series_headers(folder)
-    assert dicom.tilt_degrees(series) == pytest.approx(15.0, abs=1e-3)
-    volume, affine = data.load_volume(folder)
+    with pytest.warns(DataWarning, match="tilted by 15.00 degrees"):
+        series = dicom.series_headers(folder)
+        volume, affine = data.load_volume(folder)
+    assert dicom.tilt_degrees(series) == pytest.approx(15.0, abs=1e-3) and "gantry tilt" in series.notes[0]
     for k in range(SHAPE[2]):
         world = affine @ [8, 6, k, 1]
         expected = AFFINE @ [8, 6, k, 1] - [0, k * tilt, 0, 0]  # LPS +y is RAS -y
         assert np.allclose(world, expected, atol=1e-4)
-    grid = data.resample_patient({"ct": folder}, data.Preprocessing((8, 8, 8), (1.0, 1.0, 1.0),
-                                                                    windows={"ct": (-1000, 1000)}))
+    with pytest.warns(DataWarning, match="gantry tilt"):
+        grid = data.resample_patient({"ct": folder}, data.Preprocessing((8, 8, 8), (1.0, 1.0, 1.0)))
     for k in range(1, SHAPE[2] - 1):  # inner slices: at the first and last, rounding may fall just outside
         world = AFFINE @ [8, 6, k, 1] - [0, k * tilt, 0, 0]
         index = np.round(np.linalg.solve(grid.affine, world)[:3]).astype(int)

@@ -230,7 +230,13 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
                 raise fail(f"{file.name} lacks {tag}: its position in the patient is unknown")
     if max(frames) > 1:
         raise fail(f"{members[0][0].name} is one multi-frame image: name the file itself in the manifest")
-    return Series(*_sort_and_check(members, fail), notes=tuple(notes))
+    series = Series(*_sort_and_check(members, fail))
+    tilt = tilt_degrees(series)
+    if tilt > 0.01:
+        warnings.warn(f"patient {patient}, folder {ref}: the slices are tilted by {tilt:.2f} degrees (gantry tilt); "
+                      "placed and resampled through their positions", DataWarning, stacklevel=2)
+        notes.append(f"gantry tilt {tilt:.2f} degrees")
+    return dataclasses.replace(series, notes=tuple(notes))
 
 
 def _describe(uid, members):
