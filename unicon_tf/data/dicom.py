@@ -93,12 +93,12 @@ def kind_of(path: "PathLike | SeriesRef") -> str:
         return "series"
     path = pathlib.Path(path)
     name = path.name.lower()
+    if path.is_dir():
+        return "series"
     if name.endswith(ITK_SUFFIXES):
         return "itk"
     if name.endswith(DICOM_SUFFIXES):
         return "dicom"
-    if path.is_dir():
-        return "series"
     return "dicom" if _has_dicom_preamble(path) else "nifti"
 
 
