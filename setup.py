@@ -38,12 +38,15 @@ setup(
         # the releases the suite has passed on (pytest 8 and 9, xdist 3; Beam and KFP from the
         # first releases that resolve beside TensorFlow 2.21 up to their next major).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
-                 "kfp>=2.17,<3"],
+                 "kfp>=2.17,<3", "SimpleITK>=2.3,<3", "pydicom>=3.0,<4", "highdicom>=0.28,<1"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],
         # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs
         "kfp": ["kfp>=2.17"],
+        # Clinical inputs (unicon_tf.data.dicom): DICOM series (pydicom tags, SimpleITK/GDCM pixels), ITK files
+        # (.nrrd, .mha, .mhd), DICOM SEG in and out (highdicom); RTSTRUCT contours are filled with matplotlib.
+        "dicom": ["SimpleITK>=2.3", "pydicom>=3.0", "highdicom>=0.28"],
     },
     entry_points={"console_scripts": ["unicon-tf=unicon_tf.cli:main"]},
     classifiers=[

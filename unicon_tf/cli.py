@@ -271,18 +271,27 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
 @main.command()
 @click.option("--saved-model", required=True, type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
               help="A version folder written by unicon-tf export.")
-@click.option("--ct", type=click.Path(exists=True, dir_okay=False), default=None, help="CT NIfTI.")
-@click.option("--pet", type=click.Path(exists=True, dir_okay=False), default=None, help="PET NIfTI.")
+@click.option("--ct", type=click.Path(exists=True), default=None,
+              help="CT: a NIfTI or ITK file, or a DICOM series folder (then also written as DICOM SEG).")
+@click.option("--pet", type=click.Path(exists=True), default=None,
+              help="PET: a NIfTI or ITK file, or a DICOM series folder (SUV from its tags unless --scale pet).")
+@click.option("--series-uid", "series_uids", nargs=2, type=(str, str), multiple=True, metavar="MODALITY UID",
+              help="The SeriesInstanceUID to read where a modality's folder holds several series.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--overlap", type=float, default=0.5, show_default=True, help="Sliding-window overlap.")
 @click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
               help="This patient's factor on a modality's raw values (e.g. pet SUVbw factor, mL/Bq).")
 @user_errors
-def predict(saved_model, ct, pet, out, overlap, scales):
-    """Predict every head for one patient's NIfTI images (sliding window for segmentation)."""
+def predict(saved_model, ct, pet, series_uids, out, overlap, scales):
+    """Predict every head for one patient's images (sliding window for segmentation)."""
     from unicon_tf import serving
+    from unicon_tf.data.dicom import SeriesRef
 
     images = {m: p for m, p in (("ct", ct), ("pet", pet)) if p}
+    for modality, uid in series_uids:
+        if not (modality in images and pathlib.Path(images[modality]).is_dir()):
+            raise click.UsageError(f"--series-uid {modality}: give --{modality} as a DICOM series folder")
+        images[modality] = SeriesRef(pathlib.Path(images[modality]), uid)
     result = serving.predict_nifti(saved_model, images, out, overlap=overlap, scales=dict(scales))
     click.echo(json.dumps(result["heads"], indent=2))
 

@@ -6,12 +6,16 @@ Columns:
 |--------------------|----------|--------------------------------------------------------------|
 | `patient_id`       | yes      | unique identifier, a file name (no `/`, `\`, `..`)           |
 | `split`            | yes      | `train`, `val` or `test`                                     |
-| `ct`, `pet`…       | >= 1     | path of a 3D NIfTI image per modality (relative paths are    |
-|                    |          | relative to the manifest's folder)                           |
+| `ct`, `pet`…       | >= 1     | path of a 3D image per modality (relative paths are relative |
+|                    |          | to the manifest's folder): a NIfTI file, a DICOM series      |
+|                    |          | folder, an ITK file (`.nrrd`, `.mha`, `.mhd`)                 |
+| `<modality>_series_uid` | no  | SeriesInstanceUID of the series to read where the modality's |
+|                    |          | folder holds several                                         |
 | `label`            | no       | integer class (classification)                               |
 | `time`             | no       | follow-up time > 0 (prognosis, with `event`)                 |
 | `event`            | no       | 1 if the event was observed at `time`, 0 if censored         |
-| `mask`             | no       | path of a 3D NIfTI label map (segmentation)                  |
+| `mask`             | no       | path of a 3D label map (segmentation): NIfTI, `.seg.nrrd`,   |
+|                    |          | DICOM SEG or RTSTRUCT (drawn on the reference image's grid)  |
 | `<modality>_scale` | no       | per-patient factor on that modality's raw values (e.g.       |
 |                    |          | `pet_scale`: Bq/mL -> SUV)                                   |
 | `weight_kg`,       | no       | body-weight SUV of `pet` (`unicon_tf.data.suv`): body weight |
@@ -21,9 +25,13 @@ Columns:
 | `scan_delay_s`     | no       | or the delay from injection to acquisition start in s        |
 | `half_life_s`      | no       | the tracer's half-life in s (default F-18, 6586.2 s)         |
 
+A `pet` given as a DICOM series (and no `pet_scale`) is turned into body-weight SUV from
+its own tags (`unicon_tf.data.dicom.suv_from_tags`); the SUV columns above, where filled,
+override the tags they replace, and the schema's `scaling` records which.
+
 An image column's name must be a valid modality name (`unicon_tf.names`). A column that
-is neither an image (its cells name NIfTI files), a target nor a per-patient field above is
-refused by name. A column a stage does not need may be left empty, but a column is either
+is neither an image (its cells name image files or DICOM folders), a target nor a
+per-patient field above is refused by name. A column a stage does not need may be left empty, but a column is either
 filled for every patient or for none, so each split's targets are complete.
 
 The file is read as UTF-8 with or without a byte-order mark, with any line ending, and
@@ -41,6 +49,7 @@ import dataclasses
 import io
 import pathlib
 
+from unicon_tf.data import dicom
 from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.suv import F18_HALF_LIFE_S, SUVInputError, delay_seconds, suv_bw_factor
 from unicon_tf.names import InvalidNameError, check_name
@@ -55,8 +64,12 @@ NUMERIC_COLUMNS = ("label", "time", "event", "weight_kg", "injected_dose_bq", "s
 STRAY = None
 """Row key of the filled cells that have no column name (as `csv.DictReader`'s `restkey`):
 an unquoted separator inside a cell (`12,5` in a `,` file) shifts the cells after it."""
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz")
-"""File names nibabel reads as 3D images; a column whose cells name none of them is no image."""
+IMAGE_SUFFIXES = ((".nii", ".nii.gz", ".hdr", ".img", ".img.gz", ".mgh", ".mgz") + dicom.ITK_SUFFIXES
+                  + dicom.DICOM_SUFFIXES)
+"""File names read as 3D images (nibabel's, ITK's, DICOM's); a column whose cells name none
+of them, nor a folder (a DICOM series) or a DICOM file, is no image."""
+SERIES_UID_SUFFIX = "_series_uid"
+SUV_FROM_TAGS = dicom.SUV_SOURCE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +142,10 @@ def read_manifest(path, modalities=None, skip_bad=False):
             raise DataError(f"required column '{column}' is missing{hint}", file=path, field=column)
     filled = [c for c in columns if c and any(row.get(c) for row in rows)]
     image_columns = _image_columns(path, filled, rows)
+    for column in [c for c in filled if c.endswith(SERIES_UID_SUFFIX)]:
+        if column[: -len(SERIES_UID_SUFFIX)] not in image_columns + ["mask"]:
+            raise DataError(f"column '{column}' chooses a series of '{column[: -len(SERIES_UID_SUFFIX)]}', which has "
+                            "no image column", file=path, field=column)
     if modalities is None:
         modalities = sorted(image_columns, key=lambda c: (c != "ct", image_columns.index(c)))
     modalities = [m for m in modalities if any(row.get(m) for row in rows)]
@@ -140,8 +157,10 @@ def read_manifest(path, modalities=None, skip_bad=False):
     targets = [c for c in TARGET_COLUMNS if c in filled]
     if ("time" in targets) != ("event" in targets):
         raise DataError("'time' and 'event' must be given together", file=path, field="time/event")
-    scaling = _scaling(path, filled, image_columns, modalities)
-    required = list(modalities) + targets + [c for c in filled if c in SUV_COLUMNS or c.endswith(SCALE_SUFFIX)]
+    scaling = _scaling(path, filled, image_columns, modalities, rows)
+    per_patient = [c for c in filled if c.endswith(SCALE_SUFFIX) or
+                   (c in SUV_COLUMNS and not scaling.get(SUV_MODALITY, "").startswith(SUV_FROM_TAGS))]
+    required = list(modalities) + targets + per_patient
 
     seen = {}
     for line, row in zip(lines, rows):
@@ -202,12 +221,14 @@ def _image_columns(path, filled, rows):
     """The filled columns that hold images; an unknown column or an invalid modality name is refused."""
     images = []
     for column in filled:
-        if column in RESERVED or column in SUV_COLUMNS or column.endswith(SCALE_SUFFIX):
+        if column in RESERVED or column in SUV_COLUMNS or column.endswith((SCALE_SUFFIX, SERIES_UID_SUFFIX)):
             continue
         cells = [row[column] for row in rows if row.get(column)]
-        if not any(cell.lower().endswith(IMAGE_SUFFIXES) for cell in cells):
+        if not any(cell.lower().endswith(IMAGE_SUFFIXES) or dicom.kind_of(_resolve(path, cell)) == "series"
+                   or _is_dicom_file(_resolve(path, cell)) for cell in cells):
             raise DataError(
-                f"column '{column}' is neither an image (its cells, e.g. '{cells[0]}', name no NIfTI file), "
+                f"column '{column}' is neither an image (its cells, e.g. '{cells[0]}', name no image file nor "
+                f"DICOM series folder), "
                 f"a target {list(TARGET_COLUMNS)} nor a per-patient field {list(SUV_COLUMNS)} or "
                 f"'<modality>{SCALE_SUFFIX}': rename or remove it", file=path, field=column)
         try:
@@ -218,7 +239,17 @@ def _image_columns(path, filled, rows):
     return images
 
 
-def _scaling(path, filled, image_columns, modalities):
+def _resolve(path, cell):
+    """A manifest cell's path: relative paths are relative to the manifest's folder."""
+    file = pathlib.Path(cell)
+    return file if file.is_absolute() else path.parent / file
+
+
+def _is_dicom_file(file):
+    return file.is_file() and dicom.kind_of(file) == "dicom"
+
+
+def _scaling(path, filled, image_columns, modalities, rows):
     """`{modality: how it is scaled per patient}`; contradictory or orphan columns are refused."""
     scaling = {}
     for column in [c for c in filled if c.endswith(SCALE_SUFFIX)]:
@@ -229,6 +260,14 @@ def _scaling(path, filled, image_columns, modalities):
         if modality in modalities:
             scaling[modality] = f"column {column}"
     suv = [c for c in SUV_COLUMNS if c in filled]
+    if "scan_delay_s" in suv and "injection_time" in suv:
+        raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
+                        "not both", file=path, field="scan_delay_s")
+    pet_series = SUV_MODALITY in modalities and SUV_MODALITY not in scaling and any(
+        row.get(SUV_MODALITY) and dicom.kind_of(_resolve(path, row[SUV_MODALITY])) == "series" for row in rows)
+    if pet_series:  # SUV from each series' tags, the columns overriding them
+        scaling[SUV_MODALITY] = SUV_FROM_TAGS + (f"; manifest columns {suv} override the tags" if suv else "")
+        return scaling
     if not suv:
         return scaling
     for needed in ("weight_kg", "injected_dose_bq"):
@@ -238,9 +277,6 @@ def _scaling(path, filled, image_columns, modalities):
     if ("injection_time" in suv) != ("acquisition_time" in suv):
         raise DataError("decay correction needs both 'injection_time' and 'acquisition_time'", file=path,
                         field="injection_time/acquisition_time")
-    if "scan_delay_s" in suv and "injection_time" in suv:
-        raise DataError("give the delay either as 'scan_delay_s' or as 'injection_time' and 'acquisition_time', "
-                        "not both", file=path, field="scan_delay_s")
     if SUV_MODALITY not in modalities:
         raise DataError(f"body-weight SUV columns {suv} are given but there is no '{SUV_MODALITY}' image column",
                         file=path, field="weight_kg")
@@ -277,10 +313,16 @@ def _patient(row, line, path, modalities, targets, required, scaling):
             fail(f"'{column}' is empty while other patients have it", column)
 
     def existing(column):
-        file = pathlib.Path(row[column])
-        file = file if file.is_absolute() else path.parent / file
-        if not file.is_file():
+        file = _resolve(path, row[column])
+        uid = row.get(column + SERIES_UID_SUFFIX)
+        if file.is_dir() and column != "mask":
+            return dicom.SeriesRef(file, uid) if uid else file
+        if not file.exists():
             raise DataError(f"file does not exist (manifest line {line})", patient=pid, file=file, field=column)
+        if not file.is_file() or uid:
+            fail(f"'{row[column]}' is {'a folder' if file.is_dir() else 'a file'}: "
+                 + ("a mask is one file (NIfTI, ITK, DICOM SEG or RTSTRUCT)" if column == "mask" else
+                    f"'{column}{SERIES_UID_SUFFIX}' chooses a series in a DICOM folder"), column)
         return file
 
     values = {"images": {m: existing(m) for m in modalities}}
@@ -297,7 +339,7 @@ def _patient(row, line, path, modalities, targets, required, scaling):
         values["event"] = _number(row["event"], int, fail, "event")
         if values["event"] not in (0, 1):
             fail(f"event must be 0 (censored) or 1 (observed), got {row['event']}", "event")
-    values["scales"] = {m: _scale(row, m, how, fail) for m, how in scaling.items()}
+    values["scales"] = {m: _scale(row, m, how, fail, values["images"].get(m)) for m, how in scaling.items()}
     return Patient(patient_id=pid, split=row["split"], **values)
 
 
@@ -307,8 +349,9 @@ def _file_name_unsafe(patient_id):
             or not patient_id.isprintable())
 
 
-def _scale(row, modality, how, fail):
-    """This row's factor on `modality`: its `<modality>_scale` cell or its SUVbw factor."""
+def _scale(row, modality, how, fail, image=None):
+    """This row's factor on `modality`: its `<modality>_scale` cell or its SUVbw factor (from the
+    columns, or from the tags of a DICOM `image` with the columns overriding them)."""
     column = f"{modality}{SCALE_SUFFIX}"
     if how == f"column {column}":
         factor = _number(row[column], float, fail, column)
@@ -317,6 +360,16 @@ def _scale(row, modality, how, fail):
         return factor
     numbers = {c: _number(row[c], float, fail, c) for c in ("weight_kg", "injected_dose_bq", "scan_delay_s",
                                                             "half_life_s") if row.get(c)}
+    if how.startswith(SUV_FROM_TAGS) and dicom.kind_of(image) == "series":
+        overrides = {**{c: row[c] for c in ("injection_time", "acquisition_time") if row.get(c)}, **numbers}
+        try:
+            return dicom.suv_from_tags(dicom.suv_tags(image, row.get("patient_id"), modality), overrides)[0]
+        except SUVInputError as error:
+            fail(f"body-weight SUV from the tags of {image}: {error}", error.field)
+    for needed in ("weight_kg", "injected_dose_bq"):
+        if needed not in numbers:
+            fail(f"'{needed}' is empty: the cohort's other PET series give SUV from their DICOM tags, this "
+                 f"'{modality}' is no DICOM series", needed)
     delay = numbers.get("scan_delay_s", 0.0)
     if row.get("injection_time"):
         try:

@@ -11,12 +11,14 @@ kept so predictions can be written back in world coordinates.
 """
 
 import dataclasses
+import functools
 import warnings
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from unicon_tf.data import dicom
 from unicon_tf.data.errors import DataError, DataWarning
 
 
@@ -132,8 +134,14 @@ class Preprocessing:
         return cls(**config)
 
 
-def load_volume(path, patient=None, field=None):
-    """Load a 3D NIfTI, reoriented to RAS; errors name patient, file and field.
+def load_volume(path, patient=None, field=None, reference=None):
+    """Load a 3D image (NIfTI, DICOM, ITK), reoriented to RAS; errors name patient, file and field.
+
+    NIfTI (and nibabel's other formats) are read with nibabel; a folder (or a
+    `unicon_tf.data.dicom.SeriesRef`) as a DICOM series, a `.dcm` file as a DICOM SEG,
+    RTSTRUCT or multi-frame image, and `.nrrd`/`.seg.nrrd`/`.mha`/`.mhd` with SimpleITK
+    (`unicon_tf.data.dicom`: their LPS geometry is turned into RAS); every kind then goes
+    through the same checks and reorientation below.
 
     A 3D image stored with trailing size-1 dimensions (`(X, Y, Z, 1)`, `(X, Y, Z, 1, 1)`,
     as some converters write) is read as 3D; a series of several volumes is refused. When
@@ -143,9 +151,11 @@ def load_volume(path, patient=None, field=None):
     warns.
 
     Args:
-        path: the NIfTI file.
+        path: the NIfTI file, DICOM series folder or `SeriesRef`, DICOM or ITK file.
         patient: patient id, for error messages.
         field: manifest column, for error messages.
+        reference: `(shape, affine)` of the grid a RTSTRUCT is drawn on, or a list of the
+            patient's image grids (the first its contours lie in is used).
 
     Returns:
         `(data, affine)`: float32 array `(X, Y, Z)` in RAS voxel order and its 4x4 affine.
@@ -158,8 +168,14 @@ def load_volume(path, patient=None, field=None):
     def fail(message):
         return DataError(message, patient=patient, file=path, field=field)
 
+    kind = dicom.kind_of(path)
+    if kind != "nifti":
+        readers = {"series": dicom.load_series, "itk": dicom.load_itk,
+                   "dicom": functools.partial(dicom.load_dicom_file, reference=reference)}
+        image = nib.Nifti1Image(*readers[kind](path, patient, field))
+        image.set_qform(None)  # one affine (the sform), which may be sheared (a gantry tilt)
     try:
-        image = nib.load(str(path))
+        image = image if kind != "nifti" else nib.load(str(path))
         shape = tuple(image.shape)
     except Exception as error:  # nibabel raises many types for unreadable or truncated files
         raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
@@ -314,9 +330,9 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
       `min_overlap` of its foreground voxels lie inside the reference image.
 
     Args:
-        images: `{modality: NIfTI path}`, the reference modality first.
+        images: `{modality: image path}` (any kind `load_volume` reads), the reference modality first.
         preprocessing: a `Preprocessing` (spacing, windows, mask classes, thresholds).
-        mask: NIfTI label map path, or None.
+        mask: label map path (NIfTI, ITK file, DICOM SEG or RTSTRUCT), or None.
         patient: patient id, for error messages.
         scales: `{modality: factor}` of this patient (e.g. SUVbw factor for `pet`), applied
             to the raw values before the window (on top of the window's own `scale`).
@@ -338,7 +354,7 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
     modalities = list(images)
     reference, ref_affine = load_volume(images[modalities[0]], patient, modalities[0])
     grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
-    volumes = {}
+    volumes, grids = {}, []
     for modality in modalities:
         window = prep.window(modality)
         window = dataclasses.replace(window, scale=window.scale * scales.get(modality, 1.0))
@@ -352,13 +368,14 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
                     f"covers {coverage:.0%} of the reference image's field of view (needs >= "
                     f"{prep.min_overlap:.0%}): check its affine (not overlapping the {modalities[0]}?)",
                     patient=patient, file=images[modality], field=modality)
+        grids.append((data.shape, affine))  # where a RTSTRUCT mask may have been drawn
         raw = resample(data, affine, grid_affine, grid_shape, order=1, fill=window.low / window.scale)
         if modality == modalities[0]:
             body = raw > prep.body_threshold
         volumes[modality] = window.apply(raw)
     label_map = None
     if mask is not None:
-        data, affine = load_volume(mask, patient, "mask")
+        data, affine = load_volume(mask, patient, "mask", reference=grids)
         _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
         label_map = resample(data, affine, grid_affine, grid_shape, order=0, fill=0).astype(np.uint8)
     return PatientGrid(affine=grid_affine, shape=grid_shape, images=volumes, body=body, mask=label_map)

@@ -1,11 +1,12 @@
-"""Client-side inference on NIfTI files with an exported SavedModel.
+"""Client-side inference on NIfTI files, DICOM series and ITK files with an exported SavedModel.
 
 `predict_nifti` prepares a patient's images exactly as ingestion did (RAS, resampling to
 the model's spacing, intensity windows; the metadata of the export says how), runs the
 patient-level heads on a crop of the model's input shape, runs each segmentation head by
 sliding window over the whole resampled volume (overlapping patches blended with
 Gaussian weights, as MONAI's `sliding_window_inference`), and writes label maps back on
-the grid of the original CT.
+the grid of the original CT: as NIfTI always, and as DICOM SEG referencing the source
+series when the CT is a DICOM series.
 """
 
 import json
@@ -15,7 +16,11 @@ import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf.data import dicom
+from unicon_tf.data.errors import DataError
+from unicon_tf.data.manifest import SUV_MODALITY
 from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, resample, resample_patient
+from unicon_tf.data.suv import SUVInputError
 from unicon_tf.files import write_json_atomic
 
 
@@ -116,18 +121,23 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
 
     Args:
         saved_model_dir: a version folder written by `export_model`.
-        images: `{modality: NIfTI path}`; the first modality of the export is the grid.
+        images: `{modality: path}`: a NIfTI or ITK file, or a DICOM series (a folder or a
+            `unicon_tf.data.dicom.SeriesRef`); the first modality of the export is the grid.
         out: output folder (created): `prediction.json` and `<head>.nii.gz` label maps on
-            the original grid of the reference image.
+            the original grid of the reference image, and `<head>.seg.dcm` (DICOM SEG
+            referencing the series) when that image is a DICOM series.
         overlap: sliding-window overlap for segmentation heads.
         scales: `{modality: factor}` for this patient's raw values, as the manifest's
             per-patient scaling at ingestion (e.g. `{"pet": SUVbw factor}`, see
-            `unicon_tf.data.suv`).
+            `unicon_tf.data.suv`). A PET given as a DICOM series without a factor gets
+            its SUVbw factor from its own tags (`unicon_tf.data.dicom.suv_from_tags`),
+            reported under `scales` in the result.
 
     Returns:
         The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
         `heads`, `{head: outputs}`: classification `probabilities` and `class`, prognosis
-        `risk`, segmentation `label_map` (the NIfTI file's path) and `voxels` per class;
+        `risk`, segmentation `label_map` (the NIfTI file's path), `seg` (the DICOM SEG's
+        path, for a DICOM series) and `voxels` per class;
         `{"skipped": reason}` for a head whose modalities were not given.
 
     Raises:
@@ -144,8 +154,17 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     scales = dict(scales or {})
     for modality in scales:
         prep.check_per_patient_scale(modality, "predict --scale")
+    from_tags = {}
     for modality, how in info.get("scaling", {}).items():
-        if modality in images and modality not in scales:
+        suv = modality == SUV_MODALITY and "SUVbw" in how  # trained on SUV: a PET series' tags give it
+        if suv and modality in images and modality not in scales and dicom.kind_of(images[modality]) == "series":
+            try:
+                scales[modality] = dicom.suv_from_tags(dicom.suv_tags(images[modality], field=modality))[0]
+            except SUVInputError as error:
+                raise DataError(f"body-weight SUV from the tags: {error}", file=images[modality],
+                                field=modality) from error
+            from_tags[modality] = {"factor": scales[modality], "source": dicom.SUV_SOURCE}
+        elif modality in images and modality not in scales:
             raise ValueError(f"the model was trained on '{modality}' scaled per patient ({how}): give this "
                              f"patient's factor (--scale {modality} F; see unicon_tf.data.suv.suv_bw_factor).")
     ordered = {reference_modality: images[reference_modality], **images}
@@ -155,8 +174,11 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     patch = tuple(info["input_shape"])
     start = crop_start(grid.body, grid.shape, patch)
     out.mkdir(parents=True, exist_ok=True)
-    source = nib.load(str(images[reference_modality]))  # label maps go back on the input's own grid
+    source_shape, source_affine = dicom.native_grid(images[reference_modality])  # label maps go back on it
+    series = dicom.kind_of(images[reference_modality]) == "series"
     result = {"model": info["model_name"], "version": info["version"], "stage": info.get("stage"), "heads": {}}
+    if from_tags:
+        result["scales"] = from_tags
     for head, spec in info["heads"].items():
         lacking = [m for m in spec["modalities"] if m not in volumes]
         if lacking:
@@ -167,13 +189,17 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
             probabilities = sliding_window(signature_predictor(signature, "probabilities"),
                                            {m: volumes[m] for m in spec["modalities"]}, patch, overlap)
             label_map = np.argmax(probabilities, axis=-1).astype(np.uint8)
-            original = resample(label_map, grid_affine, source.affine, source.shape[:3], 0, 0).astype(np.uint8)
-            image = nib.Nifti1Image(original, source.affine)
+            original = resample(label_map, grid_affine, source_affine, source_shape, 0, 0).astype(np.uint8)
+            image = nib.Nifti1Image(original, source_affine)
             image.header.set_xyzt_units("mm")
             file = out / f"{head}.nii.gz"
             nib.save(image, str(file))
             values, counts = np.unique(original, return_counts=True)
             result["heads"][head] = {"label_map": str(file), "voxels": {int(v): int(c) for v, c in zip(values, counts)}}
+            if series:
+                result["heads"][head]["seg"] = str(dicom.write_seg(
+                    original, images[reference_modality], out / f"{head}.seg.dcm", classes=probabilities.shape[-1],
+                    model_name=info["model_name"], version=info["version"], description=f"{head} (unicon-tf)"))
             continue
         batch = {m: crop_or_pad(volumes[m], start, patch, -1.0)[None, ..., None] for m in spec["modalities"]}
         check_request(signature, batch)
