@@ -159,7 +159,7 @@ def test_baselines_share_the_matrix_format(phantom_records, tmp_path):
     from unicon_tf import train
 
     stages = [{"name": "segmentation", "task": "segmentation"}, UNICON_ORDER[3]]
-    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, name="pair", epochs=1)
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, name="pair", epochs=1, depth=2)
     for stage in stages:
         train.train_stage(pipeline, stage["name"], tmp_path / "run", verbose=0)
     results = evaluate.evaluate_baselines(tmp_path / "run", train.train_baselines(pipeline, tmp_path / "run"))

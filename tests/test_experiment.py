@@ -162,7 +162,7 @@ def executions(out):
 def interrupted_experiment(phantom_records, tmp_path_factory):
     """A 2-fold experiment (continual + single-task) interrupted after its first cell, then rerun."""
     folder = tmp_path_factory.mktemp("experiment")
-    pipeline = write_pipeline(folder, phantom_records, stages=TWO_STAGES, epochs=1)
+    pipeline = write_pipeline(folder, phantom_records, stages=TWO_STAGES, epochs=1, depth=2)  # levels do not matter here
     out = folder / "out"
     run_cell = experiment_runner.Experiment.run_cell
     calls = []

@@ -57,15 +57,12 @@ def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
     assert tree_digest(first) == before  # version 1 untouched, byte for byte
     assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1", "2"]  # no staging folder left
 
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(second), "--all"],
-                           capture_output=True, text=True, check=True).stdout
-    for signature in ("serving_default", "classification", "prognosis", "segmentation", "segmentation_ctpet"):
-        assert f"signature_def['{signature}']" in shown
-    for output in ("classification_probabilities", "prognosis_risk", "segmentation_ctpet_label_map"):
-        assert f"outputs['{output}']" in shown
-    assert "inputs['pet']" in shown and "inputs['ct']" in shown
-
-    loaded = tf.saved_model.load(str(second))
+    loaded = tf.saved_model.load(str(second))  # the signature defs TF Serving reads (saved_model_cli shows them)
+    signatures = loaded.signatures
+    assert {"serving_default", "classification", "prognosis", "segmentation", "segmentation_ctpet"} <= set(signatures)
+    assert {"classification_probabilities", "prognosis_risk", "segmentation_ctpet_label_map"} <= set(
+        signatures["serving_default"].structured_outputs)
+    assert sorted(signatures["serving_default"].structured_input_signature[1]) == ["ct", "pet"]
     assert sorted(loaded.signatures["prognosis"].structured_input_signature[1]) == ["ct"]
     model = keras.models.load_model(evaluated_run / "stages/03-pet/model.keras")
     rng = np.random.default_rng(3)
@@ -240,7 +237,7 @@ run, base, label, barrier = sys.argv[1:]
 pathlib.Path(barrier, label).touch()
 while len(list(pathlib.Path(barrier).iterdir())) < 2:  # start both exports at the same moment
     time.sleep(0.01)
-print(serving.export_stage(run, base=base, labels=[label]))
+print(serving.export_stage(run, "classification", base=base, labels=[label]))  # one head: claiming is the point
 """
 
 
