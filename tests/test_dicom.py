@@ -559,3 +559,31 @@ def test_skip_bad_lists_a_faulty_series_and_keeps_the_good_patients(tmp_path):
     assert schema["splits"]["train"]["count"] == 1
     rejected = (tmp_path / "out" / "rejected.csv").read_text()
     assert "Q,train," in rejected and str(folder) in rejected and "missing slice" in rejected
+
+
+def test_dicom_inputs_of_another_patient_frame_or_modality_are_refused(tmp_path, monkeypatch):
+    """A mask or PET of another DICOM patient, a SEG drawn in another frame of reference and a PET series
+    in the 'ct' column overlap the CT's grid, so only their tags can tell: refused by tag, nothing written."""
+    import dicom_writer
+
+    ct, pet, slopes, mask = patient_volumes(0)
+    folder = write_series(tmp_path / "Q" / "ct", ct, AFFINE, patient="Q")
+    pet_folder = write_series(tmp_path / "Q" / "pet", pet, AFFINE, modality="PT", patient="Q", slopes=slopes)
+    other = write_series(tmp_path / "Z" / "pet", pet, AFFINE, modality="PT", patient="Z", slopes=slopes)
+    monkeypatch.setattr(dicom_writer, "FRAME_UID", pydicom.uid.generate_uid())
+    later = write_series(tmp_path / "Q" / "ct_later", ct, AFFINE, patient="Q")  # another acquisition's frame
+    seg = write_seg(tmp_path / "Q" / "seg.dcm", mask, later)
+    assert data.resample_patient({"ct": later}, PREP, mask=seg, patient="Q").mask.any()  # its own frame: read
+    cases = [({"ct": folder, "pet": other}, None, "pet", "PatientID is 'Z'"),
+             ({"ct": folder}, seg, "mask", "FrameOfReferenceUID"),
+             ({"ct": pet_folder}, None, "ct", "Modality is PT")]
+    for images, mask_file, field, words in cases:
+        with pytest.raises(DataError, match=words) as raised:
+            data.resample_patient(images, PREP, mask=mask_file, patient="Q")
+        assert raised.value.patient == "Q" and raised.value.field == field
+    manifest = write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", "ct": "Q/ct", "mask": "Q/seg.dcm"}])
+    result = CliRunner().invoke(main, ["ingest", str(manifest), "--out", str(tmp_path / "out"), "--shape", "8", "8",
+                                       "8", "--spacing", "4", "4", "4", "--workers", "1"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output and "patient Q" in message
+    assert "FrameOfReferenceUID" in message and "seg.dcm" in message and not (tmp_path / "out").exists()

@@ -184,13 +184,8 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     if not ref.folder.is_dir():
         raise fail("folder does not exist")
     groups, others = {}, 0
-    for file in sorted(p for p in ref.folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        try:
-            header = pydicom.dcmread(file, stop_before_pixels=True)
-        except Exception:  # not DICOM (a DICOMDIR, a text file): pydicom raises several types
-            others += 1
-            continue
-        if "Rows" not in header or str(header.get("Modality", "")) in NON_IMAGE_MODALITIES:
+    for file, header in _image_headers(ref.folder, pydicom):
+        if header is None:
             others += 1
             continue
         groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((file, header))
@@ -237,6 +232,19 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
                       "placed and resampled through their positions", DataWarning, stacklevel=2)
         notes.append(f"gantry tilt {tilt:.2f} degrees")
     return dataclasses.replace(series, notes=tuple(notes))
+
+
+def _image_headers(folder, pydicom):
+    """`(file, header)` of every file under `folder` (sorted, hidden files skipped); header None where
+    the file is not a DICOM image (a DICOMDIR, a SEG, a text file)."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+        except Exception:  # not DICOM: pydicom raises several types
+            yield file, None
+            continue
+        image = "Rows" in header and str(header.get("Modality", "")) not in NON_IMAGE_MODALITIES
+        yield file, header if image else None
 
 
 def _describe(uid, members):
@@ -404,6 +412,94 @@ def native_grid(path: "PathLike | SeriesRef") -> tuple[tuple, np.ndarray]:
         return tuple(image.shape[:3]), image.affine
     data, affine = load_itk(path) if kind == "itk" else load_dicom_file(path)
     return tuple(data.shape), affine
+
+
+# ------------------------------------------------------------------------------------- identity
+
+MODALITY_OF_FIELD = {"ct": ("CT",), "pet": ("PT",), "mask": ("SEG", "RTSTRUCT")}
+"""The DICOM Modality values each manifest column (or predict option) accepts; other columns take any."""
+
+
+def identity(path: "PathLike | SeriesRef") -> dict | None:
+    """Who and where a DICOM input is: its PatientID, Modality and frame(s) of reference (no pixels read).
+
+    Args:
+        path: a `SeriesRef`, a series folder, or a DICOM file (SEG, RTSTRUCT, multi-frame image).
+
+    Returns:
+        `{"file", "patient_id", "modality", "frames"}` (`frames`: the FrameOfReferenceUIDs the
+        object's coordinates are in: its own, or for a RTSTRUCT those of its
+        ReferencedFrameOfReferenceSequence and ROIs), or None for NIfTI and ITK files, which
+        carry neither.
+
+    Example:
+    >>> identity("A/ct")["modality"]  # doctest: +SKIP
+    'CT'
+    """
+    import pydicom
+
+    kind = kind_of(path)
+    if kind == "series":
+        ref = path if isinstance(path, SeriesRef) else SeriesRef(pathlib.Path(path))
+        headers = ((f, h) for f, h in _image_headers(ref.folder, pydicom)
+                   if h is not None and ref.uid in (None, str(h.get("SeriesInstanceUID", ""))))
+    elif kind == "dicom":
+        try:
+            headers = [(pathlib.Path(path), pydicom.dcmread(path, stop_before_pixels=True))]
+        except Exception:  # unreadable: the reader that loads it says why
+            return None
+    else:
+        return None
+    for file, header in headers:
+        frames = {str(header.get("FrameOfReferenceUID", "") or "")}
+        frames |= {str(item.get("FrameOfReferenceUID", "")) for item in header.get("ReferencedFrameOfReferenceSequence", [])}
+        frames |= {str(item.get("ReferencedFrameOfReferenceUID", ""))
+                   for item in header.get("StructureSetROISequence", [])}
+        return {"file": file, "patient_id": str(header.get("PatientID", "") or "") or None,
+                "modality": str(header.get("Modality", "") or "") or None, "frames": frames - {""}}
+    return None
+
+
+def check_identity(inputs: dict, patient: str | None = None) -> None:
+    """Refuse a patient's DICOM inputs that cannot belong together: a modality in the wrong column, images
+    or a mask of another DICOM patient, a mask drawn in another frame of reference than the images'.
+
+    NIfTI and ITK inputs carry no identity and pass; the checks compare DICOM with DICOM
+    only (a SEG's or RTSTRUCT's coordinates mean something only in the frame of reference,
+    PS3.3 C.7.4.1, of the images they were drawn on).
+
+    Args:
+        inputs: `{field: path}` (`ct`, `pet`, ..., `mask`), the reference image first.
+        patient: patient id, for error messages.
+
+    Raises:
+        DataError: naming the patient, the file, the field and the tag (Modality, PatientID,
+            FrameOfReferenceUID) that disagrees.
+
+    Example:
+    >>> check_identity({"ct": "A/ct", "mask": "A/seg.dcm"}, patient="A")  # doctest: +SKIP
+    """
+    known = {field: identity(path) for field, path in inputs.items() if path is not None}
+    known = {field: found for field, found in known.items() if found is not None}
+    for field, found in known.items():
+        allowed = MODALITY_OF_FIELD.get(field)
+        if allowed and found["modality"] and found["modality"] not in allowed:
+            raise DataError(f"Modality is {found['modality']} ({found['file'].name}), but column '{field}' takes "
+                            f"{' or '.join(allowed)}: a series or file in the wrong column?", patient=patient,
+                            file=inputs[field], field=field)
+    named = [(field, found) for field, found in known.items() if found["patient_id"]]
+    for field, found in named[1:]:
+        if found["patient_id"] != named[0][1]["patient_id"]:
+            raise DataError(f"PatientID is '{found['patient_id']}' ({found['file'].name}) where the {named[0][0]} "
+                            f"({inputs[named[0][0]]}) has '{named[0][1]['patient_id']}': another patient's "
+                            "image or mask?", patient=patient, file=inputs[field], field=field)
+    if "mask" in known and known["mask"]["frames"]:
+        frames = set().union(*(found["frames"] for field, found in known.items() if field != "mask"))
+        if frames and not frames & known["mask"]["frames"]:
+            raise DataError(f"FrameOfReferenceUID {', '.join(sorted(known['mask']['frames']))} "
+                            f"({known['mask']['file'].name}) is none of the images' ({', '.join(sorted(frames))}): "
+                            "the mask was drawn on another acquisition's coordinates", patient=patient,
+                            file=inputs["mask"], field="mask")
 
 
 # ------------------------------------------------------------------------------ files: ITK, SEG, RTSTRUCT

@@ -341,8 +341,9 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
         A `PatientGrid`.
 
     Raises:
-        DataError: naming patient, file and field of an unreadable image, a bad mask value
-            or a geometry rule broken.
+        DataError: naming patient, file and field of an unreadable image, a bad mask value,
+            a geometry rule broken, or DICOM inputs that do not belong together
+            (`unicon_tf.data.dicom.check_identity`: Modality, PatientID, FrameOfReferenceUID).
 
     Example:
     >>> grid = resample_patient({"ct": "ct.nii.gz", "pet": "pet.nii.gz"}, Preprocessing((64, 64, 64), (2, 2, 2)),
@@ -374,6 +375,7 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
             body = raw > prep.body_threshold
         volumes[modality] = window.apply(raw)
     label_map = None
+    dicom.check_identity({**{m: images[m] for m in modalities}, "mask": mask}, patient)
     if mask is not None:
         data, affine = load_volume(mask, patient, "mask", reference=grids)
         _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
