@@ -1,6 +1,7 @@
 """Clinical inputs: DICOM series (CT, PET with SUV from its tags), DICOM SEG and RTSTRUCT masks, ITK
 files, the series checks, and DICOM SEG out of predict. Every DICOM file is made here, small."""
 
+import dataclasses
 import json
 import math
 
@@ -587,3 +588,28 @@ def test_dicom_inputs_of_another_patient_frame_or_modality_are_refused(tmp_path,
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and "Traceback" not in result.output and "patient Q" in message
     assert "FrameOfReferenceUID" in message and "seg.dcm" in message and not (tmp_path / "out").exists()
+
+
+def test_a_rtstruct_roi_without_contours_keeps_its_class_and_the_refusal_names_each_roi(tmp_path):
+    """ROI n is class n (the same class in every patient's file), so an empty first ROI leaves the lesion
+    class 2: a binary model refuses it naming each ROI, its class and which is empty."""
+    from pydicom.dataset import Dataset
+
+    ct, _, _, mask = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE, patient="Q")
+    rtstruct = write_rtstruct(tmp_path / "rt.dcm", mask_boxes(mask)[0], AFFINE, folder)
+    dataset = pydicom.dcmread(rtstruct)
+    empty = Dataset()
+    empty.ROINumber, empty.ROIName = 3, "BODY"
+    dataset.StructureSetROISequence.insert(0, empty)
+    dataset.ROIContourSequence.insert(0, Dataset())
+    dataset.ROIContourSequence[0].ReferencedROINumber = 3
+    dataset.save_as(rtstruct)
+    filled, _ = data.load_volume(rtstruct, field="mask", reference=(SHAPE, AFFINE))
+    assert set(np.unique(filled)) == {0.0, 2.0}
+    with pytest.raises(DataError, match=r"outside the classes 0..1 \(its classes: 1 = ROI 3 'BODY' \(no closed "
+                                        r"contour: empty\), 2 = ROI 7 'lesion'") as raised:
+        data.resample_patient({"ct": folder}, PREP, mask=rtstruct, patient="Q")
+    assert raised.value.field == "mask" and raised.value.patient == "Q"
+    three = dataclasses.replace(PREP, mask_classes=3)
+    assert set(np.unique(data.resample_patient({"ct": folder}, three, mask=rtstruct).mask)) == {0, 2}

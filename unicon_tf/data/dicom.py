@@ -670,6 +670,41 @@ def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str |
     return label_map, affine
 
 
+def class_legend(path: PathLike) -> str | None:
+    """Which class each segment of a DICOM SEG or ROI of a RTSTRUCT becomes, for messages about mask values.
+
+    Args:
+        path: a mask file.
+
+    Returns:
+        E.g. `"1 = ROI 3 'GTV' (no contour), 2 = ROI 7 'lesion'"`, or None for a file that is
+        neither (NIfTI, ITK, unreadable).
+
+    Example:
+    >>> class_legend("A/rt.dcm")  # doctest: +SKIP
+    "1 = ROI 3 'BODY', 2 = ROI 7 'GTV'"
+    """
+    import pydicom
+
+    if kind_of(path) != "dicom":
+        return None
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # unreadable: its reader has said why
+        return None
+    if str(header.get("Modality", "")) == "SEG":
+        return ", ".join(f"{int(item.SegmentNumber)} = segment '{item.get('SegmentLabel', '')}'"
+                         for item in header.get("SegmentSequence", []))
+    if str(header.get("Modality", "")) != "RTSTRUCT":
+        return None
+    contoured = {int(item.ReferencedROINumber) for item in header.get("ROIContourSequence", [])
+                 if any(str(c.get("ContourGeometricType", "CLOSED_PLANAR")) == "CLOSED_PLANAR"
+                        for c in item.get("ContourSequence", []))}
+    return ", ".join(f"{label} = ROI {int(item.ROINumber)} '{item.get('ROIName', '')}'"
+                     f"{'' if int(item.ROINumber) in contoured else ' (no closed contour: empty)'}"
+                     for label, item in enumerate(header.get("StructureSetROISequence", []), 1))
+
+
 # ---------------------------------------------------------------------------------------------- SUV
 
 SUV_SOURCE = "SUVbw from the PET series' DICOM tags (QIBA vendor-neutral: Units BQML, DecayCorrection START or ADMIN)"

@@ -422,7 +422,10 @@ def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, refere
     values = np.unique(data)
     bad = values[(values != np.round(values)) | (values < 0) | (values > prep.mask_classes - 1)]
     if bad.size:
-        raise fail(f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}")
+        legend = dicom.class_legend(file)
+        raise fail(f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}"
+                   + (f" (its classes: {legend}; keep in the file only the ROIs or segments the model learns)"
+                      if legend else ""))
     shared = max(fov_coverage(data.shape, affine, ref_shape, ref_affine),
                  fov_coverage(ref_shape, ref_affine, data.shape, affine))
     if shared < prep.min_overlap:
