@@ -613,3 +613,12 @@ def test_a_rtstruct_roi_without_contours_keeps_its_class_and_the_refusal_names_e
     assert raised.value.field == "mask" and raised.value.patient == "Q"
     three = dataclasses.replace(PREP, mask_classes=3)
     assert set(np.unique(data.resample_patient({"ct": folder}, three, mask=rtstruct).mask)) == {0, 2}
+
+
+def test_a_metaimage_whose_data_file_is_missing_names_it(tmp_path):
+    ct, _, _, _ = patient_volumes(0)
+    header = write_itk(tmp_path / "ct.mhd", ct)
+    (tmp_path / "ct.raw").unlink()
+    with pytest.raises(DataError, match=r"its data file ct.raw \(ElementDataFile\) is missing") as raised:
+        data.load_volume(header, patient="Q", field="ct")
+    assert raised.value.patient == "Q" and str(raised.value.file) == str(header)

@@ -517,6 +517,10 @@ def load_itk(path: PathLike, patient: str | None = None, field: str | None = Non
         DataError: unreadable file, or not one 3D scalar volume.
     """
     sitk = _require("SimpleITK", patient, path, field)
+    data_file = _detached_data_file(path)
+    if data_file is not None and not data_file.is_file():
+        raise DataError(f"its data file {data_file.name} (ElementDataFile) is missing: copy it beside the header, "
+                        f"or give the single-file .mha", patient=patient, file=path, field=field)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -533,6 +537,21 @@ def load_itk(path: PathLike, patient: str | None = None, field: str | None = Non
     affine[:3, 3] = image.GetOrigin()
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
     return np.ascontiguousarray(data), lps_to_ras(affine)
+
+
+def _detached_data_file(path):
+    """The voxel file a MetaImage header (`.mhd`) names in ElementDataFile, or None (LOCAL, LIST, a pattern)."""
+    path = pathlib.Path(path)
+    if not path.name.lower().endswith(".mhd") or not path.is_file():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            if value.upper() == "LOCAL" or value.upper().startswith("LIST") or "%" in value or " " in value:
+                return None
+            return path.parent / value
+    return None
 
 
 def load_dicom_file(path: PathLike, patient: str | None = None, field: str | None = None,
