@@ -622,3 +622,24 @@ def test_a_metaimage_whose_data_file_is_missing_names_it(tmp_path):
     with pytest.raises(DataError, match=r"its data file ct.raw \(ElementDataFile\) is missing") as raised:
         data.load_volume(header, patient="Q", field="ct")
     assert raised.value.patient == "Q" and str(raised.value.file) == str(header)
+
+
+def test_a_seg_on_a_gantry_tilted_series_is_placed_by_its_frame_positions(tmp_path):
+    """highdicom builds unsheared volumes only; a SEG drawn on (or predicted for) a tilted CT reads as the
+    same label map, on the series' sheared grid, as that map saved as NIfTI with the series' affine."""
+    ct, _, _, _ = patient_volumes(0)
+    lps = np.diag([2.0, 2.5, 3.0, 1.0])
+    lps[1, 2] = 0.5  # each slice 0.5 mm further along y: a 9.5 degree gantry tilt
+    folder = write_stack(tmp_path / "ct", ct, lps)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3:9, 4:10, 2:8], labels[5:7, 5:7, 4:6] = 1, 2
+    with pytest.warns(DataWarning, match="gantry tilt"):
+        affine = dicom.series_headers(folder).affine
+        seg = dicom.write_seg(labels, folder, tmp_path / "seg.dcm", classes=3)
+    volume, seg_affine = dicom.load_dicom_file(seg)
+    assert np.array_equal(volume, labels) and np.allclose(seg_affine, affine)
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "mask.nii.gz"))
+    three = dataclasses.replace(PREP, mask_classes=3)
+    with pytest.warns(DataWarning, match="gantry tilt"):
+        grids = [data.resample_patient({"ct": folder}, three, mask=m) for m in (seg, tmp_path / "mask.nii.gz")]
+    assert grids[0].mask.any() and np.array_equal(grids[0].mask, grids[1].mask)

@@ -560,7 +560,9 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
 
     SEG (PS3.3 A.51) and enhanced or legacy-converted multi-frame images are read with
     highdicom's `get_volume` (segments combined; a voxel holds its segment number), the
-    RTSTRUCT (PS3.3 A.19) with `rasterise_rtstruct`.
+    RTSTRUCT (PS3.3 A.19) with `rasterise_rtstruct`. A SEG whose frames highdicom cannot
+    stack (a gantry-tilted, sheared source series) is placed by its frames'
+    ImagePositionPatient as a series is (`_seg_by_frame_positions`).
 
     Example:
     >>> mask, affine = load_dicom_file("A/lesion_seg.dcm", patient="A", field="mask")  # doctest: +SKIP
@@ -600,7 +602,11 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
     highdicom = _require("highdicom", patient, path, field)
     try:
         if modality == "SEG":
-            volume = _seg_volume(highdicom.seg.Segmentation.from_dataset(dataset))
+            try:
+                volume = _seg_volume(highdicom.seg.Segmentation.from_dataset(dataset))
+            except RuntimeError:  # highdicom's volumes are unsheared: frames on a gantry-tilted stack
+                return _seg_by_frame_positions(dataset, pathlib.Path(path), lambda message: DataError(
+                    message, patient=patient, file=path, field=field))
         elif int(dataset.get("NumberOfFrames", 1) or 1) > 1:
             volume = highdicom.Image.from_dataset(dataset).get_volume()
         else:
@@ -625,6 +631,47 @@ def _seg_volume(seg):
     numbers = np.asarray(seg.segment_numbers)
     labels = np.where(probabilities.max(axis=-1) >= 0.5, numbers[probabilities.argmax(axis=-1)], 0)
     return type(volume)(labels.astype(np.float32), volume.affine, coordinate_system="PATIENT")
+
+
+def _seg_by_frame_positions(dataset, path, fail):
+    """A SEG as `(label map, RAS affine)` placed by its frames' ImagePositionPatient, as a series is
+    (`_sort_and_check`: the slice axis from the first to the last position, so a stack sheared by a
+    gantry tilt is placed exactly); segments combined as `_seg_volume` does (the highest number wins;
+    a FRACTIONAL frame's voxel where it is >= half of MaximumFractionalValue)."""
+    from pydicom.dataset import Dataset
+
+    shared = dataset.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = dataset.PerFrameFunctionalGroupsSequence
+
+    def item(i, name):
+        group = per_frame[i] if name in per_frame[i] else shared
+        return group[name].value[0]
+
+    pixels = np.asarray(dataset.pixel_array).reshape(len(per_frame), int(dataset.Rows), int(dataset.Columns))
+    if str(dataset.SegmentationType) == "FRACTIONAL":
+        pixels = pixels >= 0.5 * float(dataset.MaximumFractionalValue)
+    slices, slot, members = {}, [], []
+    for i in range(len(per_frame)):
+        position = tuple(round(float(v), 4) for v in item(i, "PlanePositionSequence").ImagePositionPatient)
+        if position not in slices:
+            header = Dataset()
+            header.ImagePositionPatient = list(position)
+            header.ImageOrientationPatient = item(i, "PlaneOrientationSequence").ImageOrientationPatient
+            header.PixelSpacing = item(i, "PixelMeasuresSequence").PixelSpacing
+            header.SliceThickness = item(i, "PixelMeasuresSequence").get("SliceThickness", 0)
+            header.Rows, header.Columns = dataset.Rows, dataset.Columns
+            slices[position] = len(members)
+            members.append((pathlib.PurePath(f"{path.name} frame {i + 1}"), header))
+        slot.append(slices[position])
+    ordered, _, affine, shape = _sort_and_check(members, fail)
+    order = {str(name): k for k, name in enumerate(ordered)}
+    rank = [order[str(members[s][0])] for s in slot]
+    label_map = np.zeros(shape, dtype=np.float32)
+    for i, k in enumerate(rank):
+        number = int(item(i, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        where = pixels[i].T > 0
+        label_map[..., k][where] = np.maximum(label_map[..., k][where], number)
+    return label_map, affine
 
 
 def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str | None = None, path=None,
