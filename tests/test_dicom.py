@@ -643,3 +643,19 @@ def test_a_seg_on_a_gantry_tilted_series_is_placed_by_its_frame_positions(tmp_pa
     with pytest.warns(DataWarning, match="gantry tilt"):
         grids = [data.resample_patient({"ct": folder}, three, mask=m) for m in (seg, tmp_path / "mask.nii.gz")]
     assert grids[0].mask.any() and np.array_equal(grids[0].mask, grids[1].mask)
+
+
+def test_times_of_day_are_refused_for_a_tracer_scanned_days_after_injection(tmp_path):
+    """Zr-89 (78.4 h): an injection given as RadiopharmaceuticalStartTime only may be days before the scan,
+    so a time of day would give a delay short by whole days; with its date the SUV follows the formula."""
+    zr89 = "282276"
+    folder = suv_series(tmp_path / "time", half_life=zr89, start=None, start_time_only="100000")
+    with pytest.raises(SUVInputError, match="times of day, which cannot tell on which day") as raised:
+        dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert raised.value.field == "RadiopharmaceuticalStartDateTime"
+    folder = suv_series(tmp_path / "dated", half_life=zr89, start="20240226100000")  # 4 days and 30 min before
+    delay = 4 * 86400 + 1800
+    factor, _ = dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-delay / float(zr89))), rel=1e-12)
+    f18 = suv_series(tmp_path / "f18", start=None, start_time_only="100000")  # 5 F-18 half-lives < a day: unambiguous
+    assert dicom.suv_from_tags(dicom.suv_tags(f18))[0] == pytest.approx(70_000 / (3.7e8 * 2 ** (-1800 / 6586.2)))

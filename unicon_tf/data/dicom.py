@@ -895,7 +895,7 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
                     raise SUVInputError(f"tag {SUV_TAG_OF[name]} is missing (DecayCorrection START needs it): give "
                                         f"column '{name}'", SUV_TAG_OF[name])
             try:
-                delay = delay_seconds(start, scan)
+                delay = delay_seconds(start, scan, float(values["half_life_s"]))
             except ValueError as error:
                 raise SUVInputError(f"injection {start} / scan {scan}: {error}", "RadiopharmaceuticalStartDateTime")
     try:
