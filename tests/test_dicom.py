@@ -659,3 +659,17 @@ def test_times_of_day_are_refused_for_a_tracer_scanned_days_after_injection(tmp_
     assert factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-delay / float(zr89))), rel=1e-12)
     f18 = suv_series(tmp_path / "f18", start=None, start_time_only="100000")  # 5 F-18 half-lives < a day: unambiguous
     assert dicom.suv_from_tags(dicom.suv_tags(f18))[0] == pytest.approx(70_000 / (3.7e8 * 2 ** (-1800 / 6586.2)))
+
+
+@pytest.mark.parametrize("corrected", [["DECY"], ["ATTN"], None])
+def test_suv_refuses_a_pet_not_corrected_for_attenuation_or_decay(tmp_path, corrected):
+    """A non-attenuation-corrected (NAC) series, written beside the AC one in BQML, is not quantitative."""
+    folder = suv_series(tmp_path / "pet", {"CorrectedImage": corrected} if corrected else None)
+    if corrected is None:
+        for file in folder.iterdir():
+            dataset = pydicom.dcmread(file)
+            del dataset.CorrectedImage
+            dataset.save_as(file)
+    with pytest.raises(SUVInputError, match=r"needs images corrected for attenuation \(ATTN\) and decay") as raised:
+        dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert raised.value.field == "CorrectedImage" and "pet_series_uid" in str(raised.value)

@@ -33,6 +33,7 @@ The readers need the `dicom` extra (`pip install 'unicon-tf[dicom]'`: SimpleITK,
 pydicom, highdicom); without it they raise a `DataError` that says so.
 """
 
+import collections.abc
 import dataclasses
 import os
 import pathlib
@@ -789,9 +790,9 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
         patient, field: for error messages.
 
     Returns:
-        `{"units", "decay_correction", "weight_kg", "injected_dose_bq", "injection_time",
-        "acquisition_time", "half_life_s"}`, each None when its tag is absent; times as
-        DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM;
+        `{"units", "decay_correction", "corrected_image" (an upper-case list), "weight_kg",
+        "injected_dose_bq", "injection_time", "acquisition_time", "half_life_s"}`, each None
+        when its tag is absent; times as DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM;
         TimezoneOffsetFromUTC, where given, is the zone of a date-time that has none.
         The scan time is SeriesDate/SeriesTime, or the earliest AcquisitionDate/Time
         where that is earlier (QIBA: a series time rewritten by post-processing).
@@ -825,7 +826,11 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
     if zone and start and scan and not time_of_day:
         start, scan = (value if _ZONED.search(value) else value + zone for value in (start, scan))
     weight = text(first, "PatientWeight")
+    corrected = first.get("CorrectedImage")  # a CS, one value or several (pydicom's MultiValue is a Sequence)
+    corrected = None if corrected in (None, "") else [str(v).strip().upper() for v in (
+        corrected if isinstance(corrected, collections.abc.Sequence) and not isinstance(corrected, str) else [corrected])]
     return {"units": text(first, "Units"), "decay_correction": text(first, "DecayCorrection"),
+            "corrected_image": corrected,
             "weight_kg": float(weight) if weight else None, "injected_dose_bq": float(dose) if dose else None,
             "injection_time": start, "acquisition_time": scan, "half_life_s": float(half_life) if half_life else None}
 
@@ -859,10 +864,12 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
     Raises:
         SUVInputError: naming the tag (or column) that is missing, implausible (the ranges
             of `unicon_tf.data.suv.PLAUSIBLE`) or unsupported: Units other than BQML (CNTS,
-            GML: give `pet_scale`), DecayCorrection other than START or ADMIN.
+            GML: give `pet_scale`), CorrectedImage without ATTN and DECY (as calculate-suv
+            requires), DecayCorrection other than START or ADMIN.
 
     Example:
-    >>> tags = {"units": "BQML", "decay_correction": "START", "weight_kg": 70.0, "injected_dose_bq": 3.7e8,
+    >>> tags = {"units": "BQML", "corrected_image": ["ATTN", "DECY"], "decay_correction": "START",
+    ...         "weight_kg": 70.0, "injected_dose_bq": 3.7e8,
     ...         "injection_time": "20240301093000", "acquisition_time": "20240301103000", "half_life_s": 6586.2}
     >>> round(suv_from_tags(tags)[0], 8)
     0.00027634
@@ -874,6 +881,11 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
                 "GML": "already SUV in g/mL"}.get(units, "not an activity concentration")
         raise SUVInputError(f"tag Units is '{tags.get('units')}' ({what}): only BQML gives SUV from tags; give "
                             "the factor in a 'pet_scale' column (or predict --scale pet F)", "Units")
+    corrected = tags.get("corrected_image")
+    if not {"ATTN", "DECY"} <= set(corrected or []):
+        raise SUVInputError(f"tag CorrectedImage is {corrected}: SUV from tags needs images corrected for attenuation "
+                            "(ATTN) and decay (DECY); a non-attenuation-corrected (NAC) series is not quantitative: "
+                            "choose the AC series (pet_series_uid) or give 'pet_scale'", "CorrectedImage")
     decay = (tags.get("decay_correction") or "").upper()
     if decay not in ("START", "ADMIN"):
         raise SUVInputError(f"tag DecayCorrection is '{tags.get('decay_correction')}': SUV from tags needs START "
