@@ -673,3 +673,18 @@ def test_suv_refuses_a_pet_not_corrected_for_attenuation_or_decay(tmp_path, corr
     with pytest.raises(SUVInputError, match=r"needs images corrected for attenuation \(ATTN\) and decay") as raised:
         dicom.suv_from_tags(dicom.suv_tags(folder))
     assert raised.value.field == "CorrectedImage" and "pet_series_uid" in str(raised.value)
+
+
+def test_suv_refuses_a_series_whose_images_disagree_on_a_series_level_tag(tmp_path):
+    """The factor comes from one image's tags: a weight or dose differing in another image is refused by name."""
+    def later_weight(k, dataset):
+        if k == 2:
+            dataset.PatientWeight = "82"
+
+    pet = np.full((4, 4, 3), 128.0, np.float32)
+    folder = write_series(tmp_path / "pet", pet, AFFINE, modality="PT", slopes=[1.0] * 3, tags=pet_tags(),
+                          per_slice=later_weight)
+    with pytest.raises(SUVInputError, match=r"tag PatientWeight differs within the series: \S+_000.dcm has 70, "
+                                            r"\S+_002.dcm 82") as raised:
+        dicom.suv_tags(folder)
+    assert raised.value.field == "PatientWeight"

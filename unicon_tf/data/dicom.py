@@ -799,6 +799,8 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
 
     Raises:
         DataError: see `series_headers`.
+        SUVInputError: a tag of `SUV_SERIES_TAGS` that differs between the series' images
+            (naming the tag and two files).
     """
     series = series_headers(ref, patient, field)
     first = series.headers[0]
@@ -807,6 +809,19 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
         value = header.get(name)
         return None if value in (None, "") else str(value).strip()
 
+    def series_level(header):  # the tags every image of one PET series shares (calculate-suv checks them too)
+        info = (header.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+        return {**{name: text(header, name) for name in SUV_SERIES_TAGS[:6]},
+                **{name: text(info, name) if info is not None else None for name in SUV_SERIES_TAGS[6:]}}
+
+    expected = series_level(first)
+    for file, header in zip(series.files[1:], series.headers[1:]):
+        differing = [name for name, value in series_level(header).items() if value != expected[name]]
+        if differing:
+            name = differing[0]
+            raise SUVInputError(f"tag {name} differs within the series: {series.files[0].name} has "
+                                f"{expected[name]}, {file.name} {series_level(header)[name]} (images of several "
+                                "series or patients in one folder?)", name)
     info = (first.get("RadiopharmaceuticalInformationSequence") or [None])[0]
     dose = text(info, "RadionuclideTotalDose") if info is not None else None
     half_life = text(info, "RadionuclideHalfLife") if info is not None else None
@@ -835,6 +850,11 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
             "injection_time": start, "acquisition_time": scan, "half_life_s": float(half_life) if half_life else None}
 
 
+SUV_SERIES_TAGS = ("Units", "CorrectedImage", "DecayCorrection", "PatientWeight", "SeriesDate", "SeriesTime",
+                   "RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartDateTime",
+                   "RadiopharmaceuticalStartTime")
+"""The SUV tags that must agree in every image of a series (the last four, of its
+RadiopharmaceuticalInformationSequence)."""
 _ZONED = re.compile(r"[+-]\d{4}$")
 
 
