@@ -816,7 +816,7 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
 
     expected = series_level(first)
     for file, header in zip(series.files[1:], series.headers[1:]):
-        differing = [name for name, value in series_level(header).items() if value != expected[name]]
+        differing = [name for name, value in series_level(header).items() if not _same_value(value, expected[name])]
         if differing:
             name = differing[0]
             raise SUVInputError(f"tag {name} differs within the series: {series.files[0].name} has "
@@ -856,6 +856,16 @@ SUV_SERIES_TAGS = ("Units", "CorrectedImage", "DecayCorrection", "PatientWeight"
 """The SUV tags that must agree in every image of a series (the last four, of its
 RadiopharmaceuticalInformationSequence)."""
 _ZONED = re.compile(r"[+-]\d{4}$")
+
+
+def _same_value(first, second):
+    """Two tag values as text, equal as text or as numbers (DS `70` and `70.0`)."""
+    if first == second:
+        return True
+    try:
+        return float(first) == float(second)
+    except (TypeError, ValueError):
+        return False
 
 
 def _time(value):
