@@ -370,14 +370,20 @@ def test_gantry_tilt_is_placed_by_the_slice_positions_and_resampled(tmp_path):
 # ---------------------------------------------------------------------------------- predict -> SEG
 
 
-def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def seg_model(tmp_path_factory):
+    """A small exported CT segmentation model trained on SUV PET (its tags give the factor at predict)."""
+    keras.utils.set_random_seed(0)
+    keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
+    return serving.export_model(keras_model, tmp_path_factory.mktemp("sm"), "seg", metadata={
+        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {"pet": dicom.SUV_SOURCE}})
+
+
+def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, seg_model, tmp_path):
     import highdicom as hd
 
     root, _, _ = cohort
-    keras.utils.set_random_seed(0)
-    keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
-    version = serving.export_model(keras_model, tmp_path / "sm", "seg", metadata={
-        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {"pet": dicom.SUV_SOURCE}})
+    version = seg_model
     result = CliRunner().invoke(main, ["predict", "--saved-model", str(version), "--ct", str(root / "B" / "ct"),
                                        "--pet", str(root / "B" / "pet"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -688,3 +694,29 @@ def test_suv_refuses_a_series_whose_images_disagree_on_a_series_level_tag(tmp_pa
                                             r"\S+_002.dcm 82") as raised:
         dicom.suv_tags(folder)
     assert raised.value.field == "PatientWeight"
+
+
+def test_predict_checks_the_series_a_seg_must_reference_before_writing_anything(seg_model, tmp_path):
+    """An anonymised series without PatientID still gets its SEG (Type 2: copied empty); one without
+    FrameOfReferenceUID or StudyInstanceUID (Type 1) is refused naming file and tag, and nothing is written."""
+    import highdicom as hd
+
+    ct, _, _, _ = patient_volumes(0)
+
+    def without(tag):
+        return lambda k, dataset: delattr(dataset, tag)
+
+    anonymised = write_series(tmp_path / "anonymised", ct, AFFINE, per_slice=without("PatientID"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(seg_model), "--ct", str(anonymised),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert hd.seg.segread(out / "segmentation.seg.dcm").PatientID == ""
+    for tag in ("FrameOfReferenceUID", "StudyInstanceUID"):
+        folder = write_series(tmp_path / tag, ct, AFFINE, per_slice=without(tag))
+        result = CliRunner().invoke(main, ["predict", "--saved-model", str(seg_model), "--ct", str(folder),
+                                           "--out", str(tmp_path / f"out_{tag}")])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"lacks {tag}" in message and str(folder) in message and "field ct" in message
+        assert not (tmp_path / f"out_{tag}").exists()

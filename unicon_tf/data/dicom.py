@@ -952,6 +952,47 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
 # -------------------------------------------------------------------------------------- SEG output
 
 
+SEG_SOURCE_TYPE1 = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+"""Tags a DICOM SEG copies from, or references in, its source images and cannot do without."""
+SEG_SOURCE_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber")
+"""Patient and study tags a SEG copies that may be empty (Type 2): absent ones (an anonymised export) are copied empty."""
+
+
+def seg_sources(ref: "PathLike | SeriesRef", patient: str | None = None, field: str | None = None) -> tuple:
+    """A series' headers as a DICOM SEG referencing it needs them, checked before anything is written.
+
+    Args:
+        ref: the source series (a `SeriesRef` or a folder).
+        patient, field: for error messages.
+
+    Returns:
+        `(Series, headers)`: the checked series and its images' headers (no pixels), with
+        the absent `SEG_SOURCE_TYPE2` tags set empty.
+
+    Raises:
+        DataError: a fault of `series_headers`, or an image lacking a tag of
+            `SEG_SOURCE_TYPE1` (naming the file and the tag).
+
+    Example:
+    >>> series, headers = seg_sources(SeriesRef(pathlib.Path("A/ct")), field="ct")  # doctest: +SKIP
+    """
+    import pydicom
+
+    series = series_headers(ref, patient, field)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # attributes only
+    for file, header in zip(series.files, headers):
+        for tag in SEG_SOURCE_TYPE1:
+            if not header.get(tag):
+                raise DataError(f"{file.name} lacks {tag}, which a DICOM SEG referencing the series must copy: "
+                                "the series is not a conformant image series (give it as NIfTI to predict)",
+                                patient=patient, file=ref, field=field)
+        for tag in SEG_SOURCE_TYPE2:
+            if tag not in header:
+                setattr(header, tag, "")
+    return series, headers
+
+
 def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike, classes: int,
               model_name: str = "unicon-tf", version: str = "0", description: str = "segmentation") -> pathlib.Path:
     """Write a label map on a DICOM series' grid as a DICOM SEG referencing that series (highdicom).
@@ -962,6 +1003,7 @@ def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike,
 
     Raises:
         ValueError: `label_map` is not on the series' grid.
+        DataError: see `seg_sources`.
 
     Args:
         label_map: uint8 `(columns, rows, slices)` on the series' own grid (see
@@ -979,13 +1021,11 @@ def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike,
     >>> write_seg(label_map, SeriesRef(pathlib.Path("A/ct")), "out/segmentation.seg.dcm", classes=2)  # doctest: +SKIP
     """
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    series = series_headers(ref)
+    series, sources = seg_sources(ref)
     if tuple(label_map.shape) != tuple(series.shape):
         raise ValueError(f"label map shape {label_map.shape} is not the series' {series.shape}")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # attributes only
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=codes.cid7162.ArtificialIntelligence,
                                                    version=str(version))
     segments = [hd.seg.SegmentDescription(segment_number=c, segment_label=f"class {c}",
