@@ -720,3 +720,25 @@ def test_predict_checks_the_series_a_seg_must_reference_before_writing_anything(
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert f"lacks {tag}" in message and str(folder) in message and "field ct" in message
         assert not (tmp_path / f"out_{tag}").exists()
+
+
+def test_a_series_of_files_without_the_part10_preamble_reads_as_the_volume(tmp_path):
+    """Older PACS exports write bare datasets (no 128-byte preamble, no file meta, implicit VR) named
+    without a suffix: read with pydicom's force and their own encoding, not 'no DICOM image'."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE)
+    for file in sorted(folder.glob("*.dcm")):
+        dataset = pydicom.dcmread(file)
+        del dataset.file_meta
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, True
+        write_dataset(buffer, dataset)
+        file.with_suffix("").write_bytes(buffer.getvalue())
+        file.unlink()
+    (folder / "notes.txt").write_text("exported 2024-03-01\n")  # forced reading must not take it for DICOM
+    volume, affine = data.load_volume(folder)
+    assert np.array_equal(volume, ct) and np.allclose(affine, AFFINE)
+    assert dicom.identity(folder)["modality"] == "CT"

@@ -123,6 +123,43 @@ def _require(module, patient, path, field):
                         file=path, field=field) from error
 
 
+def read_dicom(path: PathLike, pixels: bool = True):
+    """One DICOM file with pydicom, also without the Part 10 preamble and file meta (older exports).
+
+    A file pydicom refuses as not Part 10 is read again with `force=True`; its encoding,
+    found by pydicom, becomes its TransferSyntaxUID (implicit or explicit VR little
+    endian), so the pixel decoders can read it. A non-DICOM file raises as pydicom does.
+
+    Args:
+        path: the file.
+        pixels: False stops before the pixel data (headers only).
+
+    Returns:
+        A pydicom `Dataset`.
+
+    Raises:
+        pydicom.errors.InvalidDicomError: neither form (and others pydicom raises for a corrupt file).
+
+    Example:
+    >>> read_dicom("A/ct/IM0001", pixels=False).Modality  # doctest: +SKIP
+    'CT'
+    """
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except pydicom.errors.InvalidDicomError:
+        dataset = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+        if "SOPClassUID" not in dataset:  # force reads anything: a text file is no DICOM
+            raise
+        if "TransferSyntaxUID" not in dataset.file_meta:
+            implicit, little = dataset.original_encoding
+            dataset.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                                   pydicom.uid.ExplicitVRLittleEndian if little else
+                                                   pydicom.uid.ExplicitVRBigEndian)
+        return dataset
+
+
 def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
     """A 4x4 voxel-to-LPS affine (DICOM, ITK) as voxel-to-RAS (NIfTI, nibabel): x and y negated.
 
@@ -177,7 +214,7 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     (512, 512, 180)
     """
     ref = ref if isinstance(ref, SeriesRef) else SeriesRef(pathlib.Path(ref))
-    pydicom = _require("pydicom", patient, ref.folder, field)
+    _require("pydicom", patient, ref.folder, field)
 
     def fail(message):
         return DataError(message, patient=patient, file=ref, field=field)
@@ -185,7 +222,7 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     if not ref.folder.is_dir():
         raise fail("folder does not exist")
     groups, others = {}, 0
-    for file, header in _image_headers(ref.folder, pydicom):
+    for file, header in _image_headers(ref.folder):
         if header is None:
             others += 1
             continue
@@ -235,12 +272,12 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     return dataclasses.replace(series, notes=tuple(notes))
 
 
-def _image_headers(folder, pydicom):
+def _image_headers(folder):
     """`(file, header)` of every file under `folder` (sorted, hidden files skipped); header None where
     the file is not a DICOM image (a DICOMDIR, a SEG, a text file)."""
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            header = pydicom.dcmread(file, stop_before_pixels=True)
+            header = read_dicom(file, pixels=False)
         except Exception:  # not DICOM: pydicom raises several types
             yield file, None
             continue
@@ -385,7 +422,7 @@ def _decode_with_pydicom(series, ref, patient, field, syntaxes, sitk_error):
     slices = []
     for file in series.files:
         try:
-            dataset = pydicom.dcmread(file)
+            dataset = read_dicom(file)
             slices.append(np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float32))
         except Exception as error:  # decoders raise many types for corrupt data
             raise fail(f"{file.name}: pixel data unreadable (SimpleITK: {sitk_error}; pydicom: "
@@ -437,16 +474,14 @@ def identity(path: "PathLike | SeriesRef") -> dict | None:
     >>> identity("A/ct")["modality"]  # doctest: +SKIP
     'CT'
     """
-    import pydicom
-
     kind = kind_of(path)
     if kind == "series":
         ref = path if isinstance(path, SeriesRef) else SeriesRef(pathlib.Path(path))
-        headers = ((f, h) for f, h in _image_headers(ref.folder, pydicom)
+        headers = ((f, h) for f, h in _image_headers(ref.folder)
                    if h is not None and ref.uid in (None, str(h.get("SeriesInstanceUID", ""))))
     elif kind == "dicom":
         try:
-            headers = [(pathlib.Path(path), pydicom.dcmread(path, stop_before_pixels=True))]
+            headers = [(pathlib.Path(path), read_dicom(path, pixels=False))]
         except Exception:  # unreadable: the reader that loads it says why
             return None
     else:
@@ -579,9 +614,9 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
         DataError: unreadable file, a SOP class that is neither, a SEG not on a regular
             3D grid, a RTSTRUCT whose contours lie in the slices of none of the grids.
     """
-    pydicom = _require("pydicom", patient, path, field)
+    _require("pydicom", patient, path, field)
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = read_dicom(path)
     except Exception as error:
         raise DataError(f"unreadable DICOM file ({type(error).__name__}: {error})", patient=patient, file=path,
                         field=field) from error
@@ -751,12 +786,10 @@ def class_legend(path: PathLike) -> str | None:
     >>> class_legend("A/rt.dcm")  # doctest: +SKIP
     "1 = ROI 3 'BODY', 2 = ROI 7 'GTV'"
     """
-    import pydicom
-
     if kind_of(path) != "dicom":
         return None
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+        header = read_dicom(path, pixels=False)
     except Exception:  # unreadable: its reader has said why
         return None
     if str(header.get("Modality", "")) == "SEG":
@@ -977,10 +1010,8 @@ def seg_sources(ref: "PathLike | SeriesRef", patient: str | None = None, field: 
     Example:
     >>> series, headers = seg_sources(SeriesRef(pathlib.Path("A/ct")), field="ct")  # doctest: +SKIP
     """
-    import pydicom
-
     series = series_headers(ref, patient, field)
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # attributes only
+    headers = [read_dicom(f, pixels=False) for f in series.files]  # attributes only
     for file, header in zip(series.files, headers):
         for tag in SEG_SOURCE_TYPE1:
             if not header.get(tag):
