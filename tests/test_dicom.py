@@ -1,6 +1,7 @@
 """Clinical inputs: DICOM series (CT, PET with SUV from its tags), DICOM SEG and RTSTRUCT masks, ITK
 files, the series checks, and DICOM SEG out of predict. Every DICOM file is made here, small."""
 
+import dataclasses
 import json
 import math
 
@@ -369,14 +370,20 @@ def test_gantry_tilt_is_placed_by_the_slice_positions_and_resampled(tmp_path):
 # ---------------------------------------------------------------------------------- predict -> SEG
 
 
-def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def seg_model(tmp_path_factory):
+    """A small exported CT segmentation model trained on SUV PET (its tags give the factor at predict)."""
+    keras.utils.set_random_seed(0)
+    keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
+    return serving.export_model(keras_model, tmp_path_factory.mktemp("sm"), "seg", metadata={
+        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {"pet": dicom.SUV_SOURCE}})
+
+
+def test_predict_on_a_series_writes_a_seg_with_the_nifti_voxels(cohort, seg_model, tmp_path):
     import highdicom as hd
 
     root, _, _ = cohort
-    keras.utils.set_random_seed(0)
-    keras_model = unicon_tf.foundation((8, 8, 8), modality="ct", task="segmentation", num_classes=2, width=8, depth=2)
-    version = serving.export_model(keras_model, tmp_path / "sm", "seg", metadata={
-        "stage": "s", "preprocessing": PREP.to_json(), "modalities": ["ct"], "scaling": {"pet": dicom.SUV_SOURCE}})
+    version = seg_model
     result = CliRunner().invoke(main, ["predict", "--saved-model", str(version), "--ct", str(root / "B" / "ct"),
                                        "--pet", str(root / "B" / "pet"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -559,3 +566,179 @@ def test_skip_bad_lists_a_faulty_series_and_keeps_the_good_patients(tmp_path):
     assert schema["splits"]["train"]["count"] == 1
     rejected = (tmp_path / "out" / "rejected.csv").read_text()
     assert "Q,train," in rejected and str(folder) in rejected and "missing slice" in rejected
+
+
+def test_dicom_inputs_of_another_patient_frame_or_modality_are_refused(tmp_path, monkeypatch):
+    """A mask or PET of another DICOM patient, a SEG drawn in another frame of reference and a PET series
+    in the 'ct' column overlap the CT's grid, so only their tags can tell: refused by tag, nothing written."""
+    import dicom_writer
+
+    ct, pet, slopes, mask = patient_volumes(0)
+    folder = write_series(tmp_path / "Q" / "ct", ct, AFFINE, patient="Q")
+    pet_folder = write_series(tmp_path / "Q" / "pet", pet, AFFINE, modality="PT", patient="Q", slopes=slopes)
+    other = write_series(tmp_path / "Z" / "pet", pet, AFFINE, modality="PT", patient="Z", slopes=slopes)
+    monkeypatch.setattr(dicom_writer, "FRAME_UID", pydicom.uid.generate_uid())
+    later = write_series(tmp_path / "Q" / "ct_later", ct, AFFINE, patient="Q")  # another acquisition's frame
+    seg = write_seg(tmp_path / "Q" / "seg.dcm", mask, later)
+    assert data.resample_patient({"ct": later}, PREP, mask=seg, patient="Q").mask.any()  # its own frame: read
+    cases = [({"ct": folder, "pet": other}, None, "pet", "PatientID is 'Z'"),
+             ({"ct": folder}, seg, "mask", "FrameOfReferenceUID"),
+             ({"ct": pet_folder}, None, "ct", "Modality is PT")]
+    for images, mask_file, field, words in cases:
+        with pytest.raises(DataError, match=words) as raised:
+            data.resample_patient(images, PREP, mask=mask_file, patient="Q")
+        assert raised.value.patient == "Q" and raised.value.field == field
+    manifest = write_manifest(tmp_path, [{"patient_id": "Q", "split": "train", "ct": "Q/ct", "mask": "Q/seg.dcm"}])
+    result = CliRunner().invoke(main, ["ingest", str(manifest), "--out", str(tmp_path / "out"), "--shape", "8", "8",
+                                       "8", "--spacing", "4", "4", "4", "--workers", "1"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output and "patient Q" in message
+    assert "FrameOfReferenceUID" in message and "seg.dcm" in message and not (tmp_path / "out").exists()
+
+
+def test_a_rtstruct_roi_without_contours_keeps_its_class_and_the_refusal_names_each_roi(tmp_path):
+    """ROI n is class n (the same class in every patient's file), so an empty first ROI leaves the lesion
+    class 2: a binary model refuses it naming each ROI, its class and which is empty."""
+    from pydicom.dataset import Dataset
+
+    ct, _, _, mask = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE, patient="Q")
+    rtstruct = write_rtstruct(tmp_path / "rt.dcm", mask_boxes(mask)[0], AFFINE, folder)
+    dataset = pydicom.dcmread(rtstruct)
+    empty = Dataset()
+    empty.ROINumber, empty.ROIName = 3, "BODY"
+    dataset.StructureSetROISequence.insert(0, empty)
+    dataset.ROIContourSequence.insert(0, Dataset())
+    dataset.ROIContourSequence[0].ReferencedROINumber = 3
+    dataset.save_as(rtstruct)
+    filled, _ = data.load_volume(rtstruct, field="mask", reference=(SHAPE, AFFINE))
+    assert set(np.unique(filled)) == {0.0, 2.0}
+    with pytest.raises(DataError, match=r"outside the classes 0..1 \(its classes: 1 = ROI 3 'BODY' \(no closed "
+                                        r"contour: empty\), 2 = ROI 7 'lesion'") as raised:
+        data.resample_patient({"ct": folder}, PREP, mask=rtstruct, patient="Q")
+    assert raised.value.field == "mask" and raised.value.patient == "Q"
+    three = dataclasses.replace(PREP, mask_classes=3)
+    assert set(np.unique(data.resample_patient({"ct": folder}, three, mask=rtstruct).mask)) == {0, 2}
+
+
+def test_a_metaimage_whose_data_file_is_missing_names_it(tmp_path):
+    ct, _, _, _ = patient_volumes(0)
+    header = write_itk(tmp_path / "ct.mhd", ct)
+    (tmp_path / "ct.raw").unlink()
+    with pytest.raises(DataError, match=r"its data file ct.raw \(ElementDataFile\) is missing") as raised:
+        data.load_volume(header, patient="Q", field="ct")
+    assert raised.value.patient == "Q" and str(raised.value.file) == str(header)
+
+
+def test_a_seg_on_a_gantry_tilted_series_is_placed_by_its_frame_positions(tmp_path):
+    """highdicom builds unsheared volumes only; a SEG drawn on (or predicted for) a tilted CT reads as the
+    same label map, on the series' sheared grid, as that map saved as NIfTI with the series' affine."""
+    ct, _, _, _ = patient_volumes(0)
+    lps = np.diag([2.0, 2.5, 3.0, 1.0])
+    lps[1, 2] = 0.5  # each slice 0.5 mm further along y: a 9.5 degree gantry tilt
+    folder = write_stack(tmp_path / "ct", ct, lps)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3:9, 4:10, 2:8], labels[5:7, 5:7, 4:6] = 1, 2
+    with pytest.warns(DataWarning, match="gantry tilt"):
+        affine = dicom.series_headers(folder).affine
+        seg = dicom.write_seg(labels, folder, tmp_path / "seg.dcm", classes=3)
+    volume, seg_affine = dicom.load_dicom_file(seg)
+    assert np.array_equal(volume, labels) and np.allclose(seg_affine, affine)
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "mask.nii.gz"))
+    three = dataclasses.replace(PREP, mask_classes=3)
+    with pytest.warns(DataWarning, match="gantry tilt"):
+        grids = [data.resample_patient({"ct": folder}, three, mask=m) for m in (seg, tmp_path / "mask.nii.gz")]
+    assert grids[0].mask.any() and np.array_equal(grids[0].mask, grids[1].mask)
+
+
+def test_times_of_day_are_refused_for_a_tracer_scanned_days_after_injection(tmp_path):
+    """Zr-89 (78.4 h): an injection given as RadiopharmaceuticalStartTime only may be days before the scan,
+    so a time of day would give a delay short by whole days; with its date the SUV follows the formula."""
+    zr89 = "282276"
+    folder = suv_series(tmp_path / "time", half_life=zr89, start=None, start_time_only="100000")
+    with pytest.raises(SUVInputError, match="times of day, which cannot tell on which day") as raised:
+        dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert raised.value.field == "RadiopharmaceuticalStartDateTime"
+    folder = suv_series(tmp_path / "dated", half_life=zr89, start="20240226100000")  # 4 days and 30 min before
+    delay = 4 * 86400 + 1800
+    factor, _ = dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-delay / float(zr89))), rel=1e-12)
+    f18 = suv_series(tmp_path / "f18", start=None, start_time_only="100000")  # 5 F-18 half-lives < a day: unambiguous
+    assert dicom.suv_from_tags(dicom.suv_tags(f18))[0] == pytest.approx(70_000 / (3.7e8 * 2 ** (-1800 / 6586.2)))
+
+
+@pytest.mark.parametrize("corrected", [["DECY"], ["ATTN"], None])
+def test_suv_refuses_a_pet_not_corrected_for_attenuation_or_decay(tmp_path, corrected):
+    """A non-attenuation-corrected (NAC) series, written beside the AC one in BQML, is not quantitative."""
+    folder = suv_series(tmp_path / "pet", {"CorrectedImage": corrected} if corrected else None)
+    if corrected is None:
+        for file in folder.iterdir():
+            dataset = pydicom.dcmread(file)
+            del dataset.CorrectedImage
+            dataset.save_as(file)
+    with pytest.raises(SUVInputError, match=r"needs images corrected for attenuation \(ATTN\) and decay") as raised:
+        dicom.suv_from_tags(dicom.suv_tags(folder))
+    assert raised.value.field == "CorrectedImage" and "pet_series_uid" in str(raised.value)
+
+
+def test_suv_refuses_a_series_whose_images_disagree_on_a_series_level_tag(tmp_path):
+    """The factor comes from one image's tags: a weight or dose differing in another image is refused by name."""
+    def later_weight(k, dataset):
+        if k == 2:
+            dataset.PatientWeight = "82"
+
+    pet = np.full((4, 4, 3), 128.0, np.float32)
+    folder = write_series(tmp_path / "pet", pet, AFFINE, modality="PT", slopes=[1.0] * 3, tags=pet_tags(),
+                          per_slice=later_weight)
+    with pytest.raises(SUVInputError, match=r"tag PatientWeight differs within the series: \S+_000.dcm has 70, "
+                                            r"\S+_002.dcm 82") as raised:
+        dicom.suv_tags(folder)
+    assert raised.value.field == "PatientWeight"
+
+
+def test_predict_checks_the_series_a_seg_must_reference_before_writing_anything(seg_model, tmp_path):
+    """An anonymised series without PatientID still gets its SEG (Type 2: copied empty); one without
+    FrameOfReferenceUID or StudyInstanceUID (Type 1) is refused naming file and tag, and nothing is written."""
+    import highdicom as hd
+
+    ct, _, _, _ = patient_volumes(0)
+
+    def without(tag):
+        return lambda k, dataset: delattr(dataset, tag)
+
+    anonymised = write_series(tmp_path / "anonymised", ct, AFFINE, per_slice=without("PatientID"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--saved-model", str(seg_model), "--ct", str(anonymised),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert hd.seg.segread(out / "segmentation.seg.dcm").PatientID == ""
+    for tag in ("FrameOfReferenceUID", "StudyInstanceUID"):
+        folder = write_series(tmp_path / tag, ct, AFFINE, per_slice=without(tag))
+        result = CliRunner().invoke(main, ["predict", "--saved-model", str(seg_model), "--ct", str(folder),
+                                           "--out", str(tmp_path / f"out_{tag}")])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"lacks {tag}" in message and str(folder) in message and "field ct" in message
+        assert not (tmp_path / f"out_{tag}").exists()
+
+
+def test_a_series_of_files_without_the_part10_preamble_reads_as_the_volume(tmp_path):
+    """Older PACS exports write bare datasets (no 128-byte preamble, no file meta, implicit VR) named
+    without a suffix: read with pydicom's force and their own encoding, not 'no DICOM image'."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ct, _, _, _ = patient_volumes(0)
+    folder = write_series(tmp_path / "ct", ct, AFFINE)
+    for file in sorted(folder.glob("*.dcm")):
+        dataset = pydicom.dcmread(file)
+        del dataset.file_meta
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, True
+        write_dataset(buffer, dataset)
+        file.with_suffix("").write_bytes(buffer.getvalue())
+        file.unlink()
+    (folder / "notes.txt").write_text("exported 2024-03-01\n")  # forced reading must not take it for DICOM
+    volume, affine = data.load_volume(folder)
+    assert np.array_equal(volume, ct) and np.allclose(affine, AFFINE)
+    assert dicom.identity(folder)["modality"] == "CT"

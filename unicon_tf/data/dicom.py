@@ -33,6 +33,7 @@ The readers need the `dicom` extra (`pip install 'unicon-tf[dicom]'`: SimpleITK,
 pydicom, highdicom); without it they raise a `DataError` that says so.
 """
 
+import collections.abc
 import dataclasses
 import os
 import pathlib
@@ -122,6 +123,43 @@ def _require(module, patient, path, field):
                         file=path, field=field) from error
 
 
+def read_dicom(path: PathLike, pixels: bool = True):
+    """One DICOM file with pydicom, also without the Part 10 preamble and file meta (older exports).
+
+    A file pydicom refuses as not Part 10 is read again with `force=True`; its encoding,
+    found by pydicom, becomes its TransferSyntaxUID (implicit or explicit VR little
+    endian), so the pixel decoders can read it. A non-DICOM file raises as pydicom does.
+
+    Args:
+        path: the file.
+        pixels: False stops before the pixel data (headers only).
+
+    Returns:
+        A pydicom `Dataset`.
+
+    Raises:
+        pydicom.errors.InvalidDicomError: neither form (and others pydicom raises for a corrupt file).
+
+    Example:
+    >>> read_dicom("A/ct/IM0001", pixels=False).Modality  # doctest: +SKIP
+    'CT'
+    """
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except pydicom.errors.InvalidDicomError:
+        dataset = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+        if "SOPClassUID" not in dataset:  # force reads anything: a text file is no DICOM
+            raise
+        if "TransferSyntaxUID" not in dataset.file_meta:
+            implicit, little = dataset.original_encoding
+            dataset.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                                   pydicom.uid.ExplicitVRLittleEndian if little else
+                                                   pydicom.uid.ExplicitVRBigEndian)
+        return dataset
+
+
 def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
     """A 4x4 voxel-to-LPS affine (DICOM, ITK) as voxel-to-RAS (NIfTI, nibabel): x and y negated.
 
@@ -176,7 +214,7 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     (512, 512, 180)
     """
     ref = ref if isinstance(ref, SeriesRef) else SeriesRef(pathlib.Path(ref))
-    pydicom = _require("pydicom", patient, ref.folder, field)
+    _require("pydicom", patient, ref.folder, field)
 
     def fail(message):
         return DataError(message, patient=patient, file=ref, field=field)
@@ -184,13 +222,8 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
     if not ref.folder.is_dir():
         raise fail("folder does not exist")
     groups, others = {}, 0
-    for file in sorted(p for p in ref.folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        try:
-            header = pydicom.dcmread(file, stop_before_pixels=True)
-        except Exception:  # not DICOM (a DICOMDIR, a text file): pydicom raises several types
-            others += 1
-            continue
-        if "Rows" not in header or str(header.get("Modality", "")) in NON_IMAGE_MODALITIES:
+    for file, header in _image_headers(ref.folder):
+        if header is None:
             others += 1
             continue
         groups.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((file, header))
@@ -237,6 +270,19 @@ def series_headers(ref: "PathLike | SeriesRef", patient: str | None = None, fiel
                       "placed and resampled through their positions", DataWarning, stacklevel=2)
         notes.append(f"gantry tilt {tilt:.2f} degrees")
     return dataclasses.replace(series, notes=tuple(notes))
+
+
+def _image_headers(folder):
+    """`(file, header)` of every file under `folder` (sorted, hidden files skipped); header None where
+    the file is not a DICOM image (a DICOMDIR, a SEG, a text file)."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            header = read_dicom(file, pixels=False)
+        except Exception:  # not DICOM: pydicom raises several types
+            yield file, None
+            continue
+        image = "Rows" in header and str(header.get("Modality", "")) not in NON_IMAGE_MODALITIES
+        yield file, header if image else None
 
 
 def _describe(uid, members):
@@ -376,7 +422,7 @@ def _decode_with_pydicom(series, ref, patient, field, syntaxes, sitk_error):
     slices = []
     for file in series.files:
         try:
-            dataset = pydicom.dcmread(file)
+            dataset = read_dicom(file)
             slices.append(np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float32))
         except Exception as error:  # decoders raise many types for corrupt data
             raise fail(f"{file.name}: pixel data unreadable (SimpleITK: {sitk_error}; pydicom: "
@@ -406,6 +452,92 @@ def native_grid(path: "PathLike | SeriesRef") -> tuple[tuple, np.ndarray]:
     return tuple(data.shape), affine
 
 
+# ------------------------------------------------------------------------------------- identity
+
+MODALITY_OF_FIELD = {"ct": ("CT",), "pet": ("PT",), "mask": ("SEG", "RTSTRUCT")}
+"""The DICOM Modality values each manifest column (or predict option) accepts; other columns take any."""
+
+
+def identity(path: "PathLike | SeriesRef") -> dict | None:
+    """Who and where a DICOM input is: its PatientID, Modality and frame(s) of reference (no pixels read).
+
+    Args:
+        path: a `SeriesRef`, a series folder, or a DICOM file (SEG, RTSTRUCT, multi-frame image).
+
+    Returns:
+        `{"file", "patient_id", "modality", "frames"}` (`frames`: the FrameOfReferenceUIDs the
+        object's coordinates are in: its own, or for a RTSTRUCT those of its
+        ReferencedFrameOfReferenceSequence and ROIs), or None for NIfTI and ITK files, which
+        carry neither.
+
+    Example:
+    >>> identity("A/ct")["modality"]  # doctest: +SKIP
+    'CT'
+    """
+    kind = kind_of(path)
+    if kind == "series":
+        ref = path if isinstance(path, SeriesRef) else SeriesRef(pathlib.Path(path))
+        headers = ((f, h) for f, h in _image_headers(ref.folder)
+                   if h is not None and ref.uid in (None, str(h.get("SeriesInstanceUID", ""))))
+    elif kind == "dicom":
+        try:
+            headers = [(pathlib.Path(path), read_dicom(path, pixels=False))]
+        except Exception:  # unreadable: the reader that loads it says why
+            return None
+    else:
+        return None
+    for file, header in headers:
+        frames = {str(header.get("FrameOfReferenceUID", "") or "")}
+        frames |= {str(item.get("FrameOfReferenceUID", "")) for item in header.get("ReferencedFrameOfReferenceSequence", [])}
+        frames |= {str(item.get("ReferencedFrameOfReferenceUID", ""))
+                   for item in header.get("StructureSetROISequence", [])}
+        return {"file": file, "patient_id": str(header.get("PatientID", "") or "") or None,
+                "modality": str(header.get("Modality", "") or "") or None, "frames": frames - {""}}
+    return None
+
+
+def check_identity(inputs: dict, patient: str | None = None) -> None:
+    """Refuse a patient's DICOM inputs that cannot belong together: a modality in the wrong column, images
+    or a mask of another DICOM patient, a mask drawn in another frame of reference than the images'.
+
+    NIfTI and ITK inputs carry no identity and pass; the checks compare DICOM with DICOM
+    only (a SEG's or RTSTRUCT's coordinates mean something only in the frame of reference,
+    PS3.3 C.7.4.1, of the images they were drawn on).
+
+    Args:
+        inputs: `{field: path}` (`ct`, `pet`, ..., `mask`), the reference image first.
+        patient: patient id, for error messages.
+
+    Raises:
+        DataError: naming the patient, the file, the field and the tag (Modality, PatientID,
+            FrameOfReferenceUID) that disagrees.
+
+    Example:
+    >>> check_identity({"ct": "A/ct", "mask": "A/seg.dcm"}, patient="A")  # doctest: +SKIP
+    """
+    known = {field: identity(path) for field, path in inputs.items() if path is not None}
+    known = {field: found for field, found in known.items() if found is not None}
+    for field, found in known.items():
+        allowed = MODALITY_OF_FIELD.get(field)
+        if allowed and found["modality"] and found["modality"] not in allowed:
+            raise DataError(f"Modality is {found['modality']} ({found['file'].name}), but column '{field}' takes "
+                            f"{' or '.join(allowed)}: a series or file in the wrong column?", patient=patient,
+                            file=inputs[field], field=field)
+    named = [(field, found) for field, found in known.items() if found["patient_id"]]
+    for field, found in named[1:]:
+        if found["patient_id"] != named[0][1]["patient_id"]:
+            raise DataError(f"PatientID is '{found['patient_id']}' ({found['file'].name}) where the {named[0][0]} "
+                            f"({inputs[named[0][0]]}) has '{named[0][1]['patient_id']}': another patient's "
+                            "image or mask?", patient=patient, file=inputs[field], field=field)
+    if "mask" in known and known["mask"]["frames"]:
+        frames = set().union(*(found["frames"] for field, found in known.items() if field != "mask"))
+        if frames and not frames & known["mask"]["frames"]:
+            raise DataError(f"FrameOfReferenceUID {', '.join(sorted(known['mask']['frames']))} "
+                            f"({known['mask']['file'].name}) is none of the images' ({', '.join(sorted(frames))}): "
+                            "the mask was drawn on another acquisition's coordinates", patient=patient,
+                            file=inputs["mask"], field="mask")
+
+
 # ------------------------------------------------------------------------------ files: ITK, SEG, RTSTRUCT
 
 
@@ -421,6 +553,10 @@ def load_itk(path: PathLike, patient: str | None = None, field: str | None = Non
         DataError: unreadable file, or not one 3D scalar volume.
     """
     sitk = _require("SimpleITK", patient, path, field)
+    data_file = _detached_data_file(path)
+    if data_file is not None and not data_file.is_file():
+        raise DataError(f"its data file {data_file.name} (ElementDataFile) is missing: copy it beside the header, "
+                        f"or give the single-file .mha", patient=patient, file=path, field=field)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -439,13 +575,30 @@ def load_itk(path: PathLike, patient: str | None = None, field: str | None = Non
     return np.ascontiguousarray(data), lps_to_ras(affine)
 
 
+def _detached_data_file(path):
+    """The voxel file a MetaImage header (`.mhd`) names in ElementDataFile, or None (LOCAL, LIST, a pattern)."""
+    path = pathlib.Path(path)
+    if not path.name.lower().endswith(".mhd") or not path.is_file():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            if value.upper() == "LOCAL" or value.upper().startswith("LIST") or "%" in value or " " in value:
+                return None
+            return path.parent / value
+    return None
+
+
 def load_dicom_file(path: PathLike, patient: str | None = None, field: str | None = None,
                     reference: tuple | list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One DICOM object as `(data, RAS affine)`: a SEG, a RTSTRUCT (rasterised) or a multi-frame image.
 
     SEG (PS3.3 A.51) and enhanced or legacy-converted multi-frame images are read with
     highdicom's `get_volume` (segments combined; a voxel holds its segment number), the
-    RTSTRUCT (PS3.3 A.19) with `rasterise_rtstruct`.
+    RTSTRUCT (PS3.3 A.19) with `rasterise_rtstruct`. A SEG whose frames highdicom cannot
+    stack (a gantry-tilted, sheared source series) is placed by its frames'
+    ImagePositionPatient as a series is (`_seg_by_frame_positions`).
 
     Example:
     >>> mask, affine = load_dicom_file("A/lesion_seg.dcm", patient="A", field="mask")  # doctest: +SKIP
@@ -461,9 +614,9 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
         DataError: unreadable file, a SOP class that is neither, a SEG not on a regular
             3D grid, a RTSTRUCT whose contours lie in the slices of none of the grids.
     """
-    pydicom = _require("pydicom", patient, path, field)
+    _require("pydicom", patient, path, field)
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = read_dicom(path)
     except Exception as error:
         raise DataError(f"unreadable DICOM file ({type(error).__name__}: {error})", patient=patient, file=path,
                         field=field) from error
@@ -485,7 +638,11 @@ def load_dicom_file(path: PathLike, patient: str | None = None, field: str | Non
     highdicom = _require("highdicom", patient, path, field)
     try:
         if modality == "SEG":
-            volume = _seg_volume(highdicom.seg.Segmentation.from_dataset(dataset))
+            try:
+                volume = _seg_volume(highdicom.seg.Segmentation.from_dataset(dataset))
+            except RuntimeError:  # highdicom's volumes are unsheared: frames on a gantry-tilted stack
+                return _seg_by_frame_positions(dataset, pathlib.Path(path), lambda message: DataError(
+                    message, patient=patient, file=path, field=field))
         elif int(dataset.get("NumberOfFrames", 1) or 1) > 1:
             volume = highdicom.Image.from_dataset(dataset).get_volume()
         else:
@@ -510,6 +667,47 @@ def _seg_volume(seg):
     numbers = np.asarray(seg.segment_numbers)
     labels = np.where(probabilities.max(axis=-1) >= 0.5, numbers[probabilities.argmax(axis=-1)], 0)
     return type(volume)(labels.astype(np.float32), volume.affine, coordinate_system="PATIENT")
+
+
+def _seg_by_frame_positions(dataset, path, fail):
+    """A SEG as `(label map, RAS affine)` placed by its frames' ImagePositionPatient, as a series is
+    (`_sort_and_check`: the slice axis from the first to the last position, so a stack sheared by a
+    gantry tilt is placed exactly); segments combined as `_seg_volume` does (the highest number wins;
+    a FRACTIONAL frame's voxel where it is >= half of MaximumFractionalValue)."""
+    from pydicom.dataset import Dataset
+
+    shared = dataset.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = dataset.PerFrameFunctionalGroupsSequence
+
+    def item(i, name):
+        group = per_frame[i] if name in per_frame[i] else shared
+        return group[name].value[0]
+
+    pixels = np.asarray(dataset.pixel_array).reshape(len(per_frame), int(dataset.Rows), int(dataset.Columns))
+    if str(dataset.SegmentationType) == "FRACTIONAL":
+        pixels = pixels >= 0.5 * float(dataset.MaximumFractionalValue)
+    slices, slot, members = {}, [], []
+    for i in range(len(per_frame)):
+        position = tuple(round(float(v), 4) for v in item(i, "PlanePositionSequence").ImagePositionPatient)
+        if position not in slices:
+            header = Dataset()
+            header.ImagePositionPatient = list(position)
+            header.ImageOrientationPatient = item(i, "PlaneOrientationSequence").ImageOrientationPatient
+            header.PixelSpacing = item(i, "PixelMeasuresSequence").PixelSpacing
+            header.SliceThickness = item(i, "PixelMeasuresSequence").get("SliceThickness", 0)
+            header.Rows, header.Columns = dataset.Rows, dataset.Columns
+            slices[position] = len(members)
+            members.append((pathlib.PurePath(f"{path.name} frame {i + 1}"), header))
+        slot.append(slices[position])
+    ordered, _, affine, shape = _sort_and_check(members, fail)
+    order = {str(name): k for k, name in enumerate(ordered)}
+    rank = [order[str(members[s][0])] for s in slot]
+    label_map = np.zeros(shape, dtype=np.float32)
+    for i, k in enumerate(rank):
+        number = int(item(i, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        where = pixels[i].T > 0
+        label_map[..., k][where] = np.maximum(label_map[..., k][where], number)
+    return label_map, affine
 
 
 def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str | None = None, path=None,
@@ -574,6 +772,39 @@ def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str |
     return label_map, affine
 
 
+def class_legend(path: PathLike) -> str | None:
+    """Which class each segment of a DICOM SEG or ROI of a RTSTRUCT becomes, for messages about mask values.
+
+    Args:
+        path: a mask file.
+
+    Returns:
+        E.g. `"1 = ROI 3 'GTV' (no contour), 2 = ROI 7 'lesion'"`, or None for a file that is
+        neither (NIfTI, ITK, unreadable).
+
+    Example:
+    >>> class_legend("A/rt.dcm")  # doctest: +SKIP
+    "1 = ROI 3 'BODY', 2 = ROI 7 'GTV'"
+    """
+    if kind_of(path) != "dicom":
+        return None
+    try:
+        header = read_dicom(path, pixels=False)
+    except Exception:  # unreadable: its reader has said why
+        return None
+    if str(header.get("Modality", "")) == "SEG":
+        return ", ".join(f"{int(item.SegmentNumber)} = segment '{item.get('SegmentLabel', '')}'"
+                         for item in header.get("SegmentSequence", []))
+    if str(header.get("Modality", "")) != "RTSTRUCT":
+        return None
+    contoured = {int(item.ReferencedROINumber) for item in header.get("ROIContourSequence", [])
+                 if any(str(c.get("ContourGeometricType", "CLOSED_PLANAR")) == "CLOSED_PLANAR"
+                        for c in item.get("ContourSequence", []))}
+    return ", ".join(f"{label} = ROI {int(item.ROINumber)} '{item.get('ROIName', '')}'"
+                     f"{'' if int(item.ROINumber) in contoured else ' (no closed contour: empty)'}"
+                     for label, item in enumerate(header.get("StructureSetROISequence", []), 1))
+
+
 # ---------------------------------------------------------------------------------------------- SUV
 
 SUV_SOURCE = "SUVbw from the PET series' DICOM tags (QIBA vendor-neutral: Units BQML, DecayCorrection START or ADMIN)"
@@ -592,15 +823,17 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
         patient, field: for error messages.
 
     Returns:
-        `{"units", "decay_correction", "weight_kg", "injected_dose_bq", "injection_time",
-        "acquisition_time", "half_life_s"}`, each None when its tag is absent; times as
-        DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM;
+        `{"units", "decay_correction", "corrected_image" (an upper-case list), "weight_kg",
+        "injected_dose_bq", "injection_time", "acquisition_time", "half_life_s"}`, each None
+        when its tag is absent; times as DICOM DT (`YYYYMMDDHHMMSS`) or, for an injection given as a time only, a DICOM TM;
         TimezoneOffsetFromUTC, where given, is the zone of a date-time that has none.
         The scan time is SeriesDate/SeriesTime, or the earliest AcquisitionDate/Time
         where that is earlier (QIBA: a series time rewritten by post-processing).
 
     Raises:
         DataError: see `series_headers`.
+        SUVInputError: a tag of `SUV_SERIES_TAGS` that differs between the series' images
+            (naming the tag and two files).
     """
     series = series_headers(ref, patient, field)
     first = series.headers[0]
@@ -609,6 +842,19 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
         value = header.get(name)
         return None if value in (None, "") else str(value).strip()
 
+    def series_level(header):  # the tags every image of one PET series shares (calculate-suv checks them too)
+        info = (header.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+        return {**{name: text(header, name) for name in SUV_SERIES_TAGS[:6]},
+                **{name: text(info, name) if info is not None else None for name in SUV_SERIES_TAGS[6:]}}
+
+    expected = series_level(first)
+    for file, header in zip(series.files[1:], series.headers[1:]):
+        differing = [name for name, value in series_level(header).items() if not _same_value(value, expected[name])]
+        if differing:
+            name = differing[0]
+            raise SUVInputError(f"tag {name} differs within the series: {series.files[0].name} has "
+                                f"{expected[name]}, {file.name} {series_level(header)[name]} (images of several "
+                                "series or patients in one folder?)", name)
     info = (first.get("RadiopharmaceuticalInformationSequence") or [None])[0]
     dose = text(info, "RadionuclideTotalDose") if info is not None else None
     half_life = text(info, "RadionuclideHalfLife") if info is not None else None
@@ -628,12 +874,31 @@ def suv_tags(ref: "PathLike | SeriesRef", patient: str | None = None, field: str
     if zone and start and scan and not time_of_day:
         start, scan = (value if _ZONED.search(value) else value + zone for value in (start, scan))
     weight = text(first, "PatientWeight")
+    corrected = first.get("CorrectedImage")  # a CS, one value or several (pydicom's MultiValue is a Sequence)
+    corrected = None if corrected in (None, "") else [str(v).strip().upper() for v in (
+        corrected if isinstance(corrected, collections.abc.Sequence) and not isinstance(corrected, str) else [corrected])]
     return {"units": text(first, "Units"), "decay_correction": text(first, "DecayCorrection"),
+            "corrected_image": corrected,
             "weight_kg": float(weight) if weight else None, "injected_dose_bq": float(dose) if dose else None,
             "injection_time": start, "acquisition_time": scan, "half_life_s": float(half_life) if half_life else None}
 
 
+SUV_SERIES_TAGS = ("Units", "CorrectedImage", "DecayCorrection", "PatientWeight", "SeriesDate", "SeriesTime",
+                   "RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartDateTime",
+                   "RadiopharmaceuticalStartTime")
+"""The SUV tags that must agree in every image of a series (the last four, of its
+RadiopharmaceuticalInformationSequence)."""
 _ZONED = re.compile(r"[+-]\d{4}$")
+
+
+def _same_value(first, second):
+    """Two tag values as text, equal as text or as numbers (DS `70` and `70.0`)."""
+    if first == second:
+        return True
+    try:
+        return float(first) == float(second)
+    except (TypeError, ValueError):
+        return False
 
 
 def _time(value):
@@ -662,10 +927,12 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
     Raises:
         SUVInputError: naming the tag (or column) that is missing, implausible (the ranges
             of `unicon_tf.data.suv.PLAUSIBLE`) or unsupported: Units other than BQML (CNTS,
-            GML: give `pet_scale`), DecayCorrection other than START or ADMIN.
+            GML: give `pet_scale`), CorrectedImage without ATTN and DECY (as calculate-suv
+            requires), DecayCorrection other than START or ADMIN.
 
     Example:
-    >>> tags = {"units": "BQML", "decay_correction": "START", "weight_kg": 70.0, "injected_dose_bq": 3.7e8,
+    >>> tags = {"units": "BQML", "corrected_image": ["ATTN", "DECY"], "decay_correction": "START",
+    ...         "weight_kg": 70.0, "injected_dose_bq": 3.7e8,
     ...         "injection_time": "20240301093000", "acquisition_time": "20240301103000", "half_life_s": 6586.2}
     >>> round(suv_from_tags(tags)[0], 8)
     0.00027634
@@ -677,6 +944,11 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
                 "GML": "already SUV in g/mL"}.get(units, "not an activity concentration")
         raise SUVInputError(f"tag Units is '{tags.get('units')}' ({what}): only BQML gives SUV from tags; give "
                             "the factor in a 'pet_scale' column (or predict --scale pet F)", "Units")
+    corrected = tags.get("corrected_image")
+    if not {"ATTN", "DECY"} <= set(corrected or []):
+        raise SUVInputError(f"tag CorrectedImage is {corrected}: SUV from tags needs images corrected for attenuation "
+                            "(ATTN) and decay (DECY); a non-attenuation-corrected (NAC) series is not quantitative: "
+                            "choose the AC series (pet_series_uid) or give 'pet_scale'", "CorrectedImage")
     decay = (tags.get("decay_correction") or "").upper()
     if decay not in ("START", "ADMIN"):
         raise SUVInputError(f"tag DecayCorrection is '{tags.get('decay_correction')}': SUV from tags needs START "
@@ -698,7 +970,7 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
                     raise SUVInputError(f"tag {SUV_TAG_OF[name]} is missing (DecayCorrection START needs it): give "
                                         f"column '{name}'", SUV_TAG_OF[name])
             try:
-                delay = delay_seconds(start, scan)
+                delay = delay_seconds(start, scan, float(values["half_life_s"]))
             except ValueError as error:
                 raise SUVInputError(f"injection {start} / scan {scan}: {error}", "RadiopharmaceuticalStartDateTime")
     try:
@@ -713,6 +985,45 @@ def suv_from_tags(tags: dict, overrides: dict | None = None) -> tuple[float, lis
 # -------------------------------------------------------------------------------------- SEG output
 
 
+SEG_SOURCE_TYPE1 = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+"""Tags a DICOM SEG copies from, or references in, its source images and cannot do without."""
+SEG_SOURCE_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber")
+"""Patient and study tags a SEG copies that may be empty (Type 2): absent ones (an anonymised export) are copied empty."""
+
+
+def seg_sources(ref: "PathLike | SeriesRef", patient: str | None = None, field: str | None = None) -> tuple:
+    """A series' headers as a DICOM SEG referencing it needs them, checked before anything is written.
+
+    Args:
+        ref: the source series (a `SeriesRef` or a folder).
+        patient, field: for error messages.
+
+    Returns:
+        `(Series, headers)`: the checked series and its images' headers (no pixels), with
+        the absent `SEG_SOURCE_TYPE2` tags set empty.
+
+    Raises:
+        DataError: a fault of `series_headers`, or an image lacking a tag of
+            `SEG_SOURCE_TYPE1` (naming the file and the tag).
+
+    Example:
+    >>> series, headers = seg_sources(SeriesRef(pathlib.Path("A/ct")), field="ct")  # doctest: +SKIP
+    """
+    series = series_headers(ref, patient, field)
+    headers = [read_dicom(f, pixels=False) for f in series.files]  # attributes only
+    for file, header in zip(series.files, headers):
+        for tag in SEG_SOURCE_TYPE1:
+            if not header.get(tag):
+                raise DataError(f"{file.name} lacks {tag}, which a DICOM SEG referencing the series must copy: "
+                                "the series is not a conformant image series (give it as NIfTI to predict)",
+                                patient=patient, file=ref, field=field)
+        for tag in SEG_SOURCE_TYPE2:
+            if tag not in header:
+                setattr(header, tag, "")
+    return series, headers
+
+
 def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike, classes: int,
               model_name: str = "unicon-tf", version: str = "0", description: str = "segmentation") -> pathlib.Path:
     """Write a label map on a DICOM series' grid as a DICOM SEG referencing that series (highdicom).
@@ -723,6 +1034,7 @@ def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike,
 
     Raises:
         ValueError: `label_map` is not on the series' grid.
+        DataError: see `seg_sources`.
 
     Args:
         label_map: uint8 `(columns, rows, slices)` on the series' own grid (see
@@ -740,13 +1052,11 @@ def write_seg(label_map: np.ndarray, ref: "PathLike | SeriesRef", out: PathLike,
     >>> write_seg(label_map, SeriesRef(pathlib.Path("A/ct")), "out/segmentation.seg.dcm", classes=2)  # doctest: +SKIP
     """
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    series = series_headers(ref)
+    series, sources = seg_sources(ref)
     if tuple(label_map.shape) != tuple(series.shape):
         raise ValueError(f"label map shape {label_map.shape} is not the series' {series.shape}")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]  # attributes only
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=codes.cid7162.ArtificialIntelligence,
                                                    version=str(version))
     segments = [hd.seg.SegmentDescription(segment_number=c, segment_label=f"class {c}",

@@ -373,7 +373,8 @@ def _scale(row, modality, how, fail, image=None):
     delay = numbers.get("scan_delay_s", 0.0)
     if row.get("injection_time"):
         try:
-            delay = delay_seconds(row["injection_time"], row["acquisition_time"])
+            delay = delay_seconds(row["injection_time"], row["acquisition_time"],
+                                  numbers.get("half_life_s", F18_HALF_LIFE_S))
         except ValueError as error:
             fail(f"injection_time/acquisition_time: {error}", "injection_time")
         if delay < 0:

@@ -341,8 +341,9 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
         A `PatientGrid`.
 
     Raises:
-        DataError: naming patient, file and field of an unreadable image, a bad mask value
-            or a geometry rule broken.
+        DataError: naming patient, file and field of an unreadable image, a bad mask value,
+            a geometry rule broken, or DICOM inputs that do not belong together
+            (`unicon_tf.data.dicom.check_identity`: Modality, PatientID, FrameOfReferenceUID).
 
     Example:
     >>> grid = resample_patient({"ct": "ct.nii.gz", "pet": "pet.nii.gz"}, Preprocessing((64, 64, 64), (2, 2, 2)),
@@ -374,6 +375,7 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
             body = raw > prep.body_threshold
         volumes[modality] = window.apply(raw)
     label_map = None
+    dicom.check_identity({**{m: images[m] for m in modalities}, "mask": mask}, patient)
     if mask is not None:
         data, affine = load_volume(mask, patient, "mask", reference=grids)
         _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
@@ -420,7 +422,10 @@ def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, refere
     values = np.unique(data)
     bad = values[(values != np.round(values)) | (values < 0) | (values > prep.mask_classes - 1)]
     if bad.size:
-        raise fail(f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}")
+        legend = dicom.class_legend(file)
+        raise fail(f"mask values {bad[:5].tolist()} are outside the classes 0..{prep.mask_classes - 1}"
+                   + (f" (its classes: {legend}; keep in the file only the ROIs or segments the model learns)"
+                      if legend else ""))
     shared = max(fov_coverage(data.shape, affine, ref_shape, ref_affine),
                  fov_coverage(ref_shape, ref_affine, data.shape, affine))
     if shared < prep.min_overlap:

@@ -84,8 +84,12 @@ def suv_bw_factor(weight_kg, injected_dose_bq, delay_s=0.0, half_life_s=F18_HALF
     return weight_kg * 1000.0 / dose_at_scan
 
 
-def delay_seconds(injection, acquisition):
+def delay_seconds(injection, acquisition, half_life_s: float | None = None):
     """Seconds from `injection` to `acquisition`, each a date-time or a time of day.
+
+    Times of day tell the delay only modulo a day: with `half_life_s` given, they are
+    refused for a tracer whose plausible delay (`MAX_DELAY_HALF_LIVES` half-lives) exceeds
+    a day (Zr-89, I-124, Cu-64: the scan may be days after the injection).
 
     Date-times are ISO 8601 (`2024-03-01T09:30:00[+01:00]`) or DICOM DT
     (`YYYYMMDDHHMMSS[.ffffff][&ZZXX]`, e.g. RadiopharmaceuticalStartDateTime, PS3.5 6.2);
@@ -100,7 +104,8 @@ def delay_seconds(injection, acquisition):
     3600.5
 
     Raises:
-        ValueError: a value that is neither form, or a mix of both.
+        ValueError: a value that is neither form, a mix of both, or times of day for a
+            long-lived tracer.
     """
     first, second = _moment(injection), _moment(acquisition)
     if isinstance(first, datetime.datetime) != isinstance(second, datetime.datetime):
@@ -110,6 +115,10 @@ def delay_seconds(injection, acquisition):
         if (first.tzinfo is None) != (second.tzinfo is None):
             raise ValueError(f"'{injection}' and '{acquisition}': give a time zone on both or neither")
         return (second - first).total_seconds()
+    if half_life_s is not None and MAX_DELAY_HALF_LIVES * half_life_s > 86400.0:
+        raise ValueError(f"'{injection}' and '{acquisition}' are times of day, which cannot tell on which day of "
+                         f"the {MAX_DELAY_HALF_LIVES * half_life_s / 86400:.1f} days a tracer of half-life "
+                         f"{half_life_s / 3600:.1f} h may be scanned after its injection: give both as date-times")
     return (second - first) % 86400.0
 
 

@@ -142,7 +142,8 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
 
     Raises:
         DataError: an image ingestion would refuse (unreadable, not 3D, not overlapping
-            the reference image, ...), named by file and field.
+            the reference image, ...), or a reference series a DICOM SEG cannot reference
+            (`unicon_tf.data.dicom.seg_sources`), named by file and field.
         ValueError: the reference modality is missing.
     """
     saved_model_dir, out = pathlib.Path(saved_model_dir), pathlib.Path(out)
@@ -173,9 +174,11 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     loaded = tf.saved_model.load(str(saved_model_dir))
     patch = tuple(info["input_shape"])
     start = crop_start(grid.body, grid.shape, patch)
-    out.mkdir(parents=True, exist_ok=True)
     source_shape, source_affine = dicom.native_grid(images[reference_modality])  # label maps go back on it
     series = dicom.kind_of(images[reference_modality]) == "series"
+    if series and any(spec["task"] == "segmentation" for spec in info["heads"].values()):
+        dicom.seg_sources(images[reference_modality], field=reference_modality)  # refused before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     result = {"model": info["model_name"], "version": info["version"], "stage": info.get("stage"), "heads": {}}
     if from_tags:
         result["scales"] = from_tags
