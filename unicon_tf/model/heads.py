@@ -236,8 +236,9 @@ class SegmentationHead(Head):
     Args:
         num_classes: number of classes including background, >= 2.
         blocks_per_level: Conv3D-GroupNorm-swish blocks after each skip concatenation.
-        final_upsampling: factor from the finest feature map to the input grid (1 for the
-            built-in encoder, whose finest level is at input resolution).
+        final_upsampling: factor from the finest feature map to the input grid, one int or
+            one per axis (1 for the built-in encoder, whose finest level is at input
+            resolution; (2, 2, 1) for the I3ResNet's stem).
         side_encoder: channels w of the side encoder's first level; 0 for none.
         **kwargs: see `Head`.
 
@@ -263,7 +264,8 @@ class SegmentationHead(Head):
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.blocks_per_level = int(blocks_per_level)
-        self.final_upsampling = int(final_upsampling)
+        self.final_upsampling = (int(final_upsampling) if isinstance(final_upsampling, (int, float))
+                                 else [int(f) for f in final_upsampling])
         self.side_encoder = int(side_encoder)
         self.reads_volumes = self.side_encoder > 0
 
@@ -291,7 +293,7 @@ class SegmentationHead(Head):
                 self.convs.append(conv)
                 self.norms.append(norm)
             x_shape = skip
-        self.upsample_final = keras.layers.UpSampling3D(self.final_upsampling, name="up_final")
+        self.upsample_final = keras.layers.UpSampling3D(_per_axis(self.final_upsampling), name="up_final")
         self.logits = keras.layers.Conv3D(self.num_classes, 1, name="logits")
         self.logits.build(x_shape)
 
@@ -343,13 +345,13 @@ class SegmentationHead(Head):
             for _ in range(self.blocks_per_level):
                 conv, norm = next(blocks)
                 x = ops.silu(norm(conv(x)))
-        if self.final_upsampling > 1:
+        if max(_per_axis(self.final_upsampling)) > 1:
             x = self.upsample_final(x)
         return self.logits(x)
 
     def compute_output_shape(self, input_shapes):
         finest = input_shapes[0]
-        spatial = tuple(None if d is None else d * self.final_upsampling for d in finest[1:4])
+        spatial = tuple(None if d is None else d * f for d, f in zip(finest[1:4], _per_axis(self.final_upsampling)))
         return (finest[0],) + spatial + (self.num_classes,)
 
     def describe(self):
@@ -365,6 +367,11 @@ class SegmentationHead(Head):
         if self.side_encoder:
             config["side_encoder"] = self.side_encoder
         return config
+
+
+def _per_axis(factor):
+    """A factor as three ints (one int stands for all axes)."""
+    return (factor,) * 3 if isinstance(factor, int) else tuple(factor)
 
 
 HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}

@@ -4,13 +4,16 @@ A port of Merlin's `merlin/models/i3res.py` and `inflate.py` (Stanford MIMI, MIT
 adapted there from hassony2/inflated_convnets_pytorch), the image backbone of Merlin and of
 Astra_CTRG: torchvision's Bottleneck v1.5 (stride on the 3x3 convolution) inflated to 3D.
 
-Layout. Merlin reads a volume `(B, 1, X, Y, Z)` (RAS, Z the 3 mm slice axis), moves Z to
-the front (`permute(0, 1, 4, 2, 3)`, the network's "time" axis) and copies the channel
-three times for the ImageNet-inflated stem. This port reads channels-last volumes
-`(B, D, H, W, 1)` with D = Merlin's Z (superior), H = X (R), W = Y (A): the network's own
-`(T, H, W)` order, so kernels map one to one (`(O, I, kd, kh, kw)` -> `(kd, kh, kw, I, O)`).
-The three identical input channels are folded into the stem kernel (summed over its input
-axis), which computes the same convolution on one channel.
+Layout. Merlin reads a volume `(B, 1, X, Y, Z)` in RAS voxel order (Z the 3 mm slice axis),
+moves Z to the front (`permute(0, 1, 4, 2, 3)`: Z is the network's "time" axis), copies
+the channel three times for the ImageNet-inflated stem, and returns its skips permuted
+back to `(X, Y, Z)` order. This port does the same on channels-last volumes
+`(B, D, H, W, 1)` = unicon_tf's RAS `(X, Y, Z)` order: each level permutes its input to
+`(Z, X, Y)`, computes, and permutes its feature map back, so every level is computed from
+the previous level's feature map alone (adapter paths may start at any level). Kernels map
+one to one (`(O, I, kt, kh, kw)` -> `(kt, kh, kw, I, O)`); the three identical input
+channels are folded into the stem kernel (summed over its input axis), which computes the
+same convolution on one channel.
 
 | part      | kernel (T, H, W) | stride    | padding   | channels out            |
 |-----------|------------------|-----------|-----------|-------------------------|
@@ -24,8 +27,9 @@ symmetric padding at any input size (Keras' `same` would pad one voxel more on t
 BatchNorm runs in inference mode always (`FrozenBatchNormalization`), with the published
 running statistics and epsilon 1e-5.
 
-The backbone returns five feature maps, finest first: `stem` (D, H/2, W/2, 64) and
-`layer1..4` at strides (2, 4, 4), (4, 8, 8), (8, 16, 16), (16, 32, 32).
+The backbone returns five feature maps in the volume's `(D, H, W)` order, finest first:
+`stem` (D/2, H/2, W, 64) and `layer1..4` at strides (4, 4, 2), (8, 8, 4), (16, 16, 8),
+(32, 32, 16): D and H must be multiples of 32, W of 16 (Merlin's 224 x 224 x 160 is).
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def i3resnet_backbone(layers: tuple[int, ...] = RESNET152_LAYERS, width: int = 6
 
     Example:
     >>> net = i3resnet_backbone(layers=(1, 1, 1, 1), width=4)
-    >>> [tuple(f.shape[1:]) for f in net(keras.ops.zeros((1, 16, 32, 32, 1)))]
+    >>> [tuple(f.shape[1:]) for f in net(keras.ops.zeros((1, 32, 32, 16, 1)))]
     [(16, 16, 16, 4), (8, 8, 8, 16), (4, 4, 4, 32), (2, 2, 2, 64), (1, 1, 1, 128)]
     """
     layers = tuple(int(n) for n in layers)
@@ -107,19 +111,31 @@ def i3resnet_backbone(layers: tuple[int, ...] = RESNET152_LAYERS, width: int = 6
         raise ValueError(f"An I3ResNet needs four layers of >= 1 blocks and width >= 1, got {layers}, {width}.")
     width = int(width)
     inputs = keras.Input((None, None, None, 1), name="volume")
-    x = keras.layers.ZeroPadding3D((1, 3, 3), name="conv1_pad")(inputs)
+    x = _to_time_first(inputs, "conv1")
+    x = keras.layers.ZeroPadding3D((1, 3, 3), name="conv1_pad")(x)
     x = AdaptableConv3D(width, (3, 7, 7), strides=(1, 2, 2), use_bias=False, name="conv1")(x)
     x = FrozenBatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU(name="relu")(x)
-    features = [x]
-    x = keras.layers.ZeroPadding3D(1, name="maxpool_pad")(x)
-    x = keras.layers.MaxPooling3D(3, strides=2, name="maxpool")(x)
+    features = [_to_volume_order(keras.layers.ReLU(name="relu")(x), "stem")]
     for index, blocks in enumerate(layers):
+        x = _to_time_first(features[-1], f"layer{index + 1}")
+        if index == 0:
+            x = keras.layers.ZeroPadding3D(1, name="maxpool_pad")(x)
+            x = keras.layers.MaxPooling3D(3, strides=2, name="maxpool")(x)
         planes = width * 2**index
         for block in range(blocks):
             x = _bottleneck(x, planes, stride=2 if index and not block else 1, prefix=f"layer{index + 1}_{block}")
-        features.append(x)
+        features.append(_to_volume_order(x, f"layer{index + 1}"))
     return keras.Model(inputs, features, name=name)
+
+
+def _to_time_first(x, name):
+    """(B, X, Y, Z, C) -> (B, Z, X, Y, C): Merlin's `permute(0, 1, 4, 2, 3)`, Z the "time" axis."""
+    return keras.layers.Permute((3, 1, 2, 4), name=f"{name}_time_first")(x)
+
+
+def _to_volume_order(x, name):
+    """(B, Z, X, Y, C) -> (B, X, Y, Z, C): Merlin's skips' `permute(0, 1, 3, 4, 2)`."""
+    return keras.layers.Permute((2, 3, 1, 4), name=f"{name}_volume_order")(x)
 
 
 def _bottleneck(x, planes, stride, prefix):
