@@ -68,7 +68,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("astra_i3resnet152", "i3resnet", {"layers": (3, 8, 36, 3), "width": 64}, I3RESNET152,
-           params=117_404_352, input=MERLIN_INPUT,
+           params=117_498_816, input=MERLIN_INPUT,
            source="Astra_CTRG image encoder (zzzwzh/Astra_CTRG), Merlin's I3ResNet (StanfordMIMI/Merlin, "
                   "Blankemeier et al., Nature 2026)",
            licence="MIT",
@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "sha256": "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a",
                     "format": "torch.save zip {state_dict, meta}, bfloat16, 930 tensors"}),
     Preset("merlin_i3resnet152", "i3resnet", {"layers": (3, 8, 36, 3), "width": 64}, I3RESNET152,
-           params=117_404_352, input=MERLIN_INPUT,
+           params=117_498_816, input=MERLIN_INPUT,
            source="Merlin image encoder (StanfordMIMI/Merlin, Blankemeier et al., Nature 2026)",
            licence="MIT",
            weights={"from": "file", "argument": "weights",
@@ -86,10 +86,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("monai_vit_b16", "vit", {"patch_size": 16, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
                                     "mlp_dim": 3072, "qkv_bias": False},
            "ViT-B/16 3D (MONAI ViT, the encoder of UNETR; patch 16, 12 blocks, 768 wide)",
-           params=88_000_000, input={"axes": "(D, H, W) = RAS (X, Y, Z)", "orientation": "RAS",
+           params=88_340_736, input={"axes": "(D, H, W) = RAS (X, Y, Z)", "orientation": "RAS",
                                      "spacing_mm": "as the checkpoint's training data (user's choice)",
                                      "intensity_window_hu": "as the checkpoint's training data",
-                                     "intensity_range": [0.0, 1.0], "minimum_shape": [16, 16, 16],
+                                     "intensity_range": "as the checkpoint's training data", "minimum_shape": [16, 16, 16],
                                      "shape_multiple": [16, 16, 16]},
            source="MONAI (Project MONAI) UNETR / ViT state dict", licence="the checkpoint's (MONAI code: Apache-2.0)",
            weights={"from": "file", "argument": "weights", "format": ".safetensors or .npz MONAI state dict"}),
@@ -126,7 +126,8 @@ def describe(name: str) -> dict:
 
     Returns:
         A JSON-serialisable dict with keys `name`, `family`, `architecture`, `params` (the
-        Keras encoder's, its stem folded to one input channel), `options`, `input` (axes,
+        Keras encoder's weights with BatchNorm statistics, and its stem; the I3ResNet's stem
+        folded to one input channel: 18,816 fewer than PyTorch's three), `options`, `input` (axes,
         orientation, spacing in mm, intensity window in HU and range, trained and minimum
         shape, shape multiple), `source`, `licence` and `weights` (an installed package
         with its pinned SHA-256, or a file the user names).
@@ -139,6 +140,66 @@ def describe(name: str) -> dict:
     'file'
     """
     return preset(name).describe()
+
+
+def ingest_options(name: str) -> dict:
+    """What `unicon-tf ingest --preset name` writes: the preset's spacing and CT window.
+
+    Returns:
+        `{"spacing": (x, y, z) mm, "windows": {"ct": (low, high, scale, out_range)}}`.
+
+    Raises:
+        ValueError: an unknown preset, or one whose input has no fixed spacing and window.
+
+    Example:
+    >>> ingest_options("astra_i3resnet152")["windows"]["ct"]
+    (-1000.0, 1000.0, 1.0, (0.0, 1.0))
+    """
+    contract = preset(name).input
+    window, spacing = contract.get("intensity_window_hu"), contract.get("spacing_mm")
+    if not isinstance(window, list) or not isinstance(spacing, list):
+        raise ValueError(f"Preset '{name}' has no fixed spacing and intensity window (they depend on its "
+                         "checkpoint): ingest with --spacing and --window as that checkpoint was trained.")
+    return {"spacing": tuple(spacing),
+            "windows": {"ct": (window[0], window[1], 1.0, tuple(contract["intensity_range"]))}}
+
+
+def schema_mismatches(name: str, schema: dict, modality: str = "ct") -> list[str]:
+    """How a cohort's `schema.json` breaks a preset's input contract (empty when it fits).
+
+    Checks the spacing, the modality's intensity window and output range, and the shape
+    (a multiple of the preset's `shape_multiple`, at least its `minimum_shape`).
+
+    Args:
+        name: a preset name.
+        schema: the parsed `schema.json` of an ingested cohort.
+        modality: the modality the encoder reads.
+
+    Returns:
+        One line per mismatch, naming the schema's value and the preset's.
+    """
+    contract, prep = preset(name).input, schema.get("preprocessing", {})
+    problems = []
+    spacing = contract.get("spacing_mm")
+    if isinstance(spacing, list) and [float(v) for v in prep.get("spacing", [])] != [float(v) for v in spacing]:
+        problems.append(f"spacing {prep.get('spacing')} mm, the preset's {spacing} mm")
+    window = prep.get("windows", {}).get(modality)
+    expected = contract.get("intensity_window_hu")
+    if window is None:
+        problems.append(f"no '{modality}' window")
+    elif isinstance(expected, list):
+        found = [window.get("low"), window.get("high")]
+        if [float(v) for v in found] != [float(v) for v in expected] or float(window.get("scale", 1.0)) != 1.0:
+            problems.append(f"'{modality}' window {found} (scale {window.get('scale', 1.0)}), the preset's {expected}")
+    if window is not None and isinstance(contract["intensity_range"], list):
+        out_range = [float(v) for v in window.get("out_range", (-1.0, 1.0))]
+        if out_range != [float(v) for v in contract["intensity_range"]]:
+            problems.append(f"'{modality}' intensity range {out_range}, the preset's {contract['intensity_range']}")
+    shape = list(prep.get("shape", []))
+    multiple, minimum = contract.get("shape_multiple"), contract.get("minimum_shape")
+    if multiple and (len(shape) != 3 or any(d % m or d < n for d, m, n in zip(shape, multiple, minimum))):
+        problems.append(f"shape {shape}, the preset needs multiples of {multiple}, at least {minimum}")
+    return problems
 
 
 def weights_path(name: str, weights: str | pathlib.Path | None = None) -> pathlib.Path:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf import presets
 from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
@@ -160,11 +161,28 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     return record
 
 
+def _check_preset_contract(pipeline, spec):
+    """Refuse a stage whose data was not ingested as the pipeline's encoder preset expects.
+
+    Raises:
+        StageError: naming the data folder, the preset and each mismatch (spacing, window,
+            intensity range, shape).
+    """
+    name = pipeline.encoder.get("encoder")
+    if name not in presets.PRESETS:
+        return
+    problems = presets.schema_mismatches(name, read_schema(spec.data), pipeline.modality)
+    if problems:
+        raise StageError(f"Stage '{spec.name}': {spec.data}/schema.json does not match encoder preset '{name}': "
+                         + "; ".join(problems) + f". Ingest it with `unicon-tf ingest --preset {name}`.")
+
+
 def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume, callbacks, verbose,
          distribution):
     """`fit_stage`'s work once its arguments are checked (in the strategy's scope, if any):
     reads `out` (the checkpoint to resume), writes `written` (`out` on the chief)."""
     hp = spec.training
+    _check_preset_contract(pipeline, spec)  # before the (large) pretrained encoder is built
     keras.utils.set_random_seed(hp["seed"])
     network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
     if hp["precision"] != "float32":
