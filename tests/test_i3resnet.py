@@ -183,7 +183,7 @@ def grown(expected):
                                  task="classification")
     history = []
     steps = [dict(task="prognosis", adapters=2),
-             dict(task="segmentation", side_encoder=2),
+             dict(task="segmentation", side_encoder=2, decoder_channels=8),
              dict(task="segmentation", modality="pet", adapters=2, adapter_start=2, name="segmentation_ctpet")]
     for step in steps:
         before = model.predict({k: inputs[k] for k in model.input}, verbose=0)
@@ -202,6 +202,8 @@ def test_expand_keeps_old_heads_bit_identical(grown):
     assert info["encoder"]["kind"] == "i3resnet" and info["encoder"]["levels"][-1][-1] == 32 * WIDTH
     assert info["encoder"]["adapters"]["prognosis"]["params"] > 0
     assert model.output["segmentation_ctpet"].shape[1:4] == model.input["ct"].shape[1:4]
+    capped, full = (info["heads"][h]["params"] for h in ("segmentation", "segmentation_ctpet"))
+    assert capped < full / 3  # decoder_channels=8 (and a side encoder) against the skips' 16 to 128 channels
 
 
 def test_pretrained_weights_reach_the_grown_encoder(grown, loaded):
