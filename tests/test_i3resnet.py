@@ -227,3 +227,32 @@ def test_savedmodel_export_parity(expected, tmp_path):
     model = unicon_tf.expand(model, task="prognosis", adapters=2)
     folder = export_model(model, tmp_path / "saved_models", "i3resnet", parity_batch={"ct": volume})  # checks parity
     assert (folder / "saved_model.pb").is_file()
+
+
+# --- training on the frozen pretrained encoder: features extracted once ------------------------
+
+def test_frozen_pretrained_encoder_trains_heads_on_cached_multiscale_features(phantom_cohort, tmp_path):
+    import yaml
+
+    from unicon_tf import data, train
+
+    records = tmp_path / "ct32"
+    data.ingest(phantom_cohort, records, data.Preprocessing(shape=(32, 32, 16), spacing=(6.0, 6.0, 12.0)),
+                workers=1, verbose=False)
+    spec = {"name": "tiny_i3", "input_shape": [32, 32, 16],
+            "encoder": {"kind": "i3resnet", "layers": list(LAYERS), "width": WIDTH, "weights": str(SMALL)},
+            "defaults": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "seed": 1, "strategy": "frozen"},
+            "stages": [{"name": "segmentation", "task": "segmentation", "decoder_channels": 8, "data": str(records)}]}
+    path = tmp_path / "tiny_i3.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    record = train.train_stage(train.load_pipeline(path), "segmentation", tmp_path / "run", verbose=0)
+    assert record["cached_features"] is True  # stage 0: the pretrained encoder stays frozen under `frozen`
+    splits = data.read_schema(records)["splits"]
+    levels = [(16, 16, 16, 4), (8, 8, 8, 16), (4, 4, 4, 32), (2, 2, 2, 64), (1, 1, 1, 128)]  # all five, float32
+    assert record["cache_bytes"] == 4 * sum(np.prod(s) for s in levels) * (splits["train"]["count"] +
+                                                                           splits["val"]["count"])
+    trained = keras.models.load_model(tmp_path / "run/stages/00-segmentation/model.keras")
+    reference = i3resnet_backbone(layers=LAYERS, width=WIDTH)
+    load_i3resnet_weights(reference, SMALL)
+    for mine, published in zip(model_parts(trained)["encoder"].base_weights(), reference.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(published))
