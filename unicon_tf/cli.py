@@ -404,11 +404,14 @@ def lineage(run_dir):
 @click.option("--fast", is_flag=True, help="A smaller cohort and fewer epochs (a smoke run).")
 @click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
               show_default=True, help="TF Serving base folder for the blessed stages.")
-def demo(out, fast, base):
+@click.option("--preset", default=None, metavar="NAME",
+              help="Run the stages on a pretrained encoder preset (e.g. astra_i3resnet152; see `unicon-tf presets`).")
+@user_errors
+def demo(out, fast, base, preset):
     """The whole UNICON workflow on the built-in phantom cohort, with baselines and a report."""
     from unicon_tf.demo import run_demo
 
-    result = run_demo(out, fast=fast, base=base, echo=click.echo)
+    result = run_demo(out, fast=fast, base=base, echo=click.echo, preset=preset)
     click.echo("")
     click.echo(format_matrix(result["continual"]))
     for baseline in result["baselines"].values():
