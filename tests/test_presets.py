@@ -174,3 +174,21 @@ def test_pipeline_encoder_preset_errors_name_the_file(tmp_path, encoder, message
                                     "stages": [{"name": "c", "task": "classification", "data": "d"}]}))
     with pytest.raises(PipelineError, match=rf"bad\.yaml: {message}"):
         load_pipeline(path)
+
+
+def test_demo_plan_on_a_preset_ingests_for_it_and_loads(tmp_path):
+    from unicon_tf.demo import FAST, preset_plan
+    from unicon_tf.train.pipeline import load_pipeline
+
+    plan = preset_plan(FAST, "astra_i3resnet152")
+    spec = plan.pipeline(tmp_path / "manifest.csv")
+    source = spec["sources"]["lesion"]
+    assert source["spacing"] == [1.5, 1.5, 3.0] and source["windows"]["ct"] == [-1000.0, 1000.0, 1.0, [0.0, 1.0]]
+    assert spec["input_shape"] == [64, 64, 32] and spec["encoder"] == {"preset": "astra_i3resnet152"}
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    pipeline = load_pipeline(path)
+    assert [s.head_options.get("decoder_channels") for s in pipeline.stages] == [None, None, 32, 32]
+    refused = CliRunner().invoke(main, ["demo", "--fast", "--preset", "monai_vit_b16", "--out", str(tmp_path / "d")])
+    assert refused.exit_code == 1 and "no fixed spacing and intensity window" in refused.output
+    assert "Traceback" not in refused.output
