@@ -507,6 +507,8 @@ def format_description(info):
         lines.append(f"  vit: patch {'x'.join(map(str, encoder['patch_size']))}, hidden {encoder['hidden_size']}, "
                      f"{encoder['num_layers']} blocks, {encoder['num_heads']} heads, mlp {encoder['mlp_dim']}, "
                      f"{encoder['position']} positions, states of blocks {encoder['feature_layers']}")
+    if encoder.get("kind") == "i3resnet":
+        lines.append(f"  i3resnet: bottlenecks {encoder['layers']}, width {encoder['width']}, BatchNorm frozen")
     for name, adapter in encoder["adapters"].items():
         lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}, "
                      f"on {', '.join(adapter['targets'])}")
