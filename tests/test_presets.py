@@ -192,3 +192,13 @@ def test_demo_plan_on_a_preset_ingests_for_it_and_loads(tmp_path):
     refused = CliRunner().invoke(main, ["demo", "--fast", "--preset", "monai_vit_b16", "--out", str(tmp_path / "d")])
     assert refused.exit_code == 1 and "no fixed spacing and intensity window" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_listing_presets_does_not_import_tensorflow():
+    import subprocess
+
+    code = ("import sys, unicon_tf.presets as p; p.describe('astra_i3resnet152'); "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).parent.parent)
+    assert out.stdout.split() == ["False", "False"]

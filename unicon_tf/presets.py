@@ -27,7 +27,7 @@ import hashlib
 import importlib
 import pathlib
 
-from unicon_tf.model.weights_error import PretrainedWeightsError
+from unicon_tf.weights_error import PretrainedWeightsError
 
 MERLIN_INPUT = {
     "axes": "(D, H, W) = RAS (X, Y, Z) voxel order, as unicon_tf ingests: W (Z, superior) is the network's "

@@ -113,9 +113,11 @@ def _i3resnet(input_shape, layers=RESNET152_LAYERS, width=64):
 
 
 def _encoder_backbone(model):
-    from unicon_tf.model.foundation import model_parts  # foundation imports this module
-
-    return model_parts(model)["encoder"].backbone
+    """The backbone of a unicon model's `SharedEncoder`."""
+    encoders = [layer for layer in model.layers if isinstance(layer, SharedEncoder)]
+    if not encoders:
+        raise ValueError(f"Model '{model.name}' has no SharedEncoder to load weights into.")
+    return encoders[0].backbone
 
 
 VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",

@@ -22,6 +22,7 @@ import math
 import keras
 import numpy as np
 
+from unicon_tf import presets
 from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.families import FAMILIES, VIT_OPTIONS, EncoderFamily, family_named, family_of
 from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
@@ -138,8 +139,6 @@ def encoder_spec(encoder, options: dict, width: int | None = None,
         ValueError: an unknown encoder name, or options the chosen family does not take.
         PretrainedWeightsError: a preset whose weights cannot be found (`presets.weights_path`).
     """
-    from unicon_tf import presets  # presets' backbone() builds models with this module
-
     chosen = {"width": width, "depth": depth}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     preset = None

@@ -27,7 +27,7 @@ import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.vit import is_vit
-from unicon_tf.model.weights_error import PretrainedWeightsError
+from unicon_tf.weights_error import PretrainedWeightsError
 
 FORMATS = ("safetensors", "npz")
 

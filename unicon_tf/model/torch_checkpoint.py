@@ -34,7 +34,7 @@ import zipfile
 
 import numpy as np
 
-from unicon_tf.model.weights_error import PretrainedWeightsError
+from unicon_tf.weights_error import PretrainedWeightsError
 
 STORAGE_DTYPES = {
     "BFloat16Storage": "bfloat16",
