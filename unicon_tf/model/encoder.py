@@ -188,10 +188,11 @@ class SharedEncoder(keras.layers.Layer):
         return [tuple(s) for s in self.backbone.compute_output_shape(shape)]
 
     def stem_options(self):
-        """`ModalityStem` options for a new modality: a patch embedding when input_stride > 1."""
-        if self.input_stride == (1, 1, 1):
-            return {}
-        return {"kind": "patch", "patch_size": list(self.input_stride)}
+        """`ModalityStem` options for a new modality: a patch embedding when input_stride > 1,
+        the volume itself when the backbone reads one channel, else a convolution."""
+        if self.input_stride != (1, 1, 1):
+            return {"kind": "patch", "patch_size": list(self.input_stride)}
+        return {"kind": "identity"} if self.input_channels == 1 else {}
 
     @property
     def adaptable_layers(self):

@@ -22,18 +22,15 @@ import math
 import keras
 import numpy as np
 
-from unicon_tf.model.encoder import SharedEncoder, residual_backbone
+from unicon_tf import presets
+from unicon_tf.model.encoder import SharedEncoder
+from unicon_tf.model.families import FAMILIES, VIT_OPTIONS, EncoderFamily, family_named, family_of
 from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
-from unicon_tf.model.pretrained import load_pretrained
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
-from unicon_tf.model.unetr import UNETRHead
-from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 from unicon_tf.names import check_name
 
-VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
-               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
-"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
-LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
+__all__ = ["VIT_OPTIONS", "describe", "encoder_spec", "expand", "foundation", "model_parts", "non_finite_weights",
+           "task_head"]
 
 
 def foundation(
@@ -41,8 +38,8 @@ def foundation(
     modality="ct",
     task="classification",
     num_classes=2,
-    width=16,
-    depth=4,
+    width=None,
+    depth=None,
     encoder=None,
     name="unicon",
     head_name=None,
@@ -57,13 +54,18 @@ def foundation(
             modalities, fused (e.g. a single-task CT+PET baseline trained from scratch).
         task: the first head's task, one of `classification`, `prognosis`, `segmentation`.
         num_classes: classes of a classification or segmentation head.
-        width: channels of the built-in encoder's first level (and of the stem).
-        depth: levels of the built-in encoder.
+        width: channels of the built-in encoder's first level (and of the stem), default
+            16; for `encoder="i3resnet"` the stem's width (default 64, ResNet-152's).
+        depth: levels of the built-in encoder, default 4.
         encoder: None (the residual CNN), `"vit"` (a 3D ViT: patch-embedding stems, LoRA on
-            attention, UNETR segmentation; options below), or a user backbone (bring your
-            own pretrained encoder): a functional `keras.Model` from a volume `(D, H, W, C)`
-            to a list of multi-scale feature maps, finest first. With C == 1 the stem passes
-            the volume through unchanged.
+            attention, UNETR segmentation; options below), `"i3resnet"` (Merlin's inflated
+            3D ResNet; options `layers`, `width`, `weights`: a `torch.save` checkpoint), a
+            preset name (`unicon_tf.presets.names()`, e.g. `"astra_i3resnet152"`: a
+            published encoder with its weights; `weights=<file>` for presets whose
+            checkpoint you supply), or a user backbone (bring your own pretrained encoder):
+            a functional `keras.Model` from a volume `(D, H, W, C)` to a list of
+            multi-scale feature maps, finest first. With C == 1 the stem passes the volume
+            through unchanged. Families: `unicon_tf.model.families`.
         name: the model's name.
         head_name: the head's (and output's) name; defaults to the task, suffixed with the
             modalities when it reads several (`default_head_name`).
@@ -94,23 +96,12 @@ def foundation(
     ['classification']
     """
     input_shape = _spatial_shape(input_shape)
-    vit_options = {k: head_options.pop(k) for k in VIT_OPTIONS if k in head_options}
-    if vit_options and encoder != "vit":
-        raise ValueError(f"Option(s) {sorted(vit_options)} apply to encoder='vit' only.")
-    weights = vit_options.pop("weights", None), vit_options.pop("weights_format", None)
-    stem_options = {}
-    if encoder is None or encoder == "residual":
-        stride = 2 ** (depth - 1)
-        _check_divisible(input_shape, stride)
-        shared = SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
-    elif encoder == "vit":
-        shared = _vit_encoder(input_shape, **vit_options)
-        stem_options = shared.stem_options()
-    elif isinstance(encoder, str):
-        raise ValueError(f"Unknown encoder '{encoder}': expected 'residual', 'vit' or a keras.Model backbone.")
-    else:
+    family, options, weights = encoder_spec(encoder, head_options, width=width, depth=depth)
+    if family.build is None:
         shared = SharedEncoder(encoder, name="encoder")
-        stem_options = {"kind": "identity" if encoder.inputs[0].shape[-1] == 1 else "conv"}
+    else:
+        shared = family.build(input_shape, **options)
+    stem_options = shared.stem_options()
     _check_feature_scales(shared, input_shape)
 
     modalities = [modality] if isinstance(modality, str) else list(modality)
@@ -127,21 +118,57 @@ def foundation(
                       num_classes=num_classes, **head_options)
     model = keras.Model(inputs, {head.name: _apply_head(head, features, inputs)}, name=name)
     if weights[0] is not None:
-        load_pretrained(model, weights[0], format=weights[1])
+        family.load_weights(model, weights[0], format=weights[1])
     return model
 
 
-def _vit_encoder(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS,
-                 **options):
-    """`SharedEncoder` around `vit_backbone` for volumes of `input_shape`."""
-    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
-    if any(d % p for d, p in zip(input_shape, patch)):
-        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
-    grid = tuple(d // p for d, p in zip(input_shape, patch))
-    backbone = vit_backbone(position_grid or grid, **options)
-    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
+def encoder_spec(encoder, options: dict, width: int | None = None,
+                 depth: int | None = None) -> tuple[EncoderFamily, dict, tuple]:
+    """The family, build options and weights `(path, format)` that `foundation(encoder=...)` means.
+
+    Pops the family's options (and `weights`, `weights_format`) from `options`, leaving
+    the head's.
+
+    Args:
+        encoder: None or a family name (`unicon_tf.model.families.FAMILIES`), a preset name
+            (`unicon_tf.presets.names()`), or a user's `keras.Model` backbone.
+        options: `foundation`'s remaining keyword options (modified: the encoder's removed).
+        width, depth: `foundation`'s own encoder arguments (None: the family's default).
+
+    Raises:
+        ValueError: an unknown encoder name, or options the chosen family does not take.
+        PretrainedWeightsError: a preset whose weights cannot be found (`presets.weights_path`).
+    """
+    chosen = {"width": width, "depth": depth}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    preset = None
+    if encoder is None or isinstance(encoder, str) and encoder in FAMILIES and encoder != "custom":
+        family = family_named(encoder or "residual")
+    elif isinstance(encoder, str) and encoder in presets.PRESETS:
+        preset = presets.preset(encoder)
+        family = family_named(preset.family)
+    elif isinstance(encoder, str):
+        raise ValueError(f"Unknown encoder '{encoder}': expected a family ({sorted(set(FAMILIES) - {'custom'})}), "
+                         f"a preset ({presets.names()}) or a keras.Model backbone.")
+    else:
+        family = family_named("custom")
+    accepted = set(family.options) | ({"weights", "weights_format"} if family.load_weights is not None else set())
+    foreign = {k: options.pop(k) for k in list(options)
+               if k not in accepted and any(k in f.options for f in FAMILIES.values())}
+    foreign.update({k: v for k, v in chosen.items() if k not in accepted})
+    if foreign:
+        owners = sorted({f.name for f in FAMILIES.values() for k in foreign if k in f.options})
+        raise ValueError(f"Option(s) {sorted(foreign)} apply to encoder={' or '.join(repr(o) for o in owners)} only"
+                         f" (this model's encoder: {preset.name if preset else family.name}).")
+    chosen.update({k: options.pop(k) for k in list(options) if k in accepted})
+    weights = chosen.pop("weights", None), chosen.pop("weights_format", None)
+    if preset is not None:
+        fixed = sorted(set(chosen) & set(preset.options))
+        if fixed:
+            raise ValueError(f"Preset '{preset.name}' fixes {fixed}; use encoder='{family.name}' for another size.")
+        chosen = {**preset.options, **chosen}
+        weights = (str(presets.weights_path(preset.name, weights[0])), weights[1])
+    return family, chosen, weights
 
 
 def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None, adapter_start=0,
@@ -203,7 +230,8 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     parts = model_parts(model)
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
-    head_class = task_head(task, vit=is_vit(parts["encoder"].backbone))
+    family = family_of(parts["encoder"])
+    head_class = task_head(task, family.name)
     unknown = sorted(set(head_options) - set(head_class.options()))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {head_class.options()}.")
@@ -229,10 +257,10 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
                          "adapters=r (a rank) or path_norm=True with them.")
     encoder = parts["encoder"]
     adapter_start = int(adapter_start or 0)
-    if adapter_start and is_vit(encoder.backbone):
+    if adapter_start and not family.levels:
         raise ValueError(f"adapter_start={adapter_start} needs an encoder whose levels are computed one from the "
-                         "previous (the residual CNN); the ViT's feature states all come from one token grid: "
-                         "use adapter_start=0.")
+                         f"previous (the residual CNN, the I3ResNet); the {family.name} encoder's feature states all "
+                         "come from one token grid: use adapter_start=0.")
     if not 0 <= adapter_start < encoder.depth:
         raise ValueError(f"adapter_start must be an encoder level in [0, {encoder.depth - 1}], got {adapter_start}.")
     if adapter_levels is not None:
@@ -242,7 +270,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
         if adapter_levels[0] < adapter_start or adapter_levels[-1] >= encoder.depth:
             raise ValueError(f"adapter_levels must lie in [adapter_start, {encoder.depth - 1}] = "
                              f"[{adapter_start}, {encoder.depth - 1}], got {adapter_levels}.")
-        if is_vit(encoder.backbone):
+        if not family.levels:
             raise ValueError("adapter_levels needs an encoder of levels (the residual CNN); a ViT's blocks all "
                              "work on one token grid: use adapter_targets.")
 
@@ -326,7 +354,7 @@ def describe(model):
             for mods, f in parts["fusions"].items()
         },
         "encoder": {
-            **(vit_summary(encoder) if is_vit(encoder.backbone) else {}),
+            **family_of(encoder).summary(encoder),
             "params": base_params,
             "levels": [list(shape[1:]) for shape in encoder.feature_shapes(input_shape)],
             "adapters": adapters,
@@ -392,12 +420,17 @@ def non_finite_weights(model):
     return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
-def task_head(task, vit=False):
-    """The head class for `task`: on a ViT encoder (`vit=True`) segmentation is UNETR."""
+def task_head(task: str, family: str = "residual") -> type:
+    """The head class for `task` on an encoder of `family` (segmentation: the family's own,
+    e.g. UNETR on a ViT).
+
+    Raises:
+        ValueError: an unknown task or family.
+    """
     if task not in HEADS:
         raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    if task == "segmentation" and vit:
-        return UNETRHead
+    if task == "segmentation":
+        return family_named(family).segmentation_head
     return HEADS[task]
 
 
@@ -409,14 +442,15 @@ def _apply_head(head, features, inputs):
 
 
 def _make_head(task, encoder, input_shape, **options):
-    head_class = task_head(task, vit=is_vit(encoder.backbone))
+    head_class = task_head(task, family_of(encoder).name)
     if task == "classification" or task == "segmentation":
         options.setdefault("num_classes", 2)
     else:
         options.pop("num_classes", None)
     if head_class is HEADS["segmentation"]:
         finest = encoder.feature_shapes(input_shape)[0]
-        options["final_upsampling"] = input_shape[0] // finest[1]
+        factors = [size // grid for size, grid in zip(input_shape, finest[1:4])]
+        options["final_upsampling"] = factors[0] if len(set(factors)) == 1 else factors
     return head_class(**options)
 
 
@@ -425,14 +459,6 @@ def _spatial_shape(input_shape):
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be three positive spatial dims (D, H, W), got {tuple(input_shape)}.")
     return shape
-
-
-def _check_divisible(input_shape, stride):
-    if any(d % stride for d in input_shape):
-        raise ValueError(
-            f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "
-            f"use multiples of {stride} (or a smaller depth)."
-        )
 
 
 def _check_feature_scales(encoder, input_shape):

@@ -236,9 +236,14 @@ class SegmentationHead(Head):
     Args:
         num_classes: number of classes including background, >= 2.
         blocks_per_level: Conv3D-GroupNorm-swish blocks after each skip concatenation.
-        final_upsampling: factor from the finest feature map to the input grid (1 for the
-            built-in encoder, whose finest level is at input resolution).
+        final_upsampling: factor from the finest feature map to the input grid, one int or
+            one per axis (1 for the built-in encoder, whose finest level is at input
+            resolution; (2, 2, 1) for the I3ResNet's stem).
         side_encoder: channels w of the side encoder's first level; 0 for none.
+        decoder_channels: most channels of a decoder level's convolutions (0: each level
+            has its skip's channels, as for the built-in encoder). A wide pretrained encoder
+            (the I3ResNet's 256 to 2048 channels) wants e.g. 64: its decoder then has a few
+            million parameters instead of hundreds.
         **kwargs: see `Head`.
 
     Example:
@@ -253,17 +258,22 @@ class SegmentationHead(Head):
 
     task = "segmentation"
 
-    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, side_encoder=0, **kwargs):
+    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, side_encoder=0, decoder_channels=0,
+                 **kwargs):
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
         if int(blocks_per_level) < 1:
             raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}.")
         if isinstance(side_encoder, bool) or int(side_encoder) < 0:
             raise ValueError(f"side_encoder must be a channel count >= 0 (0: none), got {side_encoder!r}.")
+        if isinstance(decoder_channels, bool) or int(decoder_channels) < 0:
+            raise ValueError(f"decoder_channels must be a channel count >= 0 (0: the skips'), got {decoder_channels!r}.")
         super().__init__(**kwargs)
+        self.decoder_channels = int(decoder_channels)
         self.num_classes = int(num_classes)
         self.blocks_per_level = int(blocks_per_level)
-        self.final_upsampling = int(final_upsampling)
+        self.final_upsampling = (int(final_upsampling) if isinstance(final_upsampling, (int, float))
+                                 else [int(f) for f in final_upsampling])
         self.side_encoder = int(side_encoder)
         self.reads_volumes = self.side_encoder > 0
 
@@ -282,16 +292,17 @@ class SegmentationHead(Head):
             factor = tuple(s // c for s, c in zip(skip[1:4], x_shape[1:4]))
             self.upsamplers.append(keras.layers.UpSampling3D(factor, name=f"up{index}"))
             in_shape = skip[:-1] + (x_shape[-1] + skip[-1],)
+            channels = min(skip[-1], self.decoder_channels) if self.decoder_channels else skip[-1]
             for block in range(self.blocks_per_level):
-                conv = keras.layers.Conv3D(skip[-1], 3, padding="same", name=f"dec{index}_conv{block}")
-                norm = group_norm(skip[-1], name=f"dec{index}_norm{block}")
+                conv = keras.layers.Conv3D(channels, 3, padding="same", name=f"dec{index}_conv{block}")
+                norm = group_norm(channels, name=f"dec{index}_norm{block}")
                 conv.build(in_shape)
-                in_shape = skip
+                in_shape = skip[:-1] + (channels,)
                 norm.build(in_shape)
                 self.convs.append(conv)
                 self.norms.append(norm)
-            x_shape = skip
-        self.upsample_final = keras.layers.UpSampling3D(self.final_upsampling, name="up_final")
+            x_shape = in_shape
+        self.upsample_final = keras.layers.UpSampling3D(_per_axis(self.final_upsampling), name="up_final")
         self.logits = keras.layers.Conv3D(self.num_classes, 1, name="logits")
         self.logits.build(x_shape)
 
@@ -343,13 +354,13 @@ class SegmentationHead(Head):
             for _ in range(self.blocks_per_level):
                 conv, norm = next(blocks)
                 x = ops.silu(norm(conv(x)))
-        if self.final_upsampling > 1:
+        if max(_per_axis(self.final_upsampling)) > 1:
             x = self.upsample_final(x)
         return self.logits(x)
 
     def compute_output_shape(self, input_shapes):
         finest = input_shapes[0]
-        spatial = tuple(None if d is None else d * self.final_upsampling for d in finest[1:4])
+        spatial = tuple(None if d is None else d * f for d, f in zip(finest[1:4], _per_axis(self.final_upsampling)))
         return (finest[0],) + spatial + (self.num_classes,)
 
     def describe(self):
@@ -364,7 +375,14 @@ class SegmentationHead(Head):
         )
         if self.side_encoder:
             config["side_encoder"] = self.side_encoder
+        if self.decoder_channels:
+            config["decoder_channels"] = self.decoder_channels
         return config
+
+
+def _per_axis(factor):
+    """A factor as three ints (one int stands for all axes)."""
+    return (factor,) * 3 if isinstance(factor, int) else tuple(factor)
 
 
 HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}

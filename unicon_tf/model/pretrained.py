@@ -27,12 +27,9 @@ import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.vit import is_vit
+from unicon_tf.weights_error import PretrainedWeightsError
 
 FORMATS = ("safetensors", "npz")
-
-
-class PretrainedWeightsError(ValueError):
-    """A state dict that does not fit the model; the message names every bad tensor."""
 
 
 def read_state_dict(path, format=None):
@@ -107,21 +104,47 @@ def load_pretrained(model_or_encoder, path, format=None, strict=True):
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     targets, skipped, checks = _targets(encoder, stem, state)
 
+    unexpected = check_state(path, targets, state, skipped, strict=strict, what="the ViT", checks=checks)
+    return {"loaded": sorted(targets), "ignored": ignored + ([] if strict else sorted(unexpected)),
+            "skipped": sorted(k for k in skipped if k in state)}
+
+
+def check_state(path, targets: dict, state: dict, skipped: set = frozenset(), strict: bool = True,
+                what: str = "the model", checks: dict | None = None) -> list[str]:
+    """Check a state dict against a model's targets, then assign all of it or nothing.
+
+    Args:
+        path: the file the state came from (named in the error).
+        targets: `{key: (expected shape, assign(array))}`.
+        state: `{key: array}` read from the file.
+        skipped: keys the file may hold that have no place in the model (not assigned).
+        strict: refuse keys that are neither targets nor skipped.
+        what: the model's description for the error message.
+        checks: `{key: check(array) -> error message or None}`, run on present keys.
+
+    Returns:
+        The keys of `state` that were not assigned (unexpected, when not strict).
+
+    Raises:
+        PretrainedWeightsError: naming the file and each missing, unexpected, wrongly
+            shaped or non-finite tensor; nothing is assigned then.
+    """
     missing = [k for k in targets if k not in state]
     unexpected = [k for k in state if k not in targets and k not in skipped]
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {targets[k][0]}" for k in targets
              if k in state and tuple(state[k].shape) != targets[k][0]]
     problems = [f"missing: {k}" for k in missing] + [f"wrong shape: {w}" for w in wrong]
     problems += [f"unexpected: {k}" for k in unexpected] if strict else []
-    problems += [f"{k}: {check(state[k])}" for k, check in checks.items()
-                 if k in state and k not in missing and check(state[k])]
+    problems += [f"{k}: {check(state[k])}" for k, check in (checks or {}).items()
+                 if k in state and check(state[k])]
+    problems += [f"not finite (NaN or Inf): {k}" for k in targets
+                 if k in state and state[k].dtype.kind == "f" and not np.all(np.isfinite(state[k]))]
     if problems:
-        raise PretrainedWeightsError(f"{path}: the state dict does not fit the ViT "
+        raise PretrainedWeightsError(f"{path}: the state dict does not fit {what} "
                                      f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
     for key, (_, assign) in targets.items():
-        assign(state[key])
-    return {"loaded": sorted(targets), "ignored": ignored + ([] if strict else sorted(unexpected)),
-            "skipped": sorted(k for k in skipped if k in state)}
+        assign(np.asarray(state[key], np.float32))
+    return sorted(unexpected)
 
 
 def _encoder_and_stem(model_or_encoder):

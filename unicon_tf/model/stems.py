@@ -148,11 +148,11 @@ class ModalityFusion(keras.layers.Layer):
 
 
 def _pool_factor(target_shape, shape):
-    """The integer factor that takes grid `shape` (5D) to `target_shape`'s grid."""
+    """The integer factor (one, or one per axis) that takes grid `shape` (5D) to `target_shape`'s grid."""
     target, grid = tuple(target_shape[1:4]), tuple(shape[1:4])
     if None in target + grid:
         return 1  # spatial dims free: the grids are the same by construction
-    factor = grid[0] // max(target[0], 1)
-    if factor < 1 or any(g != t * factor for g, t in zip(grid, target)):
-        raise ValueError(f"Cannot fuse a {grid} grid into a {target} grid: it must be an equal integer multiple.")
-    return factor
+    factors = tuple(g // max(t, 1) for g, t in zip(grid, target))
+    if min(factors) < 1 or any(g != t * f for g, t, f in zip(grid, target, factors)):
+        raise ValueError(f"Cannot fuse a {grid} grid into a {target} grid: it must be an integer multiple per axis.")
+    return factors[0] if len(set(factors)) == 1 else factors

@@ -4,7 +4,7 @@
 name: chest_ct
 input_shape: [32, 32, 32]
 modality: ct                      # the first modality (stage 0's stem)
-encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, hidden_size: 96, ..., weights: vit.npz}
+encoder: {width: 16, depth: 4}   # or {kind: vit, patch_size: 8, ..., weights: vit.npz}, {preset: astra_i3resnet152}
 defaults: {epochs: 5, batch_size: 4, learning_rate: 3.0e-4, strategy: frozen}  # + select, patience
 stages:
   - {name: classification, task: classification, num_classes: 2, data: ct32}
@@ -38,9 +38,11 @@ import pathlib
 import yaml
 
 from unicon_tf.data.sampling import check_sampling_options
-from unicon_tf.model.foundation import VIT_OPTIONS, task_head
+from unicon_tf.model.families import FAMILIES
+from unicon_tf.model.foundation import task_head
 from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
+from unicon_tf.presets import PRESETS
 from unicon_tf.train.distribute import check_distribute
 from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
 from unicon_tf.train.precision import check_precision
@@ -247,8 +249,8 @@ def load_pipeline(path, data_root=None):
         raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
     sources = {str(name): _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
     encoder = _encoder(path, raw.get("encoder"), root)
-    vit = encoder.get("encoder") == "vit"
-    stages = [_stage(path, index, entry, defaults, root, sources, vit)
+    family = _family_name(encoder.get("encoder"))
+    stages = [_stage(path, index, entry, defaults, root, sources, family)
               for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
@@ -278,26 +280,43 @@ def _source(path, name, entry, root):
 
 
 def _encoder(path, entry, root):
-    """`foundation` keyword arguments from the `encoder` mapping (`kind: residual | vit`).
+    """`foundation` keyword arguments from the `encoder` mapping: `kind: residual | vit |
+    i3resnet` with the family's options, or `preset: <name>` (optionally with `weights`).
 
     A relative `weights` path resolves against the data root, like stage data.
     """
     entry = dict(entry or {})
-    kind = entry.pop("kind", "residual")
-    known = {"residual": ("width", "depth"), "vit": VIT_OPTIONS}
-    if kind not in known:
-        raise PipelineError(f"{path}: encoder kind '{kind}' is unknown (expected one of {sorted(known)}).")
-    unknown = set(entry) - set(known[kind])
+    if "preset" in entry:
+        name = entry.pop("preset")
+        if name not in PRESETS:
+            raise PipelineError(f"{path}: encoder preset '{name}' is unknown (expected one of {sorted(PRESETS)}).")
+        unknown = set(entry) - {"weights"}
+        if unknown:
+            raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} with preset '{name}'; "
+                                "a preset takes only 'weights'.")
+        kind, known = name, ("weights",)
+    else:
+        kind = entry.pop("kind", "residual")
+        if kind not in FAMILIES or kind == "custom":
+            raise PipelineError(f"{path}: encoder kind '{kind}' is unknown "
+                                f"(expected one of {sorted(set(FAMILIES) - {'custom'})}).")
+        known = FAMILIES[kind].options
+    unknown = set(entry) - set(known)
     if unknown:
         raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} for kind '{kind}'; "
-                            f"known: {sorted(known[kind])}.")
+                            f"known: {sorted(known)}.")
     if "weights" in entry:
         weights = pathlib.Path(entry["weights"])
         entry["weights"] = str(weights if weights.is_absolute() else root / weights)
-    return {"encoder": "vit", **entry} if kind == "vit" else entry
+    return entry if kind == "residual" else {"encoder": kind, **entry}
 
 
-def _stage(path, index, entry, defaults, root, sources, vit=False):
+def _family_name(encoder):
+    """The family of a pipeline's `encoder` argument (a family or preset name, or None)."""
+    return PRESETS[encoder].family if encoder in PRESETS else encoder or "residual"
+
+
+def _stage(path, index, entry, defaults, root, sources, family="residual"):
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
@@ -311,12 +330,12 @@ def _stage(path, index, entry, defaults, root, sources, vit=False):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    accepted = task_head(task, vit).options()
+    accepted = task_head(task, family).options()
     unknown = set(head_options) - set(accepted)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    _check_head_options(where, task_head(task, vit), head_options)
+    _check_head_options(where, task_head(task, family), head_options)
     _check_training(where, training, task)
     modality = entry.get("modality")
     if modality is not None:

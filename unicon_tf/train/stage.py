@@ -11,6 +11,7 @@ directory (`unicon_tf.run.Run`), `fit_stage` for any pair of folders (the Traine
 import contextlib
 import datetime
 import json
+import math
 import shutil
 import time
 import warnings
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf import presets
 from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
@@ -160,11 +162,28 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     return record
 
 
+def _check_preset_contract(pipeline, spec):
+    """Refuse a stage whose data was not ingested as the pipeline's encoder preset expects.
+
+    Raises:
+        StageError: naming the data folder, the preset and each mismatch (spacing, window,
+            intensity range, shape).
+    """
+    name = pipeline.encoder.get("encoder")
+    if name not in presets.PRESETS:
+        return
+    problems = presets.schema_mismatches(name, read_schema(spec.data), pipeline.modality)
+    if problems:
+        raise StageError(f"Stage '{spec.name}': {spec.data}/schema.json does not match encoder preset '{name}': "
+                         + "; ".join(problems) + f". Ingest it with `unicon-tf ingest --preset {name}`.")
+
+
 def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume, callbacks, verbose,
          distribution):
     """`fit_stage`'s work once its arguments are checked (in the strategy's scope, if any):
     reads `out` (the checkpoint to resume), writes `written` (`out` on the chief)."""
     hp = spec.training
+    _check_preset_contract(pipeline, spec)  # before the (large) pretrained encoder is built
     keras.utils.set_random_seed(hp["seed"])
     network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
     if hp["precision"] != "float32":
@@ -173,7 +192,8 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
             set_precision(teacher, hp["precision"])
     head = spec.head or _newest_head(network)
     head_layer = model_parts(network)["heads"][head]
-    configure_trainable(network, head_layer.stage, hp["strategy"])
+    configure_trainable(network, head_layer.stage, hp["strategy"],
+                        pretrained="weights" in pipeline.encoder or pipeline.encoder.get("encoder") in presets.PRESETS)
 
     schema = read_schema(spec.data)
     available = schema["modalities"]
@@ -192,7 +212,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     ewc_later = any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in pipeline.stages[index + 1:])
     plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
     selection = _selection(spec, head, "val" in schema["splits"])
-    trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data)
+    trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data, verbose)
     optimizer = keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"])
     trainer.compile(optimizer=optimizer_for(hp["precision"], optimizer))
     steps = lambda epoch: {}  # noqa: E731
@@ -260,6 +280,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         "heads": earlier + [{"head": head, "task": spec.task, "data": data["path"]}], "spec": spec.to_json(),
         "strategy": hp["strategy"] if head_layer.stage > 0 else "scratch",  # stage 0 trains everything
         "plugins": [p.describe() for p in plugins], "cached_features": isinstance(trainer, CachedHeadModel),
+        "cache_bytes": trainer.cache_bytes if isinstance(trainer, CachedHeadModel) else 0,
         "teacher": teacher_ref, "data": data,
         "history": state["history"], "train_seconds": round(time.time() - started, 2),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -379,32 +400,39 @@ def _plugins(spec, network, teacher, available, fisher, ewc_later):
     return plugins
 
 
-def _trainer(spec, network, head, plugins, make_data):
-    """The Keras model that trains the stage, and `(train_data(epoch), val_data)`."""
+CACHE_LIMIT_BYTES = 4 * 2**30
+"""The most memory cached encoder features may take; above it a stage trains uncached (warned)."""
+
+
+def _trainer(spec, network, head, plugins, make_data, verbose=0):
+    """The Keras model that trains the stage, and `(train_data(epoch), val_data)`.
+
+    The new head trains on encoder features computed once per patient (`cache_features`)
+    when nothing upstream of it trains: the encoder's base weights (frozen strategy, or a
+    pretrained encoder at stage 0), its stems and fusion, and it has no adapter, reads no
+    volumes (side encoder) and samples no foreground crops. Multi-scale features are cached
+    for dense heads; the cache's size is checked against `CACHE_LIMIT_BYTES` first.
+    """
     head_layer = model_parts(network)["heads"][head]
     loss = spec.training.get("loss") or {}
     has_val = "val" in read_schema(spec.data)["splits"]
     parts = model_parts(network)
-    upstream_old = all(parts["stems"][m].stage < head_layer.stage for m in head_layer.modalities)
-    fusion = parts["fusions"].get(tuple(head_layer.modalities))
-    upstream_old = upstream_old and (fusion is None or fusion.stage < head_layer.stage)
-    if spec.training["strategy"] == "frozen" and spec.training["cache_features"] and upstream_old \
-            and head_layer.adapter is None and not head_layer.reads_volumes and head_layer.stage > 0 \
-            and _foreground_probability(spec.training) is None:
+    upstream = [parts["stems"][m] for m in head_layer.modalities] + \
+        [f for f in [parts["fusions"].get(tuple(head_layer.modalities))] if f is not None]
+    frozen_upstream = not shared_trainable_variables(network) and not any(p.trainable_weights for p in upstream)
+    if spec.training["cache_features"] and frozen_upstream and head_layer.adapter is None \
+            and not head_layer.reads_volumes and _foreground_probability(spec.training) is None:
         extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
                                 head_layer.used_features(head_layer.input))
-        cached_train = _cache_features(extractor, make_data(0, augment=False, shuffle=False))
-        cached_val = _cache_features(extractor, make_data(0, "val", augment=False, shuffle=False)) if has_val else None
-        batch, seed = spec.training["batch_size"], spec.training["seed"]
-
-        def train_data(epoch):
-            features, targets = cached_train
-            count = len(targets[head])
-            ds = tf.data.Dataset.from_tensor_slices((features, targets)).shuffle(count, seed=seed * 1000 + epoch)
-            return ds.batch(batch)
-
-        val_data = None if cached_val is None else tf.data.Dataset.from_tensor_slices(cached_val).batch(batch)
-        return CachedHeadModel(network, head, spec.task, loss_options={head: loss}), train_data, val_data
+        counts = {split: read_schema(spec.data)["splits"][split]["count"] for split in ("train", "val")
+                  if split in read_schema(spec.data)["splits"]}
+        per_patient = sum(math.prod(s[1:]) * 4 for s in _shapes(extractor.output))
+        size = per_patient * sum(counts.values())
+        if size > CACHE_LIMIT_BYTES:
+            warnings.warn(f"Stage '{spec.name}': cached features would take {size / 2**30:.1f} GiB "
+                          f"(> {CACHE_LIMIT_BYTES / 2**30:.0f} GiB): training without the cache.")
+        else:
+            return _cached_trainer(spec, network, head, loss, extractor, make_data, has_val, counts, verbose)
 
     heads = [head] + [h for plugin in plugins for h in plugin.heads]
     needed = {m for h in heads for m in parts["heads"][h].modalities}
@@ -415,13 +443,45 @@ def _trainer(spec, network, head, plugins, make_data):
     return ContinualModel(subnetwork, {head: spec.task}, plugins, loss_options={head: loss}), make_data, val_data
 
 
-def _cache_features(extractor, ds):
-    """One pass of the frozen feature extractor: `(features tuple, {head: targets})` in memory."""
+def _cached_trainer(spec, network, head, loss, extractor, make_data, has_val, counts, verbose):
+    """A `CachedHeadModel` on features extracted once (train and val), and its datasets."""
+    cached_train = _cache_features(extractor, make_data(0, augment=False, shuffle=False),
+                                   counts["train"] if verbose else None, "train")
+    cached_val = _cache_features(extractor, make_data(0, "val", augment=False, shuffle=False),
+                                 counts.get("val") if verbose else None, "val") if has_val else None
+    batch, seed = spec.training["batch_size"], spec.training["seed"]
+
+    def train_data(epoch):
+        features, targets = cached_train
+        count = len(targets[head])
+        ds = tf.data.Dataset.from_tensor_slices((features, targets)).shuffle(count, seed=seed * 1000 + epoch)
+        return ds.batch(batch)
+
+    val_data = None if cached_val is None else tf.data.Dataset.from_tensor_slices(cached_val).batch(batch)
+    trainer = CachedHeadModel(network, head, spec.task, loss_options={head: loss})
+    trainer.cache_bytes = sum(int(f.nbytes) for cache in (cached_train, cached_val) if cache for f in cache[0])
+    if verbose:
+        print(f"cached encoder features: {trainer.cache_bytes / 2**20:.1f} MiB in memory")
+    return trainer, train_data, val_data
+
+
+def _shapes(outputs):
+    return [tuple(o.shape) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def _cache_features(extractor, ds, count=None, split="train"):
+    """One pass of the frozen feature extractor: `(features tuple, {head: targets})` in memory,
+    with a progress bar over `count` patients when given."""
+    progress = keras.utils.Progbar(count, unit_name="patient") if count else None
+    if progress is not None:
+        print(f"extracting encoder features ({split})")
     features, targets = [], []
     for x, y in ds:
         out = extractor(x, training=False)
         features.append([np.asarray(f) for f in (out if isinstance(out, (list, tuple)) else [out])])
         targets.append(y)
+        if progress is not None:
+            progress.add(len(features[-1][0]))
     stacked = tuple(np.concatenate([f[i] for f in features]) for i in range(len(features[0])))
     merged = {k: np.concatenate([np.asarray(t[k]) for t in targets]) for k in targets[0]}
     return stacked, merged

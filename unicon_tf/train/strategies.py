@@ -38,13 +38,16 @@ def set_trainable(layer, value):
         keras.layers.Layer.trainable.fset(sub, bool(value))
 
 
-def configure_trainable(network, stage, strategy):
+def configure_trainable(network, stage, strategy, pretrained=False):
     """Set which variables of `network` train in `stage` under `strategy`.
 
     Args:
         network: the unicon model (already expanded for this stage).
         stage: the stage number; parts whose `stage` equals it are new.
         strategy: one of `STRATEGIES`.
+        pretrained: the encoder holds published weights (a preset, or `weights:`): under
+            `frozen` it stays frozen at stage 0 too (only the first head and stem train);
+            otherwise stage 0 trains the encoder from its initialisation.
 
     Returns:
         The names of the new heads.
@@ -62,7 +65,7 @@ def configure_trainable(network, stage, strategy):
     for group in ("stems", "fusions", "heads"):
         for part in parts[group].values():
             set_trainable(part, part.stage == stage)
-    train_encoder = stage == 0 or strategy in ("finetune", "naive")
+    train_encoder = (stage == 0 and not (pretrained and strategy == "frozen")) or strategy in ("finetune", "naive")
     encoder = parts["encoder"]
     for layer in encoder.leaf_layers():
         set_trainable(layer, train_encoder)

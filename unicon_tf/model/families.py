@@ -1,0 +1,136 @@
+"""Encoder families: how each kind of shared encoder is built, described, loaded and headed.
+
+`foundation(encoder=...)`, `expand` and `describe` look a family up here instead of
+branching on its kind. A family says
+
+- `options`: the `foundation` keyword options it takes, and `build(input_shape, **options)`,
+  the `SharedEncoder` it makes for volumes of `input_shape`;
+- `detect(backbone)`: whether a (possibly loaded) backbone is one of its own;
+- `summary(encoder)`: what `describe` reports of it beyond parameters and levels;
+- `segmentation_head`: the head class of a segmentation task on it;
+- `levels`: whether its levels are computed one from the previous (so a path can start at
+  level s, `expand(adapter_start=s)`, and adapters can go on chosen levels);
+- `load_weights(model, path, format)`: loading a published checkpoint, where it has one.
+
+Entries: `residual` (the built-in residual CNN), `vit` (3D ViT, MONAI's weights),
+`i3resnet` (Merlin's inflated ResNet, PyTorch weights) and `custom` (a user's own Keras
+backbone, the fallback). Adding a family is one `register(EncoderFamily(...))`.
+
+Example:
+>>> family_named("residual").levels
+True
+>>> sorted(FAMILIES)
+['custom', 'i3resnet', 'residual', 'vit']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+
+from unicon_tf.model.encoder import SharedEncoder, residual_backbone
+from unicon_tf.model.heads import HEADS
+from unicon_tf.model.i3resnet import (RESNET152_LAYERS, i3resnet_backbone, i3resnet_summary, is_i3resnet,
+                                      load_i3resnet_weights)
+from unicon_tf.model.pretrained import load_pretrained
+from unicon_tf.model.unetr import UNETRHead
+from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderFamily:
+    """One kind of shared encoder (see the module docstring for each field)."""
+
+    name: str
+    options: tuple[str, ...]
+    build: Callable[..., SharedEncoder] | None
+    detect: Callable[[keras.Model], bool]
+    summary: Callable[[SharedEncoder], dict] = lambda encoder: {}
+    segmentation_head: type = HEADS["segmentation"]
+    levels: bool = True
+    load_weights: Callable[..., object] | None = None
+
+
+FAMILIES: dict[str, EncoderFamily] = {}
+"""Family name -> `EncoderFamily`, in detection order (`custom`, the fallback, last)."""
+
+
+def register(family: EncoderFamily) -> EncoderFamily:
+    """Add a family to `FAMILIES` (before `custom`, which detects every backbone).
+
+    Raises:
+        ValueError: a family of that name exists.
+    """
+    if family.name in FAMILIES:
+        raise ValueError(f"An encoder family named '{family.name}' is registered already.")
+    fallback = FAMILIES.pop("custom", None)
+    FAMILIES[family.name] = family
+    if fallback is not None and family.name != "custom":
+        FAMILIES["custom"] = fallback
+    return family
+
+
+def family_named(name: str) -> EncoderFamily:
+    """The family called `name`.
+
+    Raises:
+        ValueError: no such family (the message lists them).
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown encoder family '{name}': expected one of {sorted(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def family_of(encoder: SharedEncoder | keras.Model) -> EncoderFamily:
+    """The family of a shared encoder (or of its backbone), `custom` when no other claims it."""
+    backbone = encoder.backbone if isinstance(encoder, SharedEncoder) else encoder
+    return next(family for family in FAMILIES.values() if family.detect(backbone))
+
+
+def _residual(input_shape, width=16, depth=4):
+    stride = 2 ** (depth - 1)
+    if any(d % stride for d in input_shape):
+        raise ValueError(f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "
+                         f"use multiples of {stride} (or a smaller depth).")
+    return SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
+
+
+def _vit(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS, **options):
+    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
+    if any(d % p for d, p in zip(input_shape, patch)):
+        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
+    grid = tuple(d // p for d, p in zip(input_shape, patch))
+    backbone = vit_backbone(position_grid or grid, **options)
+    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
+
+
+def _i3resnet(input_shape, layers=RESNET152_LAYERS, width=64):
+    return SharedEncoder(i3resnet_backbone(layers=layers, width=width), name="encoder")
+
+
+def _encoder_backbone(model):
+    """The backbone of a unicon model's `SharedEncoder`."""
+    encoders = [layer for layer in model.layers if isinstance(layer, SharedEncoder)]
+    if not encoders:
+        raise ValueError(f"Model '{model.name}' has no SharedEncoder to load weights into.")
+    return encoders[0].backbone
+
+
+VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
+               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
+"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
+LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
+
+register(EncoderFamily("residual", ("width", "depth"), _residual,
+                       detect=lambda backbone: {"level0_conv1", "level0_norm1"} <= {layer.name for layer in backbone.layers}))
+register(EncoderFamily("vit", VIT_OPTIONS, _vit, is_vit, vit_summary, UNETRHead, levels=False,
+                       load_weights=lambda model, path, format=None: load_pretrained(model, path, format=format)))
+register(EncoderFamily("i3resnet", ("layers", "width", "weights"), _i3resnet, is_i3resnet,
+                       lambda encoder: i3resnet_summary(encoder.backbone),
+                       load_weights=lambda model, path, format=None: load_i3resnet_weights(_encoder_backbone(model),
+                                                                                           path)))
+register(EncoderFamily("custom", (), None, detect=lambda backbone: True))
