@@ -1,13 +1,16 @@
 """Issue 23: kinds of real-world fault, each closed by its right behaviour."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from click.testing import CliRunner
 
 import unicon_tf
-from conftest import UNICON_ORDER, write_pipeline
-from unicon_tf import train
+from conftest import UNICON_ORDER, patient_row, write_manifest, write_pipeline
+from unicon_tf import data, train
 from unicon_tf.train.continual import ContinualModel
 from unicon_tf.train.distribute import replica_batches
 from unicon_tf.train.precision import optimizer_for, set_precision
@@ -94,3 +97,139 @@ def test_mixed_float16_stages_train_on_one_device(phantom_records, tmp_path):
     assert record["plugins"]
     model = keras.models.load_model(tmp_path / "run" / "stages" / "01-prognosis" / "model.keras")
     assert all(w.dtype == "float32" for w in model.weights)
+
+
+# --- 2. the experiment's baselines: every kind the CLI offers, on a two-stage grid ----------
+
+EXPERIMENT_STAGES = [{"name": "classification", "task": "classification", "num_classes": 2},
+                     {"name": "segmentation", "task": "segmentation", "adapters": 2, "strategy": "adapters"}]
+
+
+@pytest.fixture(scope="module")
+def records_8(phantom_cohort, tmp_path_factory):
+    """The phantom cohort ingested at 8^3, 24 mm, cropped around the mask."""
+    out = tmp_path_factory.mktemp("records8") / "ct8"
+    prep = data.Preprocessing(shape=(8, 8, 8), spacing=(24.0, 24.0, 24.0), center="mask")
+    data.ingest(phantom_cohort, out, prep, workers=1, verbose=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid(records_8, tmp_path_factory):
+    """A two-stage pipeline (classification, then segmentation with adapters) at 8^3, depth 2,
+    1 epoch, and its experiment folder (shared by the baseline kinds: finished cells are kept)."""
+    folder = tmp_path_factory.mktemp("grid")
+    pipeline = write_pipeline(folder, records_8, stages=EXPERIMENT_STAGES, input_shape=(8, 8, 8), depth=2,
+                              epochs=1, augment=False)
+    return pipeline, folder / "out"
+
+
+@pytest.mark.parametrize("kind", ["single_task", "naive", "joint"])
+def test_experiment_scores_every_baseline_kind_per_patient(grid, kind):
+    from unicon_tf.cli import main
+
+    pipeline, out = grid
+    args = ["experiment", str(pipeline), "--folds", "2", "--seeds", "1", "--fractions", "1.0", "--baselines", kind,
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    for fold in (0, 1):
+        cell = json.loads((out / "cells" / f"fold{fold}" / "seed0" / "frac1" / kind / "cell.json").read_text())
+        assert sorted(cell["predictions"]) == ["classification", "segmentation"]
+        for prediction in cell["predictions"].values():
+            assert sorted(prediction["patient_ids"]) == sorted(folds[fold]["test"])
+        assert len(cell["predictions"]["segmentation"]["dice_per_patient"]) == len(folds[fold]["test"])
+    assert kind in {c["arm"] for c in json.loads((out / "experiment.json").read_text())["cells"]}
+
+
+# --- 3. the head against the data's schema, before any training ------------------------------
+
+def _cohort(folder, rows, mask_classes=2):
+    """Ingest `rows` (conftest.patient_row dicts) at 8^3 into `folder / "data"`."""
+    manifest = write_manifest(folder, rows)
+    prep = data.Preprocessing(shape=(8, 8, 8), spacing=(2.0, 2.0, 2.0), mask_classes=mask_classes)
+    data.ingest(manifest, folder / "data", prep, workers=1, verbose=False)
+    return folder / "data"
+
+
+def _blob(value=1, low=2):
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[low:low + 3, 2:5, 2:5] = value
+    return mask
+
+
+def _train_cli(pipeline, stage, run_dir, *extra):
+    from unicon_tf.cli import main
+
+    return CliRunner().invoke(main, ["train", "--pipeline", str(pipeline), "--stage", stage, "--run-dir", str(run_dir), *extra])
+
+
+def test_a_head_that_does_not_fit_the_data_schema_is_refused_before_training(tmp_path):
+    rows = [patient_row(tmp_path, f"P{i}", split=s, mask=_blob(1 + i % 3), label=i % 3, time=5.0 + i, event=i % 2)
+            for i, s in enumerate(["train"] * 4 + ["val", "test"])]
+    folder = _cohort(tmp_path, rows, mask_classes=4)
+    stages = [{"name": "seg", "task": "segmentation", "num_classes": 2}]
+    pipeline = write_pipeline(tmp_path, folder, stages=stages, input_shape=(8, 8, 8), depth=2, epochs=1)
+    result = _train_cli(pipeline, "seg", tmp_path / "run")
+    assert result.exit_code != 0 and "Traceback" not in result.output and "InvalidArgument" not in result.output
+    message = " ".join(result.output.split())
+    assert "Stage 'seg'" in message and str(folder) in message
+    assert "field 'num_classes': the head has 2 classes, the data's masks have 4 (features.mask.classes)" in message
+    assert not list((tmp_path / "run").rglob("model.keras")) and not list((tmp_path / "run").rglob("checkpoint"))
+    # Second members of the kind: labels of 3 classes under a 2-class head; a grid and a
+    # modality the data lacks, all in one error.
+    stages = [{"name": "grade", "task": "classification", "num_classes": 2, "modality": "pet"}]
+    pipeline = write_pipeline(tmp_path, folder, stages=stages, name="grade", input_shape=(16, 16, 16), depth=2)
+    with pytest.raises(train.StageError) as caught:
+        train.train_stage(pipeline, "grade", tmp_path / "run2", verbose=0)
+    text = str(caught.value)
+    assert "the head has 2 classes, the data's labels have 3 (features.label.classes)" in text
+    assert "grid (input_shape): the model takes [16, 16, 16], the data holds [8, 8, 8]" in text
+    assert "field 'modalities': the head reads ['pet'], but" in text and isinstance(caught.value, data.DataError)
+
+
+# --- 4. a train split that cannot teach its task; a validation metric never measured --------
+
+@pytest.mark.parametrize("task, reason", [
+    ("prognosis", "has no event (4 patients, all censored)"),
+    ("classification", "holds one class only (class 1, 4 patients)"),
+    ("segmentation", "has only empty masks (4 patients, no foreground voxel)"),
+])
+def test_a_train_split_that_cannot_teach_its_task_is_refused_by_name(tmp_path, task, reason):
+    # Train: every patient censored, of class 1, with an empty mask; val and test are fine.
+    rows = [patient_row(tmp_path, f"T{i}", mask=np.zeros((8, 8, 8), np.uint8), label=1, time=3.0 + i, event=0)
+            for i in range(4)]
+    rows += [patient_row(tmp_path, f"V{i}", split=s, mask=_blob(), label=i % 2, time=2.0 + i, event=1)
+             for i, s in enumerate(["val", "val", "test", "test"])]
+    folder = _cohort(tmp_path, rows)
+    pipeline = write_pipeline(tmp_path, folder, stages=[{"name": "only", "task": task}], input_shape=(8, 8, 8),
+                              depth=2, epochs=1)
+    result = _train_cli(pipeline, "only", tmp_path / "run")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert f"Stage 'only': the train split of {folder} {reason}" in message, message
+    assert not list((tmp_path / "run").rglob("stage.json")) and not list((tmp_path / "run").rglob("checkpoint"))
+
+
+def test_a_small_split_is_warned_about_and_an_unmeasured_validation_metric_is_not_blessed(tmp_path):
+    from unicon_tf.evaluate import evaluate_stage
+    from unicon_tf.train.checks import validation_never_measured
+
+    # 3 training patients under a batch of 4; the val split has one class (AUC: NaN every epoch).
+    rows = [patient_row(tmp_path, f"T{i}", label=i % 2) for i in range(3)]
+    rows += [patient_row(tmp_path, f"V{i}", split="val", label=0) for i in range(2)]
+    rows += [patient_row(tmp_path, f"X{i}", split="test", label=i % 2) for i in range(4)]
+    folder = _cohort(tmp_path, rows)
+    stages = [{"name": "grade", "task": "classification", "batch_size": 4}]
+    pipeline = write_pipeline(tmp_path, folder, stages=stages, input_shape=(8, 8, 8), depth=2, epochs=2)
+    with pytest.warns(data.DataWarning, match=r"train split of .* has 3 patient\(s\), fewer than a batch "
+                                              r"\(batch_size: 4\)"):
+        record = train.train_stage(pipeline, "grade", tmp_path / "run", verbose=0)
+    assert all(np.isnan(logs["val_classification_auc"]) for logs in record["history"])
+    assert "never measurable" in validation_never_measured(record)
+    blessing = evaluate_stage(record["folder"] if "folder" in record else
+                              tmp_path / "run" / "stages" / "00-grade")["blessing"]
+    assert blessing["blessed"] is False
+    assert any("val_classification_auc was never measurable (NaN at every one of 2 epoch(s))" in r
+               for r in blessing["reasons"]), blessing

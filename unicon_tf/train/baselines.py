@@ -87,7 +87,7 @@ def _naive(pipeline, run, verbose):
     target = Run.create(run.baseline_dir("naive"), naive.name, naive.path)
     _reuse_first_stage(run, pipeline, target)
     _train_missing(naive, target, verbose)
-    return target.trained_stages()
+    return Run(target.path).trained_stages()  # run.json as training left it (`target` read it before)
 
 
 def best_val(spec):

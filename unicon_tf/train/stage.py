@@ -23,6 +23,7 @@ from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
 from unicon_tf.run import Run, StageError, StageFolder
+from unicon_tf.train.checks import check_head_fits_data, check_train_split
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.distribute import chief_folder, get_strategy, release_folder, replica_batches
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -177,14 +178,10 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
 
     schema = read_schema(spec.data)
     available = schema["modalities"]
-    model_shape = list(network.input[head_layer.modalities[0]].shape[1:4])
-    if schema["preprocessing"]["shape"] != model_shape:
-        raise StageError(f"Stage '{spec.name}': {spec.data} holds volumes of shape {schema['preprocessing']['shape']}, "
-                         f"but the model takes {model_shape}: ingest the data with --shape {' '.join(map(str, model_shape))}.")
-    missing = [m for m in head_layer.modalities if m not in available]
-    if missing:
-        raise StageError(f"Stage '{spec.name}': head '{head}' reads {missing}, but {spec.data} has only "
-                         f"{available}.")
+    num_classes = getattr(head_layer, "num_classes", None)
+    check_head_fits_data(spec.name, spec.data, schema, spec.task, head_layer.modalities, num_classes,
+                         network.input[head_layer.modalities[0]].shape[1:4])
+    check_train_split(spec.name, spec.data, schema, spec.task, num_classes, hp["batch_size"])
     make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
