@@ -9,7 +9,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 import unicon_tf
-from conftest import UNICON_ORDER, patient_row, write_manifest, write_pipeline
+from conftest import UNICON_ORDER, Interrupt, patient_row, write_manifest, write_pipeline
 from unicon_tf import data, train
 from unicon_tf.train.continual import ContinualModel
 from unicon_tf.train.distribute import replica_batches
@@ -233,3 +233,68 @@ def test_a_small_split_is_warned_about_and_an_unmeasured_validation_metric_is_no
     assert blessing["blessed"] is False
     assert any("val_classification_auc was never measurable (NaN at every one of 2 epoch(s))" in r
                for r in blessing["reasons"]), blessing
+
+
+# --- 5. resuming under a changed definition or data; a checkpoint that does not fit -----------
+
+def _interrupted(folder, records, **defaults):
+    """A one-stage pipeline interrupted after its first epoch (checkpoint written); its path."""
+    stages = [{"name": "grade", "task": "classification"}]
+    pipeline = write_pipeline(folder, records, stages=stages, input_shape=(8, 8, 8), depth=2, epochs=2,
+                              augment=False, **defaults)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_stage(pipeline, "grade", folder / "run", verbose=0, callbacks=[Interrupt(1)])
+    assert (folder / "run" / "stages" / "00-grade" / "checkpoint" / "state.json").exists()
+    return pipeline
+
+
+def _edit(pipeline, **changes):
+    import yaml
+
+    spec = yaml.safe_load(pipeline.read_text())
+    for key, value in changes.items():
+        where, _, field = key.rpartition(".")
+        target = {"stage": spec["stages"][0], "encoder": spec["encoder"]}[where]
+        target[field] = value
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_resume_refuses_a_changed_definition_or_data_unless_accepted(records_8, phantom_cohort, tmp_path):
+    other = tmp_path / "ct8-20mm"
+    data.ingest(phantom_cohort, other, data.Preprocessing(shape=(8, 8, 8), spacing=(20.0,) * 3, center="mask"),
+                workers=1, verbose=False)
+    pipeline = _interrupted(tmp_path, records_8)
+    _edit(pipeline, **{"stage.learning_rate": 0.01, "stage.data": str(other)})
+    checkpoint = tmp_path / "run" / "stages" / "00-grade" / "checkpoint"
+    before = (checkpoint / "state.json").read_text()
+    result = _train_cli(pipeline, "grade", tmp_path / "run", "--resume")
+    message = " ".join(result.output.split())
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "training.learning_rate: 0.001 -> 0.01" in message and f"-> '{other}'" in message, message
+    assert "--accept-changes" in message and (checkpoint / "state.json").read_text() == before
+    result = _train_cli(pipeline, "grade", tmp_path / "run", "--resume", "--accept-changes")
+    assert result.exit_code == 0, result.output
+    assert "resumed after epoch 1 with changes (accepted)" in result.output
+    record = json.loads((tmp_path / "run" / "stages" / "00-grade" / "stage.json").read_text())
+    (entry,) = record["resume_changes"]
+    assert entry["after_epoch"] == 1 and entry["changes"]["training.learning_rate"] == [0.001, 0.01]
+    assert entry["changes"]["data"] == [str(records_8), str(other)]
+    lineage = json.loads((tmp_path / "run" / "lineage.json").read_text())
+    trainer = lineage["executions"]["Trainer.grade"]
+    assert trainer["parameters"]["accept_changes"] is True
+    assert trainer["outputs"]["model"]["properties"]["resume_changes"] == record["resume_changes"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(records_8, tmp_path):
+    pipeline = _interrupted(tmp_path, records_8)
+    _edit(pipeline, **{"encoder.width": 6})
+    result = _train_cli(pipeline, "grade", tmp_path / "run", "--resume")
+    assert result.exit_code != 0 and "encoder.width: 8 -> 6" in " ".join(result.output.split())
+    result = _train_cli(pipeline, "grade", tmp_path / "run", "--resume", "--accept-changes")
+    message = " ".join(result.output.split())
+    assert result.exit_code != 0 and "Traceback" not in result.output and "objects could not be loaded" not in message
+    assert "does not fit the stage's model (changed since it was written: encoder.width)" in message, message
+    assert len(result.output) < 2000
+    # Another member: --accept-changes without --resume is refused up front.
+    result = _train_cli(pipeline, "grade", tmp_path / "other", "--accept-changes")
+    assert result.exit_code != 0 and "--accept-changes applies to --resume only" in result.output
