@@ -298,3 +298,82 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(records_8, tm
     # Another member: --accept-changes without --resume is refused up front.
     result = _train_cli(pipeline, "grade", tmp_path / "other", "--accept-changes")
     assert result.exit_code != 0 and "--accept-changes applies to --resume only" in result.output
+
+
+# --- 6. serving versions never go backwards; labels of missing versions ----------------------
+
+def test_versions_never_go_backwards_and_labels_of_deleted_versions_are_dropped(tmp_path):
+    import shutil
+
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from unicon_tf import serving
+
+    def config():
+        text = (tmp_path / "models.config").read_text()
+        (entry,) = text_format.Parse(text, model_server_config_pb2.ModelServerConfig()).model_config_list.config
+        return entry
+
+    model = unicon_tf.foundation((8, 8, 8), task="prognosis", width=4, depth=2)
+    for label in ("stable", "canary"):
+        version = serving.export_model(model, tmp_path, "tiny")
+        serving.update_models_config(tmp_path, "tiny", labels={label: int(version.name)})
+    assert dict(config().version_labels) == {"stable": 1, "canary": 2}
+    shutil.rmtree(tmp_path / "tiny" / "2")  # deleted by hand
+    assert serving.next_version(tmp_path / "tiny") == 3
+    version = serving.export_model(model, tmp_path, "tiny")
+    assert version.name == "3"
+    with pytest.warns(serving.ServingWarning, match=r"dropped label 'canary' -> version 2: no such version folder"):
+        serving.update_models_config(tmp_path, "tiny", labels={"latest": 3})
+    assert dict(config().version_labels) == {"stable": 1, "latest": 3}
+    # Other members: an explicit version at or below the highest ever claimed, a label on
+    # a missing version, the highest remembered after every folder is gone.
+    with pytest.raises(serving.ExportError, match=r"version 2 of .* is not above the highest version ever claimed"):
+        serving.export_model(model, tmp_path, "tiny", version=2)
+    with pytest.raises(serving.ExportError, match=r"labels \{'canary': 2\} point at versions of 'tiny' that"):
+        serving.update_models_config(tmp_path, "tiny", labels={"canary": 2})
+    for folder in ("1", "3"):
+        shutil.rmtree(tmp_path / "tiny" / folder)
+    assert serving.next_version(tmp_path / "tiny") == 4
+    with pytest.warns(serving.ServingWarning, match=r"label 'latest' -> version 3, label 'stable' -> version 1"):
+        serving.update_models_config(tmp_path, "tiny")
+    assert dict(config().version_labels) == {}
+
+
+# --- 8. names our rules allow and an engine refuses -------------------------------------------
+
+def test_stage_and_source_names_compile_for_kfp_or_are_refused_with_the_reason(tmp_path):
+    import yaml
+
+    from unicon_tf.cli import main
+    from unicon_tf.kubeflow import compiler
+
+    spec = yaml.safe_load(compiler.pathlib.Path("pipelines/chest_ct.yaml").read_text())
+    spec["name"] = "3D.chest-ct"
+    for stage, name in zip(spec["stages"], ["seg-2", "cls.v1", "2nd", "pet"]):
+        stage["name"] = name
+    spec["stages"][1]["data"] = "other/ct"  # a second examples parameter, named after cls.v1
+    spec["sources"] = {"lesion-32": {"manifest": "m.csv", "shape": [32, 32, 32], "spacing": [3, 3, 3]}}
+    spec["stages"][3]["data"] = "lesion-32"
+    path = tmp_path / "names.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    output = tmp_path / "names.json"
+    result = CliRunner().invoke(main, ["compile", str(path), "--target", "kfp", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    compiled = json.loads(output.read_text())
+    assert compiled["pipelineInfo"]["name"] == "3d-chest-ct"
+    assert sorted(compiled["root"]["inputDefinitions"]["parameters"]) == [
+        "cls_v1_examples", "lesion_32_manifest", "model_name", "seg_2_examples", "serving_base"]
+    assert "Trainer.2nd" in result.output and "Trainer.cls.v1" in result.output  # display names keep ours
+    # Two names one engine merges are refused, naming both; a source name that is no folder name too.
+    spec["stages"][2]["name"], spec["stages"][2]["data"] = "seg_2", "third/ct"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = CliRunner().invoke(main, ["compile", str(path), "--target", "kfp", "--output", str(output)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "parameter names 'seg-2_examples' and 'seg_2_examples' are both 'seg_2_examples'" in result.output
+    spec["sources"] = {"../up": spec["sources"]["lesion-32"]}
+    spec["stages"][3]["data"] = "../up"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(train.PipelineError, match=r"sources: field 'name': source name '../up' is not allowed"):
+        train.load_pipeline(path)

@@ -12,6 +12,7 @@ Example:
 import functools
 import json
 import pathlib
+import warnings
 
 import click
 
@@ -268,8 +269,15 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
     """Export a blessed stage as the next SavedModel version for TensorFlow Serving."""
     from unicon_tf import serving
 
-    version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
-                                       labels=labels, serving_root=serving_root, example_request=example_request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", serving.ServingWarning)
+        version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
+                                           labels=labels, serving_root=serving_root, example_request=example_request)
+    for warning in caught:
+        if issubclass(warning.category, serving.ServingWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     info = json.loads((version_dir / "unicon.json").read_text())
     click.echo(f"exported {version_dir} (signatures: {', '.join(info['signatures'])}; parity max |diff| "
                f"{info['parity_max_abs_diff']:.1e}); config: {base / 'models.config'}")
