@@ -1,6 +1,7 @@
 """Issue 23: kinds of real-world fault, each closed by its right behaviour."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -216,22 +217,26 @@ def test_a_small_split_is_warned_about_and_an_unmeasured_validation_metric_is_no
     from unicon_tf.evaluate import evaluate_stage
     from unicon_tf.train.checks import validation_never_measured
 
-    # 3 training patients under a batch of 4; the val split has one class (AUC: NaN every epoch).
+    # 3 training patients under a batch of 4; the val split has one class (AUC: NaN every
+    # epoch), which best_val selects on.
     rows = [patient_row(tmp_path, f"T{i}", label=i % 2) for i in range(3)]
     rows += [patient_row(tmp_path, f"V{i}", split="val", label=0) for i in range(2)]
     rows += [patient_row(tmp_path, f"X{i}", split="test", label=i % 2) for i in range(4)]
     folder = _cohort(tmp_path, rows)
-    stages = [{"name": "grade", "task": "classification", "batch_size": 4}]
+    stages = [{"name": "grade", "task": "classification", "batch_size": 4, "select": "best_val"}]
     pipeline = write_pipeline(tmp_path, folder, stages=stages, input_shape=(8, 8, 8), depth=2, epochs=2)
-    with pytest.warns(data.DataWarning, match=r"train split of .* has 3 patient\(s\), fewer than a batch "
-                                              r"\(batch_size: 4\)"):
+    with pytest.warns(data.DataWarning) as caught:
         record = train.train_stage(pipeline, "grade", tmp_path / "run", verbose=0)
+    notes = [str(w.message) for w in caught if issubclass(w.category, data.DataWarning)]
+    assert any(re.search(r"train split of .* has 3 patient\(s\), fewer than a batch \(batch_size: 4\)", n)
+               for n in notes), notes
+    assert any("val split of" in n and "holds one class only ({0: 2}): its AUC cannot be measured" in n
+               for n in notes), notes
     assert all(np.isnan(logs["val_classification_auc"]) for logs in record["history"])
     assert "never measurable" in validation_never_measured(record)
-    blessing = evaluate_stage(record["folder"] if "folder" in record else
-                              tmp_path / "run" / "stages" / "00-grade")["blessing"]
+    blessing = evaluate_stage(tmp_path / "run" / "stages" / "00-grade")["blessing"]
     assert blessing["blessed"] is False
-    assert any("val_classification_auc was never measurable (NaN at every one of 2 epoch(s))" in r
+    assert any("monitored val_classification_auc, which was never measurable (NaN at every one of 2 epoch(s))" in r
                for r in blessing["reasons"]), blessing
 
 
@@ -275,6 +280,8 @@ def test_resume_refuses_a_changed_definition_or_data_unless_accepted(records_8, 
     result = _train_cli(pipeline, "grade", tmp_path / "run", "--resume", "--accept-changes")
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1 with changes (accepted)" in result.output
+    # 9. Progress suited to where it goes: not a terminal, so one plain line per epoch.
+    assert "Epoch 2/2" in result.output and not {"\x1b", "\b", "\r"} & set(result.output), repr(result.output)
     record = json.loads((tmp_path / "run" / "stages" / "00-grade" / "stage.json").read_text())
     (entry,) = record["resume_changes"]
     assert entry["after_epoch"] == 1 and entry["changes"]["training.learning_rate"] == [0.001, 0.01]
@@ -377,3 +384,18 @@ def test_stage_and_source_names_compile_for_kfp_or_are_refused_with_the_reason(t
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(train.PipelineError, match=r"sources: field 'name': source name '../up' is not allowed"):
         train.load_pipeline(path)
+
+
+# --- 9. progress output suited to where it goes ----------------------------------------------
+
+def test_progress_is_plain_when_not_a_terminal():
+    import io
+
+    from unicon_tf._quiet import progress_verbosity
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_verbosity(1, io.StringIO()) == 2 and progress_verbosity(1, Terminal()) == 1
+    assert progress_verbosity(0, io.StringIO()) == 0 and progress_verbosity(2, Terminal()) == 2

@@ -90,9 +90,10 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     Returns:
         `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`, and
         `metrics`: `{head: main metric}`, e.g. `dice`, the per-patient mean), also
-        written to the output folder's `blessing.json`. A stage whose validation metric
-        was NaN at every epoch it was logged (`unicon_tf.train.checks.validation_never_measured`)
-        is not blessed: nothing judged the weights it kept.
+        written to the output folder's `blessing.json`. A stage that selected its weights
+        on a validation value that was NaN at every epoch
+        (`unicon_tf.train.checks.validation_never_measured`) is not blessed: nothing judged
+        the weights it kept.
 
     Raises:
         StageError, DataError: see `score_stage`.

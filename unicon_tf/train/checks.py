@@ -12,7 +12,8 @@ Two kinds of check, both run by `fit_stage` before the first step:
   patient, a prognosis split without an event (the Cox partial likelihood is 0, its
   gradient 0: nothing is learnt), a classification split of one class, a segmentation
   split whose masks are all empty. Warned about (`DataWarning`): fewer patients than a
-  batch, prognosis with a single event, classes of the head missing from the split.
+  batch, prognosis with a single event, classes of the head missing from the split; a
+  validation split that cannot measure the metric (`check_validation_split`).
 
 Source: the failures of issue 23 (a 4-class mask under a 2-class head; an all-censored
 prognosis split trained at loss 0 and blessed), after nnU-Net's dataset fingerprint check
@@ -28,7 +29,6 @@ import tensorflow as tf
 from unicon_tf.data import TASK_TARGETS, DataError, DataWarning
 from unicon_tf.data.records import verify_shards
 from unicon_tf.run import StageError
-from unicon_tf.train.metrics import MAIN_METRIC
 
 
 class DataMismatchError(StageError, DataError):
@@ -206,22 +206,45 @@ def check_train_split(stage, data, schema, task, num_classes, batch_size, split=
     return found, notes
 
 
-def validation_never_measured(record):
-    """Why a trained stage's validation metric was never measurable, or None.
+def check_validation_split(stage, data, schema, task, split="val"):
+    """Warn (`DataWarning`) when the validation split cannot measure the task's metric: one
+    class (AUC) or no event (C-index). Model selection on it then keeps the last epoch, and
+    a stage that selected on it is not blessed (`validation_never_measured`).
 
-    The stage's record (stage.json) holds each epoch's logs; a metric that was NaN at
-    every epoch where it was logged (a validation split of one class, without an event,
-    ...) never judged the stage, which is then not blessed. A stage trained without
-    validation is not judged here.
+    Returns:
+        The warnings given (a list of str; empty without a `val` split).
+    """
+    if split not in schema["splits"] or task == "segmentation":
+        return []
+    found = split_targets(data, schema, split, task)
+    where = f"Stage '{stage}': the {split} split of {data}"
+    notes = []
+    if task == "classification" and len(found.classes) < 2:
+        notes.append(f"{where} holds one class only ({found.classes}): its AUC cannot be measured")
+    if task == "prognosis" and not found.events:
+        notes.append(f"{where} has no event ({found.patients} patients): its C-index cannot be measured")
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    return notes
+
+
+def validation_never_measured(record):
+    """Why a trained stage's model selection never had a validation value, or None.
+
+    The stage's record (stage.json) holds each epoch's logs and the value its selection
+    monitored (`select: best_val` or `patience`); when that value was NaN at every epoch
+    (a validation split of one class, without an event, ...), nothing judged the weights
+    kept, and the stage is not blessed. A stage that did not select on validation
+    (`select: last`, no patience) is not judged here.
 
     Example:
-    >>> record = {"head": "g", "task": "classification", "history": [{"val_g_auc": float("nan")}]}
+    >>> record = {"selection": {"monitor": "val_g_auc"}, "history": [{"val_g_auc": float("nan")}]}
     >>> validation_never_measured(record)
-    'its validation metric val_g_auc was never measurable (NaN at every one of 1 epoch(s))'
+    'its model selection monitored val_g_auc, which was never measurable (NaN at every one of 1 epoch(s))'
     """
-    key = f"val_{record['head']}_{MAIN_METRIC[record['task']]}"
-    values = [float(logs[key]) for logs in record.get("history") or [] if key in logs]
+    key = (record.get("selection") or {}).get("monitor")
+    values = [float(logs[key]) for logs in record.get("history") or [] if key and key in logs]
     if values and all(np.isnan(v) for v in values):
-        return f"its validation metric {key} was never measurable (NaN at every one of {len(values)} epoch(s))"
+        return (f"its model selection monitored {key}, which was never measurable (NaN at every one of "
+                f"{len(values)} epoch(s))")
     return None
-

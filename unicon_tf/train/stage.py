@@ -20,11 +20,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
 from unicon_tf.run import Run, StageError, StageFolder
-from unicon_tf.train.checks import check_head_fits_data, check_train_split
+from unicon_tf.train.checks import check_head_fits_data, check_train_split, check_validation_split
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.distribute import chief_folder, get_strategy, release_folder, replica_batches
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -191,6 +192,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     check_head_fits_data(spec.name, spec.data, schema, spec.task, head_layer.modalities, num_classes,
                          network.input[head_layer.modalities[0]].shape[1:4])
     check_train_split(spec.name, spec.data, schema, spec.task, num_classes, hp["batch_size"])
+    check_validation_split(spec.name, spec.data, schema, spec.task)
     make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
@@ -234,7 +236,8 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         if selection.stop():  # stopped early before an interruption
             break
         trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
-                    callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=verbose, shuffle=False,
+                    callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=progress_verbosity(verbose),
+                    shuffle=False,
                     **steps(epoch))
         logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
         failure = guard.failure
