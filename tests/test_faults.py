@@ -1,6 +1,7 @@
 """Issue 23: kinds of real-world fault, each closed by its right behaviour."""
 
 import json
+import pathlib
 import re
 
 import keras
@@ -15,6 +16,8 @@ from unicon_tf import data, train
 from unicon_tf.train.continual import ContinualModel
 from unicon_tf.train.distribute import replica_batches
 from unicon_tf.train.precision import optimizer_for, set_precision
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # --- 1. every precision trains every task, on one device and under a strategy ------------
 
@@ -354,9 +357,8 @@ def test_stage_and_source_names_compile_for_kfp_or_are_refused_with_the_reason(t
     import yaml
 
     from unicon_tf.cli import main
-    from unicon_tf.kubeflow import compiler
 
-    spec = yaml.safe_load(compiler.pathlib.Path("pipelines/chest_ct.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "pipelines" / "chest_ct.yaml").read_text())
     spec["name"] = "3D.chest-ct"
     for stage, name in zip(spec["stages"], ["seg-2", "cls.v1", "2nd", "pet"]):
         stage["name"] = name
@@ -399,3 +401,64 @@ def test_progress_is_plain_when_not_a_terminal():
 
     assert progress_verbosity(1, io.StringIO()) == 2 and progress_verbosity(1, Terminal()) == 1
     assert progress_verbosity(0, io.StringIO()) == 0 and progress_verbosity(2, Terminal()) == 2
+
+
+# --- 7. ingestion memory per patient; running out of memory is a patient's error --------------
+
+def test_ingestion_peak_memory_per_patient_is_bounded(tmp_path):
+    import sys
+    import tracemalloc
+
+    import nibabel as nib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ingest_memory
+
+    # A 160 x 160 x 120 int16 CT (6 MB) with a NIfTI intercept and a uint8 mask of the same grid
+    # (smaller volumes are dominated by fixed buffers: gzip, SciPy).
+    manifest, ct_bytes, _ = ingest_memory.write_patient(tmp_path, (160, 160, 120))
+    assert nib.load(str(tmp_path / "ct.nii.gz")).get_data_dtype() == np.int16
+    peak, _, _ = ingest_memory.measure(manifest)
+    assert peak <= 3 * ct_bytes, f"peak {peak / ct_bytes:.2f}x the CT's voxel bytes"
+    # The values are still right: the lesion (stored 1144, intercept -1024: 120 HU) is inside the crop.
+    from unicon_tf.data.ingest import process_patient
+    from unicon_tf.data.manifest import read_manifest
+
+    cohort = read_manifest(manifest)
+    result = process_patient(cohort.patients[0], data.Preprocessing((16, 16, 16), (6.0,) * 3, center="mask"),
+                             cohort.targets)
+    assert result[1]["foreground"] > 0
+    assert not tracemalloc.is_tracing()
+
+
+def test_running_out_of_memory_is_a_patient_error_that_skip_bad_handles(tmp_path, monkeypatch):
+    import importlib
+
+    from unicon_tf.cli import main
+
+    ingest_module = importlib.import_module("unicon_tf.data.ingest")  # the package's `ingest` is the function
+
+    rows = [patient_row(tmp_path, f"P{i}", label=i % 2) for i in range(3)]
+    manifest = write_manifest(tmp_path, rows)
+    real = ingest_module.preprocess_patient
+
+    def hungry(patient, preprocessing):
+        if patient.patient_id == "P1":
+            raise MemoryError("Unable to allocate 2.93 GiB for an array")
+        return real(patient, preprocessing)
+
+    monkeypatch.setattr(ingest_module, "preprocess_patient", hungry)
+    args = ["ingest", str(manifest), "--shape", "8", "8", "8", "--spacing", "2", "2", "2", "--workers", "1"]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "strict")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "patient P1" in result.output and "ran out of memory" in result.output and "field ct" in result.output
+    assert not (tmp_path / "strict").exists()
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "skipped"), "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    rejected = (tmp_path / "skipped" / "rejected.csv").read_text()
+    assert "P1,train" in rejected and "ran out of memory" in rejected
+    assert json.loads((tmp_path / "skipped" / "schema.json").read_text())["splits"]["train"]["count"] == 2
+    # The default worker count follows the memory available per patient.
+    cohort = ingest_module.read_manifest(manifest)
+    assert ingest_module.default_workers(cohort, available=1) == 1
+    assert ingest_module.default_workers(cohort, available=2**40) == (ingest_module.os.cpu_count() or 1)

@@ -83,7 +83,7 @@ def describe(model_path, as_json):
               help="Multiply a modality's raw values first, one factor for the cohort (per patient: a "
                    "<modality>_scale or weight_kg/injected_dose_bq manifest column; not both).")
 @click.option("--mask-classes", type=int, default=2, show_default=True, help="Label-map classes incl. background.")
-@click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
+@click.option("--workers", type=int, default=None, help="Preprocessing processes [default: what the available memory holds, at most the CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
 @click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
 @click.option("--runner", type=click.Choice(["multiprocessing", "beam"]), default="multiprocessing", show_default=True,
