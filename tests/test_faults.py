@@ -97,7 +97,7 @@ def test_mixed_float16_stages_train_on_one_device(phantom_records, tmp_path):
     for stage in stages:
         record = train.train_stage(pipeline, stage["name"], tmp_path / "run", verbose=0)
         assert record["spec"]["training"]["precision"] == "mixed_float16"
-        assert all(np.isfinite(v) for v in record["history"][-1].values())
+        assert all(np.isfinite(v) for k, v in record["history"][-1].items() if k.endswith("loss"))
     assert record["plugins"]
     model = keras.models.load_model(tmp_path / "run" / "stages" / "01-prognosis" / "model.keras")
     assert all(w.dtype == "float32" for w in model.weights)

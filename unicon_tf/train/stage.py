@@ -59,9 +59,11 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         init: for the first stage, a `.keras` model to start from instead of `foundation`.
         resume: continue an interrupted stage from its last epoch checkpoint. The checkpoint
             records the stage's definition and data (`checkpoint_fingerprint`); a resume
-            under a changed one is refused, naming each changed field.
-        accept_changes: with `resume`, continue under a changed definition or data anyway;
-            the changes are recorded in stage.json (`resume_changes`).
+            under a changed one (an edited pipeline file, other data) is refused, naming
+            each changed field. An override given with the resume (e.g. a lower
+            `learning_rate` after a NaN loss) is a change asked for: it is accepted.
+        accept_changes: with `resume`, continue under a changed definition or data anyway.
+            Every change a resume accepts is recorded in stage.json (`resume_changes`).
         data_root: resolve the pipeline's relative data paths against this folder.
         callbacks: extra Keras callbacks for `fit`.
         verbose: Keras progress-bar verbosity (0 silent, 1 bar, 2 one line per epoch).
@@ -164,8 +166,10 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     written = StageFolder(chief_folder(out.path, distribution)) if distribution else out
     try:
         with distribution.scope() if distribution else contextlib.nullcontext():
+            asked = {f"training.{k}" for k, v in dict(strategy=strategy, epochs=epochs, learning_rate=learning_rate,
+                                                      precision=precision).items() if v is not None}
             record = _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume,
-                          callbacks, verbose, distribution, accept_changes)
+                          callbacks, verbose, distribution, accept_changes or asked)
     finally:
         release_folder(written.path, out.path)
     return record
@@ -174,7 +178,8 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
 def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume, callbacks, verbose,
          distribution, accept_changes=False):
     """`fit_stage`'s work once its arguments are checked (in the strategy's scope, if any):
-    reads `out` (the checkpoint to resume), writes `written` (`out` on the chief)."""
+    reads `out` (the checkpoint to resume), writes `written` (`out` on the chief);
+    `accept_changes`: see `_checked_resume`."""
     hp = spec.training
     keras.utils.set_random_seed(hp["seed"])
     network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
@@ -248,7 +253,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
             raise TrainingError(
                 f"Stage '{spec.name}': {problem}. Nothing of that epoch is kept "
                 f"(no checkpoint, no model); last good checkpoint: {last}. Lower the learning rate and "
-                "rerun with --resume.")
+                "rerun with --resume --learning-rate <lower>.")
         best = val_data is not None and selection.update(epoch + 1, logs)
         state = {**state, "epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
         _save_checkpoint(written.checkpoint, network, trainer, state, best=best)
@@ -555,8 +560,11 @@ def _flat(value, prefix=""):
 def _checked_resume(checkpoint, spec, identity, accept_changes):
     """`{field: [checkpoint's value, now]}` of what changed since the checkpoint was written.
 
+    `accept_changes`: True accepts every change; a set of field names (the overrides given
+    with the resume) accepts those.
+
     Raises:
-        StageError: something changed and `accept_changes` is False (names every field).
+        StageError: a change not accepted (the message names every changed field).
     """
     state_file = checkpoint / "state.json"
     recorded = json.loads(state_file.read_text()).get("fingerprint") if state_file.exists() else None
@@ -568,7 +576,7 @@ def _checked_resume(checkpoint, spec, identity, accept_changes):
     changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     if (recorded["data"] or {}).get("fingerprint") != (identity["data"] or {}).get("fingerprint"):
         changes["data"] = [(recorded["data"] or {}).get("path"), (identity["data"] or {}).get("path")]
-    if changes and not accept_changes:
+    if changes and accept_changes is not True and set(changes) - set(accept_changes or ()):
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
         raise StageError(f"Stage '{spec.name}': {checkpoint} was written under another definition or data than the "
                          f"stage's now ({listed}). Undo the change, pass --resume --accept-changes to continue "
