@@ -83,7 +83,8 @@ def main():
     print(f"patient: CT {shape} int16 ({ct_bytes / mb:.0f} MiB stored voxels) + uint8 mask ({mask_bytes / mb:.0f} MiB)")
     print(f"peak NumPy allocations (tracemalloc): {peak / mb:.0f} MiB = {peak / ct_bytes:.2f}x the CT's voxel bytes, "
           f"{peak / (ct_bytes + mask_bytes):.2f}x CT + mask")
-    print(f"peak resident memory growth (ru_maxrss): {rss / mb:.0f} MiB = {rss / ct_bytes:.2f}x the CT's voxel bytes")
+    print(f"peak resident memory growth over the imports' peak (ru_maxrss, a lower bound): {rss / mb:.0f} MiB = "
+          f"{rss / ct_bytes:.2f}x the CT's voxel bytes")
     print(f"time: {seconds:.1f} s; goal: peak <= 3x the raw voxel bytes")
 
 
