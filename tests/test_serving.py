@@ -55,7 +55,7 @@ def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
     second = serving.export_stage(evaluated_run, base=base, labels=["canary"])
     assert second == base / "tiny" / "2"
     assert tree_digest(first) == before  # version 1 untouched, byte for byte
-    assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1", "2"]  # no staging folder left
+    assert sorted(p.name for p in (base / "tiny").iterdir()) == [serving.HIGHEST, "1", "2"]  # no staging folder left
 
     loaded = tf.saved_model.load(str(second))  # the signature defs TF Serving reads (saved_model_cli shows them)
     signatures = loaded.signatures
@@ -262,7 +262,7 @@ def test_concurrent_exports_get_distinct_versions_and_both_labels(evaluated_run,
     versions = {label: int(pathlib.Path(out.strip().splitlines()[-1]).name)
                 for label, (out, _, _) in zip(("stable", "canary"), results)}
     assert sorted(versions.values()) == [1, 2]
-    assert sorted(p.name for p in (base / "tiny").iterdir()) == ["1", "2"]  # no claim, no partial left
+    assert sorted(p.name for p in (base / "tiny").iterdir()) == [serving.HIGHEST, "1", "2"]  # no claim, no partial left
     config = text_format.Parse((base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
     (entry,) = config.model_config_list.config
     assert dict(entry.version_labels) == versions

@@ -97,3 +97,29 @@ def install_keras_hook():
 
 def uninstall_keras_hook():
     sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _OnKerasImport)]
+
+
+def progress_verbosity(verbose, stream=None):
+    """The Keras `fit` verbosity that suits where progress goes: Keras' bar (`verbose=1`)
+    redraws itself with backspaces, carriage returns and ANSI colour codes whatever the
+    output is (its check `"posix" in sys.modules` holds on every Linux), which makes log
+    files and CI logs unreadable; when `stream` (default: stdout) is not a terminal, one
+    plain line per epoch (`verbose=2`) is printed instead.
+
+    Args:
+        verbose: 0 (silent), 1 (bar) or 2 (a line per epoch).
+        stream: where Keras prints (default `sys.stdout`, read when called).
+
+    Returns:
+        `verbose`, or 2 for 1 when `stream` is not a terminal.
+
+    Example:
+    >>> import io
+    >>> progress_verbosity(1, io.StringIO()), progress_verbosity(0, io.StringIO())
+    (2, 0)
+    """
+    stream = sys.stdout if stream is None else stream
+    interactive = getattr(stream, "isatty", None)
+    if verbose == 1 and not (interactive and interactive()):
+        return 2
+    return verbose

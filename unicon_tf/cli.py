@@ -12,6 +12,7 @@ Example:
 import functools
 import json
 import pathlib
+import warnings
 
 import click
 
@@ -108,7 +109,7 @@ def presets_command(name, as_json):
               help="Multiply a modality's raw values first, one factor for the cohort (per patient: a "
                    "<modality>_scale or weight_kg/injected_dose_bq manifest column; not both).")
 @click.option("--mask-classes", type=int, default=2, show_default=True, help="Label-map classes incl. background.")
-@click.option("--workers", type=int, default=None, help="Preprocessing processes [default: CPU count].")
+@click.option("--workers", type=int, default=None, help="Preprocessing processes [default: what the available memory holds, at most the CPU count].")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Examples per TFRecord shard.")
 @click.option("--skip-bad", is_flag=True, help="Write good patients and list bad ones in rejected.csv.")
 @click.option("--runner", type=click.Choice(["multiprocessing", "beam"]), default="multiprocessing", show_default=True,
@@ -198,14 +199,17 @@ def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="First stage only: start from this .keras model instead of a new foundation model.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
+@click.option("--accept-changes", is_flag=True,
+              help="With --resume: continue although the stage's definition or data changed since the checkpoint "
+                   "(the changes are recorded in stage.json and the lineage).")
 @click.option("--distribute", type=click.Choice(DISTRIBUTE), default=None,
               help="Override the stage's distribute: mirrored (this host's devices) or multiworker (TF_CONFIG).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Override the stage's precision.")
 @click.option("--profile-batch", default=None, metavar="N|FIRST,LAST",
               help="TensorBoard profiler: the batch (or range of batches) to profile [default: the stage's, 0].")
 @user_errors
-def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume, distribute,
-          precision, profile_batch):
+def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume, accept_changes,
+          distribute, precision, profile_batch):
     """Train one stage of a pipeline, starting from the previous stage's model.
 
     Goes through the same runner as `unicon-tf run` (ExampleGen for `sources` data, then
@@ -215,15 +219,21 @@ def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_r
     from unicon_tf import train as training
     from unicon_tf.run import StageFolder
 
+    if accept_changes and not resume:
+        raise click.UsageError("--accept-changes applies to --resume only.")
     pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
     runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name)
     outputs = runner.run(stages=[stage], evaluate=False, strategy=strategy, epochs=epochs,
-                         learning_rate=learning_rate, init=init, resume=resume or None, distribute=distribute,
+                         learning_rate=learning_rate, init=init, resume=resume or None,
+                         accept_changes=accept_changes or None, distribute=distribute,
                          precision=precision, profile_batch=_profile_batch(profile_batch))[stage]
     if outputs["model"].properties.get("worker"):
         click.echo(f"stage '{stage}': this worker is done; the chief writes {outputs['model'].uri}")
         return
     record = StageFolder(outputs["model"].uri).record()
+    for entry in record.get("resume_changes", []):
+        click.echo(f"resumed after epoch {entry['after_epoch']} with changes (accepted): "
+                   + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in entry["changes"].items()))
     last = record["history"][-1] if record["history"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") or k == "loss")
     click.echo(f"stage '{stage}' ({record['strategy']}) saved to {outputs['model'].uri}; last epoch: {shown}")
@@ -301,8 +311,15 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
     """Export a blessed stage as the next SavedModel version for TensorFlow Serving."""
     from unicon_tf import serving
 
-    version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
-                                       labels=labels, serving_root=serving_root, example_request=example_request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", serving.ServingWarning)
+        version_dir = serving.export_stage(run_dir, stage, base=base, model_name=model_name, force=force,
+                                           labels=labels, serving_root=serving_root, example_request=example_request)
+    for warning in caught:
+        if issubclass(warning.category, serving.ServingWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     info = json.loads((version_dir / "unicon.json").read_text())
     click.echo(f"exported {version_dir} (signatures: {', '.join(info['signatures'])}; parity max |diff| "
                f"{info['parity_max_abs_diff']:.1e}); config: {base / 'models.config'}")

@@ -18,6 +18,7 @@ Traceback (most recent call last):
 unicon_tf.names.InvalidNameError: modality name 't1-ce' is not allowed: use a lower-case letter, then lower-case letters, digits or '_' (at most 64 characters), e.g. 't1_ce'
 """
 
+import keyword
 import re
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -101,3 +102,73 @@ def check_folder_name(name, kind):
             f"{kind} name {name!r} is not allowed: it names a folder, so use a letter or digit, then letters, "
             f"digits, '_', '-' or '.' (at most 64 characters), e.g. {suggestion!r}")
     return name
+
+
+ENGINES = ("identifier", "kfp_pipeline", "serving")
+"""Where a pipeline, stage or source name (`check_folder_name`'s rule) goes beyond our own
+folders, and each engine's rule (`engine_name` maps a name to it):
+
+| engine         | used for                                        | rule                          |
+|----------------|-------------------------------------------------|-------------------------------|
+| `identifier`   | KFP pipeline parameters (`<stage>_examples`,    | a Python identifier: letters, |
+|                | `<source>_manifest`), Python function arguments | digits, `_`; not a digit first|
+| `kfp_pipeline` | the KFP pipeline's name                         | `[a-z0-9][a-z0-9-]{0,127}`    |
+| `serving`      | TF Serving model names (folder and REST URL)    | the folder rule, unchanged    |
+"""
+
+
+def engine_name(name, engine):
+    """`name` (a valid folder name) as engine `engine` accepts it (see `ENGINES`).
+
+    Args:
+        name: a pipeline, stage, source or served-model name (or one with a suffix, e.g.
+            `seg-2_examples`).
+        engine: one of `ENGINES`.
+
+    Returns:
+        The engine's name: `-` and `.` become `_` and a leading digit gets an `x` for an
+        identifier; lower case with `-` for a KFP pipeline; the name itself for serving.
+
+    Raises:
+        ValueError: an unknown engine.
+
+    Example:
+    >>> [engine_name(n, "identifier") for n in ("seg-2_examples", "cls.v1_examples", "2nd_examples")]
+    ['seg_2_examples', 'cls_v1_examples', 'x2nd_examples']
+    >>> engine_name("Chest.CT", "kfp_pipeline")
+    'chest-ct'
+    """
+    if engine == "identifier":
+        candidate = re.sub(r"[^A-Za-z0-9_]", "_", str(name)) or "x"
+        candidate = candidate if not candidate[0].isdigit() else "x" + candidate
+        return candidate + "_" if keyword.iskeyword(candidate) else candidate
+    if engine == "kfp_pipeline":
+        return re.sub(r"[^a-z0-9-]+", "-", str(name).lower()).strip("-")[:128].strip("-") or "unicon"
+    if engine == "serving":
+        return name
+    raise ValueError(f"unknown engine {engine!r}: expected one of {list(ENGINES)}")
+
+
+def engine_names(names, engine, kind="name"):
+    """`{name: engine_name(name, engine)}` of several names, refusing two that the engine
+    would merge into one (`seg-2` and `seg_2` are one KFP parameter).
+
+    Raises:
+        InvalidNameError: two names map to one engine name (the message names both).
+
+    Example:
+    >>> engine_names(["seg-2", "seg_2"], "identifier", "stage")
+    Traceback (most recent call last):
+    ...
+    unicon_tf.names.InvalidNameError: stage names 'seg-2' and 'seg_2' are both 'seg_2' as an identifier (a KFP parameter or Python name): rename one
+    """
+    mapped, seen = {}, {}
+    for name in names:
+        mapped[name] = engine_name(name, engine)
+        other = seen.setdefault(mapped[name], name)
+        if other != name:
+            what = {"identifier": "an identifier (a KFP parameter or Python name)",
+                    "kfp_pipeline": "a KFP pipeline name"}.get(engine, engine)
+            raise InvalidNameError(f"{kind} names {other!r} and {name!r} are both {mapped[name]!r} as {what}: "
+                                   "rename one")
+    return mapped

@@ -28,7 +28,7 @@ from unicon_tf.run import Run
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
-UNDEFINING = ("resume", "pipeline", "profile_batch")  # parameters that change no result of their own (the stage's are separate)
+UNDEFINING = ("resume", "accept_changes", "pipeline", "profile_batch")  # parameters that change no result of their own (the stage's are separate)
 
 
 class LocalRunner:
@@ -64,7 +64,7 @@ class LocalRunner:
             evaluate: run the Evaluator after each Trainer.
             push: run the Pusher after each Evaluator (needs `evaluate`).
             **overrides: Trainer parameters (strategy, epochs, learning_rate, init, resume,
-                distribute, precision, profile_batch).
+                accept_changes, distribute, precision, profile_batch).
 
         Returns:
             `{stage: {output name: Artifact}}` of the stages run: `model`, and with

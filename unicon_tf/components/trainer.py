@@ -18,7 +18,7 @@ SPEC = ComponentSpec(
     inputs={"examples": "Examples", "base_model": "Model?"},
     outputs={"model": "Model"},
     parameters=("pipeline", "stage", "strategy", "epochs", "learning_rate", "init", "resume", "distribute",
-                "precision", "profile_batch"),
+                "precision", "profile_batch", "accept_changes"),
 )
 
 
@@ -36,8 +36,10 @@ def execute(inputs, parameters, context):
                        epochs=parameters.get("epochs"), learning_rate=parameters.get("learning_rate"),
                        init=parameters.get("init"), resume=parameters.get("resume", False),
                        verbose=context.get("verbose", 1), distribute=parameters.get("distribute"),
-                       precision=parameters.get("precision"), profile_batch=parameters.get("profile_batch"))
+                       precision=parameters.get("precision"), profile_batch=parameters.get("profile_batch"),
+                       accept_changes=parameters.get("accept_changes", False))
     if not record["chief"]:  # a multi-worker strategy's other worker: the chief writes (and records) the stage
         return {"model": Artifact("Model", str(out.path), context["id"], "", {"stage": spec.name, "worker": True})}
     return {"model": Artifact("Model", str(out.path), context["id"], sha256(out.model),
-                              {"stage": spec.name, "head": record["head"], "strategy": record["strategy"]})}
+                              {"stage": spec.name, "head": record["head"], "strategy": record["strategy"],
+                               **({"resume_changes": record["resume_changes"]} if record["resume_changes"] else {})})}

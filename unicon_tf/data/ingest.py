@@ -27,9 +27,11 @@ import multiprocessing
 import os
 import pathlib
 
+import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
+from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.preprocess import preprocess_patient
@@ -48,7 +50,8 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
         manifest: path of the manifest CSV (see `unicon_tf.data.manifest`).
         out: output folder; must not exist yet (or be empty).
         preprocessing: a `Preprocessing` (shape, spacing, windows, crop centre, ...).
-        workers: processes preprocessing patients in parallel (default: CPU count).
+        workers: processes preprocessing patients in parallel (default: as many as the
+            available memory holds, at most the CPU count; see `default_workers`).
         skip_bad: write every good patient and list the bad ones (a bad manifest row or a
             bad image) in `rejected.csv` instead of failing on the first; problems of the
             whole cohort (a required column missing, duplicate ids) stay fatal.
@@ -85,7 +88,7 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
                 raise DataError(str(error), file=cohort.path, field=modality) from error
     if runner not in RUNNERS:
         raise ValueError(f"Unknown ingestion runner '{runner}': expected one of {list(RUNNERS)}.")
-    workers = max(1, int(workers or os.cpu_count() or 1))
+    workers = max(1, int(workers or default_workers(cohort)))
 
     with atomic_folder(out) as staging:
         if runner == "beam":
@@ -97,7 +100,8 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
             outcomes = _process_and_write(cohort, preprocessing, workers, writer)
         stats = _Stats(cohort.modalities)
         rejected = list(cohort.rejected)  # (patient_id, split, DataError), manifest rows first
-        progress = tf.keras.utils.Progbar(len(cohort), unit_name="patient") if verbose else None
+        progress = tf.keras.utils.Progbar(len(cohort), unit_name="patient",
+                                          verbose=progress_verbosity(1)) if verbose else None
         for done, (patient, outcome) in enumerate(outcomes, 1):
             if isinstance(outcome, DataError):
                 if not skip_bad:
@@ -132,10 +136,14 @@ def process_patient(patient, preprocessing, targets):
         contribution to `stats.json` (see `patient_summary`).
 
     Raises:
-        DataError: naming the patient, file and field of bad input.
+        DataError: naming the patient, file and field of bad input, or of the image whose
+            preprocessing ran out of memory.
     """
-    result = preprocess_patient(patient, preprocessing)
-    return encode_example(result, targets), patient_summary(result)
+    try:
+        result = preprocess_patient(patient, preprocessing)
+        return encode_example(result, targets), patient_summary(result)
+    except MemoryError as error:  # NumPy's _ArrayMemoryError too: one patient's images, not the cohort
+        raise out_of_memory(patient, error) from None
 
 
 def patient_summary(result):
@@ -156,6 +164,74 @@ def _process(job):
         return patient, process_patient(patient, preprocessing, targets)
     except DataError as error:
         return patient, error
+
+
+def out_of_memory(patient, error):
+    """The `DataError` of a patient whose preprocessing ran out of memory (a patient-level
+    error: `skip_bad` lists it in rejected.csv and goes on)."""
+    files = {**patient.images, **({"mask": patient.mask} if patient.mask else {})}
+    largest = max(files, key=lambda k: _voxel_bytes(files[k]))
+    return DataError(f"ran out of memory preprocessing this patient ({type(error).__name__}: {error}); its largest "
+                     f"image holds {_voxel_bytes(files[largest]) / 2**20:.0f} MiB of voxels: give ingestion more "
+                     "memory or fewer --workers", patient=patient.patient_id, file=files[largest], field=largest)
+
+
+def _voxel_bytes(path):
+    """Bytes of an image's voxels as stored (from its header; 0 when it cannot be read)."""
+    try:
+        image = nib.load(str(path))
+        return int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 (an unreadable file is reported by its own check)
+        return 0
+
+
+PEAK_PER_RAW_BYTE = 3
+"""Peak memory of preprocessing one patient, in bytes per stored voxel byte of its images
+(the goal `benchmarks/ingest_memory.py` measures)."""
+
+
+def default_workers(cohort, available=None):
+    """Worker processes that fit in memory: the available memory (the cgroup limit or
+    MemAvailable) over the peak of the cohort's largest patient (`PEAK_PER_RAW_BYTE` x its
+    stored voxel bytes, read from the first patients' headers, plus 200 MiB per process),
+    at most the CPU count, at least 1.
+
+    Args:
+        cohort: a read `Manifest`.
+        available: bytes of memory to plan with (default: measured).
+
+    Returns:
+        The worker count.
+    """
+    cpus = os.cpu_count() or 1
+    available = available_memory() if available is None else available
+    sample = cohort.patients[:8]
+    largest = max((sum(_voxel_bytes(p) for p in [*patient.images.values(), patient.mask] if p)
+                   for patient in sample), default=0)
+    per_worker = PEAK_PER_RAW_BYTE * largest + 200 * 2**20
+    if not available:
+        return cpus
+    return max(1, min(cpus, int(available // per_worker)))
+
+
+def available_memory():
+    """Bytes of memory this process may still use: the smaller of the cgroup's limit less its
+    usage (containers) and the host's MemAvailable; None when neither can be read."""
+    found = []
+    try:
+        limit = pathlib.Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(pathlib.Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
 
 
 def _process_and_write(cohort, preprocessing, workers, writer):

@@ -184,6 +184,35 @@ def load_volume(path, patient=None, field=None, reference=None):
             affine that is not finite or singular (the message says which header field).
     """
 
+    image, fail = _checked_image(path, patient, field, reference)
+    try:
+        image = nib.as_closest_canonical(image)
+    except Exception as error:
+        raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
+    return _float_voxels(image, fail), image.affine
+
+
+def _float_voxels(image, fail):
+    """The image's voxels as float32 `(X, Y, Z)`, scaling applied, none NaN or Inf."""
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:3])
+    except Exception as error:
+        raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
+    bad = _count_non_finite(data)
+    if bad:
+        raise fail(f"{bad} of {data.size} voxels are NaN or Inf")
+    return data
+
+
+def _checked_image(path, patient=None, field=None, reference=None):
+    """`(image, fail)`: the image at `path` (NIfTI, or DICOM/ITK read into one), its header checked (readable, a finite and
+    non-singular affine, one 3D volume, no empty dimension) and squeezed to 3D, its voxels
+    not read; `fail(message)` makes the DataError naming patient, file and field.
+
+    Raises:
+        DataError: see `load_volume`.
+    """
+
     def fail(message):
         return DataError(message, patient=patient, file=path, field=field)
 
@@ -219,15 +248,43 @@ def load_volume(path, patient=None, field=None, reference=None):
                    f"expected a 3D image, got {len(shape)}D with shape {shape}")
     if 0 in shape:
         raise fail(f"the image is empty: a dimension of size 0 (shape {shape})")
-    try:
-        image = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
-        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(image.shape[:3])
-    except Exception as error:
-        raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise fail(f"{bad} of {data.size} voxels are NaN or Inf")
-    return data, image.affine
+    return nib.funcs.squeeze_image(image), fail
+
+
+def load_stored_volume(path, patient=None, field=None, reference=None):
+    """A 3D NIfTI's voxels as stored, for resampling without a full-resolution float copy.
+
+    `load_volume` returns float32 in RAS voxel order: for a 512x512x600 int16 CT that is
+    twice the stored bytes, plus a reoriented copy. Resampling needs neither (it goes
+    through the affine): this returns the stored array (integers unscaled: the NIfTI
+    `scl_slope`/`scl_inter` are returned to apply after resampling, on the small grid;
+    floats as float32 with the scaling applied) in the file's own voxel order.
+
+    Args:
+        path, patient, field, reference: as `load_volume` (a DICOM or ITK image is read whole,
+            as float32: only NIfTI integers are kept as stored).
+
+    Returns:
+        `(data, affine, slope, intercept)`: the value of a voxel is `data * slope + intercept`.
+
+    Raises:
+        DataError: as `load_volume` (NaN or Inf voxels of a float image included).
+    """
+    image, fail = _checked_image(path, patient, field, reference)
+    proxy = image.dataobj
+    if np.issubdtype(image.get_data_dtype(), np.integer) and hasattr(proxy, "get_unscaled"):
+        try:
+            data = np.asarray(proxy.get_unscaled()).reshape(image.shape[:3])
+        except Exception as error:
+            raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
+        return data, image.affine, float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    return _float_voxels(image, fail), image.affine, 1.0, 0.0
+
+
+def _count_non_finite(data, slab=8):
+    """NaN and Inf voxels of a 3D array, counted slab by slab (no full-size mask)."""
+    return sum(int(data[i:i + slab].size - np.count_nonzero(np.isfinite(data[i:i + slab])))
+               for i in range(0, data.shape[0], slab))
 
 
 def _affine_source(image):
@@ -276,17 +333,19 @@ def reference_grid(data, affine, spacing):
     return grid, tuple(int(s) for s in shape)
 
 
-def resample(data, affine, grid_affine, grid_shape, order, fill):
+def resample(data, affine, grid_affine, grid_shape, order, fill, output=None):
     """Sample `data` (with `affine`) on the grid `grid_affine` of shape `grid_shape`.
 
     Args:
         order: 1 for images (trilinear), 0 for label maps (nearest).
         fill: value outside the image's field of view.
+        output: the result's dtype (default: `data`'s); SciPy reads `data` in its own
+            dtype, so an int16 image is resampled without a float copy of it.
     """
     voxel_from_grid = np.linalg.inv(affine) @ grid_affine
     return ndimage.affine_transform(
         data, voxel_from_grid[:3, :3], offset=voxel_from_grid[:3, 3], output_shape=tuple(grid_shape),
-        order=order, mode="constant", cval=fill, prefilter=False,
+        order=order, mode="constant", cval=fill, prefilter=False, output=output,
     )
 
 
@@ -372,33 +431,40 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
     """
     prep, scales = preprocessing, scales or {}
     modalities = list(images)
-    reference, ref_affine = load_volume(images[modalities[0]], patient, modalities[0])
-    grid_affine, grid_shape = reference_grid(reference, ref_affine, prep.spacing)
-    volumes, grids = {}, []
+    # One full-resolution image in memory at a time, as stored (int16 CT: 2 bytes a voxel),
+    # resampled at once onto the (small) grid; its NIfTI scaling is applied there.
+    volumes, ref_shape, ref_affine, grid_affine, grid_shape = {}, None, None, None, None
+    grids = []
     for modality in modalities:
         window = prep.window(modality)
         window = dataclasses.replace(window, scale=window.scale * scales.get(modality, 1.0))
+        data, affine, slope, intercept = load_stored_volume(images[modality], patient, modality)
         if modality == modalities[0]:
-            data, affine = reference, ref_affine
+            ref_shape, ref_affine = data.shape, affine
+            grid_affine, grid_shape = reference_grid(data, affine, prep.spacing)
         else:
-            data, affine = load_volume(images[modality], patient, modality)
-            coverage = fov_coverage(reference.shape, ref_affine, data.shape, affine)
+            coverage = fov_coverage(ref_shape, ref_affine, data.shape, affine)
             if coverage < prep.min_overlap:
                 raise DataError(
                     f"covers {coverage:.0%} of the reference image's field of view (needs >= "
                     f"{prep.min_overlap:.0%}): check its affine (not overlapping the {modalities[0]}?)",
                     patient=patient, file=images[modality], field=modality)
         grids.append((data.shape, affine))  # where a RTSTRUCT mask may have been drawn
-        raw = resample(data, affine, grid_affine, grid_shape, order=1, fill=window.low / window.scale)
+        fill = (window.low / window.scale - intercept) / slope  # in stored units
+        raw = resample(data, affine, grid_affine, grid_shape, order=1, fill=fill, output=np.float32)
+        del data
+        raw = raw * np.float32(slope) + np.float32(intercept) if (slope, intercept) != (1.0, 0.0) else raw
         if modality == modalities[0]:
             body = raw > prep.body_threshold
         volumes[modality] = window.apply(raw)
     label_map = None
     dicom.check_identity({**{m: images[m] for m in modalities}, "mask": mask}, patient)
     if mask is not None:
-        data, affine = load_volume(mask, patient, "mask", reference=grids)
-        _check_mask(data, affine, reference.shape, ref_affine, prep, patient, mask, modalities[0])
-        label_map = resample(data, affine, grid_affine, grid_shape, order=0, fill=0).astype(np.uint8)
+        data, affine, slope, intercept = load_stored_volume(mask, patient, "mask", reference=grids)
+        _check_mask(data, affine, ref_shape, ref_affine, prep, patient, mask, modalities[0], slope, intercept)
+        label_map = resample(data, affine, grid_affine, grid_shape, order=0, fill=0)
+        label_map = np.rint(label_map * slope + intercept) if (slope, intercept) != (1.0, 0.0) else label_map
+        label_map = label_map.astype(np.uint8)
     return PatientGrid(affine=grid_affine, shape=grid_shape, images=volumes, body=body, mask=label_map)
 
 
@@ -434,11 +500,18 @@ def fov_coverage(shape, affine, other_shape, other_affine, points=None):
     return float(inside.mean())
 
 
-def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, reference):
+def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, reference, slope=1.0, intercept=0.0):
+    """Refuse a mask whose values are not classes or that lies mostly outside the reference
+    image. `data * slope + intercept` are its values (`load_stored_volume`); it is read a
+    slab at a time, so no full-size temporary is made (a mask as large as its CT must not
+    double the patient's memory)."""
     def fail(message):
         return DataError(message, patient=patient, file=file, field="mask")
 
-    values = np.unique(data)
+    values = set()
+    for i in range(0, data.shape[0], 8):
+        values.update(np.unique(data[i:i + 8]).tolist())
+    values = np.array(sorted(values), dtype=np.float64) * slope + intercept
     bad = values[(values != np.round(values)) | (values < 0) | (values > prep.mask_classes - 1)]
     if bad.size:
         legend = dicom.class_legend(file)
@@ -450,12 +523,26 @@ def _check_mask(data, affine, ref_shape, ref_affine, prep, patient, file, refere
     if shared < prep.min_overlap:
         raise fail(f"lies mostly outside the {reference} image: they share {shared:.0%} of the smaller field of "
                    f"view (needs >= {prep.min_overlap:.0%}): check its affine")
-    foreground = np.argwhere(data > 0)
-    foreground = foreground[:: max(1, len(foreground) // 100_000)]
-    inside = fov_coverage(data.shape, affine, ref_shape, ref_affine, points=foreground)
+    inside = fov_coverage(data.shape, affine, ref_shape, ref_affine,
+                          points=_foreground_points(data, 0 if intercept == 0 and slope > 0 else -intercept / slope))
     if inside < prep.min_overlap:
         raise fail(f"{1 - inside:.0%} of its foreground lies outside the {reference} image (needs >= "
                    f"{prep.min_overlap:.0%} inside): check its affine")
+
+
+def _foreground_points(data, background=0, limit=100_000, slab=8):
+    """Voxel indices `(n, 3)` of at most about `limit` foreground voxels (stored value above
+    `background`), evenly spread, found a slab at a time (never an index array of the whole
+    foreground, 24 bytes a voxel)."""
+    counts = [int(np.count_nonzero(data[i:i + slab] > background)) for i in range(0, data.shape[0], slab)]
+    step, seen, points = max(1, sum(counts) // limit), 0, []
+    for count, i in zip(counts, range(0, data.shape[0], slab)):
+        if count:
+            found = np.argwhere(data[i:i + slab] > background)
+            first = (-seen) % step  # the global stride continues across slabs
+            points.append(found[first::step] + [i, 0, 0])
+            seen += count
+    return np.concatenate(points) if points else np.zeros((0, 3), int)
 
 
 def preprocess_patient(patient, preprocessing):

@@ -24,6 +24,7 @@ import numpy as np
 
 from unicon_tf.evaluate.matrix import bless, summarize
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
+from unicon_tf.train.checks import validation_never_measured
 from unicon_tf.train.metrics import METRIC_NAMES
 from unicon_tf.files import sha256, write_json_atomic
 from unicon_tf.run import Evaluation, Run, StageFolder
@@ -89,7 +90,10 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     Returns:
         `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`, and
         `metrics`: `{head: main metric}`, e.g. `dice`, the per-patient mean), also
-        written to the output folder's `blessing.json`.
+        written to the output folder's `blessing.json`. A stage that selected its weights
+        on a validation value that was NaN at every epoch
+        (`unicon_tf.train.checks.validation_never_measured`) is not blessed: nothing judged
+        the weights it kept.
 
     Raises:
         StageError, DataError: see `score_stage`.
@@ -105,6 +109,9 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     labels = [f"{head} {METRIC_NAMES[metric]}" for head, metric in zip(result["tasks"], metrics)]
     verdict = bless(previous_row or [], result["row"], labels, tolerance=training["tolerance"],
                     threshold=training["threshold"])
+    unmeasured = validation_never_measured(result["record"])
+    if unmeasured:  # nothing judged the weights kept: not pushed, whatever the test split says
+        verdict = {**verdict, "blessed": False, "reasons": verdict["reasons"] + [f"{labels[-1]}: {unmeasured}"]}
     result["blessing"] = {"stage": result["stage"], **verdict, "metrics": dict(zip(result["tasks"], metrics))}
     result["folder"].write_blessing(result["blessing"])
     return result

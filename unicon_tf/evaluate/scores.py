@@ -38,8 +38,14 @@ def predict_head(model, head, data_dir, split="test", batch_size=4):
     Returns:
         dict with `output` (the head's raw output for every patient), `target`,
         `patient_id` (str) and `affine` (4x4 per patient), in split order.
+
+    Raises:
+        ValueError: the model has no head `head` (the message names the heads it has).
     """
-    head_layer = model_parts(model)["heads"][head]
+    heads = model_parts(model)["heads"]
+    if head not in heads:
+        raise ValueError(f"Model '{model.name}' has no head '{head}' (its heads: {sorted(heads)}).")
+    head_layer = heads[head]
     sub = keras.Model({m: model.input[m] for m in head_layer.modalities}, model.output[head])
     ds = dataset(data_dir, split, task=head_layer.task, batch_size=batch_size, shuffle=False,
                  modalities=head_layer.modalities, with_meta=True)

@@ -38,7 +38,7 @@ from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, p
 from unicon_tf.evaluate.scores import MAIN_METRIC
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
-from unicon_tf.run import BASELINES, Run
+from unicon_tf.run import BASELINES, Run, StageError
 from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 
@@ -298,14 +298,26 @@ def _moved(value, old, new):
 
 def _baseline_predictions(pipeline, folders, kind):
     """Per-patient test predictions of every head of a baseline, from the model its final
-    score is from (`folders`: the baseline's trained stage folders, as `train_baselines` gives them)."""
-    models, predictions = {}, {}
-    for j, spec in enumerate(pipeline.stages):
-        path = (folders[j] if kind == "single_task" else folders[-1]).model
-        if path not in models:
-            models[path] = keras.models.load_model(path)
-        head = pipeline.head_name(j)
-        predictions[head] = _per_patient(spec.task, predict_head(models[path], head, spec.data, "test"))
+    score is from (`folders`: the baseline's trained stage folders, as `train_baselines`
+    gives them): each head as the baseline's own record names it (`stage.json`'s `heads`),
+    on that head's data.
+
+    Raises:
+        StageError: the baseline's models lack a head of the pipeline (the message names
+            the baseline, the head and the heads its models have).
+    """
+    final = folders if kind == "single_task" else folders[-1:]
+    predictions = {}
+    for folder in final:
+        record = folder.record()
+        model = keras.models.load_model(folder.model)
+        for entry in record["heads"][-1:] if kind == "single_task" else record["heads"]:
+            predictions[entry["head"]] = _per_patient(entry["task"],
+                                                      predict_head(model, entry["head"], entry["data"], "test"))
+    missing = [pipeline.head_name(j) for j in range(len(pipeline.stages)) if pipeline.head_name(j) not in predictions]
+    if missing:
+        raise StageError(f"The {kind} baseline in {folders[-1].path.parent.parent} has no head {missing} "
+                         f"(its models have {sorted(predictions)}): delete the baseline's folder and run again.")
     return predictions
 
 

@@ -27,7 +27,6 @@ import inspect
 import json
 import os
 import pathlib
-import re
 
 import yaml
 from kfp import compiler, dsl
@@ -35,6 +34,7 @@ from kfp import compiler, dsl
 from unicon_tf.components import COMPONENTS
 from unicon_tf.kubeflow import artifacts
 from unicon_tf.kubeflow.tasks import TASKS
+from unicon_tf.names import InvalidNameError, engine_name, engine_names
 from unicon_tf.train.pipeline import PipelineError, PipelineSpec, load_pipeline
 from unicon_tf.version import __version__
 
@@ -156,16 +156,22 @@ def _external_inputs(spec):
     """`{pipeline parameter: (kind, default URI, [users])}` of what the pipeline reads from
     outside: a manifest per `sources` entry used (users: the source), an ingested folder
     per distinct stage `data` (users: the stages sharing it; named after the first)."""
-    inputs, folders = {}, {}
+    inputs, folders, names = {}, {}, {}
     for stage in spec.stages:
         if stage.source:
-            inputs.setdefault(f"{stage.source}_manifest", ("manifest", spec.sources[stage.source]["manifest"],
-                                                           [stage.source]))
+            names.setdefault(f"{stage.source}_manifest", ("manifest", spec.sources[stage.source]["manifest"],
+                                                          [stage.source]))
         elif str(stage.data) in folders:
-            inputs[folders[str(stage.data)]][2].append(stage.name)
+            names[folders[str(stage.data)]][2].append(stage.name)
         else:
             folders[str(stage.data)] = f"{stage.name}_examples"
-            inputs[f"{stage.name}_examples"] = ("examples", str(stage.data), [stage.name])
+            names[f"{stage.name}_examples"] = ("examples", str(stage.data), [stage.name])
+    try:  # KFP parameters are Python identifiers: `seg-2_examples` becomes `seg_2_examples`
+        parameters = engine_names(list(names) + ["serving_base", "model_name"], "identifier", "parameter")
+    except InvalidNameError as error:
+        raise PipelineError(f"{spec.path}: {error}") from error
+    for name, value in names.items():
+        inputs[parameters[name]] = value
     return inputs
 
 
@@ -187,7 +193,7 @@ def _set_resources(task, stage, spec):
 
 def _kfp_name(name):
     """A pipeline name KFP accepts (lower case, digits and dashes)."""
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "unicon"
+    return engine_name(name, "kfp_pipeline")
 
 
 def format_task_graph(spec):

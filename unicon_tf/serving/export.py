@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import socket
 import threading
+import warnings
 
 import keras
 import numpy as np
@@ -102,15 +103,52 @@ def check_volume_shape(modality, volume, shape):
                                          tf.shape(volume)], summarize=8, name=f"check_{modality}_shape")
 
 
-def next_version(model_dir):
-    """The next free integer version under `model_dir` (1 when there is none).
+HIGHEST = ".highest-version"
+"""In a model folder: the highest version ever claimed there, so that a version deleted by
+hand is never handed out again (TF Serving clients and labels take a number to mean one
+model)."""
 
-    A version is taken when its folder exists or an export in progress claimed it.
-    """
+
+def highest_version(model_dir):
+    """The highest version ever claimed under `model_dir` (its folders, claims in progress and
+    the remembered `.highest-version`); 0 when there is none."""
     model_dir = pathlib.Path(model_dir)
     taken = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
     taken += [int(p.name.split("-")[1]) for p in model_dir.glob(".claim-*") if p.name.split("-")[1].isdigit()]
-    return max(taken, default=0) + 1
+    remembered = model_dir / HIGHEST
+    if remembered.exists() and remembered.read_text().strip().isdigit():
+        taken.append(int(remembered.read_text().strip()))
+    return max(taken, default=0)
+
+
+def next_version(model_dir):
+    """The next integer version under `model_dir` (1 when there is none): one past the
+    highest ever claimed (`highest_version`), so versions never go backwards, even when a
+    version folder was deleted.
+
+    Example:
+    >>> import tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> (folder / "1").mkdir(); (folder / "2").mkdir(); _remember_version(folder, 2); (folder / "2").rmdir()
+    >>> next_version(folder)
+    3
+    """
+    return highest_version(model_dir) + 1
+
+
+def _remember_version(model_dir, version):
+    """Raise the remembered highest version of `model_dir` to `version`: read and rewritten
+    under an exclusive lock on the file itself (concurrent exports each raise it)."""
+    with open(pathlib.Path(model_dir) / HIGHEST, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released on close
+        handle.seek(0)
+        known = handle.read().strip()
+        if not known.isdigit() or int(known) < version:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{version}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _claim_version(model_dir, version=None):
@@ -131,6 +169,11 @@ def _claim_version(model_dir, version=None):
             final, claim = model_dir / str(candidate), model_dir / f".claim-{candidate}"
             if final.exists() and version:
                 raise ExportError(f"{final} already exists: versions are never overwritten.")
+            highest = highest_version(model_dir)
+            if version and candidate <= highest:
+                raise ExportError(f"version {candidate} of {model_dir} is not above the highest version ever "
+                                  f"claimed there ({highest}, {model_dir / HIGHEST}): versions never go backwards; "
+                                  f"leave the version out (next: {highest + 1}).")
             try:
                 os.link(owner, claim)
             except FileExistsError:
@@ -143,6 +186,7 @@ def _claim_version(model_dir, version=None):
                 if version:
                     raise ExportError(f"{final} already exists: versions are never overwritten.")
                 continue
+            _remember_version(model_dir, candidate)
             return candidate, claim
     finally:
         owner.unlink()
@@ -321,11 +365,17 @@ def update_models_config(base, model_name, serving_root="/models", labels=None):
 
     An existing entry keeps its version policy (`all`, `latest` or `specific`); a version
     a label points at is added to a `specific` list, since TF Serving refuses a label on a
-    version it does not load. The file is rewritten under an exclusive lock
-    (`.models.config.lock`), so concurrent exports each add their labels.
+    version it does not load. When the model's folder is under `base`, labels and pinned
+    versions of the entry whose version folder is gone are dropped and reported
+    (`ServingWarning`), and a label set to a missing version is refused. The file is
+    rewritten under an exclusive lock (`.models.config.lock`), so concurrent exports each
+    add their labels.
 
     Returns:
         The config file's path.
+
+    Raises:
+        ExportError: `labels` point at versions the model's folder does not hold.
     """
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
@@ -345,12 +395,53 @@ def update_models_config(base, model_name, serving_root="/models", labels=None):
         policy = entry.model_version_policy
         if policy.WhichOneof("policy_choice") is None:
             policy.all.SetInParent()  # a new entry serves every version
+        model_dir = path.parent / model_name
+        present = _present_versions(model_dir)
+        missing = {label: v for label, v in (labels or {}).items() if present is not None and int(v) not in present}
+        if missing:
+            raise ExportError(f"{path}: labels {missing} point at versions of '{model_name}' that {model_dir} does "
+                              f"not hold (it holds {sorted(present)}).")
         for label, version in (labels or {}).items():
             entry.version_labels[label] = int(version)
             if policy.HasField("specific") and int(version) not in policy.specific.versions:
                 policy.specific.versions.append(int(version))  # a label needs its version loaded
+        _drop_missing_versions(path, entry, present)
         write_text_atomic(path, text_format.MessageToString(config))
     return path
+
+
+class ServingWarning(UserWarning):
+    """`models.config` named versions that no longer exist; they were dropped (names them)."""
+
+
+def _present_versions(model_dir):
+    """The version numbers `model_dir` holds; None when there is no such folder here (the
+    config names models served from elsewhere: nothing can be checked)."""
+    if not model_dir.is_dir():
+        return None
+    return {int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def _drop_missing_versions(path, entry, present):
+    """Drop from a config entry the labels and `specific` versions whose version folder is
+    gone (deleted by hand): TF Serving would refuse the labels, or serve a label moved to
+    another model once the number were reused. Each drop is reported as a `ServingWarning`."""
+    if present is None:
+        return
+    dropped = {label: v for label, v in entry.version_labels.items() if v not in present}
+    for label in dropped:
+        del entry.version_labels[label]
+    policy = entry.model_version_policy
+    gone = [v for v in policy.specific.versions if v not in present] if policy.HasField("specific") else []
+    if gone:
+        kept = [v for v in policy.specific.versions if v in present]
+        del policy.specific.versions[:]
+        policy.specific.versions.extend(kept)
+    if dropped or gone:
+        what = [f"label {label!r} -> version {v}" for label, v in sorted(dropped.items())]
+        what += [f"pinned version {v}" for v in gone]
+        warnings.warn(f"{path}: model '{entry.name}': dropped {', '.join(what)}: no such version folder under "
+                      f"{path.parent / entry.name} (deleted?).", ServingWarning, stacklevel=3)
 
 
 def export_stage(run_dir, stage=None, base="saved_models", model_name=None, force=False, labels=None,

@@ -28,6 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
+from unicon_tf._quiet import progress_verbosity
 from unicon_tf.files import save_model_atomic
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.run import BASELINES, Run, StageFolder
@@ -87,7 +88,7 @@ def _naive(pipeline, run, verbose):
     target = Run.create(run.baseline_dir("naive"), naive.name, naive.path)
     _reuse_first_stage(run, pipeline, target)
     _train_missing(naive, target, verbose)
-    return target.trained_stages()
+    return Run(target.path).trained_stages()  # run.json as training left it (`target` read it before)
 
 
 def best_val(spec):
@@ -207,7 +208,7 @@ def _joint(pipeline, run, verbose):
                                                    weight_decay=specs[0].training["weight_decay"]))
     history = []
     for epoch in range(epochs):
-        joint.fit(stage_batches(epoch), epochs=1, verbose=verbose, shuffle=False)
+        joint.fit(stage_batches(epoch), epochs=1, verbose=progress_verbosity(verbose), shuffle=False)
         history.append({k: float(v[-1]) for k, v in joint.history.history.items()})
     out.path.mkdir(parents=True, exist_ok=True)
     save_model_atomic(network, out.model)

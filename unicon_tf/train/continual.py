@@ -83,9 +83,18 @@ class ContinualModel(keras.Model):
             terms = self._task_terms(targets, outputs, sample_weight)
             terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
-        variables = self.trainable_variables
-        self.optimizer.apply(tape.gradient(self.optimizer.scale_loss(loss), variables), variables)
+            # Scaled inside the tape (mixed_float16's LossScaleOptimizer): a loss scaled
+            # outside it has no gradient.
+            scaled = self.optimizer.scale_loss(loss)
+        self._apply_gradients(tape, scaled)
         return self._record(loss, terms, targets, outputs)
+
+    def _apply_gradients(self, tape, scaled):
+        """The optimizer's step on the gradients of `scaled` (the loss, scaled for mixed
+        precision, taken in `tape`); a loss scale optimizer unscales them and skips a step
+        whose gradients overflowed."""
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
 
     def _replica_train_step(self, inputs, valid, targets, sample_weight):
         """One replica's step under a `tf.distribute` strategy (see `unicon_tf.train.distribute`).
@@ -102,8 +111,7 @@ class ContinualModel(keras.Model):
             terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
             loss = tf.add_n(list(terms.values()))
             scaled = self.optimizer.scale_loss(loss / replicas)
-        variables = self.trainable_variables
-        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self._apply_gradients(tape, scaled)
         return replica_logs(self._record(loss, terms, targets, outputs))
 
     def _gather(self, inputs, valid, targets, sample_weight, outputs):

@@ -119,6 +119,17 @@ class LogitAUC(keras.metrics.AUC):
             return super().update_state(labels, probabilities[:, 1], sample_weight)
         return super().update_state(ops.one_hot(labels, self.num_classes), probabilities, sample_weight)
 
+    def result(self):
+        """The AUC; NaN when the examples seen hold fewer than two classes (as
+        `unicon_tf.evaluate.scores.classification_scores`), where Keras' AUC gives 0."""
+        positives = self.true_positives[0] + self.false_negatives[0]  # per label for > 2 classes
+        if self.num_classes == 2:
+            classes = ops.cast(positives > 0, "int32") + ops.cast(self.true_negatives[0] + self.false_positives[0] > 0,
+                                                                   "int32")
+        else:
+            classes = ops.sum(ops.cast(positives > 0, "int32"))
+        return ops.where(classes >= 2, super().result(), float("nan"))
+
     def get_config(self):
         config = super().get_config()
         config.pop("multi_label", None), config.pop("num_labels", None)

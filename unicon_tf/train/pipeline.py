@@ -247,7 +247,8 @@ def load_pipeline(path, data_root=None):
     unknown = set(defaults) - set(TRAINING_DEFAULTS)
     if unknown:
         raise PipelineError(f"{path}: unknown default(s) {sorted(unknown)}; known: {sorted(TRAINING_DEFAULTS)}.")
-    sources = {str(name): _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
+    sources = {_checked_name(f"{path}: sources", "name", str(name), "source", check_folder_name):
+               _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
     encoder = _encoder(path, raw.get("encoder"), root)
     family = _family_name(encoder.get("encoder"))
     stages = [_stage(path, index, entry, defaults, root, sources, family)

@@ -10,6 +10,7 @@ directory (`unicon_tf.run.Run`), `fit_stage` for any pair of folders (the Traine
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import shutil
@@ -21,10 +22,12 @@ import numpy as np
 import tensorflow as tf
 
 from unicon_tf import presets
+from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import data_fingerprint, dataset, read_schema
 from unicon_tf.files import atomic_folder, save_model_atomic, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
 from unicon_tf.run import Run, StageError, StageFolder
+from unicon_tf.train.checks import check_head_fits_data, check_train_split, check_validation_split
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.distribute import chief_folder, get_strategy, release_folder, replica_batches
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -41,7 +44,7 @@ class TrainingError(RuntimeError):
 
 def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_rate=None, init=None,
                 resume=False, data_root=None, callbacks=(), verbose=1, distribute=None, precision=None,
-                profile_batch=None):
+                profile_batch=None, accept_changes=False):
     """Train stage `stage` of `pipeline` into its folder of `run_dir`; return its record.
 
     The previous stage must be trained in the same run directory, from the same
@@ -56,7 +59,13 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
             `mirrored`, `multiworker`), `precision` (`float32`, `mixed_float16`,
             `mixed_bfloat16`) and TensorBoard `profile_batch`.
         init: for the first stage, a `.keras` model to start from instead of `foundation`.
-        resume: continue an interrupted stage from its last epoch checkpoint.
+        resume: continue an interrupted stage from its last epoch checkpoint. The checkpoint
+            records the stage's definition and data (`checkpoint_fingerprint`); a resume
+            under a changed one (an edited pipeline file, other data) is refused, naming
+            each changed field. An override given with the resume (e.g. a lower
+            `learning_rate` after a NaN loss) is a change asked for: it is accepted.
+        accept_changes: with `resume`, continue under a changed definition or data anyway.
+            Every change a resume accepts is recorded in stage.json (`resume_changes`).
         data_root: resolve the pipeline's relative data paths against this folder.
         callbacks: extra Keras callbacks for `fit`.
         verbose: Keras progress-bar verbosity (0 silent, 1 bar, 2 one line per epoch).
@@ -85,14 +94,15 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
         base = run.trained_stage(index - 1, previous.name, previous.fingerprint())
     out = run.stage(index, spec.name)
     record = fit_stage(pipeline, stage, out, base=base, init=init, resume=resume, callbacks=callbacks,
-                       verbose=verbose, **overrides)
+                       verbose=verbose, accept_changes=accept_changes, **overrides)
     if record["chief"]:
         run.mark(index, spec.name, spec.fingerprint(), status="trained", model=str(out.model.relative_to(run.path)))
     return record
 
 
 def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learning_rate=None, init=None,
-              resume=False, callbacks=(), verbose=1, distribute=None, precision=None, profile_batch=None):
+              resume=False, callbacks=(), verbose=1, distribute=None, precision=None, profile_batch=None,
+              accept_changes=False):
     """Train stage `stage` of `pipeline` into the folder `out`, starting from the folder `base`.
 
     What the Trainer component runs: it needs no run directory, only the previous
@@ -114,7 +124,7 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         out: the stage's folder (a `StageFolder` or path); must not hold a trained stage.
         base: the previous stage's folder (`StageFolder` or path); None for the first stage.
         strategy, epochs, learning_rate, init, resume, callbacks, verbose, distribute, precision,
-            profile_batch: see `train_stage`.
+            profile_batch, accept_changes: see `train_stage`.
 
     Returns:
         The record written to `stage.json`: `stage`, `index`, `fingerprint` (of the
@@ -124,12 +134,15 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
         `fingerprint`), `history` (per-epoch logs), `train_seconds`, `finished`, versions
         (`unicon_tf`, `tensorflow`, `keras`), `fisher` (file name or None), `replicas`
         (in sync) and `selection` (the epoch kept, the monitored value and why training
-        stopped: see `unicon_tf.train.selection.Selection.record`); the returned dict adds
+        stopped: see `unicon_tf.train.selection.Selection.record`) and `resume_changes` (the
+        changes a resume accepted: `after_epoch`, `changes` `{field: [checkpoint's, now]}`;
+        empty when none); the returned dict adds
         `chief` (whether this process wrote `out`).
 
     Raises:
         StageError: `out` already holds a trained stage (never overwritten), or an
-            interrupted one and `resume` is False; `base` is missing, untrained or from
+            interrupted one and `resume` is False; its checkpoint was written under another
+            definition or data (without `accept_changes`) or does not fit the model; `base` is missing, untrained or from
             another definition of the previous stage; `init` for a later stage; the data's
             shape or modalities do not fit the model; EWC without a previous Fisher.
         TrainingError: the loss became NaN or infinite (the message names the step).
@@ -155,8 +168,10 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     written = StageFolder(chief_folder(out.path, distribution)) if distribution else out
     try:
         with distribution.scope() if distribution else contextlib.nullcontext():
+            asked = {f"training.{k}" for k, v in dict(strategy=strategy, epochs=epochs, learning_rate=learning_rate,
+                                                      precision=precision).items() if v is not None}
             record = _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume,
-                          callbacks, verbose, distribution)
+                          callbacks, verbose, distribution, accept_changes or asked)
     finally:
         release_folder(written.path, out.path)
     return record
@@ -179,9 +194,10 @@ def _check_preset_contract(pipeline, spec):
 
 
 def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, init, resume, callbacks, verbose,
-         distribution):
+         distribution, accept_changes=False):
     """`fit_stage`'s work once its arguments are checked (in the strategy's scope, if any):
-    reads `out` (the checkpoint to resume), writes `written` (`out` on the chief)."""
+    reads `out` (the checkpoint to resume), writes `written` (`out` on the chief);
+    `accept_changes`: see `_checked_resume`."""
     hp = spec.training
     _check_preset_contract(pipeline, spec)  # before the (large) pretrained encoder is built
     keras.utils.set_random_seed(hp["seed"])
@@ -197,14 +213,11 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
 
     schema = read_schema(spec.data)
     available = schema["modalities"]
-    model_shape = list(network.input[head_layer.modalities[0]].shape[1:4])
-    if schema["preprocessing"]["shape"] != model_shape:
-        raise StageError(f"Stage '{spec.name}': {spec.data} holds volumes of shape {schema['preprocessing']['shape']}, "
-                         f"but the model takes {model_shape}: ingest the data with --shape {' '.join(map(str, model_shape))}.")
-    missing = [m for m in head_layer.modalities if m not in available]
-    if missing:
-        raise StageError(f"Stage '{spec.name}': head '{head}' reads {missing}, but {spec.data} has only "
-                         f"{available}.")
+    num_classes = getattr(head_layer, "num_classes", None)
+    check_head_fits_data(spec.name, spec.data, schema, spec.task, head_layer.modalities, num_classes,
+                         network.input[head_layer.modalities[0]].shape[1:4])
+    check_train_split(spec.name, spec.data, schema, spec.task, num_classes, hp["batch_size"])
+    check_validation_split(spec.name, spec.data, schema, spec.task)
     make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
@@ -226,9 +239,14 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     board = keras.callbacks.TensorBoard(written.tensorboard, profile_batch=hp["profile_batch"], write_graph=False)
 
     checkpoint = out.checkpoint
-    state = {"epoch": 0, "history": []}
+    identity = checkpoint_fingerprint(pipeline, spec)
+    state = {"epoch": 0, "history": [], "fingerprint": identity, "changes": []}
     if resume and checkpoint.exists():
-        state = _restore_checkpoint(checkpoint, network, trainer)
+        changes = _checked_resume(checkpoint, spec, identity, accept_changes)
+        state = _restore_checkpoint(checkpoint, network, trainer, spec, changes)
+        if changes:
+            state["changes"] = state.get("changes", []) + [{"after_epoch": state["epoch"], "changes": changes}]
+        state["fingerprint"] = identity
         selection = _selection(spec, head, True, state.get("selection"))
         if written.checkpoint != checkpoint and (checkpoint / BEST_WEIGHTS).exists():
             # A worker writing elsewhere takes the chief's best weights now, before any epoch:
@@ -243,7 +261,8 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         if selection.stop():  # stopped early before an interruption
             break
         trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
-                    callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=verbose, shuffle=False,
+                    callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=progress_verbosity(verbose),
+                    shuffle=False,
                     **steps(epoch))
         logs = {k: float(v) for k, v in trainer.history.history.items() for v in v[-1:]}
         failure = guard.failure
@@ -254,9 +273,9 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
             raise TrainingError(
                 f"Stage '{spec.name}': {problem}. Nothing of that epoch is kept "
                 f"(no checkpoint, no model); last good checkpoint: {last}. Lower the learning rate and "
-                "rerun with --resume.")
+                "rerun with --resume --learning-rate <lower>.")
         best = val_data is not None and selection.update(epoch + 1, logs)
-        state = {"epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
+        state = {**state, "epoch": epoch + 1, "history": state["history"] + [logs], "selection": selection.state()}
         _save_checkpoint(written.checkpoint, network, trainer, state, best=best)
         if verbose and val_data is not None:
             print(f"epoch {epoch + 1}: {selection.key} {logs[selection.key]:.4f}" + (
@@ -287,6 +306,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         "unicon_tf": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
         "fisher": written.fisher.name if written.fisher.exists() else None,
         "replicas": distribution.num_replicas_in_sync if distribution else 1, "selection": selected,
+        "resume_changes": state.get("changes", []),
     }
     save_model_atomic(network, written.model)
     written.write_record(record)
@@ -555,8 +575,85 @@ def _save_checkpoint(directory, network, trainer, state, best=False):
         (partial / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def _restore_checkpoint(directory, network, trainer):
-    network.load_weights(directory / "network.weights.h5")
+RESUMABLE_KEYS = ("training.epochs", "training.profile_batch", "training.distribute", "resources")
+"""Fields a resume may change without `--accept-changes`: more epochs, profiling, the
+devices (the update of a global batch is the same on any number of replicas), resources."""
+
+
+def checkpoint_fingerprint(pipeline, spec, data=True):
+    """What a checkpoint records of how its weights were made: every field of the stage's
+    definition (the pipeline's grid and encoder, the stage's keys and training keys, flat,
+    e.g. `encoder.width`, `training.learning_rate`) and its data (`path`, `fingerprint`).
+
+    Args:
+        pipeline: the `PipelineSpec`.
+        spec: the stage's `StageSpec`, overrides applied.
+        data: also fingerprint the data folder (`unicon_tf.data.data_fingerprint`).
+
+    Returns:
+        `{"sha256": of the fields, "fields": {name: value}, "data": {"path", "fingerprint"} or None}`.
+
+    Example:
+    >>> from unicon_tf.train.pipeline import PipelineSpec, StageSpec, TRAINING_DEFAULTS
+    >>> import pathlib
+    >>> stage = StageSpec("a", "prognosis", pathlib.Path("data"), training=dict(TRAINING_DEFAULTS))
+    >>> pipeline = PipelineSpec("p", pathlib.Path("p.yaml"), (8, 8, 8), "ct", {"width": 4}, [stage])
+    >>> fields = checkpoint_fingerprint(pipeline, stage, data=False)["fields"]
+    >>> fields["encoder.width"], fields["training.learning_rate"], "data" in fields
+    (4, 0.0003, False)
+    """
+    definition = {"input_shape": list(pipeline.input_shape), "modality": pipeline.modality,
+                  "encoder": dict(pipeline.encoder), **{k: v for k, v in spec.to_json().items() if k != "data"}}
+    fields = {k: v for k, v in _flat(definition).items() if not k.startswith(RESUMABLE_KEYS)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    folder = {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)} if data else None
+    return {"sha256": digest, "fields": fields, "data": folder}
+
+
+def _flat(value, prefix=""):
+    """`{"a.b": leaf}` of a nested dict (lists are leaves, as JSON keeps them)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
+
+
+def _checked_resume(checkpoint, spec, identity, accept_changes):
+    """`{field: [checkpoint's value, now]}` of what changed since the checkpoint was written.
+
+    `accept_changes`: True accepts every change; a set of field names (the overrides given
+    with the resume) accepts those.
+
+    Raises:
+        StageError: a change not accepted (the message names every changed field).
+    """
+    state_file = checkpoint / "state.json"
+    recorded = json.loads(state_file.read_text()).get("fingerprint") if state_file.exists() else None
+    if recorded is None:
+        warnings.warn(f"{checkpoint} was written by an older unicon-tf that recorded no fingerprint of the stage's "
+                      "definition and data: the resume cannot check that they are unchanged.", stacklevel=3)
+        return {}
+    old, new = recorded["fields"], identity["fields"]
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    if (recorded["data"] or {}).get("fingerprint") != (identity["data"] or {}).get("fingerprint"):
+        changes["data"] = [(recorded["data"] or {}).get("path"), (identity["data"] or {}).get("path")]
+    if changes and accept_changes is not True and set(changes) - set(accept_changes or ()):
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise StageError(f"Stage '{spec.name}': {checkpoint} was written under another definition or data than the "
+                         f"stage's now ({listed}). Undo the change, pass --resume --accept-changes to continue "
+                         "anyway (recorded in stage.json), or use another --run-dir.")
+    return changes
+
+
+def _restore_checkpoint(directory, network, trainer, spec=None, changes=None):
+    try:
+        with warnings.catch_warnings():  # Keras warns once per layer it cannot match before it fails
+            warnings.simplefilter("ignore")
+            network.load_weights(directory / "network.weights.h5")
+    except (ValueError, KeyError):  # Keras: "A total of N objects could not be loaded", mismatched shapes
+        changed = f" (changed since it was written: {', '.join(changes)})" if changes else ""
+        raise StageError(f"Stage '{spec.name if spec else '?'}': {directory} does not fit the stage's model{changed}: "
+                         "its weights were written for another network (other layers or shapes). Delete it to train "
+                         "the stage from its start, or use another --run-dir.") from None
     bad = non_finite_weights(network)
     if bad:
         raise StageError(f"{directory} holds non-finite weights (e.g. {bad[0]}; written by an older unicon-tf "
