@@ -148,10 +148,11 @@ def versus_baseline(result, single_task, split, delta):
     if single_task is None:
         return {"delta": delta, "value": None}
     base = score_stage(single_task, split, write_predictions=False)
-    task = result["task_kinds"][-1]
-    own_metrics, base_metrics = result["metrics"][-1], base["metrics"][0]
+    task, head = result["task_kinds"][-1], result["tasks"][-1]
+    where = base["tasks"].index(head) if head in base["tasks"] else 0
+    own_metrics, base_metrics = result["metrics"][-1], base["metrics"][where]
     own_rule, rule = result.get("selection"), base.get("selection")
-    return {"delta": delta, "value": base["row"][0], "at_chance": base_metrics.get("at_chance"),
+    return {"delta": delta, "value": base["row"][where], "at_chance": base_metrics.get("at_chance"),
             "interval": base_metrics.get("interval"), "chance": base_metrics.get("chance"),
             "comparison": paired_difference(task, own_metrics, base_metrics),
             "rule": describe_rule(rule), "own_rule": describe_rule(own_rule),
@@ -212,7 +213,8 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
 
 def single_task_folder(run, stage):
     """The trained single-task baseline of `stage` in `run` (a `StageFolder`), or None."""
-    folder = Run(run.single_task_dir(stage)).stage(0, stage) if run.single_task_dir(stage).exists() else None
+    folder = Run(run.single_task_dir(stage)).stage(0, stage) if (run.single_task_dir(stage) / "run.json").exists() \
+        else None
     return folder if folder is not None and folder.is_trained() else None
 
 
