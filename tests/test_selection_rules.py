@@ -214,3 +214,37 @@ def test_overlays_show_the_best_and_the_worst_patients():
     assert overlay_patients([0.9, 0.1, 0.5, 0.7, 0.0], patients=2) == [(0, "best"), (3, "best"), (4, "worst"),
                                                                          (1, "worst")]
     assert overlay_patients([0.4, 0.6], patients=2) == [(1, "best"), (0, "best")]  # each patient once
+
+
+def test_an_experiment_flags_comparisons_across_rules_and_against_chance(tmp_path):
+    from test_experiment import known_cells
+
+    from unicon_tf.experiment import ExperimentPlan, aggregate
+    from unicon_tf.experiment.report import write_report
+
+    plan = ExperimentPlan(folds=3, seeds=(0, 1), fractions=(0.5, 1.0), baselines=("single_task",))
+    best = {"select": "best_val", "monitor": "val_segmentation_dice"}
+    cells = known_cells()
+    for cell in cells:
+        cell["stages"] = ["classification", "segmentation"]
+        cell["selection"] = [best, best if cell["arm"] == "single_task" or cell["fraction"] == 1.0 else
+                             {"select": "last", "epoch": 3, "max_epochs": 3}]
+
+    def comparison(result, fraction, task):
+        return next(c for c in result["comparisons"] if (c["fraction"], c["a"]["task"], c["b"]["arm"]) == (
+            fraction, task, "single_task"))
+
+    result = aggregate(cells, plan, resamples=200)
+    same, mixed = comparison(result, 1.0, "segmentation"), comparison(result, 0.5, "segmentation")
+    assert same["like_for_like"] and same["claimed"] and same["a"]["rules"] == ["best_val on the val metric"]
+    assert not mixed["like_for_like"] and not mixed["claimed"] and mixed["a"]["rules"] == ["last"]
+    # classification: the same AUC 0.75 in every fold, an interval of zero width above 0.5: not at chance
+    assert not comparison(result, 1.0, "classification")["b_at_chance"]
+    for cell in cells:
+        cell["final"]["classification"] = 0.5 + (0.1 if cell["fold"] == 0 else -0.05)
+    flagged = comparison(aggregate(cells, plan, resamples=200), 1.0, "classification")
+    assert flagged["b_at_chance"] and not flagged["claimed"] and "at chance level" in flagged["flags"][-1]
+    experiment = {"pipeline": "tiny", "plan": plan.to_json(), "patients": 12, **result}
+    text = write_report(tmp_path, experiment, cells).read_text()
+    assert "| best_val on the val metric / best_val on the val metric | - |" in text
+    assert "| last / best_val on the val metric | **NOT like-for-like" in text

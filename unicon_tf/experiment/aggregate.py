@@ -142,8 +142,8 @@ def _compare(index, replicates, fraction, first, second, resamples, folds):
     keys = {side: {rule_key(_rule(index[arm, k, s, fraction], task)) for k, s in present}
             for side, (arm, task) in (("a", first), ("b", second))}
     like = len(keys["a"] | keys["b"]) <= 1
-    kind = next((c["task_kinds"][c["tasks"].index(task_b)] for c in index.values() if task_b in c.get("tasks", [])),
-                None)
+    kind = next((c["task_kinds"][c["tasks"].index(task_b)] for c in index.values()
+                 if task_b in c.get("tasks", []) and "task_kinds" in c), None)
     b_scores = summary_interval(fold_b)
     at_chance = (kind in ("classification", "prognosis") and b_scores["ci"] is not None
                  and b_scores["ci"][0] <= 0.5)
