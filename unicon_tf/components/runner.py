@@ -1,6 +1,8 @@
 """A local runner: a pipeline's stages as a graph of component runs, with lineage and cache.
 
-For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher. The
+For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher (and,
+for a stage whose blessing is `bless: {min_vs_baseline: delta}`, its single-task baseline,
+trained into `<run>/baselines/single_task/<stage>/` and given to the Evaluator). The
 runner wires the components through their artifacts and gives each its output folder
 in the run directory (`unicon_tf.run`): ExampleGen `examples/<source>-<key>/`, Trainer
 `stages/NN-<stage>/`, Evaluator `stages/NN-<stage>/evaluation/`; the Pusher writes a
