@@ -9,8 +9,8 @@ import_tensorflow_quietly()  # before any module of this package imports TensorF
 from unicon_tf.evaluate.baselines import evaluate_baselines, load_baselines  # noqa: E402
 from unicon_tf.evaluate.evaluator import evaluate_run, evaluate_stage, score_stage, write_label_maps  # noqa: E402
 from unicon_tf.evaluate.matrix import bless, summarize  # noqa: E402
-from unicon_tf.evaluate.report import (comparisons, format_comparisons, format_gain, format_rules, pet_gain,  # noqa: E402
-                                      write_report)
+from unicon_tf.evaluate.report import (  # noqa: E402
+    comparisons, format_comparisons, format_gain, format_rules, pet_gain, write_report)
 from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score  # noqa: E402
 
 __all__ = [

@@ -174,8 +174,9 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
         `task_kinds`, `main_metric`, `matrix` (stage x task, None above the diagonal),
         `metrics` (the same cells' metrics dicts), `summary` (see `summarize`),
         `blessing` (one per stage), `selection` (each stage's selection record: the rule
-        it was selected by) and `validation` (each stage's own head on `val`); plus `predictions` (the final model's outputs per
-        head, see `evaluate_stage`) that the report uses.
+        it was selected by) and `validation` (each stage's own head on `val`); plus
+        `predictions` (the final model's outputs per head, see `evaluate_stage`) that the
+        report uses.
 
     Raises:
         FileNotFoundError: `run_dir` is not a run directory.

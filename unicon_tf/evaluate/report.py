@@ -240,7 +240,8 @@ def pet_gain(continual, baselines):
     single = baselines.get("single_task")
     if single:
         index = single["tasks"].index(ct_only[0])
-        fused_rule = (continual.get("selection") or [None] * len(continual["tasks"]))[continual["tasks"].index(fused[0])]
+        rules = continual.get("selection") or [None] * len(continual["tasks"])
+        fused_rule = rules[continual["tasks"].index(fused[0])]
         base_rule = (single.get("selection") or [None] * (index + 1))[index]
         base_metrics = single["metrics"][index][index]
         gain["ct_baseline_dice"] = single["matrix"][index][index]

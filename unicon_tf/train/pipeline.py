@@ -24,8 +24,8 @@ convolutions too, default true) and `path_norm` (its own GroupNorm scale and shi
 head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the training
 keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, `min_epochs`,
 `smoothing`, see `unicon_tf.train.selection`; blessing: `tolerance`, `threshold`, `bless:
-{min_vs_baseline: delta}`, see `unicon_tf.evaluate.matrix.bless`; `loss: {dice: pooled | per_patient, ce_weighting: none |
-lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+{min_vs_baseline: delta}`, see `unicon_tf.evaluate.matrix.bless`; `loss: {dice: pooled |
+per_patient, ce_weighting: none | lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
 p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
 (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
