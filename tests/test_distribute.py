@@ -121,7 +121,9 @@ def workers(run, pipeline, stage, tmp, *extra, env=None):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_multiworker_stage_resumes_and_only_the_chief_writes(phantom_records, tmp_path):
-    pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], epochs=2, batch_size=4)
+    # select: last, so that the saved model is the chief's network after its last epoch
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], epochs=2, batch_size=4,
+                              select="last")
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
     # Both workers stop at the end of epoch 2, after epoch 1's checkpoint; then resume.

@@ -53,7 +53,7 @@ def test_selection_state_machine():
     assert not loss.stop() and loss.kept_epoch(4) == 3
     record = loss.record(4)
     assert (record["stopped"], record["epoch"], record["best"]) == ("max_epochs", 3, 1.0)
-    assert record["reason"] == "max epochs (4) reached; kept epoch 3, the best val_p_loss (1.0000)"
+    assert record["reason"] == "max epochs (4) reached; kept epoch 3 of 4, the best val_p_loss (1.0000)"
     resumed = Selection("p", "prognosis", "best_val", None, "loss", 4, state=json.loads(json.dumps(loss.state())))
     assert resumed.state() == loss.state()
     last = Selection("s", "segmentation", "last", patience=1, monitor="metric", max_epochs=9)
@@ -83,8 +83,9 @@ def test_best_val_keeps_the_best_epoch_and_stops_early(phantom_records, tmp_path
 
 
 @pytest.mark.slow
-def test_last_is_the_default_for_a_stage_and_patience_still_stops(phantom_records, tmp_path):
-    pipeline = write_pipeline(tmp_path, phantom_records, stages=STAGE, epochs=5, patience=1, monitor="loss")
+def test_select_last_keeps_the_last_epoch_and_patience_still_stops(phantom_records, tmp_path):
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=STAGE, epochs=5, select="last", patience=1,
+                              monitor="loss")
     snapshots = Snapshots()
     record = train.train_stage(pipeline, "classification", tmp_path / "run", verbose=0,
                                callbacks=[Sabotage(1), snapshots])
@@ -124,7 +125,9 @@ def test_resume_keeps_the_best_epoch_and_patience_counter(phantom_records, tmp_p
 @pytest.mark.parametrize("key, value, message", [
     ("select", "best", r"stage 'classification': select must be one of \['best_val', 'last'\], got 'best'"),
     ("patience", 0, r"stage 'classification': patience must be a whole number of epochs >= 1, got 0"),
-    ("monitor", "auc", r"stage 'classification': monitor must be 'metric' or 'loss', got 'auc'"),
+    ("monitor", "auc", r"stage 'classification': monitor must be one of \['auto', 'metric', 'loss'\], got 'auc'"),
+    ("min_epochs", 0, r"stage 'classification': min_epochs must be a whole number of epochs >= 1, got 0"),
+    ("smoothing", 1.5, r"stage 'classification': smoothing must be a whole number of epochs >= 1, got 1.5"),
 ])
 def test_bad_selection_keys_are_refused_naming_file_and_field(tmp_path, key, value, message):
     pipeline = write_pipeline(tmp_path, tmp_path / "data", stages=[{**STAGE[0], key: value}])
@@ -154,19 +157,20 @@ def test_a_spec_at_default_selection_keeps_its_json_and_round_trips(tmp_path):
 
 
 def test_a_baseline_reuses_a_continual_stage_only_if_it_kept_what_best_val_keeps(tmp_path):
-    from unicon_tf.train.baselines import _selected_as, best_val
+    from unicon_tf.train.baselines import _selected_as
 
-    spec = best_val(train.load_pipeline(write_pipeline(tmp_path, tmp_path / "data", stages=STAGE, epochs=3)).stages[0])
-    assert spec.training["select"] == "best_val"
+    spec = train.load_pipeline(write_pipeline(tmp_path, tmp_path / "data", stages=STAGE, epochs=3,
+                                              monitor="metric")).stages[0]
+    splits = {"train": {"count": 40}, "val": {"count": 16}}  # unset select: best_val, as there is a val split
 
     def record(aucs, kept):
         history = [{"loss": 1.0, "val_classification_auc": a} for a in aucs]
         return {"head": "classification", "task": "classification", "spec": {"training": {"epochs": 3}},
                 "history": history, "selection": {"epochs_run": len(aucs), "epoch": kept}}
 
-    assert _selected_as(spec, record([0.6, 0.7, 0.8], kept=3))  # select: last kept the best epoch
-    assert not _selected_as(spec, record([0.6, 0.9, 0.8], kept=3))  # best_val would keep epoch 2
-    assert _selected_as(spec, record([0.6, 0.9, 0.8], kept=2))
+    assert _selected_as(spec, record([0.6, 0.7, 0.8], kept=3), splits)  # select: last kept the best epoch
+    assert not _selected_as(spec, record([0.6, 0.9, 0.8], kept=3), splits)  # best_val would keep epoch 2
+    assert _selected_as(spec, record([0.6, 0.9, 0.8], kept=2), splits)
     old = record([0.6, 0.7, 0.8], kept=3)
     del old["selection"]  # a stage trained before selection kept its last epoch
-    assert _selected_as(spec, old)
+    assert _selected_as(spec, old, splits)

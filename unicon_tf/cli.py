@@ -270,9 +270,11 @@ def evaluate(run_dir, stage, split):
     click.echo(format_matrix(result))
     click.echo(", ".join(f"{k.replace('_', ' ')} {v:+.4f}" for k, v in summary.items()
                          if isinstance(v, float)))
+    echo_comparisons(result, evaluation.load_baselines(run_dir))
     echo_pet_gain(gain)
     for blessing in result["blessing"]:
-        click.echo(f"{blessing['stage']}: {'blessed' if blessing['blessed'] else 'NOT blessed'}")
+        click.echo(f"{blessing['stage']}: {'blessed' if blessing['blessed'] else 'NOT blessed'}"
+                   + ("" if blessing["blessed"] else ": " + "; ".join(blessing["reasons"])))
     click.echo(f"report: {report}")
 
 
@@ -451,6 +453,7 @@ def demo(out, fast, base, preset):
         from unicon_tf.evaluate import summarize
 
         click.echo(f"forgetting: naive fine-tuning {summarize(naive['matrix'])['forgetting']:+.4f}")
+    echo_comparisons(result["continual"], result["baselines"])
     echo_pet_gain(gain)
     pushed = [p.uri for p in result["pushed"] if p.properties["pushed"]]
     click.echo(f"exported: {', '.join(pushed) or 'none (no stage blessed)'}")
@@ -499,6 +502,15 @@ def experiment(pipeline_path, folds, seeds, fractions, kinds, val_fraction, fold
     click.echo(f"numbers: {pathlib.Path(result['out']) / 'experiment.json'}")
 
 
+def echo_comparisons(continual, baselines):
+    """Print each task against its single-task baseline, each arm's selection rule stated
+    and a comparison across rules or against a model at chance flagged."""
+    from unicon_tf.evaluate import comparisons, format_comparisons
+
+    for line in format_comparisons(comparisons(continual, baselines)):
+        click.echo(f"vs single-task: {line}")
+
+
 def echo_pet_gain(gain):
     """Print `unicon_tf.evaluate.pet_gain`'s result (nothing when the run has no PET head)."""
     from unicon_tf.evaluate import format_gain
@@ -514,7 +526,10 @@ def format_matrix(result):
              f"{'after':<16}" + "".join(f"{t:>{width}}" for t in result["tasks"])]
     for stage, row in zip(result["stages"], result["matrix"]):
         lines.append(f"{stage:<16}" + "".join(f"{'':>{width}}" if v is None else f"{v:>{width}.3f}" for v in row))
-    return "\n".join(lines)
+    from unicon_tf.evaluate.report import format_rules
+
+    rules = format_rules(result)
+    return "\n".join(lines + ([rules] if rules else []))
 
 
 def format_description(info):

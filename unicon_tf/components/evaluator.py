@@ -1,7 +1,9 @@
 """Evaluator: a `Model` artifact -> `Evaluation` and `Blessing` artifacts.
 
 Scores every head of the model on its own data; blesses it against the previous stage's
-row, which the optional `baseline` Evaluation artifact (the previous stage's) carries.
+row, which the optional `baseline` Evaluation artifact (the previous stage's) carries,
+and, for a stage with `bless: {min_vs_baseline: delta}`, against the optional
+`single_task` Model artifact (the stage's single-task baseline of the same run).
 Writes into `context["output_dir"]`.
 """
 
@@ -10,7 +12,7 @@ from unicon_tf.evaluate import evaluate_stage
 
 SPEC = ComponentSpec(
     name="Evaluator",
-    inputs={"model": "Model", "baseline": "Evaluation?"},
+    inputs={"model": "Model", "baseline": "Evaluation?", "single_task": "Model?"},
     outputs={"evaluation": "Evaluation", "blessing": "Blessing"},
     parameters=("split",),
 )
@@ -18,9 +20,10 @@ SPEC = ComponentSpec(
 
 def execute(inputs, parameters, context):
     """Evaluate the model artifact; bless it or say why not."""
-    baseline = inputs.get("baseline")
+    baseline, single_task = inputs.get("baseline"), inputs.get("single_task")
     result = evaluate_stage(inputs["model"].uri, baseline.properties["row"] if baseline else None,
-                            split=parameters.get("split", "test"), out=context["output_dir"])
+                            split=parameters.get("split", "test"), out=context["output_dir"],
+                            single_task=single_task.uri if single_task else None)
     folder, blessing = result["folder"], result["blessing"]
     return {
         "evaluation": Artifact("Evaluation", str(folder.path), context["id"], fingerprint(result["row"]),

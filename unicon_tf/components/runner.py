@@ -1,6 +1,8 @@
 """A local runner: a pipeline's stages as a graph of component runs, with lineage and cache.
 
-For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher. The
+For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher (and,
+for a stage whose blessing is `bless: {min_vs_baseline: delta}`, its single-task baseline,
+trained into `<run>/baselines/single_task/<stage>/` and given to the Evaluator). The
 runner wires the components through their artifacts and gives each its output folder
 in the run directory (`unicon_tf.run`): ExampleGen `examples/<source>-<key>/`, Trainer
 `stages/NN-<stage>/`, Evaluator `stages/NN-<stage>/evaluation/`; the Pusher writes a
@@ -15,6 +17,7 @@ Example:
 >>> runner.run()  # doctest: +SKIP
 """
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -25,6 +28,7 @@ from unicon_tf.components.base import Artifact, fingerprint
 from unicon_tf.data import data_fingerprint
 from unicon_tf.files import sha256, write_json_atomic
 from unicon_tf.run import Run
+from unicon_tf.train.baselines import train_single_task
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
@@ -117,9 +121,23 @@ class LocalRunner:
 
     def _evaluate(self, index, model):
         name = self.pipeline.stages[index].name
-        inputs = {"model": model, "baseline": self._evaluation(index - 1) if index > 0 else None}
+        inputs = {"model": model, "baseline": self._evaluation(index - 1) if index > 0 else None,
+                  "single_task": self._single_task(index)}
         folder = self.directory.stage(index, name)
         return self._run("Evaluator", f"Evaluator.{name}", inputs, {"split": "test"}, folder.evaluation)
+
+    def _single_task(self, index):
+        """The Model artifact of stage `index`'s single-task baseline, trained now if needed,
+        when the stage's blessing asks for it (`bless: {min_vs_baseline}`); else None."""
+        spec = self.pipeline.stages[index]
+        if (spec.training.get("bless") or {}).get("min_vs_baseline") is None:
+            return None
+        stages = [dataclasses.replace(s, data=pathlib.Path(self._examples(s).uri), source=None)
+                  for s in self.pipeline.stages]
+        pipeline = dataclasses.replace(self.pipeline, stages=stages, sources={})
+        folder = train_single_task(pipeline, self.run_dir, spec.name, verbose=self.verbose)
+        return Artifact("Model", str(folder.path), f"single_task.{spec.name}", sha256(folder.model),
+                        {"stage": spec.name})
 
     def _model(self, index):
         """The Model artifact of stage `index`: from the lineage, or from the run directory."""

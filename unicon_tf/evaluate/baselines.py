@@ -20,8 +20,9 @@ def evaluate_baselines(run_dir, trained):
 
     Returns:
         `{kind: matrix dict}` with `run`, `kind`, `pipeline`, `split`, `stages`, `tasks`,
-        `task_kinds`, `main_metric`, `matrix` and `metrics` (naive: `evaluate_run`'s
-        result without `predictions`).
+        `task_kinds`, `main_metric`, `matrix`, `metrics` and `selection` (the selection
+        record of each task's model: per stage; joint: its one model's, per task) (naive:
+        `evaluate_run`'s result without `predictions`).
     """
     run = Run(run_dir)
     results = {}
@@ -33,16 +34,19 @@ def evaluate_baselines(run_dir, trained):
         scored = [score_stage(f, "test", write_predictions=False) for f in folders]
         if kind == "joint":
             rows, matrix, metrics = ["all stages"], [scored[0]["row"]], [scored[0]["metrics"]]
+            selection = [scored[0]["selection"]] * len(scored[0]["tasks"])
         else:
             n = len(scored)
             rows = [s["stage"] for s in scored]
             matrix = [[s["row"][0] if i == j else None for j in range(n)] for i, s in enumerate(scored)]
             metrics = [[s["metrics"][0] if i == j else None for j in range(n)] for i, s in enumerate(scored)]
+            selection = [s["selection"] for s in scored]
         tasks = [t for s in scored for t in s["tasks"]]
         kinds = [t for s in scored for t in s["task_kinds"]]
         results[kind] = {"run": str(run.baseline_dir(kind)), "kind": kind, "pipeline": run.pipeline, "split": "test",
                          "stages": rows, "tasks": tasks, "task_kinds": kinds,
-                         "main_metric": [MAIN_METRIC[t] for t in kinds], "matrix": matrix, "metrics": metrics}
+                         "main_metric": [MAIN_METRIC[t] for t in kinds], "matrix": matrix, "metrics": metrics,
+                         "selection": selection}
         write_json_atomic(matrix_file(run.baseline_dir(kind)), results[kind])
     return results
 

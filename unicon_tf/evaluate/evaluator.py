@@ -5,10 +5,14 @@ to bless it, the previous stage's row of main metrics; it writes to its own fold
 (`unicon_tf.run.Evaluation`, by default `<stage>/evaluation/`):
 
     metrics.json                  every head's metrics after the stage (reused while the
-                                  model file, the split and the package are unchanged)
+                                  model file, the split and the package are unchanged),
+                                  each with its 95% interval over patients and chance
+                                  level, and the stage's own head on `val` (`validation`)
     blessing.json                 blessed or not, with the reasons and the metric judged
                                   per head (the main metric: AUC, C-index, per-patient
-                                  mean Dice `dice`, never the pooled `dice_pooled`)
+                                  mean Dice `dice`, never the pooled `dice_pooled`); with
+                                  `bless: {min_vs_baseline}`, the comparison with the
+                                  stage's single-task baseline
     predictions/<head>/<patient>.nii.gz
                                   label maps on the input grid (affine)
 
@@ -23,7 +27,9 @@ import nibabel as nib
 import numpy as np
 
 from unicon_tf.evaluate.matrix import bless, summarize
-from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, predict_head
+from unicon_tf.data import read_schema
+from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_difference, predict_head
+from unicon_tf.train.selection import describe_rule, rule_key
 from unicon_tf.train.checks import validation_never_measured
 from unicon_tf.train.metrics import METRIC_NAMES
 from unicon_tf.files import sha256, write_json_atomic
@@ -45,8 +51,10 @@ def score_stage(stage, split="test", out=None, write_predictions=True, fresh=Fal
     Returns:
         A dict: `stage` (name), `tasks` (head names, in stage order), `task_kinds`,
         `row` (each head's main metric), `metrics` (each head's metrics dict),
-        `record` (the stage's stage.json), `folder` (the `Evaluation`) and
-        `predictions` (`{head: predict_head result + task, data}` when scored, else {}).
+        `record` (the stage's stage.json), `folder` (the `Evaluation`),
+        `predictions` (`{head: predict_head result + task, data}` when scored, else {}),
+        `validation` (the stage's own head scored on the `val` split, `head_metrics`, or
+        None without one) and `selection` (the stage's selection record).
 
     Raises:
         StageError: the folder holds no trained stage.
@@ -62,36 +70,51 @@ def score_stage(stage, split="test", out=None, write_predictions=True, fresh=Fal
            "model_sha256": sha256(stage.model)}
     saved = out.metrics()
     predictions = {}
-    if fresh or saved is None or {k: saved.get(k) for k in key} != key:
+    if fresh or saved is None or {k: saved.get(k) for k in key} != key or "validation" not in saved:
         model = keras.models.load_model(stage.model)
         metrics = []
         for entry in record["heads"]:
             result = predict_head(model, entry["head"], entry["data"], split)
             metrics.append(head_metrics(entry["task"], result))
             predictions[entry["head"]] = {**result, "task": entry["task"], "data": entry["data"]}
+        own = record["heads"][-1]
+        validation = None
+        if split != "val" and "val" in read_schema(own["data"])["splits"]:
+            validation = head_metrics(own["task"], predict_head(model, own["head"], own["data"], "val"))
         if label_maps:
             write_label_maps(out.predictions(heads[-1]), predictions[heads[-1]])
-        out.write_metrics({"stage": record["stage"], **key, "metrics": dict(zip(heads, metrics))})
+        out.write_metrics({"stage": record["stage"], **key, "metrics": dict(zip(heads, metrics)),
+                           "validation": validation})
     else:
-        metrics = [saved["metrics"][h] for h in heads]
+        metrics, validation = [saved["metrics"][h] for h in heads], saved["validation"]
     return {"stage": record["stage"], "tasks": heads, "task_kinds": tasks,
             "row": [m[MAIN_METRIC[t]] for m, t in zip(metrics, tasks)], "metrics": metrics, "record": record,
-            "folder": out, "predictions": predictions}
+            "folder": out, "predictions": predictions, "validation": validation, "selection": record.get("selection")}
 
 
-def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predictions=True, fresh=False):
+def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predictions=True, fresh=False,
+                   single_task=None):
     """Score a stage (`score_stage`) and bless it: what the Evaluator component runs.
+
+    Blessing (`unicon_tf.evaluate.matrix.bless`): no earlier head fell by more than the
+    stage's `tolerance`, its own head reaches `threshold`, and, when the stage sets `bless:
+    {min_vs_baseline: delta}`, its own head reaches the single-task baseline of the same
+    run minus delta (per-patient paired bootstrap interval given; a baseline selected by
+    another rule is not compared, a baseline at chance level is flagged).
 
     Args:
         stage, split, out, write_predictions, fresh: see `score_stage`.
         previous_row: the main metrics of the earlier heads after the previous stage (its
             `row`), which the blessing compares with; None for the first stage.
+        single_task: the folder (`StageFolder` or path) of the stage's single-task
+            baseline, scored on the same split; needed by `min_vs_baseline`.
 
     Returns:
-        `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`, and
-        `metrics`: `{head: main metric}`, e.g. `dice`, the per-patient mean), also
-        written to the output folder's `blessing.json`. A stage that selected its weights
-        on a validation value that was NaN at every epoch
+        `score_stage`'s dict plus `blessing` (`stage`, `blessed`, `reasons`, `metrics`:
+        `{head: main metric}`, e.g. `dice`, the per-patient mean, and `baseline`: the
+        baseline-aware rule's comparison or None), also written to the output folder's
+        `blessing.json`.
+        A stage that selected its weights on a validation value that was NaN at every epoch
         (`unicon_tf.train.checks.validation_never_measured`) is not blessed: nothing judged
         the weights it kept.
 
@@ -107,14 +130,40 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     training = result["record"]["spec"]["training"]
     metrics = [MAIN_METRIC[t] for t in result["task_kinds"]]
     labels = [f"{head} {METRIC_NAMES[metric]}" for head, metric in zip(result["tasks"], metrics)]
+    delta = (training.get("bless") or {}).get("min_vs_baseline")
+    baseline = None if delta is None else versus_baseline(result, single_task, split, delta)
     verdict = bless(previous_row or [], result["row"], labels, tolerance=training["tolerance"],
-                    threshold=training["threshold"])
+                    threshold=training["threshold"], baseline=baseline)
     unmeasured = validation_never_measured(result["record"])
     if unmeasured:  # nothing judged the weights kept: not pushed, whatever the test split says
         verdict = {**verdict, "blessed": False, "reasons": verdict["reasons"] + [f"{labels[-1]}: {unmeasured}"]}
-    result["blessing"] = {"stage": result["stage"], **verdict, "metrics": dict(zip(result["tasks"], metrics))}
+    result["blessing"] = {"stage": result["stage"], **verdict, "metrics": dict(zip(result["tasks"], metrics)),
+                          "baseline": baseline}
     result["folder"].write_blessing(result["blessing"])
     return result
+
+
+def versus_baseline(result, single_task, split, delta):
+    """The stage's own head against its single-task baseline (`bless`'s `baseline` argument).
+
+    Args:
+        result: `score_stage`'s dict of the stage.
+        single_task: the baseline's folder, or None when there is none.
+        split: the split both are scored on.
+        delta: the stage's `min_vs_baseline`.
+    """
+    if single_task is None:
+        return {"delta": delta, "value": None}
+    base = score_stage(single_task, split, write_predictions=False)
+    task, head = result["task_kinds"][-1], result["tasks"][-1]
+    where = base["tasks"].index(head) if head in base["tasks"] else 0
+    own_metrics, base_metrics = result["metrics"][-1], base["metrics"][where]
+    own_rule, rule = result.get("selection"), base.get("selection")
+    return {"delta": delta, "value": base["row"][where], "at_chance": base_metrics.get("at_chance"),
+            "interval": base_metrics.get("interval"), "chance": base_metrics.get("chance"),
+            "comparison": paired_difference(task, own_metrics, base_metrics),
+            "rule": describe_rule(rule), "own_rule": describe_rule(own_rule),
+            "same_rule": rule_key(rule) == rule_key(own_rule)}
 
 
 def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind="continual"):
@@ -130,9 +179,11 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
     Returns:
         The matrix.json dict: `run`, `kind`, `split`, `stages`, `tasks` (head names),
         `task_kinds`, `main_metric`, `matrix` (stage x task, None above the diagonal),
-        `metrics` (the same cells' metrics dicts), `summary` (see `summarize`) and
-        `blessing` (one per stage); plus `predictions` (the final model's outputs per
-        head, see `evaluate_stage`) that the report uses.
+        `metrics` (the same cells' metrics dicts), `summary` (see `summarize`),
+        `blessing` (one per stage), `selection` (each stage's selection record: the rule
+        it was selected by) and `validation` (each stage's own head on `val`); plus
+        `predictions` (the final model's outputs per head, see `evaluate_stage`) that the
+        report uses.
 
     Raises:
         FileNotFoundError: `run_dir` is not a run directory.
@@ -152,7 +203,8 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
     for i, folder in enumerate(folders):
         previous = results[-1]["row"] if results else None
         results.append(evaluate_stage(folder, previous, split, write_predictions=write_predictions,
-                                      fresh=i == n - 1))  # the last row also gives the report its predictions
+                                      fresh=i == n - 1,  # the last row also gives the report its predictions
+                                      single_task=single_task_folder(run, folder.record()["stage"])))
     last = results[-1]
     matrix = [r["row"] + [None] * (n - len(r["row"])) for r in results]
     result = {
@@ -161,9 +213,17 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
         "main_metric": [MAIN_METRIC[t] for t in last["task_kinds"]], "matrix": matrix,
         "metrics": [r["metrics"] + [None] * (n - len(r["metrics"])) for r in results],
         "summary": summarize(matrix), "blessing": [r["blessing"] for r in results],
+        "selection": [r["selection"] for r in results], "validation": [r["validation"] for r in results],
     }
     write_json_atomic(run.matrix_file, result)
     return {**result, "predictions": last["predictions"]}
+
+
+def single_task_folder(run, stage):
+    """The trained single-task baseline of `stage` in `run` (a `StageFolder`), or None."""
+    folder = Run(run.single_task_dir(stage)).stage(0, stage) if (run.single_task_dir(stage) / "run.json").exists() \
+        else None
+    return folder if folder is not None and folder.is_trained() else None
 
 
 def write_label_maps(folder, result):

@@ -58,9 +58,10 @@ def _mean(values):
     return round(float(np.mean(values)), 10) if values else None
 
 
-def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=None):
+def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=None, baseline=None):
     """Whether a stage may be pushed: no earlier task fell by more than its tolerance since
-    the previous stage, and the stage's own task (the last one) reaches its threshold.
+    the previous stage, the stage's own task (the last one) reaches its threshold and, with
+    `baseline`, its single-task baseline minus `min_vs_baseline`.
 
     Args:
         previous_row: the main metric of each earlier task after the previous stage
@@ -70,6 +71,13 @@ def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=No
         tolerance: largest allowed drop of an earlier task's metric (absolute).
         threshold: smallest acceptable metric of the stage's own task.
         tolerances: optional `{task: tolerance}` overrides.
+        baseline: optional baseline-aware rule (the stage's `bless: {min_vs_baseline}`):
+            `{"delta"}` and, when the single-task baseline of the same run was scored,
+            `value`, `comparison` (`unicon_tf.evaluate.scores.paired_difference`: the
+            difference and its 95% paired-bootstrap interval over patients), `at_chance`,
+            `interval`, `rule` and `own_rule` (the two arms' selection rules,
+            `unicon_tf.train.selection.describe_rule`) and `same_rule`. Without `value`
+            (no baseline), or across different rules, the stage is not blessed.
 
     Returns:
         `{"blessed": bool, "reasons": [str, ...]}`, reasons given either way.
@@ -77,6 +85,11 @@ def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=No
     Example:
     >>> bless([0.9], [0.85, 0.7], ["classification", "prognosis"])["blessed"]
     False
+    >>> verdict = bless([], [0.55], ["segmentation Dice"], baseline={"delta": 0.02, "value": 0.70,
+    ...     "comparison": {"difference": -0.15, "ci": [-0.2, -0.1], "pairs": 8}, "at_chance": False,
+    ...     "rule": "best_val", "own_rule": "best_val", "same_rule": True})
+    >>> verdict["blessed"], verdict["reasons"][-1][:59]
+    (False, 'segmentation Dice: 0.5500 is below its single-task baseline')
     """
     before_row, after_row = as_array([list(previous_row)]), as_array([list(row)])
     stage = len(tasks) - 1
@@ -103,4 +116,36 @@ def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=No
         blessed = False
     else:
         reasons.append(f"{tasks[stage]}: {own:.4f} reaches the threshold {threshold}")
+    if baseline is not None:
+        verdict, reason = _versus_baseline(tasks[stage], own, baseline)
+        blessed = blessed and verdict
+        reasons.append(reason)
     return {"blessed": blessed, "reasons": reasons}
+
+
+def _versus_baseline(task, own, baseline):
+    """`(passes, reason)` of the rule `bless: {min_vs_baseline: delta}` (see `bless`)."""
+    delta = baseline["delta"]
+    rule = f"bless rule min_vs_baseline {delta}"
+    if baseline.get("value") is None or np.isnan(baseline["value"]):
+        return False, (f"{task}: {rule}: no scored single-task baseline of this run to compare with "
+                       "(train it: `unicon-tf baselines --kind single_task`, or run the pipeline with `unicon-tf run`)")
+    if not baseline.get("same_rule", True):
+        return False, (f"{task}: {rule}: not compared, the arms were selected differently (this stage: "
+                       f"{baseline['own_rule']}; single-task: {baseline['rule']})")
+    comparison = baseline["comparison"]
+    ci = comparison.get("ci")
+    interval = (f" (95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, paired bootstrap over {comparison['pairs']} patients)"
+                if ci else " (no interval: the patients differ)")
+    rules = f"; both arms {baseline['rule']}" if baseline.get("rule") else ""
+    chance = ""
+    if baseline.get("at_chance"):
+        low, high = baseline.get("interval") or (float("nan"), float("nan"))
+        chance = (f"; the single-task baseline is at chance level (95% CI {low:.3f} to {high:.3f} reaches "
+                  f"{baseline.get('chance', 0.5):.3f}): no gain is claimed against it")
+    difference = comparison["difference"]
+    if difference < -delta - 1e-12:
+        return False, (f"{task}: {own:.4f} is below its single-task baseline {baseline['value']:.4f} by "
+                       f"{-difference:.4f}{interval}, more than the {rule}{rules}{chance}")
+    return True, (f"{task}: {own:.4f} vs its single-task baseline {baseline['value']:.4f}: {difference:+.4f}"
+                  f"{interval}, within the {rule}{rules}{chance}")

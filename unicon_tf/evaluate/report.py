@@ -6,7 +6,8 @@ Figures (matplotlib, Agg backend, fixed pixel sizes):
 - `learning_curves.png`: training and validation loss of every stage;
 - `kaplan_meier.png`: survival of the test patients split at the median predicted risk;
 - `overlay_<head>.png`: CT and PET slices through the lesion with the truth (green) and
-  the prediction (red) contours, for each segmentation head;
+  the prediction (red) contours, for each segmentation head: the best- and the
+  worst-scoring test patients (per-patient Dice);
 - `pet_gain.png`: per-patient Dice of the CT+PET head against the CT-only ones.
 """
 
@@ -20,7 +21,8 @@ from sksurv.nonparametric import kaplan_meier_estimator  # noqa: E402
 
 from unicon_tf.data import dataset  # noqa: E402
 from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
-from unicon_tf.evaluate.scores import paired_bootstrap  # noqa: E402
+from unicon_tf.evaluate.scores import paired_bootstrap, paired_difference, segmentation_scores  # noqa: E402
+from unicon_tf.train.selection import describe_rule, rule_key  # noqa: E402
 from unicon_tf.run import Run  # noqa: E402
 from unicon_tf.train.metrics import METRIC_NAMES  # noqa: E402
 
@@ -85,17 +87,33 @@ def plot_kaplan_meier(prediction, path):
     return _save(fig, path)
 
 
-def plot_overlays(prediction, path, patients=3):
-    """CT (and PET) axial slices through the lesion, truth and prediction contours."""
+def overlay_patients(dice, patients=2):
+    """`[(position, label)]`: the `patients` best- and worst-scoring patients by per-patient
+    Dice (best first, then worst from the lowest up), each once.
+
+    Example:
+    >>> overlay_patients([0.9, 0.1, 0.5, 0.7, 0.0], patients=2)
+    [(0, 'best'), (3, 'best'), (4, 'worst'), (1, 'worst')]
+    """
+    order = sorted(range(len(dice)), key=lambda i: (-dice[i], i))
+    best = order[:patients]
+    worst = [i for i in reversed(order) if i not in best][:patients]
+    return [(i, "best") for i in best] + [(i, "worst") for i in worst]
+
+
+def plot_overlays(prediction, path, patients=2):
+    """CT (and PET) axial slices through the lesion, truth (green) and prediction (red)
+    contours, for the `patients` best- and worst-scoring test patients (per-patient Dice)."""
     ds = dataset(prediction["data"], "test", task="segmentation", batch_size=64, shuffle=False, with_meta=True)
     images = {}
     for inputs, _, meta in ds:
         for k, pid in enumerate(meta["patient_id"].numpy()):
             images[pid.decode()] = {m: v[k, ..., 0].numpy() for m, v in inputs.items()}
-    order = np.argsort([-np.sum(t > 0) for t in prediction["target"]])[:patients]
+    dice = segmentation_scores(prediction["target"], prediction["output"])["dice_per_patient"]
+    chosen = overlay_patients(dice, patients)
     columns = [m for m in ("ct", "pet") if m in next(iter(images.values()))]
-    fig, axes = plt.subplots(len(order), len(columns), figsize=FIGURE_SIZE, squeeze=False)
-    for row, index in enumerate(order):
+    fig, axes = plt.subplots(len(chosen), len(columns), figsize=FIGURE_SIZE, squeeze=False)
+    for row, (index, rank) in enumerate(chosen):
         truth = prediction["target"][index]
         guess = np.argmax(prediction["output"][index], axis=-1)
         z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
@@ -105,7 +123,8 @@ def plot_overlays(prediction, path, patients=3):
             for mask, color in ((truth, "lime"), (guess, "red")):
                 if (mask[:, :, z] > 0).any():
                     ax.contour((mask[:, :, z] > 0).T.astype(float), levels=[0.5], colors=color, linewidths=1)
-            ax.set_title(f"{prediction['patient_id'][index]} {modality} z={z}", fontsize=7)
+            ax.set_title(f"{rank}: {prediction['patient_id'][index]} Dice {dice[index]:.2f} {modality} z={z}",
+                         fontsize=7)
             ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
@@ -117,6 +136,84 @@ def _table(result, fmt="{:.3f}"):
     lines = [header, "|" + "---|" * (len(result["tasks"]) + 1)]
     for stage, row in zip(result["stages"], result["matrix"]):
         lines.append(f"| {stage} | " + " | ".join("" if v is None else fmt.format(v) for v in row) + " |")
+    return lines
+
+
+def format_rules(result):
+    """`selection: <task> <rule>; ...`: the rule that kept each task's model of an
+    evaluated arm (`evaluate_run`'s or `evaluate_baselines`' dict), or None if unrecorded."""
+    records = result.get("selection")
+    if records is None:
+        return None
+    return "selection: " + "; ".join(f"{task} {describe_rule(record)}"
+                                     for task, record in zip(result["tasks"], records))
+
+
+def comparisons(continual, baselines):
+    """Each task's model against its single-task baseline, like for like or flagged.
+
+    The continual value is the task's score after its own stage (the matrix diagonal, as
+    forward transfer takes it). A difference is claimed only when both arms were selected
+    by the same rule (`unicon_tf.train.selection.rule_key`) and the baseline is better
+    than chance on the test split (`at_chance` of `unicon_tf.evaluate.scores.head_metrics`).
+
+    Args:
+        continual: `evaluate_run`'s result.
+        baselines: `{kind: matrix dict}`; only `single_task` is compared.
+
+    Returns:
+        A list, one dict per task: `task`, `metric`, `continual`, `baseline`, `rules`
+        (`{arm: describe_rule}`), `same_rule`, `continual_at_chance`, `baseline_at_chance`,
+        `difference`, `ci` (paired bootstrap over patients), `pairs` and `claimed`
+        (whether the difference may be read as a gain or loss), `flags` (why not).
+    """
+    single = baselines.get("single_task")
+    if not single:
+        return []
+    rows = []
+    for j, task in enumerate(continual["tasks"]):
+        if task not in single["tasks"]:
+            continue
+        b = single["tasks"].index(task)
+        ours, theirs = continual["metrics"][j][j], single["metrics"][b][b]
+        own_rule = (continual.get("selection") or [None] * (j + 1))[j]
+        base_rule = (single.get("selection") or [None] * (b + 1))[b]
+        kind, metric = continual["task_kinds"][j], continual["main_metric"][j]
+        row = {"task": task, "metric": metric, "continual": continual["matrix"][j][j],
+               "baseline": single["matrix"][b][b],
+               "rules": {"continual": describe_rule(own_rule), "single_task": describe_rule(base_rule)},
+               "same_rule": rule_key(own_rule) == rule_key(base_rule),
+               "continual_at_chance": ours.get("at_chance"), "baseline_at_chance": theirs.get("at_chance"),
+               "difference": None, "ci": None, "pairs": 0, "flags": []}
+        if row["continual"] is not None and row["baseline"] is not None:
+            compared = paired_difference(kind, ours, theirs)
+            row.update(difference=compared["difference"], ci=compared["ci"], pairs=compared["pairs"])
+        if not row["same_rule"]:
+            row["flags"].append("NOT like-for-like: the arms were selected by different rules")
+        for arm, metrics in (("single-task baseline", theirs), ("continual model", ours)):
+            if metrics.get("at_chance"):
+                low, high = metrics["interval"]
+                row["flags"].append(f"{arm} at chance level (95% CI {low:.3f} to {high:.3f} reaches "
+                                    f"{metrics['chance']:.3f})")
+        row["claimed"] = row["same_rule"] and not theirs.get("at_chance") and row["difference"] is not None
+        rows.append(row)
+    return rows
+
+
+def format_comparisons(rows):
+    """`comparisons`' rows as text lines (CLI and report), each arm's rule stated."""
+    lines = []
+    for row in rows:
+        name = METRIC_NAMES[row["metric"]]
+        ci = (f" (95% CI {row['ci'][0]:+.3f} to {row['ci'][1]:+.3f}, paired bootstrap over {row['pairs']} patients)"
+              if row["ci"] else "")
+        diff = ("" if row["difference"] is None else
+                f": {row['difference']:+.3f}{ci}" if row["claimed"] else ": no gain or loss claimed")
+        value = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"{row['task']} ({name}): continual {value(row['continual'])} "
+                     f"[{row['rules']['continual']}] vs single-task {value(row['baseline'])} "
+                     f"[{row['rules']['single_task']}]{diff}"
+                     + "".join(f"; {flag}" for flag in row["flags"]))
     return lines
 
 
@@ -143,10 +240,19 @@ def pet_gain(continual, baselines):
     single = baselines.get("single_task")
     if single:
         index = single["tasks"].index(ct_only[0])
+        rules = continual.get("selection") or [None] * len(continual["tasks"])
+        fused_rule = rules[continual["tasks"].index(fused[0])]
+        base_rule = (single.get("selection") or [None] * (index + 1))[index]
+        base_metrics = single["metrics"][index][index]
         gain["ct_baseline_dice"] = single["matrix"][index][index]
-        gain["gain_vs_ct_baseline"] = values[fused[0]] - gain["ct_baseline_dice"]
-        _add_interval(gain, "gain_vs_ct_baseline", fused_metrics, single["metrics"][index][index],
-                      f"{ct_only[0]} (single-task)")
+        gain["rules"] = {"fused": describe_rule(fused_rule), "ct_baseline": describe_rule(base_rule)}
+        gain["flags"] = [] if rule_key(fused_rule) == rule_key(base_rule) else [
+            "NOT like-for-like: the arms were selected by different rules"]
+        if base_metrics.get("at_chance"):
+            gain["flags"].append("the CT-only single-task baseline is at chance level")
+        if not gain["flags"]:
+            gain["gain_vs_ct_baseline"] = values[fused[0]] - gain["ct_baseline_dice"]
+            _add_interval(gain, "gain_vs_ct_baseline", fused_metrics, base_metrics, f"{ct_only[0]} (single-task)")
     return gain
 
 
@@ -185,8 +291,13 @@ def format_gain(gain):
     lines = [f"Dice of {gain['fused_head']} (CT+PET) {gain['fused_dice']:.3f} vs {gain['ct_head']} (CT) "
              f"{gain['ct_dice']:.3f}: {gain['gain_vs_ct_head']:+.3f}" + interval("gain_vs_ct_head")]
     if "ct_baseline_dice" in gain:
-        lines.append(f"vs the CT-only single-task baseline {gain['ct_baseline_dice']:.3f}: "
-                     f"{gain['gain_vs_ct_baseline']:+.3f}" + interval("gain_vs_ct_baseline"))
+        rules = f" [{gain['rules']['fused']} vs {gain['rules']['ct_baseline']}]"
+        if gain["flags"]:
+            lines.append(f"vs the CT-only single-task baseline {gain['ct_baseline_dice']:.3f}{rules}: no gain "
+                         "claimed; " + "; ".join(gain["flags"]))
+        else:
+            lines.append(f"vs the CT-only single-task baseline {gain['ct_baseline_dice']:.3f}: "
+                         f"{gain['gain_vs_ct_baseline']:+.3f}" + interval("gain_vs_ct_baseline") + rules)
     return lines
 
 
@@ -202,6 +313,22 @@ def _dice_lines(result):
     return lines + ["", "The per-patient mean gives every patient the same weight (a missed small lesion "
                     "counts fully); pooled over voxels, large lesions dominate. The matrix and blessing use the "
                     "per-patient mean."]
+
+
+def _selection_row(stage, record, validation):
+    """A markdown row of the model-selection table: the rule, the epoch kept, the
+    validation split's size and the stage's own head on it (flagged at chance level)."""
+    record = record or {}
+    value = "-"
+    if validation and validation.get("interval"):
+        metric = next(k for k in ("auc", "c_index", "dice") if k in validation)
+        low, high = validation["interval"]
+        value = f"{METRIC_NAMES[metric]} {validation[metric]:.3f} ({low:.3f} to {high:.3f})"
+    chance = "-" if not validation or validation.get("at_chance") is None else (
+        f"**yes** (chance {validation['chance']:.3f})" if validation["at_chance"] else "no")
+    epoch = f"{record.get('epoch', '-')} of {record.get('epochs_run', '-')}"
+    return (f"| {stage} | {describe_rule(record or None)} | {epoch} | {record.get('val_patients', '-')} | {value} | "
+            f"{chance} |")
 
 
 def write_report(run_dir, continual, records, baselines=None):
@@ -221,18 +348,28 @@ def write_report(run_dir, continual, records, baselines=None):
     baselines = baselines or {}
     out = Run(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
-    single = baselines.get("single_task")
-    reference = [single["matrix"][j][j] for j in range(len(single["tasks"]))] if single else None
-    if reference is not None and len(reference) != len(continual["tasks"]):
-        reference = reference[: len(continual["tasks"])]
+    compared = comparisons(continual, baselines)
+    claimed = {row["task"]: row["baseline"] for row in compared if row["claimed"]}
+    reference = [claimed.get(task) for task in continual["tasks"]] if compared else None
     summary = summarize(continual["matrix"], reference)
     lines = [f"# Continual run: {run_dir}", "", f"Evaluated on the `{continual['split']}` split of each stage's data.",
-             "", "## Stage x task (continual)", "", *_table(continual), ""]
+             "", "## Stage x task (continual)", "", *_table(continual), "", format_rules(continual) or "", ""]
     lines.append("![continual](" + plot_matrix(continual, out / "matrix_continual.png") + ")")
     lines += ["", "## Summary", "", "| measure | value |", "|---|---|"]
     for key in ("average", "backward_transfer", "forgetting", "forward_transfer"):
         if summary.get(key) is not None:
             lines.append(f"| {key.replace('_', ' ')} | {summary[key]:+.4f} |")
+    if compared:
+        lines += ["", "## Against the single-task baselines", "",
+                  "Each task after its own stage against its single-task model, with the rule each arm's epoch "
+                  "was selected by. A difference is claimed (and enters forward transfer) only when both arms "
+                  "follow the same rule and the baseline is better than chance.", "",
+                  *[f"- {line}" for line in format_comparisons(compared)]]
+    lines += ["", "## Model selection", "", "| stage | rule | kept epoch | validation patients | "
+              "validation metric (95% CI) | at chance on validation |", "|---|---|---|---|---|---|"]
+    for stage, record, validation in zip(continual["stages"], continual.get("selection") or [],
+                                         continual.get("validation") or []):
+        lines.append(_selection_row(stage, record, validation))
     gain = pet_gain(continual, baselines)
     if gain:
         lines += ["", "## PET", "", *[f"- {line}" for line in format_gain(gain)]]
@@ -245,7 +382,7 @@ def write_report(run_dir, continual, records, baselines=None):
         lines.append(f"- **{blessing['stage']}**: {'blessed' if blessing['blessed'] else 'NOT blessed'}; "
                      + "; ".join(blessing["reasons"]))
     for kind, result in baselines.items():
-        lines += ["", f"## Baseline: {kind}", "", *_table(result), "",
+        lines += ["", f"## Baseline: {kind}", "", *_table(result), "", format_rules(result) or "", "",
                   f"![{kind}](" + plot_matrix(result, out / f"matrix_{kind}.png") + ")"]
     lines += ["", "## Learning curves", "", "![curves](" + plot_learning_curves(records, out / "learning_curves.png") + ")"]
     for head, prediction in continual["predictions"].items():
@@ -253,7 +390,7 @@ def write_report(run_dir, continual, records, baselines=None):
             lines += ["", f"## Kaplan-Meier ({head})", "",
                       "![km](" + plot_kaplan_meier(prediction, out / "kaplan_meier.png") + ")"]
         if prediction["task"] == "segmentation":
-            lines += ["", f"## Segmentation overlays ({head})", "",
+            lines += ["", f"## Segmentation overlays ({head}): best and worst test patients", "",
                       f"![{head}](" + plot_overlays(prediction, out / f"overlay_{head}.png") + ")"]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -22,7 +22,8 @@ from unicon_tf.data import dataset
 from unicon_tf.model import model_parts
 from unicon_tf.train.metrics import MAIN_METRIC, c_index
 
-__all__ = ["MAIN_METRIC", "head_metrics", "paired_bootstrap", "predict_head", "score", "segmentation_scores"]
+__all__ = ["MAIN_METRIC", "chance_level", "head_metrics", "paired_bootstrap", "paired_difference", "patient_bootstrap",
+           "predict_head", "resampled_metric", "score", "segmentation_scores"]
 
 
 def predict_head(model, head, data_dir, split="test", batch_size=4):
@@ -136,18 +137,81 @@ def score(task, target, output):
     return SCORES[task](target, output)
 
 
-def head_metrics(task, result):
-    """The scores of a `predict_head` result, with `patients` (count) and `patient_ids`.
+def head_metrics(task, result, resamples=2000):
+    """The scores of a `predict_head` result, with the patients they cover, their interval
+    and the chance level.
+
+    Besides `score`'s metrics: `patients` (count) and `patient_ids`; `interval`, the 95%
+    percentile interval of the main metric under a bootstrap over patients; `chance`, the
+    main metric of a trivial prediction (0.5 for AUC and C-index: a constant score;
+    for Dice, predicting no lesion anywhere: the share of patients with nothing to find);
+    `at_chance`, whether the interval reaches down to it (a model not shown to be better
+    than the trivial one, e.g. a baseline that never trained: no gain is claimed against it). For
+    classification and prognosis `target` and `output` per patient are kept too, so that
+    two models can be compared on resamples of the same patients (`paired_difference`).
 
     Outputs holding a NaN or an infinity are not scored (an argmax would turn NaN logits
     into a confident class): the main metric is NaN and `non_finite_outputs` counts the
     values, so the stage is not blessed.
+
+    Args:
+        task: the head's task.
+        result: `predict_head`'s dict (`output`, `target`, `patient_id`).
+        resamples: bootstrap resamples of the interval.
+
+    Example:
+    >>> result = {"output": np.array([0.4, 0.3, 0.2, 0.1]), "target": np.array([[1, 1], [2, 1], [3, 0], [4, 1]]),
+    ...           "patient_id": ["a", "b", "c", "d"]}
+    >>> m = head_metrics("prognosis", result)
+    >>> m["c_index"], m["chance"], m["at_chance"]
+    (1.0, 0.5, False)
     """
     output = np.asarray(result["output"])
     non_finite = int(output.size - np.count_nonzero(np.isfinite(output)))
     scores = {MAIN_METRIC[task]: float("nan"), "non_finite_outputs": non_finite} if non_finite \
         else score(task, result["target"], output)
-    return {**scores, "patients": len(result["patient_id"]), "patient_ids": list(result["patient_id"])}
+    scores.update(patients=len(result["patient_id"]), patient_ids=list(result["patient_id"]))
+    if task != "segmentation":
+        scores.update(target=np.asarray(result["target"]).tolist(), output=output.tolist())
+    scores["chance"] = chance_level(task, result["target"])
+    low, high = (float("nan"),) * 2
+    if not non_finite and len(result["patient_id"]):
+        low, high = bootstrap_interval(lambda rows: resampled_metric({"task": task, **scores}, rows[0]),
+                                       [len(result["patient_id"])], resamples=resamples, vectorized=True)
+    scores["interval"] = None if np.isnan(low) else [low, high]
+    scores["at_chance"] = None if np.isnan(low) else bool(low <= scores["chance"] + 1e-12)
+    return scores
+
+
+def chance_level(task, target):
+    """The main metric of a trivial prediction: 0.5 for AUC and C-index (every patient
+    scored alike); for per-patient Dice, predicting background everywhere (Dice 1 for a
+    patient and class with nothing to find, else 0, averaged like `dice`)."""
+    if task != "segmentation":
+        return 0.5
+    target = np.asarray(target)
+    if target.ndim < 2 or len(target) == 0:
+        return float("nan")
+    axes = tuple(range(1, target.ndim))
+    classes = max(int(target.max()), 1)
+    empty = np.stack([~(target == c).any(axis=axes) for c in range(1, classes + 1)], axis=-1)
+    return float(empty.mean())
+
+
+def paired_difference(task, a, b, resamples=2000, seed=0):
+    """`mean metric(a) - metric(b)` of two models scored on the same patients, with a paired
+    bootstrap interval over patients.
+
+    Args:
+        task: the heads' task.
+        a, b: `head_metrics` dicts (matched by `patient_ids`).
+
+    Returns:
+        `{"difference", "ci", "pairs"}` (`ci` None when no resample is defined).
+    """
+    boot = patient_bootstrap([({"task": task, **a}, {"task": task, **b})], resamples=resamples, seed=seed)
+    return {"difference": float(a[MAIN_METRIC[task]] - b[MAIN_METRIC[task]]), "ci": boot["ci"],
+            "pairs": boot["pairs"]}
 
 
 def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):
@@ -211,3 +275,72 @@ def bootstrap_interval(statistic, sizes, resamples=2000, level=0.95, seed=0, vec
     tail = 100.0 * (1.0 - level) / 2.0
     return (float(np.percentile(values, tail, method=method)),
             float(np.percentile(values, 100.0 - tail, method=method)))
+
+
+def resampled_metric(prediction, rows):
+    """The main metric of a head's per-patient test predictions (`head_metrics`' fields, or
+    `unicon_tf.experiment.runner._per_patient`, with `task`)
+    on bootstrap resamples: `rows` `(resamples, patients)` of patient positions -> `(resamples,)`.
+
+    Dice is the mean per-patient Dice. AUC (two classes) and Harrell's C-index are ratios
+    of sums over patient pairs, so a resample weighs each pair by the product of its two
+    patients' multiplicities: the same value `unicon_tf.evaluate.scores.score` gives on the
+    resampled patients (a patient is never paired with its own copy: neither a
+    positive-negative pair nor a comparable survival pair). Other tasks (AUC over more
+    than two classes) are scored resample by resample.
+    """
+    task = prediction["task"]
+    if task == "segmentation":
+        return np.asarray(prediction["dice_per_patient"], np.float64)[rows].mean(axis=1)
+    target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"], np.float64)
+    if task == "classification" and output.shape[-1] == 2:
+        positive = target == 1
+        comparable = positive[:, None] & ~positive[None, :]
+        risk = softmax(output)[:, 1]
+        difference = risk[:, None] - risk[None, :]
+        concordant = np.where(difference == 0, 0.5, (difference > 0).astype(np.float64))
+    elif task == "prognosis":
+        time, event, risk = target[:, 0], target[:, 1].astype(bool), output.reshape(-1)
+        later = time[None, :] > time[:, None]
+        tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
+        comparable = event[:, None] & (later | tied_censored)
+        difference = risk[:, None] - risk[None, :]
+        concordant = np.where(np.abs(difference) <= 1e-8, 0.5, (difference > 0).astype(np.float64))
+    else:
+        return np.array([score(task, target[r], output[r])[MAIN_METRIC[task]] for r in rows])
+    weights = np.stack([np.bincount(r, minlength=len(target)) for r in rows]).astype(np.float64)
+    pairs = np.einsum("ri,ij,rj->r", weights, comparable.astype(np.float64), weights)
+    agree = np.einsum("ri,ij,rj->r", weights, comparable * concordant, weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, agree / pairs, np.nan)
+
+
+def patient_bootstrap(pairs, resamples=2000, level=0.95, seed=0):
+    """Paired bootstrap over patients of `mean over groups of metric(a) - metric(b)`.
+
+    Args:
+        pairs: `[(prediction a, prediction b)]`, one pair per fold-seed test set, the two
+            predictions of the same head kind on the same patients (matched by id).
+
+    Returns:
+        `{"ci", "pairs", "patients"}`: the percentile interval (None without pairs), the
+        patient pairs and the distinct patients.
+    """
+    aligned = []
+    for a, b in pairs:
+        where = {pid: i for i, pid in enumerate(b["patient_ids"])}
+        common = [(i, where[pid]) for i, pid in enumerate(a["patient_ids"]) if pid in where]
+        if common:
+            aligned.append((a, b, np.array([i for i, _ in common]), np.array([j for _, j in common])))
+    if not aligned:
+        return {"ci": None, "pairs": 0, "patients": 0}
+
+    def difference(rows):
+        per_group = [resampled_metric(a, ia[r]) - resampled_metric(b, ib[r]) for (a, b, ia, ib), r in zip(aligned, rows)]
+        return np.mean(per_group, axis=0)
+
+    low, high = bootstrap_interval(difference, [len(ia) for _, _, ia, _ in aligned], resamples=resamples,
+                                   level=level, seed=seed, vectorized=True)
+    patients = {a["patient_ids"][i] for a, _, ia, _ in aligned for i in ia}
+    return {"ci": None if np.isnan(low) else [low, high], "pairs": int(sum(len(ia) for _, _, ia, _ in aligned)),
+            "patients": len(patients)}

@@ -11,7 +11,10 @@ the last stage; single-task: the task's own model; joint: the multi-task model).
   difference with a t interval, a paired t-test and a Wilcoxon signed-rank test across
   folds (seeds averaged within a fold: K pairs), and a patient-level paired bootstrap
   (patients resampled within each fold-seed test set, the metric recomputed on both arms,
-  the difference averaged over fold-seeds: as many pairs as test patients x seeds);
+  the difference averaged over fold-seeds: as many pairs as test patients x seeds); each
+  side's selection rules (`unicon_tf.train.selection.rule_name`), and `claimed`: False,
+  with `flags` saying why, when the two arms were selected by different rules or the
+  reference (AUC, C-index) is at chance level (its 95% interval across folds reaches 0.5);
 - `transfer`: per fraction and arm (continual, naive), forgetting and backward transfer
   (`unicon_tf.evaluate.matrix.summarize`) with their intervals;
 - `data_efficiency`: per later task, the continual and single-task scores at each
@@ -27,7 +30,8 @@ import numpy as np
 from scipy import stats
 
 from unicon_tf.evaluate.matrix import summarize
-from unicon_tf.evaluate.scores import MAIN_METRIC, bootstrap_interval, score, softmax
+from unicon_tf.train.selection import rule_key, rule_name
+from unicon_tf.evaluate.scores import MAIN_METRIC, bootstrap_interval, patient_bootstrap, resampled_metric  # noqa: F401
 
 LEVEL = 0.95
 
@@ -58,74 +62,6 @@ def paired_tests(a, b):
     spread = not np.allclose(d, d[0], rtol=0, atol=1e-12)
     return {"t_p": float(stats.ttest_rel(a, b).pvalue) if spread else None,
             "wilcoxon_p": None if np.allclose(d, 0, rtol=0, atol=1e-12) else float(stats.wilcoxon(d).pvalue)}
-
-
-def resampled_metric(prediction, rows):
-    """The main metric of a head's per-patient test predictions (see `runner._per_patient`)
-    on bootstrap resamples: `rows` `(resamples, patients)` of patient positions -> `(resamples,)`.
-
-    Dice is the mean per-patient Dice. AUC (two classes) and Harrell's C-index are ratios
-    of sums over patient pairs, so a resample weighs each pair by the product of its two
-    patients' multiplicities: the same value `unicon_tf.evaluate.scores.score` gives on the
-    resampled patients (a patient is never paired with its own copy: neither a
-    positive-negative pair nor a comparable survival pair). Other tasks (AUC over more
-    than two classes) are scored resample by resample.
-    """
-    task = prediction["task"]
-    if task == "segmentation":
-        return np.asarray(prediction["dice_per_patient"], np.float64)[rows].mean(axis=1)
-    target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"], np.float64)
-    if task == "classification" and output.shape[-1] == 2:
-        positive = target == 1
-        comparable = positive[:, None] & ~positive[None, :]
-        risk = softmax(output)[:, 1]
-        difference = risk[:, None] - risk[None, :]
-        concordant = np.where(difference == 0, 0.5, (difference > 0).astype(np.float64))
-    elif task == "prognosis":
-        time, event, risk = target[:, 0], target[:, 1].astype(bool), output.reshape(-1)
-        later = time[None, :] > time[:, None]
-        tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
-        comparable = event[:, None] & (later | tied_censored)
-        difference = risk[:, None] - risk[None, :]
-        concordant = np.where(np.abs(difference) <= 1e-8, 0.5, (difference > 0).astype(np.float64))
-    else:
-        return np.array([score(task, target[r], output[r])[MAIN_METRIC[task]] for r in rows])
-    weights = np.stack([np.bincount(r, minlength=len(target)) for r in rows]).astype(np.float64)
-    pairs = np.einsum("ri,ij,rj->r", weights, comparable.astype(np.float64), weights)
-    agree = np.einsum("ri,ij,rj->r", weights, comparable * concordant, weights)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, agree / pairs, np.nan)
-
-
-def patient_bootstrap(pairs, resamples=2000, level=LEVEL, seed=0):
-    """Paired bootstrap over patients of `mean over groups of metric(a) - metric(b)`.
-
-    Args:
-        pairs: `[(prediction a, prediction b)]`, one pair per fold-seed test set, the two
-            predictions of the same head kind on the same patients (matched by id).
-
-    Returns:
-        `{"ci", "pairs", "patients"}`: the percentile interval (None without pairs), the
-        patient pairs and the distinct patients.
-    """
-    aligned = []
-    for a, b in pairs:
-        where = {pid: i for i, pid in enumerate(b["patient_ids"])}
-        common = [(i, where[pid]) for i, pid in enumerate(a["patient_ids"]) if pid in where]
-        if common:
-            aligned.append((a, b, np.array([i for i, _ in common]), np.array([j for _, j in common])))
-    if not aligned:
-        return {"ci": None, "pairs": 0, "patients": 0}
-
-    def difference(rows):
-        per_group = [resampled_metric(a, ia[r]) - resampled_metric(b, ib[r]) for (a, b, ia, ib), r in zip(aligned, rows)]
-        return np.mean(per_group, axis=0)
-
-    low, high = bootstrap_interval(difference, [len(ia) for _, _, ia, _ in aligned], resamples=resamples,
-                                   level=level, seed=seed, vectorized=True)
-    patients = {a["patient_ids"][i] for a, _, ia, _ in aligned for i in ia}
-    return {"ci": None if np.isnan(low) else [low, high], "pairs": int(sum(len(ia) for _, _, ia, _ in aligned)),
-            "patients": len(patients)}
 
 
 def aggregate(cells, plan, resamples=2000):
@@ -201,10 +137,31 @@ def _compare(index, replicates, fraction, first, second, resamples, folds):
              for k, s in present if task_a in index[arm_a, k, s, fraction].get("predictions", {})
              and task_b in index[arm_b, k, s, fraction].get("predictions", {})]
     difference = summary_interval([a - b for a, b in zip(fold_a, fold_b)])
-    return {"fraction": fraction, "a": {"arm": arm_a, "task": task_a}, "b": {"arm": arm_b, "task": task_b},
+    rules = {side: sorted({rule_name(_rule(index[arm, k, s, fraction], task)) for k, s in present})
+             for side, (arm, task) in (("a", first), ("b", second))}
+    keys = {side: {rule_key(_rule(index[arm, k, s, fraction], task)) for k, s in present}
+            for side, (arm, task) in (("a", first), ("b", second))}
+    like = len(keys["a"] | keys["b"]) <= 1
+    kind = next((c["task_kinds"][c["tasks"].index(task_b)] for c in index.values()
+                 if task_b in c.get("tasks", []) and "task_kinds" in c), None)
+    b_scores = summary_interval(fold_b)
+    at_chance = (kind in ("classification", "prognosis") and b_scores["ci"] is not None
+                 and b_scores["ci"][0] <= 0.5)
+    flags = ([] if like else ["NOT like-for-like: the arms were selected by different rules"]) + (
+        [f"{arm_b}: {task_b} at chance level (95% CI of its fold means reaches 0.5)"] if at_chance else [])
+    return {"fraction": fraction, "a": {"arm": arm_a, "task": task_a, "rules": rules["a"]},
+            "b": {"arm": arm_b, "task": task_b, "rules": rules["b"]},
             "kind": "modality" if arm_a == arm_b else "arm", "difference": difference,
             "fold_pairs": len(fold_a), **paired_tests(fold_a, fold_b),
-            "bootstrap": patient_bootstrap(pairs, resamples=resamples)}
+            "bootstrap": patient_bootstrap(pairs, resamples=resamples),
+            "like_for_like": like, "b_at_chance": at_chance, "claimed": like and not at_chance, "flags": flags}
+
+
+def _rule(cell, task):
+    """The selection record of the model that holds `task` in a cell (None when unrecorded)."""
+    selection = cell.get("selection") or []
+    tasks = cell.get("tasks") or []
+    return selection[tasks.index(task)] if task in tasks and tasks.index(task) < len(selection) else None
 
 
 def _data_efficiency(final, plan, task, kind, resamples):

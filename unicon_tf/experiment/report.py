@@ -87,14 +87,19 @@ def write_report(out, experiment, cells):
         lines.append(f"| {s['fraction']:g} | {s['task']} ({s['metric']}) | {s['arm']} | {_num(s['mean'])} | "
                      f"{_num(s['sd'])} | {_interval(s['ci'])} | {s['n']} |")
     lines += ["", "## Paired comparisons", "",
+              "Each arm's selection rule is stated; a difference across different rules, or against a reference "
+              "at chance level, is flagged and not claimed.", "",
               "| fraction | A | B | mean A-B | 95% CI (folds) | folds | t-test p | Wilcoxon p | "
-              "bootstrap 95% CI | patient pairs |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "bootstrap 95% CI | patient pairs | selection A / B | flags |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in experiment["comparisons"]:
         d = c["difference"]
+        rules = " / ".join(", ".join(c[side].get("rules") or ["not recorded"]) for side in ("a", "b"))
+        flags = "; ".join(f"**{flag}**" for flag in c.get("flags", [])) or "-"
         lines.append(f"| {c['fraction']:g} | {c['a']['arm']}: {c['a']['task']} | {c['b']['arm']}: {c['b']['task']} | "
                      f"{_num(d['mean'], '{:+.3f}')} | {_interval(d['ci'], '{:+.3f}')} | {c['fold_pairs']} | "
                      f"{_p(c['t_p'])} | {_p(c['wilcoxon_p'])} | {_interval(c['bootstrap']['ci'], '{:+.3f}')} | "
-                     f"{c['bootstrap']['pairs']} |")
+                     f"{c['bootstrap']['pairs']} | {rules} | {flags} |")
     if experiment["transfer"]:
         lines += ["", "## Forgetting and backward transfer", "",
                   "| fraction | arm | forgetting (95% CI) | BWT (95% CI) | average (95% CI) | n |",

@@ -152,8 +152,9 @@ class Experiment:
         experiment = {"pipeline": self.pipeline.name, "pipeline_file": str(self.pipeline.path), "out": str(self.out),
                       "plan": plan.to_json(), "patients": len(self.folds["patients"]), "folds": self.folds["folds"],
                       **aggregate(cells, plan)}
-        experiment["cells"] = [{k: c[k] for k in ("arm", "fold", "seed", "fraction", "run", "record", "data", "final",
-                                                  "matrix", "tasks", "stages", "seconds")} for c in cells]
+        experiment["cells"] = [{k: c.get(k) for k in ("arm", "fold", "seed", "fraction", "run", "record", "data",
+                                                      "final", "matrix", "tasks", "stages", "selection", "seconds")}
+                               for c in cells]
         experiment["report"] = str(write_report(self.out, experiment, cells))
         write_json_atomic(self.out / "experiment.json", experiment)
         return experiment
@@ -223,6 +224,7 @@ class Experiment:
                   "main_metric": result["main_metric"],
                   "modalities": {pipeline.head_name(j): pipeline.head_modalities(j) for j in stages},
                   "matrix": result["matrix"], "final": final, "predictions": predictions,
+                  "selection": result.get("selection"),
                   "seconds": round(time.time() - started, 1)}
         write_json_atomic(record_file, record)
         return record

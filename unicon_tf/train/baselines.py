@@ -10,14 +10,14 @@
   (each step takes one batch of every stage's data, for as many steps as the longest
   continual stage took; the upper reference).
 
-A baseline is trained to its best, not to a copied epoch count: a stage whose `select` is
-unset keeps its best validation epoch here (`select: best_val`, see
-`unicon_tf.train.selection`), where the continual stage keeps its last. The naive run's
-stage 0 is the continual stage 0 itself (same spec, same seed, trained from scratch: the
-same start, so forgetting is compared fairly) and is reused when trained; the single-task
-model of stage 0 reuses it only when it was selected the same way (e.g. the pipeline sets
-`select: best_val` on stage 0), and is trained anew otherwise. `joint` trains for a fixed
-number of epochs (no selection).
+Every arm follows the stage's own selection rule (`select`, `monitor`, `patience`,
+`min_epochs`, `smoothing`; by default the best validation epoch, see
+`unicon_tf.train.selection`), so a continual stage and its baselines are compared like for
+like. The naive run's stage 0 is the continual stage 0 itself (same spec, same seed,
+trained from scratch: the same start, so forgetting is compared fairly) and is reused when
+trained; so is the single-task model of stage 0 when it holds what the baseline would
+keep (it reads the same modality). `joint` trains for a fixed number of epochs (no
+selection: its record says `select: last`).
 """
 
 import dataclasses
@@ -29,12 +29,13 @@ import keras
 import tensorflow as tf
 
 from unicon_tf._quiet import progress_verbosity
+from unicon_tf.data import read_schema
 from unicon_tf.files import save_model_atomic
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.train.losses import TASK_LOSSES
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
-from unicon_tf.train.selection import Selection
+from unicon_tf.train.selection import Selection, describe_rule
 from unicon_tf.train.stage import stage_data, train_stage
 from unicon_tf.train.strategies import set_trainable
 from unicon_tf.version import __version__
@@ -69,21 +70,43 @@ def train_baselines(pipeline, run_dir, kinds=BASELINES, data_root=None, verbose=
 
 
 def _single_task(pipeline, run, verbose):
-    folders = []
-    for i, spec in enumerate(pipeline.stages):
-        modalities = pipeline.head_modalities(i)
-        alone = dataclasses.replace(best_val(spec), modality=None, modalities=tuple(modalities),
-                                    head=pipeline.head_name(i), adapters=None, path_options={})
-        single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
-        target = Run.create(run.single_task_dir(spec.name), single.name, single.path)
-        if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target, alone):
-            _train_missing(single, target, verbose)
-        folders.append(target.stage(0, spec.name))
-    return folders
+    return [train_single_task(pipeline, run.path, spec.name, verbose) for spec in pipeline.stages]
+
+
+def train_single_task(pipeline, run_dir, stage, verbose=0):
+    """Train (if not yet trained) the single-task baseline of one stage: its head alone,
+    from scratch, on the stage's data, under the stage's selection rule.
+
+    Args:
+        pipeline: a `PipelineSpec` (its stages' `data` ingested folders).
+        run_dir: the continual run's directory; the model goes to
+            `<run_dir>/baselines/single_task/<stage>/stages/00-<stage>/`.
+        stage: the stage's name.
+        verbose: Keras verbosity.
+
+    Returns:
+        The baseline's `StageFolder`.
+
+    Raises:
+        PipelineError: no such stage; StageError, TrainingError, DataError: as `train_stage`.
+
+    Example:
+    >>> folder = train_single_task(spec, "runs/chest_ct", "segmentation")  # doctest: +SKIP
+    """
+    run = Run.create(run_dir, pipeline.name, pipeline.path)
+    i, spec = pipeline.stage(stage)
+    modalities = pipeline.head_modalities(i)
+    alone = dataclasses.replace(spec, modality=None, modalities=tuple(modalities), head=pipeline.head_name(i),
+                                adapters=None, path_options={})
+    single = dataclasses.replace(pipeline, name=f"{pipeline.name}-{spec.name}-alone", stages=[alone])
+    target = Run.create(run.single_task_dir(spec.name), single.name, single.path)
+    if i > 0 or modalities != [pipeline.modality] or not _reuse_first_stage(run, pipeline, target, alone):
+        _train_missing(single, target, verbose)
+    return target.stage(0, spec.name)
 
 
 def _naive(pipeline, run, verbose):
-    stages = [pipeline.stages[0]] + [best_val(with_overrides(s, strategy="naive")) for s in pipeline.stages[1:]]
+    stages = [pipeline.stages[0]] + [with_overrides(s, strategy="naive") for s in pipeline.stages[1:]]
     naive = dataclasses.replace(pipeline, stages=stages)
     target = Run.create(run.baseline_dir("naive"), naive.name, naive.path)
     _reuse_first_stage(run, pipeline, target)
@@ -91,18 +114,12 @@ def _naive(pipeline, run, verbose):
     return Run(target.path).trained_stages()  # run.json as training left it (`target` read it before)
 
 
-def best_val(spec):
-    """`spec` with `select: best_val` unless its `select` is set: a baseline's default."""
-    return with_overrides(spec, select=spec.training["select"] or "best_val")
-
-
-def _selected_as(spec, record):
+def _selected_as(spec, record, splits):
     """Whether the trained stage of `record` (stage.json) holds the weights that training
     `spec` would keep: replaying `spec`'s selection over the recorded validation history
     (same definition and seed, so the same epochs) gives the same epochs run and epoch kept."""
     hp, history = spec.training, record["history"]
-    selection = Selection(record["head"], record["task"], hp["select"] or "last", hp["patience"], hp["monitor"],
-                          hp["epochs"])
+    selection = Selection.for_training(record["head"], record["task"], hp, splits)
     if record["spec"]["training"]["epochs"] != hp["epochs"]:
         return False
     epochs_run = 0
@@ -127,7 +144,9 @@ def _reuse_first_stage(run, pipeline, target, spec=None):
     spec = spec or pipeline.stages[0]
     if target.status(spec.name).get("status") == "trained":
         return True
-    if run.status(spec.name).get("status") != "trained" or not _selected_as(spec, run.stage(0, spec.name).record()):
+    if run.status(spec.name).get("status") != "trained":
+        return False
+    if not _selected_as(spec, run.stage(0, spec.name).record(), read_schema(spec.data)["splits"]):
         return False
     spec = pipeline.stages[0]
     source, copy = run.stage(0, spec.name), target.stage(0, spec.name)
@@ -214,6 +233,9 @@ def _joint(pipeline, run, verbose):
     save_model_atomic(network, out.model)
     out.write_record({
         "stage": "joint", "pipeline": pipeline.name, "strategy": "joint", "epochs": epochs, "steps_per_epoch": steps,
+        "selection": {"select": "last", "monitor": None, "epoch": epochs, "epochs_run": epochs, "max_epochs": epochs,
+                      "rule": describe_rule({"select": "last", "epoch": epochs, "max_epochs": epochs}),
+                      "reason": f"fixed {epochs} epochs (no validation selection); kept the last epoch"},
         "heads": [{"head": h, "task": s.task, "data": str(s.data)} for h, s in zip(heads, specs)],
         "history": history, "train_seconds": round(time.time() - started, 2),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

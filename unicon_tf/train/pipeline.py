@@ -22,9 +22,10 @@ encoder level the new path computes, levels below shared with the base path; see
 path's adapters and norm copies), `adapter_shortcuts` (adapters on 1x1x1 shortcut
 convolutions too, default true) and `path_norm` (its own GroupNorm scale and shift),
 head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the training
-keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, see
-`unicon_tf.train.selection`; `loss: {dice: pooled | per_patient, ce_weighting: none |
-lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, `min_epochs`,
+`smoothing`, see `unicon_tf.train.selection`; blessing: `tolerance`, `threshold`, `bless:
+{min_vs_baseline: delta}`, see `unicon_tf.evaluate.matrix.bless`; `loss: {dice: pooled |
+per_patient, ce_weighting: none | lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
 p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
 (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
@@ -46,14 +47,17 @@ from unicon_tf.presets import PRESETS
 from unicon_tf.train.distribute import check_distribute
 from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
 from unicon_tf.train.precision import check_precision
+from unicon_tf.train.selection import MONITOR, SELECT
 from unicon_tf.train.strategies import check_strategy
 
 TRAINING_DEFAULTS = {
     "strategy": "frozen",  # frozen | adapters | finetune | naive
     "epochs": 5,  # the most epochs; fewer with patience
-    "select": None,  # best_val | last: the weights kept (unset: last for a stage, best_val for a baseline)
+    "select": None,  # best_val | last: the weights kept, by every arm (unset: best_val with a val split, else last)
     "patience": None,  # stop after this many epochs without a better validation value (unset: never)
-    "monitor": "metric",  # metric (the task's main one: AUC, C-index, per-patient Dice) | loss (the head's)
+    "monitor": "auto",  # auto | metric (the task's main one: AUC, C-index, per-patient Dice) | loss (the head's)
+    "min_epochs": 1,  # the first epoch that may be kept
+    "smoothing": 1,  # judge an epoch by the mean of the monitored value over it and the epochs before it
     "batch_size": 4,
     "learning_rate": 3e-4,
     "weight_decay": 1e-5,
@@ -70,16 +74,16 @@ TRAINING_DEFAULTS = {
     "profile_batch": 0,  # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
+    "bless": {},  # {min_vs_baseline: delta}: the new head must reach its single-task baseline minus delta
     "loss": {},  # task-loss options (losses.LOSS_OPTIONS), e.g. {dice: per_patient, ce_weighting: lesion}
     "sampling": {},  # {foreground_probability: p}: re-centre training patches (data.sampling)
 }
-SELECTION_KEYS = ("select", "patience", "monitor")
+SELECTION_KEYS = ("select", "patience", "monitor", "min_epochs", "smoothing")
 """Training keys of model selection (`unicon_tf.train.selection`); left out of a spec's JSON
 at their defaults, so that runs from before them keep their fingerprints."""
-OPTIONAL_TRAINING_KEYS = (*SELECTION_KEYS, "loss", "sampling")
+OPTIONAL_TRAINING_KEYS = (*SELECTION_KEYS, "loss", "sampling", "bless")
 """Training keys left out of a spec's JSON at their defaults (runs from before them keep
 their fingerprints and recorded parameters)."""
-SELECT = ("best_val", "last")
 PATH_KEYS = {"adapter_levels": None, "adapter_shortcuts": True, "path_norm": False}
 """A stage's isolation options for its head's own encoder parameters (`expand`'s), with
 their defaults."""
@@ -480,8 +484,30 @@ def _check_training(where, training, task=None):
     patience = training["patience"]
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise PipelineError(f"{where}: patience must be a whole number of epochs >= 1, got {patience!r}.")
-    if training["monitor"] not in ("metric", "loss"):
-        raise PipelineError(f"{where}: monitor must be 'metric' or 'loss', got {training['monitor']!r}.")
+    if training["monitor"] not in MONITOR:
+        raise PipelineError(f"{where}: monitor must be one of {list(MONITOR)}, got {training['monitor']!r}.")
+    for key in ("min_epochs", "smoothing"):
+        value = training[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PipelineError(f"{where}: {key} must be a whole number of epochs >= 1, got {value!r}.")
+    _check_bless(where, training["bless"])
+
+
+BLESS_KEYS = ("min_vs_baseline",)
+"""A stage's `bless` options (`unicon_tf.evaluate.matrix.bless`)."""
+
+
+def _check_bless(where, bless):
+    """Raise PipelineError naming the field for a `bless` mapping that is not `{min_vs_baseline: delta >= 0}`."""
+    if not isinstance(bless, dict):
+        raise PipelineError(f"{where}: field 'bless' must be a mapping like {{min_vs_baseline: 0.02}}, got {bless!r}.")
+    unknown = set(bless) - set(BLESS_KEYS)
+    if unknown:
+        raise PipelineError(f"{where}: field 'bless': unknown key(s) {sorted(unknown)}; known: {list(BLESS_KEYS)}.")
+    delta = bless.get("min_vs_baseline")
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0):
+        raise PipelineError(f"{where}: field 'bless': min_vs_baseline must be a number >= 0 (the largest "
+                            f"allowed shortfall against the single-task baseline), got {delta!r}.")
 
 
 def _profile_batch_ok(value):

@@ -1,21 +1,30 @@
 """Model selection on validation: which epoch's weights a stage keeps, and when it stops.
 
-A stage's `epochs` is a maximum. After every epoch the monitored validation value is
-compared with the best so far; `patience` epochs in a row without a better one stop the
-stage early, and `select: best_val` keeps the weights of the best epoch (`last` keeps
-the last epoch's). The monitored value (`monitor`):
+Every arm of a comparison (a continual stage and its single-task and naive baselines)
+follows the same rule, so a table never pits one model's last epoch against another's
+best one. A stage's `epochs` is a maximum. After every epoch the monitored validation
+value is compared with the best so far; `patience` epochs in a row without a better one
+stop the stage early, and `select: best_val` (the default where the data has a `val`
+split) keeps the weights of the best epoch; `select: last` keeps the last epoch's (the
+default without a `val` split, and an option). The monitored value (`monitor`):
 
-| `monitor`          | quantity                                   | better |
-|--------------------|--------------------------------------------|--------|
-| `metric` (default) | `val_<head>_auc`, `val_<head>_c_index`, or | higher |
-|                    | `val_<head>_dice` (per-patient mean Dice)  |        |
-| `loss`             | `val_<head>_loss`, the head's task loss    | lower  |
+| `monitor`        | quantity                                                | better |
+|------------------|---------------------------------------------------------|--------|
+| `auto` (default) | `loss` for AUC and C-index on fewer than `COARSE_BELOW` |        |
+|                  | validation patients, `metric` otherwise                 |        |
+| `metric`         | `val_<head>_auc`, `val_<head>_c_index`, or              | higher |
+|                  | `val_<head>_dice` (per-patient mean Dice)               |        |
+| `loss`           | `val_<head>_loss`, the head's task loss                 | lower  |
 
-The default monitors the task's main metric, the one evaluation, the stage x task matrix
-and blessing judge, so that the epoch kept is the one a reader of the table would pick;
-the loss is smoother on a small validation split (a C-index or AUC over 16 patients moves
-in steps) and is there for that. A value that is NaN (e.g. a C-index without a
-comparable pair) is never an improvement; a tie is not one either (the earlier epoch stays).
+A ranking metric (AUC, C-index) over a handful of patients moves in coarse steps: on 10
+validation patients a prognosis model's best C-index can be epoch 1's by chance (an
+untrained model kept, scoring 0.5 on test). The loss is continuous and is what `auto`
+watches there. Two more guards for small splits: `min_epochs` (no epoch before it is
+kept, and patience does not count before it) and `smoothing: k` (an epoch is judged by
+the mean of the monitored value over it and the k - 1 epochs before it, so one lucky
+epoch does not win; an epoch is judged only once k values exist). A value that is NaN
+(e.g. a C-index without a comparable pair) is never an improvement; a tie is not one
+either (the earlier epoch stays).
 
 Keras' `EarlyStopping(restore_best_weights=True)` does the same inside one `fit` call, but
 a stage calls `fit` once per epoch (to checkpoint and check for non-finite values between
@@ -27,6 +36,35 @@ import math
 
 from unicon_tf.train.metrics import MAIN_METRIC
 
+SELECT = ("best_val", "last")
+MONITOR = ("auto", "metric", "loss")
+COARSE_BELOW = 50
+"""Validation patients below which `monitor: auto` watches the loss of an AUC or C-index task."""
+RANKING_TASKS = ("classification", "prognosis")
+
+
+def resolve_select(select: str | None, has_val: bool) -> str:
+    """The rule a stage follows: `select` if set, else `best_val` with a `val` split, `last` without.
+
+    Example:
+    >>> resolve_select(None, True), resolve_select(None, False), resolve_select("last", True)
+    ('best_val', 'last', 'last')
+    """
+    return select or ("best_val" if has_val else "last")
+
+
+def resolve_monitor(monitor: str, task: str, val_patients: int | None) -> str:
+    """`metric` or `loss`: `monitor`, with `auto` resolved for the task and validation size.
+
+    Example:
+    >>> resolve_monitor("auto", "prognosis", 10), resolve_monitor("auto", "segmentation", 10)
+    ('loss', 'metric')
+    """
+    if monitor != "auto":
+        return monitor
+    coarse = task in RANKING_TASKS and (val_patients or 0) < COARSE_BELOW
+    return "loss" if coarse else "metric"
+
 
 class Selection:
     """The model-selection state of one stage: best value and epoch so far, patience counter.
@@ -34,11 +72,14 @@ class Selection:
     Args:
         head: the stage's head.
         task: the head's task.
-        select: `best_val` or `last`.
+        select: `best_val` or `last` (resolved: see `resolve_select`).
         patience: epochs without improvement before stopping; None never stops early.
-        monitor: `metric` or `loss` (see the module docstring).
+        monitor: `auto`, `metric` or `loss` (see the module docstring).
         max_epochs: the stage's `epochs`.
         state: a previous `state()` (resuming); None starts afresh.
+        min_epochs: the first epoch (1-based) that may be kept.
+        smoothing: epochs averaged (the epoch and the ones before it) to judge an epoch.
+        val_patients: patients in the validation split (for `auto` and the record).
 
     Example:
     >>> selection = Selection("seg", "segmentation", "best_val", patience=2, monitor="metric", max_epochs=10)
@@ -48,12 +89,30 @@ class Selection:
     (True, 2)
     """
 
-    def __init__(self, head, task, select, patience, monitor, max_epochs, state=None):
+    def __init__(self, head, task, select, patience, monitor, max_epochs, state=None, min_epochs=1, smoothing=1,
+                 val_patients=None):
+        self.head, self.task = head, task
         self.select, self.patience, self.max_epochs = select, patience, int(max_epochs)
-        self.key = f"val_{head}_{MAIN_METRIC[task] if monitor == 'metric' else 'loss'}"
-        self.mode = "max" if monitor == "metric" else "min"
+        self.min_epochs, self.smoothing, self.val_patients = int(min_epochs), int(smoothing), val_patients
+        self.monitor = resolve_monitor(monitor, task, val_patients)
+        self.key = f"val_{head}_{MAIN_METRIC[task] if self.monitor == 'metric' else 'loss'}"
+        self.mode = "max" if self.monitor == "metric" else "min"
         state = state or {}
         self.best, self.best_epoch, self.wait = state.get("best"), state.get("best_epoch"), state.get("wait", 0)
+        self.values = list(state.get("values", []))
+
+    @classmethod
+    def for_training(cls, head: str, task: str, training: dict, splits: dict, state: dict | None = None):
+        """The `Selection` of a stage's training keys (`select`, `patience`, `monitor`,
+        `min_epochs`, `smoothing`, `epochs`) on data whose schema has `splits`
+        (`{split: {"count": patients, ...}}`): the one place a stage's rule is resolved,
+        for the stage and for replaying it over a recorded history."""
+        val = splits.get("val")
+        val_patients = None if val is None else int(val.get("count", 0))
+        return cls(head, task, resolve_select(training.get("select"), val is not None), training.get("patience"),
+                   training.get("monitor", "auto"), training["epochs"], state,
+                   min_epochs=training.get("min_epochs", 1), smoothing=training.get("smoothing", 1),
+                   val_patients=val_patients)
 
     @property
     def needs_validation(self):
@@ -61,12 +120,18 @@ class Selection:
         return self.select == "best_val" or self.patience is not None
 
     def update(self, epoch, logs):
-        """Take epoch `epoch`'s (1-based) logs; True when its monitored value is the best so far.
+        """Take epoch `epoch`'s (1-based) logs; True when it is the best so far (judged on
+        the mean over `smoothing` epochs, from `min_epochs` on).
 
         Raises:
             KeyError: the logs lack the monitored value (no validation data).
         """
         value = float(logs[self.key])
+        self.values.append(None if math.isnan(value) else value)  # None: JSON has no NaN
+        window = self.values[-self.smoothing:]
+        if epoch < self.min_epochs or len(window) < self.smoothing:
+            return False
+        value = float("nan") if None in window else math.fsum(window) / len(window)
         better = not math.isnan(value) and (
             self.best is None or (value > self.best if self.mode == "max" else value < self.best))
         if better:
@@ -76,12 +141,12 @@ class Selection:
         return better
 
     def stop(self):
-        """Whether `patience` epochs in a row brought no improvement."""
+        """Whether `patience` judged epochs in a row brought no improvement."""
         return self.patience is not None and self.wait >= self.patience
 
     def state(self):
         """What a checkpoint keeps to resume (`Selection(..., state=...)`)."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "values": self.values}
 
     def kept_epoch(self, epochs_run):
         """The epoch (1-based) whose weights the stage keeps."""
@@ -89,10 +154,12 @@ class Selection:
             return self.best_epoch
         return epochs_run
 
-    def record(self, epochs_run):
-        """What `stage.json` records under `selection`: `select`, `monitor`, `mode`,
-        `patience`, `max_epochs`, `epochs_run`, `epoch` (kept, 1-based), `best_epoch`,
-        `best` (its monitored value), `stopped` (`early_stop` or `max_epochs`) and `reason`."""
+    def record(self, epochs_run, history=None):
+        """What `stage.json` records under `selection`: `select`, `monitor` (the key), `mode`,
+        `patience`, `min_epochs`, `smoothing`, `max_epochs`, `epochs_run`, `epoch` (kept,
+        1-based), `best_epoch`, `best` (its judged value), `val_patients`, `val_metric` (the
+        kept epoch's validation main metric, from `history`), `stopped` (`early_stop` or
+        `max_epochs`), `rule` (`describe_rule`) and `reason`."""
         stopped = "early_stop" if epochs_run < self.max_epochs and self.stop() else "max_epochs"
         epoch = self.kept_epoch(epochs_run)
         if stopped == "early_stop":
@@ -101,11 +168,58 @@ class Selection:
                    f"early stop: no finite {self.key} in {self.patience} epoch(s)")
         else:
             why = f"max epochs ({self.max_epochs}) reached"
+        on = f" on {self.val_patients} validation patients" if self.val_patients is not None else ""
+        smoothed = f", mean of {self.smoothing} epochs" if self.smoothing > 1 else ""
         if self.select == "best_val":
-            kept = (f"kept epoch {epoch}, the best {self.key} ({self.best:.4f})" if self.best_epoch is not None
-                    else f"kept the last epoch {epoch}: no finite {self.key}")
+            kept = (f"kept epoch {epoch} of {epochs_run}, the best {self.key} ({self.best:.4f}{smoothed}){on}"
+                    if self.best_epoch is not None else f"kept the last epoch {epoch}: no judged finite {self.key}{on}")
         else:
             kept = f"kept the last epoch {epoch} (select: last)"
-        return {"select": self.select, "monitor": self.key if self.needs_validation else None, "mode": self.mode,
-                "patience": self.patience, "max_epochs": self.max_epochs, "epochs_run": epochs_run, "epoch": epoch,
-                "best_epoch": self.best_epoch, "best": self.best, "stopped": stopped, "reason": f"{why}; {kept}"}
+        metric_key = f"val_{self.head}_{MAIN_METRIC[self.task]}"
+        logs = (history or [])[epoch - 1] if history and 0 < epoch <= len(history) else {}
+        record = {"select": self.select, "monitor": self.key if self.needs_validation else None, "mode": self.mode,
+                  "patience": self.patience, "min_epochs": self.min_epochs, "smoothing": self.smoothing,
+                  "max_epochs": self.max_epochs, "epochs_run": epochs_run, "epoch": epoch,
+                  "best_epoch": self.best_epoch, "best": self.best, "val_patients": self.val_patients,
+                  "val_metric": logs.get(metric_key), "stopped": stopped, "reason": f"{why}; {kept}"}
+        return {**record, "rule": describe_rule(record)}
+
+
+def rule_key(record: dict | None) -> tuple:
+    """What two arms must share to be compared like for like: `(select, what was watched)`
+    of a `selection` record (`metric` or `loss`; None for `last`); a record of a run from
+    before selection was recorded (None) kept its last epoch.
+
+    Example:
+    >>> rule_key({"select": "best_val", "monitor": "val_seg_dice"}), rule_key(None)
+    (('best_val', 'metric'), ('last', None))
+    """
+    if not record or record.get("select") != "best_val":
+        return ((record or {}).get("select") or "last", None)
+    return ("best_val", "loss" if (record.get("monitor") or "").endswith("_loss") else "metric")
+
+
+def rule_name(record: dict | None) -> str:
+    """`rule_key` as words: `best_val on the val loss`, `best_val on the val metric` or `last`.
+
+    Example:
+    >>> rule_name({"select": "best_val", "monitor": "val_p_loss"}), rule_name(None)
+    ('best_val on the val loss', 'last')
+    """
+    select, watched = rule_key(record)
+    return f"{select} on the val {watched}" if watched else select
+
+
+def describe_rule(record: dict | None) -> str:
+    """A selection record as a short phrase, e.g. `best_val (val_seg_dice, epoch 4/6, 16 val patients)`.
+
+    Example:
+    >>> describe_rule({"select": "last", "epoch": 3, "epochs_run": 3, "max_epochs": 3})
+    'last (epoch 3/3)'
+    """
+    if not record:
+        return "last (not recorded)"
+    if record.get("select") != "best_val":
+        return f"last (epoch {record.get('epoch')}/{record.get('max_epochs')})"
+    size = f", {record['val_patients']} val patients" if record.get("val_patients") is not None else ""
+    return f"best_val ({record.get('monitor')}, epoch {record.get('epoch')}/{record.get('epochs_run')}{size})"

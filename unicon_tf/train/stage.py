@@ -224,7 +224,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     fisher = load_fisher(base) if base else None
     ewc_later = any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in pipeline.stages[index + 1:])
     plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
-    selection = _selection(spec, head, "val" in schema["splits"])
+    selection = _selection(spec, head, schema["splits"])
     trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data, verbose)
     optimizer = keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"])
     trainer.compile(optimizer=optimizer_for(hp["precision"], optimizer))
@@ -247,7 +247,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         if changes:
             state["changes"] = state.get("changes", []) + [{"after_epoch": state["epoch"], "changes": changes}]
         state["fingerprint"] = identity
-        selection = _selection(spec, head, True, state.get("selection"))
+        selection = _selection(spec, head, schema["splits"], state.get("selection"))
         if written.checkpoint != checkpoint and (checkpoint / BEST_WEIGHTS).exists():
             # A worker writing elsewhere takes the chief's best weights now, before any epoch:
             # the chief replaces its checkpoint after each one.
@@ -281,7 +281,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
             print(f"epoch {epoch + 1}: {selection.key} {logs[selection.key]:.4f}" + (
                 " (best so far)" if best else f" (best: epoch {selection.best_epoch}, {selection.best})"))
 
-    selected = selection.record(state["epoch"])
+    selected = selection.record(state["epoch"], state["history"])
     if selected["epoch"] != state["epoch"]:
         network.load_weights(next(folder / BEST_WEIGHTS for folder in (written.checkpoint, checkpoint)
                                   if (folder / BEST_WEIGHTS).exists()))
@@ -314,15 +314,15 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     return {**record, "chief": written.path == out.path}
 
 
-def _selection(spec, head, has_val, state=None):
-    """The stage's `Selection` (`select` unset: `last`).
+def _selection(spec, head, splits, state=None):
+    """The stage's `Selection` on data with `splits` (the schema's; `select` unset:
+    `best_val` with a `val` split, `last` without, see `unicon_tf.train.selection`).
 
     Raises:
         StageError: best_val or patience without a `val` split.
     """
-    hp = spec.training
-    selection = Selection(head, spec.task, hp["select"] or "last", hp["patience"], hp["monitor"], hp["epochs"], state)
-    if selection.needs_validation and not has_val:
+    selection = Selection.for_training(head, spec.task, spec.training, splits, state)
+    if selection.needs_validation and "val" not in splits:
         raise StageError(f"Stage '{spec.name}': select: {selection.select}, patience: {selection.patience} need a "
                          f"'val' split, and {spec.data} has none: ingest one, or use select: last without patience.")
     return selection
