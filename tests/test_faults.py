@@ -73,6 +73,7 @@ def test_loss_scale_skips_an_overflowing_step_and_halves():
     rng = np.random.default_rng(0)
     x = {"ct": rng.normal(size=(4, 8, 8, 8, 1)).astype("float32")}
     y = {"prognosis": TASK_TARGETS["prognosis"](rng)}
+    keras.utils.set_random_seed(0)  # the same network whatever ran before in this process
     network = set_precision(unicon_tf.foundation((8, 8, 8), task="prognosis", width=4, depth=2), "mixed_float16")
     trainer = ContinualModel(network, {"prognosis": "prognosis"})
     trainer.compile(optimizer=optimizer_for("mixed_float16", keras.optimizers.SGD(0.1)), run_eagerly=True)
@@ -83,7 +84,7 @@ def test_loss_scale_skips_an_overflowing_step_and_halves():
     assert float(np.asarray(trainer.optimizer.dynamic_scale)) == pytest.approx(1.5e38)
     assert int(np.asarray(trainer.optimizer.inner_optimizer.iterations)) == 0
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, network.trainable_weights))
-    trainer.optimizer.dynamic_scale.assign(2.0 ** 15)
+    trainer.optimizer.dynamic_scale.assign(1.0)  # unscaled float16 gradients of this small network: finite
     trainer.train_on_batch(x, y)
     assert int(np.asarray(trainer.optimizer.inner_optimizer.iterations)) == 1
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, network.trainable_weights))
@@ -226,7 +227,8 @@ def test_a_small_split_is_warned_about_and_an_unmeasured_validation_metric_is_no
     rows += [patient_row(tmp_path, f"V{i}", split="val", label=0) for i in range(2)]
     rows += [patient_row(tmp_path, f"X{i}", split="test", label=i % 2) for i in range(4)]
     folder = _cohort(tmp_path, rows)
-    stages = [{"name": "grade", "task": "classification", "batch_size": 4, "select": "best_val"}]
+    stages = [{"name": "grade", "task": "classification", "batch_size": 4, "select": "best_val",
+               "monitor": "metric"}]  # (monitor: auto would watch the loss on 2 validation patients)
     pipeline = write_pipeline(tmp_path, folder, stages=stages, input_shape=(8, 8, 8), depth=2, epochs=2)
     with pytest.warns(data.DataWarning) as caught:
         record = train.train_stage(pipeline, "grade", tmp_path / "run", verbose=0)

@@ -258,7 +258,7 @@ def load_stored_volume(path, patient=None, field=None, reference=None):
     twice the stored bytes, plus a reoriented copy. Resampling needs neither (it goes
     through the affine): this returns the stored array (integers unscaled: the NIfTI
     `scl_slope`/`scl_inter` are returned to apply after resampling, on the small grid;
-    floats as float32 with the scaling applied) in the file's own voxel order.
+    floats as float32 with the scaling applied) in RAS voxel order (a view of the stored array).
 
     Args:
         path, patient, field, reference: as `load_volume` (a DICOM or ITK image is read whole,
@@ -271,14 +271,20 @@ def load_stored_volume(path, patient=None, field=None, reference=None):
         DataError: as `load_volume` (NaN or Inf voxels of a float image included).
     """
     image, fail = _checked_image(path, patient, field, reference)
+    # RAS voxel order as `load_volume` gives it, by views (flips and transposes, no copy): the
+    # same voxels on the same affine resample to the same bytes whatever the file's order.
+    orientation = nib.orientations.io_orientation(image.affine)
+    affine = image.affine @ nib.orientations.inv_ornt_aff(orientation, image.shape[:3])
     proxy = image.dataobj
     if np.issubdtype(image.get_data_dtype(), np.integer) and hasattr(proxy, "get_unscaled"):
         try:
             data = np.asarray(proxy.get_unscaled()).reshape(image.shape[:3])
         except Exception as error:
             raise fail(f"unreadable or truncated NIfTI ({type(error).__name__}: {error})") from error
-        return data, image.affine, float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
-    return _float_voxels(image, fail), image.affine, 1.0, 0.0
+        slope, intercept = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    else:
+        data, slope, intercept = _float_voxels(image, fail), 1.0, 0.0
+    return nib.orientations.apply_orientation(data, orientation), affine, slope, intercept
 
 
 def _count_non_finite(data, slab=8):

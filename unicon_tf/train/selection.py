@@ -158,7 +158,8 @@ class Selection:
         """What `stage.json` records under `selection`: `select`, `monitor` (the key), `mode`,
         `patience`, `min_epochs`, `smoothing`, `max_epochs`, `epochs_run`, `epoch` (kept,
         1-based), `best_epoch`, `best` (its judged value), `val_patients`, `val_metric` (the
-        kept epoch's validation main metric, from `history`), `stopped` (`early_stop` or
+        kept epoch's validation main metric, from `history`; None where it was not measured,
+        e.g. an AUC on a one-class validation split, so that stage.json stays plain JSON), `stopped` (`early_stop` or
         `max_epochs`), `rule` (`describe_rule`) and `reason`."""
         stopped = "early_stop" if epochs_run < self.max_epochs and self.stop() else "max_epochs"
         epoch = self.kept_epoch(epochs_run)
@@ -177,11 +178,13 @@ class Selection:
             kept = f"kept the last epoch {epoch} (select: last)"
         metric_key = f"val_{self.head}_{MAIN_METRIC[self.task]}"
         logs = (history or [])[epoch - 1] if history and 0 < epoch <= len(history) else {}
+        val_metric = logs.get(metric_key)
+        val_metric = val_metric if val_metric is not None and math.isfinite(val_metric) else None
         record = {"select": self.select, "monitor": self.key if self.needs_validation else None, "mode": self.mode,
                   "patience": self.patience, "min_epochs": self.min_epochs, "smoothing": self.smoothing,
                   "max_epochs": self.max_epochs, "epochs_run": epochs_run, "epoch": epoch,
                   "best_epoch": self.best_epoch, "best": self.best, "val_patients": self.val_patients,
-                  "val_metric": logs.get(metric_key), "stopped": stopped, "reason": f"{why}; {kept}"}
+                  "val_metric": val_metric, "stopped": stopped, "reason": f"{why}; {kept}"}
         return {**record, "rule": describe_rule(record)}
 
 
