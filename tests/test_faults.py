@@ -90,6 +90,7 @@ def test_loss_scale_skips_an_overflowing_step_and_halves():
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, network.trainable_weights))
 
 
+@pytest.mark.slow
 def test_mixed_float16_stages_train_on_one_device(phantom_records, tmp_path):
     # The advertised option end to end: stage 0 (everything trains), then a finetune stage
     # with LwF (a float16 teacher).
@@ -129,6 +130,8 @@ def grid(records_8, tmp_path_factory):
     return pipeline, folder / "out"
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["single_task", "naive", "joint"])
 def test_experiment_scores_every_baseline_kind_per_patient(grid, kind):
     from unicon_tf.cli import main

@@ -231,6 +231,7 @@ def test_savedmodel_export_parity(expected, tmp_path):
 
 # --- training on the frozen pretrained encoder: features extracted once ------------------------
 
+@pytest.mark.slow
 def test_frozen_pretrained_encoder_trains_heads_on_cached_multiscale_features(phantom_cohort, tmp_path):
     import yaml
 
