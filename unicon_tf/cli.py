@@ -174,11 +174,13 @@ def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
 
     import keras
 
+    from unicon_tf._quiet import progress_verbosity
+
     if count < 1:
         raise click.BadParameter(f"-n must be >= 1, got {count}")
     lesions = phantom_cohort.LesionOptions(radius_mm=lesion_radius or None, ct_contrast_hu=lesion_contrast)
     lesions.check(shape[0] * spacing, spacing)  # before the progress bar
-    progress = keras.utils.Progbar(count, unit_name="patient")
+    progress = keras.utils.Progbar(count, unit_name="patient", verbose=progress_verbosity(1))
     manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update,
                                            lesions=lesions)
     click.echo(f"wrote {count} patients; manifest: {manifest}")
