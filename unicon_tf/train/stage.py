@@ -492,7 +492,7 @@ def _shapes(outputs):
 def _cache_features(extractor, ds, count=None, split="train"):
     """One pass of the frozen feature extractor: `(features tuple, {head: targets})` in memory,
     with a progress bar over `count` patients when given."""
-    progress = keras.utils.Progbar(count, unit_name="patient") if count else None
+    progress = keras.utils.Progbar(count, unit_name="patient", verbose=progress_verbosity(1)) if count else None
     if progress is not None:
         print(f"extracting encoder features ({split})")
     features, targets = [], []
