@@ -467,3 +467,12 @@ def test_running_out_of_memory_is_a_patient_error_that_skip_bad_handles(tmp_path
     cohort = ingest_module.read_manifest(manifest)
     assert ingest_module.default_workers(cohort, available=1) == 1
     assert ingest_module.default_workers(cohort, available=2**40) == (ingest_module.os.cpu_count() or 1)
+
+
+def test_resume_without_a_checkpoint_says_it_trains_from_the_start(phantom_records, tmp_path):
+    # A mistyped --run-dir: nothing to resume from. It trains, but not silently.
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0]], depth=2, epochs=1)
+    with pytest.warns(UserWarning, match=r"Stage 'classification': --resume, but .*checkpoint holds no checkpoint: "
+                                         r"training from epoch 1"):
+        record = train.train_stage(pipeline, "classification", tmp_path / "typo", verbose=0, resume=True)
+    assert len(record["history"]) == 1

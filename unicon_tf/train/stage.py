@@ -241,6 +241,9 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     checkpoint = out.checkpoint
     identity = checkpoint_fingerprint(pipeline, spec)
     state = {"epoch": 0, "history": [], "fingerprint": identity, "changes": []}
+    if resume and not checkpoint.exists():  # e.g. a mistyped --run-dir: say so, then train from the start
+        warnings.warn(f"Stage '{spec.name}': --resume, but {checkpoint} holds no checkpoint: training from "
+                      "epoch 1", UserWarning, stacklevel=2)
     if resume and checkpoint.exists():
         changes = _checked_resume(checkpoint, spec, identity, accept_changes)
         state = _restore_checkpoint(checkpoint, network, trainer, spec, changes)
