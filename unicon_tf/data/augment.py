@@ -8,11 +8,12 @@ a fixed seed yields the same augmented examples on every run.
 """
 
 import math
+from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
 
-def random_affine(seed, max_rotation=10.0, max_scale=0.1, flip=True):
+def random_affine(seed: tf.Tensor, max_rotation: float = 10.0, max_scale: float = 0.1, flip: bool = True) -> tf.Tensor:
     """A random 3x3 matrix: per-axis flips, then scaling by 1 +- max_scale, then rotations.
 
     Args:
@@ -50,7 +51,7 @@ def _inside(index, shape):
     return tf.reduce_all((index >= 0) & (index < tf.constant(shape, tf.int32)), axis=-1)
 
 
-def sample_linear(volume, coords, fill):
+def sample_linear(volume: tf.Tensor, coords: tf.Tensor, fill: float) -> tf.Tensor:
     """Trilinear samples of `volume` `(D, H, W, C)` at `coords` `(N, 3)`; `fill` outside."""
     shape = tuple(int(d) for d in volume.shape[:3])
     low = tf.floor(coords)
@@ -66,7 +67,7 @@ def sample_linear(volume, coords, fill):
     return tf.reshape(out, volume.shape)
 
 
-def sample_nearest(volume, coords, fill):
+def sample_nearest(volume: tf.Tensor, coords: tf.Tensor, fill: float) -> tf.Tensor:
     """Nearest-neighbour samples of `volume` `(D, H, W)` at `coords` `(N, 3)`; `fill` outside."""
     shape = tuple(int(d) for d in volume.shape[:3])
     index = tf.cast(tf.round(coords), tf.int32)
@@ -74,7 +75,9 @@ def sample_nearest(volume, coords, fill):
     return tf.reshape(tf.where(_inside(index, shape), values, tf.cast(fill, volume.dtype)), volume.shape)
 
 
-def augment_example(example, modalities, seed, max_rotation=10.0, max_scale=0.1, intensity=0.1):
+def augment_example(example: Mapping[str, tf.Tensor], modalities: Sequence[str], seed: tf.Tensor,
+                    max_rotation: float = 10.0, max_scale: float = 0.1,
+                    intensity: float = 0.1) -> dict[str, tf.Tensor]:
     """Augment one parsed example (images `(D, H, W, 1)`, optional mask `(D, H, W)`) jointly.
 
     Args:

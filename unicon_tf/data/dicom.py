@@ -39,8 +39,12 @@ import os
 import pathlib
 import re
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pydicom
 
 PathLike = str | os.PathLike
 
@@ -123,7 +127,7 @@ def _require(module, patient, path, field):
                         file=path, field=field) from error
 
 
-def read_dicom(path: PathLike, pixels: bool = True):
+def read_dicom(path: PathLike, pixels: bool = True) -> "pydicom.Dataset":
     """One DICOM file with pydicom, also without the Part 10 preamble and file meta (older exports).
 
     A file pydicom refuses as not Part 10 is read again with `force=True`; its encoding,
@@ -710,7 +714,8 @@ def _seg_by_frame_positions(dataset, path, fail):
     return label_map, affine
 
 
-def rasterise_rtstruct(dataset, shape: tuple, affine: np.ndarray, patient: str | None = None, path=None,
+def rasterise_rtstruct(dataset: "pydicom.Dataset", shape: tuple, affine: np.ndarray, patient: str | None = None,
+                       path: PathLike | None = None,
                        field: str = "mask") -> tuple[np.ndarray, np.ndarray]:
     """Rasterise a RTSTRUCT's closed planar contours on a grid: ROI `n` (sequence order) -> class `n`.
 

@@ -1,5 +1,12 @@
 """The error type of bad input data (it names the patient, the file and the field) and its warning."""
 
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unicon_tf.data.dicom import SeriesRef
+
 
 class DataError(ValueError):
     """Bad input data, located by patient, file and manifest field.
@@ -7,7 +14,7 @@ class DataError(ValueError):
     Args:
         message: what is wrong.
         patient: the patient_id, or None for a manifest-level problem.
-        file: the offending file (a NIfTI image, the manifest, a TFRecord shard).
+        file: the offending file (a NIfTI image, the manifest, a TFRecord shard, a DICOM series).
         field: the manifest column or record feature concerned (`ct`, `time`, ...).
 
     Example:
@@ -15,7 +22,8 @@ class DataError(ValueError):
     'patient P001, file ct.nii.gz, field ct: NaN voxels'
     """
 
-    def __init__(self, message, patient=None, file=None, field=None):
+    def __init__(self, message: str, patient: str | None = None, file: "str | os.PathLike | SeriesRef | None" = None,
+                 field: str | None = None) -> None:
         self.reason, self.patient, self.file, self.field = message, patient, file, field
         where = [f"{label} {value}" for label, value in (("patient", patient), ("file", file), ("field", field)) if value]
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
@@ -28,7 +36,8 @@ class DataWarning(UserWarning):
     """Input data that is usable but doubtful (e.g. a NIfTI whose sform and qform disagree); names the file."""
 
 
-def no_usable_patient(file, rejected):
+def no_usable_patient(file: "str | os.PathLike",
+                      rejected: Sequence[tuple[str, str, "DataError"]]) -> DataError:
     """The error when every patient of a cohort was rejected, quoting the first reasons.
 
     Args:

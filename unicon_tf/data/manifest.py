@@ -48,6 +48,7 @@ import csv
 import dataclasses
 import io
 import pathlib
+from collections.abc import Sequence
 
 from unicon_tf.data import dicom
 from unicon_tf.data.errors import DataError, no_usable_patient
@@ -110,7 +111,8 @@ class Manifest:
         return len(self.patients)
 
 
-def read_manifest(path, modalities=None, skip_bad=False):
+def read_manifest(path: pathlib.Path | str, modalities: Sequence[str] | None = None,
+                  skip_bad: bool = False) -> Manifest:
     """Read and validate a manifest CSV; errors name the row's patient, the file and the field.
 
     Args:

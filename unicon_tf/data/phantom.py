@@ -48,6 +48,8 @@ import csv
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -105,7 +107,7 @@ class LesionOptions:
                                  f"HU), got {self.ct_contrast_hu!r}.")
             object.__setattr__(self, "ct_contrast_hu", float(self.ct_contrast_hu))
 
-    def check(self, fov, spacing):
+    def check(self, fov: float, spacing: float) -> None:
         """Raise ValueError when the radius range does not fit a grid: above `MAX_RADIUS` of
         the field of view `fov` (mm; a larger lesion leaves the heart's soft tissue), or
         below half a voxel (`spacing`, mm; the mask could be empty)."""
@@ -119,7 +121,7 @@ class LesionOptions:
             raise ValueError(f"lesion radius {low:g} mm is below half a voxel ({spacing / 2:g} mm): its mask "
                              "could be empty; use a finer --spacing or a larger radius.")
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         """The options that are set (an empty dict for the documented model)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
                 if v is not None}
@@ -141,7 +143,7 @@ class PhantomPatient:
     latent: dict  # location, radius_mm, volume_ml, suv, hazard, event_time
 
 
-def event_probability(hazard):
+def event_probability(hazard: float | np.ndarray) -> float | np.ndarray:
     """P(T <= C) for T ~ Exp(hazard) and C ~ U(C_MIN, C_MAX): the model's event rate."""
     hazard = np.asarray(hazard, dtype=np.float64)
     return 1.0 - (np.exp(-hazard * C_MIN) - np.exp(-hazard * C_MAX)) / (hazard * (C_MAX - C_MIN))
@@ -200,7 +202,8 @@ def _lesion_hu(lesion, lesions):
     return LUNG_HU + ratio * lesions.ct_contrast_hu
 
 
-def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0, lesions=None):
+def make_patient(patient_id: str, rng: np.random.Generator, shape: Sequence[int] = (64, 64, 64), spacing: float = 3.0,
+                 lesions: LesionOptions | None = None) -> PhantomPatient:
     """Draw one `PhantomPatient` from the generative model (see the module docstring).
 
     Args:
@@ -261,14 +264,16 @@ def make_patient(patient_id, rng, shape=(64, 64, 64), spacing=3.0, lesions=None)
     )
 
 
-def iter_cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0, lesions=None):
+def iter_cohort(n: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0, spacing: float = 3.0,
+                lesions: LesionOptions | None = None) -> Iterator[PhantomPatient]:
     """Yield `n` phantom patients one at a time (see `cohort`)."""
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
     for i, rng in enumerate(rngs):
         yield make_patient(f"P{i:04d}", rng, shape, spacing, lesions)
 
 
-def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0, lesions=None):
+def cohort(n: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0, spacing: float = 3.0,
+           lesions: LesionOptions | None = None) -> list[PhantomPatient]:
     """Draw `n` phantom patients; the same seed gives the same cohort.
 
     Args:
@@ -292,7 +297,7 @@ def cohort(n, shape=(64, 64, 64), seed=0, spacing=3.0, lesions=None):
     return list(iter_cohort(n, shape, seed, spacing, lesions))
 
 
-def assign_splits(n, seed=0, fractions=None):
+def assign_splits(n: int, seed: int = 0, fractions: Mapping[str, float] | None = None) -> list[str]:
     """Deterministic train/val/test assignment in the proportions `fractions` (default
     `SPLIT_FRACTIONS`); the test split takes the rest."""
     fractions = fractions or SPLIT_FRACTIONS
@@ -306,8 +311,10 @@ def assign_splits(n, seed=0, fractions=None):
     return splits.tolist()
 
 
-def write_cohort(out, n=120, shape=(64, 64, 64), seed=0, spacing=3.0, progress=None, split_fractions=None,
-                 lesions=None):
+def write_cohort(out: pathlib.Path | str, n: int = 120, shape: Sequence[int] = (64, 64, 64), seed: int = 0,
+                 spacing: float = 3.0, progress: Callable[[int], object] | None = None,
+                 split_fractions: Mapping[str, float] | None = None,
+                 lesions: LesionOptions | None = None) -> pathlib.Path:
     """Write a phantom cohort as NIfTI files plus `manifest.csv` and `phantom.json` (latents).
 
     Args:

@@ -13,6 +13,8 @@ kept so predictions can be written back in world coordinates.
 import dataclasses
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +22,9 @@ from scipy import ndimage
 
 from unicon_tf.data import dicom
 from unicon_tf.data.errors import DataError, DataWarning
+
+if TYPE_CHECKING:
+    from unicon_tf.data.manifest import Patient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +58,12 @@ class IntensityWindow:
             raise ValueError(f"An intensity window's out_range needs two values, low < high, got {self.out_range}.")
         object.__setattr__(self, "out_range", out_range)
 
-    def apply(self, raw):
+    def apply(self, raw: np.ndarray) -> np.ndarray:
         clipped = np.clip(raw * self.scale, self.low, self.high)
         low, high = self.out_range
         return ((clipped - self.low) * ((high - low) / (self.high - self.low)) + low).astype(np.float32)
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; `out_range` only when not the default (older schemas stay as they were)."""
         config = dataclasses.asdict(self)
         if self.out_range == (-1.0, 1.0):
@@ -116,7 +121,7 @@ class Preprocessing:
         if self.mask_classes < 2:
             raise ValueError(f"mask_classes must be >= 2, got {self.mask_classes}.")
 
-    def window(self, modality):
+    def window(self, modality: str) -> IntensityWindow:
         """The intensity window of `modality`; an error names a modality without one."""
         if modality not in self.windows:
             raise ValueError(
@@ -125,7 +130,7 @@ class Preprocessing:
             )
         return self.windows[modality]
 
-    def check_per_patient_scale(self, modality, source):
+    def check_per_patient_scale(self, modality: str, source: str) -> None:
         """Refuse a per-patient factor (from `source`) on a modality whose window already scales.
 
         One factor per modality: the cohort's window `scale` (`--scale`) or a per-patient
@@ -139,7 +144,7 @@ class Preprocessing:
             raise ValueError(f"'{modality}' is scaled per patient ({source}) and by the window's scale {scale} "
                              f"(--scale {modality} at ingestion): give one of the two")
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (inverse: `Preprocessing.from_json`)."""
         config = dataclasses.asdict(self)
         config["shape"], config["spacing"] = list(self.shape), list(self.spacing)
@@ -147,13 +152,14 @@ class Preprocessing:
         return config
 
     @classmethod
-    def from_json(cls, config):
+    def from_json(cls, config: Mapping[str, Any]) -> "Preprocessing":
         config = dict(config)
         config["windows"] = {m: IntensityWindow(**w) for m, w in config["windows"].items()}
         return cls(**config)
 
 
-def load_volume(path, patient=None, field=None, reference=None):
+def load_volume(path: "dicom.PathLike | dicom.SeriesRef", patient: str | None = None, field: str | None = None,
+                reference: tuple | list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D image (NIfTI, DICOM, ITK), reoriented to RAS; errors name patient, file and field.
 
     NIfTI (and nibabel's other formats) are read with nibabel; a folder (or a
@@ -251,7 +257,8 @@ def _checked_image(path, patient=None, field=None, reference=None):
     return nib.funcs.squeeze_image(image), fail
 
 
-def load_stored_volume(path, patient=None, field=None, reference=None):
+def load_stored_volume(path: "dicom.PathLike | dicom.SeriesRef", patient: str | None = None, field: str | None = None,
+                       reference: tuple | list | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """A 3D NIfTI's voxels as stored, for resampling without a full-resolution float copy.
 
     `load_volume` returns float32 in RAS voxel order: for a 512x512x600 int16 CT that is
@@ -318,13 +325,14 @@ def _warn_if_sform_and_qform_disagree(image, path):
                       DataWarning, stacklevel=3)
 
 
-def fov_corners(shape):
+def fov_corners(shape: Sequence[int]) -> np.ndarray:
     """The 8 corners of a field of view `(X, Y, Z)`, homogeneous voxel indices `(8, 4)` (voxel edges at +-0.5)."""
     return np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
                      for k in (-0.5, shape[2] - 0.5)])
 
 
-def reference_grid(data, affine, spacing):
+def reference_grid(data: np.ndarray, affine: np.ndarray,
+                   spacing: Sequence[float] | np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     """The axis-aligned RAS grid with `spacing` (mm) that covers an image's field of view.
 
     Returns:
@@ -339,7 +347,8 @@ def reference_grid(data, affine, spacing):
     return grid, tuple(int(s) for s in shape)
 
 
-def resample(data, affine, grid_affine, grid_shape, order, fill, output=None):
+def resample(data: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape: Sequence[int], order: int,
+             fill: float, output: np.dtype | type | None = None) -> np.ndarray:
     """Sample `data` (with `affine`) on the grid `grid_affine` of shape `grid_shape`.
 
     Args:
@@ -355,7 +364,7 @@ def resample(data, affine, grid_affine, grid_shape, order, fill, output=None):
     )
 
 
-def crop_or_pad(volume, start, shape, fill):
+def crop_or_pad(volume: np.ndarray, start: Sequence[int], shape: Sequence[int], fill: float) -> np.ndarray:
     """The box `[start, start + shape)` of `volume`, padded with `fill` where it falls outside."""
     out = np.full(shape, fill, dtype=volume.dtype)
     src = [slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, shape, volume.shape)]
@@ -365,7 +374,7 @@ def crop_or_pad(volume, start, shape, fill):
     return out
 
 
-def crop_start(foreground, size, shape):
+def crop_start(foreground: np.ndarray, size: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     """Start voxel of a `shape` box centred on the foreground's bounding box, kept inside the grid."""
     if np.any(foreground):
         idx = np.nonzero(foreground)
@@ -397,7 +406,9 @@ class PatientGrid:
     mask: np.ndarray | None = None
 
 
-def resample_patient(images, preprocessing, mask=None, patient=None, scales=None):
+def resample_patient(images: Mapping[str, dicom.PathLike | dicom.SeriesRef], preprocessing: Preprocessing,
+                     mask: dicom.PathLike | dicom.SeriesRef | None = None, patient: str | None = None,
+                     scales: Mapping[str, float] | None = None) -> PatientGrid:
     """Load, check and resample one patient's images onto the reference grid.
 
     The one code path of ingestion (`preprocess_patient`) and inference (`predict_nifti`),
@@ -474,7 +485,8 @@ def resample_patient(images, preprocessing, mask=None, patient=None, scales=None
     return PatientGrid(affine=grid_affine, shape=grid_shape, images=volumes, body=body, mask=label_map)
 
 
-def fov_coverage(shape, affine, other_shape, other_affine, points=None):
+def fov_coverage(shape: Sequence[int], affine: np.ndarray, other_shape: Sequence[int], other_affine: np.ndarray,
+                 points: np.ndarray | None = None) -> float:
     """Fraction of an image's field of view that lies inside another image's, in world space.
 
     Each field of view is the oriented box of its voxels (`[-0.5, n - 0.5]` in voxel
@@ -551,7 +563,7 @@ def _foreground_points(data, background=0, limit=100_000, slab=8):
     return np.concatenate(points) if points else np.zeros((0, 3), int)
 
 
-def preprocess_patient(patient, preprocessing):
+def preprocess_patient(patient: "Patient", preprocessing: Preprocessing) -> dict[str, Any]:
     """Turn one manifest `Patient` into arrays on the stage's grid.
 
     Returns:

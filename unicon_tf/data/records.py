@@ -19,6 +19,8 @@ Volumes are raw little-endian bytes rather than float lists: parsing is a cheap
 import hashlib
 import json
 import pathlib
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +29,7 @@ from unicon_tf.data.errors import DataError
 from unicon_tf.files import sha256
 
 
-def encode_example(record, targets):
+def encode_example(record: Mapping[str, Any], targets: Collection[str]) -> bytes:
     """Serialise a `preprocess_patient` result to `tf.train.Example` bytes."""
 
     def as_bytes(value):
@@ -51,7 +53,7 @@ def encode_example(record, targets):
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
-def feature_spec(schema):
+def feature_spec(schema: Mapping[str, Any]) -> dict[str, tf.io.FixedLenFeature]:
     """The `tf.io.parse_single_example` spec of a cohort described by `schema`."""
     spec = {
         "patient_id": tf.io.FixedLenFeature([], tf.string),
@@ -70,7 +72,7 @@ def feature_spec(schema):
     return spec
 
 
-def parse_example(serialized, schema):
+def parse_example(serialized: tf.Tensor, schema: Mapping[str, Any]) -> dict[str, tf.Tensor]:
     """A serialized Example -> dict of tensors: images `(D, H, W, 1)` float32, mask `(D, H, W)` int32."""
     shape = schema["preprocessing"]["shape"]
     parsed = tf.io.parse_single_example(serialized, feature_spec(schema))
@@ -88,7 +90,7 @@ def parse_example(serialized, schema):
     return out
 
 
-def read_schema(directory):
+def read_schema(directory: pathlib.Path | str) -> dict[str, Any]:
     """The `schema.json` of an ingested cohort folder.
 
     Raises:
@@ -100,7 +102,7 @@ def read_schema(directory):
     return json.loads(path.read_text())
 
 
-def data_fingerprint(directory):
+def data_fingerprint(directory: pathlib.Path | str) -> str:
     """SHA-256 over the shard checksums recorded in an ingested folder's schema: the same
     examples give the same fingerprint wherever the folder lives.
 
@@ -112,7 +114,7 @@ def data_fingerprint(directory):
     return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
-def verify_shards(directory, schema, split):
+def verify_shards(directory: pathlib.Path | str, schema: Mapping[str, Any], split: str) -> list[str]:
     """The split's shard paths, after checking each one's size and SHA-256 against the schema.
 
     Raises:

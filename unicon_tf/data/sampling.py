@@ -15,13 +15,15 @@ whole in the middle. Validation and test data are never re-centred.
 All randomness is stateless, driven by a `(2,)` int seed (see `unicon_tf.data.augment`).
 """
 
+from collections.abc import Mapping, Sequence
+
 import tensorflow as tf
 
 SAMPLING_OPTIONS = {"foreground_probability": None}
 """A stage's `sampling:` keys and their defaults (None: keep the stored crops)."""
 
 
-def check_sampling_options(options):
+def check_sampling_options(options: Mapping[str, object] | None) -> dict[str, object]:
     """`options` completed with the defaults of `SAMPLING_OPTIONS`.
 
     Raises:
@@ -48,7 +50,8 @@ def _random_voxel(candidates, seed):
     return candidates[index]
 
 
-def foreground_crop(example, modalities, seed, foreground_probability):
+def foreground_crop(example: Mapping[str, tf.Tensor], modalities: Sequence[str], seed: tf.Tensor,
+                    foreground_probability: float) -> dict[str, tf.Tensor]:
     """Re-centre one parsed example's images and mask on a lesion or background voxel.
 
     Args:

@@ -40,12 +40,13 @@ dose then down to 3%; FDG's late scans are at about 1.6, Zr-89's day-7 scans at 
 class SUVInputError(ValueError):
     """An SUV input out of its range; `field` is its manifest column."""
 
-    def __init__(self, message, field):
+    def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
 
 
-def suv_bw_factor(weight_kg, injected_dose_bq, delay_s=0.0, half_life_s=F18_HALF_LIFE_S):
+def suv_bw_factor(weight_kg: float, injected_dose_bq: float, delay_s: float = 0.0,
+                  half_life_s: float = F18_HALF_LIFE_S) -> float:
     """The factor that multiplies a PET voxel (Bq/mL) to give its body-weight SUV.
 
     Args:
@@ -84,7 +85,7 @@ def suv_bw_factor(weight_kg, injected_dose_bq, delay_s=0.0, half_life_s=F18_HALF
     return weight_kg * 1000.0 / dose_at_scan
 
 
-def delay_seconds(injection, acquisition, half_life_s: float | None = None):
+def delay_seconds(injection: str, acquisition: str, half_life_s: float | None = None) -> float:
     """Seconds from `injection` to `acquisition`, each a date-time or a time of day.
 
     Times of day tell the delay only modulo a day: with `half_life_s` given, they are
