@@ -14,6 +14,8 @@
 import dataclasses
 import pathlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -45,7 +47,7 @@ class DemoPlan:
     preset: str | None = None
     decoder_channels: int = 32
 
-    def pipeline(self, manifest):
+    def pipeline(self, manifest: pathlib.Path | str) -> dict[str, Any]:
         """The demo pipeline as a YAML-ready dict."""
         crop = [self.crop] * 3 if isinstance(self.crop, int) else list(self.crop)
         source = {"manifest": str(manifest), "shape": list(crop), "spacing": [3, 3, 3], "center": "mask"}
@@ -91,7 +93,7 @@ FAST = DemoPlan(patients=24, cohort_shape=64, baselines=("single_task",),
 """A smoke run (`--fast`): every component, artifact and report, too short to learn much."""
 
 
-def preset_plan(plan, preset):
+def preset_plan(plan: DemoPlan, preset: str) -> DemoPlan:
     """`plan` on an encoder preset: crops of 64 x 64 x 32 voxels (a multiple of the I3ResNet's
     32 x 32 x 16; 96 mm at 1.5 x 1.5 x 3 mm), single-task baselines only (fine-tuning a
     117 M encoder naively is out of a CPU demo's reach).
@@ -107,7 +109,8 @@ def preset_plan(plan, preset):
     return dataclasses.replace(plan, crop=crop, preset=preset, baselines=("single_task",))
 
 
-def run_demo(out="demo", fast=False, base="saved_models", echo=print, preset=None):
+def run_demo(out: pathlib.Path | str = "demo", fast: bool = False, base: pathlib.Path | str = "saved_models",
+             echo: Callable[[str], object] = print, preset: str | None = None) -> dict[str, Any]:
     """Run the demo into `out`.
 
     Returns a dict: `continual` (the evaluated matrix), `baselines` (`{kind: matrix}`),

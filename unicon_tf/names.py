@@ -20,6 +20,7 @@ unicon_tf.names.InvalidNameError: modality name 't1-ce' is not allowed: use a lo
 
 import keyword
 import re
+from collections.abc import Iterable
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -42,7 +43,7 @@ class InvalidNameError(ValueError):
     """A name that the model, its records, its signatures or its folders cannot hold."""
 
 
-def suggest_name(name):
+def suggest_name(name: object) -> str:
     """The closest valid name to `name` (lower-cased, other characters replaced by `_`).
 
     Example:
@@ -53,7 +54,7 @@ def suggest_name(name):
     return (candidate if candidate[0].isalpha() else "x" + candidate)[:64]
 
 
-def check_name(name, kind):
+def check_name(name: object, kind: str) -> str:
     """Return `name` if it is a valid modality or head name, else raise.
 
     Args:
@@ -74,7 +75,7 @@ def check_name(name, kind):
     return name
 
 
-def check_folder_name(name, kind):
+def check_folder_name(name: object, kind: str) -> str:
     """Return `name` if it is a valid pipeline, stage or served-model name, else raise.
 
     Args:
@@ -117,7 +118,7 @@ folders, and each engine's rule (`engine_name` maps a name to it):
 """
 
 
-def engine_name(name, engine):
+def engine_name(name: str, engine: str) -> str:
     """`name` (a valid folder name) as engine `engine` accepts it (see `ENGINES`).
 
     Args:
@@ -149,7 +150,7 @@ def engine_name(name, engine):
     raise ValueError(f"unknown engine {engine!r}: expected one of {list(ENGINES)}")
 
 
-def engine_names(names, engine, kind="name"):
+def engine_names(names: Iterable[str], engine: str, kind: str = "name") -> dict[str, str]:
     """`{name: engine_name(name, engine)}` of several names, refusing two that the engine
     would merge into one (`seg-2` and `seg_2` are one KFP parameter).
 

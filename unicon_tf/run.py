@@ -32,6 +32,8 @@ Example:
 
 import json
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 from unicon_tf.files import write_json_atomic
 
@@ -39,7 +41,7 @@ BASELINES = ("single_task", "naive", "joint")
 """The reference runs kept under `<run>/baselines/<kind>/`."""
 
 
-def matrix_file(folder):
+def matrix_file(folder: pathlib.Path | str) -> pathlib.Path:
     """Where the stage x task matrix of a run (or a baseline) in `folder` is saved."""
     return pathlib.Path(folder) / "evaluation" / "matrix.json"
 
@@ -56,7 +58,7 @@ class StageFolder:
         path: the folder (`<run>/stages/NN-<stage>`, or any folder a Trainer wrote).
     """
 
-    def __init__(self, path):
+    def __init__(self, path: pathlib.Path | str) -> None:
         self.path = pathlib.Path(path)
         self.model = self.path / "model.keras"
         self.record_file = self.path / "stage.json"
@@ -68,11 +70,11 @@ class StageFolder:
     def __repr__(self):
         return f"StageFolder({str(self.path)!r})"
 
-    def is_trained(self):
+    def is_trained(self) -> bool:
         """Whether the stage finished: its model and record are both there."""
         return self.model.is_file() and self.record_file.is_file()
 
-    def record(self):
+    def record(self) -> dict[str, Any]:
         """The stage's record (stage.json) with `folder` (this folder) added.
 
         Raises:
@@ -83,7 +85,7 @@ class StageFolder:
                              "is missing).")
         return {**json.loads(self.record_file.read_text()), "folder": self.path}
 
-    def write_record(self, record):
+    def write_record(self, record: Mapping[str, Any]) -> None:
         write_json_atomic(self.record_file, record)
 
 
@@ -94,27 +96,27 @@ class Evaluation:
         path: the folder (by default `<stage folder>/evaluation`).
     """
 
-    def __init__(self, path):
+    def __init__(self, path: pathlib.Path | str) -> None:
         self.path = pathlib.Path(path)
         self.metrics_file = self.path / "metrics.json"
         self.blessing_file = self.path / "blessing.json"
 
-    def predictions(self, head):
+    def predictions(self, head: str) -> pathlib.Path:
         """Where a head's NIfTI label maps go."""
         return self.path / "predictions" / head
 
-    def metrics(self):
+    def metrics(self) -> dict[str, Any] | None:
         """The saved metrics record, or None."""
         return json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else None
 
-    def blessing(self):
+    def blessing(self) -> dict[str, Any] | None:
         """`{"stage", "blessed", "reasons"}`, or None when the stage was not evaluated."""
         return json.loads(self.blessing_file.read_text()) if self.blessing_file.exists() else None
 
-    def write_metrics(self, metrics):
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         write_json_atomic(self.metrics_file, metrics)
 
-    def write_blessing(self, blessing):
+    def write_blessing(self, blessing: Mapping[str, Any]) -> None:
         write_json_atomic(self.blessing_file, blessing)
 
 
@@ -131,7 +133,7 @@ class Run:
         FileNotFoundError: `path` holds no run.json.
     """
 
-    def __init__(self, path, _record=None):
+    def __init__(self, path: pathlib.Path | str, _record: dict[str, Any] | None = None) -> None:
         self.path = pathlib.Path(path)
         self.record_file = self.path / "run.json"
         if _record is None:
@@ -144,7 +146,7 @@ class Run:
         self.report_dir = self.path / "report"
 
     @classmethod
-    def create(cls, path, pipeline, pipeline_file=None):
+    def create(cls, path: pathlib.Path | str, pipeline: str, pipeline_file: pathlib.Path | str | None = None) -> "Run":
         """The run of pipeline `pipeline` (its name) at `path`, new or existing.
 
         Raises:
@@ -160,25 +162,25 @@ class Run:
         return cls(path, {"pipeline": pipeline, "pipeline_file": str(pipeline_file), "stages": {}})
 
     @property
-    def pipeline(self):
+    def pipeline(self) -> str:
         """The name of the pipeline the run belongs to."""
         return self.record["pipeline"]
 
-    def stage(self, index, name):
+    def stage(self, index: int, name: str) -> StageFolder:
         """The folder of stage `index` called `name`."""
         return StageFolder(self.path / "stages" / f"{index:02d}-{name}")
 
-    def status(self, name):
+    def status(self, name: str) -> dict[str, Any]:
         """The stage's entry in run.json (`index`, `fingerprint`, `status`, ...), or {}."""
         return self.record["stages"].get(name, {})
 
-    def mark(self, index, name, fingerprint, **fields):
+    def mark(self, index: int, name: str, fingerprint: str, **fields: Any) -> None:
         """Record stage `index` (`name`, its spec's fingerprint) and `fields` in run.json."""
         entry = self.record["stages"].setdefault(name, {})
         entry.update(index=index, fingerprint=fingerprint, **fields)
         write_json_atomic(self.record_file, self.record)
 
-    def trained_stage(self, index, name, fingerprint):
+    def trained_stage(self, index: int, name: str, fingerprint: str) -> StageFolder:
         """The folder of a finished stage, checked against the spec that should have made it.
 
         Raises:
@@ -193,7 +195,7 @@ class Run:
                              "(another pipeline or an edited one): use another --run-dir.")
         return folder
 
-    def trained_stages(self, upto=None):
+    def trained_stages(self, upto: str | None = None) -> list[StageFolder]:
         """The folders of the trained stages in order, from stage 0 without a gap (up to
         the stage called `upto`).
 
@@ -214,7 +216,7 @@ class Run:
             raise ValueError(f"{self.path}: stage '{upto}' is not trained (trained: {names}).")
         return folders
 
-    def stage_records(self, upto=None):
+    def stage_records(self, upto: str | None = None) -> list[dict[str, Any]]:
         """The records (stage.json, with `folder`) of `trained_stages(upto)`.
 
         Raises:
@@ -225,14 +227,14 @@ class Run:
             raise ValueError(f"{self.path}: no trained stage to evaluate.")
         return records
 
-    def examples_dir(self, source, key):
+    def examples_dir(self, source: str, key: str) -> pathlib.Path:
         """Where ExampleGen ingests source `source` for the run whose fingerprint is `key`."""
         return self.path / "examples" / f"{source}-{key[:12]}"
 
-    def baseline_dir(self, kind):
+    def baseline_dir(self, kind: str) -> pathlib.Path:
         """The folder of a baseline kind (one of `BASELINES`)."""
         return self.path / "baselines" / kind
 
-    def single_task_dir(self, stage):
+    def single_task_dir(self, stage: str) -> pathlib.Path:
         """The run directory of the single-task baseline of stage `stage`."""
         return self.baseline_dir("single_task") / stage

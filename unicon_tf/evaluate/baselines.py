@@ -4,14 +4,18 @@
 """
 
 import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from unicon_tf.evaluate.evaluator import evaluate_run, score_stage
 from unicon_tf.evaluate.scores import MAIN_METRIC
 from unicon_tf.files import write_json_atomic
-from unicon_tf.run import BASELINES, Run, matrix_file
+from unicon_tf.run import BASELINES, Run, StageFolder, matrix_file
 
 
-def evaluate_baselines(run_dir, trained):
+def evaluate_baselines(run_dir: pathlib.Path | str,
+                       trained: Mapping[str, Sequence[StageFolder]]) -> dict[str, dict[str, Any]]:
     """Score trained baselines and save each one's matrix.
 
     Args:
@@ -51,7 +55,7 @@ def evaluate_baselines(run_dir, trained):
     return results
 
 
-def load_baselines(run_dir):
+def load_baselines(run_dir: pathlib.Path | str) -> dict[str, dict[str, Any]]:
     """`{kind: matrix dict}` of the baselines already evaluated under `<run_dir>/baselines/`."""
     found = {}
     for kind in BASELINES:

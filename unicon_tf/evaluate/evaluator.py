@@ -21,6 +21,8 @@ to bless it, the previous stage's row of main metrics; it writes to its own fold
 """
 
 import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import keras
 import nibabel as nib
@@ -37,7 +39,8 @@ from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
 
 
-def score_stage(stage, split="test", out=None, write_predictions=True, fresh=False):
+def score_stage(stage: StageFolder | pathlib.Path | str, split: str = "test", out: Evaluation | pathlib.Path | str | None = None,
+                write_predictions: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Score every head of a stage's model on the `split` of each head's own data.
 
     Args:
@@ -92,8 +95,9 @@ def score_stage(stage, split="test", out=None, write_predictions=True, fresh=Fal
             "folder": out, "predictions": predictions, "validation": validation, "selection": record.get("selection")}
 
 
-def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predictions=True, fresh=False,
-                   single_task=None):
+def evaluate_stage(stage: StageFolder | pathlib.Path | str, previous_row: Sequence[float | None] | None = None,
+                   split: str = "test", out: Evaluation | pathlib.Path | str | None = None, write_predictions: bool = True,
+                   fresh: bool = False, single_task: StageFolder | pathlib.Path | str | None = None) -> dict[str, Any]:
     """Score a stage (`score_stage`) and bless it: what the Evaluator component runs.
 
     Blessing (`unicon_tf.evaluate.matrix.bless`): no earlier head fell by more than the
@@ -143,7 +147,8 @@ def evaluate_stage(stage, previous_row=None, split="test", out=None, write_predi
     return result
 
 
-def versus_baseline(result, single_task, split, delta):
+def versus_baseline(result: Mapping[str, Any], single_task: StageFolder | pathlib.Path | str | None, split: str,
+                    delta: float) -> dict[str, Any]:
     """The stage's own head against its single-task baseline (`bless`'s `baseline` argument).
 
     Args:
@@ -166,7 +171,8 @@ def versus_baseline(result, single_task, split, delta):
             "same_rule": rule_key(rule) == rule_key(own_rule)}
 
 
-def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind="continual"):
+def evaluate_run(run_dir: pathlib.Path | str, stage: str | None = None, split: str = "test", write_predictions: bool = True,
+                 kind: str = "continual") -> dict[str, Any]:
     """Evaluate every stage of a run up to `stage` on every task seen so far.
 
     Args:
@@ -219,14 +225,14 @@ def evaluate_run(run_dir, stage=None, split="test", write_predictions=True, kind
     return {**result, "predictions": last["predictions"]}
 
 
-def single_task_folder(run, stage):
+def single_task_folder(run: Run, stage: str) -> StageFolder | None:
     """The trained single-task baseline of `stage` in `run` (a `StageFolder`), or None."""
     folder = Run(run.single_task_dir(stage)).stage(0, stage) if (run.single_task_dir(stage) / "run.json").exists() \
         else None
     return folder if folder is not None and folder.is_trained() else None
 
 
-def write_label_maps(folder, result):
+def write_label_maps(folder: pathlib.Path | str, result: Mapping[str, Any]) -> None:
     """One NIfTI label map per patient, on the grid (affine) of the preprocessed input."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,15 +14,19 @@ for j <= i (NaN elsewhere). With T stages:
 All metrics here are "higher is better" (AUC, C-index, Dice).
 """
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 
-def as_array(matrix):
+def as_array(matrix: Sequence[Sequence[float | None]] | np.ndarray) -> np.ndarray:
     """A float array from nested lists with None for undefined cells."""
     return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=np.float64)
 
 
-def summarize(matrix, baselines=None):
+def summarize(matrix: Sequence[Sequence[float | None]] | np.ndarray,
+              baselines: Sequence[float | None] | None = None) -> dict[str, Any]:
     """Average metric, BWT, forgetting (overall and per task) and forward transfer.
 
     Args:
@@ -58,7 +62,9 @@ def _mean(values):
     return round(float(np.mean(values)), 10) if values else None
 
 
-def bless(previous_row, row, tasks, tolerance=0.01, threshold=0.0, tolerances=None, baseline=None):
+def bless(previous_row: Sequence[float | None], row: Sequence[float | None], tasks: Sequence[str],
+          tolerance: float = 0.01, threshold: float = 0.0, tolerances: Mapping[str, float] | None = None,
+          baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Whether a stage may be pushed: no earlier task fell by more than its tolerance since
     the previous stage, the stage's own task (the last one) reaches its threshold and, with
     `baseline`, its single-task baseline minus `min_vs_baseline`.

@@ -28,6 +28,8 @@ import dataclasses
 import json
 import pathlib
 import warnings
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -49,11 +51,11 @@ class Patient:
     event: int | None = None
 
     @property
-    def stratum(self):
+    def stratum(self) -> str:
         return f"{self.label}|{self.event}"
 
 
-def read_patients(directory, splits=None):
+def read_patients(directory: pathlib.Path | str, splits: Iterable[str] | None = None) -> list[Patient]:
     """The patients of an ingested folder, with label and event where present.
 
     Reads only `patient_id`, `label` and `event` of each record.
@@ -84,7 +86,7 @@ def read_patients(directory, splits=None):
     return patients
 
 
-def pool_patients(cohorts):
+def pool_patients(cohorts: Iterable[Iterable[Patient]]) -> list[Patient]:
     """Every patient of several cohorts (lists of `Patient`), once each, sorted by id; a
     patient's strata come from the first cohort that has any."""
     pooled = {}
@@ -96,7 +98,8 @@ def pool_patients(cohorts):
     return [pooled[k] for k in sorted(pooled)]
 
 
-def make_folds(patients, folds, val_fraction=0.25, fold_seed=0):
+def make_folds(patients: Iterable[Patient], folds: int, val_fraction: float = 0.25,
+               fold_seed: int = 0) -> list[dict[str, list[str]]]:
     """Stratified, patient-disjoint K-fold splits with a validation split from the training folds.
 
     Args:
@@ -152,7 +155,7 @@ def _stratified_parts(patients, parts, seed):
         yield from splitter.split(np.zeros(len(strata)), strata)
 
 
-def training_subset(ids, patients, fraction, seed):
+def training_subset(ids: Collection[str], patients: Iterable[Patient], fraction: float, seed: int) -> list[str]:
     """A stratified `fraction` of the patients `ids` (at least one), nested across fractions.
 
     Patients are ordered once per `seed`: within each stratum at random, then interleaved
@@ -178,7 +181,8 @@ def training_subset(ids, patients, fraction, seed):
     return sorted(pid for _, pid in ordered[:keep])
 
 
-def write_split(source, out, assignment, provenance=None, shard_size=64):
+def write_split(source: pathlib.Path | str, out: pathlib.Path | str, assignment: Mapping[str, Sequence[str]],
+                provenance: Mapping[str, Any] | None = None, shard_size: int = 64) -> pathlib.Path:
     """Copy an ingested folder's records into `out`, each patient in the split `assignment` gives.
 
     Patients `assignment` does not name are left out. The records' bytes are unchanged;

@@ -9,6 +9,8 @@
 
 import pathlib
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +32,7 @@ def _p(value):
     return "-" if value is None else f"{value:.3g}"
 
 
-def plot_fraction_curve(entry, path):
+def plot_fraction_curve(entry: Mapping[str, Any], path: pathlib.Path) -> str:
     """Metric against training fraction, continual and single-task, with 95% bands."""
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     for arm, curve in entry["curves"].items():
@@ -57,7 +59,7 @@ def plot_fraction_curve(entry, path):
     return _save(fig, path)
 
 
-def mean_matrix(cells, fold, fraction):
+def mean_matrix(cells: Iterable[Mapping[str, Any]], fold: int, fraction: float) -> dict[str, Any]:
     """The continual matrix of a fold at a fraction, averaged over seeds (a matrix dict)."""
     chosen = [c for c in cells if c["arm"] == "continual" and c["fold"] == fold and c["fraction"] == fraction]
     stack = np.array([[[np.nan if v is None else v for v in row] for row in c["matrix"]] for c in chosen])
@@ -70,7 +72,8 @@ def mean_matrix(cells, fold, fraction):
             "kind": f"fold {fold}, fraction {fraction:g}, mean of {len(chosen)} seed(s)"}
 
 
-def write_report(out, experiment, cells):
+def write_report(out: pathlib.Path | str, experiment: Mapping[str, Any],
+                 cells: Sequence[Mapping[str, Any]]) -> pathlib.Path:
     """Write `<out>/report/report.md` and its figures; return its path."""
     folder = pathlib.Path(out) / "report"
     folder.mkdir(parents=True, exist_ok=True)

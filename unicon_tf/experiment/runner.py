@@ -30,6 +30,8 @@ import json
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
+from typing import Any
 
 import keras
 
@@ -80,19 +82,20 @@ class ExperimentPlan:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
     @property
-    def arms(self):
+    def arms(self) -> tuple[str, ...]:
         return ("continual",) + tuple(k for k in BASELINES if k in self.baselines)
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def fraction_name(fraction):
+def fraction_name(fraction: float) -> str:
     """`frac0.25`, `frac1`: the folder of a fraction."""
     return f"frac{fraction:g}"
 
 
-def run_experiment(pipeline, out, plan, data_root=None, verbose=0, echo=print):
+def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Path | str, plan: ExperimentPlan, data_root: pathlib.Path | str | None = None,
+                   verbose: int = 0, echo: Callable[[str], object] = print) -> dict[str, Any]:
     """Run every cell of `plan` not run yet, then aggregate and write the report.
 
     Args:
@@ -128,13 +131,14 @@ class Experiment:
         verbose: Keras verbosity.
     """
 
-    def __init__(self, pipeline, out, plan, data_root=None, verbose=0):
+    def __init__(self, pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Path | str, plan: ExperimentPlan,
+                 data_root: pathlib.Path | str | None = None, verbose: int = 0) -> None:
         self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root=data_root)
         self.out, self.plan, self.verbose = pathlib.Path(out).resolve(), plan, verbose
         self.cohorts = _cohorts(self.pipeline, self.out, verbose)
         self.folds = _folds(self.out, plan, self.cohorts)
 
-    def run(self, echo=print):
+    def run(self, echo: Callable[[str], object] = print) -> dict[str, Any]:
         """Every cell (running those not finished), aggregated; see `run_experiment`."""
         from unicon_tf.experiment.aggregate import aggregate
         from unicon_tf.experiment.report import write_report
@@ -159,10 +163,10 @@ class Experiment:
         write_json_atomic(self.out / "experiment.json", experiment)
         return experiment
 
-    def cell_folder(self, fold, seed, fraction):
+    def cell_folder(self, fold: int, seed: int, fraction: float) -> pathlib.Path:
         return self.out / "cells" / f"fold{fold}" / f"seed{seed}" / fraction_name(fraction)
 
-    def data(self, index, fold, seed, fraction):
+    def data(self, index: int, fold: int, seed: int, fraction: float) -> pathlib.Path:
         """The ingested folder stage `index` reads at a fold, seed and fraction (written on first use):
         the fold's splits, and for a later stage with fraction < 1 the train split cut down."""
         cohort = self.cohorts[index]
@@ -176,13 +180,13 @@ class Experiment:
         return write_split(cohort.folder, folder / f"seed{seed}-{fraction_name(fraction)}",
                            {s: v for s, v in ids.items() if v}, {"fold": fold, "seed": seed, "fraction": fraction})
 
-    def cell_pipeline(self, fold, seed, fraction):
+    def cell_pipeline(self, fold: int, seed: int, fraction: float) -> PipelineSpec:
         """The pipeline of a fold, seed and fraction: each stage's data, every stage's seed."""
         stages = [dataclasses.replace(with_overrides(spec, seed=seed), data=self.data(i, fold, seed, fraction),
                                       source=None) for i, spec in enumerate(self.pipeline.stages)]
         return dataclasses.replace(self.pipeline, stages=stages, sources={})
 
-    def foundation(self, fold, seed):
+    def foundation(self, fold: int, seed: int) -> pathlib.Path:
         """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""
         folder = self.out / "cells" / f"fold{fold}" / f"seed{seed}" / "foundation"
         first = self.cell_pipeline(fold, seed, 1.0)
@@ -190,7 +194,7 @@ class Experiment:
             stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
         return folder
 
-    def run_cell(self, arm, fold, seed, fraction):
+    def run_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
         """One cell's record: read back if the cell is finished, else run it and write it."""
         record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
         if record_file.exists():
