@@ -26,15 +26,20 @@ new path's variables (`path_variables`) and freezes the shared ones (`base_varia
 
 import contextlib
 import contextvars
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _ACTIVE_ADAPTER = contextvars.ContextVar("unicon_tf_active_adapter", default=None)
 
 
 @contextlib.contextmanager
-def adapter_scope(name):
+def adapter_scope(name: str | None) -> Iterator[None]:
     """Make adapter `name` (or None: no adapter) the active one inside the block.
 
     Args:
@@ -54,7 +59,7 @@ def adapter_scope(name):
         _ACTIVE_ADAPTER.reset(token)
 
 
-def active_adapter():
+def active_adapter() -> str | None:
     """The adapter name active in the current `adapter_scope`, or None."""
     return _ACTIVE_ADAPTER.get()
 
@@ -86,7 +91,7 @@ class LowRankAdapters(PathParameters):
         for name, spec in pending.items():
             self.add_adapter(name, **spec)
 
-    def add_adapter(self, name, rank, alpha=None):
+    def add_adapter(self, name: str, rank: int, alpha: float | None = None) -> None:
         """Create adapter `name` of rank `rank` (B = 0, so outputs do not change yet).
 
         Args:
@@ -120,22 +125,22 @@ class LowRankAdapters(PathParameters):
         self._adapter_weights[name] = (down, up)
         self.adapters[name] = {"rank": rank, "alpha": float(alpha if alpha is not None else rank)}
 
-    def adapter_weights(self, name):
+    def adapter_weights(self, name: str) -> tuple[keras.Variable, keras.Variable]:
         """The (A, B) variables of adapter `name`."""
         return self._adapter_weights[name]
 
     @property
-    def paths(self):
+    def paths(self) -> list[str]:
         return list(self.adapters)
 
-    def path_variables(self, name):
+    def path_variables(self, name: str) -> list[keras.Variable]:
         return list(self._adapter_weights[name])
 
-    def base_variables(self):
+    def base_variables(self) -> list[keras.Variable]:
         return [v for v in (self._kernel, self.bias) if v is not None]
 
     @property
-    def kernel(self):
+    def kernel(self) -> "keras.Variable | tf.Tensor":
         kernel = self._kernel
         name = active_adapter()
         if name in self._adapter_weights:
@@ -145,10 +150,10 @@ class LowRankAdapters(PathParameters):
         return kernel
 
     # The Keras layers' own (de)serialisation of variables covers only kernel and bias.
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: dict[str, Any]) -> None:
         keras.layers.Layer.save_own_variables(self, store)
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: dict[str, Any]) -> None:
         keras.layers.Layer.load_own_variables(self, store)
 
 
@@ -172,20 +177,20 @@ class AdaptableConv3D(LowRankAdapters, keras.layers.Conv3D):
     ['prognosis']
     """
 
-    def __init__(self, *args, adapters=None, **kwargs):
+    def __init__(self, *args: Any, adapters: Mapping[str, Mapping[str, float]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_adapters(adapters)
 
     @classmethod
-    def from_conv3d(cls, conv):
+    def from_conv3d(cls, conv: keras.layers.Conv3D) -> "AdaptableConv3D":
         """A new `AdaptableConv3D` with `conv`'s configuration (weights not copied)."""
         return cls.from_config(conv.get_config())
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple) -> None:
         super().build(input_shape)
         self._build_adapters()
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["adapters"] = {name: dict(spec) for name, spec in self.adapters.items()}
         return config
@@ -215,18 +220,19 @@ class AdaptableDense(LowRankAdapters, keras.layers.Dense):
 
     ROLES = ("query", "key", "value", "out", "mlp")
 
-    def __init__(self, *args, role="mlp", adapters=None, **kwargs):
+    def __init__(self, *args: Any, role: str = "mlp", adapters: Mapping[str, Mapping[str, float]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if role not in self.ROLES:
             raise ValueError(f"Unknown projection role '{role}': expected one of {list(self.ROLES)}.")
         self.role = role
         self._init_adapters(adapters)
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple) -> None:
         super().build(input_shape)
         self._build_adapters()
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(role=self.role, adapters={name: dict(spec) for name, spec in self.adapters.items()})
         return config
@@ -257,14 +263,14 @@ class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
     (True, True)
     """
 
-    def __init__(self, *args, path_norms=None, **kwargs):
+    def __init__(self, *args: Any, path_norms: Iterable[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not self.scale or not self.center:
             raise ValueError("PathGroupNormalization needs scale=True and center=True (it copies gamma and beta).")
         self._pending_paths = list(path_norms or [])
         self._path_norms = {}
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple) -> None:
         super().build(input_shape)
         pending, self._pending_paths = self._pending_paths, []
         for name in pending:
@@ -272,24 +278,24 @@ class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
 
     # Keras' build assigns self.gamma / self.beta; the properties pick the active path's copy.
     @property
-    def gamma(self):
+    def gamma(self) -> keras.Variable:
         own = self._path_norms.get(active_adapter())
         return own[0] if own else self._gamma
 
     @gamma.setter
-    def gamma(self, value):
+    def gamma(self, value: keras.Variable) -> None:
         self._gamma = value
 
     @property
-    def beta(self):
+    def beta(self) -> keras.Variable:
         own = self._path_norms.get(active_adapter())
         return own[1] if own else self._beta
 
     @beta.setter
-    def beta(self, value):
+    def beta(self, value: keras.Variable) -> None:
         self._beta = value
 
-    def add_path_norm(self, name):
+    def add_path_norm(self, name: str) -> None:
         """Give path `name` its own gamma and beta, copies of the shared ones (outputs unchanged).
 
         Raises:
@@ -311,16 +317,16 @@ class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
         self._path_norms[name] = copies
 
     @property
-    def paths(self):
+    def paths(self) -> list[str]:
         return list(self._path_norms) + list(self._pending_paths)
 
-    def path_variables(self, name):
+    def path_variables(self, name: str) -> list[keras.Variable]:
         return list(self._path_norms[name])
 
-    def base_variables(self):
+    def base_variables(self) -> list[keras.Variable]:
         return [self._gamma, self._beta]
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["path_norms"] = self.paths
         return config

@@ -35,6 +35,7 @@ The backbone returns five feature maps in the volume's `(D, H, W)` order, finest
 from __future__ import annotations
 
 import pathlib
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -42,6 +43,9 @@ import numpy as np
 from unicon_tf.model.adapters import AdaptableConv3D
 from unicon_tf.model.torch_checkpoint import torch_state_dict
 from unicon_tf.model.pretrained import check_state
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 RESNET152_LAYERS = (3, 8, 36, 3)
 """Bottlenecks per layer of ResNet-152 (Merlin's and Astra's image encoder)."""
@@ -75,11 +79,11 @@ class FrozenBatchNormalization(keras.layers.BatchNormalization):
     True
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("epsilon", 1e-5)
         super().__init__(**kwargs)
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs: tf.Tensor, training: bool | None = None, mask: tf.Tensor | None = None) -> tf.Tensor:
         return super().call(inputs, training=False, mask=mask)
 
 

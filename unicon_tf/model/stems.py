@@ -10,10 +10,16 @@ encoder level (`level=s`): it then mixes the new modality's stem features, avera
 to that level's grid, into the first modality's level `s - 1` feature map.
 """
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import keras
 from keras import ops
 
 from unicon_tf.model.encoder import group_norm
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
@@ -38,7 +44,8 @@ class ModalityStem(keras.layers.Layer):
     (1, 16, 16, 16, 8)
     """
 
-    def __init__(self, modality, channels, stage=0, kind="conv", patch_size=None, **kwargs):
+    def __init__(self, modality: str, channels: int, stage: int = 0, kind: str = "conv",
+                 patch_size: int | Sequence[int] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"stem_{modality}")
         super().__init__(**kwargs)
         if kind not in ("conv", "identity", "patch"):
@@ -60,27 +67,27 @@ class ModalityStem(keras.layers.Layer):
             self.conv = keras.layers.Conv3D(self.channels, 3, padding="same", name="conv")
             self.norm = group_norm(self.channels, name="norm")
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         if self.kind == "patch":
             self.conv.build(input_shape)
         if self.kind == "conv":
             self.conv.build(input_shape)
             self.norm.build(tuple(input_shape[:-1]) + (self.channels,))
 
-    def call(self, volume):
+    def call(self, volume: "tf.Tensor") -> "tf.Tensor":
         if self.kind == "identity":
             return volume
         if self.kind == "patch":
             return self.conv(volume)
         return ops.silu(self.norm(self.conv(volume)))
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         spatial = tuple(input_shape[1:-1])
         if self.kind == "patch":
             spatial = tuple(None if d is None else d // p for d, p in zip(spatial, self.patch_size))
         return (input_shape[0],) + spatial + (self.channels,)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(modality=self.modality, channels=self.channels, stage=self.stage, kind=self.kind)
         if self.patch_size is not None:
@@ -111,7 +118,7 @@ class ModalityFusion(keras.layers.Layer):
     True
     """
 
-    def __init__(self, modalities, stage=0, level=0, **kwargs):
+    def __init__(self, modalities: Sequence[str], stage: int = 0, level: int = 0, **kwargs: Any) -> None:
         kwargs.setdefault("name", "fusion_" + "_".join(modalities) + (f"_level{level}" if level else ""))
         super().__init__(**kwargs)
         if len(modalities) < 2:
@@ -120,7 +127,7 @@ class ModalityFusion(keras.layers.Layer):
         self.stage = int(stage)
         self.level = int(level)
 
-    def build(self, input_shapes):
+    def build(self, input_shapes: Sequence[tuple[int | None, ...]]) -> None:
         channels = input_shapes[0][-1]
         self.pooling = [_pool_factor(input_shapes[0], shape) for shape in input_shapes]
 
@@ -134,14 +141,14 @@ class ModalityFusion(keras.layers.Layer):
         )
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
-    def call(self, features):
+    def call(self, features: Sequence["tf.Tensor"]) -> "tf.Tensor":
         features = [x if factor == 1 else ops.average_pool(x, factor, factor) for x, factor in zip(features, self.pooling)]
         return ops.matmul(ops.concatenate(features, axis=-1), self.mixing) + self.bias
 
-    def compute_output_shape(self, input_shapes):
+    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         return tuple(input_shapes[0])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(modalities=self.modalities, stage=self.stage, level=self.level)
         return config
