@@ -8,6 +8,9 @@ step, and its plugins keep the teacher out of Keras' variable tracking, so the t
 never part of the network's weights.
 """
 
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
 import keras
 import tensorflow as tf
 
@@ -15,6 +18,9 @@ from unicon_tf.model import model_parts
 from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
 from unicon_tf.train.losses import task_loss
 from unicon_tf.train.metrics import task_metrics
+
+if TYPE_CHECKING:
+    from unicon_tf.train.plugins import Plugin
 
 
 class ContinualModel(keras.Model):
@@ -46,7 +52,8 @@ class ContinualModel(keras.Model):
     ['loss', 'prognosis_c_index', 'prognosis_loss']
     """
 
-    def __init__(self, network, heads, plugins=(), loss_options=None, **kwargs):
+    def __init__(self, network: keras.Model, heads: Mapping[str, str], plugins: Iterable["Plugin"] = (),
+                 loss_options: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.network = network
         self.heads = dict(heads)
@@ -60,10 +67,10 @@ class ContinualModel(keras.Model):
         self.head_metrics = {h: task_metrics(t, h, classes.get(h, 2)) for h, t in self.heads.items()}
 
     @property
-    def metrics(self):
+    def metrics(self) -> list[keras.metrics.Metric]:
         return [self.loss_tracker, *self.term_trackers.values(), *(m for ms in self.head_metrics.values() for m in ms)]
 
-    def call(self, inputs, training=False):
+    def call(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> dict[str, tf.Tensor]:
         return self.network(inputs, training=training)
 
     def _task_terms(self, targets, outputs, sample_weight):
@@ -73,7 +80,7 @@ class ContinualModel(keras.Model):
 
         return {f"{h}_loss": self.task_losses[h](targets[h], outputs[h], sample_weight=weight(h)) for h in self.heads}
 
-    def train_step(self, data):
+    def train_step(self, data: tuple) -> dict[str, tf.Tensor]:
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, valid = split_replica_inputs(inputs)
         if valid is not None:
@@ -121,7 +128,7 @@ class ContinualModel(keras.Model):
         gathered = gather_valid((inputs if reads_inputs else None, targets, sample_weight, outputs), valid)
         return (gathered[0] if reads_inputs else inputs,) + tuple(gathered[1:])
 
-    def test_step(self, data):
+    def test_step(self, data: tuple) -> dict[str, tf.Tensor]:
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, valid = split_replica_inputs(inputs)
         outputs = self(inputs, training=False)
@@ -167,11 +174,11 @@ class CachedHeadModel(ContinualModel):
         task: the head's task.
     """
 
-    def __init__(self, network, head, task, **kwargs):
+    def __init__(self, network: keras.Model, head: str, task: str, **kwargs: Any) -> None:
         super().__init__(network, {head: task}, **kwargs)  # kwargs: loss_options, keras.Model's
         self.head_layer = model_parts(network)["heads"][head]
 
-    def call(self, features, training=False):
+    def call(self, features: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
         return {self.head_layer.name: self.head_layer(features, training=training)}
 
 

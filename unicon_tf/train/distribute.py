@@ -31,6 +31,8 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import tensorflow as tf
 
@@ -41,14 +43,14 @@ INPUTS, VALID = "_replica_inputs", "_replica_valid"
 (`_` starts no valid modality name, so they never clash)."""
 
 
-def check_distribute(kind):
+def check_distribute(kind: str) -> None:
     """Raise ValueError for a `distribute` value not in `DISTRIBUTE`."""
     if kind not in DISTRIBUTE:
         raise ValueError(f"Unknown distribute '{kind}': expected one of {list(DISTRIBUTE)}.")
 
 
 @functools.lru_cache(maxsize=None)
-def get_strategy(kind):
+def get_strategy(kind: str) -> tf.distribute.Strategy | None:
     """The `tf.distribute.Strategy` of a `distribute` value; None for `none`.
 
     One strategy per kind and process: a `MultiWorkerMirroredStrategy` configures the
@@ -90,7 +92,7 @@ def get_strategy(kind):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def is_chief(strategy):
+def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
     """Whether this process writes the stage's files: always without a strategy or with a
     one-host one; under `MultiWorkerMirroredStrategy`, the `chief` task, or worker 0 when the
     cluster has no chief."""
@@ -103,7 +105,7 @@ def is_chief(strategy):
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def chief_folder(path, strategy):
+def chief_folder(path: pathlib.Path | str, strategy: tf.distribute.Strategy | None) -> pathlib.Path:
     """Where this process writes what belongs in `path`: `path` itself on the chief, a new
     temporary folder (removed by `release_folder`) on any other worker."""
     if is_chief(strategy):
@@ -111,13 +113,14 @@ def chief_folder(path, strategy):
     return pathlib.Path(tempfile.mkdtemp(prefix=f"unicon-worker-{pathlib.Path(path).name}-"))
 
 
-def release_folder(written, path):
+def release_folder(written: pathlib.Path | str, path: pathlib.Path | str) -> None:
     """Remove a non-chief worker's temporary folder (`written` is not `path`)."""
     if pathlib.Path(written) != pathlib.Path(path):
         shutil.rmtree(written, ignore_errors=True)
 
 
-def replica_batches(strategy, make_dataset):
+def replica_batches(strategy: tf.distribute.Strategy,
+                    make_dataset: Callable[[], tf.data.Dataset]) -> tf.distribute.DistributedDataset:
     """A distributed dataset of per-replica slices of `make_dataset()`'s global batches.
 
     Every worker builds the same global dataset (same files, seeds and order as one
@@ -165,14 +168,14 @@ def replica_batches(strategy, make_dataset):
     return strategy.distribute_datasets_from_function(per_worker)
 
 
-def split_replica_inputs(inputs):
+def split_replica_inputs(inputs: Mapping[str, tf.Tensor]) -> tuple[Mapping[str, tf.Tensor], tf.Tensor | None]:
     """`(inputs, valid)` of a per-replica batch, or `(inputs, None)` for a plain one."""
     if isinstance(inputs, dict) and VALID in inputs:
         return inputs[INPUTS], inputs[VALID]
     return inputs, None
 
 
-def gather_valid(values, valid):
+def gather_valid(values: Any, valid: tf.Tensor) -> Any:
     """Every replica's `values` (a nested structure, batch first), concatenated in replica
     order, without the padding rows: the global batch, on every replica.
 
@@ -195,7 +198,7 @@ def gather_valid(values, valid):
     return tf.nest.map_structure(lambda v: None if v is None else next(masked), values)
 
 
-def replica_logs(logs):
+def replica_logs(logs: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
     """A replica step's logs as Keras' multi-worker reduction takes them: it averages each
     over axis 0 of the replicas' values concatenated, which a scalar does not have, so
     each becomes a vector of one (the reduced log is a scalar again)."""

@@ -24,12 +24,19 @@ Plugins hold no Keras variables, so they are never saved with a model.
 """
 
 import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 
 from unicon_tf.train.losses import DISTILLATION_LOSSES, TASK_LOSSES
 from unicon_tf.train.strategies import set_trainable
+
+if TYPE_CHECKING:
+    import keras
+
+    from unicon_tf.run import StageFolder
 
 
 class Plugin(abc.ABC):
@@ -40,19 +47,19 @@ class Plugin(abc.ABC):
     weight = 0.0
 
     @property
-    def active(self):
+    def active(self) -> bool:
         """Whether the term enters the training loss (its weight is positive)."""
         return self.weight > 0
 
-    def head_terms(self, inputs, outputs):
+    def head_terms(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """`{head: unweighted term}` for each head the plugin covers (none by default)."""
         return {}
 
     @abc.abstractmethod
-    def penalty(self, inputs, outputs, head_terms=None):
+    def penalty(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor], head_terms: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
         """The weighted scalar term for a batch (`head_terms` reused when already computed)."""
 
-    def end_stage(self, network, head, data, folder):
+    def end_stage(self, network: "keras.Model", head: str, data: Iterable[tuple[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]]], folder: "StageFolder") -> None:
         """Called once after the stage's last epoch.
 
         Args:
@@ -63,7 +70,7 @@ class Plugin(abc.ABC):
             folder: the stage's `StageFolder`, where a plugin keeps state for later stages.
         """
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         """Hyper-parameters to record in the stage registry."""
         return {"plugin": type(self).__name__}
 
@@ -97,7 +104,8 @@ class Distillation(Plugin):
 
     name = "distillation"
 
-    def __init__(self, teacher, heads, alpha=1.0, temperature=2.0, modalities=("ct",)):
+    def __init__(self, teacher: "keras.Model", heads: Mapping[str, str], alpha: float = 1.0, temperature: float = 2.0,
+                 modalities: Iterable[str] = ("ct",)) -> None:
         import keras
 
         from unicon_tf.model import model_parts
@@ -111,7 +119,7 @@ class Distillation(Plugin):
         set_trainable(self._teacher.model, False)
         self.weight, self.temperature = float(alpha), float(temperature)
 
-    def head_terms(self, inputs, outputs):
+    def head_terms(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """`{head: distillation loss}` for every distilled head (unweighted)."""
         if not self.heads:
             return {}
@@ -120,11 +128,11 @@ class Distillation(Plugin):
         return {h: DISTILLATION_LOSSES[task](tf.stop_gradient(targets[h]), outputs[h], self.temperature)
                 for h, task in self.heads.items()}
 
-    def penalty(self, inputs, outputs, head_terms=None):
+    def penalty(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor], head_terms: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
         terms = self.head_terms(inputs, outputs) if head_terms is None else head_terms
         return self.weight * tf.add_n(list(terms.values())) if terms else tf.constant(0.0)
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {"plugin": "Distillation", "alpha": self.weight, "temperature": self.temperature,
                 "heads": sorted(self.heads)}
 
@@ -147,21 +155,22 @@ class WeightPenalty(Plugin):
 
     name = "l2sp"
 
-    def __init__(self, variables, beta=0.01, importance=None):
+    def __init__(self, variables: Iterable["keras.Variable"], beta: float = 0.01,
+                 importance: Mapping[str, np.ndarray] | None = None) -> None:
         self.variables = list(variables)
         self.weight = float(beta)
         self.reference = [tf.constant(v.numpy()) for v in self.variables]
         importance = importance or {}
         self.importance = [tf.constant(np.asarray(importance.get(v.path, 1.0), np.float32)) for v in self.variables]
 
-    def penalty(self, inputs, outputs, head_terms=None):
+    def penalty(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor], head_terms: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
         if not self.variables:
             return tf.constant(0.0)
         total = tf.add_n([tf.reduce_sum(f * tf.square(v - r))
                           for v, r, f in zip(self.variables, self.reference, self.importance)])
         return 0.5 * self.weight * total
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {"plugin": type(self).__name__, "kind": self.name, "beta": self.weight, "variables": len(self.variables)}
 
 
@@ -190,12 +199,13 @@ class EWC(WeightPenalty):
 
     name = "ewc"
 
-    def __init__(self, variables, fisher_variables, beta=1.0, fisher=None, gamma=1.0):
+    def __init__(self, variables: Iterable["keras.Variable"], fisher_variables: Iterable["keras.Variable"],
+                 beta: float = 1.0, fisher: Mapping[str, np.ndarray] | None = None, gamma: float = 1.0) -> None:
         super().__init__(variables, beta=beta, importance=fisher)
         self.fisher_variables = list(fisher_variables)
         self.fisher, self.gamma = fisher, float(gamma)
 
-    def end_stage(self, network, head, data, folder):
+    def end_stage(self, network: "keras.Model", head: str, data: Iterable[tuple[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]]], folder: "StageFolder") -> None:
         """Add this stage's Fisher to the decayed running one and save it in `folder`."""
         from unicon_tf.model import model_parts
 
@@ -205,11 +215,12 @@ class EWC(WeightPenalty):
                    for k, v in new.items()}
         np.savez(folder.fisher, **{k.replace("/", "|"): v for k, v in running.items()})
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "gamma": self.gamma}
 
 
-def diagonal_fisher(network, variables, head, task_loss, data):
+def diagonal_fisher(network: "keras.Model", variables: Sequence["keras.Variable"], head: str,
+                    task_loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], data: Iterable[tuple[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]]]) -> dict[str, np.ndarray]:
     """Empirical diagonal Fisher: the mean over examples of each variable's squared gradient
     of the task loss (one example per batch, inference mode).
 
@@ -228,7 +239,7 @@ def diagonal_fisher(network, variables, head, task_loss, data):
     return {v.path: total / max(count, 1) for v, total in zip(variables, sums)}
 
 
-def load_fisher(folder):
+def load_fisher(folder: "StageFolder") -> dict[str, np.ndarray] | None:
     """The running Fisher an `EWC` stage saved in `folder` (a `StageFolder`), or None."""
     if not folder.fisher.exists():
         return None
