@@ -22,8 +22,11 @@ selection: its record says `select: last`).
 
 import dataclasses
 import datetime
+import pathlib
 import shutil
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -41,7 +44,8 @@ from unicon_tf.train.strategies import set_trainable
 from unicon_tf.version import __version__
 
 
-def train_baselines(pipeline, run_dir, kinds=BASELINES, data_root=None, verbose=0):
+def train_baselines(pipeline: PipelineSpec | pathlib.Path | str, run_dir: pathlib.Path | str, kinds: Iterable[str] = BASELINES,
+                    data_root: pathlib.Path | str | None = None, verbose: int = 0) -> dict[str, list[StageFolder]]:
     """Train the baselines of `pipeline` under `<run_dir>/baselines/` (what is trained stays).
 
     Args:
@@ -73,7 +77,7 @@ def _single_task(pipeline, run, verbose):
     return [train_single_task(pipeline, run.path, spec.name, verbose) for spec in pipeline.stages]
 
 
-def train_single_task(pipeline, run_dir, stage, verbose=0):
+def train_single_task(pipeline: PipelineSpec, run_dir: pathlib.Path | str, stage: str, verbose: int = 0) -> StageFolder:
     """Train (if not yet trained) the single-task baseline of one stage: its head alone,
     from scratch, on the stage's data, under the stage's selection rule.
 
@@ -170,7 +174,7 @@ class JointModel(keras.Model):
         heads: the head names, in the order of the batches of a step.
     """
 
-    def __init__(self, network, heads, **kwargs):
+    def __init__(self, network: keras.Model, heads: Iterable[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.network = network
         parts = model_parts(network)["heads"]
@@ -181,10 +185,10 @@ class JointModel(keras.Model):
         self.trackers = [keras.metrics.Mean(name="loss")] + [keras.metrics.Mean(name=f"{h}_loss") for h in self.heads]
 
     @property
-    def metrics(self):
+    def metrics(self) -> list[keras.metrics.Metric]:
         return self.trackers
 
-    def train_step(self, data):
+    def train_step(self, data: Sequence[tuple[Any, tf.Tensor]]) -> dict[str, tf.Tensor]:
         with tf.GradientTape() as tape:
             losses = [TASK_LOSSES[task](y, path(x, training=True))
                       for (x, y), path, task in zip(data, self.paths, self.tasks)]

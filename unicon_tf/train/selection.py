@@ -33,6 +33,8 @@ counter at every `fit`; `Selection` keeps that state in the stage's checkpoint i
 """
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from unicon_tf.train.metrics import MAIN_METRIC
 
@@ -89,8 +91,9 @@ class Selection:
     (True, 2)
     """
 
-    def __init__(self, head, task, select, patience, monitor, max_epochs, state=None, min_epochs=1, smoothing=1,
-                 val_patients=None):
+    def __init__(self, head: str, task: str, select: str, patience: int | None, monitor: str, max_epochs: int,
+                 state: Mapping[str, Any] | None = None, min_epochs: int = 1, smoothing: int = 1,
+                 val_patients: int | None = None) -> None:
         self.head, self.task = head, task
         self.select, self.patience, self.max_epochs = select, patience, int(max_epochs)
         self.min_epochs, self.smoothing, self.val_patients = int(min_epochs), int(smoothing), val_patients
@@ -102,7 +105,8 @@ class Selection:
         self.values = list(state.get("values", []))
 
     @classmethod
-    def for_training(cls, head: str, task: str, training: dict, splits: dict, state: dict | None = None):
+    def for_training(cls, head: str, task: str, training: dict, splits: dict,
+                     state: dict | None = None) -> "Selection":
         """The `Selection` of a stage's training keys (`select`, `patience`, `monitor`,
         `min_epochs`, `smoothing`, `epochs`) on data whose schema has `splits`
         (`{split: {"count": patients, ...}}`): the one place a stage's rule is resolved,
@@ -115,11 +119,11 @@ class Selection:
                    val_patients=val_patients)
 
     @property
-    def needs_validation(self):
+    def needs_validation(self) -> bool:
         """Whether validation data is needed (best_val, or early stopping)."""
         return self.select == "best_val" or self.patience is not None
 
-    def update(self, epoch, logs):
+    def update(self, epoch: int, logs: Mapping[str, float]) -> bool:
         """Take epoch `epoch`'s (1-based) logs; True when it is the best so far (judged on
         the mean over `smoothing` epochs, from `min_epochs` on).
 
@@ -140,21 +144,21 @@ class Selection:
             self.wait += 1
         return better
 
-    def stop(self):
+    def stop(self) -> bool:
         """Whether `patience` judged epochs in a row brought no improvement."""
         return self.patience is not None and self.wait >= self.patience
 
-    def state(self):
+    def state(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume (`Selection(..., state=...)`)."""
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "values": self.values}
 
-    def kept_epoch(self, epochs_run):
+    def kept_epoch(self, epochs_run: int) -> int:
         """The epoch (1-based) whose weights the stage keeps."""
         if self.select == "best_val" and self.best_epoch is not None:
             return self.best_epoch
         return epochs_run
 
-    def record(self, epochs_run, history=None):
+    def record(self, epochs_run: int, history: Sequence[Mapping[str, float]] | None = None) -> dict[str, Any]:
         """What `stage.json` records under `selection`: `select`, `monitor` (the key), `mode`,
         `patience`, `min_epochs`, `smoothing`, `max_epochs`, `epochs_run`, `epoch` (kept,
         1-based), `best_epoch`, `best` (its judged value), `val_patients`, `val_metric` (the

@@ -21,13 +21,13 @@ from unicon_tf.model.adapters import PathParameters
 from unicon_tf.names import STRATEGIES
 
 
-def check_strategy(strategy):
+def check_strategy(strategy: str) -> None:
     """Raise ValueError for a strategy not in `STRATEGIES`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
 
 
-def set_trainable(layer, value):
+def set_trainable(layer: keras.layers.Layer, value: bool) -> None:
     """Set `trainable` on a layer and on every layer nested in it, each explicitly.
 
     `layer.trainable = value` is not enough under the TensorFlow backend: the assignment
@@ -38,7 +38,7 @@ def set_trainable(layer, value):
         keras.layers.Layer.trainable.fset(sub, bool(value))
 
 
-def configure_trainable(network, stage, strategy, pretrained=False):
+def configure_trainable(network: keras.Model, stage: int, strategy: str, pretrained: bool = False) -> list[str]:
     """Set which variables of `network` train in `stage` under `strategy`.
 
     Args:
@@ -79,7 +79,7 @@ def configure_trainable(network, stage, strategy, pretrained=False):
     return new_heads
 
 
-def shared_trainable_variables(network):
+def shared_trainable_variables(network: keras.Model) -> list[keras.Variable]:
     """The encoder's base variables that train now (what L2-SP / EWC hold)."""
     encoder = model_parts(network)["encoder"]
     return [v for v in encoder.base_weights() if v.trainable]
