@@ -11,6 +11,9 @@ Example:
 ['classification', 'prognosis']
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from unicon_tf._quiet import install_keras_hook
 from unicon_tf.version import __version__
 
@@ -19,7 +22,7 @@ install_keras_hook()  # Keras, once imported, can load saved unicon_tf models
 __all__ = ["__version__", "describe", "expand", "foundation"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Callable[..., Any]:
     """`describe`, `expand` and `foundation` import TensorFlow on first use, not with the
     package: `unicon-tf --help` and `--version` stay fast (PEP 562)."""
     if name in ("describe", "expand", "foundation"):

@@ -198,7 +198,7 @@ def gather_valid(values: Any, valid: tf.Tensor) -> Any:
     return tf.nest.map_structure(lambda v: None if v is None else next(masked), values)
 
 
-def replica_logs(logs: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+def replica_logs(logs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """A replica step's logs as Keras' multi-worker reduction takes them: it averages each
     over axis 0 of the replicas' values concatenated, which a scalar does not have, so
     each becomes a vector of one (the reduced log is a scalar again)."""
