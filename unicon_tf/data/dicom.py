@@ -716,7 +716,7 @@ def _seg_by_frame_positions(dataset, path, fail):
 
 def rasterise_rtstruct(dataset: "pydicom.Dataset", shape: tuple, affine: np.ndarray, patient: str | None = None,
                        path: PathLike | None = None,
-                       field: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+                       field: str | None = "mask") -> tuple[np.ndarray, np.ndarray]:
     """Rasterise a RTSTRUCT's closed planar contours on a grid: ROI `n` (sequence order) -> class `n`.
 
     ROI Contour Module (PS3.3 C.8.8.6): ContourData are LPS points in mm; each CLOSED_PLANAR

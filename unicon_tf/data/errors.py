@@ -36,8 +36,7 @@ class DataWarning(UserWarning):
     """Input data that is usable but doubtful (e.g. a NIfTI whose sform and qform disagree); names the file."""
 
 
-def no_usable_patient(file: "str | os.PathLike",
-                      rejected: Sequence[tuple[str, str, "DataError"]]) -> DataError:
+def no_usable_patient(file: str | os.PathLike, rejected: Sequence[tuple[str, str, DataError]]) -> DataError:
     """The error when every patient of a cohort was rejected, quoting the first reasons.
 
     Args:
