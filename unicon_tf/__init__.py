@@ -11,7 +11,7 @@ Example:
 ['classification', 'prognosis']
 """
 
-from unicon_tf._quiet import install_keras_hook
+from unicon_tf._keras_hook import install_keras_hook
 from unicon_tf.version import __version__
 
 install_keras_hook()  # Keras, once imported, can load saved unicon_tf models

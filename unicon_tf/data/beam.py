@@ -1,6 +1,6 @@
 """Ingestion as an Apache Beam pipeline: `ingest(..., runner="beam")`.
 
-The same per-patient work as the local runner (`ingest.process_patient`), distributed by
+The same per-patient work as the local runner (`examples.process_patient`), distributed by
 Beam (DirectRunner by default; Dataflow, Flink or Spark through pipeline options):
 
     patients --Map(process_patient)--> (index, example | error, summary)
@@ -27,7 +27,8 @@ import pathlib
 import shlex
 
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import open_shard, process_patient, shard_entry, shard_name, split_entries
+from unicon_tf.data.examples import process_patient
+from unicon_tf.data.shards import open_shard, shard_entry, shard_name, split_entries
 
 RESULTS = "_beam_results.json"
 
