@@ -16,7 +16,7 @@ runner. Without `skip_bad`, a bad patient writes no shard and `ingest` raises th
 error in manifest order.
 
 Every worker needs unicon-tf installed, and must be able to read the manifest's image
-paths and write the output's staging folder (a shared filesystem); see README.md.
+paths and write the output's staging folder (a shared filesystem); see docs/scale.md.
 A shard's examples are grouped in one worker's memory: about `shard_size` x example size.
 
 Beam is an optional dependency, imported only here: `pip install 'unicon-tf[beam]'`.
