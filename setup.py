@@ -7,6 +7,8 @@ from setuptools import find_packages, setup
 here = pathlib.Path(__file__).parent
 version = {}
 exec((here / "unicon_tf" / "version.py").read_text(), version)
+# The manual (docs/, mkdocs.yml): `mkdocs serve`, `mkdocs build --strict`; the API reference from the docstrings.
+DOCS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=1.0,<2"]
 
 setup(
     name="unicon-tf",
@@ -37,8 +39,11 @@ setup(
         # The tests exercise every optional engine, so the test extra installs them all. Bounds:
         # the releases the suite has passed on (pytest 8 and 9, xdist 3; Beam and KFP from the
         # first releases that resolve beside TensorFlow 2.21 up to their next major).
+        # ... and builds the manual strictly (tests/test_docs.py), so it brings the docs extra's packages.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
-                 "kfp>=2.17,<3", "SimpleITK>=2.3,<3", "pydicom>=3.0,<4", "highdicom>=0.28,<1"],
+                 "kfp>=2.17,<3", "SimpleITK>=2.3,<3", "pydicom>=3.0,<4", "highdicom>=0.28,<1",
+                 *DOCS],
+        "docs": DOCS,
         "pretrained": ["safetensors>=0.4"],  # .safetensors weights for load_pretrained (.npz needs nothing)
         # The astra_i3resnet152 preset's weights (MIT): shard packages joined and SHA-256 checked on first use.
         # Read without torch (unicon_tf.model.torch_checkpoint); torch is never needed.

@@ -3,7 +3,7 @@
 Writes a synthetic int16 CT (default 512 x 512 x 600 at 0.7 x 0.7 x 1 mm, 315 MB of
 voxels; with a NIfTI intercept of -1024, as scanners write them) and a uint8 lesion mask of
 the same grid, then preprocesses the patient as `unicon-tf ingest` does
-(`unicon_tf.data.ingest.process_patient`, 64^3 crop at 3 mm) in a fresh process, and prints
+(`unicon_tf.data.examples.process_patient`, 64^3 crop at 3 mm) in a fresh process, and prints
 the peak of NumPy's allocations during it (`tracemalloc`) and the process's peak resident
 memory growth, each over the CT's stored voxel bytes. Goal (issue 23): peak <= 3x.
 
@@ -54,7 +54,7 @@ def measure(manifest):
     import tracemalloc
 
     from unicon_tf.data import Preprocessing
-    from unicon_tf.data.ingest import process_patient
+    from unicon_tf.data.examples import process_patient
     from unicon_tf.data.manifest import read_manifest
 
     cohort = read_manifest(manifest)

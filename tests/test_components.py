@@ -34,6 +34,51 @@ def test_components_are_specs_plus_executors():
         assert not {"unicon_tf.components", "unicon_tf.components.runner"} & imported
 
 
+def test_the_pipeline_graph_wires_each_run_once_for_both_runners(tmp_path):
+    """The graph both runners read: each stage's runs, what feeds each input, the Pusher's
+    condition, one ExampleGen per source (before its first stage), one parameter per
+    external input, and the single-task baseline only where the blessing asks for it."""
+    import yaml
+
+    from unicon_tf.components.graph import External, Output, SingleTaskBaseline, pipeline_graph
+    from unicon_tf.train.pipeline import load_pipeline
+
+    spec = yaml.safe_load(open("pipelines/chest_ct.yaml"))
+    spec["sources"] = {"lesion": {"manifest": "cohort/manifest.csv", "shape": [16, 16, 16], "spacing": [12, 12, 12]}}
+    spec["stages"][1]["data"] = "lesion"
+    spec["stages"][2]["bless"] = {"min_vs_baseline": 0.05}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    graph = pipeline_graph(load_pipeline(tmp_path / "p.yaml", data_root=tmp_path))
+    stages = [s["name"] for s in spec["stages"]]
+    assert list(graph.nodes) == [f"{c}.{s}" for s in stages[:1] for c in ("Trainer", "Evaluator", "Pusher")] + [
+        "ExampleGen.lesion"] + [f"{c}.{s}" for s in stages[1:] for c in ("Trainer", "Evaluator", "Pusher")]
+    first = spec["stages"][0]["data"]
+    assert graph.externals == {
+        f"{stages[0]}_examples": External("examples", str(tmp_path / first), f"{stages[0]}_examples",
+                                          tuple(s["name"] for s in spec["stages"] if s["data"] == first)),
+        "lesion_manifest": External("manifest", str(tmp_path / "cohort/manifest.csv"), "lesion_manifest", ("lesion",))}
+    assert graph.parameters() == [*graph.externals, "serving_base", "model_name"]
+    assert graph.nodes["ExampleGen.lesion"].parameters["manifest"] == str(tmp_path / "cohort/manifest.csv")
+    trainer, evaluator, pusher = graph.stage_nodes(stages[1])
+    assert trainer.inputs == {"examples": Output("ExampleGen.lesion", "examples"),
+                              "base_model": Output(f"Trainer.{stages[0]}", "model")}
+    assert trainer.parameters == {"pipeline": load_pipeline(tmp_path / "p.yaml", data_root=tmp_path).to_json(),
+                                  "stage": stages[1]}
+    assert evaluator.inputs == {"model": Output(trainer.run_id, "model"),
+                                "baseline": Output(f"Evaluator.{stages[0]}", "evaluation")}
+    assert pusher.inputs == {"model": Output(trainer.run_id, "model"), "blessing": Output(evaluator.run_id, "blessing")}
+    assert pusher.condition == Output(evaluator.run_id, "blessing") and trainer.condition is None
+    assert pusher.runtime == {"base": "serving_base", "model_name": "model_name"}
+    assert graph.stage_nodes(stages[2])[1].inputs["single_task"] == SingleTaskBaseline(stages[2])
+    assert "base_model" not in graph.nodes[f"Trainer.{stages[0]}"].inputs
+    for node in graph.nodes.values():  # every input and parameter is one its component's spec declares
+        spec_of = COMPONENTS[node.component].SPEC
+        assert set(node.inputs) <= set(spec_of.inputs) and set(node.parameters) | set(node.runtime) <= set(
+            spec_of.parameters), node.run_id
+        assert all(isinstance(s, (External, SingleTaskBaseline)) or s.name in COMPONENTS[
+            graph.nodes[s.run_id].component].SPEC.outputs for s in node.inputs.values()), node.run_id
+
+
 @pytest.mark.e2e
 def test_runner_records_lineage_caches_and_gates_the_pusher(runner_run):
     pipeline, run, base, results = runner_run

@@ -426,7 +426,7 @@ def test_ingestion_peak_memory_per_patient_is_bounded(tmp_path):
     peak, _, _ = ingest_memory.measure(manifest)
     assert peak <= 3 * ct_bytes, f"peak {peak / ct_bytes:.2f}x the CT's voxel bytes"
     # The values are still right: the lesion (stored 1144, intercept -1024: 120 HU) is inside the crop.
-    from unicon_tf.data.ingest import process_patient
+    from unicon_tf.data.examples import process_patient
     from unicon_tf.data.manifest import read_manifest
 
     cohort = read_manifest(manifest)
@@ -441,18 +441,19 @@ def test_running_out_of_memory_is_a_patient_error_that_skip_bad_handles(tmp_path
 
     from unicon_tf.cli import main
 
+    examples_module = importlib.import_module("unicon_tf.data.examples")
     ingest_module = importlib.import_module("unicon_tf.data.ingest")  # the package's `ingest` is the function
 
     rows = [patient_row(tmp_path, f"P{i}", label=i % 2) for i in range(3)]
     manifest = write_manifest(tmp_path, rows)
-    real = ingest_module.preprocess_patient
+    real = examples_module.preprocess_patient
 
     def hungry(patient, preprocessing):
         if patient.patient_id == "P1":
             raise MemoryError("Unable to allocate 2.93 GiB for an array")
         return real(patient, preprocessing)
 
-    monkeypatch.setattr(ingest_module, "preprocess_patient", hungry)
+    monkeypatch.setattr(examples_module, "preprocess_patient", hungry)
     args = ["ingest", str(manifest), "--shape", "8", "8", "8", "--spacing", "2", "2", "2", "--workers", "1"]
     result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "strict")])
     assert result.exit_code != 0 and "Traceback" not in result.output

@@ -216,3 +216,38 @@ def test_compile_without_the_kfp_extra_says_how_to_install_it(tmp_path, monkeypa
     result = CliRunner().invoke(main, ["compile", str(CHEST_CT), "--output", str(tmp_path / "p.json")])
     assert result.exit_code == 1 and "pip install 'unicon-tf[kfp]'" in result.output
     assert not (tmp_path / "p.json").exists()
+
+
+def test_each_kfp_task_signature_matches_its_component_spec():
+    """A KFP task takes the component spec's inputs and gives its outputs, under the same
+    names, as the KFP types that carry their unicon types (optional where the spec says `?`),
+    and its parameters are the spec's, but for the stated KFP encodings."""
+    from kfp import dsl
+
+    from unicon_tf.components import COMPONENTS
+    from unicon_tf.kubeflow.artifacts import KFP_TYPES
+    from unicon_tf.kubeflow.tasks import TASKS
+    from unicon_tf.train.pipeline import SOURCE_KEYS
+
+    as_artifact = {("ExampleGen", "manifest"): "system.Dataset"}  # a parameter imported as a KFP artifact
+    bundled = {("ExampleGen", "source"): SOURCE_KEYS - {"manifest"}}  # the `sources` entry as one dict
+    local_only = {("Evaluator", "single_task")}  # KFP trains no single-task baseline
+    run_only = {"strategy", "epochs", "learning_rate", "init", "resume", "distribute", "precision", "profile_batch",
+                "accept_changes"}  # the Trainer parameters `unicon-tf run` overrides; a KFP task takes the pipeline's
+    assert set(TASKS) == set(COMPONENTS)
+    for name, function in TASKS.items():
+        spec, kfp = COMPONENTS[name].SPEC, dsl.component(function, base_image="unicon-tf:test",
+                                                               install_kfp_package=False).component_spec
+        artifacts = {k: v for k, v in kfp.inputs.items() if v.type.startswith("system.")}
+        expected = {k: (KFP_TYPES[t.rstrip("?")].schema_title, t.endswith("?")) for k, t in spec.inputs.items()
+                    if (name, k) not in local_only}
+        expected.update({k: (t, False) for (component, k), t in as_artifact.items() if component == name})
+        assert {k: (v.type.split("@")[0], v.optional) for k, v in artifacts.items()} == expected, name
+        outputs = {k: v.type.split("@")[0] for k, v in kfp.outputs.items() if k != "Output"}
+        assert outputs == {k: KFP_TYPES[t].schema_title for k, t in spec.outputs.items()}, name
+        parameters = set(kfp.inputs) - set(artifacts) - {"run_id"}
+        covered = set()
+        for parameter in parameters:
+            covered |= bundled.get((name, parameter), {parameter})
+        assert covered | {k for (c, k) in as_artifact if c == name} == set(spec.parameters) - run_only, name
+

@@ -14,7 +14,7 @@ Example:
 from collections.abc import Callable
 from typing import Any
 
-from unicon_tf._quiet import install_keras_hook
+from unicon_tf._keras_hook import install_keras_hook
 from unicon_tf.version import __version__
 
 install_keras_hook()  # Keras, once imported, can load saved unicon_tf models

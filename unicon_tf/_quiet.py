@@ -1,22 +1,14 @@
-"""Import TensorFlow once, keeping its start-up banners off the terminal; register unicon_tf's
-Keras layers whenever Keras gets imported.
+"""Import TensorFlow once, keeping its start-up banners off the terminal; a Keras progress
+verbosity that suits where progress goes.
 
 TensorFlow's C++ runtime prints oneDNN, CUDA-stub and CPU-feature notices on import and
 on first device discovery. They are captured in a temporary file and shown only if the
 import fails, so real errors are never hidden.
 
-`import unicon_tf` does not import TensorFlow (so `unicon-tf --help` answers at once). It
-installs a one-shot import hook instead: when Keras is first imported, it is imported
-quietly and `unicon_tf.model` follows, registering `ModalityStem`, the heads and the
-encoder with Keras, so `keras.models.load_model` reads a saved stage after a plain
-`import unicon_tf`. (Keras 3 itself imports the module named in a saved config only for
-its own packages: without `import unicon_tf`, a load fails with "Could not locate class".)
+`unicon_tf._keras_hook` uses the same capture when Keras is first imported.
 """
 
 import contextlib
-import importlib
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import tempfile
@@ -30,7 +22,7 @@ def import_tensorflow_quietly():
     """
     if "tensorflow" in sys.modules:
         return
-    with _stderr_captured():
+    with stderr_captured():
         import keras  # noqa: F401
         import tensorflow as tf
 
@@ -38,7 +30,7 @@ def import_tensorflow_quietly():
 
 
 @contextlib.contextmanager
-def _stderr_captured():
+def stderr_captured():
     """Run the body with fd 2 going to a temporary file, replayed if the body raises."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     try:
@@ -60,43 +52,6 @@ def _stderr_captured():
         finally:
             os.dup2(saved_fd, stderr_fd)
             os.close(saved_fd)
-
-
-class _OnKerasImport(importlib.abc.MetaPathFinder):
-    """Finds `keras` through the normal path finder, once, and wraps its loading: quiet,
-    then `unicon_tf.model` (which registers the layers)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module):  # only when Keras is loaded, not merely looked up
-            uninstall_keras_hook()
-            with _stderr_captured():
-                execute(module)
-                tf = sys.modules.get("tensorflow")
-                if tf is not None and not getattr(tf.__spec__, "_initializing", False):
-                    tf.config.list_physical_devices()  # device probing logs now, not mid-run
-            importlib.import_module("unicon_tf.model")
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def install_keras_hook():
-    """Register unicon_tf's layers now if Keras is imported, else when it first is."""
-    if "keras" in sys.modules:
-        importlib.import_module("unicon_tf.model")
-    elif not any(isinstance(finder, _OnKerasImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _OnKerasImport())
-
-
-def uninstall_keras_hook():
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _OnKerasImport)]
 
 
 def progress_verbosity(verbose, stream=None):

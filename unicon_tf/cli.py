@@ -115,7 +115,7 @@ def presets_command(name, as_json):
 @click.option("--runner", type=click.Choice(["multiprocessing", "beam"]), default="multiprocessing", show_default=True,
               help="Local process pool, or an Apache Beam pipeline (needs `pip install 'unicon-tf[beam]'`).")
 @click.option("--beam-args", default=None, metavar='"--runner=... ..."',
-              help="Beam pipeline options, one quoted string [default: DirectRunner]; see README.md.")
+              help="Beam pipeline options, one quoted string [default: DirectRunner]; see docs/scale.md.")
 @user_errors
 def ingest(manifest, out, shape, spacing, preset, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
            runner, beam_args):

@@ -1,9 +1,10 @@
-"""A local runner: a pipeline's stages as a graph of component runs, with lineage and cache.
+"""A local runner: walks a pipeline's graph of component runs, with lineage and cache.
 
-For every stage: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher (and,
-for a stage whose blessing is `bless: {min_vs_baseline: delta}`, its single-task baseline,
-trained into `<run>/baselines/single_task/<stage>/` and given to the Evaluator). The
-runner wires the components through their artifacts and gives each its output folder
+The graph (`unicon_tf.components.graph`) says, per stage, which runs there are and what
+feeds each: ExampleGen (once per data source) -> Trainer -> Evaluator -> Pusher (and, for
+a stage whose blessing is `bless: {min_vs_baseline: delta}`, its single-task baseline,
+trained here into `<run>/baselines/single_task/<stage>/` and given to the Evaluator). The
+runner resolves each run's inputs to artifacts and gives each its output folder
 in the run directory (`unicon_tf.run`): ExampleGen `examples/<source>-<key>/`, Trainer
 `stages/NN-<stage>/`, Evaluator `stages/NN-<stage>/evaluation/`; the Pusher writes a
 version under the serving base. Each run is recorded in `<run>/lineage.json` with its
@@ -25,6 +26,7 @@ import time
 
 from unicon_tf.components import evaluator, example_gen, pusher, trainer
 from unicon_tf.components.base import Artifact, fingerprint
+from unicon_tf.components.graph import External, SingleTaskBaseline, pipeline_graph
 from unicon_tf.data import data_fingerprint
 from unicon_tf.files import sha256, write_json_atomic
 from unicon_tf.run import Run
@@ -56,6 +58,8 @@ class LocalRunner:
         self.directory = Run.create(run_dir, self.pipeline.name, self.pipeline.path)
         self.base, self.model_name, self.verbose = pathlib.Path(base), model_name, verbose
         self.run_dir, self.lineage_file = self.directory.path, self.directory.lineage_file
+        self.graph = pipeline_graph(self.pipeline)
+        self.serving = {"base": str(self.base), "model_name": self.model_name}  # the Pusher's run-time parameters
         self.lineage = (json.loads(self.lineage_file.read_text()) if self.lineage_file.exists()
                         else {"pipeline": self.pipeline.name, "executions": {}, "events": []})
 
@@ -87,57 +91,71 @@ class LocalRunner:
             self.pipeline.stage(name)
         results = {}
         for name in stages:
-            index, _ = self.pipeline.stage(name)
-            outputs = {"model": self._train(index, overrides)}
+            trainer, evaluator, pusher = self.graph.stage_nodes(name)
+            produced = {trainer.run_id: {"model": self._train(trainer, overrides)}}
             if evaluate:
-                outputs.update(self._evaluate(index, outputs["model"]))
-            if evaluate and push:
-                outputs.update(self._run("Pusher", f"Pusher.{name}",
-                                         {"model": outputs["model"], "blessing": outputs["blessing"]},
-                                         {"base": str(self.base), "model_name": self.model_name}, None))
-            results[name] = outputs
+                produced[evaluator.run_id] = self._execute(evaluator, produced)
+            if evaluate and push:  # the Pusher's executor checks the blessing (its `condition`) itself
+                produced[pusher.run_id] = self._execute(pusher, produced)
+            results[name] = {k: a for outputs in produced.values() for k, a in outputs.items()}
         return results
 
-    def _examples(self, spec):
-        if spec.source is None:
-            return Artifact("Examples", str(spec.data), "external", data_fingerprint(spec.data))
-        parameters = dict(self.pipeline.sources[spec.source])
-        key = fingerprint("ExampleGen", parameters)
-        return self._run("ExampleGen", f"ExampleGen.{spec.source}", {}, parameters,
-                         self.directory.examples_dir(spec.source, key))["examples"]
+    def _execute(self, node, produced, extra=None):
+        """Run `node` on its inputs: outputs of this stage's runs so far (`produced`, by run
+        id), earlier runs' outputs (`_upstream`), external data, the single-task baseline."""
+        inputs = {name: self._artifact(source, produced) for name, source in node.inputs.items()}
+        parameters = {**node.parameters, **{k: self.serving[k] for k in node.runtime}, **(extra or {})}
+        return self._run(node.component, node.run_id, inputs, parameters, self._output_dir(node, parameters))
 
-    def _train(self, index, overrides):
-        spec = self.pipeline.stages[index]
-        inputs = {"examples": self._examples(spec), "base_model": self._model(index - 1) if index > 0 else None}
-        params = {"pipeline": self.pipeline.to_json(), "stage": spec.name,
-                  **{k: v for k, v in overrides.items() if v is not None}}
-        folder = self.directory.stage(index, spec.name)
-        model = self._run("Trainer", f"Trainer.{spec.name}", inputs, params, folder.path)["model"]
+    def _output_dir(self, node, parameters):
+        """Where a run writes in the run directory (`unicon_tf.run`); the Pusher writes under
+        the serving base instead."""
+        if node.component == "ExampleGen":
+            return self.directory.examples_dir(node.stage, fingerprint("ExampleGen", parameters))
+        if node.component == "Pusher":
+            return None
+        folder = self.directory.stage(self.pipeline.stage(node.stage)[0], node.stage)
+        return folder.path if node.component == "Trainer" else folder.evaluation
+
+    def _artifact(self, source, produced):
+        """The artifact an input `source` of the graph stands for."""
+        if isinstance(source, External):
+            return Artifact("Examples", source.uri, "external", data_fingerprint(source.uri))
+        if isinstance(source, SingleTaskBaseline):
+            return self._single_task(source.stage)
+        if source.run_id in produced:
+            return produced[source.run_id][source.name]
+        return self._upstream(source)
+
+    def _upstream(self, source):
+        """An output of a run not made in this stage: ExampleGen's (run now, or a cache hit),
+        an earlier stage's Model or Evaluation (from the lineage or the run directory)."""
+        node = self.graph.nodes[source.run_id]
+        if node.component == "ExampleGen":
+            return self._execute(node, {})[source.name]
+        index, _ = self.pipeline.stage(node.stage)
+        return self._model(index) if node.component == "Trainer" else self._evaluation(index)
+
+    def _train(self, node, overrides):
+        model = self._execute(node, {}, {k: v for k, v in overrides.items() if v is not None})["model"]
         if model.properties.get("worker"):
             return model
+        index, spec = self.pipeline.stage(node.stage)
+        folder = self.directory.stage(index, spec.name)
         self.directory.mark(index, spec.name, spec.fingerprint(), status="trained",
-                      model=str(folder.model.relative_to(self.directory.path)))
+                            model=str(folder.model.relative_to(self.directory.path)))
         return model
 
-    def _evaluate(self, index, model):
-        name = self.pipeline.stages[index].name
-        inputs = {"model": model, "baseline": self._evaluation(index - 1) if index > 0 else None,
-                  "single_task": self._single_task(index)}
-        folder = self.directory.stage(index, name)
-        return self._run("Evaluator", f"Evaluator.{name}", inputs, {"split": "test"}, folder.evaluation)
-
-    def _single_task(self, index):
-        """The Model artifact of stage `index`'s single-task baseline, trained now if needed,
-        when the stage's blessing asks for it (`bless: {min_vs_baseline}`); else None."""
-        spec = self.pipeline.stages[index]
-        if (spec.training.get("bless") or {}).get("min_vs_baseline") is None:
-            return None
-        stages = [dataclasses.replace(s, data=pathlib.Path(self._examples(s).uri), source=None)
+    def _single_task(self, stage):
+        """The Model artifact of `stage`'s single-task baseline (`bless: {min_vs_baseline}`),
+        trained now if needed, on the same examples as the pipeline's stages."""
+        examples = {s.name: self._artifact(self.graph.nodes[f"Trainer.{s.name}"].inputs["examples"], {})
+                    for s in self.pipeline.stages}
+        stages = [dataclasses.replace(s, data=pathlib.Path(examples[s.name].uri), source=None)
                   for s in self.pipeline.stages]
         pipeline = dataclasses.replace(self.pipeline, stages=stages, sources={})
-        folder = train_single_task(pipeline, self.run_dir, spec.name, verbose=self.verbose)
-        return Artifact("Model", str(folder.path), f"single_task.{spec.name}", sha256(folder.model),
-                        {"stage": spec.name})
+        folder = train_single_task(pipeline, self.run_dir, stage, verbose=self.verbose)
+        return Artifact("Model", str(folder.path), f"single_task.{stage}", sha256(folder.model), {"stage": stage})
 
     def _model(self, index):
         """The Model artifact of stage `index`: from the lineage, or from the run directory."""
@@ -152,11 +170,13 @@ class LocalRunner:
 
     def _evaluation(self, index):
         """The Evaluation artifact of stage `index`: from the lineage, or by evaluating it now."""
-        record = self.lineage["executions"].get(f"Evaluator.{self.pipeline.stages[index].name}")
+        name = self.pipeline.stages[index].name
+        record = self.lineage["executions"].get(f"Evaluator.{name}")
         if record:
             return Artifact(**record["outputs"]["evaluation"])
         model = self._model(index)
-        return None if model is None else self._evaluate(index, model)["evaluation"]
+        return None if model is None else self._execute(self.graph.nodes[f"Evaluator.{name}"],
+                                                        {f"Trainer.{name}": {"model": model}})["evaluation"]
 
     def _run(self, component, run_id, inputs, parameters, output_dir):
         module = COMPONENTS[component]

@@ -1,6 +1,6 @@
 """Ingestion as an Apache Beam pipeline: `ingest(..., runner="beam")`.
 
-The same per-patient work as the local runner (`ingest.process_patient`), distributed by
+The same per-patient work as the local runner (`examples.process_patient`), distributed by
 Beam (DirectRunner by default; Dataflow, Flink or Spark through pipeline options):
 
     patients --Map(process_patient)--> (index, example | error, summary)
@@ -16,7 +16,7 @@ runner. Without `skip_bad`, a bad patient writes no shard and `ingest` raises th
 error in manifest order.
 
 Every worker needs unicon-tf installed, and must be able to read the manifest's image
-paths and write the output's staging folder (a shared filesystem); see README.md.
+paths and write the output's staging folder (a shared filesystem); see docs/scale.md.
 A shard's examples are grouped in one worker's memory: about `shard_size` x example size.
 
 Beam is an optional dependency, imported only here: `pip install 'unicon-tf[beam]'`.
@@ -27,7 +27,8 @@ import pathlib
 import shlex
 
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import open_shard, process_patient, shard_entry, shard_name, split_entries
+from unicon_tf.data.examples import process_patient
+from unicon_tf.data.shards import open_shard, shard_entry, shard_name, split_entries
 
 RESULTS = "_beam_results.json"
 

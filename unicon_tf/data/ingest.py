@@ -9,7 +9,8 @@ Output folder:
                                         per-modality mean/std (train split), mask fractions
     <out>/rejected.csv                  with skip_bad: patients left out, and why
 
-Two runners do the per-patient work (`process_patient`: preprocess, encode, summarise):
+Two runners do the per-patient work (`unicon_tf.data.examples.process_patient`: preprocess,
+encode, summarise) and write shards with `unicon_tf.data.shards`:
 a local `multiprocessing` pool (default), or an Apache Beam pipeline (`runner="beam"`,
 see `unicon_tf.data.beam`) on the DirectRunner, Dataflow, Flink or Spark. Both assign
 examples to the same shards in manifest order and fold statistics in manifest order, so
@@ -27,16 +28,16 @@ import multiprocessing
 import os
 import pathlib
 
-import nibabel as nib
 import numpy as np
 import tensorflow as tf
 
 from unicon_tf._quiet import progress_verbosity
+from unicon_tf.data.beam import run_beam
 from unicon_tf.data.errors import DataError, no_usable_patient
+from unicon_tf.data.examples import process_patient, voxel_bytes
 from unicon_tf.data.manifest import read_manifest
-from unicon_tf.data.preprocess import preprocess_patient
-from unicon_tf.data.records import encode_example
-from unicon_tf.files import atomic_folder, sha256
+from unicon_tf.data.shards import ShardWriter
+from unicon_tf.files import atomic_folder
 
 SCHEMA_VERSION = 1
 RUNNERS = ("multiprocessing", "beam")
@@ -92,11 +93,9 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
 
     with atomic_folder(out) as staging:
         if runner == "beam":
-            from unicon_tf.data.beam import run_beam
-
             outcomes, splits = run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args)
         else:
-            writer = _ShardWriter(staging, shard_size)
+            writer = ShardWriter(staging, shard_size)
             outcomes = _process_and_write(cohort, preprocessing, workers, writer)
         stats = _Stats(cohort.modalities)
         rejected = list(cohort.rejected)  # (patient_id, split, DataError), manifest rows first
@@ -123,66 +122,12 @@ def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_siz
     return schema
 
 
-def process_patient(patient, preprocessing, targets):
-    """The per-patient work of every runner: preprocess, encode, summarise.
-
-    Args:
-        patient: a manifest `Patient`.
-        preprocessing: the cohort's `Preprocessing`.
-        targets: the manifest's target columns (which features the example carries).
-
-    Returns:
-        `(example, summary)`: the serialized `tf.train.Example` bytes and the patient's
-        contribution to `stats.json` (see `patient_summary`).
-
-    Raises:
-        DataError: naming the patient, file and field of bad input, or of the image whose
-            preprocessing ran out of memory.
-    """
-    try:
-        result = preprocess_patient(patient, preprocessing)
-        return encode_example(result, targets), patient_summary(result)
-    except MemoryError as error:  # NumPy's _ArrayMemoryError too: one patient's images, not the cohort
-        raise out_of_memory(patient, error) from None
-
-
-def patient_summary(result):
-    """What `stats.json` needs from one preprocessed patient: targets, foreground fraction,
-    and per modality (voxels, sum, sum of squares) in float64."""
-    moments = {}
-    for modality, volume in result["images"].items():
-        v = volume.astype(np.float64)
-        moments[modality] = [int(v.size), float(v.sum()), float(np.square(v).sum())]
-    foreground = None if result["mask"] is None else float(np.mean(result["mask"] > 0))
-    return {"label": result["label"], "time": result["time"], "event": result["event"],
-            "foreground": foreground, "moments": moments}
-
-
 def _process(job):
     patient, preprocessing, targets = job
     try:
         return patient, process_patient(patient, preprocessing, targets)
     except DataError as error:
         return patient, error
-
-
-def out_of_memory(patient, error):
-    """The `DataError` of a patient whose preprocessing ran out of memory (a patient-level
-    error: `skip_bad` lists it in rejected.csv and goes on)."""
-    files = {**patient.images, **({"mask": patient.mask} if patient.mask else {})}
-    largest = max(files, key=lambda k: _voxel_bytes(files[k]))
-    return DataError(f"ran out of memory preprocessing this patient ({type(error).__name__}: {error}); its largest "
-                     f"image holds {_voxel_bytes(files[largest]) / 2**20:.0f} MiB of voxels: give ingestion more "
-                     "memory or fewer --workers", patient=patient.patient_id, file=files[largest], field=largest)
-
-
-def _voxel_bytes(path):
-    """Bytes of an image's voxels as stored (from its header; 0 when it cannot be read)."""
-    try:
-        image = nib.load(str(path))
-        return int(np.prod(image.shape)) * image.get_data_dtype().itemsize
-    except Exception:  # noqa: BLE001 (an unreadable file is reported by its own check)
-        return 0
 
 
 PEAK_PER_RAW_BYTE = 3
@@ -206,7 +151,7 @@ def default_workers(cohort, available=None):
     cpus = os.cpu_count() or 1
     available = available_memory() if available is None else available
     sample = cohort.patients[:8]
-    largest = max((sum(_voxel_bytes(p) for p in [*patient.images.values(), patient.mask] if p)
+    largest = max((sum(voxel_bytes(p) for p in [*patient.images.values(), patient.mask] if p)
                    for patient in sample), default=0)
     per_worker = PEAK_PER_RAW_BYTE * largest + 200 * 2**20
     if not available:
@@ -255,60 +200,6 @@ def _map_in_processes(function, jobs, workers):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
         yield from pool.imap(function, jobs, chunksize=1)
-
-
-def shard_name(split, number):
-    """File name of shard `number` of a split."""
-    return f"{split}-{number:05d}.tfrecord.gz"
-
-
-def open_shard(directory, name):
-    """A GZIP `TFRecordWriter` for a new shard."""
-    return tf.io.TFRecordWriter(str(pathlib.Path(directory) / name), options="GZIP")
-
-
-def shard_entry(directory, name, count):
-    """The schema's entry of a written shard: file, count, bytes, SHA-256."""
-    path = pathlib.Path(directory) / name
-    return {"file": name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)}
-
-
-def split_entries(shards):
-    """`{split: [entry, ...]}` (entries in shard order) -> the schema's `splits`."""
-    return {split: {"count": sum(s["count"] for s in entries), "shards": entries}
-            for split, entries in sorted(shards.items())}
-
-
-class _ShardWriter:
-    """GZIP TFRecord shards of `shard_size` examples per split, with sizes and checksums."""
-
-    def __init__(self, directory, shard_size):
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
-        self.directory, self.shard_size = directory, shard_size
-        self.open = {}  # split -> (writer, file name, count)
-        self.shards = {}  # split -> [{"file", "count", ...}]
-
-    def write(self, split, example):
-        writer, name, count = self.open.get(split, (None, None, 0))
-        if writer is None or count == self.shard_size:
-            if writer is not None:
-                self._finish(split, writer, name, count)
-            name = shard_name(split, len(self.shards.get(split, [])))
-            writer = open_shard(self.directory, name)
-            count = 0
-        writer.write(example)
-        self.open[split] = (writer, name, count + 1)
-
-    def _finish(self, split, writer, name, count):
-        writer.close()
-        self.shards.setdefault(split, []).append(shard_entry(self.directory, name, count))
-
-    def close(self):
-        for split, (writer, name, count) in self.open.items():
-            self._finish(split, writer, name, count)
-        self.open = {}
-        return split_entries(self.shards)
 
 
 class _Stats:

@@ -4,7 +4,7 @@ Columns:
 
 | column             | required | meaning                                                      |
 |--------------------|----------|--------------------------------------------------------------|
-| `patient_id`       | yes      | unique identifier, a file name (no `/`, `\`, `..`)           |
+| `patient_id`       | yes      | unique identifier, a file name (no `/`, `\\`, `..`)           |
 | `split`            | yes      | `train`, `val` or `test`                                     |
 | `ct`, `pet`…       | >= 1     | path of a 3D image per modality (relative paths are relative |
 |                    |          | to the manifest's folder): a NIfTI file, a DICOM series      |

@@ -118,7 +118,7 @@ def verify_shards(directory: pathlib.Path | str, schema: Mapping[str, Any], spli
     """The split's shard paths, after checking each one's size and SHA-256 against the schema.
 
     Raises:
-        DataError naming the shard that is missing, truncated or corrupt.
+        DataError: naming the shard that is missing, truncated or corrupt.
     """
     directory = pathlib.Path(directory)
     if split not in schema["splits"]:

@@ -3,12 +3,12 @@
 `R[i][j]` is the main metric of task j (the head added by stage j) after stage i, defined
 for j <= i (NaN elsewhere). With T stages:
 
-- average metric: mean_j R[T-1][j], every task on the final model;
-- backward transfer (Lopez-Paz and Ranzato 2017): mean_{j<T-1} R[T-1][j] - R[j][j];
+- average metric: `mean_j R[T-1][j]`, every task on the final model;
+- backward transfer (Lopez-Paz and Ranzato 2017): `mean_{j<T-1} R[T-1][j] - R[j][j]`;
   negative when learning later tasks hurt earlier ones;
-- forgetting (Chaudhry et al. 2018): mean_{j<T-1} max_{j<=l<T-1} R[l][j] - R[T-1][j],
+- forgetting (Chaudhry et al. 2018): `mean_{j<T-1} max_{j<=l<T-1} R[l][j] - R[T-1][j]`,
   the drop of each earlier task from its best value to its final value;
-- forward transfer against the respective baselines: mean_j R[j][j] - b_j, where b_j is
+- forward transfer against the respective baselines: `mean_j R[j][j] - b_j`, where `b_j` is
   a model trained from scratch on stage j's data alone (UNICON's comparison).
 
 All metrics here are "higher is better" (AUC, C-index, Dice).

@@ -37,7 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from unicon_tf.data import read_schema
 from unicon_tf.data.errors import DataError
-from unicon_tf.data.ingest import _ShardWriter
+from unicon_tf.data.shards import ShardWriter
 from unicon_tf.data.records import verify_shards
 from unicon_tf.files import atomic_folder
 
@@ -209,7 +209,7 @@ def write_split(source: pathlib.Path | str, out: pathlib.Path | str, assignment:
     schema = read_schema(source)
     split_of = {pid: split for split, ids in assignment.items() for pid in ids}
     with atomic_folder(out) as staging:
-        writer = _ShardWriter(staging, shard_size)
+        writer = ShardWriter(staging, shard_size)
         spec = {"patient_id": tf.io.FixedLenFeature([], tf.string)}
         for split in schema["splits"]:
             records = tf.data.TFRecordDataset(verify_shards(source, schema, split), compression_type="GZIP")

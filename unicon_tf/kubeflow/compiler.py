@@ -1,4 +1,5 @@
-"""A pipeline YAML -> a KFP v2 pipeline: the same component graph as `LocalRunner`.
+"""A pipeline YAML -> a KFP v2 pipeline: the translation of the graph `LocalRunner` walks
+(`unicon_tf.components.graph`).
 
 For every stage, in order:
 
@@ -32,15 +33,18 @@ import yaml
 from kfp import compiler, dsl
 
 from unicon_tf.components import COMPONENTS
+from unicon_tf.components.graph import SERVING_PARAMETERS, Output, SingleTaskBaseline, pipeline_graph
 from unicon_tf.kubeflow import artifacts
 from unicon_tf.kubeflow.tasks import TASKS
-from unicon_tf.names import InvalidNameError, engine_name, engine_names
+from unicon_tf.names import engine_name
 from unicon_tf.train.pipeline import PipelineError, PipelineSpec, load_pipeline
 from unicon_tf.version import __version__
 
 DEFAULT_IMAGE = f"unicon-tf:{__version__}"
 """The image `docker build -t unicon-tf:<version> .` makes from the repository's Dockerfile."""
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
+RESOURCED = ("Trainer", "Evaluator")
+"""The components whose tasks get a stage's `resources`."""
 
 
 def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=None, data_root=None):
@@ -65,44 +69,45 @@ def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=Non
         PipelineError: an invalid pipeline file, or resources KFP does not accept.
     """
     spec = pipeline if isinstance(pipeline, PipelineSpec) else _load(pipeline, data_root)
+    graph = pipeline_graph(spec)
     tasks = {name: dsl.component(function, base_image=image, install_kfp_package=False)
              for name, function in TASKS.items()}
-    inputs = _external_inputs(spec)
-    parameters = {name: uri for name, (_, uri, _) in inputs.items()}
-    parameters.update(serving_base=str(base), model_name=model_name or spec.name)
+    parameters = {name: external.uri for name, external in graph.externals.items()}
+    parameters.update({SERVING_PARAMETERS["base"]: str(base), SERVING_PARAMETERS["model_name"]: model_name or spec.name})
     config = json.dumps(spec.to_json(), default=str)
 
     def dag(*channels):
         arguments = dict(zip(parameters, channels))
-        examples, models, evaluations = {}, [], []
-        for name, (kind, _, users) in inputs.items():
-            if kind == "manifest":
+        channels = {}  # a graph source (`Output` or `External`) -> the KFP channel that carries it
+        for name, external in graph.externals.items():
+            if external.kind == "manifest":
                 manifest = dsl.importer(artifact_uri=arguments[name], artifact_class=dsl.Dataset, reimport=False)
-                manifest.set_display_name(f"ImportManifest.{users[0]}")
-                source = {k: v for k, v in spec.sources[users[0]].items() if k != "manifest"}
-                task = tasks["ExampleGen"](run_id=f"ExampleGen.{users[0]}", source=source,
-                                           manifest=manifest.output).set_display_name(f"ExampleGen.{users[0]}")
+                manifest.set_display_name(f"ImportManifest.{external.users[0]}")
+                node = graph.nodes[f"ExampleGen.{external.users[0]}"]
+                source = {k: v for k, v in node.parameters.items() if k != "manifest"}
+                task = tasks["ExampleGen"](run_id=node.run_id, source=source,
+                                           manifest=manifest.output).set_display_name(node.run_id)
+                channels[Output(node.run_id, "examples")] = task.output
             else:
                 task = dsl.importer(artifact_uri=arguments[name], artifact_class=artifacts.KFP_TYPES["Examples"],
                                     reimport=False, metadata={"type": "Examples"})
-                task.set_display_name(f"ImportExamples.{users[0]}")
-            examples.update({(kind, user): task.output for user in users})
-        for stage in spec.stages:
-            data = ("manifest", stage.source) if stage.source else ("examples", stage.name)
-            previous = {"base_model": models[-1]} if models else {}
-            trainer = tasks["Trainer"](run_id=f"Trainer.{stage.name}", pipeline=config, stage=stage.name,
-                                       examples=examples[data], **previous)
-            models.append(trainer.outputs["model"])
-            baseline = {"baseline": evaluations[-1]} if evaluations else {}
-            evaluator = tasks["Evaluator"](run_id=f"Evaluator.{stage.name}", split="test", model=models[-1],
-                                           **baseline)
-            evaluations.append(evaluator.outputs["evaluation"])
-            for task, component in ((trainer, "Trainer"), (evaluator, "Evaluator")):
-                _set_resources(task.set_display_name(f"{component}.{stage.name}"), stage, spec)
-            with dsl.If(evaluator.outputs["Output"] == True, name=f"blessed.{stage.name}"):  # noqa: E712 (a KFP condition)
-                tasks["Pusher"](run_id=f"Pusher.{stage.name}", base=arguments["serving_base"],
-                                model_name=arguments["model_name"], model=models[-1],
-                                blessing=evaluator.outputs["blessing"]).set_display_name(f"Pusher.{stage.name}")
+                channels[external] = task.set_display_name(f"ImportExamples.{external.users[0]}").output
+        for node in (n for n in graph.nodes.values() if n.component != "ExampleGen"):
+            inputs = {name: channels[source] for name, source in node.inputs.items()
+                      if not isinstance(source, SingleTaskBaseline)}  # KFP trains no single-task baseline
+            kfp_parameters = {**node.parameters, **{k: arguments[v] for k, v in node.runtime.items()}}
+            if node.component == "Trainer":  # KFP constants hold no nulls: the spec travels as JSON text
+                kfp_parameters["pipeline"] = config
+            if node.condition is None:
+                task = tasks[node.component](run_id=node.run_id, **kfp_parameters, **inputs)
+            else:  # the Evaluator's `blessed` is its output parameter `Output`
+                blessed = channels[Output(node.condition.run_id, "Output")]
+                with dsl.If(blessed == True, name=f"blessed.{node.stage}"):  # noqa: E712 (a KFP condition)
+                    task = tasks[node.component](run_id=node.run_id, **kfp_parameters, **inputs)
+            task.set_display_name(node.run_id)
+            if node.component in RESOURCED:
+                _set_resources(task, spec.stage(node.stage)[1], spec)
+            channels.update({Output(node.run_id, name): channel for name, channel in task.outputs.items()})
 
     dag.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=str)
@@ -150,29 +155,6 @@ def _load(path, data_root):
     sources = {n: {**s, "manifest": join(s["manifest"])} for n, s in spec.sources.items()}
     stages = [s if s.source else dataclasses.replace(s, data=join(s.data)) for s in spec.stages]
     return dataclasses.replace(spec, stages=stages, sources=sources)
-
-
-def _external_inputs(spec):
-    """`{pipeline parameter: (kind, default URI, [users])}` of what the pipeline reads from
-    outside: a manifest per `sources` entry used (users: the source), an ingested folder
-    per distinct stage `data` (users: the stages sharing it; named after the first)."""
-    inputs, folders, names = {}, {}, {}
-    for stage in spec.stages:
-        if stage.source:
-            names.setdefault(f"{stage.source}_manifest", ("manifest", spec.sources[stage.source]["manifest"],
-                                                          [stage.source]))
-        elif str(stage.data) in folders:
-            names[folders[str(stage.data)]][2].append(stage.name)
-        else:
-            folders[str(stage.data)] = f"{stage.name}_examples"
-            names[f"{stage.name}_examples"] = ("examples", str(stage.data), [stage.name])
-    try:  # KFP parameters are Python identifiers: `seg-2_examples` becomes `seg_2_examples`
-        parameters = engine_names(list(names) + ["serving_base", "model_name"], "identifier", "parameter")
-    except InvalidNameError as error:
-        raise PipelineError(f"{spec.path}: {error}") from error
-    for name, value in names.items():
-        inputs[parameters[name]] = value
-    return inputs
 
 
 def _set_resources(task, stage, spec):

@@ -1,9 +1,11 @@
 """What each KFP task runs: the same executors as `LocalRunner`, behind a thin adapter.
 
 Each function below is a KFP lightweight Python component (`unicon_tf.kubeflow.compiler`
-wraps it with `dsl.component` and the pipeline's image). Its body only hands KFP's
-artifacts and parameters to `run_component`, which turns them into unicon `Artifact`
-records, calls `unicon_tf.components.<component>.execute(inputs, parameters, context)`
+wraps it with `dsl.component` and the pipeline's image). Its signature is what KFP reads
+(the component spec's inputs and outputs as KFP artifacts, its parameters; a test checks
+the two agree), and its body hands its arguments to `run_component`, which sorts them by
+the component spec into inputs, outputs and parameters, turns the inputs into unicon
+`Artifact` records, calls `unicon_tf.components.<component>.execute(inputs, parameters, context)`
 with the first output artifact's path as the output folder, and writes the returned
 records back as the output artifacts' metadata. There is no second implementation of
 any component.
@@ -18,16 +20,16 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 from unicon_tf.kubeflow import artifacts
 
 
-def run_component(component, run_id, parameters, inputs, outputs, verbose=2):
-    """Execute `component`'s executor on KFP artifacts.
+def run_component(component, arguments, verbose=2):
+    """Execute `component`'s executor on a task's arguments.
 
     Args:
         component: a name of `unicon_tf.components.COMPONENTS` (ExampleGen, Trainer, ...).
-        run_id: the run's id, `<component>.<stage or source>` as in `lineage.json`.
-        parameters: the executor's parameters.
-        inputs: `{name: KFP input artifact or None}` (None: an optional input not given).
-        outputs: `{name: KFP output artifact}`, in the component spec's order; the first
-            one's path is the executor's output folder.
+        arguments: the task function's arguments: `run_id` (`<component>.<stage or
+            source>` as in `lineage.json`), the KFP artifacts named as the component spec's
+            inputs (None: an optional input not given) and outputs, and the executor's
+            parameters (everything else). The first output's path is the executor's
+            output folder.
         verbose: Keras verbosity in the task's log (2: one line per epoch).
 
     Returns:
@@ -40,10 +42,12 @@ def run_component(component, run_id, parameters, inputs, outputs, verbose=2):
     from unicon_tf.components import COMPONENTS
 
     module = COMPONENTS[component]
-    records = {name: artifacts.to_record(a) for name, a in inputs.items() if a is not None}
-    module.SPEC.check(records, parameters)
-    first = next(iter(module.SPEC.outputs))
-    context = {"id": run_id, "output_dir": outputs[first].path, "verbose": verbose}
+    spec = module.SPEC
+    records = {name: artifacts.to_record(arguments[name]) for name in spec.inputs if arguments.get(name) is not None}
+    parameters = {k: v for k, v in arguments.items() if k != "run_id" and k not in {**spec.inputs, **spec.outputs}}
+    spec.check(records, parameters)
+    outputs = {name: arguments[name] for name in spec.outputs}
+    context = {"id": arguments["run_id"], "output_dir": outputs[next(iter(outputs))].path, "verbose": verbose}
     results = module.execute(records, parameters, context)
     for name, artifact in outputs.items():
         artifacts.write_record(results[name], artifact)
@@ -54,19 +58,19 @@ def example_gen(run_id: str, source: dict, manifest: Input[Dataset], examples: O
     """ExampleGen: the NIfTI manifest artifact and its `sources` entry -> Examples."""
     from unicon_tf.kubeflow.tasks import run_component
 
-    run_component("ExampleGen", run_id, {**source, "manifest": manifest.path}, {}, {"examples": examples})
+    run_component("ExampleGen", {"run_id": run_id, **source, "manifest": manifest.path, "examples": examples})
 
 
 def trainer(run_id: str, pipeline: str, stage: str, examples: Input[Dataset],
             model: Output[Model], base_model: Input[Model] = None):
     """Trainer: Examples and the previous stage's Model (none for stage 0) -> Model.
     `pipeline` is `PipelineSpec.to_json()` as JSON text (KFP constants hold no nulls)."""
+    arguments = dict(locals())
     import json
 
     from unicon_tf.kubeflow.tasks import run_component
 
-    run_component("Trainer", run_id, {"pipeline": json.loads(pipeline), "stage": stage},
-                  {"examples": examples, "base_model": base_model}, {"model": model})
+    run_component("Trainer", {**arguments, "pipeline": json.loads(pipeline)})
 
 
 def evaluator(run_id: str, split: str, model: Input[Model], evaluation: Output[Metrics],
@@ -74,20 +78,19 @@ def evaluator(run_id: str, split: str, model: Input[Model], evaluation: Output[M
     """Evaluator: Model (and the previous stage's Evaluation) -> Evaluation, Blessing; returns
     `blessed`, the output parameter (`Output`) that the Pusher's condition reads. (A single
     return rather than a named output: kfp.local 2.17 evaluates conditions only on those.)"""
+    arguments = dict(locals())
     from unicon_tf.kubeflow.tasks import run_component
 
-    results = run_component("Evaluator", run_id, {"split": split}, {"model": model, "baseline": baseline},
-                            {"evaluation": evaluation, "blessing": blessing})
-    return bool(results["blessing"].properties["blessed"])
+    return bool(run_component("Evaluator", arguments)["blessing"].properties["blessed"])
 
 
 def pusher(run_id: str, base: str, model_name: str, model: Input[Model],
            blessing: Input[Artifact], pushed_model: Output[Artifact]):
     """Pusher: a blessed Model -> a SavedModel version under `base` (a PushedModel)."""
+    arguments = dict(locals())
     from unicon_tf.kubeflow.tasks import run_component
 
-    run_component("Pusher", run_id, {"base": base, "model_name": model_name or None},
-                  {"model": model, "blessing": blessing}, {"pushed_model": pushed_model})
+    run_component("Pusher", {**arguments, "model_name": model_name or None})
 
 
 TASKS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}

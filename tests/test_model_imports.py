@@ -1,0 +1,60 @@
+"""The modules of `unicon_tf.model` and `unicon_tf.tasks` import each other without a cycle,
+and none hides one behind an import inside a function."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "unicon_tf"
+CHECKED = ("model", "tasks")
+
+
+def _module(path):
+    return ".".join(("unicon_tf",) + path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(tree):
+    """`(module imported, whether at module level)` for every `unicon_tf` import."""
+    top = set(id(node) for node in tree.body)
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if name.startswith("unicon_tf."):
+                yield name, id(node) in top
+
+
+def _graph():
+    modules = {_module(p): p for folder in CHECKED for p in (PACKAGE / folder).glob("*.py")}
+    graph, inner = {}, []
+    for name, path in modules.items():
+        edges = set()
+        for imported, top_level in _imports(ast.parse(path.read_text())):
+            if imported in modules and imported != name:
+                edges.add(imported)
+                if not top_level:
+                    inner.append(f"{name} imports {imported} inside a function")
+        graph[name] = edges
+    return graph, inner
+
+
+def test_no_import_cycle_and_no_function_level_import():
+    graph, inner = _graph()
+    assert not inner, inner
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert "unicon_tf.model.parts" in graph["unicon_tf.model.pretrained"]  # the graph is read, not empty
