@@ -8,7 +8,8 @@ goes to the module an import names (`from unicon_tf.data import ingest` -> the m
 `unicon_tf.data`), not to the packages Python initialises on the way (those would make
 every package `__init__` that re-exports its submodules a cycle). Imports of other
 packages (TensorFlow, Beam, KFP, highdicom) are not edges: an optional dependency
-imported inside a function is fine.
+imported inside a function is fine. Imports under `if TYPE_CHECKING:` are not edges either:
+they are read by type checkers only and never run.
 """
 
 import ast
@@ -56,6 +57,14 @@ def _imported(node, module, is_package):
     return []
 
 
+def _is_type_checking_block(node):
+    """Whether `node` is `if TYPE_CHECKING:` (or `if typing.TYPE_CHECKING:`)."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
 def import_graph(root=PACKAGE):
     """Every import edge between the package's modules.
 
@@ -71,7 +80,10 @@ def import_graph(root=PACKAGE):
         tree = ast.parse(path.read_text(), filename=str(path))
         functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                      for n in ast.walk(f) if n is not f}
+        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block) for n in ast.walk(block)}
         for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             names = _imported(node, module, path.name == "__init__.py")
             if isinstance(node, ast.ImportFrom) and names:  # `from a import b`: the module a.b if b is one, else a
                 base, members = names[0], names[1:]
@@ -146,6 +158,7 @@ def test_cycles_finds_a_cycle_closed_by_a_function_level_import(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("from pkg.b import f\n")
     (package / "b.py").write_text("def f():\n    from pkg import a\n    import json\n    return a\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
     edges = import_graph(package)
     assert {(e.source, e.target, e.local) for e in edges} == {("pkg.a", "pkg.b", False), ("pkg.b", "pkg.a", True)}
     assert cycles(edges) == [["pkg.a", "pkg.b"]]
