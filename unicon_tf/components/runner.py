@@ -130,7 +130,7 @@ class LocalRunner:
         """The Model artifact of stage `index`'s single-task baseline, trained now if needed,
         when the stage's blessing asks for it (`bless: {min_vs_baseline}`); else None."""
         spec = self.pipeline.stages[index]
-        if (spec.training.get("bless") or {}).get("min_vs_baseline") is None:
+        if (spec.training.bless or {}).get("min_vs_baseline") is None:
             return None
         stages = [dataclasses.replace(s, data=pathlib.Path(self._examples(s).uri), source=None)
                   for s in self.pipeline.stages]

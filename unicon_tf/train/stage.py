@@ -154,7 +154,7 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     spec = with_overrides(spec, strategy=strategy, epochs=epochs, learning_rate=learning_rate, distribute=distribute,
                           precision=precision, profile_batch=profile_batch)
     hp = spec.training
-    distribution = get_strategy(hp["distribute"])  # first: a multi-worker strategy must precede any TF op
+    distribution = get_strategy(hp.distribute)  # first: a multi-worker strategy must precede any TF op
     out = out if isinstance(out, StageFolder) else StageFolder(out)
     if out.model.exists():
         raise StageError(f"Stage '{spec.name}' is already trained in {out.path}; it is never overwritten: "
@@ -200,15 +200,15 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     `accept_changes`: see `_checked_resume`."""
     hp = spec.training
     _check_preset_contract(pipeline, spec)  # before the (large) pretrained encoder is built
-    keras.utils.set_random_seed(hp["seed"])
+    keras.utils.set_random_seed(hp.seed)
     network, teacher, teacher_ref = _network_for_stage(pipeline, index, spec, init, base)
-    if hp["precision"] != "float32":
-        set_precision(network, hp["precision"])
+    if hp.precision != "float32":
+        set_precision(network, hp.precision)
         if teacher is not None:
-            set_precision(teacher, hp["precision"])
+            set_precision(teacher, hp.precision)
     head = spec.head or _newest_head(network)
     head_layer = model_parts(network)["heads"][head]
-    configure_trainable(network, head_layer.stage, hp["strategy"],
+    configure_trainable(network, head_layer.stage, hp.strategy,
                         pretrained="weights" in pipeline.encoder or pipeline.encoder.get("encoder") in presets.PRESETS)
 
     schema = read_schema(spec.data)
@@ -216,18 +216,18 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
     num_classes = getattr(head_layer, "num_classes", None)
     check_head_fits_data(spec.name, spec.data, schema, spec.task, head_layer.modalities, num_classes,
                          network.input[head_layer.modalities[0]].shape[1:4])
-    check_train_split(spec.name, spec.data, schema, spec.task, num_classes, hp["batch_size"])
+    check_train_split(spec.name, spec.data, schema, spec.task, num_classes, hp.batch_size)
     check_validation_split(spec.name, spec.data, schema, spec.task)
     make_data = stage_data(spec, head_layer.modalities, head)
     make_data(0)  # fail now, with the reason, if the data lacks this task's targets
 
     fisher = load_fisher(base) if base else None
-    ewc_later = any(s.training["penalty"] == "ewc" and s.training["beta"] > 0 for s in pipeline.stages[index + 1:])
+    ewc_later = any(s.training.penalty == "ewc" and s.training.beta > 0 for s in pipeline.stages[index + 1:])
     plugins = _plugins(spec, network, teacher, available, fisher, ewc_later)
     selection = _selection(spec, head, schema["splits"])
     trainer, train_data, val_data = _trainer(spec, network, head, plugins, make_data, verbose)
-    optimizer = keras.optimizers.AdamW(hp["learning_rate"], weight_decay=hp["weight_decay"])
-    trainer.compile(optimizer=optimizer_for(hp["precision"], optimizer))
+    optimizer = keras.optimizers.AdamW(hp.learning_rate, weight_decay=hp.weight_decay)
+    trainer.compile(optimizer=optimizer_for(hp.precision, optimizer))
     steps = lambda epoch: {}  # noqa: E731
     if distribution:
         local_train, local_val = train_data, val_data
@@ -236,7 +236,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         # Known step counts: a step past the data's end would still update the metrics' counts.
         steps = lambda epoch: {"steps_per_epoch": int(local_train(epoch).cardinality()),  # noqa: E731
                                "validation_steps": None if local_val is None else int(local_val.cardinality())}
-    board = keras.callbacks.TensorBoard(written.tensorboard, profile_batch=hp["profile_batch"], write_graph=False)
+    board = keras.callbacks.TensorBoard(written.tensorboard, profile_batch=hp.profile_batch, write_graph=False)
 
     checkpoint = out.checkpoint
     identity = checkpoint_fingerprint(pipeline, spec)
@@ -260,10 +260,10 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
             print(f"resuming stage '{spec.name}' after epoch {state['epoch']}")
     started = time.time()
     guard = _NonFiniteGuard()
-    for epoch in range(state["epoch"], hp["epochs"]):
+    for epoch in range(state["epoch"], hp.epochs):
         if selection.stop():  # stopped early before an interruption
             break
-        trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp["epochs"],
+        trainer.fit(train_data(epoch), validation_data=val_data, initial_epoch=epoch, epochs=hp.epochs,
                     callbacks=[_StopAfterOneEpoch(), guard, board, *callbacks], verbose=progress_verbosity(verbose),
                     shuffle=False,
                     **steps(epoch))
@@ -300,7 +300,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         "stage": spec.name, "index": index, "fingerprint": fingerprint, "pipeline": pipeline.name, "head": head,
         "task": spec.task, "modalities": head_layer.modalities,
         "heads": earlier + [{"head": head, "task": spec.task, "data": data["path"]}], "spec": spec.to_json(),
-        "strategy": hp["strategy"] if head_layer.stage > 0 else "scratch",  # stage 0 trains everything
+        "strategy": hp.strategy if head_layer.stage > 0 else "scratch",  # stage 0 trains everything
         "plugins": [p.describe() for p in plugins], "cached_features": isinstance(trainer, CachedHeadModel),
         "cache_bytes": trainer.cache_bytes if isinstance(trainer, CachedHeadModel) else 0,
         "teacher": teacher_ref, "data": data,
@@ -387,8 +387,8 @@ def stage_data(spec, modalities, head):
     def make(epoch, split="train", augment=None, shuffle=None, batch_size=None):
         # The training batches (augment not given) only: validation, Fisher and cached features see the stored crops.
         sampled = split == "train" and augment is None
-        ds = dataset(spec.data, split, task=spec.task, batch_size=batch_size or hp["batch_size"],
-                     augment=hp["augment"] if augment is None else augment, seed=hp["seed"] * 1000 + epoch,
+        ds = dataset(spec.data, split, task=spec.task, batch_size=batch_size or hp.batch_size,
+                     augment=hp.augment if augment is None else augment, seed=hp.seed * 1000 + epoch,
                      shuffle=shuffle, modalities=modalities,
                      foreground_probability=_foreground_probability(hp) if sampled else None)
         return ds.map(lambda x, y: (x, {head: y}))
@@ -398,28 +398,28 @@ def stage_data(spec, modalities, head):
 
 def _foreground_probability(training):
     """The stage's `sampling: {foreground_probability}` (None: the stored crops)."""
-    return (training.get("sampling") or {}).get("foreground_probability")
+    return (training.sampling or {}).get("foreground_probability")
 
 
 def _plugins(spec, network, teacher, available, fisher, ewc_later):
     """The stage's plugins: LwF and L2-SP or EWC under `finetune`; an inactive EWC that only
     adds this stage's Fisher when a later stage uses EWC."""
     hp = spec.training
-    finetune = hp["strategy"] == "finetune"
+    finetune = hp.strategy == "finetune"
     plugins = []
-    if finetune and teacher is not None and hp["alpha"] > 0:
+    if finetune and teacher is not None and hp.alpha > 0:
         old = {name: h.task for name, h in model_parts(teacher)["heads"].items()}
-        plugins.append(Distillation(teacher, old, alpha=hp["alpha"], temperature=hp["temperature"],
+        plugins.append(Distillation(teacher, old, alpha=hp.alpha, temperature=hp.temperature,
                                     modalities=available))
-    ewc = finetune and hp["beta"] > 0 and hp["penalty"] == "ewc" and teacher is not None
+    ewc = finetune and hp.beta > 0 and hp.penalty == "ewc" and teacher is not None
     if ewc and fisher is None:
         raise StageError(f"Stage '{spec.name}' uses EWC, but the previous stage saved no fisher.npz "
                          "(it is written when a later stage declares penalty: ewc): retrain it.")
-    if finetune and hp["beta"] > 0 and not ewc:
-        plugins.append(WeightPenalty(shared_trainable_variables(network), beta=hp["beta"]))
+    if finetune and hp.beta > 0 and not ewc:
+        plugins.append(WeightPenalty(shared_trainable_variables(network), beta=hp.beta))
     if ewc or ewc_later:
         plugins.append(EWC(shared_trainable_variables(network), model_parts(network)["encoder"].base_weights(),
-                           beta=hp["beta"] if ewc else 0.0, fisher=fisher, gamma=hp["ewc_gamma"]))
+                           beta=hp.beta if ewc else 0.0, fisher=fisher, gamma=hp.ewc_gamma))
     return plugins
 
 
@@ -437,13 +437,13 @@ def _trainer(spec, network, head, plugins, make_data, verbose=0):
     for dense heads; the cache's size is checked against `CACHE_LIMIT_BYTES` first.
     """
     head_layer = model_parts(network)["heads"][head]
-    loss = spec.training.get("loss") or {}
+    loss = spec.training.loss or {}
     has_val = "val" in read_schema(spec.data)["splits"]
     parts = model_parts(network)
     upstream = [parts["stems"][m] for m in head_layer.modalities] + \
         [f for f in [parts["fusions"].get(tuple(head_layer.modalities))] if f is not None]
     frozen_upstream = not shared_trainable_variables(network) and not any(p.trainable_weights for p in upstream)
-    if spec.training["cache_features"] and frozen_upstream and head_layer.adapter is None \
+    if spec.training.cache_features and frozen_upstream and head_layer.adapter is None \
             and not head_layer.reads_volumes and _foreground_probability(spec.training) is None:
         extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
                                 head_layer.used_features(head_layer.input))
@@ -472,7 +472,7 @@ def _cached_trainer(spec, network, head, loss, extractor, make_data, has_val, co
                                    counts["train"] if verbose else None, "train")
     cached_val = _cache_features(extractor, make_data(0, "val", augment=False, shuffle=False),
                                  counts.get("val") if verbose else None, "val") if has_val else None
-    batch, seed = spec.training["batch_size"], spec.training["seed"]
+    batch, seed = spec.training.batch_size, spec.training.seed
 
     def train_data(epoch):
         features, targets = cached_train
@@ -597,9 +597,9 @@ def checkpoint_fingerprint(pipeline, spec, data=True):
         `{"sha256": of the fields, "fields": {name: value}, "data": {"path", "fingerprint"} or None}`.
 
     Example:
-    >>> from unicon_tf.train.pipeline import PipelineSpec, StageSpec, TRAINING_DEFAULTS
+    >>> from unicon_tf.train.pipeline import PipelineSpec, StageSpec
     >>> import pathlib
-    >>> stage = StageSpec("a", "prognosis", pathlib.Path("data"), training=dict(TRAINING_DEFAULTS))
+    >>> stage = StageSpec("a", "prognosis", pathlib.Path("data"))
     >>> pipeline = PipelineSpec("p", pathlib.Path("p.yaml"), (8, 8, 8), "ct", {"width": 4}, [stage])
     >>> fields = checkpoint_fingerprint(pipeline, stage, data=False)["fields"]
     >>> fields["encoder.width"], fields["training.learning_rate"], "data" in fields
