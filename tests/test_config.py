@@ -135,3 +135,25 @@ def test_bad_head_options_name_the_file_and_field(tmp_path):
         path.write_text(f"name: p\ninput_shape: [16, 16, 16]\nstages:\n  - {stage}\n")
         with pytest.raises(PipelineError, match=message):
             load_pipeline(path)
+
+
+STAGE_JSON_KEYS = ["stage", "index", "fingerprint", "pipeline", "head", "task", "modalities", "heads", "spec",
+                   "strategy", "plugins", "cached_features", "cache_bytes", "teacher", "data", "history",
+                   "train_seconds", "finished", "unicon_tf", "tensorflow", "keras", "fisher", "replicas", "selection",
+                   "resume_changes"]
+"""stage.json's keys, in order, as unicon-tf wrote them before the typed record."""
+
+
+def test_stage_record_reads_stage_json_written_now_and_before(stage0_run):
+    from unicon_tf.train.record import StageRecord
+
+    (path,) = stage0_run.glob("*/stage.json")
+    raw = json.loads(path.read_text())
+    assert list(raw) == STAGE_JSON_KEYS
+    record = StageRecord.from_json({**raw, "folder": str(path.parent)})  # StageFolder.record() adds `folder`
+    assert record.to_json() == raw and record.fisher == "fisher.npz" and record.strategy == "scratch"
+    older = {k: v for k, v in raw.items() if k not in ("cache_bytes", "replicas", "selection", "resume_changes")}
+    assert StageRecord.from_json(older) == dataclasses.replace(record, cache_bytes=0, replicas=1, selection=None,
+                                                               resume_changes=[])
+    with pytest.raises(KeyError, match="fingerprint"):
+        StageRecord.from_json({k: v for k, v in raw.items() if k != "fingerprint"})

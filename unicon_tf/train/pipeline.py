@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import typing
 
 import yaml
 
@@ -215,7 +216,8 @@ def load_pipeline(path, data_root=None):
                _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
     encoder = _encoder(path, raw.get("encoder"), root)
     family = _family_name(encoder.get("encoder"))
-    stages = [_stage(path, index, entry, defaults, root, sources, family)
+    context = _StageContext(defaults, root, sources, family)
+    stages = [_stage(path, index, entry, context)
               for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
@@ -280,7 +282,17 @@ def _family_name(encoder):
     return PRESETS[encoder].family if encoder in PRESETS else encoder or "residual"
 
 
-def _stage(path, index, entry, defaults, root, sources, family="residual"):
+class _StageContext(typing.NamedTuple):
+    """What every stage of a pipeline file is read against."""
+
+    defaults: dict  # the training keys' values: TRAINING_DEFAULTS, then the file's `defaults`
+    root: pathlib.Path  # the data root
+    sources: dict  # the file's `sources`
+    family: str  # the encoder family
+
+
+def _stage(path, index, entry, context):
+    """Stage `index` (its mapping `entry`) of the pipeline file `path` as a `StageSpec`, checked."""
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
@@ -289,13 +301,34 @@ def _stage(path, index, entry, defaults, root, sources, family="residual"):
     task = entry["task"]
     if task not in TASKS:
         raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(TASKS)}).")
+    head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
+    _check_head_options(where, task, context.family, head_options)
+    training = _stage_training(where, entry, context.defaults, task)
+    _check_modalities(where, entry)
+    data = pathlib.Path(entry["data"])
+    source = str(entry["data"]) if str(entry["data"]) in context.sources else None
+    return StageSpec(
+        name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else context.root / data,
+        source=source, modality=entry.get("modality"), head=entry.get("head"),
+        modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
+        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
+        path_options=_path_options(where, entry), head_options=head_options, training=training,
+        resources=_resources(where, entry.get("resources")),
+    )
+
+
+def _stage_training(where, entry, defaults, task):
+    """The stage's `TrainingConfig`: its training keys over the pipeline's `defaults`
+    (`loss` and `sampling` defaults only for the tasks that have them), checked."""
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
     for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task == "segmentation")):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
-    head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    _check_head_options(where, task, family, head_options)
-    training = _checked_training(where, TrainingConfig(**training), task)
+    return _checked_training(where, TrainingConfig(**training), task)
+
+
+def _check_modalities(where, entry):
+    """Refuse a stage's `modality`, `head` or `modalities` that is not a valid name (names the field)."""
     modality = entry.get("modality")
     if modality is not None:
         _checked_name(where, "modality", modality, "modality")
@@ -306,16 +339,6 @@ def _stage(path, index, entry, defaults, root, sources, family="residual"):
         raise PipelineError(f"{where}: field 'modalities' must be a list of modality names, got {modalities!r}.")
     for name in modalities or []:
         _checked_name(where, "modalities", name, "modality")
-    data = pathlib.Path(entry["data"])
-    source = str(entry["data"]) if str(entry["data"]) in sources else None
-    return StageSpec(
-        name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else root / data, source=source,
-        modality=entry.get("modality"), head=entry.get("head"),
-        modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
-        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
-        path_options=_path_options(where, entry), head_options=head_options, training=training,
-        resources=_resources(where, entry.get("resources")),
-    )
 
 
 def _path_options(where, entry):
