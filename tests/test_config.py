@@ -147,7 +147,7 @@ STAGE_JSON_KEYS = ["stage", "index", "fingerprint", "pipeline", "head", "task", 
 def test_stage_record_reads_stage_json_written_now_and_before(stage0_run):
     from unicon_tf.train.record import StageRecord
 
-    (path,) = stage0_run.glob("*/stage.json")
+    path = stage0_run / "stages" / "00-classification" / "stage.json"
     raw = json.loads(path.read_text())
     assert list(raw) == STAGE_JSON_KEYS
     record = StageRecord.from_json({**raw, "folder": str(path.parent)})  # StageFolder.record() adds `folder`
