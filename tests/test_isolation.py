@@ -185,8 +185,8 @@ def test_pipeline_keys(tmp_path):
     seg = spec.stages[1]
     assert seg.path_options == {"adapter_levels": [1, 2], "adapter_shortcuts": False, "path_norm": True}
     assert seg.head_options == {"side_encoder": 4}
-    assert seg.training["loss"] == {"dice": "per_patient", "ce_weighting": "lesion"}
-    assert spec.stages[0].path_options == {} and spec.stages[0].training["loss"] == {}
+    assert seg.training.loss == {"dice": "per_patient", "ce_weighting": "lesion"}
+    assert spec.stages[0].path_options == {} and spec.stages[0].training.loss == {}
     plain = load_pipeline(write_pipeline(tmp_path, tmp_path / "d", stages=[stages[0], {
         "name": "segmentation", "task": "segmentation", "strategy": "adapters", "adapters": 2}], name="plain"))
     assert plain.stages[1].fingerprint() != seg.fingerprint()

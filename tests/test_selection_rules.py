@@ -19,24 +19,24 @@ from unicon_tf.evaluate.report import comparisons, format_comparisons, overlay_p
 from unicon_tf.evaluate.scores import head_metrics
 from unicon_tf.model import model_parts
 from unicon_tf.run import Run
-from unicon_tf.train.pipeline import TRAINING_DEFAULTS
+from unicon_tf.train.config import TrainingConfig
 from unicon_tf.train.selection import Selection, describe_rule, rule_key
 
 SPLITS = {"train": {"count": 40}, "val": {"count": 16}, "test": {"count": 20}}
 
 
 def test_every_arm_defaults_to_best_val_where_there_is_a_val_split():
-    training = dict(TRAINING_DEFAULTS, epochs=6)
+    training = TrainingConfig(epochs=6)
     assert Selection.for_training("c", "classification", training, SPLITS).select == "best_val"
     no_val = {k: v for k, v in SPLITS.items() if k != "val"}
     assert Selection.for_training("c", "classification", training, no_val).select == "last"
-    assert Selection.for_training("c", "classification", {**training, "select": "last"}, SPLITS).select == "last"
+    assert Selection.for_training("c", "classification", training.replace(select="last"), SPLITS).select == "last"
     # monitor auto: the loss for a ranking metric on a small split, the metric otherwise
     assert Selection.for_training("p", "prognosis", training, SPLITS).key == "val_p_loss"
     assert Selection.for_training("s", "segmentation", training, SPLITS).key == "val_s_dice"
     large = {**SPLITS, "val": {"count": 80}}
     assert Selection.for_training("c", "classification", training, large).key == "val_c_auc"
-    assert Selection.for_training("p", "prognosis", {**training, "monitor": "metric"}, SPLITS).key == "val_p_c_index"
+    assert Selection.for_training("p", "prognosis", training.replace(monitor="metric"), SPLITS).key == "val_p_c_index"
 
 
 def test_min_epochs_and_smoothing_keep_a_lucky_first_epoch_out():

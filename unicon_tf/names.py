@@ -38,6 +38,30 @@ DISTRIBUTE = ("none", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 """The Keras dtype policies a stage may train under (see `unicon_tf.train.precision`)."""
 
+SELECT = ("best_val", "last")
+"""The weights a stage keeps (`select`, see `unicon_tf.train.selection`)."""
+
+MONITOR = ("auto", "metric", "loss")
+"""What a stage's model selection watches (`monitor`, see `unicon_tf.train.selection`)."""
+
+
+def check_strategy(strategy: str) -> None:
+    """Raise ValueError for a strategy not in `STRATEGIES`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
+
+
+def check_distribute(kind: str) -> None:
+    """Raise ValueError for a `distribute` value not in `DISTRIBUTE`."""
+    if kind not in DISTRIBUTE:
+        raise ValueError(f"Unknown distribute '{kind}': expected one of {list(DISTRIBUTE)}.")
+
+
+def check_precision(precision: str) -> None:
+    """Raise ValueError for a `precision` value not in `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision '{precision}': expected one of {list(PRECISIONS)}.")
+
 
 class InvalidNameError(ValueError):
     """A name that the model, its records, its signatures or its folders cannot hold."""

@@ -139,7 +139,7 @@ def pipeline_graph(spec: PipelineSpec) -> PipelineGraph:
         nodes[trainer] = Node(trainer, "Trainer", stage.name, {
             "examples": data, **({"base_model": Output(f"Trainer.{previous}", "model")} if previous else {})},
             {"pipeline": config, "stage": stage.name})
-        single_task = (stage.training.get("bless") or {}).get("min_vs_baseline") is not None
+        single_task = (stage.training.bless or {}).get("min_vs_baseline") is not None
         nodes[evaluator] = Node(evaluator, "Evaluator", stage.name, {
             "model": Output(trainer, "model"),
             **({"baseline": Output(f"Evaluator.{previous}", "evaluation")} if previous else {}),

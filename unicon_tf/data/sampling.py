@@ -19,29 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
-SAMPLING_OPTIONS = {"foreground_probability": None}
-"""A stage's `sampling:` keys and their defaults (None: keep the stored crops)."""
-
-
-def check_sampling_options(options: Mapping[str, object] | None) -> dict[str, object]:
-    """`options` completed with the defaults of `SAMPLING_OPTIONS`.
-
-    Raises:
-        ValueError: an unknown key, or a foreground_probability outside [0, 1] (the
-            message names the key).
-
-    Example:
-    >>> check_sampling_options({"foreground_probability": 0.5})
-    {'foreground_probability': 0.5}
-    """
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown sampling option(s) {unknown} (known: {sorted(SAMPLING_OPTIONS)}).")
-    p = options.get("foreground_probability")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0):
-        raise ValueError(f"sampling option foreground_probability = {p!r} must be a number in [0, 1] (or null).")
-    return {**SAMPLING_OPTIONS, **options}
+from unicon_tf.train.config import SAMPLING_OPTIONS, check_sampling_options  # noqa: F401 (re-exported)
 
 
 def _random_voxel(candidates, seed):

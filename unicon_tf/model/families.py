@@ -36,6 +36,7 @@ from unicon_tf.model.i3resnet import (RESNET152_LAYERS, i3resnet_backbone, i3res
                                       load_i3resnet_weights)
 from unicon_tf.model.pretrained import load_pretrained
 from unicon_tf.model.unetr import UNETRHead
+from unicon_tf.options import ENCODER_OPTIONS, VIT_OPTIONS  # noqa: F401 (re-exported)
 from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 
 
@@ -120,16 +121,11 @@ def _encoder_backbone(model):
     return encoders[0].backbone
 
 
-VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
-               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
-"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
-LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
-
-register(EncoderFamily("residual", ("width", "depth"), _residual,
+register(EncoderFamily("residual", ENCODER_OPTIONS["residual"], _residual,
                        detect=lambda backbone: {"level0_conv1", "level0_norm1"} <= {layer.name for layer in backbone.layers}))
-register(EncoderFamily("vit", VIT_OPTIONS, _vit, is_vit, vit_summary, UNETRHead, levels=False,
+register(EncoderFamily("vit", ENCODER_OPTIONS["vit"], _vit, is_vit, vit_summary, UNETRHead, levels=False,
                        load_weights=lambda model, path, format=None: load_pretrained(model, path, format=format)))
-register(EncoderFamily("i3resnet", ("layers", "width", "weights"), _i3resnet, is_i3resnet,
+register(EncoderFamily("i3resnet", ENCODER_OPTIONS["i3resnet"], _i3resnet, is_i3resnet,
                        lambda encoder: i3resnet_summary(encoder.backbone),
                        load_weights=lambda model, path, format=None: load_i3resnet_weights(_encoder_backbone(model),
                                                                                            path)))

@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from unicon_tf.model.encoder import group_norm
+from unicon_tf.options import POOLINGS, default_head_name, default_modalities  # noqa: F401 (re-exported)
 
 
 class Head(keras.layers.Layer):
@@ -104,9 +105,6 @@ class Head(keras.layers.Layer):
         if self.path_norm:
             config["path_norm"] = True
         return config
-
-
-POOLINGS = ("avg", "max", "avgmax")
 
 
 class _PooledHead(Head):
@@ -387,26 +385,3 @@ def _per_axis(factor):
 
 HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
 """Task name -> head class; `expand(task=...)` accepts these names."""
-
-
-def default_head_name(task, modalities):
-    """A head's name when none is given: the task, suffixed with the modalities when it
-    reads several.
-
-    Example:
-    >>> default_head_name("segmentation", ["ct"]), default_head_name("segmentation", ["ct", "pet"])
-    ('segmentation', 'segmentation_ctpet')
-    """
-    modalities = list(modalities)
-    return task if len(modalities) == 1 else f"{task}_{''.join(modalities)}"
-
-
-def default_modalities(primary, modality=None):
-    """The modalities a new head reads when none are given: the model's first modality,
-    plus the new `modality` when the stage adds one.
-
-    Example:
-    >>> default_modalities("ct"), default_modalities("ct", "pet")
-    (['ct'], ['ct', 'pet'])
-    """
-    return [primary] + ([modality] if modality else [])

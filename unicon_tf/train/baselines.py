@@ -124,7 +124,7 @@ def _selected_as(spec, record, splits):
     (same definition and seed, so the same epochs) gives the same epochs run and epoch kept."""
     hp, history = spec.training, record["history"]
     selection = Selection.for_training(record["head"], record["task"], hp, splits)
-    if record["spec"]["training"]["epochs"] != hp["epochs"]:
+    if record["spec"]["training"]["epochs"] != hp.epochs:
         return False
     epochs_run = 0
     for epoch, logs in enumerate(history, start=1):
@@ -207,7 +207,7 @@ def _joint(pipeline, run, verbose):
     if out.is_trained():
         return [out]
     started = time.time()
-    keras.utils.set_random_seed(specs[0].training["seed"])
+    keras.utils.set_random_seed(specs[0].training.seed)
     network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=specs[0].task,
                          name=pipeline.name, head_name=heads[0], **pipeline.encoder, **specs[0].head_options)
     for i, spec in enumerate(specs[1:], start=1):
@@ -220,15 +220,15 @@ def _joint(pipeline, run, verbose):
     # Every stage's data gets at least the optimizer steps it had in its continual stage.
     stage_steps = [int(m(0).cardinality()) for m in makers]
     steps = max(stage_steps)
-    epochs = max(-(-s.training["epochs"] * n // steps) for s, n in zip(specs, stage_steps))
+    epochs = max(-(-s.training.epochs * n // steps) for s, n in zip(specs, stage_steps))
 
     def stage_batches(epoch):
         per_stage = [m(epoch).map(lambda x, y, h=h: (x, y[h])).repeat() for m, h in zip(makers, heads)]
         return tf.data.Dataset.zip(tuple(per_stage)).take(steps)
 
     joint = JointModel(network, heads)
-    joint.compile(optimizer=keras.optimizers.AdamW(specs[0].training["learning_rate"],
-                                                   weight_decay=specs[0].training["weight_decay"]))
+    joint.compile(optimizer=keras.optimizers.AdamW(specs[0].training.learning_rate,
+                                                   weight_decay=specs[0].training.weight_decay))
     history = []
     for epoch in range(epochs):
         joint.fit(stage_batches(epoch), epochs=1, verbose=progress_verbosity(verbose), shuffle=False)

@@ -36,17 +36,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from unicon_tf.names import DISTRIBUTE
+from unicon_tf.names import DISTRIBUTE, check_distribute  # noqa: F401 (re-exported)
+
 
 INPUTS, VALID = "_replica_inputs", "_replica_valid"
 """Keys of a per-replica batch's inputs: the model's inputs and the rows' validity flags
 (`_` starts no valid modality name, so they never clash)."""
-
-
-def check_distribute(kind: str) -> None:
-    """Raise ValueError for a `distribute` value not in `DISTRIBUTE`."""
-    if kind not in DISTRIBUTE:
-        raise ValueError(f"Unknown distribute '{kind}': expected one of {list(DISTRIBUTE)}.")
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,8 +29,7 @@ import functools
 
 from keras import ops
 
-LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")}}
-"""Task -> option -> accepted values (the first is the default); a stage's `loss:` keys."""
+from unicon_tf.train.config import LOSS_OPTIONS, check_loss_options  # noqa: F401 (re-exported)
 
 
 def _weights(sample_weight, batch_like):
@@ -151,29 +150,6 @@ def lesion_voxel_weights(mask):
         + (1.0 - lesion) * count / (2.0 * ops.maximum(n_background, 1.0))
     has_both = ops.logical_and(n_lesion > 0, n_background > 0)
     return ops.where(has_both, weights, ops.ones_like(weights))
-
-
-def check_loss_options(task, options):
-    """`options` completed with the defaults of `LOSS_OPTIONS[task]`.
-
-    Raises:
-        ValueError: an option the task's loss does not have, or a value it does not take
-            (the message names the option).
-
-    Example:
-    >>> check_loss_options("segmentation", {"dice": "per_patient"})
-    {'dice': 'per_patient', 'ce_weighting': 'none'}
-    """
-    known = LOSS_OPTIONS.get(task, {})
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        accepted = f"it has {sorted(known)}" if known else "it has none"
-        raise ValueError(f"unknown loss option(s) {unknown} for a {task} task ({accepted}).")
-    for key, value in options.items():
-        if value not in known[key]:
-            raise ValueError(f"loss option {key} = {value!r} is not one of {list(known[key])}.")
-    return {key: options.get(key, values[0]) for key, values in known.items()}
 
 
 def task_loss(task, options=None):

@@ -21,69 +21,32 @@ encoder level the new path computes, levels below shared with the base path; see
 `expand`), the path's isolation options `adapter_levels` (levels whose layers get the
 path's adapters and norm copies), `adapter_shortcuts` (adapters on 1x1x1 shortcut
 convolutions too, default true) and `path_norm` (its own GroupNorm scale and shift),
-head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the training
-keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, `min_epochs`,
+head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`: `unicon_tf.options.HEAD_OPTIONS`),
+the training keys of `unicon_tf.train.config.TrainingConfig` (model selection: `select`, `patience`, `monitor`, `min_epochs`,
 `smoothing`, see `unicon_tf.train.selection`; blessing: `tolerance`, `threshold`, `bless:
 {min_vs_baseline: delta}`, see `unicon_tf.evaluate.matrix.bless`; `loss: {dice: pooled |
-per_patient, ce_weighting: none | lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+per_patient, ce_weighting: none | lesion}`, see `unicon_tf.train.config.LOSS_OPTIONS`; `sampling: {foreground_probability:
 p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
 (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
+
+Reading and checking a pipeline file imports neither TensorFlow nor Keras.
 """
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import pathlib
+import typing
 
 import yaml
 
-from unicon_tf.data.sampling import check_sampling_options
-from unicon_tf.model.families import FAMILIES
-from unicon_tf.model.foundation import task_head
-from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
+from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
+    default_modalities, head_kind
 from unicon_tf.presets import PRESETS
-from unicon_tf.train.distribute import check_distribute
-from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
-from unicon_tf.train.precision import check_precision
-from unicon_tf.train.selection import MONITOR, SELECT
-from unicon_tf.train.strategies import check_strategy
+from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS,  # noqa: F401 (re-exported)
+                                    SELECTION_KEYS, TRAINING_DEFAULTS, TrainingConfig)
 
-TRAINING_DEFAULTS = {
-    "strategy": "frozen",  # frozen | adapters | finetune | naive
-    "epochs": 5,  # the most epochs; fewer with patience
-    "select": None,  # best_val | last: the weights kept, by every arm (unset: best_val with a val split, else last)
-    "patience": None,  # stop after this many epochs without a better validation value (unset: never)
-    "monitor": "auto",  # auto | metric (the task's main one: AUC, C-index, per-patient Dice) | loss (the head's)
-    "min_epochs": 1,  # the first epoch that may be kept
-    "smoothing": 1,  # judge an epoch by the mean of the monitored value over it and the epochs before it
-    "batch_size": 4,
-    "learning_rate": 3e-4,
-    "weight_decay": 1e-5,
-    "alpha": 1.0,  # distillation weight (finetune)
-    "temperature": 2.0,
-    "beta": 0.0,  # L2-SP / EWC weight (finetune)
-    "penalty": "l2sp",  # l2sp | ewc
-    "ewc_gamma": 1.0,  # online EWC: decay of the running Fisher at each stage's end (1: no decay)
-    "augment": True,
-    "seed": 0,
-    "cache_features": True,  # frozen: train the new head on cached encoder features
-    "distribute": "none",  # none | mirrored | multiworker (unicon_tf.train.distribute)
-    "precision": "float32",  # float32 | mixed_float16 | mixed_bfloat16 (unicon_tf.train.precision)
-    "profile_batch": 0,  # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
-    "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
-    "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
-    "bless": {},  # {min_vs_baseline: delta}: the new head must reach its single-task baseline minus delta
-    "loss": {},  # task-loss options (losses.LOSS_OPTIONS), e.g. {dice: per_patient, ce_weighting: lesion}
-    "sampling": {},  # {foreground_probability: p}: re-centre training patches (data.sampling)
-}
-SELECTION_KEYS = ("select", "patience", "monitor", "min_epochs", "smoothing")
-"""Training keys of model selection (`unicon_tf.train.selection`); left out of a spec's JSON
-at their defaults, so that runs from before them keep their fingerprints."""
-OPTIONAL_TRAINING_KEYS = (*SELECTION_KEYS, "loss", "sampling", "bless")
-"""Training keys left out of a spec's JSON at their defaults (runs from before them keep
-their fingerprints and recorded parameters)."""
 PATH_KEYS = {"adapter_levels": None, "adapter_shortcuts": True, "path_norm": False}
 """A stage's isolation options for its head's own encoder parameters (`expand`'s), with
 their defaults."""
@@ -113,14 +76,13 @@ class StageSpec:
     adapter_start: int = 0
     path_options: dict = dataclasses.field(default_factory=dict)  # PATH_KEYS given (expand's keywords)
     head_options: dict = dataclasses.field(default_factory=dict)
-    training: dict = dataclasses.field(default_factory=dict)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
     resources: dict = dataclasses.field(default_factory=dict)  # see RESOURCE_KEYS
 
     def to_json(self):
         config = dataclasses.asdict(self)
-        config["training"] = {k: v for k, v in config["training"].items()
-                              if k not in OPTIONAL_TRAINING_KEYS or v != TRAINING_DEFAULTS[k]}
+        config["training"] = self.training.to_json(complete=False)
         if not config["path_options"]:
             del config["path_options"]
         config["data"] = str(self.data)
@@ -132,7 +94,7 @@ class StageSpec:
         defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training", "resources")}
         if not defining["adapter_start"]:
             del defining["adapter_start"]  # runs from before the option keep their fingerprints
-        defining["strategy"] = self.training["strategy"]
+        defining["strategy"] = self.training.strategy
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
 
@@ -186,13 +148,12 @@ class PipelineSpec:
 
         Example:
         >>> spec = PipelineSpec("p", pathlib.Path("p.yaml"), (16, 16, 16), "ct", {}, [
-        ...     StageSpec("a", "classification", pathlib.Path("data"), training=dict(TRAINING_DEFAULTS))])
+        ...     StageSpec("a", "classification", pathlib.Path("data"))])
         >>> PipelineSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
         True
         """
         stages = [StageSpec(**{"path_options": {}, **s, "data": pathlib.Path(s["data"]),
-                               "training": {**{k: TRAINING_DEFAULTS[k] for k in OPTIONAL_TRAINING_KEYS},
-                                            **s["training"]},
+                               "training": TrainingConfig.from_json(s["training"]),
                                "modalities": tuple(s["modalities"]) if s["modalities"] else None})
                   for s in config["stages"]]
         return cls(name=config["name"], path=pathlib.Path(config["path"]), input_shape=tuple(config["input_shape"]),
@@ -226,7 +187,7 @@ def load_pipeline(path, data_root=None):
     ...   - {name: survival, task: prognosis, data: ct16, strategy: adapters, adapters: 4}
     ... ''')
     >>> spec = load_pipeline(path, data_root="/data")
-    >>> [(s.name, s.training["strategy"], str(s.data)) for s in spec.stages]
+    >>> [(s.name, s.training.strategy, str(s.data)) for s in spec.stages]
     [('grade', 'frozen', '/data/ct16'), ('survival', 'adapters', '/data/ct16')]
     >>> spec.head_name(1), spec.head_modalities(1)
     ('prognosis', ['ct'])
@@ -255,7 +216,8 @@ def load_pipeline(path, data_root=None):
                _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
     encoder = _encoder(path, raw.get("encoder"), root)
     family = _family_name(encoder.get("encoder"))
-    stages = [_stage(path, index, entry, defaults, root, sources, family)
+    context = _StageContext(defaults, root, sources, family)
+    stages = [_stage(path, index, entry, context)
               for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
         raise PipelineError(f"{path}: 'stages' is empty.")
@@ -302,10 +264,9 @@ def _encoder(path, entry, root):
         kind, known = name, ("weights",)
     else:
         kind = entry.pop("kind", "residual")
-        if kind not in FAMILIES or kind == "custom":
-            raise PipelineError(f"{path}: encoder kind '{kind}' is unknown "
-                                f"(expected one of {sorted(set(FAMILIES) - {'custom'})}).")
-        known = FAMILIES[kind].options
+        if kind not in ENCODER_OPTIONS:
+            raise PipelineError(f"{path}: encoder kind '{kind}' is unknown (expected one of {sorted(ENCODER_OPTIONS)}).")
+        known = ENCODER_OPTIONS[kind]
     unknown = set(entry) - set(known)
     if unknown:
         raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} for kind '{kind}'; "
@@ -321,27 +282,53 @@ def _family_name(encoder):
     return PRESETS[encoder].family if encoder in PRESETS else encoder or "residual"
 
 
-def _stage(path, index, entry, defaults, root, sources, family="residual"):
+class _StageContext(typing.NamedTuple):
+    """What every stage of a pipeline file is read against."""
+
+    defaults: dict  # the training keys' values: TRAINING_DEFAULTS, then the file's `defaults`
+    root: pathlib.Path  # the data root
+    sources: dict  # the file's `sources`
+    family: str  # the encoder family
+
+
+def _stage(path, index, entry, context):
+    """Stage `index` (its mapping `entry`) of the pipeline file `path` as a `StageSpec`, checked."""
     where = f"{path}: stage {index + 1}"
     if not isinstance(entry, dict) or "name" not in entry or "task" not in entry or "data" not in entry:
         raise PipelineError(f"{where}: each stage needs 'name', 'task' and 'data'.")
     _checked_name(where, "name", str(entry["name"]), "stage", check_folder_name)
     where = f"{path}: stage '{entry['name']}'"
     task = entry["task"]
-    if task not in HEADS:
-        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
+    if task not in TASKS:
+        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(TASKS)}).")
+    head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
+    _check_head_options(where, task, context.family, head_options)
+    training = _stage_training(where, entry, context.defaults, task)
+    _check_modalities(where, entry)
+    data = pathlib.Path(entry["data"])
+    source = str(entry["data"]) if str(entry["data"]) in context.sources else None
+    return StageSpec(
+        name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else context.root / data,
+        source=source, modality=entry.get("modality"), head=entry.get("head"),
+        modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
+        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
+        path_options=_path_options(where, entry), head_options=head_options, training=training,
+        resources=_resources(where, entry.get("resources")),
+    )
+
+
+def _stage_training(where, entry, defaults, task):
+    """The stage's `TrainingConfig`: its training keys over the pipeline's `defaults`
+    (`loss` and `sampling` defaults only for the tasks that have them), checked."""
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
     for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task == "segmentation")):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
-    head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    accepted = task_head(task, family).options()
-    unknown = set(head_options) - set(accepted)
-    if unknown:
-        raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
-                            f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    _check_head_options(where, task_head(task, family), head_options)
-    _check_training(where, training, task)
+    return _checked_training(where, TrainingConfig(**training), task)
+
+
+def _check_modalities(where, entry):
+    """Refuse a stage's `modality`, `head` or `modalities` that is not a valid name (names the field)."""
     modality = entry.get("modality")
     if modality is not None:
         _checked_name(where, "modality", modality, "modality")
@@ -352,16 +339,6 @@ def _stage(path, index, entry, defaults, root, sources, family="residual"):
         raise PipelineError(f"{where}: field 'modalities' must be a list of modality names, got {modalities!r}.")
     for name in modalities or []:
         _checked_name(where, "modalities", name, "modality")
-    data = pathlib.Path(entry["data"])
-    source = str(entry["data"]) if str(entry["data"]) in sources else None
-    return StageSpec(
-        name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else root / data, source=source,
-        modality=entry.get("modality"), head=entry.get("head"),
-        modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
-        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
-        path_options=_path_options(where, entry), head_options=head_options, training=training,
-        resources=_resources(where, entry.get("resources")),
-    )
 
 
 def _path_options(where, entry):
@@ -387,30 +364,21 @@ def _path_options(where, entry):
     return options
 
 
-def _check_head_options(where, head_class, options):
-    """Raise PipelineError naming the field for a head option of the wrong type (an int
-    option given `two`, `2.5` or `true`) or one the head refuses (`num_classes: 1`): the
-    head is constructed with the options, as `expand` will."""
-    defaults = {name: p.default for name, p in inspect.signature(head_class.__init__).parameters.items()}
-    for key, value in options.items():
-        default = defaults.get(key)
-        if isinstance(default, bool):
-            valid = isinstance(value, bool)
-        elif isinstance(default, int):
-            valid = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif isinstance(default, str):
-            valid = isinstance(value, str)
-        else:
-            valid = True
-        if not valid:
-            raise PipelineError(f"{where}: field '{key}' must be a {type(default).__name__} like its default "
-                                f"{default!r}, got {value!r}.")
+def _check_head_options(where, task, family, options):
+    """Raise PipelineError naming the field for a head option the head of `task` on `family`
+    does not take, of the wrong type (an int option given `two`, `2.5` or `true`), or one
+    the head refuses (`num_classes: 1`): checked against `unicon_tf.options.HEAD_OPTIONS`,
+    which `expand` will construct the head with."""
     try:
-        head_class(**options)
-    except (TypeError, ValueError) as error:
-        raise PipelineError(f"{where}: head options {options}: {error}") from error
+        check_head_options(task, options, family)
+    except KeyError as error:
+        raise PipelineError(f"{where}: unknown key(s) {error.args[0]} (a {task} head accepts "
+                            f"{list(HEAD_OPTIONS[head_kind(task, family)])}; training keys: "
+                            f"{sorted(TRAINING_DEFAULTS)}).") from None
+    except TypeError as error:
+        raise PipelineError(f"{where}: {error}") from None
+    except ValueError as error:
+        raise PipelineError(f"{where}: head options {options}: {error}") from None
 
 
 def _adapter_start(where, value):
@@ -444,80 +412,16 @@ def _checked_name(where, field, name, kind, check=check_name):
         raise PipelineError(f"{where}: field '{field}': {error}") from error
 
 
-def _check_training(where, training, task=None):
-    """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
+def _checked_training(where, training, task=None):
+    """`training` (a `TrainingConfig`) checked for a stage of `task`.
+
+    Raises:
+        PipelineError: an unknown strategy or a training setting out of range (names the key).
+    """
     try:
-        check_strategy(training["strategy"])
-        check_distribute(training["distribute"])
-        check_precision(training["precision"])
+        return training.checked(task)
     except ValueError as error:
-        raise PipelineError(f"{where}: {error}") from error
-    if not _profile_batch_ok(training["profile_batch"]):
-        raise PipelineError(f"{where}: profile_batch = {training['profile_batch']!r} is not a batch number >= 0 "
-                            "or a pair [first, last] of batch numbers >= 1.")
-    for key, check in (("loss", lambda options: check_loss_options(task, options)),
-                       ("sampling", check_sampling_options)):
-        value = training.get(key) or {}
-        if not isinstance(value, dict):
-            raise PipelineError(f"{where}: field '{key}' must be a mapping, got {value!r}.")
-        if key == "sampling" and value and task not in (None, "segmentation"):
-            raise PipelineError(f"{where}: field 'sampling' re-centres patches on lesion masks: segmentation "
-                                f"stages only (this one is {task}).")
-        try:
-            check(value)
-        except ValueError as error:
-            raise PipelineError(f"{where}: field '{key}': {error}") from error
-    rules = {
-        "learning_rate": lambda v: v > 0, "epochs": lambda v: int(v) >= 1 and int(v) == v,
-        "batch_size": lambda v: int(v) >= 1 and int(v) == v, "weight_decay": lambda v: v >= 0,
-        "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0, "temperature": lambda v: v > 0,
-        "tolerance": lambda v: v >= 0, "threshold": lambda v: True, "ewc_gamma": lambda v: 0 <= v <= 1,
-    }
-    for key, valid in rules.items():
-        value = training[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not valid(value):
-            raise PipelineError(f"{where}: {key} = {value!r} is out of range.")
-    if training["penalty"] not in ("l2sp", "ewc"):
-        raise PipelineError(f"{where}: penalty must be 'l2sp' or 'ewc', got {training['penalty']!r}.")
-    if training["select"] is not None and training["select"] not in SELECT:
-        raise PipelineError(f"{where}: select must be one of {list(SELECT)}, got {training['select']!r}.")
-    patience = training["patience"]
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise PipelineError(f"{where}: patience must be a whole number of epochs >= 1, got {patience!r}.")
-    if training["monitor"] not in MONITOR:
-        raise PipelineError(f"{where}: monitor must be one of {list(MONITOR)}, got {training['monitor']!r}.")
-    for key in ("min_epochs", "smoothing"):
-        value = training[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PipelineError(f"{where}: {key} must be a whole number of epochs >= 1, got {value!r}.")
-    _check_bless(where, training["bless"])
-
-
-BLESS_KEYS = ("min_vs_baseline",)
-"""A stage's `bless` options (`unicon_tf.evaluate.matrix.bless`)."""
-
-
-def _check_bless(where, bless):
-    """Raise PipelineError naming the field for a `bless` mapping that is not `{min_vs_baseline: delta >= 0}`."""
-    if not isinstance(bless, dict):
-        raise PipelineError(f"{where}: field 'bless' must be a mapping like {{min_vs_baseline: 0.02}}, got {bless!r}.")
-    unknown = set(bless) - set(BLESS_KEYS)
-    if unknown:
-        raise PipelineError(f"{where}: field 'bless': unknown key(s) {sorted(unknown)}; known: {list(BLESS_KEYS)}.")
-    delta = bless.get("min_vs_baseline")
-    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0):
-        raise PipelineError(f"{where}: field 'bless': min_vs_baseline must be a number >= 0 (the largest "
-                            f"allowed shortfall against the single-task baseline), got {delta!r}.")
-
-
-def _profile_batch_ok(value):
-    """Whether `value` is what Keras' TensorBoard callback takes as `profile_batch`."""
-    def batch(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if isinstance(value, (list, tuple)):
-        return len(value) == 2 and all(batch(v) and v >= 1 for v in value) and value[0] <= value[1]
-    return batch(value) and value >= 0
+        raise PipelineError(f"{where}: {error}") from None
 
 
 def with_overrides(stage, **overrides):
@@ -526,6 +430,5 @@ def with_overrides(stage, **overrides):
     Raises:
         PipelineError: an unknown strategy or a value out of range (names the key).
     """
-    training = {**stage.training, **{k: v for k, v in overrides.items() if v is not None}}
-    _check_training(f"stage '{stage.name}'", training, stage.task)
+    training = _checked_training(f"stage '{stage.name}'", stage.training.replace(**overrides), stage.task)
     return dataclasses.replace(stage, training=training)

@@ -20,13 +20,7 @@ al. 2018, "Mixed Precision Training".
 import keras
 
 from unicon_tf.model import model_parts
-from unicon_tf.names import PRECISIONS
-
-
-def check_precision(precision):
-    """Raise ValueError for a `precision` value not in `PRECISIONS`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision '{precision}': expected one of {list(PRECISIONS)}.")
+from unicon_tf.names import PRECISIONS, check_precision  # noqa: F401 (re-exported)
 
 
 def set_precision(network, precision):

@@ -36,10 +36,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from unicon_tf.names import MONITOR, SELECT
+from unicon_tf.train.config import TrainingConfig
 from unicon_tf.train.metrics import MAIN_METRIC
 
-SELECT = ("best_val", "last")
-MONITOR = ("auto", "metric", "loss")
 COARSE_BELOW = 50
 """Validation patients below which `monitor: auto` watches the loss of an AUC or C-index task."""
 RANKING_TASKS = ("classification", "prognosis")
@@ -105,7 +105,7 @@ class Selection:
         self.values = list(state.get("values", []))
 
     @classmethod
-    def for_training(cls, head: str, task: str, training: dict, splits: dict,
+    def for_training(cls, head: str, task: str, training: TrainingConfig, splits: dict,
                      state: dict | None = None) -> "Selection":
         """The `Selection` of a stage's training keys (`select`, `patience`, `monitor`,
         `min_epochs`, `smoothing`, `epochs`) on data whose schema has `splits`
@@ -113,10 +113,9 @@ class Selection:
         for the stage and for replaying it over a recorded history."""
         val = splits.get("val")
         val_patients = None if val is None else int(val.get("count", 0))
-        return cls(head, task, resolve_select(training.get("select"), val is not None), training.get("patience"),
-                   training.get("monitor", "auto"), training["epochs"], state,
-                   min_epochs=training.get("min_epochs", 1), smoothing=training.get("smoothing", 1),
-                   val_patients=val_patients)
+        return cls(head, task, resolve_select(training.select, val is not None), training.patience,
+                   training.monitor, training.epochs, state, min_epochs=training.min_epochs,
+                   smoothing=training.smoothing, val_patients=val_patients)
 
     @property
     def needs_validation(self) -> bool:

@@ -18,13 +18,7 @@ import keras
 
 from unicon_tf.model import model_parts
 from unicon_tf.model.adapters import PathParameters
-from unicon_tf.names import STRATEGIES
-
-
-def check_strategy(strategy: str) -> None:
-    """Raise ValueError for a strategy not in `STRATEGIES`."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy '{strategy}': expected one of {list(STRATEGIES)}.")
+from unicon_tf.names import STRATEGIES, check_strategy  # noqa: F401 (re-exported)
 
 
 def set_trainable(layer: keras.layers.Layer, value: bool) -> None:

@@ -1,0 +1,184 @@
+"""What heads and encoder families accept, declared without TensorFlow.
+
+A pipeline file is checked against these declarations (`unicon_tf.train.pipeline`), so
+loading and checking one imports neither TensorFlow nor Keras; the head classes
+(`unicon_tf.model.heads`, `unicon_tf.model.unetr`) and the encoder families
+(`unicon_tf.model.families`) take the same options, and a test holds the two in step
+(every head's constructor defaults, every family's option names).
+
+- `HEAD_OPTIONS`: head kind -> option -> `HeadOption` (its default, which fixes its type,
+  and the check of its value, in the order the head's constructor checks them).
+- `head_kind(task, family)`: the head kind a task's head has on an encoder family
+  (segmentation: the family's own decoder, UNETR on a ViT).
+- `ENCODER_OPTIONS`: encoder family -> its `foundation` keyword options.
+
+Example:
+>>> head_kind("segmentation", "vit"), sorted(HEAD_OPTIONS["prognosis"])
+('unetr', ['dropout', 'pooling'])
+>>> check_head_options("classification", {"num_classes": 1})
+Traceback (most recent call last):
+...
+ValueError: num_classes must be >= 2 for a classification head, got 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+TASKS = ("classification", "prognosis", "segmentation")
+"""The task names `expand(task=...)` and a stage's `task` accept."""
+
+POOLINGS = ("avg", "max", "avgmax")
+"""A pooled head's `pooling`: global average, global max, or both concatenated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOption:
+    """One constructor option of a head.
+
+    Args:
+        default: the constructor's default; a value given must have its type (an int
+            option refuses `2.5`, `true` and `two`).
+        complaint: `complaint(value, task)` -> the head's refusal of a well-typed value
+            (the message its constructor raises), or None when the value is accepted.
+    """
+
+    default: object
+    complaint: Callable[[object, str], str | None] = lambda value, task: None
+
+    def type_complaint(self, name: str, value: object) -> str | None:
+        """Why `value` has the wrong type for this option (None when it has the right one)."""
+        default = self.default
+        if isinstance(default, bool):
+            valid = isinstance(value, bool)
+        elif isinstance(default, int):
+            valid = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            valid = isinstance(value, str)
+        else:
+            valid = True
+        if valid:
+            return None
+        return f"field '{name}' must be a {type(default).__name__} like its default {default!r}, got {value!r}."
+
+
+def _num_classes(value, task):
+    return None if int(value) >= 2 else f"num_classes must be >= 2 for a {task} head, got {value}."
+
+
+def _dropout(value, task):
+    return None if 0.0 <= value < 1.0 else f"dropout must be in [0, 1), got {value}."
+
+
+def _pooling(value, task):
+    return None if value in POOLINGS else f"pooling must be one of {list(POOLINGS)}, got '{value}'."
+
+
+def _at_least_one(name):
+    return lambda value, task: None if int(value) >= 1 else f"{name} must be >= 1, got {value}."
+
+
+def _channels(name, zero):
+    return lambda value, task: None if int(value) >= 0 else \
+        f"{name} must be a channel count >= 0 (0: {zero}), got {value!r}."
+
+
+_POOLED = {"dropout": HeadOption(0.0, _dropout), "pooling": HeadOption("avgmax", _pooling)}
+
+HEAD_OPTIONS: dict[str, dict[str, HeadOption]] = {
+    "classification": {"num_classes": HeadOption(2, _num_classes), **_POOLED},
+    "prognosis": dict(_POOLED),
+    "segmentation": {"num_classes": HeadOption(2, _num_classes),
+                     "blocks_per_level": HeadOption(2, _at_least_one("blocks_per_level")),
+                     "final_upsampling": HeadOption(1),
+                     "side_encoder": HeadOption(0, _channels("side_encoder", "none")),
+                     "decoder_channels": HeadOption(0, _channels("decoder_channels", "the skips'"))},
+    "unetr": {"num_classes": HeadOption(2, _num_classes),
+              "feature_size": HeadOption(16, _at_least_one("feature_size")),
+              "modality_skips": HeadOption(True)},
+}
+"""Head kind -> option -> `HeadOption`: `ClassificationHead`, `PrognosisHead`,
+`SegmentationHead` and `UNETRHead` (a ViT's segmentation head)."""
+
+SEGMENTATION_HEADS = {"vit": "unetr"}
+"""Encoder family -> the head kind of its segmentation head (others: `segmentation`)."""
+
+VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
+               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
+"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
+LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
+
+ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "residual": ("width", "depth"),
+    "vit": VIT_OPTIONS,
+    "i3resnet": ("layers", "width", "weights"),
+}
+"""Encoder family -> its `foundation` keyword options (a pipeline's `encoder: {kind: ...}`)."""
+
+
+def head_kind(task: str, family: str = "residual") -> str:
+    """The kind of `task`'s head on an encoder of `family` (a key of `HEAD_OPTIONS`).
+
+    Raises:
+        ValueError: an unknown task.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task '{task}': expected one of {sorted(TASKS)}.")
+    return SEGMENTATION_HEADS.get(family, "segmentation") if task == "segmentation" else task
+
+
+def check_head_options(task: str, options: dict, family: str = "residual") -> None:
+    """Refuse head options that `task`'s head on `family` would refuse, without building it.
+
+    Args:
+        task: the head's task (`TASKS`).
+        options: `{option: value}` as a pipeline stage gives them.
+        family: the encoder family (`ENCODER_OPTIONS`, or `custom`).
+
+    Raises:
+        KeyError: an option the head does not take (the argument names them).
+        TypeError: a value of the wrong type (the message names the field).
+        ValueError: a value the head refuses (its constructor's message).
+
+    Example:
+    >>> check_head_options("segmentation", {"num_classes": 3, "blocks_per_level": 1})
+    """
+    kind = head_kind(task, family)
+    accepted = HEAD_OPTIONS[kind]
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise KeyError(sorted(unknown))
+    for name, value in options.items():
+        complaint = accepted[name].type_complaint(name, value)
+        if complaint:
+            raise TypeError(complaint)
+    for name, option in accepted.items():
+        complaint = option.complaint(options[name], task) if name in options else None
+        if complaint:
+            raise ValueError(complaint)
+
+
+def default_head_name(task: str, modalities: list[str]) -> str:
+    """A head's name when none is given: the task, suffixed with the modalities when it
+    reads several.
+
+    Example:
+    >>> default_head_name("segmentation", ["ct"]), default_head_name("segmentation", ["ct", "pet"])
+    ('segmentation', 'segmentation_ctpet')
+    """
+    modalities = list(modalities)
+    return task if len(modalities) == 1 else f"{task}_{''.join(modalities)}"
+
+
+def default_modalities(primary: str, modality: str | None = None) -> list[str]:
+    """The modalities a new head reads when none are given: the model's first modality,
+    plus the new `modality` when the stage adds one.
+
+    Example:
+    >>> default_modalities("ct"), default_modalities("ct", "pet")
+    (['ct'], ['ct', 'pet'])
+    """
+    return [primary] + ([modality] if modality else [])

@@ -1,0 +1,191 @@
+"""A stage's epoch checkpoints: what they hold, how a resume checks and restores them.
+
+A checkpoint (`StageFolder.checkpoint`) is rewritten after every good epoch, atomically:
+the network's weights, the best validation epoch's weights (`BEST_WEIGHTS`), the
+optimizer's and the random state's variables, and `state.json` (epochs done, history,
+model selection's state, the stage's `checkpoint_fingerprint` and the changes resumes
+accepted). A resume continues from it only under the same definition and data, unless the
+change is asked for (`checked_resume`).
+"""
+
+import hashlib
+import json
+import shutil
+import warnings
+
+import numpy as np
+
+from unicon_tf.data import data_fingerprint
+from unicon_tf.files import atomic_folder
+from unicon_tf.model import non_finite_weights
+from unicon_tf.run import StageError
+
+
+def _random_state_variables(trainer):
+    """The trainer's random state: every Keras `SeedGenerator` (dropout and noise layers).
+
+    Keras' weight files leave them out; a resumed stage restores them so that dropout
+    draws the masks the uninterrupted run would have drawn.
+    """
+    weights = {id(v) for v in trainer.weights}
+    return [v for v in trainer.variables if id(v) not in weights]
+
+
+BEST_WEIGHTS = "best.weights.h5"
+"""In a checkpoint: the network's weights at the best validation epoch so far."""
+
+
+def save_checkpoint(directory, network, trainer, state, best=False):
+    """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
+
+    Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
+    `best`: this epoch is the best on validation so far, so its weights become
+    `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over.
+    """
+    carried = directory / BEST_WEIGHTS if (directory / BEST_WEIGHTS).exists() else None
+    with atomic_folder(directory, replace=True) as partial:
+        network.save_weights(partial / "network.weights.h5")
+        if best:
+            shutil.copy2(partial / "network.weights.h5", partial / BEST_WEIGHTS)
+        elif carried is not None:
+            shutil.copy2(carried, partial / BEST_WEIGHTS)
+        store = {}
+        trainer.optimizer.save_own_variables(store)
+        np.savez(partial / "optimizer.npz", **store)
+        np.savez(partial / "random_state.npz", *[np.asarray(v) for v in _random_state_variables(trainer)])
+        (partial / "state.json").write_text(json.dumps(state, indent=1))
+
+
+RESUMABLE_KEYS = ("training.epochs", "training.profile_batch", "training.distribute", "resources")
+"""Fields a resume may change without `--accept-changes`: more epochs, profiling, the
+devices (the update of a global batch is the same on any number of replicas), resources."""
+
+
+def checkpoint_fingerprint(pipeline, spec, data=True):
+    """What a checkpoint records of how its weights were made: every field of the stage's
+    definition (the pipeline's grid and encoder, the stage's keys and training keys, flat,
+    e.g. `encoder.width`, `training.learning_rate`) and its data (`path`, `fingerprint`).
+
+    Args:
+        pipeline: the `PipelineSpec`.
+        spec: the stage's `StageSpec`, overrides applied.
+        data: also fingerprint the data folder (`unicon_tf.data.data_fingerprint`).
+
+    Returns:
+        `{"sha256": of the fields, "fields": {name: value}, "data": {"path", "fingerprint"} or None}`.
+
+    Example:
+    >>> from unicon_tf.train.pipeline import PipelineSpec, StageSpec
+    >>> import pathlib
+    >>> stage = StageSpec("a", "prognosis", pathlib.Path("data"))
+    >>> pipeline = PipelineSpec("p", pathlib.Path("p.yaml"), (8, 8, 8), "ct", {"width": 4}, [stage])
+    >>> fields = checkpoint_fingerprint(pipeline, stage, data=False)["fields"]
+    >>> fields["encoder.width"], fields["training.learning_rate"], "data" in fields
+    (4, 0.0003, False)
+    """
+    definition = {"input_shape": list(pipeline.input_shape), "modality": pipeline.modality,
+                  "encoder": dict(pipeline.encoder), **{k: v for k, v in spec.to_json().items() if k != "data"}}
+    fields = {k: v for k, v in _flat(definition).items() if not k.startswith(RESUMABLE_KEYS)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    folder = {"path": str(spec.data), "fingerprint": data_fingerprint(spec.data)} if data else None
+    return {"sha256": digest, "fields": fields, "data": folder}
+
+
+def _flat(value, prefix=""):
+    """`{"a.b": leaf}` of a nested dict (lists are leaves, as JSON keeps them)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
+
+
+def checked_resume(checkpoint, spec, identity, accept_changes):
+    """`{field: [checkpoint's value, now]}` of what changed since the checkpoint was written.
+
+    `accept_changes`: True accepts every change; a set of field names (the overrides given
+    with the resume) accepts those.
+
+    Raises:
+        StageError: a change not accepted (the message names every changed field).
+    """
+    state_file = checkpoint / "state.json"
+    recorded = json.loads(state_file.read_text()).get("fingerprint") if state_file.exists() else None
+    if recorded is None:
+        warnings.warn(f"{checkpoint} was written by an older unicon-tf that recorded no fingerprint of the stage's "
+                      "definition and data: the resume cannot check that they are unchanged.", stacklevel=3)
+        return {}
+    old, new = recorded["fields"], identity["fields"]
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    if (recorded["data"] or {}).get("fingerprint") != (identity["data"] or {}).get("fingerprint"):
+        changes["data"] = [(recorded["data"] or {}).get("path"), (identity["data"] or {}).get("path")]
+    if changes and accept_changes is not True and set(changes) - set(accept_changes or ()):
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise StageError(f"Stage '{spec.name}': {checkpoint} was written under another definition or data than the "
+                         f"stage's now ({listed}). Undo the change, pass --resume --accept-changes to continue "
+                         "anyway (recorded in stage.json), or use another --run-dir.")
+    return changes
+
+
+def restore_checkpoint(directory, network, trainer, spec=None, changes=None):
+    """Load a checkpoint's weights, optimizer and random state into `network` and `trainer`;
+    return its `state.json`.
+
+    Raises:
+        StageError: the checkpoint does not fit the stage's model (naming `changes`, the
+            fields changed since it was written), or holds non-finite weights.
+    """
+    try:
+        with warnings.catch_warnings():  # Keras warns once per layer it cannot match before it fails
+            warnings.simplefilter("ignore")
+            network.load_weights(directory / "network.weights.h5")
+    except (ValueError, KeyError):  # Keras: "A total of N objects could not be loaded", mismatched shapes
+        changed = f" (changed since it was written: {', '.join(changes)})" if changes else ""
+        raise StageError(f"Stage '{spec.name if spec else '?'}': {directory} does not fit the stage's model{changed}: "
+                         "its weights were written for another network (other layers or shapes). Delete it to train "
+                         "the stage from its start, or use another --run-dir.") from None
+    bad = non_finite_weights(network)
+    if bad:
+        raise StageError(f"{directory} holds non-finite weights (e.g. {bad[0]}; written by an older unicon-tf "
+                         "that did not check them): delete it and train the stage again.")
+    trainer.optimizer.build(trainer.trainable_variables)
+    with np.load(directory / "optimizer.npz") as saved:
+        trainer.optimizer.load_own_variables({k: saved[k] for k in saved.files})
+    random_state = _random_state_variables(trainer)
+    if not (directory / "random_state.npz").exists():
+        warnings.warn(f"{directory} has no random_state.npz (written by an older unicon-tf): dropout "
+                      "masks after resuming will differ from an uninterrupted run.", stacklevel=2)
+        return json.loads((directory / "state.json").read_text())
+    with np.load(directory / "random_state.npz") as saved:
+        if len(saved.files) != len(random_state):
+            raise StageError(f"{directory} holds {len(saved.files)} random states, but the stage's model has "
+                             f"{len(random_state)}: it was written for another model; use another --run-dir.")
+        for index, variable in enumerate(random_state):
+            variable.assign(saved[f"arr_{index}"])
+    return json.loads((directory / "state.json").read_text())
+
+
+def initial_state(identity):
+    """The state of a stage before its first epoch (`identity`: its `checkpoint_fingerprint`)."""
+    return {"epoch": 0, "history": [], "fingerprint": identity, "changes": []}
+
+
+def resumed_state(checkpoint, network, trainer, spec, identity, accept_changes):
+    """Restore `checkpoint` into `network` and `trainer`; return its state, with the changes
+    this resume accepted appended and the stage's fingerprint now.
+
+    Raises:
+        StageError: see `checked_resume` and `restore_checkpoint`.
+    """
+    changes = checked_resume(checkpoint, spec, identity, accept_changes)
+    state = restore_checkpoint(checkpoint, network, trainer, spec, changes)
+    if changes:
+        state["changes"] = state.get("changes", []) + [{"after_epoch": state["epoch"], "changes": changes}]
+    state["fingerprint"] = identity
+    return state
+
+
+def carry_best_weights(checkpoint, written):
+    """A worker writing its checkpoint elsewhere (`written`) takes the chief's best weights
+    now, before any epoch: the chief replaces its checkpoint after each one."""
+    if written != checkpoint and (checkpoint / BEST_WEIGHTS).exists():
+        written.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint / BEST_WEIGHTS, written / BEST_WEIGHTS)
