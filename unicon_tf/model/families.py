@@ -7,7 +7,6 @@ branching on its kind. A family says
   the `SharedEncoder` it makes for volumes of `input_shape`;
 - `detect(backbone)`: whether a (possibly loaded) backbone is one of its own;
 - `summary(encoder)`: what `describe` reports of it beyond parameters and levels;
-- `segmentation_head`: the head class of a segmentation task on it;
 - `levels`: whether its levels are computed one from the previous (so a path can start at
   level s, `expand(adapter_start=s)`, and adapters can go on chosen levels);
 - `load_weights(model, path, format)`: loading a published checkpoint, where it has one.
@@ -31,11 +30,9 @@ from typing import Callable
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.heads import HEADS
 from unicon_tf.model.i3resnet import (RESNET152_LAYERS, i3resnet_backbone, i3resnet_summary, is_i3resnet,
                                       load_i3resnet_weights)
 from unicon_tf.model.pretrained import load_pretrained
-from unicon_tf.model.unetr import UNETRHead
 from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 
 
@@ -48,7 +45,6 @@ class EncoderFamily:
     build: Callable[..., SharedEncoder] | None
     detect: Callable[[keras.Model], bool]
     summary: Callable[[SharedEncoder], dict] = lambda encoder: {}
-    segmentation_head: type = HEADS["segmentation"]
     levels: bool = True
     load_weights: Callable[..., object] | None = None
 
@@ -127,7 +123,7 @@ LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)
 
 register(EncoderFamily("residual", ("width", "depth"), _residual,
                        detect=lambda backbone: {"level0_conv1", "level0_norm1"} <= {layer.name for layer in backbone.layers}))
-register(EncoderFamily("vit", VIT_OPTIONS, _vit, is_vit, vit_summary, UNETRHead, levels=False,
+register(EncoderFamily("vit", VIT_OPTIONS, _vit, is_vit, vit_summary, levels=False,
                        load_weights=lambda model, path, format=None: load_pretrained(model, path, format=format)))
 register(EncoderFamily("i3resnet", ("layers", "width", "weights"), _i3resnet, is_i3resnet,
                        lambda encoder: i3resnet_summary(encoder.backbone),

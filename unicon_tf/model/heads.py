@@ -3,7 +3,8 @@
 Each head records the task it solves, the modalities its path reads, the stage that
 added it and the rank of its encoder adapter (if any) in its config, so a saved model
 describes itself (see `unicon_tf.describe`). Every head takes the encoder's list of
-feature maps, finest first.
+feature maps, finest first. Which head a task uses on which encoder is its task kind's
+(`unicon_tf.tasks`).
 
 | task             | head                 | output                                   |
 |------------------|----------------------|------------------------------------------|
@@ -109,7 +110,7 @@ class Head(keras.layers.Layer):
 POOLINGS = ("avg", "max", "avgmax")
 
 
-class _PooledHead(Head):
+class PooledHead(Head):
     """Normalise the coarsest feature map, pool it globally and apply a dense layer.
 
     `pooling="avgmax"` concatenates global average and global max pooling: the max keeps a
@@ -153,7 +154,7 @@ class _PooledHead(Head):
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
-class ClassificationHead(_PooledHead):
+class ClassificationHead(PooledHead):
     """Patient-level classification: class logits from the coarsest features.
 
     Args:
@@ -192,7 +193,7 @@ class ClassificationHead(_PooledHead):
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
-class PrognosisHead(_PooledHead):
+class PrognosisHead(PooledHead):
     """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
 
     Args:
@@ -383,10 +384,6 @@ class SegmentationHead(Head):
 def _per_axis(factor):
     """A factor as three ints (one int stands for all axes)."""
     return (factor,) * 3 if isinstance(factor, int) else tuple(factor)
-
-
-HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
-"""Task name -> head class; `expand(task=...)` accepts these names."""
 
 
 def default_head_name(task, modalities):

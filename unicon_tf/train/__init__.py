@@ -8,18 +8,17 @@ import_tensorflow_quietly()  # before any module of this package imports TensorF
 from unicon_tf.run import StageError  # noqa: E402
 from unicon_tf.train.baselines import JointModel, train_baselines  # noqa: E402
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel  # noqa: E402
-from unicon_tf.train.losses import (DISTILLATION_LOSSES, TASK_LOSSES, classification_loss, cox_loss,  # noqa: E402
-                                    dice_ce_loss)
-from unicon_tf.train.metrics import TASK_METRICS, ConcordanceIndex, DiceScore, LogitAUC, c_index, task_metrics  # noqa: E402
+from unicon_tf.tasks.losses import classification_loss, cox_loss, dice_ce_loss  # noqa: E402
+from unicon_tf.tasks.metrics import ConcordanceIndex, DiceScore, LogitAUC, c_index  # noqa: E402
 from unicon_tf.train.pipeline import PipelineError, PipelineSpec, StageSpec, load_pipeline  # noqa: E402
 from unicon_tf.train.plugins import EWC, Distillation, Plugin, WeightPenalty, load_fisher  # noqa: E402
 from unicon_tf.train.stage import TrainingError, fit_stage, train_stage  # noqa: E402
 from unicon_tf.train.strategies import STRATEGIES, configure_trainable  # noqa: E402
 
 __all__ = [
-    "CachedHeadModel", "ConcordanceIndex", "ContinualModel", "DISTILLATION_LOSSES", "DiceScore", "Distillation", "EWC",
+    "CachedHeadModel", "ConcordanceIndex", "ContinualModel", "DiceScore", "Distillation", "EWC",
     "JointModel", "LogitAUC", "PipelineError", "PipelineSpec", "Plugin", "STRATEGIES", "StageError", "StageSpec",
-    "TASK_LOSSES", "TASK_METRICS", "TrainingError", "WeightPenalty", "c_index", "classification_loss",
-    "configure_trainable", "cox_loss", "dice_ce_loss", "fit_stage", "load_fisher", "load_pipeline", "task_metrics",
+    "TrainingError", "WeightPenalty", "c_index", "classification_loss",
+    "configure_trainable", "cox_loss", "dice_ce_loss", "fit_stage", "load_fisher", "load_pipeline",
     "train_baselines", "train_stage",
 ]

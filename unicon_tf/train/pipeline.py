@@ -25,7 +25,7 @@ head options (`num_classes`, `dropout`, `blocks_per_level`, `side_encoder`), the
 keys of `TRAINING_DEFAULTS` (model selection: `select`, `patience`, `monitor`, `min_epochs`,
 `smoothing`, see `unicon_tf.train.selection`; blessing: `tolerance`, `threshold`, `bless:
 {min_vs_baseline: delta}`, see `unicon_tf.evaluate.matrix.bless`; `loss: {dice: pooled |
-per_patient, ce_weighting: none | lesion}`, see `unicon_tf.train.losses.LOSS_OPTIONS`; `sampling: {foreground_probability:
+per_patient, ce_weighting: none | lesion}`, see the task kind's `loss_options`, `unicon_tf.tasks`; `sampling: {foreground_probability:
 p}`, see `unicon_tf.data.sampling`), and `resources` for an orchestrator
 (`RESOURCE_KEYS`, e.g. `{cpu: 8, memory: 32G, gpu: 1}`).
 """
@@ -40,12 +40,11 @@ import yaml
 
 from unicon_tf.data.sampling import check_sampling_options
 from unicon_tf.model.families import FAMILIES
-from unicon_tf.model.foundation import task_head
-from unicon_tf.model.heads import HEADS, default_head_name, default_modalities
+from unicon_tf.model.heads import default_head_name, default_modalities
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.presets import PRESETS
+from unicon_tf.tasks import TASKS
 from unicon_tf.train.distribute import check_distribute
-from unicon_tf.train.losses import LOSS_OPTIONS, check_loss_options
 from unicon_tf.train.precision import check_precision
 from unicon_tf.train.selection import MONITOR, SELECT
 from unicon_tf.train.strategies import check_strategy
@@ -75,7 +74,7 @@ TRAINING_DEFAULTS = {
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
     "bless": {},  # {min_vs_baseline: delta}: the new head must reach its single-task baseline minus delta
-    "loss": {},  # task-loss options (losses.LOSS_OPTIONS), e.g. {dice: per_patient, ce_weighting: lesion}
+    "loss": {},  # task-loss options (the task kind's loss_options), e.g. {dice: per_patient, ce_weighting: lesion}
     "sampling": {},  # {foreground_probability: p}: re-centre training patches (data.sampling)
 }
 SELECTION_KEYS = ("select", "patience", "monitor", "min_epochs", "smoothing")
@@ -328,19 +327,19 @@ def _stage(path, index, entry, defaults, root, sources, family="residual"):
     _checked_name(where, "name", str(entry["name"]), "stage", check_folder_name)
     where = f"{path}: stage '{entry['name']}'"
     task = entry["task"]
-    if task not in HEADS:
-        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(HEADS)}).")
+    if task not in TASKS:
+        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(TASKS)}).")
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
-    for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task == "segmentation")):
+    for key, applies in (("loss", bool(TASKS[task].loss_options)), ("sampling", TASKS[task].dense)):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
-    accepted = task_head(task, family).options()
+    accepted = TASKS[task].head_class(family).options()
     unknown = set(head_options) - set(accepted)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)} (a {task} head accepts "
                             f"{accepted}; training keys: {sorted(TRAINING_DEFAULTS)}).")
-    _check_head_options(where, task_head(task, family), head_options)
+    _check_head_options(where, TASKS[task].head_class(family), head_options)
     _check_training(where, training, task)
     modality = entry.get("modality")
     if modality is not None:
@@ -444,7 +443,7 @@ def _checked_name(where, field, name, kind, check=check_name):
         raise PipelineError(f"{where}: field '{field}': {error}") from error
 
 
-def _check_training(where, training, task=None):
+def _check_training(where, training, task):
     """Raise PipelineError for an unknown strategy or a training setting out of range (names the key)."""
     try:
         check_strategy(training["strategy"])
@@ -455,12 +454,12 @@ def _check_training(where, training, task=None):
     if not _profile_batch_ok(training["profile_batch"]):
         raise PipelineError(f"{where}: profile_batch = {training['profile_batch']!r} is not a batch number >= 0 "
                             "or a pair [first, last] of batch numbers >= 1.")
-    for key, check in (("loss", lambda options: check_loss_options(task, options)),
+    for key, check in (("loss", TASKS[task].check_loss_options),
                        ("sampling", check_sampling_options)):
         value = training.get(key) or {}
         if not isinstance(value, dict):
             raise PipelineError(f"{where}: field '{key}' must be a mapping, got {value!r}.")
-        if key == "sampling" and value and task not in (None, "segmentation"):
+        if key == "sampling" and value and not TASKS[task].dense:
             raise PipelineError(f"{where}: field 'sampling' re-centres patches on lesion masks: segmentation "
                                 f"stages only (this one is {task}).")
         try:
