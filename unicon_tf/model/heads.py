@@ -192,22 +192,14 @@ class ClassificationHead(PooledHead):
         return config
 
 
-@keras.saving.register_keras_serializable(package="unicon_tf")
-class PrognosisHead(PooledHead):
-    """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
+class ScalarHead(PooledHead):
+    """One value per patient `(batch,)` from the coarsest features (a risk, a volume, ...).
 
     Args:
         dropout: dropout rate before the dense layer.
         pooling: `avg`, `max` or `avgmax` (both, concatenated).
         **kwargs: see `Head`.
-
-    Example:
-    >>> head = PrognosisHead()
-    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
-    (2,)
     """
-
-    task = "prognosis"
 
     def __init__(self, dropout=0.0, pooling="avgmax", **kwargs):
         super().__init__(units=1, dropout=dropout, pooling=pooling, **kwargs)
@@ -217,6 +209,21 @@ class PrognosisHead(PooledHead):
 
     def compute_output_shape(self, feature_shapes):
         return (feature_shapes[-1][0],)
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class PrognosisHead(ScalarHead):
+    """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
+
+    Args: see `ScalarHead`.
+
+    Example:
+    >>> head = PrognosisHead()
+    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
+    (2,)
+    """
+
+    task = "prognosis"
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
