@@ -13,6 +13,6 @@ True
 """
 
 from unicon_tf.tasks.base import TASKS, TaskKind, metric_name, register, task_kind  # first: the kinds register here
-from unicon_tf.tasks import classification, prognosis, segmentation  # noqa: E402,F401 (each registers itself)
+from unicon_tf.tasks import classification, prognosis, regression, segmentation  # noqa: E402,F401 (each registers itself)
 
 __all__ = ["TASKS", "TaskKind", "metric_name", "register", "task_kind"]
