@@ -11,9 +11,11 @@ branching on its kind. A family says
   level s, `expand(adapter_start=s)`, and adapters can go on chosen levels);
 - `load_weights(model, path, format)`: loading a published checkpoint, where it has one.
 
-Entries: `residual` (the built-in residual CNN), `vit` (3D ViT, MONAI's weights),
-`i3resnet` (Merlin's inflated ResNet, PyTorch weights) and `custom` (a user's own Keras
-backbone, the fallback). Adding a family is one `register(EncoderFamily(...))`.
+Entries: `residual` (the built-in residual CNN) and `custom` (a user's own Keras backbone,
+the fallback) here; `vit` (3D ViT, MONAI's weights) in `unicon_tf.model.vit` and
+`i3resnet` (Merlin's inflated ResNet, PyTorch weights) in `unicon_tf.model.i3resnet`, each
+family's module registering it. Adding a family is one `register(EncoderFamily(...))` in
+its module, imported by `unicon_tf.model.foundation`.
 
 Example:
 >>> family_named("residual").levels
@@ -30,10 +32,6 @@ from typing import Callable
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.i3resnet import (RESNET152_LAYERS, i3resnet_backbone, i3resnet_summary, is_i3resnet,
-                                      load_i3resnet_weights)
-from unicon_tf.model.pretrained import load_pretrained
-from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,40 +91,6 @@ def _residual(input_shape, width=16, depth=4):
     return SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
 
 
-def _vit(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS, **options):
-    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
-    if any(d % p for d, p in zip(input_shape, patch)):
-        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
-    grid = tuple(d // p for d, p in zip(input_shape, patch))
-    backbone = vit_backbone(position_grid or grid, **options)
-    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
-
-
-def _i3resnet(input_shape, layers=RESNET152_LAYERS, width=64):
-    return SharedEncoder(i3resnet_backbone(layers=layers, width=width), name="encoder")
-
-
-def _encoder_backbone(model):
-    """The backbone of a unicon model's `SharedEncoder`."""
-    encoders = [layer for layer in model.layers if isinstance(layer, SharedEncoder)]
-    if not encoders:
-        raise ValueError(f"Model '{model.name}' has no SharedEncoder to load weights into.")
-    return encoders[0].backbone
-
-
-VIT_OPTIONS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "position", "position_grid",
-               "feature_layers", "qkv_bias", "adapter_targets", "weights", "weights_format")
-"""`foundation(encoder="vit", ...)` options: `vit_backbone`'s, the patch size, the default
-LoRA targets, and pretrained weights to load (`unicon_tf.model.load_pretrained`)."""
-
 register(EncoderFamily("residual", ("width", "depth"), _residual,
                        detect=lambda backbone: {"level0_conv1", "level0_norm1"} <= {layer.name for layer in backbone.layers}))
-register(EncoderFamily("vit", VIT_OPTIONS, _vit, is_vit, vit_summary, levels=False,
-                       load_weights=lambda model, path, format=None: load_pretrained(model, path, format=format)))
-register(EncoderFamily("i3resnet", ("layers", "width", "weights"), _i3resnet, is_i3resnet,
-                       lambda encoder: i3resnet_summary(encoder.backbone),
-                       load_weights=lambda model, path, format=None: load_i3resnet_weights(_encoder_backbone(model),
-                                                                                           path)))
 register(EncoderFamily("custom", (), None, detect=lambda backbone: True))

@@ -24,8 +24,11 @@ import numpy as np
 
 from unicon_tf import presets
 from unicon_tf.model.encoder import SharedEncoder
-from unicon_tf.model.families import FAMILIES, VIT_OPTIONS, EncoderFamily, family_named, family_of
-from unicon_tf.model.heads import Head, default_head_name, default_modalities
+from unicon_tf.model.families import FAMILIES, EncoderFamily, family_named, family_of
+from unicon_tf.model.i3resnet import I3RESNET_OPTIONS  # noqa: F401 (the module registers the i3resnet family)
+from unicon_tf.model.vit import VIT_OPTIONS  # (the module registers the vit family)
+from unicon_tf.model.heads import default_head_name, default_modalities
+from unicon_tf.model.parts import model_parts
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 from unicon_tf.names import check_name
 from unicon_tf.tasks import task_kind
@@ -385,25 +388,6 @@ def _base_features(parts, encoder, stem_output, modality):
         if head.modalities == [modality] and head.adapter is None:
             return list(head.encoder_features(head.input))
     return list(encoder(stem_output))
-
-
-def model_parts(model):
-    """The stems (by modality), fusions (by modality tuple), heads (by name) and encoder."""
-    if not isinstance(model.input, dict) or not isinstance(model.output, dict):
-        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: its inputs and outputs must be dicts.")
-    parts = {"stems": {}, "fusions": {}, "heads": {}, "encoder": None}
-    for layer in model.layers:
-        if isinstance(layer, ModalityStem):
-            parts["stems"][layer.modality] = layer
-        elif isinstance(layer, ModalityFusion):
-            parts["fusions"][tuple(layer.modalities)] = layer
-        elif isinstance(layer, Head):
-            parts["heads"][layer.name] = layer
-        elif isinstance(layer, SharedEncoder):
-            parts["encoder"] = layer
-    if parts["encoder"] is None or not parts["stems"] or not parts["heads"]:
-        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: it needs stems, a SharedEncoder and heads.")
-    return parts
 
 
 def non_finite_weights(model):

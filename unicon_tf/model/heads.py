@@ -18,6 +18,7 @@ import inspect
 import keras
 from keras import ops
 
+from unicon_tf.model.blocks import ResidualConvBlock
 from unicon_tf.model.encoder import group_norm
 
 
@@ -315,8 +316,6 @@ class SegmentationHead(Head):
         self.logits.build(x_shape)
 
     def _build_side_encoder(self, feature_shapes, volume_shapes):
-        from unicon_tf.model.unetr import ResidualConvBlock
-
         shape = tuple(volume_shapes[0][:-1]) + (sum(s[-1] for s in volume_shapes),)
         self.side_pooling = tuple(v // f for v, f in zip(shape[1:4], feature_shapes[0][1:4]))
         shape = tuple(feature_shapes[0][:-1]) + (shape[-1],)
