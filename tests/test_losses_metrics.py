@@ -94,7 +94,7 @@ def test_dice_score_counts_overlap_by_hand():
 
 def test_training_dice_metrics_match_evaluation_per_patient_and_pooled():
     """Over batches, `<head>_dice` is the per-patient mean and `<head>_dice_pooled` the pooled
-    Dice of `evaluate.scores.segmentation_scores` (`dice`, `dice_pooled`); they differ when a
+    Dice of `tasks.segmentation.segmentation_scores` (`dice`, `dice_pooled`); they differ when a
     small lesion is missed."""
     from unicon_tf.tasks.segmentation import segmentation_scores
 

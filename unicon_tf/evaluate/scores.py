@@ -15,9 +15,11 @@ import numpy as np
 from unicon_tf.data import dataset
 from unicon_tf.model import model_parts
 from unicon_tf.tasks import task_kind
+from unicon_tf.tasks.classification import classification_scores
+from unicon_tf.tasks.segmentation import segmentation_scores
 
-__all__ = ["chance_level", "head_metrics", "paired_bootstrap", "paired_difference", "patient_bootstrap",
-           "predict_head", "resampled_metric", "score"]
+__all__ = ["chance_level", "classification_scores", "head_metrics", "paired_bootstrap", "paired_difference",
+           "patient_bootstrap", "predict_head", "resampled_metric", "score", "segmentation_scores"]
 
 
 def predict_head(model, head, data_dir, split="test", batch_size=4):
