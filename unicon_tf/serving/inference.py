@@ -137,8 +137,8 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     Returns:
         The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
         `heads`, `{head: outputs}`: a patient-level head's serving outputs (its task kind's
-        `serving_outputs`: classification `probabilities` and `class`, prognosis `risk`,
-        regression `value`); a dense (segmentation) head's `label_map` (the NIfTI file's
+        `serving_outputs`, e.g. classification `probabilities` and `class`, prognosis `risk`);
+        a dense (segmentation) head's `label_map` (the NIfTI file's
         path), `seg` (the DICOM SEG's path, for a DICOM series) and `voxels` per class;
         `{"skipped": reason}` for a head whose modalities were not given.
 
