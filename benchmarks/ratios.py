@@ -35,7 +35,7 @@ import tensorflow as tf
 import unicon_tf
 from common import StepTimer, graph_flops, interleaved_seconds
 from unicon_tf.train import ContinualModel
-from unicon_tf.train.losses import classification_loss
+from unicon_tf.tasks.losses import classification_loss
 
 WIDTH, DEPTH, BATCH = 16, 4, 2
 

@@ -95,11 +95,10 @@ def test_training_config_is_typed_frozen_and_checks_each_field(tmp_path):
 
 def test_declared_head_and_encoder_options_are_what_the_heads_and_families_take():
     from unicon_tf.model.families import FAMILIES
-    from unicon_tf.model.foundation import task_head
-    from unicon_tf.model.heads import HEADS
     from unicon_tf.model.unetr import UNETRHead
+    from unicon_tf.tasks import TASKS
 
-    classes = {**HEADS, "unetr": UNETRHead}
+    classes = {**{task: kind.head for task, kind in TASKS.items()}, "unetr": UNETRHead}
     assert set(classes) == set(HEAD_OPTIONS)
     for kind, head_class in classes.items():
         signature = inspect.signature(head_class.__init__).parameters
@@ -107,8 +106,8 @@ def test_declared_head_and_encoder_options_are_what_the_heads_and_families_take(
             {name: signature[name].default for name in head_class.options()}, kind
     for family in ENCODER_OPTIONS:
         assert FAMILIES[family].options == ENCODER_OPTIONS[family]
-        for task in HEADS:
-            assert task_head(task, family) is classes[head_kind(task, family)]
+        for task, kind in TASKS.items():
+            assert kind.head_class(family) is classes[head_kind(task, family)]
     # a value the declaration refuses is one the head's constructor refuses, with its message
     for task, family, options in (("classification", "residual", {"num_classes": 1}),
                                   ("classification", "residual", {"dropout": 1.0}),

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from unicon_tf import data
 from unicon_tf.data.sampling import foreground_crop
-from unicon_tf.train.losses import check_loss_options, dice_ce_loss, lesion_voxel_weights
+from unicon_tf.tasks import task_kind
+from unicon_tf.tasks.losses import dice_ce_loss, lesion_voxel_weights
 
 
 def masks_and_logits(seed=0):
@@ -75,9 +76,9 @@ def test_trainer_uses_the_stage_loss_options():
 
 def test_loss_options_are_checked():
     with pytest.raises(ValueError, match=r"loss option dice = 'mean' is not one of \['pooled', 'per_patient'\]"):
-        check_loss_options("segmentation", {"dice": "mean"})
+        task_kind("segmentation").check_loss_options({"dice": "mean"})
     with pytest.raises(ValueError, match=r"unknown loss option\(s\) \['dice'\] for a prognosis task \(it has none\)"):
-        check_loss_options("prognosis", {"dice": "pooled"})
+        task_kind("prognosis").check_loss_options({"dice": "pooled"})
 
 
 @pytest.mark.parametrize("probability", [0.0, 1.0])

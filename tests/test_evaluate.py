@@ -12,6 +12,7 @@ from conftest import UNICON_ORDER, write_pipeline
 from unicon_tf import data, evaluate
 from unicon_tf.cli import main
 from unicon_tf.run import Run
+from unicon_tf.tasks import task_kind
 
 NAN = None
 HAND = [[0.8, NAN, NAN], [0.7, 0.9, NAN], [0.6, 0.85, 0.7]]
@@ -52,7 +53,7 @@ def test_non_finite_outputs_are_flagged_not_scored_and_never_blessed():
                                  ("prognosis", np.array([[1.0, 1.0], [2.0, 1.0]]), np.array([np.inf, 0.0]))):
         result = {"target": target, "output": output, "patient_id": ["A", "B"]}
         metrics = evaluate.head_metrics(task, result)
-        assert np.isnan(metrics[evaluate.MAIN_METRIC[task]]) and metrics["non_finite_outputs"] >= 1
+        assert np.isnan(metrics[task_kind(task).main_metric]) and metrics["non_finite_outputs"] >= 1
         assert metrics["patients"] == 2
     verdict = evaluate.bless([0.8], [0.8, float("nan")], ["classification", "segmentation"])
     assert not verdict["blessed"] and verdict["reasons"][-1].startswith("segmentation: not measured (non-finite")

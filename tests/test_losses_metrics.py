@@ -6,7 +6,7 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored
 
-from unicon_tf.train import losses, metrics
+from unicon_tf.tasks import losses, metrics, task_kind
 
 
 def cox_reference(time, event, risk):
@@ -94,9 +94,9 @@ def test_dice_score_counts_overlap_by_hand():
 
 def test_training_dice_metrics_match_evaluation_per_patient_and_pooled():
     """Over batches, `<head>_dice` is the per-patient mean and `<head>_dice_pooled` the pooled
-    Dice of `evaluate.scores.segmentation_scores` (`dice`, `dice_pooled`); they differ when a
+    Dice of `tasks.segmentation.segmentation_scores` (`dice`, `dice_pooled`); they differ when a
     small lesion is missed."""
-    from unicon_tf.evaluate.scores import segmentation_scores
+    from unicon_tf.tasks.segmentation import segmentation_scores
 
     rng = np.random.default_rng(2)
     masks = np.zeros((6, 8, 8, 8), np.int32)
@@ -105,7 +105,7 @@ def test_training_dice_metrics_match_evaluation_per_patient_and_pooled():
     logits = np.stack([1.0 - masks, masks.astype(float)], -1) + rng.normal(0, 0.6, masks.shape + (2,))
     logits = logits.astype(np.float32)
     expected = segmentation_scores(masks, logits)
-    per_patient, pooled = metrics.task_metrics("segmentation", "seg")
+    per_patient, pooled = task_kind("segmentation").metrics("seg")
     assert (per_patient.name, pooled.name) == ("seg_dice", "seg_dice_pooled")
     for start in (0, 4):  # two batches
         for metric in (per_patient, pooled):

@@ -16,17 +16,21 @@ def _module(path):
 
 def _imports(tree):
     """`(module imported, whether at module level)` for every `unicon_tf` import."""
-    top = set(id(node) for node in tree.body)
+    top = {id(node) for node in tree.body}
     for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                 if isinstance(node, ast.ImportFrom) and node.module else [])
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
         for name in names:
             if name.startswith("unicon_tf."):
                 yield name, id(node) in top
 
 
 def _graph():
+    """`{module: modules it imports}` over the checked packages, and the function-level imports."""
     modules = {_module(p): p for folder in CHECKED for p in (PACKAGE / folder).glob("*.py")}
     graph, inner = {}, []
     for name, path in modules.items():
@@ -43,18 +47,18 @@ def _graph():
 def test_no_import_cycle_and_no_function_level_import():
     graph, inner = _graph()
     assert not inner, inner
+    assert "unicon_tf.model.parts" in graph["unicon_tf.model.pretrained"]  # the graph is read, not empty
     state = {}
 
     def visit(node, trail):
         state[node] = "open"
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == "open":
-                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
-            if nxt not in state:
-                visit(nxt, trail + [nxt])
+        for following in sorted(graph[node]):
+            if state.get(following) == "open":
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(following):] + [following]))
+            if following not in state:
+                visit(following, trail + [following])
         state[node] = "done"
 
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert "unicon_tf.model.parts" in graph["unicon_tf.model.pretrained"]  # the graph is read, not empty

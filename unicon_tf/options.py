@@ -26,8 +26,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-TASKS = ("classification", "prognosis", "segmentation")
-"""The task names `expand(task=...)` and a stage's `task` accept."""
+TASKS = ("classification", "prognosis", "segmentation", "regression")
+"""The task names `expand(task=...)` and a stage's `task` accept: the kinds of
+`unicon_tf.tasks`, declared here for checks without TensorFlow (a test holds the two in step)."""
+
+DENSE_TASKS = ("segmentation",)
+"""The task kinds whose output is voxel-wise (`TaskKind.dense`): the stages `sampling:` applies to."""
 
 POOLINGS = ("avg", "max", "avgmax")
 """A pooled head's `pooling`: global average, global max, or both concatenated."""
@@ -91,6 +95,7 @@ _POOLED = {"dropout": HeadOption(0.0, _dropout), "pooling": HeadOption("avgmax",
 HEAD_OPTIONS: dict[str, dict[str, HeadOption]] = {
     "classification": {"num_classes": HeadOption(2, _num_classes), **_POOLED},
     "prognosis": dict(_POOLED),
+    "regression": dict(_POOLED),
     "segmentation": {"num_classes": HeadOption(2, _num_classes),
                      "blocks_per_level": HeadOption(2, _at_least_one("blocks_per_level")),
                      "final_upsampling": HeadOption(1),
@@ -127,7 +132,7 @@ def head_kind(task: str, family: str = "residual") -> str:
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task '{task}': expected one of {sorted(TASKS)}.")
-    return SEGMENTATION_HEADS.get(family, "segmentation") if task == "segmentation" else task
+    return SEGMENTATION_HEADS.get(family, task) if task in DENSE_TASKS else task
 
 
 def check_head_options(task: str, options: dict, family: str = "residual") -> None:

@@ -20,7 +20,7 @@ from unicon_tf._quiet import import_tensorflow_quietly
 import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
 
 from unicon_tf.data import phantom, suv  # noqa: E402
-from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target  # noqa: E402
+from unicon_tf.data.dataset import dataset  # noqa: E402
 from unicon_tf.data.errors import DataError, DataWarning  # noqa: E402
 from unicon_tf.data.ingest import ingest  # noqa: E402
 from unicon_tf.data.manifest import Manifest, Patient, read_manifest  # noqa: E402
@@ -37,7 +37,6 @@ __all__ = [
     "Patient",
     "PatientGrid",
     "Preprocessing",
-    "TASK_TARGETS",
     "data_fingerprint",
     "dataset",
     "ingest",
@@ -48,5 +47,4 @@ __all__ = [
     "read_schema",
     "resample_patient",
     "suv",
-    "task_target",
 ]

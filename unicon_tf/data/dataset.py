@@ -6,22 +6,7 @@ from unicon_tf.data.augment import augment_example
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.records import parse_example, read_schema, verify_shards
 from unicon_tf.data.sampling import check_sampling_options, foreground_crop
-
-TASK_TARGETS = {"classification": ("label",), "prognosis": ("time", "event"), "segmentation": ("mask",)}
-"""The cohort targets each task needs."""
-
-
-def task_target(example, task):
-    """The training target of `task` in a parsed example.
-
-    classification: class index (int32); prognosis: `(time, event)` float32;
-    segmentation: label map `(D, H, W)` int32.
-    """
-    if task == "classification":
-        return example["label"]
-    if task == "prognosis":
-        return tf.stack([example["time"], tf.cast(example["event"], tf.float32)])
-    return example["mask"]
+from unicon_tf.tasks import TASKS
 
 
 def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, shuffle=None,
@@ -31,8 +16,8 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
     Args:
         directory: a folder written by `ingest`.
         split: `train`, `val` or `test`.
-        task: `classification`, `prognosis` or `segmentation` (targets: that task's
-            target), or None (targets: dict of every target the cohort has).
+        task: a task kind (`unicon_tf.tasks.TASKS`; targets: its `target` of each
+            example), or None (targets: dict of every target the cohort has).
         batch_size: examples per batch.
         augment: joint random flips, rotations, scaling and intensity jitter.
         seed: seeds shuffling and augmentation: the same seed gives the same batches.
@@ -61,9 +46,9 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
     """
     schema = read_schema(directory)
     schema_file = f"{directory}/schema.json"
-    if task is not None and task not in TASK_TARGETS:
-        raise ValueError(f"Unknown task '{task}': expected one of {sorted(TASK_TARGETS)} or None.")
-    needed = TASK_TARGETS.get(task, ())
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Unknown task '{task}': expected one of {sorted(TASKS)} or None.")
+    needed = TASKS[task].targets if task is not None else ()
     missing = [t for t in needed if t not in schema["targets"]]
     if missing:
         raise DataError(f"the cohort has no {missing} targets needed by a {task} task (it has {schema['targets']})",
@@ -107,7 +92,7 @@ def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, sh
         if task is None:
             targets = {t: example[t] for t in schema["targets"]}
         else:
-            targets = task_target(example, task)
+            targets = TASKS[task].target(example)
         if with_meta:
             return inputs, targets, {"patient_id": example["patient_id"], "affine": example["affine"]}
         return inputs, targets

@@ -11,10 +11,10 @@ from unicon_tf.evaluate.evaluator import evaluate_run, evaluate_stage, score_sta
 from unicon_tf.evaluate.matrix import bless, summarize  # noqa: E402
 from unicon_tf.evaluate.report import (  # noqa: E402
     comparisons, format_comparisons, format_gain, format_rules, pet_gain, write_report)
-from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_bootstrap, predict_head, score  # noqa: E402
+from unicon_tf.evaluate.scores import head_metrics, paired_bootstrap, predict_head, score  # noqa: E402
 
 __all__ = [
-    "MAIN_METRIC", "bless", "comparisons", "evaluate_baselines", "evaluate_run", "evaluate_stage", "format_comparisons",
+    "bless", "comparisons", "evaluate_baselines", "evaluate_run", "evaluate_stage", "format_comparisons",
     "format_gain", "format_rules", "head_metrics", "load_baselines", "paired_bootstrap", "pet_gain", "predict_head",
     "score", "score_stage", "summarize", "write_label_maps", "write_report",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from unicon_tf.evaluate.evaluator import evaluate_run, score_stage
-from unicon_tf.evaluate.scores import MAIN_METRIC
+from unicon_tf.tasks import task_kind
 from unicon_tf.files import write_json_atomic
 from unicon_tf.run import BASELINES, Run, StageFolder, matrix_file
 
@@ -49,7 +49,7 @@ def evaluate_baselines(run_dir: pathlib.Path | str,
         kinds = [t for s in scored for t in s["task_kinds"]]
         results[kind] = {"run": str(run.baseline_dir(kind)), "kind": kind, "pipeline": run.pipeline, "split": "test",
                          "stages": rows, "tasks": tasks, "task_kinds": kinds,
-                         "main_metric": [MAIN_METRIC[t] for t in kinds], "matrix": matrix, "metrics": metrics,
+                         "main_metric": [task_kind(t).main_metric for t in kinds], "matrix": matrix, "metrics": metrics,
                          "selection": selection}
         write_json_atomic(matrix_file(run.baseline_dir(kind)), results[kind])
     return results

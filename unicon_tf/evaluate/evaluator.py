@@ -30,10 +30,10 @@ import numpy as np
 
 from unicon_tf.evaluate.matrix import bless, summarize
 from unicon_tf.data import read_schema
-from unicon_tf.evaluate.scores import MAIN_METRIC, head_metrics, paired_difference, predict_head
+from unicon_tf.evaluate.scores import head_metrics, paired_difference, predict_head
 from unicon_tf.train.selection import describe_rule, rule_key
 from unicon_tf.train.checks import validation_never_measured
-from unicon_tf.train.metrics import METRIC_NAMES
+from unicon_tf.tasks import metric_name, task_kind
 from unicon_tf.files import sha256, write_json_atomic
 from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
@@ -68,7 +68,7 @@ def score_stage(stage: StageFolder | pathlib.Path | str, split: str = "test", ou
     out = out if isinstance(out, Evaluation) else Evaluation(out or stage.evaluation)
     heads = [h["head"] for h in record["heads"]]
     tasks = [h["task"] for h in record["heads"]]
-    label_maps = write_predictions and tasks[-1] == "segmentation"
+    label_maps = write_predictions and task_kind(tasks[-1]).dense
     key = {"split": split, "heads": heads, "label_maps": label_maps, "unicon_tf": __version__,
            "model_sha256": sha256(stage.model)}
     saved = out.metrics()
@@ -91,7 +91,7 @@ def score_stage(stage: StageFolder | pathlib.Path | str, split: str = "test", ou
     else:
         metrics, validation = [saved["metrics"][h] for h in heads], saved["validation"]
     return {"stage": record["stage"], "tasks": heads, "task_kinds": tasks,
-            "row": [m[MAIN_METRIC[t]] for m, t in zip(metrics, tasks)], "metrics": metrics, "record": record,
+            "row": [m[task_kind(t).main_metric] for m, t in zip(metrics, tasks)], "metrics": metrics, "record": record,
             "folder": out, "predictions": predictions, "validation": validation, "selection": record.get("selection")}
 
 
@@ -132,8 +132,8 @@ def evaluate_stage(stage: StageFolder | pathlib.Path | str, previous_row: Sequen
     """
     result = score_stage(stage, split, out, write_predictions, fresh)
     training = result["record"]["spec"]["training"]
-    metrics = [MAIN_METRIC[t] for t in result["task_kinds"]]
-    labels = [f"{head} {METRIC_NAMES[metric]}" for head, metric in zip(result["tasks"], metrics)]
+    metrics = [task_kind(t).main_metric for t in result["task_kinds"]]
+    labels = [f"{head} {metric_name(metric)}" for head, metric in zip(result["tasks"], metrics)]
     delta = (training.get("bless") or {}).get("min_vs_baseline")
     baseline = None if delta is None else versus_baseline(result, single_task, split, delta)
     verdict = bless(previous_row or [], result["row"], labels, tolerance=training["tolerance"],
@@ -216,7 +216,7 @@ def evaluate_run(run_dir: pathlib.Path | str, stage: str | None = None, split: s
     result = {
         "run": str(run.path), "kind": kind, "split": split, "stages": [r["stage"] for r in results],
         "tasks": last["tasks"], "task_kinds": last["task_kinds"],
-        "main_metric": [MAIN_METRIC[t] for t in last["task_kinds"]], "matrix": matrix,
+        "main_metric": [task_kind(t).main_metric for t in last["task_kinds"]], "matrix": matrix,
         "metrics": [r["metrics"] + [None] * (n - len(r["metrics"])) for r in results],
         "summary": summarize(matrix), "blessing": [r["blessing"] for r in results],
         "selection": [r["selection"] for r in results], "validation": [r["validation"] for r in results],

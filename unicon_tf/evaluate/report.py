@@ -21,10 +21,10 @@ from sksurv.nonparametric import kaplan_meier_estimator  # noqa: E402
 
 from unicon_tf.data import dataset  # noqa: E402
 from unicon_tf.evaluate.matrix import as_array, summarize  # noqa: E402
-from unicon_tf.evaluate.scores import paired_bootstrap, paired_difference, segmentation_scores  # noqa: E402
+from unicon_tf.evaluate.scores import paired_bootstrap, paired_difference  # noqa: E402
 from unicon_tf.train.selection import describe_rule, rule_key  # noqa: E402
 from unicon_tf.run import Run  # noqa: E402
-from unicon_tf.train.metrics import METRIC_NAMES  # noqa: E402
+from unicon_tf.tasks import TASKS, metric_name, task_kind  # noqa: E402
 
 FIGURE_SIZE = (8.0, 5.0)  # inches
 DPI = 100  # so every figure is 800 x 500 pixels
@@ -41,7 +41,7 @@ def plot_matrix(result, path):
     values = as_array(result["matrix"])
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(result["tasks"])), [f"{t}\n({METRIC_NAMES[m]})" for t, m in zip(result["tasks"], result["main_metric"])],
+    ax.set_xticks(range(len(result["tasks"])), [f"{t}\n({metric_name(m)})" for t, m in zip(result["tasks"], result["main_metric"])],
                   fontsize=8)
     ax.set_yticks(range(len(result["stages"])), [f"after {s}" for s in result["stages"]], fontsize=8)
     for (i, j), v in np.ndenumerate(values):
@@ -104,12 +104,12 @@ def overlay_patients(dice, patients=2):
 def plot_overlays(prediction, path, patients=2):
     """CT (and PET) axial slices through the lesion, truth (green) and prediction (red)
     contours, for the `patients` best- and worst-scoring test patients (per-patient Dice)."""
-    ds = dataset(prediction["data"], "test", task="segmentation", batch_size=64, shuffle=False, with_meta=True)
+    ds = dataset(prediction["data"], "test", task=prediction["task"], batch_size=64, shuffle=False, with_meta=True)
     images = {}
     for inputs, _, meta in ds:
         for k, pid in enumerate(meta["patient_id"].numpy()):
             images[pid.decode()] = {m: v[k, ..., 0].numpy() for m, v in inputs.items()}
-    dice = segmentation_scores(prediction["target"], prediction["output"])["dice_per_patient"]
+    dice = task_kind(prediction["task"]).scores(prediction["target"], prediction["output"])["dice_per_patient"]
     chosen = overlay_patients(dice, patients)
     columns = [m for m in ("ct", "pet") if m in next(iter(images.values()))]
     fig, axes = plt.subplots(len(chosen), len(columns), figsize=FIGURE_SIZE, squeeze=False)
@@ -130,8 +130,16 @@ def plot_overlays(prediction, path, patients=2):
     return _save(fig, path)
 
 
+FIGURES = {
+    "kaplan_meier": ("## Kaplan-Meier ({head})", "km", plot_kaplan_meier, "kaplan_meier.png"),
+    "overlays": ("## Segmentation overlays ({head}): best and worst test patients", "{head}", plot_overlays,
+                 "overlay_{head}.png"),
+}
+"""A task kind's `figure` -> (heading, alt text, `plot(prediction, path)`, file name) in the report."""
+
+
 def _table(result, fmt="{:.3f}"):
-    header = "| after stage | " + " | ".join(f"{t} ({METRIC_NAMES[m]})" for t, m in
+    header = "| after stage | " + " | ".join(f"{t} ({metric_name(m)})" for t, m in
                                            zip(result["tasks"], result["main_metric"])) + " |"
     lines = [header, "|" + "---|" * (len(result["tasks"]) + 1)]
     for stage, row in zip(result["stages"], result["matrix"]):
@@ -204,7 +212,7 @@ def format_comparisons(rows):
     """`comparisons`' rows as text lines (CLI and report), each arm's rule stated."""
     lines = []
     for row in rows:
-        name = METRIC_NAMES[row["metric"]]
+        name = metric_name(row["metric"])
         ci = (f" (95% CI {row['ci'][0]:+.3f} to {row['ci'][1]:+.3f}, paired bootstrap over {row['pairs']} patients)"
               if row["ci"] else "")
         diff = ("" if row["difference"] is None else
@@ -227,8 +235,8 @@ def pet_gain(continual, baselines):
     kinds = dict(zip(continual["tasks"], continual["task_kinds"]))
     final = continual["matrix"][-1]
     values = dict(zip(continual["tasks"], final))
-    fused = [h for h in continual["tasks"] if kinds[h] == "segmentation" and "pet" in h]
-    ct_only = [h for h in continual["tasks"] if kinds[h] == "segmentation" and h not in fused]
+    fused = [h for h in continual["tasks"] if task_kind(kinds[h]).dense and "pet" in h]
+    ct_only = [h for h in continual["tasks"] if task_kind(kinds[h]).dense and h not in fused]
     if not fused or not ct_only:
         return None
     final_metrics = dict(zip(continual["tasks"], continual["metrics"][-1]))
@@ -304,11 +312,10 @@ def format_gain(gain):
 def _dice_lines(result):
     """Both Dice figures of every segmentation head on the final model (markdown lines)."""
     final = dict(zip(result["tasks"], result["metrics"][-1]))
-    heads = [(t, final[t]) for t, kind in zip(result["tasks"], result["task_kinds"])
-             if kind == "segmentation" and final[t] is not None and "dice_pooled" in final[t]]
+    heads = [(t, final[t]) for t in result["tasks"] if final[t] is not None and "dice_pooled" in final[t]]
     if not heads:
         return []
-    lines = ["", "## Dice", "", f"| head | {METRIC_NAMES['dice']} | {METRIC_NAMES['dice_pooled']} |", "|---|---|---|"]
+    lines = ["", "## Dice", "", f"| head | {metric_name('dice')} | {metric_name('dice_pooled')} |", "|---|---|---|"]
     lines += [f"| {head} | {m['dice']:.3f} | {m['dice_pooled']:.3f} |" for head, m in heads]
     return lines + ["", "The per-patient mean gives every patient the same weight (a missed small lesion "
                     "counts fully); pooled over voxels, large lesions dominate. The matrix and blessing use the "
@@ -321,9 +328,9 @@ def _selection_row(stage, record, validation):
     record = record or {}
     value = "-"
     if validation and validation.get("interval"):
-        metric = next(k for k in ("auc", "c_index", "dice") if k in validation)
+        metric = next(kind.main_metric for kind in TASKS.values() if kind.main_metric in validation)
         low, high = validation["interval"]
-        value = f"{METRIC_NAMES[metric]} {validation[metric]:.3f} ({low:.3f} to {high:.3f})"
+        value = f"{metric_name(metric)} {validation[metric]:.3f} ({low:.3f} to {high:.3f})"
     chance = "-" if not validation or validation.get("at_chance") is None else (
         f"**yes** (chance {validation['chance']:.3f})" if validation["at_chance"] else "no")
     epoch = f"{record.get('epoch', '-')} of {record.get('epochs_run', '-')}"
@@ -386,12 +393,11 @@ def write_report(run_dir, continual, records, baselines=None):
                   f"![{kind}](" + plot_matrix(result, out / f"matrix_{kind}.png") + ")"]
     lines += ["", "## Learning curves", "", "![curves](" + plot_learning_curves(records, out / "learning_curves.png") + ")"]
     for head, prediction in continual["predictions"].items():
-        if prediction["task"] == "prognosis":
-            lines += ["", f"## Kaplan-Meier ({head})", "",
-                      "![km](" + plot_kaplan_meier(prediction, out / "kaplan_meier.png") + ")"]
-        if prediction["task"] == "segmentation":
-            lines += ["", f"## Segmentation overlays ({head}): best and worst test patients", "",
-                      f"![{head}](" + plot_overlays(prediction, out / f"overlay_{head}.png") + ")"]
+        figure = task_kind(prediction["task"]).figure
+        if figure is not None:
+            title, alt, plot, file = (text.format(head=head) if isinstance(text, str) else text
+                                      for text in FIGURES[figure])
+            lines += ["", title, "", f"![{alt}](" + plot(prediction, out / file) + ")"]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report, summary, gain

@@ -1,14 +1,9 @@
 """Exact evaluation of one head on one split: predictions gathered, metrics in NumPy.
 
-| task             | main metric | also reported                                 |
-|------------------|-------------|-----------------------------------------------|
-| `classification` | `auc`       | `accuracy` (AUC: one-vs-rest macro for > 2)   |
-| `prognosis`      | `c_index`   | Harrell's C-index as scikit-survival's         |
-| `segmentation`   | `dice`      | `dice_pooled`, `dice_per_class` (foreground), `dice_per_patient` |
-
-`dice` is the mean over patients of each patient's Dice (mean over foreground classes);
-`dice_pooled` is one Dice over every voxel of the split (see `unicon_tf.train.metrics`).
-Blessing and the stage x task matrix use `dice`.
+Each task kind scores its outputs (`unicon_tf.tasks`: `scores`, `main_metric`, `chance`,
+`resampled`); this module gathers a head's predictions, adds the patients a score
+covers, bootstrap intervals and paired comparisons. Blessing and the stage x task matrix
+use each kind's `main_metric`.
 
 `head_metrics` adds the patients a score covers (count and ids, in split order), so that
 two models scored on the same patients can be compared patient by patient.
@@ -16,14 +11,15 @@ two models scored on the same patients can be compared patient by patient.
 
 import keras
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from unicon_tf.data import dataset
 from unicon_tf.model import model_parts
-from unicon_tf.train.metrics import MAIN_METRIC, c_index
+from unicon_tf.tasks import task_kind
+from unicon_tf.tasks.classification import classification_scores
+from unicon_tf.tasks.segmentation import segmentation_scores
 
-__all__ = ["MAIN_METRIC", "chance_level", "head_metrics", "paired_bootstrap", "paired_difference", "patient_bootstrap",
-           "predict_head", "resampled_metric", "score", "segmentation_scores"]
+__all__ = ["chance_level", "classification_scores", "head_metrics", "paired_bootstrap", "paired_difference",
+           "patient_bootstrap", "predict_head", "resampled_metric", "score", "segmentation_scores"]
 
 
 def predict_head(model, head, data_dir, split="test", batch_size=4):
@@ -60,81 +56,14 @@ def predict_head(model, head, data_dir, split="test", batch_size=4):
             "affine": np.concatenate(affines)}
 
 
-def softmax(logits):
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def classification_scores(labels, logits):
-    """`auc` and `accuracy` of class logits; AUC is NaN when the split has one class."""
-    probabilities = softmax(np.asarray(logits, np.float64))
-    labels = np.asarray(labels).astype(int)
-    accuracy = float(np.mean(probabilities.argmax(-1) == labels))
-    if len(np.unique(labels)) < 2:
-        return {"auc": float("nan"), "accuracy": accuracy}
-    if probabilities.shape[-1] == 2:
-        auc = roc_auc_score(labels, probabilities[:, 1])
-    else:
-        auc = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
-                            labels=list(range(probabilities.shape[-1])))
-    return {"auc": float(auc), "accuracy": accuracy}
-
-
-def prognosis_scores(survival, risk):
-    """Harrell's `c_index` of risk scores against `(time, event)`."""
-    survival = np.asarray(survival)
-    return {"c_index": float(c_index(survival[:, 0], survival[:, 1], risk))}
-
-
-def _overlaps(masks, logits):
-    """`(overlap, total)` per patient and foreground class, `(patients, classes - 1)` each."""
-    classes = logits.shape[-1]
-    predicted = np.argmax(logits, axis=-1)
-    overlap, total = np.zeros((2, len(masks), classes - 1))
-    for c in range(1, classes):
-        truth, guess = masks == c, predicted == c
-        axes = tuple(range(1, truth.ndim))
-        total[:, c - 1] = truth.sum(axes) + guess.sum(axes)
-        overlap[:, c - 1] = (truth & guess).sum(axes)
-    return overlap, total
-
-
-def _dice(overlap, total):
-    return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
-
-
-def dice_per_patient(masks, logits):
-    """Dice per patient and foreground class, `(patients, classes - 1)`; empty vs empty is 1."""
-    return _dice(*_overlaps(masks, logits))
-
-
-def segmentation_scores(masks, logits):
-    """`dice`: mean over foreground classes of the per-patient mean Dice; `dice_pooled`:
-    mean over foreground classes of the Dice pooled over every voxel of every patient;
-    `dice_per_class` (per-patient mean) and `dice_per_patient` (mean over foreground classes).
+def score(task, target, output):
+    """The metrics dict of a task kind's outputs, its main metric under the kind's `main_metric`.
 
     Example:
-    >>> masks = np.zeros((2, 4, 4, 4), int); masks[0, :2] = 1; masks[1, 0, 0, 0] = 1
-    >>> logits = np.stack([1 - masks, masks], -1).astype(float); logits[1] = [1.0, 0.0]  # patient 1 missed
-    >>> scores = segmentation_scores(masks, logits)
-    >>> scores["dice"], round(scores["dice_pooled"], 3), scores["dice_per_patient"]
-    (0.5, 0.985, [1.0, 0.0])
+    >>> score("prognosis", np.array([[1.0, 1], [2.0, 1], [3.0, 0]]), np.array([3.0, 2.0, 1.0]))
+    {'c_index': 1.0}
     """
-    overlap, total = _overlaps(np.asarray(masks), np.asarray(logits))
-    per_patient = _dice(overlap, total)
-    per_class = per_patient.mean(axis=0)
-    return {"dice": float(per_class.mean()), "dice_pooled": float(_dice(overlap.sum(0), total.sum(0)).mean()),
-            "dice_per_class": [float(d) for d in per_class],
-            "dice_per_patient": [float(d) for d in per_patient.mean(axis=1)]}
-
-
-SCORES = {"classification": classification_scores, "prognosis": prognosis_scores,
-          "segmentation": segmentation_scores}
-
-
-def score(task, target, output):
-    """The metrics dict of a task, its main metric under `MAIN_METRIC[task]`."""
-    return SCORES[task](target, output)
+    return task_kind(task).scores(target, output)
 
 
 def head_metrics(task, result, resamples=2000):
@@ -147,7 +76,7 @@ def head_metrics(task, result, resamples=2000):
     for Dice, predicting no lesion anywhere: the share of patients with nothing to find);
     `at_chance`, whether the interval reaches down to it (a model not shown to be better
     than the trivial one, e.g. a baseline that never trained: no gain is claimed against it). For
-    classification and prognosis `target` and `output` per patient are kept too, so that
+    kinds without per-patient scores (classification, prognosis) `target` and `output` per patient are kept too, so that
     two models can be compared on resamples of the same patients (`paired_difference`).
 
     Outputs holding a NaN or an infinity are not scored (an argmax would turn NaN logits
@@ -168,10 +97,11 @@ def head_metrics(task, result, resamples=2000):
     """
     output = np.asarray(result["output"])
     non_finite = int(output.size - np.count_nonzero(np.isfinite(output)))
-    scores = {MAIN_METRIC[task]: float("nan"), "non_finite_outputs": non_finite} if non_finite \
-        else score(task, result["target"], output)
+    kind = task_kind(task)
+    scores = {kind.main_metric: float("nan"), "non_finite_outputs": non_finite} if non_finite \
+        else kind.scores(result["target"], output)
     scores.update(patients=len(result["patient_id"]), patient_ids=list(result["patient_id"]))
-    if task != "segmentation":
+    if kind.per_patient is None:
         scores.update(target=np.asarray(result["target"]).tolist(), output=output.tolist())
     scores["chance"] = chance_level(task, result["target"])
     low, high = (float("nan"),) * 2
@@ -184,18 +114,10 @@ def head_metrics(task, result, resamples=2000):
 
 
 def chance_level(task, target):
-    """The main metric of a trivial prediction: 0.5 for AUC and C-index (every patient
-    scored alike); for per-patient Dice, predicting background everywhere (Dice 1 for a
-    patient and class with nothing to find, else 0, averaged like `dice`)."""
-    if task != "segmentation":
-        return 0.5
-    target = np.asarray(target)
-    if target.ndim < 2 or len(target) == 0:
-        return float("nan")
-    axes = tuple(range(1, target.ndim))
-    classes = max(int(target.max()), 1)
-    empty = np.stack([~(target == c).any(axis=axes) for c in range(1, classes + 1)], axis=-1)
-    return float(empty.mean())
+    """The main metric of a trivial prediction (the kind's `chance`): 0.5 for AUC and
+    C-index (every patient scored alike); for per-patient Dice, predicting background
+    everywhere (Dice 1 for a patient and class with nothing to find, else 0)."""
+    return task_kind(task).chance(target)
 
 
 def paired_difference(task, a, b, resamples=2000, seed=0):
@@ -210,7 +132,8 @@ def paired_difference(task, a, b, resamples=2000, seed=0):
         `{"difference", "ci", "pairs"}` (`ci` None when no resample is defined).
     """
     boot = patient_bootstrap([({"task": task, **a}, {"task": task, **b})], resamples=resamples, seed=seed)
-    return {"difference": float(a[MAIN_METRIC[task]] - b[MAIN_METRIC[task]]), "ci": boot["ci"],
+    main = task_kind(task).main_metric
+    return {"difference": float(a[main] - b[main]), "ci": boot["ci"],
             "pairs": boot["pairs"]}
 
 
@@ -282,37 +205,12 @@ def resampled_metric(prediction, rows):
     `unicon_tf.experiment.runner._per_patient`, with `task`)
     on bootstrap resamples: `rows` `(resamples, patients)` of patient positions -> `(resamples,)`.
 
-    Dice is the mean per-patient Dice. AUC (two classes) and Harrell's C-index are ratios
-    of sums over patient pairs, so a resample weighs each pair by the product of its two
-    patients' multiplicities: the same value `unicon_tf.evaluate.scores.score` gives on the
-    resampled patients (a patient is never paired with its own copy: neither a
-    positive-negative pair nor a comparable survival pair). Other tasks (AUC over more
-    than two classes) are scored resample by resample.
+    The task kind's `resampled`: Dice is the mean per-patient Dice; AUC (two classes) and
+    Harrell's C-index are ratios of sums over patient pairs weighed by the patients'
+    multiplicities (`unicon_tf.tasks.base.pairwise_resampled`), the same value `score`
+    gives on the resampled patients; other metrics are scored resample by resample.
     """
-    task = prediction["task"]
-    if task == "segmentation":
-        return np.asarray(prediction["dice_per_patient"], np.float64)[rows].mean(axis=1)
-    target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"], np.float64)
-    if task == "classification" and output.shape[-1] == 2:
-        positive = target == 1
-        comparable = positive[:, None] & ~positive[None, :]
-        risk = softmax(output)[:, 1]
-        difference = risk[:, None] - risk[None, :]
-        concordant = np.where(difference == 0, 0.5, (difference > 0).astype(np.float64))
-    elif task == "prognosis":
-        time, event, risk = target[:, 0], target[:, 1].astype(bool), output.reshape(-1)
-        later = time[None, :] > time[:, None]
-        tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
-        comparable = event[:, None] & (later | tied_censored)
-        difference = risk[:, None] - risk[None, :]
-        concordant = np.where(np.abs(difference) <= 1e-8, 0.5, (difference > 0).astype(np.float64))
-    else:
-        return np.array([score(task, target[r], output[r])[MAIN_METRIC[task]] for r in rows])
-    weights = np.stack([np.bincount(r, minlength=len(target)) for r in rows]).astype(np.float64)
-    pairs = np.einsum("ri,ij,rj->r", weights, comparable.astype(np.float64), weights)
-    agree = np.einsum("ri,ij,rj->r", weights, comparable * concordant, weights)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, agree / pairs, np.nan)
+    return task_kind(prediction["task"]).resampled(prediction, rows)
 
 
 def patient_bootstrap(pairs, resamples=2000, level=0.95, seed=0):

@@ -30,8 +30,9 @@ import numpy as np
 from scipy import stats
 
 from unicon_tf.evaluate.matrix import summarize
+from unicon_tf.tasks import task_kind
 from unicon_tf.train.selection import rule_key, rule_name
-from unicon_tf.evaluate.scores import MAIN_METRIC, bootstrap_interval, patient_bootstrap, resampled_metric  # noqa: F401
+from unicon_tf.evaluate.scores import bootstrap_interval, patient_bootstrap, resampled_metric  # noqa: F401
 
 LEVEL = 0.95
 
@@ -87,7 +88,7 @@ def aggregate(cells, plan, resamples=2000):
         for arm in plan.arms:
             for task in tasks:
                 values = final(arm, fraction, task)
-                scores.append({"fraction": fraction, "arm": arm, "task": task, "metric": MAIN_METRIC[kinds[task]],
+                scores.append({"fraction": fraction, "arm": arm, "task": task, "metric": task_kind(kinds[task]).main_metric,
                                **summary_interval([v for _, _, v in values]),
                                "values": [{"fold": k, "seed": s, "value": v,
                                            "run": index[arm, k, s, fraction]["run"]} for k, s, v in values]})
@@ -145,10 +146,10 @@ def _compare(index, replicates, fraction, first, second, resamples, folds):
     kind = next((c["task_kinds"][c["tasks"].index(task_b)] for c in index.values()
                  if task_b in c.get("tasks", []) and "task_kinds" in c), None)
     b_scores = summary_interval(fold_b)
-    at_chance = (kind in ("classification", "prognosis") and b_scores["ci"] is not None
-                 and b_scores["ci"][0] <= 0.5)
+    chance = None if kind is None else task_kind(kind).constant_chance
+    at_chance = chance is not None and b_scores["ci"] is not None and b_scores["ci"][0] <= chance
     flags = ([] if like else ["NOT like-for-like: the arms were selected by different rules"]) + (
-        [f"{arm_b}: {task_b} at chance level (95% CI of its fold means reaches 0.5)"] if at_chance else [])
+        [f"{arm_b}: {task_b} at chance level (95% CI of its fold means reaches {chance})"] if at_chance else [])
     return {"fraction": fraction, "a": {"arm": arm_a, "task": task_a, "rules": rules["a"]},
             "b": {"arm": arm_b, "task": task_b, "rules": rules["b"]},
             "kind": "modality" if arm_a == arm_b else "arm", "difference": difference,
@@ -169,7 +170,7 @@ def _data_efficiency(final, plan, task, kind, resamples):
     reaches the single-task score on all training patients."""
     curves = {arm: [{"fraction": f, **summary_interval([v for _, _, v in final(arm, f, task)])} for f in plan.fractions]
               for arm in ("continual", "single_task") if arm in plan.arms}
-    entry = {"task": task, "metric": MAIN_METRIC[kind], "curves": curves, "reference": None, "reached_at": None}
+    entry = {"task": task, "metric": task_kind(kind).main_metric, "curves": curves, "reference": None, "reached_at": None}
     if "single_task" not in plan.arms or 1.0 not in plan.fractions:
         return entry
     reference = {(k, s): v for k, s, v in final("single_task", 1.0, task) if v is not None}

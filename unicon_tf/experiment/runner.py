@@ -37,7 +37,7 @@ import keras
 
 from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
 from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, predict_head
-from unicon_tf.evaluate.scores import MAIN_METRIC
+from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
 from unicon_tf.run import BASELINES, Run, StageError
@@ -330,13 +330,13 @@ def _baseline_predictions(pipeline, folders, kind):
 def _per_patient(task, prediction):
     """What a patient-level bootstrap needs of a head's test predictions (JSON-able).
 
-    classification and prognosis: `target` and `output` per patient (the metric is
-    recomputed on each resample); segmentation: `dice_per_patient`.
+    The kind's per-patient scores (segmentation: `dice_per_patient`), else `target` and
+    `output` per patient (classification, prognosis: the metric is recomputed on each resample).
     """
-    metrics = head_metrics(task, prediction)
-    record = {"task": task, "patient_ids": metrics["patient_ids"], "value": metrics[MAIN_METRIC[task]]}
-    if task == "segmentation":
-        record["dice_per_patient"] = metrics["dice_per_patient"]
+    metrics, kind = head_metrics(task, prediction), task_kind(task)
+    record = {"task": task, "patient_ids": metrics["patient_ids"], "value": metrics[kind.main_metric]}
+    if kind.per_patient is not None:
+        record[kind.per_patient] = metrics[kind.per_patient]
     else:
         record["target"] = prediction["target"].tolist()
         record["output"] = prediction["output"].tolist()

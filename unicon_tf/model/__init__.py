@@ -8,7 +8,7 @@ from unicon_tf.model.adapters import (AdaptableConv3D, AdaptableDense, LowRankAd
                                       PathParameters, adapter_scope)
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone  # noqa: E402
 from unicon_tf.model.foundation import describe, expand, foundation, model_parts, non_finite_weights  # noqa: E402
-from unicon_tf.model.heads import HEADS, ClassificationHead, Head, PrognosisHead, SegmentationHead  # noqa: E402
+from unicon_tf.model.heads import ClassificationHead, Head, PrognosisHead, SegmentationHead  # noqa: E402
 from unicon_tf.model.pretrained import PretrainedWeightsError, load_pretrained, read_state_dict  # noqa: E402
 from unicon_tf.model.stems import ModalityFusion, ModalityStem  # noqa: E402
 from unicon_tf.model.unetr import UNETRHead  # noqa: E402
@@ -28,7 +28,6 @@ __all__ = [
     "read_state_dict",
     "vit_backbone",
     "ClassificationHead",
-    "HEADS",
     "Head",
     "ModalityFusion",
     "ModalityStem",

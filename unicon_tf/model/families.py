@@ -7,14 +7,15 @@ branching on its kind. A family says
   the `SharedEncoder` it makes for volumes of `input_shape`;
 - `detect(backbone)`: whether a (possibly loaded) backbone is one of its own;
 - `summary(encoder)`: what `describe` reports of it beyond parameters and levels;
-- `segmentation_head`: the head class of a segmentation task on it;
 - `levels`: whether its levels are computed one from the previous (so a path can start at
   level s, `expand(adapter_start=s)`, and adapters can go on chosen levels);
 - `load_weights(model, path, format)`: loading a published checkpoint, where it has one.
 
-Entries: `residual` (the built-in residual CNN), `vit` (3D ViT, MONAI's weights),
-`i3resnet` (Merlin's inflated ResNet, PyTorch weights) and `custom` (a user's own Keras
-backbone, the fallback). Adding a family is one `register(EncoderFamily(...))`.
+Entries: `residual` (the built-in residual CNN) and `custom` (a user's own Keras backbone,
+the fallback) here; `vit` (3D ViT, MONAI's weights) in `unicon_tf.model.vit` and
+`i3resnet` (Merlin's inflated ResNet, PyTorch weights) in `unicon_tf.model.i3resnet`, each
+family's module registering it. Adding a family is one `register(EncoderFamily(...))` in
+its module, imported by `unicon_tf.model.foundation`.
 
 Example:
 >>> family_named("residual").levels
@@ -31,13 +32,7 @@ from typing import Callable
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.model.heads import HEADS
-from unicon_tf.model.i3resnet import (RESNET152_LAYERS, i3resnet_backbone, i3resnet_summary, is_i3resnet,
-                                      load_i3resnet_weights)
-from unicon_tf.model.pretrained import load_pretrained
-from unicon_tf.model.unetr import UNETRHead
-from unicon_tf.options import ENCODER_OPTIONS, VIT_OPTIONS  # noqa: F401 (re-exported)
-from unicon_tf.model.vit import DEFAULT_ADAPTER_TARGETS, is_vit, vit_backbone, vit_summary
+from unicon_tf.options import ENCODER_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +44,6 @@ class EncoderFamily:
     build: Callable[..., SharedEncoder] | None
     detect: Callable[[keras.Model], bool]
     summary: Callable[[SharedEncoder], dict] = lambda encoder: {}
-    segmentation_head: type = HEADS["segmentation"]
     levels: bool = True
     load_weights: Callable[..., object] | None = None
 
@@ -98,35 +92,6 @@ def _residual(input_shape, width=16, depth=4):
     return SharedEncoder(residual_backbone(input_channels=width, width=width, depth=depth), name="encoder")
 
 
-def _vit(input_shape, patch_size=16, position_grid=None, adapter_targets=DEFAULT_ADAPTER_TARGETS, **options):
-    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
-    if any(d % p for d, p in zip(input_shape, patch)):
-        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
-    grid = tuple(d // p for d, p in zip(input_shape, patch))
-    backbone = vit_backbone(position_grid or grid, **options)
-    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
-
-
-def _i3resnet(input_shape, layers=RESNET152_LAYERS, width=64):
-    return SharedEncoder(i3resnet_backbone(layers=layers, width=width), name="encoder")
-
-
-def _encoder_backbone(model):
-    """The backbone of a unicon model's `SharedEncoder`."""
-    encoders = [layer for layer in model.layers if isinstance(layer, SharedEncoder)]
-    if not encoders:
-        raise ValueError(f"Model '{model.name}' has no SharedEncoder to load weights into.")
-    return encoders[0].backbone
-
-
 register(EncoderFamily("residual", ENCODER_OPTIONS["residual"], _residual,
                        detect=lambda backbone: {"level0_conv1", "level0_norm1"} <= {layer.name for layer in backbone.layers}))
-register(EncoderFamily("vit", ENCODER_OPTIONS["vit"], _vit, is_vit, vit_summary, UNETRHead, levels=False,
-                       load_weights=lambda model, path, format=None: load_pretrained(model, path, format=format)))
-register(EncoderFamily("i3resnet", ENCODER_OPTIONS["i3resnet"], _i3resnet, is_i3resnet,
-                       lambda encoder: i3resnet_summary(encoder.backbone),
-                       load_weights=lambda model, path, format=None: load_i3resnet_weights(_encoder_backbone(model),
-                                                                                           path)))
 register(EncoderFamily("custom", (), None, detect=lambda backbone: True))

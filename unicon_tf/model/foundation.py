@@ -24,13 +24,16 @@ import numpy as np
 
 from unicon_tf import presets
 from unicon_tf.model.encoder import SharedEncoder
-from unicon_tf.model.families import FAMILIES, VIT_OPTIONS, EncoderFamily, family_named, family_of
-from unicon_tf.model.heads import HEADS, Head, default_head_name, default_modalities
+from unicon_tf.model.families import FAMILIES, EncoderFamily, family_named, family_of
+from unicon_tf.model.i3resnet import I3RESNET_OPTIONS  # noqa: F401 (the module registers the i3resnet family)
+from unicon_tf.model.vit import VIT_OPTIONS  # (the module registers the vit family)
+from unicon_tf.model.heads import default_head_name, default_modalities
+from unicon_tf.model.parts import model_parts
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 from unicon_tf.names import check_name
+from unicon_tf.tasks import task_kind
 
-__all__ = ["VIT_OPTIONS", "describe", "encoder_spec", "expand", "foundation", "model_parts", "non_finite_weights",
-           "task_head"]
+__all__ = ["VIT_OPTIONS", "describe", "encoder_spec", "expand", "foundation", "model_parts", "non_finite_weights"]
 
 
 def foundation(
@@ -52,7 +55,7 @@ def foundation(
             divisible by the encoder's total stride (2 ** (depth - 1) for the built-in one).
         modality: name of the first modality (the input's key), e.g. `"ct"`; or a list of
             modalities, fused (e.g. a single-task CT+PET baseline trained from scratch).
-        task: the first head's task, one of `classification`, `prognosis`, `segmentation`.
+        task: the first head's task kind (`unicon_tf.tasks.TASKS`), e.g. `classification`.
         num_classes: classes of a classification or segmentation head.
         width: channels of the built-in encoder's first level (and of the stem), default
             16; for `encoder="i3resnet"` the stem's width (default 64, ResNet-152's).
@@ -177,7 +180,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
 
     Args:
         model: a model built by `foundation` or `expand` (or loaded from `.keras`).
-        task: the new head's task: `classification`, `prognosis` or `segmentation`.
+        task: the new head's task kind (`unicon_tf.tasks.TASKS`), e.g. `prognosis`.
         modality: a new input modality, e.g. `"pet"`; gets its own stem, and the new head
             reads it fused with the first modality.
         name: the new head's (and output's) name; defaults to the task, suffixed with the
@@ -231,7 +234,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     if task is None:
         raise ValueError("expand needs a task: a new modality is only useful with a head that reads it.")
     family = family_of(parts["encoder"])
-    head_class = task_head(task, family.name)
+    head_class = task_kind(task).head_class(family.name)
     unknown = sorted(set(head_options) - set(head_class.options()))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for a {task} head; it accepts {head_class.options()}.")
@@ -387,25 +390,6 @@ def _base_features(parts, encoder, stem_output, modality):
     return list(encoder(stem_output))
 
 
-def model_parts(model):
-    """The stems (by modality), fusions (by modality tuple), heads (by name) and encoder."""
-    if not isinstance(model.input, dict) or not isinstance(model.output, dict):
-        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: its inputs and outputs must be dicts.")
-    parts = {"stems": {}, "fusions": {}, "heads": {}, "encoder": None}
-    for layer in model.layers:
-        if isinstance(layer, ModalityStem):
-            parts["stems"][layer.modality] = layer
-        elif isinstance(layer, ModalityFusion):
-            parts["fusions"][tuple(layer.modalities)] = layer
-        elif isinstance(layer, Head):
-            parts["heads"][layer.name] = layer
-        elif isinstance(layer, SharedEncoder):
-            parts["encoder"] = layer
-    if parts["encoder"] is None or not parts["stems"] or not parts["heads"]:
-        raise ValueError(f"Model '{model.name}' is not a unicon_tf model: it needs stems, a SharedEncoder and heads.")
-    return parts
-
-
 def non_finite_weights(model):
     """Paths of the model's weights that hold a NaN or an infinity (empty when all are finite).
 
@@ -420,20 +404,6 @@ def non_finite_weights(model):
     return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
-def task_head(task: str, family: str = "residual") -> type:
-    """The head class for `task` on an encoder of `family` (segmentation: the family's own,
-    e.g. UNETR on a ViT).
-
-    Raises:
-        ValueError: an unknown task or family.
-    """
-    if task not in HEADS:
-        raise ValueError(f"Unknown task '{task}': expected one of {sorted(HEADS)}.")
-    if task == "segmentation":
-        return family_named(family).segmentation_head
-    return HEADS[task]
-
-
 def _apply_head(head, features, inputs):
     """The head's output tensor; a head that reads volumes also gets its modalities' inputs."""
     if not head.reads_volumes:
@@ -442,16 +412,10 @@ def _apply_head(head, features, inputs):
 
 
 def _make_head(task, encoder, input_shape, **options):
-    head_class = task_head(task, family_of(encoder).name)
-    if task == "classification" or task == "segmentation":
-        options.setdefault("num_classes", 2)
-    else:
-        options.pop("num_classes", None)
-    if head_class is HEADS["segmentation"]:
-        finest = encoder.feature_shapes(input_shape)[0]
-        factors = [size // grid for size, grid in zip(input_shape, finest[1:4])]
-        options["final_upsampling"] = factors[0] if len(set(factors)) == 1 else factors
-    return head_class(**options)
+    """A head of task kind `task` for `encoder`'s family, with the kind's option defaults."""
+    kind = task_kind(task)
+    head_class = kind.head_class(family_of(encoder).name)
+    return head_class(**kind.head_options(options, head_class, encoder, input_shape))
 
 
 def _spatial_shape(input_shape):

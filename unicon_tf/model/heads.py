@@ -3,7 +3,8 @@
 Each head records the task it solves, the modalities its path reads, the stage that
 added it and the rank of its encoder adapter (if any) in its config, so a saved model
 describes itself (see `unicon_tf.describe`). Every head takes the encoder's list of
-feature maps, finest first.
+feature maps, finest first. Which head a task uses on which encoder is its task kind's
+(`unicon_tf.tasks`).
 
 | task             | head                 | output                                   |
 |------------------|----------------------|------------------------------------------|
@@ -17,6 +18,7 @@ import inspect
 import keras
 from keras import ops
 
+from unicon_tf.model.blocks import ResidualConvBlock
 from unicon_tf.model.encoder import group_norm
 from unicon_tf.options import POOLINGS, default_head_name, default_modalities  # noqa: F401 (re-exported)
 
@@ -107,7 +109,7 @@ class Head(keras.layers.Layer):
         return config
 
 
-class _PooledHead(Head):
+class PooledHead(Head):
     """Normalise the coarsest feature map, pool it globally and apply a dense layer.
 
     `pooling="avgmax"` concatenates global average and global max pooling: the max keeps a
@@ -151,7 +153,7 @@ class _PooledHead(Head):
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
-class ClassificationHead(_PooledHead):
+class ClassificationHead(PooledHead):
     """Patient-level classification: class logits from the coarsest features.
 
     Args:
@@ -189,22 +191,14 @@ class ClassificationHead(_PooledHead):
         return config
 
 
-@keras.saving.register_keras_serializable(package="unicon_tf")
-class PrognosisHead(_PooledHead):
-    """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
+class ScalarHead(PooledHead):
+    """One value per patient `(batch,)` from the coarsest features (a risk, a volume, ...).
 
     Args:
         dropout: dropout rate before the dense layer.
         pooling: `avg`, `max` or `avgmax` (both, concatenated).
         **kwargs: see `Head`.
-
-    Example:
-    >>> head = PrognosisHead()
-    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
-    (2,)
     """
-
-    task = "prognosis"
 
     def __init__(self, dropout=0.0, pooling="avgmax", **kwargs):
         super().__init__(units=1, dropout=dropout, pooling=pooling, **kwargs)
@@ -214,6 +208,21 @@ class PrognosisHead(_PooledHead):
 
     def compute_output_shape(self, feature_shapes):
         return (feature_shapes[-1][0],)
+
+
+@keras.saving.register_keras_serializable(package="unicon_tf")
+class PrognosisHead(ScalarHead):
+    """Survival prognosis: one risk score (log relative hazard, for a Cox loss) per patient.
+
+    Args: see `ScalarHead`.
+
+    Example:
+    >>> head = PrognosisHead()
+    >>> tuple(head([keras.ops.zeros((2, 4, 4, 4, 16))]).shape)
+    (2,)
+    """
+
+    task = "prognosis"
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
@@ -305,8 +314,6 @@ class SegmentationHead(Head):
         self.logits.build(x_shape)
 
     def _build_side_encoder(self, feature_shapes, volume_shapes):
-        from unicon_tf.model.unetr import ResidualConvBlock
-
         shape = tuple(volume_shapes[0][:-1]) + (sum(s[-1] for s in volume_shapes),)
         self.side_pooling = tuple(v // f for v, f in zip(shape[1:4], feature_shapes[0][1:4]))
         shape = tuple(feature_shapes[0][:-1]) + (shape[-1],)
@@ -383,5 +390,3 @@ def _per_axis(factor):
     return (factor,) * 3 if isinstance(factor, int) else tuple(factor)
 
 
-HEADS = {head.task: head for head in (ClassificationHead, PrognosisHead, SegmentationHead)}
-"""Task name -> head class; `expand(task=...)` accepts these names."""

@@ -41,7 +41,11 @@ import keras
 import numpy as np
 
 from unicon_tf.model.adapters import AdaptableConv3D
+from unicon_tf.model.encoder import SharedEncoder
+from unicon_tf.model.families import EncoderFamily, register
+from unicon_tf.model.parts import model_parts
 from unicon_tf.model.torch_checkpoint import torch_state_dict
+from unicon_tf.options import ENCODER_OPTIONS
 from unicon_tf.model.pretrained import check_state
 
 if TYPE_CHECKING:
@@ -245,3 +249,28 @@ def load_i3resnet_weights(backbone: keras.Model, path: str | pathlib.Path) -> li
     targets, skipped = i3resnet_targets(backbone)
     check_state(path, targets, read_i3resnet_state(path), skipped, what=f"the I3ResNet '{backbone.name}'")
     return sorted(targets)
+
+
+I3RESNET_OPTIONS = ENCODER_OPTIONS["i3resnet"]  # `foundation(encoder="i3resnet", ...)`: block counts, stem width, checkpoint
+
+
+def i3resnet_encoder(input_shape: tuple[int, int, int], layers: tuple[int, ...] = RESNET152_LAYERS,
+                     width: int = 64) -> SharedEncoder:
+    """The `i3resnet` family's `SharedEncoder` (`foundation(encoder="i3resnet")`); any
+    `input_shape` divisible by the total stride (checked by `foundation`).
+
+    Example:
+    >>> i3resnet_encoder((32, 32, 32), layers=(1, 1, 1, 1), width=8).depth
+    5
+    """
+    return SharedEncoder(i3resnet_backbone(layers=layers, width=width), name="encoder")
+
+
+def load_i3resnet_model_weights(model: keras.Model, path: str | pathlib.Path, format: str | None = None) -> list[str]:
+    """`load_i3resnet_weights` into the backbone of a unicon model's encoder (`format` unused:
+    the checkpoint is a `torch.save` file)."""
+    return load_i3resnet_weights(model_parts(model)["encoder"].backbone, path)
+
+
+register(EncoderFamily("i3resnet", I3RESNET_OPTIONS, i3resnet_encoder, is_i3resnet,
+                       lambda encoder: i3resnet_summary(encoder.backbone), load_weights=load_i3resnet_model_weights))

@@ -26,7 +26,8 @@ import pathlib
 import numpy as np
 
 from unicon_tf.model.encoder import SharedEncoder
-from unicon_tf.model.vit import is_vit
+from unicon_tf.model.families import family_of
+from unicon_tf.model.parts import model_parts
 from unicon_tf.weights_error import PretrainedWeightsError
 
 FORMATS = ("safetensors", "npz")
@@ -148,15 +149,13 @@ def check_state(path, targets: dict, state: dict, skipped: set = frozenset(), st
 
 
 def _encoder_and_stem(model_or_encoder):
-    from unicon_tf.model.foundation import model_parts  # foundation imports this module
-
     if isinstance(model_or_encoder, SharedEncoder):
         encoder, stem = model_or_encoder, None
     else:
         parts = model_parts(model_or_encoder)
         encoder = parts["encoder"]
         stem = min(parts["stems"].values(), key=lambda s: s.stage)
-    if not is_vit(encoder.backbone):
+    if family_of(encoder).name != "vit":
         raise PretrainedWeightsError("load_pretrained reads ViT weights; this model's encoder is not a 'vit' one.")
     if stem is not None and stem.kind != "patch":
         raise PretrainedWeightsError(f"Stem '{stem.name}' is not a patch embedding (kind '{stem.kind}').")

@@ -25,7 +25,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from unicon_tf.options import VIT_OPTIONS
 from unicon_tf.model.adapters import AdaptableDense
+from unicon_tf.model.encoder import SharedEncoder
+from unicon_tf.model.families import EncoderFamily, register
+from unicon_tf.model.pretrained import load_pretrained
 
 POSITIONS = ("learned", "sincos")
 DEFAULT_ADAPTER_TARGETS = ("query", "value")
@@ -266,3 +270,38 @@ def vit_summary(encoder):
         "feature_layers": [int(p[len("block"):].split("_")[0]) + 1 for p in producers[:-1]],
         "adapter_targets": encoder.adapter_targets,
     }
+
+
+def vit_encoder(input_shape: tuple[int, int, int], patch_size: int | tuple[int, int, int] = 16,
+                position_grid: tuple[int, int, int] | None = None, adapter_targets=DEFAULT_ADAPTER_TARGETS,
+                **options) -> SharedEncoder:
+    """The `vit` family's `SharedEncoder` for volumes of `input_shape` (`foundation(encoder="vit")`).
+
+    Args:
+        input_shape: `(D, H, W)` voxels, each divisible by the patch size.
+        patch_size: the patch embedding's patch, one int or per axis.
+        position_grid: the learned position embedding's token grid (default the model's).
+        adapter_targets: the attention projections LoRA adapters go on by default.
+        **options: `vit_backbone`'s.
+
+    Raises:
+        ValueError: a patch size that is not one or three positive ints, or that does not
+            divide `input_shape`.
+
+    Example:
+    >>> encoder = vit_encoder((16, 16, 16), patch_size=8, hidden_size=24, num_layers=2, num_heads=2, mlp_dim=48)
+    >>> encoder.input_stride
+    (8, 8, 8)
+    """
+    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be one or three positive ints, got {patch_size!r}.")
+    if any(d % p for d, p in zip(input_shape, patch)):
+        raise ValueError(f"input_shape {input_shape} is not divisible by the ViT's patch size {patch}.")
+    grid = tuple(d // p for d, p in zip(input_shape, patch))
+    backbone = vit_backbone(position_grid or grid, **options)
+    return SharedEncoder(backbone, input_stride=patch, adapter_targets=adapter_targets, name="encoder")
+
+
+
+register(EncoderFamily("vit", VIT_OPTIONS, vit_encoder, is_vit, vit_summary, levels=False, load_weights=load_pretrained))

@@ -36,6 +36,7 @@ from unicon_tf.files import atomic_folder, write_text_atomic
 from unicon_tf.model import model_parts, non_finite_weights
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.run import Evaluation, Run, StageFolder
+from unicon_tf.tasks import task_kind
 
 PARITY_TOLERANCE = 1e-5
 
@@ -44,19 +45,9 @@ class ExportError(RuntimeError):
     """An export that must not happen (unblessed stage, parity failure, bad version)."""
 
 
-SERVING_OUTPUTS = {
-    "classification": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
-                                      "class": tf.argmax(output, axis=-1)},
-    "prognosis": lambda output: {"risk": output},
-    "segmentation": lambda output: {"probabilities": tf.nn.softmax(output, axis=-1),
-                                    "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)},
-}
-"""Task -> the named serving outputs of a head's raw output."""
-
-
 def head_outputs(task, output):
-    """The named serving outputs of a head's raw output (`SERVING_OUTPUTS[task]`)."""
-    return SERVING_OUTPUTS[task](output)
+    """The named serving outputs of a head's raw output (its task kind's `serving_outputs`)."""
+    return task_kind(task).serving_outputs(output)
 
 
 def signatures(model):

@@ -22,6 +22,7 @@ from unicon_tf.data.manifest import SUV_MODALITY
 from unicon_tf.data.preprocess import Preprocessing, crop_or_pad, crop_start, resample, resample_patient
 from unicon_tf.data.suv import SUVInputError
 from unicon_tf.files import write_json_atomic
+from unicon_tf.tasks import task_kind
 
 
 def check_request(signature, inputs):
@@ -135,9 +136,10 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
 
     Returns:
         The prediction dict (also in `prediction.json`): `model`, `version`, `stage` and
-        `heads`, `{head: outputs}`: classification `probabilities` and `class`, prognosis
-        `risk`, segmentation `label_map` (the NIfTI file's path), `seg` (the DICOM SEG's
-        path, for a DICOM series) and `voxels` per class;
+        `heads`, `{head: outputs}`: a patient-level head's serving outputs (its task kind's
+        `serving_outputs`, e.g. classification `probabilities` and `class`, prognosis `risk`);
+        a dense (segmentation) head's `label_map` (the NIfTI file's
+        path), `seg` (the DICOM SEG's path, for a DICOM series) and `voxels` per class;
         `{"skipped": reason}` for a head whose modalities were not given.
 
     Raises:
@@ -176,7 +178,7 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
     start = crop_start(grid.body, grid.shape, patch)
     source_shape, source_affine = dicom.native_grid(images[reference_modality])  # label maps go back on it
     series = dicom.kind_of(images[reference_modality]) == "series"
-    if series and any(spec["task"] == "segmentation" for spec in info["heads"].values()):
+    if series and any(task_kind(spec["task"]).dense for spec in info["heads"].values()):
         dicom.seg_sources(images[reference_modality], field=reference_modality)  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": info["model_name"], "version": info["version"], "stage": info.get("stage"), "heads": {}}
@@ -188,7 +190,7 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
             result["heads"][head] = {"skipped": f"needs {lacking}"}
             continue
         signature = loaded.signatures[head]
-        if spec["task"] == "segmentation":
+        if task_kind(spec["task"]).dense:
             probabilities = sliding_window(signature_predictor(signature, "probabilities"),
                                            {m: volumes[m] for m in spec["modalities"]}, patch, overlap)
             label_map = np.argmax(probabilities, axis=-1).astype(np.uint8)
@@ -207,10 +209,6 @@ def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
         batch = {m: crop_or_pad(volumes[m], start, patch, -1.0)[None, ..., None] for m in spec["modalities"]}
         check_request(signature, batch)
         served = signature(**{m: tf.constant(v) for m, v in batch.items()})
-        if spec["task"] == "classification":
-            result["heads"][head] = {"probabilities": served["probabilities"].numpy()[0].tolist(),
-                                     "class": int(served["class"].numpy()[0])}
-        else:
-            result["heads"][head] = {"risk": float(served["risk"].numpy()[0])}
+        result["heads"][head] = {key: served[key].numpy()[0].tolist() for key in sorted(served)}
     write_json_atomic(out / "prediction.json", result)
     return result

@@ -36,7 +36,7 @@ from unicon_tf.data import read_schema
 from unicon_tf.files import save_model_atomic
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.run import BASELINES, Run, StageFolder
-from unicon_tf.train.losses import TASK_LOSSES
+from unicon_tf.tasks import task_kind
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.selection import Selection, describe_rule
 from unicon_tf.train.stage import stage_data, train_stage
@@ -190,7 +190,7 @@ class JointModel(keras.Model):
 
     def train_step(self, data: Sequence[tuple[Any, tf.Tensor]]) -> dict[str, tf.Tensor]:
         with tf.GradientTape() as tape:
-            losses = [TASK_LOSSES[task](y, path(x, training=True))
+            losses = [task_kind(task).loss()(y, path(x, training=True))
                       for (x, y), path, task in zip(data, self.paths, self.tasks)]
             loss = tf.add_n(losses)
         variables = self.trainable_variables

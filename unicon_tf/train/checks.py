@@ -26,9 +26,10 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.data import TASK_TARGETS, DataError, DataWarning
+from unicon_tf.data import DataError, DataWarning
 from unicon_tf.data.records import verify_shards
 from unicon_tf.run import StageError
+from unicon_tf.tasks import task_kind
 
 
 class DataMismatchError(StageError, DataError):
@@ -74,7 +75,7 @@ def check_head_fits_data(stage, data, schema, task, modalities, num_classes, sha
     missing = [m for m in modalities if m not in schema["modalities"]]
     if missing:
         problems.append(f"field 'modalities': the head reads {missing}, but {data} has only {schema['modalities']}")
-    needed = [t for t in TASK_TARGETS[task] if t not in schema["targets"]]
+    needed = [t for t in task_kind(task).targets if t not in schema["targets"]]
     if needed:
         problems.append(f"field {'/'.join(needed)}: the cohort has no {needed} targets, which a {task} head needs "
                         f"(it has {schema['targets']})")

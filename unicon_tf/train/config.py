@@ -24,10 +24,13 @@ import dataclasses
 from typing import Callable
 
 from unicon_tf.names import MONITOR, SELECT, check_distribute, check_precision, check_strategy
+from unicon_tf.options import DENSE_TASKS
 
-LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")}}
+LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")},
+                "regression": {"error": ("huber", "squared")}}
 """Task -> option -> accepted values (the first is the default); a stage's `loss:` keys
-(see `unicon_tf.train.losses`)."""
+(each kind's `loss_options`, `unicon_tf.tasks`, declared here for checks without
+TensorFlow; a test holds the two in step)."""
 
 SAMPLING_OPTIONS = {"foreground_probability": None}
 """A stage's `sampling:` keys and their defaults (None: keep the stored crops; see
@@ -147,7 +150,7 @@ def _mapping(check_options):
 
 
 def _sampling(value, task, name):
-    if isinstance(value, dict) and value and task not in (None, "segmentation"):
+    if isinstance(value, dict) and value and task is not None and task not in DENSE_TASKS:
         raise ValueError(f"field 'sampling' re-centres patches on lesion masks: segmentation stages only "
                          f"(this one is {task}).")
     _mapping(lambda options, task: check_sampling_options(options))(value, task, name)

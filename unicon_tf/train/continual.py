@@ -16,8 +16,7 @@ import tensorflow as tf
 
 from unicon_tf.model import model_parts
 from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
-from unicon_tf.train.losses import task_loss
-from unicon_tf.train.metrics import task_metrics
+from unicon_tf.tasks import task_kind
 
 if TYPE_CHECKING:
     from unicon_tf.train.plugins import Plugin
@@ -32,7 +31,7 @@ class ContinualModel(keras.Model):
             per-patient sample weights (Keras' third element of a batch) as one `(B,)`
             array or `{head: (B,)}`; they weight the task losses (not the plugin terms or
             the reported metrics).
-        loss_options: `{head: options}` of the task losses' `LOSS_OPTIONS` (e.g.
+        loss_options: `{head: options}` of the task kinds' `loss_options` (e.g.
             `{"segmentation": {"dice": "per_patient"}}`); heads not named use the defaults.
         plugins: `Plugin`s adding loss terms. An inactive one (e.g. a `Distillation` with
             alpha = 0) is only evaluated in `test_step`, to report (here: how far old
@@ -57,14 +56,14 @@ class ContinualModel(keras.Model):
         super().__init__(**kwargs)
         self.network = network
         self.heads = dict(heads)
-        self.task_losses = {h: task_loss(t, (loss_options or {}).get(h)) for h, t in self.heads.items()}
+        self.task_losses = {h: task_kind(t).loss((loss_options or {}).get(h)) for h, t in self.heads.items()}
         self.plugins = list(plugins)
         classes = _num_classes(network, self.heads)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         names = [f"{h}_loss" for h in self.heads] + [p.name for p in self.plugins]
         names += [f"{h}_{p.name}" for p in self.plugins for h in p.heads]
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in names}
-        self.head_metrics = {h: task_metrics(t, h, classes.get(h, 2)) for h, t in self.heads.items()}
+        self.head_metrics = {h: task_kind(t).metrics(h, classes.get(h, 2)) for h, t in self.heads.items()}
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:

@@ -41,7 +41,7 @@ import typing
 import yaml
 
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
-from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
+from unicon_tf.options import DENSE_TASKS, ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
     default_modalities, head_kind
 from unicon_tf.presets import PRESETS
 from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS,  # noqa: F401 (re-exported)
@@ -321,7 +321,7 @@ def _stage_training(where, entry, defaults, task):
     """The stage's `TrainingConfig`: its training keys over the pipeline's `defaults`
     (`loss` and `sampling` defaults only for the tasks that have them), checked."""
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
-    for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task == "segmentation")):
+    for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task in DENSE_TASKS)):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
     return _checked_training(where, TrainingConfig(**training), task)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from unicon_tf.train.losses import DISTILLATION_LOSSES, TASK_LOSSES
+from unicon_tf.tasks import task_kind
 from unicon_tf.train.strategies import set_trainable
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Distillation(Plugin):
             return {}
         model = self._teacher.model
         targets = model({m: inputs[m] for m in model.input}, training=False)
-        return {h: DISTILLATION_LOSSES[task](tf.stop_gradient(targets[h]), outputs[h], self.temperature)
+        return {h: task_kind(task).distillation_loss(tf.stop_gradient(targets[h]), outputs[h], self.temperature)
                 for h, task in self.heads.items()}
 
     def penalty(self, inputs: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor], head_terms: Mapping[str, tf.Tensor] | None = None) -> tf.Tensor:
@@ -210,7 +210,7 @@ class EWC(WeightPenalty):
         from unicon_tf.model import model_parts
 
         task = model_parts(network)["heads"][head].task
-        new = diagonal_fisher(network, self.fisher_variables, head, TASK_LOSSES[task], data)
+        new = diagonal_fisher(network, self.fisher_variables, head, task_kind(task).loss(), data)
         running = {k: v + self.gamma * self.fisher[k] if self.fisher and k in self.fisher else v
                    for k, v in new.items()}
         np.savez(folder.fisher, **{k.replace("/", "|"): v for k, v in running.items()})

@@ -37,12 +37,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from unicon_tf.names import MONITOR, SELECT
+from unicon_tf.tasks import task_kind
 from unicon_tf.train.config import TrainingConfig
-from unicon_tf.train.metrics import MAIN_METRIC
 
 COARSE_BELOW = 50
 """Validation patients below which `monitor: auto` watches the loss of an AUC or C-index task."""
-RANKING_TASKS = ("classification", "prognosis")
 
 
 def resolve_select(select: str | None, has_val: bool) -> str:
@@ -64,7 +63,7 @@ def resolve_monitor(monitor: str, task: str, val_patients: int | None) -> str:
     """
     if monitor != "auto":
         return monitor
-    coarse = task in RANKING_TASKS and (val_patients or 0) < COARSE_BELOW
+    coarse = task_kind(task).ranking and (val_patients or 0) < COARSE_BELOW
     return "loss" if coarse else "metric"
 
 
@@ -98,7 +97,7 @@ class Selection:
         self.select, self.patience, self.max_epochs = select, patience, int(max_epochs)
         self.min_epochs, self.smoothing, self.val_patients = int(min_epochs), int(smoothing), val_patients
         self.monitor = resolve_monitor(monitor, task, val_patients)
-        self.key = f"val_{head}_{MAIN_METRIC[task] if self.monitor == 'metric' else 'loss'}"
+        self.key = f"val_{head}_{task_kind(task).main_metric if self.monitor == 'metric' else 'loss'}"
         self.mode = "max" if self.monitor == "metric" else "min"
         state = state or {}
         self.best, self.best_epoch, self.wait = state.get("best"), state.get("best_epoch"), state.get("wait", 0)
@@ -179,7 +178,7 @@ class Selection:
                     if self.best_epoch is not None else f"kept the last epoch {epoch}: no judged finite {self.key}{on}")
         else:
             kept = f"kept the last epoch {epoch} (select: last)"
-        metric_key = f"val_{self.head}_{MAIN_METRIC[self.task]}"
+        metric_key = f"val_{self.head}_{task_kind(self.task).main_metric}"
         logs = (history or [])[epoch - 1] if history and 0 < epoch <= len(history) else {}
         val_metric = logs.get(metric_key)
         val_metric = val_metric if val_metric is not None and math.isfinite(val_metric) else None

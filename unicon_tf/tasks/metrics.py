@@ -1,4 +1,5 @@
-"""Task metrics as stateful Keras metrics that read a head's raw output (logits, risk).
+"""Stateful Keras metrics that read a head's raw output (logits, risk); each task kind
+(`unicon_tf.tasks`) names the ones its heads log.
 
 | task             | metrics                                             |
 |------------------|-----------------------------------------------------|
@@ -17,13 +18,6 @@ the stage x task matrix and blessing; `dice_pooled` is reported beside it.
 
 import keras
 from keras import ops
-
-MAIN_METRIC = {"classification": "auc", "prognosis": "c_index", "segmentation": "dice"}
-"""Task -> the metric that the matrix, blessing and model selection use (higher is better)."""
-
-METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "c_index": "C-index", "dice": "Dice (per-patient mean)",
-                "dice_pooled": "Dice (pooled over voxels)"}
-"""Metric key -> the name shown to people (report, training log summaries, blessing reasons)."""
 
 
 def c_index(time, event, risk, tied_tol=1e-8):
@@ -121,7 +115,7 @@ class LogitAUC(keras.metrics.AUC):
 
     def result(self):
         """The AUC; NaN when the examples seen hold fewer than two classes (as
-        `unicon_tf.evaluate.scores.classification_scores`), where Keras' AUC gives 0."""
+        `unicon_tf.tasks.classification.classification_scores`), where Keras' AUC gives 0."""
         positives = self.true_positives[0] + self.false_negatives[0]  # per label for > 2 classes
         if self.num_classes == 2:
             classes = ops.cast(positives > 0, "int32") + ops.cast(self.true_negatives[0] + self.false_positives[0] > 0,
@@ -141,7 +135,7 @@ class DiceScore(keras.metrics.Metric):
 
     `average="patient"`: each patient's Dice (per class; a class absent from both truth
     and prediction scores 1), averaged over every patient seen, as
-    `unicon_tf.evaluate.scores.segmentation_scores`' `dice`. `average="pooled"`: one Dice
+    `unicon_tf.tasks.segmentation.segmentation_scores`' `dice`. `average="pooled"`: one Dice
     per class from the intersections and sizes summed over every voxel seen (its
     `dice_pooled`). `result()` is the mean over foreground classes; `per_class()` gives
     each class.
@@ -208,23 +202,3 @@ class DiceScore(keras.metrics.Metric):
 def _dice(overlap, total):
     """2 |A & B| / (|A| + |B|), 1 where both are empty."""
     return ops.where(total > 0, 2.0 * overlap / ops.maximum(total, 1.0), 1.0)
-
-
-TASK_METRICS = {
-    "classification": lambda head, num_classes: [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
-                                                 LogitAUC(num_classes, name=f"{head}_auc")],
-    "prognosis": lambda head, num_classes: [ConcordanceIndex(name=f"{head}_c_index")],
-    "segmentation": lambda head, num_classes: [DiceScore(num_classes, "patient", name=f"{head}_dice"),
-                                               DiceScore(num_classes, "pooled", name=f"{head}_dice_pooled")],
-}
-"""Task -> `make(head, num_classes)`: the task's training metrics, named `<head>_<metric>`."""
-
-
-def task_metrics(task, head, num_classes=2):
-    """The metrics of a head of kind `task`, named `<head>_<metric>`.
-
-    Example:
-    >>> [m.name for m in task_metrics("classification", "grade", 3)]
-    ['grade_accuracy', 'grade_auc']
-    """
-    return TASK_METRICS[task](head, num_classes)

@@ -1,4 +1,4 @@
-"""Task losses and distillation losses, one pair per task kind (TensorFlow via keras.ops).
+"""Task losses and distillation losses of the task kinds (`unicon_tf.tasks`; TensorFlow via keras.ops).
 
 | task             | task loss                                  | distillation (student vs teacher) |
 |------------------|--------------------------------------------|-----------------------------------|
@@ -10,7 +10,7 @@ Every task loss takes an optional per-patient `sample_weight` `(B,)` (as Keras p
 from `fit(..., sample_weight=...)` or `train_on_batch(x, y, sample_weight)`); a weight of
 one for every patient gives the unweighted loss.
 
-The segmentation loss has options (`LOSS_OPTIONS`, a stage's `loss:` mapping) for small
+The segmentation loss has options (its kind's `loss_options`, a stage's `loss:` mapping) for small
 lesions, which a Dice pooled over the batch's voxels and a plain voxel cross-entropy
 under-weight (a lesion of 30 voxels beside one of 3000 barely moves either):
 
@@ -25,14 +25,15 @@ under-weight (a lesion of 30 voxels beside one of 3000 barely moves either):
   one (inverse-frequency class weighting, per image).
 """
 
-import functools
-
 from keras import ops
 
-from unicon_tf.train.config import LOSS_OPTIONS, check_loss_options  # noqa: F401 (re-exported)
+DICE_MODES = ("pooled", "per_patient")
+"""`dice_ce_loss(dice=...)` values, the default first."""
+CE_WEIGHTINGS = ("none", "lesion")
+"""`dice_ce_loss(ce_weighting=...)` values, the default first."""
 
 
-def _weights(sample_weight, batch_like):
+def patient_weights(sample_weight, batch_like):
     """Per-patient weights `(B,)` as float32 (ones when `sample_weight` is None)."""
     if sample_weight is None:
         return ops.ones_like(ops.cast(batch_like, "float32"))
@@ -45,7 +46,7 @@ def classification_loss(labels, logits, sample_weight=None):
     labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
     logits = ops.cast(logits, "float32")
     per_patient = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    return ops.mean(_weights(sample_weight, labels) * per_patient)
+    return ops.mean(patient_weights(sample_weight, labels) * per_patient)
 
 
 def cox_loss(survival, risk, sample_weight=None):
@@ -72,7 +73,7 @@ def cox_loss(survival, risk, sample_weight=None):
     at_risk = time[None, :] >= time[:, None]  # row i: the risk set of t_i (always holds i)
     row_max = ops.max(ops.where(at_risk, risk[None, :], -float("inf")), axis=1, keepdims=True)
     row_max = ops.stop_gradient(row_max)
-    weight = _weights(sample_weight, time)
+    weight = patient_weights(sample_weight, time)
     terms = ops.where(at_risk, weight[None, :] * ops.exp(risk[None, :] - row_max), 0.0)
     # A risk set of zero-weight patients only has sum 0: its (zero-weighted) event must not give 0 * inf.
     log_risk_set = ops.log(ops.maximum(ops.sum(terms, axis=1), 1e-30)) + row_max[:, 0]
@@ -104,11 +105,13 @@ def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None, dice="pooled", c
     >>> [round(float(dice_ce_loss(mask, logits, dice=d)), 4) for d in ("pooled", "per_patient")]
     [0.2461, 0.2748]
     """
-    check_loss_options("segmentation", {"dice": dice, "ce_weighting": ce_weighting})
+    for option, value, values in (("dice", dice, DICE_MODES), ("ce_weighting", ce_weighting, CE_WEIGHTINGS)):
+        if value not in values:
+            raise ValueError(f"loss option {option} = {value!r} is not one of {list(values)}.")
     classes = logits.shape[-1]
     logits = ops.cast(logits, "float32")
     mask = ops.cast(mask, "int32")
-    patient_weight = _weights(sample_weight, mask[:, 0, 0, 0])
+    patient_weight = patient_weights(sample_weight, mask[:, 0, 0, 0])
     weight = ops.reshape(patient_weight, (-1,) + (1,) * (len(logits.shape) - 1))
     probabilities = ops.softmax(logits, axis=-1)
     truth = ops.one_hot(mask, classes)
@@ -152,15 +155,6 @@ def lesion_voxel_weights(mask):
     return ops.where(has_both, weights, ops.ones_like(weights))
 
 
-def task_loss(task, options=None):
-    """The task loss of `task` with its `LOSS_OPTIONS` bound: `loss(target, output, sample_weight=None)`.
-
-    Raises:
-        ValueError: see `check_loss_options`.
-    """
-    return functools.partial(TASK_LOSSES[task], **check_loss_options(task, options))
-
-
 def softmax_kl(teacher_logits, student_logits, temperature=2.0):
     """KL(teacher || student) of temperature-softened softmaxes, times T^2, averaged over
     every position (patients, or voxels for segmentation)."""
@@ -174,7 +168,3 @@ def softmax_kl(teacher_logits, student_logits, temperature=2.0):
 def risk_mse(teacher_risk, student_risk, temperature=None):
     """Mean squared difference of risk scores (temperature unused: risks are not softmaxed)."""
     return ops.mean(ops.square(ops.cast(student_risk, "float32") - ops.cast(teacher_risk, "float32")))
-
-
-TASK_LOSSES = {"classification": classification_loss, "prognosis": cox_loss, "segmentation": dice_ce_loss}
-DISTILLATION_LOSSES = {"classification": softmax_kl, "prognosis": risk_mse, "segmentation": softmax_kl}

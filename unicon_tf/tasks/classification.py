@@ -1,0 +1,87 @@
+"""Patient-level classification: class logits, cross-entropy, AUC.
+
+| piece          | value                                                            |
+|----------------|------------------------------------------------------------------|
+| target         | the cohort's `label`, a class index (int32)                      |
+| head           | `ClassificationHead`: class logits `(batch, num_classes)`        |
+| loss           | cross-entropy on logits; distillation: KL at temperature T       |
+| metrics        | `auc` (main; one-vs-rest macro for > 2 classes), `accuracy`      |
+| serving        | `probabilities` `(batch, classes)`, `class` `(batch,)`           |
+
+Example:
+>>> import numpy as np
+>>> CLASSIFICATION.scores(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]]))
+{'auc': 1.0, 'accuracy': 1.0}
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+from unicon_tf.model.heads import ClassificationHead
+from unicon_tf.tasks.base import TaskKind, pairwise_resampled, register, softmax
+from unicon_tf.tasks.losses import classification_loss, softmax_kl
+from unicon_tf.tasks.metrics import LogitAUC
+
+
+def classification_scores(labels: np.ndarray, logits: np.ndarray) -> dict:
+    """`auc` and `accuracy` of class logits `(patients, classes)` against labels `(patients,)`;
+    AUC is NaN when the split has one class."""
+    probabilities = softmax(np.asarray(logits, np.float64))
+    labels = np.asarray(labels).astype(int)
+    accuracy = float(np.mean(probabilities.argmax(-1) == labels))
+    if len(np.unique(labels)) < 2:
+        return {"auc": float("nan"), "accuracy": accuracy}
+    if probabilities.shape[-1] == 2:
+        auc = roc_auc_score(labels, probabilities[:, 1])
+    else:
+        auc = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
+                            labels=list(range(probabilities.shape[-1])))
+    return {"auc": float(auc), "accuracy": accuracy}
+
+
+class Classification(TaskKind):
+    """Patient-level classification (see the module docstring)."""
+
+    name = "classification"
+    targets = ("label",)
+    head = ClassificationHead
+    main_metric = "auc"
+    metric_names = {"auc": "AUC", "accuracy": "accuracy"}
+    uses_classes = True
+    ranking = True
+    constant_chance = 0.5
+
+    def target(self, example):
+        return example["label"]
+
+    def loss_function(self, target, output, sample_weight=None):
+        return classification_loss(target, output, sample_weight=sample_weight)
+
+    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+        return softmax_kl(teacher_output, student_output, temperature)
+
+    def metrics(self, head, num_classes=2):
+        return [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
+                LogitAUC(num_classes, name=f"{head}_auc")]
+
+    def scores(self, target, output):
+        return classification_scores(target, output)
+
+    def resampled(self, prediction, rows):
+        """Two classes: AUC as the share of concordant positive-negative pairs, vectorised."""
+        output = np.asarray(prediction["output"], np.float64)
+        if output.shape[-1] != 2:
+            return super().resampled(prediction, rows)
+        positive = np.asarray(prediction["target"]) == 1
+        risk = softmax(output)[:, 1]
+        difference = risk[:, None] - risk[None, :]
+        concordant = np.where(difference == 0, 0.5, (difference > 0).astype(np.float64))
+        return pairwise_resampled(positive[:, None] & ~positive[None, :], concordant, rows)
+
+    def serving_outputs(self, output):
+        return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
+
+
+CLASSIFICATION = register(Classification())

@@ -1,0 +1,69 @@
+"""Survival prognosis: one Cox risk score per patient, Harrell's C-index.
+
+| piece          | value                                                            |
+|----------------|------------------------------------------------------------------|
+| target         | the cohort's `(time, event)`, float32 `(2,)`                     |
+| head           | `PrognosisHead`: log relative hazard `(batch,)`                  |
+| loss           | negative Cox partial log-likelihood; distillation: MSE of risks  |
+| metrics        | `c_index` (main; exactly scikit-survival's)                      |
+| serving        | `risk` `(batch,)`                                                |
+
+Example:
+>>> import numpy as np
+>>> PROGNOSIS.scores(np.array([[1.0, 1], [2.0, 1], [3.0, 0]]), np.array([3.0, 2.0, 1.0]))
+{'c_index': 1.0}
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from unicon_tf.model.heads import PrognosisHead
+from unicon_tf.tasks.base import TaskKind, pairwise_resampled, register
+from unicon_tf.tasks.losses import cox_loss, risk_mse
+from unicon_tf.tasks.metrics import ConcordanceIndex, c_index
+
+
+class Prognosis(TaskKind):
+    """Survival prognosis (see the module docstring)."""
+
+    name = "prognosis"
+    targets = ("time", "event")
+    head = PrognosisHead
+    main_metric = "c_index"
+    metric_names = {"c_index": "C-index"}
+    ranking = True
+    constant_chance = 0.5
+    figure = "kaplan_meier"
+
+    def target(self, example):
+        return tf.stack([example["time"], tf.cast(example["event"], tf.float32)])
+
+    def loss_function(self, target, output, sample_weight=None):
+        return cox_loss(target, output, sample_weight=sample_weight)
+
+    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+        return risk_mse(teacher_output, student_output)
+
+    def metrics(self, head, num_classes=2):
+        return [ConcordanceIndex(name=f"{head}_c_index")]
+
+    def scores(self, target, output):
+        survival = np.asarray(target)
+        return {"c_index": float(c_index(survival[:, 0], survival[:, 1], output))}
+
+    def resampled(self, prediction, rows):
+        """Harrell's C-index as the share of concordant comparable pairs, vectorised."""
+        target = np.asarray(prediction["target"])
+        time, event = target[:, 0], target[:, 1].astype(bool)
+        risk = np.asarray(prediction["output"], np.float64).reshape(-1)
+        later = time[None, :] > time[:, None]
+        tied_censored = (time[None, :] == time[:, None]) & ~event[None, :]
+        difference = risk[:, None] - risk[None, :]
+        concordant = np.where(np.abs(difference) <= 1e-8, 0.5, (difference > 0).astype(np.float64))
+        return pairwise_resampled(event[:, None] & (later | tied_censored), concordant, rows)
+
+    def serving_outputs(self, output):
+        return {"risk": output}
+
+
+PROGNOSIS = register(Prognosis())
