@@ -19,7 +19,7 @@ from unicon_tf._quiet import import_tensorflow_quietly
 
 import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
 
-from unicon_tf.data import phantom, suv  # noqa: E402
+from unicon_tf.data import phantom, real_ct, suv  # noqa: E402
 from unicon_tf.data.dataset import TASK_TARGETS, dataset, task_target  # noqa: E402
 from unicon_tf.data.errors import DataError, DataWarning  # noqa: E402
 from unicon_tf.data.ingest import ingest  # noqa: E402
