@@ -29,6 +29,8 @@ intervals) to `--out`.
     python benchmarks/dense_study.py --quick --out /tmp/dense_quick      # minutes: checks it end to end
     python benchmarks/dense_study.py --out results/dense --seeds 0 1 2 \\
         --lesion-radius 4 9 --lesion-contrast 60 [--stage-keys '{"patience": 6}']
+    # one process per seed (--out a/0, a/1, ...), then:
+    python benchmarks/dense_study.py --merge a/*/dense_study_phantom.json --out results
 """
 
 import argparse
@@ -218,9 +220,30 @@ def summarise(results, plan, phantom):
             "forgetting_max_abs": max(forgetting) if forgetting else None,
             "auc_change_worst": min(auc) if auc else None,
             "dice_per_patient_by_seed": entry["dice"],
+            "forgetting_by_seed": entry["forgetting_max_abs"], "auc_change_by_seed": entry["auc_change"],
         })
     return {"plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}, "phantom": phantom,
             "test_patients": len(reference), "rows": rows}
+
+
+def merge(parts):
+    """One result from the results of runs on the same cohort with different seeds (e.g. one
+    process per seed): every arm's per-seed lists joined, summarised again."""
+    first = parts[0]
+    results = {}
+    for part in parts:
+        if (part["phantom"], {k: v for k, v in part["plan"].items() if k != "seeds"}) != (
+                first["phantom"], {k: v for k, v in first["plan"].items() if k != "seeds"}):
+            raise SystemExit("--merge: the results differ in more than their seeds")
+        for row in part["rows"]:
+            entry = results.setdefault(row["arm"], {"dice": [], "forgetting_max_abs": [], "auc_change": [],
+                                                    **{k: row[k] for k in ("label", "stage", "flops_ratio",
+                                                                           "trainable_params")}})
+            entry["dice"] += row["dice_per_patient_by_seed"]
+            entry["forgetting_max_abs"] += row["forgetting_by_seed"]
+            entry["auc_change"] += row["auc_change_by_seed"]
+    plan = {**first["plan"], "seeds": [s for part in parts for s in part["plan"]["seeds"]]}
+    return summarise(results, plan, first["phantom"])
 
 
 def markdown(result):
@@ -291,26 +314,35 @@ def main():
                         help="The phantom, or real chest CT with synthetic lesions (unicon_tf.data.real_ct).")
     parser.add_argument("--source", type=pathlib.Path, default=None,
                         help="--cohort real-ct: the pyradiomics 3.0.1 sdist (.tar.gz) or a folder of *_image.nrrd.")
+    parser.add_argument("--width", type=int, default=None, help="Encoder width (channels of its first level).")
+    parser.add_argument("--depth", type=int, default=None, help="Encoder levels.")
+    parser.add_argument("--cohort-shape", type=int, default=None, help="Side of the generated CT grid (voxels).")
+    parser.add_argument("--merge", type=pathlib.Path, nargs="+", default=None, metavar="JSON",
+                        help="Join the results of runs that differ only in their seeds (one process per seed).")
     parser.add_argument("--stage-keys", type=json.loads, default={},
                         help="JSON of pipeline keys for every stage (e.g. model selection).")
     args = parser.parse_args()
     plan = dict(QUICK if args.quick else FULL)
     for key, value in (("seeds", args.seeds and tuple(args.seeds)), ("patients", args.patients),
                        ("epochs", args.epochs), ("crop", args.crop),
-                       ("classification_epochs", args.classification_epochs)):
+                       ("classification_epochs", args.classification_epochs), ("width", args.width),
+                       ("depth", args.depth), ("cohort", args.cohort_shape)):
         if value:
             plan[key] = value
-    if (args.cohort == "real-ct") != (args.source is not None):
+    if not args.merge and (args.cohort == "real-ct") != (args.source is not None):
         parser.error("--source goes with --cohort real-ct, and --cohort real-ct needs it")
     start = time.monotonic()
 
     def echo(message):
         print(f"[{(time.monotonic() - start) / 60:5.1f} min] {message}", flush=True)
 
-    result = measure(plan, args.arms, args.out, args.lesion_radius, args.lesion_contrast, args.stage_keys,
-                     args.source, echo)
+    if args.merge:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+    else:
+        result = measure(plan, args.arms, args.out, args.lesion_radius, args.lesion_contrast, args.stage_keys,
+                         args.source, echo)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"dense_study_{args.cohort.replace('-', '_')}"
+    stem = args.out / f"dense_study_{result['phantom'].get('cohort', args.cohort).replace('-', '_')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     stem.with_suffix(".md").write_text(table)
