@@ -214,6 +214,7 @@ def summarise(results, plan, phantom):
             "dice_ci95": bootstrap_interval(lambda r: per_patient[r[0]].mean(axis=-1), [len(per_patient)],
                                             vectorized=True),
             "dice_per_seed": [float(np.mean(d)) for d in entry["dice"]],
+            "dice_vs_single_task": None if arm == BASELINE else float(per_patient.mean() - reference.mean()),
             "dice_vs_single_task_ci95": None if arm == BASELINE else paired_bootstrap(per_patient, reference),
             "missed_patients": int(np.sum(per_patient == 0.0)),
             "flops_ratio": entry["flops_ratio"], "trainable_params": entry["trainable_params"],
@@ -260,11 +261,12 @@ def markdown(result):
         return "-" if value is None else format(value, spec)
 
     for row in result["rows"]:
-        vs = row["dice_vs_single_task_ci95"]
+        vs, difference = row["dice_vs_single_task_ci95"], row.get("dice_vs_single_task")
         lines.append(
             f"| {row['label']} | {row['dice']:.3f} | [{row['dice_ci95'][0]:.3f}, {row['dice_ci95'][1]:.3f}] | "
             f"{', '.join(f'{d:.3f}' for d in row['dice_per_seed'])} | "
-            f"{'-' if vs is None else f'[{vs[0]:+.3f}, {vs[1]:+.3f}]'} | {row['missed_patients']} | "
+            f"{'-' if vs is None else f'{difference:+.3f} [{vs[0]:+.3f}, {vs[1]:+.3f}]'} | "
+            f"{row['missed_patients']} | "
             f"{row['flops_ratio']:.2f}x | {row['trainable_params']:,} | "
             f"{optional(row['forgetting_max_abs'], '.3g')} | {optional(row['auc_change_worst'], '+.3f')} |")
     return "\n".join(lines) + "\n"
