@@ -45,6 +45,7 @@ __all__ = [
     "phantom",
     "preprocess_patient",
     "read_manifest",
+    "real_ct",
     "read_schema",
     "resample_patient",
     "suv",
