@@ -20,11 +20,17 @@ Every stage and the baseline keep their best-on-validation weights (`select: bes
 `unicon_tf.train.selection`; `--stage-keys` adds or overrides keys, e.g. `patience`), so
 the arms are compared at their selected epochs, `epochs` being a maximum.
 
-Writes `dense_study.json` and `dense_study.md` (the table) to `--out`.
+`--cohort real-ct --source pyradiomics-3.0.1.tar.gz` runs it on real chest CT with synthetic
+lesions (`unicon_tf.data.real_ct`) instead of the phantom.
+
+Writes `dense_study_<cohort>.json`, `.md` (the table) and `.png` (Dice per arm with
+intervals) to `--out`.
 
     python benchmarks/dense_study.py --quick --out /tmp/dense_quick      # minutes: checks it end to end
     python benchmarks/dense_study.py --out results/dense --seeds 0 1 2 \\
         --lesion-radius 4 9 --lesion-contrast 60 [--stage-keys '{"patience": 6}']
+    # one process per seed (--out a/0, a/1, ...), then:
+    python benchmarks/dense_study.py --merge a/*/dense_study_phantom.json --out results
 """
 
 import argparse
@@ -33,6 +39,7 @@ import json
 import pathlib
 import shutil
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -47,7 +54,10 @@ from common import graph_flops
 
 ADAPTERS = {"strategy": "adapters", "adapters": 8}
 ARMS = {  # id -> (label, stage-1 keys); `{deep}` is replaced by the levels >= 1
-    "adapters": ("adapters r8 (current recipe)", ADAPTERS),
+    "adapters": ("adapters r8, lr 3e-3", ADAPTERS),
+    "adapters_lr1e-3": ("adapters r8, lr 1e-3", {**ADAPTERS, "learning_rate": 1e-3}),
+    "adapters_r16": ("adapters r16, lr 3e-3", {**ADAPTERS, "adapters": 16}),
+    "adapters_side": ("adapters r8 + side encoder", {**ADAPTERS, "side_encoder": "{side}"}),
     "adapters_deep": ("adapters r8 on levels >= 1", {**ADAPTERS, "adapter_levels": "{deep}"}),
     "path_norm": ("adapters r8 + per-path GroupNorm", {**ADAPTERS, "path_norm": True}),
     "side_encoder": ("side encoder (no adapters)", {"strategy": "frozen", "side_encoder": "{side}",
@@ -74,20 +84,22 @@ QUICK = dict(patients=20, cohort=32, spacing=4.0, crop=16, width=4, depth=3, cla
              epochs=1, batch_size=4, seeds=(0, 1), side=4)
 
 
-def cohort(out, plan, lesion_radius=None, lesion_contrast=None, echo=print):
-    """Write and ingest the phantom; return the records folder."""
+def cohort(out, plan, lesion_radius=None, lesion_contrast=None, source=None, echo=print):
+    """Write and ingest the phantom, or the real-CT cohort when `source` is given (the
+    pyradiomics sdist, `unicon_tf.data.real_ct`); return the records folder."""
     options = {}
     if lesion_radius is not None or lesion_contrast is not None:
-        if not hasattr(data.phantom, "LesionOptions"):
-            raise SystemExit("--lesion-radius/--lesion-contrast need the small-lesion phantom "
-                             "(data.phantom.LesionOptions), which this unicon_tf lacks.")
         options["lesions"] = data.phantom.LesionOptions(
             radius_mm=tuple(lesion_radius) if lesion_radius else None, ct_contrast_hu=lesion_contrast)
-    echo(f"phantom: {plan['patients']} patients, {plan['cohort']}^3 at {plan['spacing']} mm"
+    name = "phantom" if source is None else "real-CT cohort"
+    echo(f"{name}: {plan['patients']} patients, {plan['cohort']}^3 at {plan['spacing']} mm"
          + (f", lesions {options['lesions']}" if options else ""))
-    manifest = data.phantom.write_cohort(out / "phantom", n=plan["patients"], shape=(plan["cohort"],) * 3,
-                                         spacing=plan["spacing"], split_fractions={"train": 1 / 2, "val": 1 / 6},
-                                         **options)
+    settings = dict(n=plan["patients"], shape=(plan["cohort"],) * 3, spacing=plan["spacing"],
+                    split_fractions={"train": 1 / 2, "val": 1 / 6}, **options)
+    if source is None:
+        manifest = data.phantom.write_cohort(out / "phantom", **settings)
+    else:
+        manifest = data.real_ct.write_cohort(out / "real_ct", source, **settings)
     records = out / "records"
     data.ingest(manifest, records, data.Preprocessing(shape=(plan["crop"],) * 3, spacing=(plan["spacing"],) * 3,
                                                       center="mask"), verbose=False)
@@ -125,11 +137,11 @@ def trainable_params(model, stage, strategy):
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
-def measure(plan, arms, out, lesion_radius=None, lesion_contrast=None, extra=None, echo=print):
+def measure(plan, arms, out, lesion_radius=None, lesion_contrast=None, extra=None, source=None, echo=print):
     extra = {"select": "best_val", **(extra or {})}
     work = pathlib.Path(tempfile.mkdtemp(prefix="dense_study_"))
     try:
-        records = cohort(work, plan, lesion_radius, lesion_contrast, echo)
+        records = cohort(work, plan, lesion_radius, lesion_contrast, source, echo)
         results = {arm: {"dice": [], "forgetting_max_abs": [], "auc_change": []} for arm in [*arms, BASELINE]}
         flops0 = None
         for seed in plan["seeds"]:
@@ -177,7 +189,9 @@ def measure(plan, arms, out, lesion_radius=None, lesion_contrast=None, extra=Non
                 entry["label"], entry["stage"] = "single-task model from scratch", single
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return summarise(results, plan, {"lesion_radius_mm": lesion_radius, "lesion_contrast_hu": lesion_contrast,
+    return summarise(results, plan, {"cohort": "phantom" if source is None else "real-ct",
+                                     "source": None if source is None else pathlib.Path(source).name,
+                                     "lesion_radius_mm": lesion_radius, "lesion_contrast_hu": lesion_contrast,
                                      "stage_keys": extra})
 
 
@@ -200,20 +214,42 @@ def summarise(results, plan, phantom):
             "dice_ci95": bootstrap_interval(lambda r: per_patient[r[0]].mean(axis=-1), [len(per_patient)],
                                             vectorized=True),
             "dice_per_seed": [float(np.mean(d)) for d in entry["dice"]],
+            "dice_vs_single_task": None if arm == BASELINE else float(per_patient.mean() - reference.mean()),
             "dice_vs_single_task_ci95": None if arm == BASELINE else paired_bootstrap(per_patient, reference),
             "missed_patients": int(np.sum(per_patient == 0.0)),
             "flops_ratio": entry["flops_ratio"], "trainable_params": entry["trainable_params"],
             "forgetting_max_abs": max(forgetting) if forgetting else None,
             "auc_change_worst": min(auc) if auc else None,
             "dice_per_patient_by_seed": entry["dice"],
+            "forgetting_by_seed": entry["forgetting_max_abs"], "auc_change_by_seed": entry["auc_change"],
         })
     return {"plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}, "phantom": phantom,
             "test_patients": len(reference), "rows": rows}
 
 
+def merge(parts):
+    """One result from the results of runs on the same cohort with different seeds (e.g. one
+    process per seed): every arm's per-seed lists joined, summarised again."""
+    first = parts[0]
+    results = {}
+    for part in parts:
+        if (part["phantom"], {k: v for k, v in part["plan"].items() if k != "seeds"}) != (
+                first["phantom"], {k: v for k, v in first["plan"].items() if k != "seeds"}):
+            raise SystemExit("--merge: the results differ in more than their seeds")
+        for row in part["rows"]:
+            entry = results.setdefault(row["arm"], {"dice": [], "forgetting_max_abs": [], "auc_change": [],
+                                                    **{k: row[k] for k in ("label", "stage", "flops_ratio",
+                                                                           "trainable_params")}})
+            entry["dice"] += row["dice_per_patient_by_seed"]
+            entry["forgetting_max_abs"] += row["forgetting_by_seed"]
+            entry["auc_change"] += row["auc_change_by_seed"]
+    plan = {**first["plan"], "seeds": [s for part in parts for s in part["plan"]["seeds"]]}
+    return summarise(results, plan, first["phantom"])
+
+
 def markdown(result):
     plan = result["plan"]
-    lines = [f"Dense study: {plan['patients']} phantom patients ({result['test_patients']} test), "
+    lines = [f"Dense study: {plan['patients']} {result['phantom'].get('cohort', 'phantom')} patients ({result['test_patients']} test), "
              f"{plan['crop']}^3 crops at {plan['spacing']} mm, width {plan['width']}, depth {plan['depth']}, "
              f"stage-0 epochs {plan['classification_epochs']}, stage-1 epochs {plan['epochs']}, seeds {plan['seeds']}; "
              f"phantom {result['phantom']}.",
@@ -225,14 +261,43 @@ def markdown(result):
         return "-" if value is None else format(value, spec)
 
     for row in result["rows"]:
-        vs = row["dice_vs_single_task_ci95"]
+        vs, difference = row["dice_vs_single_task_ci95"], row.get("dice_vs_single_task")
         lines.append(
             f"| {row['label']} | {row['dice']:.3f} | [{row['dice_ci95'][0]:.3f}, {row['dice_ci95'][1]:.3f}] | "
             f"{', '.join(f'{d:.3f}' for d in row['dice_per_seed'])} | "
-            f"{'-' if vs is None else f'[{vs[0]:+.3f}, {vs[1]:+.3f}]'} | {row['missed_patients']} | "
+            f"{'-' if vs is None else f'{difference:+.3f} [{vs[0]:+.3f}, {vs[1]:+.3f}]'} | "
+            f"{row['missed_patients']} | "
             f"{row['flops_ratio']:.2f}x | {row['trainable_params']:,} | "
             f"{optional(row['forgetting_max_abs'], '.3g')} | {optional(row['auc_change_worst'], '+.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+def figure(result, path):
+    """A PNG of every arm's per-patient mean Dice with its 95% interval, the single-task
+    baseline's interval shaded, and each seed's mean as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    base = next(r for r in rows if r["arm"] == BASELINE)
+    ax.axvspan(*base["dice_ci95"], color="0.85", label="single-task 95% CI")
+    for y, row in enumerate(rows):
+        low, high = row["dice_ci95"]
+        ax.errorbar(row["dice"], y, xerr=[[row["dice"] - low], [high - row["dice"]]], fmt="o", capsize=3,
+                    color="C3" if row["arm"] == BASELINE else "C0")
+        ax.plot(row["dice_per_seed"], [y] * len(row["dice_per_seed"]), ".", color="0.3")
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("per-patient Dice (mean over test patients; dots: seeds)")
+    ax.set_title(f"{result['phantom'].get('cohort', 'phantom')}: {result['test_patients']} test patients, "
+                 f"seeds {result['plan']['seeds']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -243,22 +308,47 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--patients", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="Stage-1 and baseline epochs (maximum with select).")
+    parser.add_argument("--classification-epochs", type=int, default=None, help="Stage-0 epochs.")
     parser.add_argument("--crop", type=int, default=None, help="Side of the ingested crops and the model input (voxels).")
     parser.add_argument("--lesion-radius", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
     parser.add_argument("--lesion-contrast", type=float, default=None, metavar="HU")
+    parser.add_argument("--cohort", choices=("phantom", "real-ct"), default="phantom",
+                        help="The phantom, or real chest CT with synthetic lesions (unicon_tf.data.real_ct).")
+    parser.add_argument("--source", type=pathlib.Path, default=None,
+                        help="--cohort real-ct: the pyradiomics 3.0.1 sdist (.tar.gz) or a folder of *_image.nrrd.")
+    parser.add_argument("--width", type=int, default=None, help="Encoder width (channels of its first level).")
+    parser.add_argument("--depth", type=int, default=None, help="Encoder levels.")
+    parser.add_argument("--cohort-shape", type=int, default=None, help="Side of the generated CT grid (voxels).")
+    parser.add_argument("--merge", type=pathlib.Path, nargs="+", default=None, metavar="JSON",
+                        help="Join the results of runs that differ only in their seeds (one process per seed).")
     parser.add_argument("--stage-keys", type=json.loads, default={},
                         help="JSON of pipeline keys for every stage (e.g. model selection).")
     args = parser.parse_args()
     plan = dict(QUICK if args.quick else FULL)
     for key, value in (("seeds", args.seeds and tuple(args.seeds)), ("patients", args.patients),
-                       ("epochs", args.epochs), ("crop", args.crop)):
+                       ("epochs", args.epochs), ("crop", args.crop),
+                       ("classification_epochs", args.classification_epochs), ("width", args.width),
+                       ("depth", args.depth), ("cohort", args.cohort_shape)):
         if value:
             plan[key] = value
-    result = measure(plan, args.arms, args.out, args.lesion_radius, args.lesion_contrast, args.stage_keys)
+    if not args.merge and (args.cohort == "real-ct") != (args.source is not None):
+        parser.error("--source goes with --cohort real-ct, and --cohort real-ct needs it")
+    start = time.monotonic()
+
+    def echo(message):
+        print(f"[{(time.monotonic() - start) / 60:5.1f} min] {message}", flush=True)
+
+    if args.merge:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+    else:
+        result = measure(plan, args.arms, args.out, args.lesion_radius, args.lesion_contrast, args.stage_keys,
+                         args.source, echo)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dense_study.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = args.out / f"dense_study_{result['phantom'].get('cohort', args.cohort).replace('-', '_')}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (args.out / "dense_study.md").write_text(table)
+    stem.with_suffix(".md").write_text(table)
+    figure(result, stem.with_suffix(".png"))
     print(table)
 
 

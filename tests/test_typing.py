@@ -20,6 +20,7 @@ TYPED_MODULES = (
     "unicon_tf",
     "unicon_tf.data",
     "unicon_tf.data.augment",
+    "unicon_tf.data.real_ct",
     "unicon_tf.data.dicom",
     "unicon_tf.data.errors",
     "unicon_tf.data.manifest",

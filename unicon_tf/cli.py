@@ -163,14 +163,22 @@ def ingest(manifest, out, shape, spacing, preset, center, windows, scales, mask_
               help="Lesion radius ~ U(LOW, HIGH) mm for every label [default: the documented per-label sizes].")
 @click.option("--lesion-contrast", type=float, default=None, metavar="HU",
               help="CT contrast of a solid lung lesion above the lung, HU (part-solid: 500/890 of it) "
-                   "[default: 890, i.e. 40 HU lesions in -850 HU lung].")
+                   "[default: 890, i.e. 40 HU lesions in -850 HU lung; real-ct: 100].")
+@click.option("--anatomy", type=click.Choice(["drawn", "real-ct"]), default="drawn", show_default=True,
+              help="drawn: the phantom's geometric anatomy; real-ct: views of real chest CTs (--source) with "
+                   "synthetic lesions (radius 4-9 mm unless --lesion-radius).")
+@click.option("--source", type=click.Path(exists=True, path_type=pathlib.Path), default=None,
+              help="--anatomy real-ct: the pyradiomics 3.0.1 sdist (`pip download pyradiomics==3.0.1 --no-deps "
+                   "--no-binary :all: -d DIR`), or a folder of *_image.nrrd chest CTs. Needs the dicom extra.")
 @user_errors
-def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
+def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast, anatomy, source):
     """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv).
 
     --lesion-radius 4 9 --lesion-contrast 100 (with --spacing 2) makes small, faint lesions.
+    --anatomy real-ct --source pyradiomics-3.0.1.tar.gz draws them in real chest CT.
     """
     from unicon_tf.data import phantom as phantom_cohort  # first: imports TensorFlow quietly
+    from unicon_tf.data import real_ct
 
     import keras
 
@@ -178,11 +186,24 @@ def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast):
 
     if count < 1:
         raise click.BadParameter(f"-n must be >= 1, got {count}")
-    lesions = phantom_cohort.LesionOptions(radius_mm=lesion_radius or None, ct_contrast_hu=lesion_contrast)
-    lesions.check(shape[0] * spacing, spacing)  # before the progress bar
+    if (anatomy == "real-ct") != (source is not None):
+        raise click.UsageError("--source goes with --anatomy real-ct, and --anatomy real-ct needs it.")
+    if anatomy == "real-ct":
+        default = real_ct.DEFAULT_LESIONS
+        lesions = phantom_cohort.LesionOptions(
+            radius_mm=lesion_radius or default.radius_mm,
+            ct_contrast_hu=default.ct_contrast_hu if lesion_contrast is None else lesion_contrast)
+        real_ct.check_lesions(lesions, shape, spacing)  # before the progress bar
+    else:
+        lesions = phantom_cohort.LesionOptions(radius_mm=lesion_radius or None, ct_contrast_hu=lesion_contrast)
+        lesions.check(shape[0] * spacing, spacing)
     progress = keras.utils.Progbar(count, unit_name="patient", verbose=progress_verbosity(1))
-    manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update,
-                                           lesions=lesions)
+    if anatomy == "real-ct":
+        manifest = real_ct.write_cohort(out, source, count, shape, seed, spacing, progress=progress.update,
+                                        lesions=lesions)
+    else:
+        manifest = phantom_cohort.write_cohort(out, count, shape, seed, spacing, progress=progress.update,
+                                               lesions=lesions)
     click.echo(f"wrote {count} patients; manifest: {manifest}")
 
 

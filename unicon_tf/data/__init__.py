@@ -19,7 +19,7 @@ from unicon_tf._quiet import import_tensorflow_quietly
 
 import_tensorflow_quietly()  # before any module of this package imports TensorFlow or Keras
 
-from unicon_tf.data import phantom, suv  # noqa: E402
+from unicon_tf.data import phantom, real_ct, suv  # noqa: E402
 from unicon_tf.data.dataset import dataset  # noqa: E402
 from unicon_tf.data.errors import DataError, DataWarning  # noqa: E402
 from unicon_tf.data.ingest import ingest  # noqa: E402
@@ -45,6 +45,7 @@ __all__ = [
     "preprocess_patient",
     "read_manifest",
     "read_schema",
+    "real_ct",
     "resample_patient",
     "suv",
 ]

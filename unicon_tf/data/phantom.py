@@ -48,7 +48,7 @@ import csv
 import dataclasses
 import json
 import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
@@ -64,6 +64,10 @@ MAX_CONTRAST_HU = 1850.0
 """Largest `LesionOptions.ct_contrast_hu`: a lesion at most +1000 HU (calcified), as lung CT shows."""
 MAX_RADIUS = 0.09  # the largest lesion radius the anatomy holds, in units of the field of view
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+SUV_RANGE = {0: (3.5, 5.5), 1: (7.0, 13.0)}
+"""A lesion's uptake (SUV) ~ U(SUV_RANGE[label])."""
+PET_FWHM = 1.5  # the PET point-spread function's FWHM, in PET voxels
+PET_NOISE = 0.1  # multiplicative Gaussian noise of the PET image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +191,7 @@ def _draw_lesion(rng, fov, lesions):
     else:  # well inside one lung
         side = 1.0 if rng.random() < 0.5 else -1.0
         center = (side * 0.21 * fov, rng.uniform(-0.08, 0.08) * fov, rng.uniform(-0.2, 0.2) * fov)
-    suv = rng.uniform(*((7.0, 13.0) if label else (3.5, 5.5)))
+    suv = rng.uniform(*SUV_RANGE[label])
     return {"label": label, "radius_mm": float(radius), "center": tuple(float(c) for c in center),
             "location": "mediastinal" if hidden else "parenchymal", "suv": float(suv)}
 
@@ -196,10 +200,102 @@ def _lesion_hu(lesion, lesions):
     """The lesion's CT value: soft tissue if mediastinal; in a lung, solid or part-solid by label."""
     if lesion["location"] == "mediastinal":
         return SOFT_TISSUE_HU
+    return parenchymal_hu(lesion["label"], lesions)
+
+
+def parenchymal_hu(label: int, lesions: LesionOptions) -> float:
+    """The CT value (HU) of a lesion in a lung: solid (label 1) or part-solid (label 0).
+
+    Args:
+        label: the lesion's class.
+        lesions: its `LesionOptions`: with `ct_contrast_hu` set, a solid lesion lies that
+            far above the lung's `LUNG_HU` and a part-solid one 500/890 of it; unset, the
+            documented 40 / -350 HU.
+
+    Returns:
+        HU.
+
+    Example:
+    >>> parenchymal_hu(0, LesionOptions(ct_contrast_hu=89.0))
+    -800.0
+    """
     if lesions.ct_contrast_hu is None:
-        return SOFT_TISSUE_HU if lesion["label"] else PART_SOLID_HU
-    ratio = 1.0 if lesion["label"] else (PART_SOLID_HU - LUNG_HU) / (SOFT_TISSUE_HU - LUNG_HU)
+        return SOFT_TISSUE_HU if label else PART_SOLID_HU
+    ratio = 1.0 if label else (PART_SOLID_HU - LUNG_HU) / (SOFT_TISSUE_HU - LUNG_HU)
     return LUNG_HU + ratio * lesions.ct_contrast_hu
+
+
+def ct_affine(shape: tuple, spacing: float) -> np.ndarray:
+    """The CT grid's affine: LPS-like voxel order (x and y flipped), `spacing` mm, centred on
+    the world origin (the field of view's centre)."""
+    extent = np.asarray(shape) * spacing
+    affine = np.diag([-spacing, -spacing, spacing, 1.0])
+    affine[:3, 3] = [extent[0] / 2 - spacing / 2, extent[1] / 2 - spacing / 2, -extent[2] / 2 + spacing / 2]
+    return affine
+
+
+def pet_grid(shape: tuple, spacing: float) -> tuple[tuple, np.ndarray, tuple, np.ndarray]:
+    """The PET grid of a CT grid, and the fine grid its uptake is drawn on.
+
+    The PET voxel is twice the CT's (`spacing` mm), the grid shifted by a quarter PET voxel
+    from the CT's centre; the fine grid has the CT's spacing and two voxels per PET voxel
+    and axis, so `pet_image` block-averages it onto the PET grid.
+
+    Returns:
+        `(pet_shape, pet_affine, fine_shape, fine_affine)`.
+
+    Example:
+    >>> pet_shape, _, fine_shape, _ = pet_grid((24, 24, 20), 2.0)
+    >>> pet_shape, fine_shape
+    ((12, 12, 10), (24, 24, 20))
+    """
+    pet_spacing = 2.0 * spacing
+    pet_shape = tuple(max(1, int(s) // 2) for s in shape)
+    pet_affine = np.diag([pet_spacing, pet_spacing, pet_spacing, 1.0])
+    pet_affine[:3, 3] = -np.asarray(pet_shape) * pet_spacing / 2 + pet_spacing / 2 + pet_spacing / 4
+    fine_affine = np.diag([spacing, spacing, spacing, 1.0])
+    fine_affine[:3, 3] = pet_affine[:3, 3] - pet_spacing / 4
+    return pet_shape, pet_affine, tuple(2 * s for s in pet_shape), fine_affine
+
+
+def pet_image(suv: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A PET image from an uptake map on `pet_grid`'s fine grid: blurred by the point-spread
+    function (Gaussian, FWHM `PET_FWHM` PET voxels), block-averaged onto the PET grid
+    (half the fine grid's shape), with `PET_NOISE` multiplicative Gaussian noise.
+
+    Args:
+        suv: SUV on the fine grid, shape `2 * pet_shape`.
+        rng: a `numpy.random.Generator`.
+
+    Returns:
+        SUV on the PET grid, float64, not clipped.
+    """
+    pet_shape = tuple(s // 2 for s in suv.shape)
+    sigma = PET_FWHM * 2.0 / 2.3548  # in fine voxels
+    blurred = ndimage.gaussian_filter(suv, sigma).reshape(pet_shape[0], 2, pet_shape[1], 2, pet_shape[2], 2)
+    return blurred.mean(axis=(1, 3, 5)) * (1.0 + rng.normal(0.0, PET_NOISE, pet_shape))
+
+
+def hazard(volume_ml: float, suv: float) -> float:
+    """The proportional-hazards model's hazard (per month) of a lesion of `volume_ml` mL and
+    uptake `suv` (see the module docstring)."""
+    return float(H0 * (max(volume_ml, 1e-3) / V0) ** BETA_VOLUME * np.exp(BETA_SUV * (suv - SUV0)))
+
+
+def draw_outcome(rng: np.random.Generator, rate: float) -> tuple[float, int, float]:
+    """Draw survival under `rate` (`hazard`): T ~ Exponential(rate), C ~ U(C_MIN, C_MAX).
+
+    Returns:
+        `(time, event, event_time)`: months min(T, C) (at least 0.01), 1 if T <= C, and T.
+
+    Example:
+    >>> time, event, t = draw_outcome(np.random.default_rng(0), hazard(4.0, 6.0))
+    >>> event == int(t <= time + 1e-9)
+    True
+    """
+    event_time = float(rng.exponential(1.0 / rate))
+    censor_time = float(rng.uniform(C_MIN, C_MAX))
+    return float(max(min(event_time, censor_time), 0.01)), int(event_time <= censor_time), event_time
 
 
 def make_patient(patient_id: str, rng: np.random.Generator, shape: Sequence[int] = (64, 64, 64), spacing: float = 3.0,
@@ -220,12 +316,10 @@ def make_patient(patient_id: str, rng: np.random.Generator, shape: Sequence[int]
     fov = shape[0] * spacing
     lesions = lesions or LesionOptions()
     lesions.check(fov, spacing)
-    extent = np.asarray(shape) * spacing
-    ct_affine = np.diag([-spacing, -spacing, spacing, 1.0])  # LPS-like voxel order
-    ct_affine[:3, 3] = [extent[0] / 2 - spacing / 2, extent[1] / 2 - spacing / 2, -extent[2] / 2 + spacing / 2]
+    affine = ct_affine(shape, spacing)
     lesion = _draw_lesion(rng, fov, lesions)
 
-    body, lungs, heart, spine, lesion_mask = _anatomy(_world(shape, ct_affine), fov, lesion)
+    body, lungs, heart, spine, lesion_mask = _anatomy(_world(shape, affine), fov, lesion)
     ct = np.full(shape, -1000.0)
     ct[body] = SOFT_TISSUE_HU
     ct[lungs] = LUNG_HU
@@ -234,33 +328,22 @@ def make_patient(patient_id: str, rng: np.random.Generator, shape: Sequence[int]
     ct[lesion_mask] = _lesion_hu(lesion, lesions)
     ct += rng.normal(0.0, 15.0, shape)
 
-    pet_spacing = 2.0 * spacing
-    pet_shape = tuple(max(1, s // 2) for s in shape)
-    pet_affine = np.diag([pet_spacing, pet_spacing, pet_spacing, 1.0])
-    pet_affine[:3, 3] = -np.asarray(pet_shape) * pet_spacing / 2 + pet_spacing / 2 + pet_spacing / 4
-    fine = np.diag([spacing, spacing, spacing, 1.0])  # uptake drawn at CT resolution, then blurred
-    fine_shape = tuple(2 * s for s in pet_shape)
-    fine[:3, 3] = pet_affine[:3, 3] - pet_spacing / 4
+    _, pet_affine, fine_shape, fine = pet_grid(shape, spacing)  # uptake drawn at CT resolution, then blurred
     body, lungs, heart, spine, lesion_fine = _anatomy(_world(fine_shape, fine), fov, lesion)
     suv = np.zeros(fine_shape)
     suv[body], suv[lungs], suv[heart], suv[spine], suv[lesion_fine] = 1.0, 0.5, 2.0, 1.6, lesion["suv"]
-    sigma = 1.5 * 2.0 / 2.3548  # FWHM of 1.5 PET voxels, in fine voxels
-    suv = ndimage.gaussian_filter(suv, sigma).reshape(pet_shape[0], 2, pet_shape[1], 2, pet_shape[2], 2)
-    pet = suv.mean(axis=(1, 3, 5)) * (1.0 + rng.normal(0.0, 0.1, pet_shape))
+    pet = pet_image(suv, rng)
 
     volume_ml = float(lesion_mask.sum() * spacing**3 / 1000.0)
-    hazard = H0 * (max(volume_ml, 1e-3) / V0) ** BETA_VOLUME * np.exp(BETA_SUV * (lesion["suv"] - SUV0))
-    event_time = float(rng.exponential(1.0 / hazard))
-    censor_time = float(rng.uniform(C_MIN, C_MAX))
+    rate = hazard(volume_ml, lesion["suv"])
+    time, event, event_time = draw_outcome(rng, rate)
     return PhantomPatient(
         patient_id=patient_id,
-        ct=np.round(ct).astype(np.int16), ct_affine=ct_affine,
+        ct=np.round(ct).astype(np.int16), ct_affine=affine,
         pet=np.clip(pet, 0.0, None).astype(np.float32), pet_affine=pet_affine,
         mask=lesion_mask.astype(np.uint8),
-        label=lesion["label"],
-        time=float(max(min(event_time, censor_time), 0.01)),
-        event=int(event_time <= censor_time),
-        latent={**lesion, "volume_ml": volume_ml, "hazard": float(hazard), "event_time": event_time},
+        label=lesion["label"], time=time, event=event,
+        latent={**lesion, "volume_ml": volume_ml, "hazard": rate, "event_time": event_time},
     )
 
 
@@ -334,11 +417,32 @@ def write_cohort(out: pathlib.Path | str, n: int = 120, shape: Sequence[int] = (
     """
     lesions = lesions or LesionOptions()
     lesions.check(int(shape[0]) * spacing, spacing)
+    options = {"lesions": lesions.to_json()} if lesions.to_json() else {}  # absent for the documented model
+    return write_patients(out, iter_cohort(n, shape, seed, spacing, lesions), assign_splits(n, seed, split_fractions),
+                          "phantom.json", {"n": n, "shape": list(shape), "seed": seed, "spacing": spacing, **options},
+                          progress)
+
+
+def write_patients(out: pathlib.Path | str, patients: Iterable[PhantomPatient], splits: list, record: str, description: dict,
+                   progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+    """Write generated patients (`PhantomPatient`s) as NIfTI files plus `manifest.csv`, and
+    `description` with every patient's latents as `record` (JSON), the generator's record.
+
+    Args:
+        out: output folder (created).
+        patients: an iterable of `PhantomPatient`.
+        splits: each patient's split (`assign_splits`).
+        record: file name of the generator's record, e.g. `phantom.json`.
+        description: the generator's settings, written before the latents.
+        progress: optional callable `progress(done)` after each patient.
+
+    Returns:
+        Path of the manifest.
+    """
     out = pathlib.Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = assign_splits(n, seed, split_fractions)
     rows, latents = [], {}
-    for i, (patient, split) in enumerate(zip(iter_cohort(n, shape, seed, spacing, lesions), splits)):
+    for i, (patient, split) in enumerate(zip(patients, splits)):
         files = {}
         for field, data, affine in (("ct", patient.ct, patient.ct_affine), ("pet", patient.pet, patient.pet_affine),
                                     ("mask", patient.mask, patient.ct_affine)):
@@ -357,8 +461,5 @@ def write_cohort(out: pathlib.Path | str, n: int = 120, shape: Sequence[int] = (
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    options = {"lesions": lesions.to_json()} if lesions.to_json() else {}  # absent for the documented model
-    (out / "phantom.json").write_text(json.dumps(
-        {"n": n, "shape": list(shape), "seed": seed, "spacing": spacing, **options, "latent": latents}, indent=1)
-        + "\n")
+    (out / record).write_text(json.dumps({**description, "latent": latents}, indent=1) + "\n")
     return manifest
