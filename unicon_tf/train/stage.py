@@ -120,15 +120,15 @@ def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learn
     the strategy's scope (`unicon_tf.train.distribute`); only the chief writes into `out`,
     other workers into a temporary folder removed at the end. Under a mixed `precision`
     the network trains with that dtype policy and is saved in float32
-    (`unicon_tf.train.precision`).
+    (`unicon_tf.train.precision`). The other keyword arguments (`strategy`, `epochs`,
+    `learning_rate`, `init`, `resume`, `callbacks`, `verbose`, `distribute`, `precision`,
+    `profile_batch`, `accept_changes`) are `train_stage`'s.
 
     Args:
         pipeline: a `PipelineSpec`.
         stage: the stage's name.
         out: the stage's folder (a `StageFolder` or path); must not hold a trained stage.
         base: the previous stage's folder (`StageFolder` or path); None for the first stage.
-        strategy, epochs, learning_rate, init, resume, callbacks, verbose, distribute, precision,
-            profile_batch, accept_changes: see `train_stage`.
 
     Returns:
         The record written to `stage.json`: `stage`, `index`, `fingerprint` (of the
