@@ -22,7 +22,7 @@ import math
 import keras
 import numpy as np
 
-from unicon_tf import presets
+from unicon_tf.presets import registry as presets
 from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.families import FAMILIES, EncoderFamily, family_named, family_of
 from unicon_tf.model.i3resnet import I3RESNET_OPTIONS  # noqa: F401 (the module registers the i3resnet family)

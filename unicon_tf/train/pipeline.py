@@ -43,7 +43,7 @@ import yaml
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.options import DENSE_TASKS, ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
     default_modalities, head_kind
-from unicon_tf.presets import PRESETS
+from unicon_tf.presets.registry import PRESETS
 from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS,  # noqa: F401 (re-exported)
                                     SELECTION_KEYS, TRAINING_DEFAULTS, TrainingConfig)
 

