@@ -22,7 +22,6 @@ to bless it, the previous stage's row of main metrics; it writes to its own fold
 
 import pathlib
 
-import keras
 import nibabel as nib
 import numpy as np
 
@@ -33,6 +32,7 @@ from unicon_tf.train.selection import describe_rule, rule_key
 from unicon_tf.train.checks import validation_never_measured
 from unicon_tf.train.metrics import METRIC_NAMES
 from unicon_tf.files import sha256, write_json_atomic
+from unicon_tf.model.storage import load_model
 from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
 
@@ -71,7 +71,7 @@ def score_stage(stage, split="test", out=None, write_predictions=True, fresh=Fal
     saved = out.metrics()
     predictions = {}
     if fresh or saved is None or {k: saved.get(k) for k in key} != key or "validation" not in saved:
-        model = keras.models.load_model(stage.model)
+        model = load_model(stage.model)
         metrics = []
         for entry in record["heads"]:
             result = predict_head(model, entry["head"], entry["data"], split)

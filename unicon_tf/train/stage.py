@@ -24,8 +24,9 @@ import tensorflow as tf
 from unicon_tf import presets
 from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import data_fingerprint, dataset, read_schema
-from unicon_tf.files import atomic_folder, save_model_atomic, sha256
+from unicon_tf.files import atomic_folder, sha256
 from unicon_tf.model import expand, foundation, model_parts, non_finite_weights
+from unicon_tf.model.storage import load_model, save_model
 from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.checks import check_head_fits_data, check_train_split, check_validation_split
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
@@ -311,7 +312,7 @@ def _fit(pipeline, index, spec, fingerprint, out, written, base, base_record, in
         "replicas": distribution.num_replicas_in_sync if distribution else 1, "selection": selected,
         "resume_changes": state.get("changes", []),
     }
-    save_model_atomic(network, written.model)
+    save_model(network, written.model)
     written.write_record(record)
     shutil.rmtree(written.checkpoint, ignore_errors=True)
     return {**record, "chief": written.path == out.path}
@@ -358,7 +359,7 @@ def _network_for_stage(pipeline, index, spec, init, base):
     options = dict(spec.head_options)
     if index == 0:
         if init is not None:
-            network = keras.models.load_model(init)
+            network = load_model(init)
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters,
                                  adapter_start=spec.adapter_start, **spec.path_options, **options)
@@ -367,8 +368,8 @@ def _network_for_stage(pipeline, index, spec, init, base):
                              name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
         return network, None, None
     previous = base.model
-    network = keras.models.load_model(previous)
-    teacher = keras.models.load_model(previous)
+    network = load_model(previous)
+    teacher = load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
                      modalities=list(spec.modalities) if spec.modalities else None,
                      adapter_start=spec.adapter_start, **spec.path_options, **options)
