@@ -77,6 +77,9 @@ def copied_run(stages, folder):
 def test_moved_base_is_an_error_naming_stage_base_and_hash(stages, tmp_path):
     stage, base = copied_run(stages, tmp_path)
     load_model(stage)  # the whole run moved: relative references still hold
+    copy = stage.parents[2] / "baselines" / "single_task" / "x" / "stages" / "00-x" / "model.keras"
+    shutil.copytree(stage.parent, copy.parent)
+    load_model(copy)  # a stage folder copied within its run finds the base in the run's weights/
     base.rename(tmp_path / base.name)
     with pytest.raises(StorageError) as error:
         load_model(stage)

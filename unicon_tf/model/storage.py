@@ -10,7 +10,8 @@ for the 117 M-parameter `astra_i3resnet152`), though a UNICON stage leaves it un
 - the **stage file** (still `model.keras`, a zip): Keras's `config.json` and
   `metadata.json`, `delta.weights.h5` (Keras's weights tree holding only the arrays no
   base holds: new heads, adapters, stems, changed weights) and `unicon_storage.json`, the
-  manifest: each base used (its SHA-256 and its path relative to the stage file) and, for
+  manifest: each base used (its SHA-256 and its path relative to the stage file; a stage
+  folder copied elsewhere in its run finds it by name in the run's store) and, for
   each array taken from a base, its place in Keras's weights tree, the base and the
   array's SHA-256.
 
@@ -153,7 +154,7 @@ def load_model(path, **options) -> keras.Model:
     manifest = read_manifest(path)
     if manifest is None:
         return keras.models.load_model(path, **options)
-    bases = {digest: _checked_base(path, digest, pathlib.Path(os.path.normpath(path.parent / entry["path"])))
+    bases = {digest: _checked_base(path, digest, _base_file(path, digest, entry["path"]))
              for digest, entry in manifest["bases"].items()}
     with tempfile.TemporaryDirectory(prefix="unicon-load-") as scratch:
         scratch = pathlib.Path(scratch)
@@ -252,6 +253,15 @@ def _write_delta(weights, delta, skip):
                 out.copy(item, name)
         out.attrs.update(dict(tree.attrs))
         tree.visititems(copy)
+
+
+def _base_file(stage_file, digest, relative):
+    """Where the base `digest` of `stage_file` is: at the path it recorded (relative to its
+    folder), else under its name in the stage file's default store (a stage folder copied
+    within its run, as a baseline reusing stage 0 does); the recorded path if neither is there."""
+    recorded = pathlib.Path(os.path.normpath(stage_file.parent / relative))
+    stored = default_store(stage_file) / f"{digest}.weights.h5"
+    return stored if not recorded.is_file() and stored.is_file() else recorded
 
 
 def _checked_base(stage_file, digest, file):
