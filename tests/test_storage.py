@@ -31,8 +31,7 @@ def weights_by_path(model):
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """A run folder with two stages of the pretrained tiny I3ResNet saved by reference (forced)."""
-    run = tmp_path_factory.mktemp("run")
-    (run / "run.json").write_text("{}")
+    run = tmp_path_factory.mktemp("run")  # its run.json is written once the first stage is saved, as a run does
     first = unicon_tf.foundation((16, 32, 32), encoder="i3resnet", layers=(1, 2, 1, 1), width=4, weights=SMALL,
                                  task="classification")
     second = unicon_tf.expand(first, task="prognosis", adapters=2)
@@ -41,6 +40,7 @@ def stages(tmp_path_factory):
         path = run / "stages" / f"0{index}-stage" / "model.keras"
         path.parent.mkdir(parents=True)
         saved.append((path, save_model(model, path, by_reference=True)))
+        (run / "run.json").write_text("{}")
     return run, models, saved
 
 

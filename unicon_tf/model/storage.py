@@ -191,10 +191,14 @@ def read_manifest(path) -> dict | None:
 
 def default_store(path) -> pathlib.Path:
     """The base-weights folder of the stage file `path`: `<run>/weights` for the outermost
-    folder holding a `run.json` above it, else `weights/` beside the stage's folder."""
+    folder holding a `run.json` above it (a run's stages and the baseline runs inside it),
+    else for the run of a `<run>/stages/<stage>/` folder (its first stage is saved before
+    its `run.json`), else `weights/` beside the stage's folder."""
     path = pathlib.Path(path).resolve()
     runs = [folder for folder in path.parents if (folder / "run.json").is_file()]
-    return (runs[-1] if runs else path.parent.parent) / "weights"
+    if runs:
+        return runs[-1] / "weights"
+    return (path.parents[2] if path.parent.parent.name == "stages" else path.parent.parent) / "weights"
 
 
 def _nbytes(variable):
