@@ -174,11 +174,14 @@ def load_model(path, **options) -> keras.Model:
 
 
 def read_manifest(path) -> dict | None:
-    """The by-reference manifest of the `.keras` file `path`, or None for a self-contained one.
+    """The by-reference manifest of the `.keras` file `path`, or None for a self-contained one
+    (or a file that is no zip archive).
 
     Raises:
         StorageError: a manifest of another format version.
     """
+    if not zipfile.is_zipfile(path):
+        return None  # not a Keras archive: `keras.models.load_model` says why
     with zipfile.ZipFile(path) as archive:
         if MANIFEST not in archive.namelist():
             return None
