@@ -17,6 +17,7 @@ from unicon_tf.model import PretrainedWeightsError, model_parts
 from unicon_tf.model.i3resnet import (FrozenBatchNormalization, i3resnet_backbone, i3resnet_targets,
                                       load_i3resnet_weights, read_i3resnet_state)
 from unicon_tf.serving.export import export_model
+from unicon_tf.train.strategies import configure_trainable
 from unicon_tf.model.torch_checkpoint import bfloat16_to_float32, read_torch_checkpoint, torch_state_dict
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -257,3 +258,16 @@ def test_frozen_pretrained_encoder_trains_heads_on_cached_multiscale_features(ph
     load_i3resnet_weights(reference, SMALL)
     for mine, published in zip(model_parts(trained)["encoder"].base_weights(), reference.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(published))
+
+
+@pytest.mark.parametrize("strategy, pretrained, trains", [("frozen", True, False), ("adapters", True, False),
+                                                          ("finetune", True, True), ("adapters", False, True)])
+def test_stage_0_trains_a_pretrained_encoder_only_when_the_strategy_fine_tunes(strategy, pretrained, trains):
+    """The CT+PET single-task baseline of an `adapters` stage once fine-tuned the whole published
+    encoder (BatchNorm in inference mode) at the head's learning rate, and went NaN."""
+    model = unicon_tf.foundation((16, 32, 32), modality=["ct", "pet"], encoder="i3resnet", layers=LAYERS,
+                                 width=WIDTH, weights=SMALL, task="classification")
+    configure_trainable(model, 0, strategy, pretrained=pretrained)
+    parts = model_parts(model)
+    assert bool(parts["encoder"].trainable_weights) is trains
+    assert all(part.trainable_weights for group in ("fusions", "heads") for part in parts[group].values())

@@ -59,11 +59,10 @@ def main():
 def describe(model_path, as_json):
     """Show a saved model's stems, encoder, adapters and heads with parameter counts."""
     from unicon_tf import model as unicon_model  # first: imports TensorFlow quietly
-
-    import keras
+    from unicon_tf.model.storage import load_model
 
     try:
-        model = keras.models.load_model(model_path)
+        model = load_model(model_path)
         info = unicon_model.describe(model)
     except (ValueError, TypeError, OSError) as error:
         raise click.ClickException(f"{model_path}: cannot read a unicon_tf model: {error}") from error

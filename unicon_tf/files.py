@@ -1,7 +1,7 @@
 """Writes that never leave a half-written file or folder: write beside the target, then rename.
 
 Every JSON record (run.json, stage.json, matrix.json, blessing.json, lineage.json), the
-TF Serving `models.config` and every saved `.keras` model goes through here; so does
+TF Serving `models.config` goes through here (saved `.keras` models: `unicon_tf.model.storage`); so does
 every folder that must appear whole or not at all (`atomic_folder`: an ingested cohort,
 a SavedModel version, a training checkpoint). `sha256` is the one file checksum.
 
@@ -40,14 +40,6 @@ def write_json_atomic(path, obj):
 def plain_json(obj):
     """`obj` with NumPy scalars and paths turned into plain JSON values (a deep copy)."""
     return json.loads(json.dumps(obj, default=_plain))
-
-
-def save_model_atomic(model, path):
-    """`model.save(path)` (a `.keras` file) through a hidden partial file and a rename."""
-    path = pathlib.Path(path)
-    partial = path.with_name(f".{path.stem}.partial.keras")
-    model.save(partial)
-    os.replace(partial, path)
 
 
 @contextlib.contextmanager

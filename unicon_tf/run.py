@@ -12,13 +12,15 @@
     <run>/stages/NN-<stage>/tensorboard/            TensorBoard event files: train/, validation/
     <run>/stages/NN-<stage>/evaluation/             the Evaluator's output: metrics.json,
                                                     blessing.json, predictions/<head>/*.nii.gz
+    <run>/weights/<sha256>.weights.h5               weights shared by reference by large models' stage
+                                                    files (a pretrained preset; unicon_tf.model.storage)
     <run>/evaluation/matrix.json                    the stage x task matrix of the run
     <run>/baselines/<kind>/                         reference runs (single-task, naive, joint)
     <run>/report/                                   report.md and its figures
 
 A stage folder stands on its own (`StageFolder`): a component given its path (an
 artifact's URI) finds the model, the record and the blessing there without the run
-around it. `Run` opens a run directory with or without its pipeline.
+around it (a large model's stage file takes its unchanged weights from the run's `weights/`). `Run` opens a run directory with or without its pipeline.
 
 Example:
 >>> import tempfile

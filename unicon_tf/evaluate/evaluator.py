@@ -24,7 +24,6 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keras
 import nibabel as nib
 import numpy as np
 
@@ -35,6 +34,7 @@ from unicon_tf.train.selection import describe_rule, rule_key
 from unicon_tf.train.checks import validation_never_measured
 from unicon_tf.tasks import metric_name, task_kind
 from unicon_tf.files import sha256, write_json_atomic
+from unicon_tf.model.storage import load_model
 from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.version import __version__
 
@@ -74,7 +74,7 @@ def score_stage(stage: StageFolder | pathlib.Path | str, split: str = "test", ou
     saved = out.metrics()
     predictions = {}
     if fresh or saved is None or {k: saved.get(k) for k in key} != key or "validation" not in saved:
-        model = keras.models.load_model(stage.model)
+        model = load_model(stage.model)
         metrics = []
         for entry in record["heads"]:
             result = predict_head(model, entry["head"], entry["data"], split)

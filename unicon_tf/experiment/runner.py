@@ -33,13 +33,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import keras
 
 from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
 from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, predict_head
 from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
+from unicon_tf.model.storage import load_model
 from unicon_tf.run import BASELINES, Run, StageError
 from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -316,7 +316,7 @@ def _baseline_predictions(pipeline, folders, kind):
     predictions = {}
     for folder in final:
         record = folder.record()
-        model = keras.models.load_model(folder.model)
+        model = load_model(folder.model)
         for entry in record["heads"][-1:] if kind == "single_task" else record["heads"]:
             predictions[entry["head"]] = _per_patient(entry["task"],
                                                       predict_head(model, entry["head"], entry["data"], "test"))

@@ -34,6 +34,7 @@ import tensorflow as tf
 from unicon_tf.data.records import read_schema
 from unicon_tf.files import atomic_folder, write_text_atomic
 from unicon_tf.model import model_parts, non_finite_weights
+from unicon_tf.model.storage import load_model
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
 from unicon_tf.run import Evaluation, Run, StageFolder
 from unicon_tf.tasks import task_kind
@@ -497,7 +498,7 @@ def push_stage(stage, base="saved_models", model_name=None, blessing=None, label
     stage = stage if isinstance(stage, StageFolder) else StageFolder(stage)
     record = stage.record()
     model_name = model_name or record["pipeline"]
-    model = keras.models.load_model(stage.model)
+    model = load_model(stage.model)
     schema = read_schema(record["data"]["path"])
     metadata = {"stage": record["stage"], "stage_dir": str(stage.path.resolve()), "pipeline": record["pipeline"],
                 "blessing": blessing, "forced": not (blessing or {}).get("blessed", False),

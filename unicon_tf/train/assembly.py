@@ -13,6 +13,7 @@ from unicon_tf import presets
 from unicon_tf.data import read_schema
 from unicon_tf.files import sha256
 from unicon_tf.model import expand, foundation, model_parts
+from unicon_tf.model.storage import load_model
 from unicon_tf.run import StageError, StageFolder
 from unicon_tf.train.plugins import EWC, Distillation, WeightPenalty
 from unicon_tf.train.precision import set_precision
@@ -112,7 +113,7 @@ def _network_for_stage(pipeline, index, spec, init, base):
     options = dict(spec.head_options)
     if index == 0:
         if init is not None:
-            network = keras.models.load_model(init)
+            network = load_model(init)
             if (spec.head or spec.task) not in network.output:  # otherwise train the head it has
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters,
                                  adapter_start=spec.adapter_start, **spec.path_options, **options)
@@ -121,8 +122,8 @@ def _network_for_stage(pipeline, index, spec, init, base):
                              name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
         return network, None, None
     previous = base.model
-    network = keras.models.load_model(previous)
-    teacher = keras.models.load_model(previous)
+    network = load_model(previous)
+    teacher = load_model(previous)
     network = expand(network, task=spec.task, modality=spec.modality, name=spec.head, adapters=spec.adapters,
                      modalities=list(spec.modalities) if spec.modalities else None,
                      adapter_start=spec.adapter_start, **spec.path_options, **options)

@@ -33,8 +33,8 @@ import tensorflow as tf
 
 from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import read_schema
-from unicon_tf.files import save_model_atomic
 from unicon_tf.model import expand, foundation, model_parts
+from unicon_tf.model.storage import save_model
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.tasks import task_kind
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -234,7 +234,7 @@ def _joint(pipeline, run, verbose):
         joint.fit(stage_batches(epoch), epochs=1, verbose=progress_verbosity(verbose), shuffle=False)
         history.append({k: float(v[-1]) for k, v in joint.history.history.items()})
     out.path.mkdir(parents=True, exist_ok=True)
-    save_model_atomic(network, out.model)
+    save_model(network, out.model)
     out.write_record({
         "stage": "joint", "pipeline": pipeline.name, "strategy": "joint", "epochs": epochs, "steps_per_epoch": steps,
         "selection": {"select": "last", "monitor": None, "epoch": epochs, "epochs_run": epochs, "max_epochs": epochs,

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.data import data_fingerprint, read_schema
-from unicon_tf.files import save_model_atomic
+from unicon_tf.model.storage import save_model
 from unicon_tf.run import Run, StageError, StageFolder
 from unicon_tf.train.assembly import StageNetwork, assemble, previous_stage, stage_plugins
 from unicon_tf.train.caching import stage_data, stage_trainer
@@ -238,7 +238,7 @@ class _StageJob:
         set_trainable(assembled.network, True)  # the saved model carries no freezing
         set_precision(assembled.network, "float32")  # the saved model computes in float32 (its variables are)
         record = self._record(assembled, trainer, plugins, state, selected, started)
-        save_model_atomic(assembled.network, self.written.model)
+        save_model(assembled.network, self.written.model)
         self.written.write_record(record.to_json())
         shutil.rmtree(self.written.checkpoint, ignore_errors=True)
         return {**record.to_json(), "chief": self.written.path == self.out.path}

@@ -11,7 +11,9 @@
 |            |                                               | EWC (beta)                        |
 | `naive`    | as `finetune`                                 | nothing: the forgetting baseline  |
 
-Old heads, stems and fusions never train after their stage. Stage 0 trains everything.
+Old heads, stems and fusions never train after their stage. Stage 0 trains everything, but
+a pretrained encoder (a preset, or `weights:`) trains only under `finetune` and `naive`: at
+stage 0 `frozen` and `adapters` train the stem, fusion and head on its published weights.
 """
 
 import keras
@@ -39,9 +41,13 @@ def configure_trainable(network: keras.Model, stage: int, strategy: str, pretrai
         network: the unicon model (already expanded for this stage).
         stage: the stage number; parts whose `stage` equals it are new.
         strategy: one of `STRATEGIES`.
-        pretrained: the encoder holds published weights (a preset, or `weights:`): under
-            `frozen` it stays frozen at stage 0 too (only the first head and stem train);
-            otherwise stage 0 trains the encoder from its initialisation.
+        pretrained: the encoder holds published weights (a preset, or `weights:`): it
+            trains only under `finetune` and `naive`, at stage 0 too (under `frozen` and
+            `adapters` only the first head, stems and fusion train: a single-task baseline
+            of an `adapters` stage keeps the published encoder, as its continual stage
+            does, instead of fine-tuning 100 M weights with BatchNorm in inference mode at
+            the head's learning rate, which diverged); without it stage 0 trains the
+            encoder from its initialisation.
 
     Returns:
         The names of the new heads.
@@ -59,7 +65,7 @@ def configure_trainable(network: keras.Model, stage: int, strategy: str, pretrai
     for group in ("stems", "fusions", "heads"):
         for part in parts[group].values():
             set_trainable(part, part.stage == stage)
-    train_encoder = (stage == 0 and not (pretrained and strategy == "frozen")) or strategy in ("finetune", "naive")
+    train_encoder = (stage == 0 and not pretrained) or strategy in ("finetune", "naive")
     encoder = parts["encoder"]
     for layer in encoder.leaf_layers():
         set_trainable(layer, train_encoder)
