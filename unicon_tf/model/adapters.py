@@ -30,6 +30,8 @@ import contextvars
 import keras
 from keras import ops
 
+from unicon_tf.model.group_norm import GroupNormalization
+
 _ACTIVE_ADAPTER = contextvars.ContextVar("unicon_tf_active_adapter", default=None)
 
 
@@ -233,7 +235,7 @@ class AdaptableDense(LowRankAdapters, keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
-class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
+class PathGroupNormalization(PathParameters, GroupNormalization):
     """A `GroupNormalization` whose scale and shift can have a copy per named path.
 
     Outside an `adapter_scope` of one of its paths it computes exactly what
