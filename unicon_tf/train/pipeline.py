@@ -70,7 +70,7 @@ TRAINING_DEFAULTS = {
     "seed": 0,
     "cache_features": True,  # frozen: train the new head on cached encoder features
     "distribute": "none",  # none | mirrored | multiworker (unicon_tf.train.distribute)
-    "precision": "float32",  # float32 | mixed_float16 | mixed_bfloat16 (unicon_tf.train.precision)
+    "precision": "float32",  # float32 | mixed_float16 | mixed_bfloat16 | auto (unicon_tf.train.precision)
     "profile_batch": 0,  # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
     "tolerance": 0.01,  # blessing: largest allowed drop of an earlier task's metric
     "threshold": 0.0,  # blessing: smallest acceptable metric of the stage's own task
