@@ -200,8 +200,9 @@ def main():
     threads = parser.parse_args().threads
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     side = Side()
-    serve({"prepare": side.prepare, "step": side.step, "peaks": side.peaks, "window": side.window,
-           "extras": side.extras}, {"ready": True, "version": f"tensorflow {tf.__version__}, keras {keras.__version__}"})
+    handlers = {"prepare": side.prepare, "step": side.step, "peaks": side.peaks, "window": side.window,
+                "extras": side.extras}
+    serve(handlers, {"ready": True, "version": f"tensorflow {tf.__version__}, keras {keras.__version__}"})
 
 
 if __name__ == "__main__":
