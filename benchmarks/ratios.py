@@ -29,7 +29,7 @@ PyTorch (`pip install torch`, the CPU wheel or the CUDA one) and MONAI (`pip ins
 monai`, for the sliding window) are optional: without them the peer column says "not
 installed". Neither is a dependency of unicon-tf.
 
-    python benchmarks/ratios.py            # 32^3, 64^3, 96^3 and 256^3 windows: ~9 min on 2 quiet cores
+    python benchmarks/ratios.py            # 32^3, 64^3, 96^3, 256^3 windows: ~10-12 min, 2 quiet cores
     python benchmarks/ratios.py --quick    # 32^3, a 96^3 window volume: ~2 min
     python benchmarks/ratios.py --extras   # also strategy overhead, growth FLOPs, feed, caching, serving
 
