@@ -27,7 +27,8 @@ import pathlib
 
 import numpy as np
 
-from unicon_tf.evaluate.scores import MAIN_METRIC, bootstrap_interval, patient_bootstrap, resampled_metric
+from unicon_tf.evaluate.scores import bootstrap_interval, patient_bootstrap, resampled_metric
+from unicon_tf.tasks import task_kind
 
 
 def read_cells(folder, arm, fraction):
@@ -53,7 +54,7 @@ def arm_scores(cells, head):
 
     low, high = bootstrap_interval(statistic, [len(p["patient_ids"]) for p in predictions], vectorized=True)
     seeds = sorted({seed for _, seed in keys})
-    return {"task": predictions[0]["task"], "metric": MAIN_METRIC[predictions[0]["task"]],
+    return {"task": predictions[0]["task"], "metric": task_kind(predictions[0]["task"]).main_metric,
             "mean": float(np.mean(values)), "ci95": [float(low), float(high)],
             "per_seed": {str(s): float(np.mean([v for (f, seed), v in zip(keys, values) if seed == s]))
                          for s in seeds},

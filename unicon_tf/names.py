@@ -35,8 +35,9 @@ STRATEGIES = ("frozen", "adapters", "finetune", "naive")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 """How a stage trains across devices and hosts (see `unicon_tf.train.distribute`)."""
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-"""The Keras dtype policies a stage may train under (see `unicon_tf.train.precision`)."""
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+"""The Keras dtype policies a stage may train under, or `auto`: the machine's fastest one
+(see `unicon_tf.train.precision`)."""
 
 SELECT = ("best_val", "last")
 """The weights a stage keeps (`select`, see `unicon_tf.train.selection`)."""

@@ -18,12 +18,13 @@ import keras
 
 from unicon_tf.model.adapters import (AdaptableConv3D, LowRankAdapters, PathGroupNormalization, PathParameters,
                                       adapter_scope)
+from unicon_tf.model.group_norm import GroupNormalization
 
 
 def group_norm(channels, name=None, per_path=False):
     """GroupNormalization with up to 8 groups that always divide `channels`; with
     `per_path=True` a `PathGroupNormalization` (the encoder's, so paths can own a copy)."""
-    layer = PathGroupNormalization if per_path else keras.layers.GroupNormalization
+    layer = PathGroupNormalization if per_path else GroupNormalization
     return layer(groups=math.gcd(8, channels), name=name)
 
 

@@ -212,7 +212,7 @@ class TrainingConfig:
     # frozen: train the new head on cached encoder features
     cache_features: bool = _field(True, _unchecked)
     distribute: str = _field("none", _choice(check_distribute))  # none | mirrored | multiworker
-    precision: str = _field("float32", _choice(check_precision))  # float32 | mixed_float16 | mixed_bfloat16
+    precision: str = _field("float32", _choice(check_precision))  # float32 | mixed_float16 | mixed_bfloat16 | auto (the machine's fastest)
     # TensorBoard profiler: a batch, or [first, last]; 0 profiles nothing
     profile_batch: int | list = _field(0, _profile_batch)
     tolerance: float = _field(0.01, _number(lambda v: v >= 0))  # blessing: largest drop of an earlier task's metric

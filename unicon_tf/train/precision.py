@@ -5,6 +5,13 @@
 | `float32`         | float32           | float32   | none                                 |
 | `mixed_float16`   | float16           | float32   | `keras.optimizers.LossScaleOptimizer`|
 | `mixed_bfloat16`  | bfloat16          | float32   | none (bfloat16 has float32's range)  |
+| `auto`            | `auto_precision()`: mixed_bfloat16 where the hardware has bfloat16 |
+
+`auto` picks, on the machine that trains: a GPU of compute capability >= 8.0 (Ampere and
+later: bfloat16 tensor cores) or, without a GPU, a CPU with bfloat16 instructions
+(AVX512_BF16 or AMX-BF16; oneDNN then runs convolutions and matmuls in bfloat16):
+`mixed_bfloat16`; a GPU of compute capability 7.x: `mixed_float16`; otherwise `float32`
+(bfloat16 without hardware support is emulated and slower than float32).
 
 Every layer of the network (stems, fusions, the encoder and its LoRA adapters, the heads'
 inner layers) follows the policy, except each head's output layer (`Head.output_layer`),
@@ -17,10 +24,46 @@ Source: Keras' mixed precision guide (keras.io/api/mixed_precision) and Micikevi
 al. 2018, "Mixed Precision Training".
 """
 
+import functools
+import pathlib
+
 import keras
 
 from unicon_tf.model import model_parts
 from unicon_tf.names import PRECISIONS, check_precision  # noqa: F401 (re-exported)
+
+
+@functools.cache
+def auto_precision():
+    """The precision `auto` stands for on this machine (see the module's table).
+
+    Returns:
+        `mixed_bfloat16`, `mixed_float16` or `float32`.
+
+    Example:
+    >>> auto_precision() in PRECISIONS
+    True
+    """
+    import tensorflow as tf
+
+    capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+                    for gpu in tf.config.list_physical_devices("GPU")]
+    if capabilities:
+        best = max(capabilities)
+        return "mixed_bfloat16" if best >= (8, 0) else "mixed_float16" if best >= (7, 0) else "float32"
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+def resolve_precision(precision):
+    """`precision`, with `auto` replaced by `auto_precision()`.
+
+    Raises:
+        ValueError: `precision` is not one of `PRECISIONS`.
+    """
+    check_precision(precision)
+    return auto_precision() if precision == "auto" else precision
 
 
 def set_precision(network, precision):
@@ -29,7 +72,7 @@ def set_precision(network, precision):
 
     Args:
         network: a unicon model (built; its variables keep their float32 values).
-        precision: one of `PRECISIONS`.
+        precision: one of `PRECISIONS` (`auto`: `auto_precision()`).
 
     Returns:
         `network`.
@@ -42,7 +85,7 @@ def set_precision(network, precision):
     >>> set_precision(net, "float32").layers[-1].compute_dtype
     'float32'
     """
-    check_precision(precision)
+    precision = resolve_precision(precision)
     keep = {id(head.output_layer) for head in model_parts(network)["heads"].values()}
     for layer in network._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.InputLayer):
@@ -54,7 +97,6 @@ def set_precision(network, precision):
 def optimizer_for(precision, optimizer):
     """`optimizer`, wrapped in a dynamic `LossScaleOptimizer` for `mixed_float16` (it skips
     the steps whose scaled gradients overflow while it finds the scale)."""
-    check_precision(precision)
-    if precision == "mixed_float16":
+    if resolve_precision(precision) == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
