@@ -174,7 +174,7 @@ def test_a_stage_below_its_baseline_by_more_than_delta_is_not_blessed_nor_pushed
     stage.record_file.write_text(json.dumps(record))
 
     runner = LocalRunner(pipeline, run_dir, base=base, verbose=0)
-    single = runner._single_task(2)  # found in the run, not trained again
+    single = runner._single_task("segmentation")  # found in the run, not trained again
     assert single.uri == str(baseline.path)
     previous = evaluate.score_stage(run.stage(1, "prognosis"), write_predictions=False)
     model = Artifact("Model", str(stage.path), "test", sha256(stage.model), {"stage": "segmentation"})
