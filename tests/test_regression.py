@@ -52,3 +52,18 @@ def test_regression_stage_trains_evaluates_exports_and_predicts(stage0_run, phan
     prediction = serving.predict_nifti(exported, {"ct": ct}, tmp_path / "predicted")
     assert set(prediction["heads"]["volume"]) == {"value"} and np.isfinite(prediction["heads"]["volume"]["value"])
     assert task_kind("regression").metric_names[task_kind("regression").main_metric] == "R^2"
+
+
+def test_a_pipeline_checks_a_regression_stage_through_the_kind_registry(phantom_records, tmp_path):
+    """`regression` is declared only in its module: a pipeline file checks its loss and
+    head options against its `TaskKind` and head, naming the field."""
+    stage = {"name": "volume", "task": "regression", "loss": {"error": "squared"}}
+    spec = train.load_pipeline(write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0], stage]))
+    assert spec.stages[1].training.loss == {"error": "squared"}
+    for bad, message in (({"loss": {"error": "absolute"}}, r"stage 'volume'.*loss option error = 'absolute'"),
+                         ({"pooling": "sum"}, r"stage 'volume': head options .*pooling"),
+                         ({"num_classes": 2}, r"stage 'volume': unknown key\(s\) \['num_classes'\]"),
+                         ({"sampling": {"foreground_probability": 0.5}}, r"segmentation stages only")):
+        pipeline = write_pipeline(tmp_path, phantom_records, stages=[UNICON_ORDER[0], {**stage, **bad}])
+        with pytest.raises(train.PipelineError, match=message):
+            train.load_pipeline(pipeline)

@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-TASKS = ("classification", "prognosis", "segmentation", "regression")
-"""The task names `expand(task=...)` and a stage's `task` accept: the kinds of
-`unicon_tf.tasks`, declared here for checks without TensorFlow (a test holds the two in step)."""
+TASKS = ("classification", "prognosis", "segmentation")
+"""The shipped task kinds of `unicon_tf.tasks`, declared here so that a pipeline file is
+checked without TensorFlow (a test holds the two in step); a kind added as a module of
+`unicon_tf.tasks` only is checked through its registry (`unicon_tf.train.config.kind_declaration`)."""
 
 DENSE_TASKS = ("segmentation",)
 """The task kinds whose output is voxel-wise (`TaskKind.dense`): the stages `sampling:` applies to."""
@@ -95,7 +96,6 @@ _POOLED = {"dropout": HeadOption(0.0, _dropout), "pooling": HeadOption("avgmax",
 HEAD_OPTIONS: dict[str, dict[str, HeadOption]] = {
     "classification": {"num_classes": HeadOption(2, _num_classes), **_POOLED},
     "prognosis": dict(_POOLED),
-    "regression": dict(_POOLED),
     "segmentation": {"num_classes": HeadOption(2, _num_classes),
                      "blocks_per_level": HeadOption(2, _at_least_one("blocks_per_level")),
                      "final_upsampling": HeadOption(1),

@@ -24,10 +24,9 @@ import dataclasses
 from typing import Callable
 
 from unicon_tf.names import MONITOR, SELECT, check_distribute, check_precision, check_strategy
-from unicon_tf.options import DENSE_TASKS
+from unicon_tf.options import DENSE_TASKS, TASKS
 
-LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")},
-                "regression": {"error": ("huber", "squared")}}
+LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")}}
 """Task -> option -> accepted values (the first is the default); a stage's `loss:` keys
 (each kind's `loss_options`, `unicon_tf.tasks`, declared here for checks without
 TensorFlow; a test holds the two in step)."""
@@ -40,8 +39,42 @@ BLESS_KEYS = ("min_vs_baseline",)
 """A stage's `bless` options (`unicon_tf.evaluate.matrix.bless`)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class KindDeclaration:
+    """What checking a stage needs to know of its task kind.
+
+    Args:
+        loss_options: option -> accepted values, the default first (a stage's `loss:`).
+        dense: whether the output is voxel-wise (a stage's `sampling:` applies).
+    """
+
+    loss_options: dict
+    dense: bool
+
+
+def kind_declaration(task: str) -> KindDeclaration:
+    """The `KindDeclaration` of `task`: for the shipped kinds (`unicon_tf.options.TASKS`)
+    from `LOSS_OPTIONS` and `DENSE_TASKS`, without TensorFlow; for a kind added as a module
+    of `unicon_tf.tasks` only, from its `TaskKind` (importing the registry, and TensorFlow).
+
+    Raises:
+        ValueError: a task that is no kind (the message lists the kinds).
+
+    Example:
+    >>> kind_declaration("segmentation").dense
+    True
+    """
+    if task in TASKS:
+        return KindDeclaration(LOSS_OPTIONS.get(task, {}), task in DENSE_TASKS)
+    from unicon_tf.tasks import TASKS as KINDS  # an added kind: its module is its declaration
+
+    if task not in KINDS:
+        raise ValueError(f"unknown task '{task}' (expected one of {sorted(KINDS)}).")
+    return KindDeclaration(dict(KINDS[task].loss_options), bool(KINDS[task].dense))
+
+
 def check_loss_options(task: str | None, options: dict | None) -> dict:
-    """`options` completed with the defaults of `LOSS_OPTIONS[task]`.
+    """`options` completed with the defaults of `task`'s loss options (`kind_declaration`).
 
     Raises:
         ValueError: an option the task's loss does not have, or a value it does not take
@@ -51,7 +84,7 @@ def check_loss_options(task: str | None, options: dict | None) -> dict:
     >>> check_loss_options("segmentation", {"dice": "per_patient"})
     {'dice': 'per_patient', 'ce_weighting': 'none'}
     """
-    known = LOSS_OPTIONS.get(task, {})
+    known = kind_declaration(task).loss_options if task is not None else {}
     options = dict(options or {})
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -150,7 +183,7 @@ def _mapping(check_options):
 
 
 def _sampling(value, task, name):
-    if isinstance(value, dict) and value and task is not None and task not in DENSE_TASKS:
+    if isinstance(value, dict) and value and task is not None and not kind_declaration(task).dense:
         raise ValueError(f"field 'sampling' re-centres patches on lesion masks: segmentation stages only "
                          f"(this one is {task}).")
     _mapping(lambda options, task: check_sampling_options(options))(value, task, name)

@@ -41,10 +41,10 @@ import typing
 import yaml
 
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
-from unicon_tf.options import DENSE_TASKS, ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
+from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
     default_modalities, head_kind
 from unicon_tf.presets.registry import PRESETS
-from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS,  # noqa: F401 (re-exported)
+from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS, kind_declaration,  # noqa: F401
                                     SELECTION_KEYS, TRAINING_DEFAULTS, TrainingConfig)
 
 PATH_KEYS = {"adapter_levels": None, "adapter_shortcuts": True, "path_norm": False}
@@ -299,11 +299,13 @@ def _stage(path, index, entry, context):
     _checked_name(where, "name", str(entry["name"]), "stage", check_folder_name)
     where = f"{path}: stage '{entry['name']}'"
     task = entry["task"]
-    if task not in TASKS:
-        raise PipelineError(f"{where}: unknown task '{task}' (expected one of {sorted(TASKS)}).")
+    try:
+        kind = kind_declaration(task)
+    except ValueError as error:
+        raise PipelineError(f"{where}: {error}") from None
     head_options = {k: v for k, v in entry.items() if k not in STAGE_KEYS and k not in TRAINING_DEFAULTS}
     _check_head_options(where, task, context.family, head_options)
-    training = _stage_training(where, entry, context.defaults, task)
+    training = _stage_training(where, entry, context.defaults, task, kind)
     _check_modalities(where, entry)
     data = pathlib.Path(entry["data"])
     source = str(entry["data"]) if str(entry["data"]) in context.sources else None
@@ -317,11 +319,12 @@ def _stage(path, index, entry, context):
     )
 
 
-def _stage_training(where, entry, defaults, task):
+def _stage_training(where, entry, defaults, task, kind):
     """The stage's `TrainingConfig`: its training keys over the pipeline's `defaults`
-    (`loss` and `sampling` defaults only for the tasks that have them), checked."""
+    (`loss` and `sampling` defaults only for the tasks whose kind (`KindDeclaration`) has
+    them), checked."""
     training = {**defaults, **{k: v for k, v in entry.items() if k in TRAINING_DEFAULTS}}
-    for key, applies in (("loss", task in LOSS_OPTIONS), ("sampling", task in DENSE_TASKS)):
+    for key, applies in (("loss", bool(kind.loss_options)), ("sampling", kind.dense)):
         if key not in entry and not applies:  # from `defaults`: only for the stages whose task has them
             training[key] = {}
     return _checked_training(where, TrainingConfig(**training), task)
@@ -368,7 +371,11 @@ def _check_head_options(where, task, family, options):
     """Raise PipelineError naming the field for a head option the head of `task` on `family`
     does not take, of the wrong type (an int option given `two`, `2.5` or `true`), or one
     the head refuses (`num_classes: 1`): checked against `unicon_tf.options.HEAD_OPTIONS`,
-    which `expand` will construct the head with."""
+    which `expand` will construct the head with; the head of a kind added as a module of
+    `unicon_tf.tasks` only is checked by constructing it (`_check_added_kind_head`)."""
+    if task not in TASKS:
+        _check_added_kind_head(where, task, family, options)
+        return
     try:
         check_head_options(task, options, family)
     except KeyError as error:
@@ -378,6 +385,22 @@ def _check_head_options(where, task, family, options):
     except TypeError as error:
         raise PipelineError(f"{where}: {error}") from None
     except ValueError as error:
+        raise PipelineError(f"{where}: head options {options}: {error}") from None
+
+
+def _check_added_kind_head(where, task, family, options):
+    """`_check_head_options` for a kind that `unicon_tf.options` does not declare: its head
+    class (`TaskKind.head_class`) is constructed with the options (TensorFlow is imported)."""
+    from unicon_tf.tasks import task_kind  # an added kind: its module is its declaration
+
+    head_class = task_kind(task).head_class(family)
+    unknown = sorted(set(options) - set(head_class.options()))
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {unknown} (a {task} head accepts {list(head_class.options())}; "
+                            f"training keys: {sorted(TRAINING_DEFAULTS)}).")
+    try:
+        head_class(**options)
+    except (TypeError, ValueError) as error:
         raise PipelineError(f"{where}: head options {options}: {error}") from None
 
 
