@@ -37,6 +37,8 @@ TYPED_MODULES = (
     "unicon_tf.evaluate.baselines",
     "unicon_tf.evaluate.evaluator",
     "unicon_tf.evaluate.matrix",
+    "unicon_tf.evaluate.report",
+    "unicon_tf.evaluate.scores",
     "unicon_tf.experiment",
     "unicon_tf.experiment.folds",
     "unicon_tf.experiment.report",
