@@ -65,6 +65,8 @@ TYPED_MODULES = (
     "unicon_tf.presets.registry",
     "unicon_tf.run",
     "unicon_tf.serving",
+    "unicon_tf.serving.export",
+    "unicon_tf.serving.inference",
     "unicon_tf.tasks",
     "unicon_tf.tasks.base",
     "unicon_tf.tasks.classification",
