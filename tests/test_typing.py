@@ -20,6 +20,7 @@ TYPED_MODULES = (
     "unicon_tf",
     "unicon_tf._keras_hook",
     "unicon_tf._quiet",
+    "unicon_tf.cli",
     "unicon_tf.components",
     "unicon_tf.components.base",
     "unicon_tf.components.evaluator",
