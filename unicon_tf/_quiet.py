@@ -12,9 +12,11 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from typing import TextIO
 
 
-def import_tensorflow_quietly():
+def import_tensorflow_quietly() -> None:
     """Import `tensorflow` and `keras` with fd 2 captured; replay it if the import fails.
 
     Also hides TensorFlow's C++ INFO messages (warnings and errors still show) unless
@@ -30,7 +32,7 @@ def import_tensorflow_quietly():
 
 
 @contextlib.contextmanager
-def stderr_captured():
+def stderr_captured() -> Iterator[None]:
     """Run the body with fd 2 going to a temporary file, replayed if the body raises."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     try:
@@ -54,7 +56,7 @@ def stderr_captured():
             os.close(saved_fd)
 
 
-def progress_verbosity(verbose, stream=None):
+def progress_verbosity(verbose: int, stream: TextIO | None = None) -> int:
     """The Keras `fit` verbosity that suits where progress goes: Keras' bar (`verbose=1`)
     redraws itself with backspaces, carriage returns and ANSI colour codes whatever the
     output is (its check `"posix" in sys.modules` holds on every Linux), which makes log

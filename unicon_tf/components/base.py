@@ -10,6 +10,8 @@ properties.
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -22,7 +24,7 @@ class Artifact:
     fingerprint: str
     properties: dict = dataclasses.field(default_factory=dict)
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -35,7 +37,7 @@ class ComponentSpec:
     outputs: dict
     parameters: tuple
 
-    def check(self, inputs, parameters):
+    def check(self, inputs: Mapping[str, "Artifact"], parameters: Mapping[str, Any]) -> None:
         """Raise ValueError for a missing or mistyped input, or an unknown parameter."""
         for name, kind in self.inputs.items():
             optional = kind.endswith("?")
@@ -49,6 +51,6 @@ class ComponentSpec:
             raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}.")
 
 
-def fingerprint(*parts):
+def fingerprint(*parts: Any) -> str:
     """SHA-256 of JSON-serialisable parts: what a component run depends on."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -7,6 +7,9 @@ and, for a stage with `bless: {min_vs_baseline: delta}`, against the optional
 Writes into `context["output_dir"]`.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
 from unicon_tf.evaluate import evaluate_stage
 
@@ -18,7 +21,8 @@ SPEC = ComponentSpec(
 )
 
 
-def execute(inputs, parameters, context):
+def execute(inputs: Mapping[str, Artifact], parameters: Mapping[str, Any],
+            context: Mapping[str, Any]) -> dict[str, Artifact]:
     """Evaluate the model artifact; bless it or say why not."""
     baseline, single_task = inputs.get("baseline"), inputs.get("single_task")
     result = evaluate_stage(inputs["model"].uri, baseline.properties["row"] if baseline else None,

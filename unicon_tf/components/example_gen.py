@@ -1,6 +1,8 @@
 """ExampleGen: a NIfTI manifest -> validated, sharded TFRecords (an `Examples` artifact)."""
 
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 from unicon_tf.components.base import Artifact, ComponentSpec
 from unicon_tf.data import Preprocessing, data_fingerprint, ingest
@@ -14,7 +16,8 @@ SPEC = ComponentSpec(
 )
 
 
-def execute(inputs, parameters, context):
+def execute(inputs: Mapping[str, Artifact], parameters: Mapping[str, Any],
+            context: Mapping[str, Any]) -> dict[str, Artifact]:
     """Ingest `parameters["manifest"]` into `<context.output_dir>` (must not exist yet)."""
     windows = {**DEFAULT_WINDOWS, **{m: tuple(w) for m, w in (parameters.get("windows") or {}).items()}}
     preprocessing = Preprocessing(shape=parameters["shape"], spacing=parameters["spacing"], windows=windows,

@@ -4,6 +4,9 @@ The blessing is checked here, once; the export (`unicon_tf.serving.push_stage`) 
 check it again.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 from unicon_tf.components.base import Artifact, ComponentSpec, fingerprint
 from unicon_tf.files import sha256
 from unicon_tf.serving import push_stage
@@ -16,7 +19,8 @@ SPEC = ComponentSpec(
 )
 
 
-def execute(inputs, parameters, context):
+def execute(inputs: Mapping[str, Artifact], parameters: Mapping[str, Any],
+            context: Mapping[str, Any]) -> dict[str, Artifact]:
     """Export the model as the next version, or record that it was not pushed and why."""
     blessing = inputs["blessing"].properties
     if not blessing["blessed"]:

@@ -23,6 +23,8 @@ import datetime
 import json
 import pathlib
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from unicon_tf.components import evaluator, example_gen, pusher, trainer
 from unicon_tf.components.base import Artifact, fingerprint
@@ -53,7 +55,9 @@ class LocalRunner:
         StageError: `run_dir` holds a run of another pipeline.
     """
 
-    def __init__(self, pipeline, run_dir, base="saved_models", model_name=None, data_root=None, verbose=1):
+    def __init__(self, pipeline: PipelineSpec | pathlib.Path | str, run_dir: pathlib.Path | str,
+                 base: pathlib.Path | str = "saved_models", model_name: str | None = None,
+                 data_root: pathlib.Path | str | None = None, verbose: int = 1) -> None:
         self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root)
         self.directory = Run.create(run_dir, self.pipeline.name, self.pipeline.path)
         self.base, self.model_name, self.verbose = pathlib.Path(base), model_name, verbose
@@ -63,7 +67,8 @@ class LocalRunner:
         self.lineage = (json.loads(self.lineage_file.read_text()) if self.lineage_file.exists()
                         else {"pipeline": self.pipeline.name, "executions": {}, "events": []})
 
-    def run(self, stages=None, from_stage=None, evaluate=True, push=True, **overrides):
+    def run(self, stages: Iterable[str] | None = None, from_stage: str | None = None, evaluate: bool = True,
+            push: bool = True, **overrides: Any) -> dict[str, dict[str, Artifact]]:
         """Run the given stages (default: all, or all from `from_stage`) through the graph.
 
         Args:
@@ -206,7 +211,8 @@ class LocalRunner:
         write_json_atomic(self.lineage_file, self.lineage)
 
 
-def execute_recorded(run_id, record, output_dir=None, verbose=0):
+def execute_recorded(run_id: str, record: Mapping[str, Any], output_dir: pathlib.Path | str | None = None,
+                     verbose: int = 0) -> dict[str, Artifact]:
     """Execute one component run from its lineage record alone: its component, parameters
     and input artifacts (what a container orchestrator hands a component).
 
@@ -226,7 +232,7 @@ def execute_recorded(run_id, record, output_dir=None, verbose=0):
     return module.execute(inputs, record["parameters"], context)
 
 
-def format_lineage(lineage):
+def format_lineage(lineage: Mapping[str, Any]) -> str:
     """The lineage graph as text: each run, what went in and what came out."""
     lines = [f"pipeline {lineage['pipeline']}"]
     for run_id, record in lineage["executions"].items():

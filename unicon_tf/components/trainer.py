@@ -6,6 +6,8 @@ the first); writes the stage into `context["output_dir"]`.
 """
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from unicon_tf.components.base import Artifact, ComponentSpec
 from unicon_tf.files import sha256
@@ -22,7 +24,8 @@ SPEC = ComponentSpec(
 )
 
 
-def execute(inputs, parameters, context):
+def execute(inputs: Mapping[str, Artifact], parameters: Mapping[str, Any],
+            context: Mapping[str, Any]) -> dict[str, Artifact]:
     """Train `parameters["stage"]` of `parameters["pipeline"]` (`PipelineSpec.to_json`) on
     the Examples artifact, from the base Model artifact, into `context["output_dir"]`."""
     pipeline = PipelineSpec.from_json(parameters["pipeline"])

@@ -25,15 +25,23 @@ Beam is an optional dependency, imported only here: `pip install 'unicon-tf[beam
 import json
 import pathlib
 import shlex
+import types
+from typing import TYPE_CHECKING, Any
 
 from unicon_tf.data.errors import DataError
 from unicon_tf.data.examples import process_patient
 from unicon_tf.data.shards import open_shard, shard_entry, shard_name, split_entries
 
+if TYPE_CHECKING:
+    from unicon_tf.data.manifest import Manifest, Patient
+    from unicon_tf.data.preprocess import Preprocessing
+
 RESULTS = "_beam_results.json"
 
 
-def run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args=None):
+def run_beam(cohort: "Manifest", preprocessing: "Preprocessing", staging: pathlib.Path, shard_size: int,
+             skip_bad: bool, beam_args: str | None = None,
+             ) -> tuple[list[tuple["Patient", dict[str, Any] | DataError]], dict[str, dict[str, Any]]]:
     """Run the per-patient work and the shard writing of `ingest` as a Beam pipeline.
 
     Args:
@@ -82,7 +90,7 @@ def run_beam(cohort, preprocessing, staging, shard_size, skip_bad, beam_args=Non
     return _read_results(staging, cohort)
 
 
-def import_beam():
+def import_beam() -> types.ModuleType:
     """`apache_beam`, or a DataError (field `runner`) that says how to install it."""
     try:
         import apache_beam

@@ -1,5 +1,8 @@
 """`tf.data` pipelines over an ingested cohort: parse, per-task targets, augment, batch."""
 
+import pathlib
+from collections.abc import Sequence
+
 import tensorflow as tf
 
 from unicon_tf.data.augment import augment_example
@@ -9,8 +12,10 @@ from unicon_tf.data.sampling import check_sampling_options, foreground_crop
 from unicon_tf.tasks import TASKS
 
 
-def dataset(directory, split, task=None, batch_size=2, augment=False, seed=0, shuffle=None,
-            modalities=None, cache=True, drop_remainder=False, with_meta=False, foreground_probability=None):
+def dataset(directory: pathlib.Path | str, split: str, task: str | None = None, batch_size: int = 2,
+            augment: bool = False, seed: int = 0, shuffle: bool | None = None, modalities: Sequence[str] | None = None,
+            cache: bool = True, drop_remainder: bool = False, with_meta: bool = False,
+            foreground_probability: float | None = None) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(inputs, targets)` from an ingested cohort folder.
 
     Args:

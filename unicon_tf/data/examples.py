@@ -4,6 +4,10 @@
 pipeline) both call `process_patient`; neither imports the other's runner for it.
 """
 
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import nibabel as nib
 import numpy as np
 
@@ -11,8 +15,13 @@ from unicon_tf.data.errors import DataError
 from unicon_tf.data.preprocess import preprocess_patient
 from unicon_tf.data.records import encode_example
 
+if TYPE_CHECKING:
+    from unicon_tf.data.manifest import Patient
+    from unicon_tf.data.preprocess import Preprocessing
 
-def process_patient(patient, preprocessing, targets):
+
+def process_patient(patient: "Patient", preprocessing: "Preprocessing",
+                    targets: Sequence[str]) -> tuple[bytes, dict[str, Any]]:
     """The per-patient work of every runner: preprocess, encode, summarise.
 
     Args:
@@ -35,7 +44,7 @@ def process_patient(patient, preprocessing, targets):
         raise out_of_memory(patient, error) from None
 
 
-def patient_summary(result):
+def patient_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     """What `stats.json` needs from one preprocessed patient: targets, foreground fraction,
     and per modality (voxels, sum, sum of squares) in float64."""
     moments = {}
@@ -47,7 +56,7 @@ def patient_summary(result):
             "foreground": foreground, "moments": moments}
 
 
-def out_of_memory(patient, error):
+def out_of_memory(patient: "Patient", error: BaseException) -> DataError:
     """The `DataError` of a patient whose preprocessing ran out of memory (a patient-level
     error: `skip_bad` lists it in rejected.csv and goes on)."""
     files = {**patient.images, **({"mask": patient.mask} if patient.mask else {})}
@@ -57,7 +66,7 @@ def out_of_memory(patient, error):
                      "memory or fewer --workers", patient=patient.patient_id, file=files[largest], field=largest)
 
 
-def voxel_bytes(path):
+def voxel_bytes(path: pathlib.Path | str) -> int:
     """Bytes of an image's voxels as stored (from its header; 0 when it cannot be read)."""
     try:
         image = nib.load(str(path))

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -39,12 +40,17 @@ from unicon_tf.data.manifest import read_manifest
 from unicon_tf.data.shards import ShardWriter
 from unicon_tf.files import atomic_folder
 
+if TYPE_CHECKING:
+    from unicon_tf.data.manifest import Manifest
+    from unicon_tf.data.preprocess import Preprocessing
+
 SCHEMA_VERSION = 1
 RUNNERS = ("multiprocessing", "beam")
 
 
-def ingest(manifest, out, preprocessing, workers=None, skip_bad=False, shard_size=64, verbose=True,
-           runner="multiprocessing", beam_args=None):
+def ingest(manifest: pathlib.Path | str, out: pathlib.Path | str, preprocessing: "Preprocessing",
+           workers: int | None = None, skip_bad: bool = False, shard_size: int = 64, verbose: bool = True,
+           runner: str = "multiprocessing", beam_args: str | None = None) -> dict[str, Any]:
     """Preprocess every patient of a manifest into TFRecord shards, schema and stats.
 
     Args:
@@ -135,7 +141,7 @@ PEAK_PER_RAW_BYTE = 3
 (the goal `benchmarks/ingest_memory.py` measures)."""
 
 
-def default_workers(cohort, available=None):
+def default_workers(cohort: "Manifest", available: int | None = None) -> int:
     """Worker processes that fit in memory: the available memory (the cgroup limit or
     MemAvailable) over the peak of the cohort's largest patient (`PEAK_PER_RAW_BYTE` x its
     stored voxel bytes, read from the first patients' headers, plus 200 MiB per process),
@@ -159,7 +165,7 @@ def default_workers(cohort, available=None):
     return max(1, min(cpus, int(available // per_worker)))
 
 
-def available_memory():
+def available_memory() -> int | None:
     """Bytes of memory this process may still use: the smaller of the cgroup's limit less its
     usage (containers) and the host's MemAvailable; None when neither can be read."""
     found = []

@@ -11,6 +11,9 @@ Figures (matplotlib, Agg backend, fixed pixel sizes):
 - `pet_gain.png`: per-patient Dice of the CT+PET head against the CT-only ones.
 """
 
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -36,7 +39,7 @@ def _save(fig, path):
     return path.name
 
 
-def plot_matrix(result, path):
+def plot_matrix(result: Mapping[str, Any], path: pathlib.Path) -> str:
     """Heatmap of a matrix dict (rows: after stage; columns: task)."""
     values = as_array(result["matrix"])
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
@@ -53,7 +56,7 @@ def plot_matrix(result, path):
     return _save(fig, path)
 
 
-def plot_learning_curves(records, path):
+def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: pathlib.Path) -> str:
     """Loss and validation loss per epoch of every stage, one panel each."""
     fig, axes = plt.subplots(1, len(records), figsize=FIGURE_SIZE, squeeze=False)
     for ax, record in zip(axes[0], records):
@@ -69,7 +72,7 @@ def plot_learning_curves(records, path):
     return _save(fig, path)
 
 
-def plot_kaplan_meier(prediction, path):
+def plot_kaplan_meier(prediction: Mapping[str, Any], path: pathlib.Path) -> str:
     """Kaplan-Meier curves of the high- and low-risk halves (split at the median risk)."""
     survival, risk = prediction["target"], np.asarray(prediction["output"]).reshape(-1)
     high = risk > np.median(risk)
@@ -87,7 +90,7 @@ def plot_kaplan_meier(prediction, path):
     return _save(fig, path)
 
 
-def overlay_patients(dice, patients=2):
+def overlay_patients(dice: Sequence[float] | np.ndarray, patients: int = 2) -> list[tuple[int, str]]:
     """`[(position, label)]`: the `patients` best- and worst-scoring patients by per-patient
     Dice (best first, then worst from the lowest up), each once.
 
@@ -101,7 +104,7 @@ def overlay_patients(dice, patients=2):
     return [(i, "best") for i in best] + [(i, "worst") for i in worst]
 
 
-def plot_overlays(prediction, path, patients=2):
+def plot_overlays(prediction: Mapping[str, Any], path: pathlib.Path, patients: int = 2) -> str:
     """CT (and PET) axial slices through the lesion, truth (green) and prediction (red)
     contours, for the `patients` best- and worst-scoring test patients (per-patient Dice)."""
     ds = dataset(prediction["data"], "test", task=prediction["task"], batch_size=64, shuffle=False, with_meta=True)
@@ -147,7 +150,7 @@ def _table(result, fmt="{:.3f}"):
     return lines
 
 
-def format_rules(result):
+def format_rules(result: Mapping[str, Any]) -> str | None:
     """`selection: <task> <rule>; ...`: the rule that kept each task's model of an
     evaluated arm (`evaluate_run`'s or `evaluate_baselines`' dict), or None if unrecorded."""
     records = result.get("selection")
@@ -157,7 +160,8 @@ def format_rules(result):
                                      for task, record in zip(result["tasks"], records))
 
 
-def comparisons(continual, baselines):
+def comparisons(continual: Mapping[str, Any],
+                baselines: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each task's model against its single-task baseline, like for like or flagged.
 
     The continual value is the task's score after its own stage (the matrix diagonal, as
@@ -208,7 +212,7 @@ def comparisons(continual, baselines):
     return rows
 
 
-def format_comparisons(rows):
+def format_comparisons(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """`comparisons`' rows as text lines (CLI and report), each arm's rule stated."""
     lines = []
     for row in rows:
@@ -225,7 +229,7 @@ def format_comparisons(rows):
     return lines
 
 
-def pet_gain(continual, baselines):
+def pet_gain(continual: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
     """Dice of the fused CT+PET head against the CT-only segmentation (continual and baseline).
 
     Each gain comes with a paired-bootstrap 95% interval over the test patients
@@ -273,7 +277,7 @@ def _add_interval(gain, key, fused, reference, reference_name):
         gain["per_patient"][reference_name] = reference["dice_per_patient"]
 
 
-def plot_pet_gain(gain, path):
+def plot_pet_gain(gain: Mapping[str, Any], path: pathlib.Path) -> str:
     """Per-patient Dice of the CT+PET head against each CT-only reference (above the diagonal: PET helped)."""
     fused = gain["per_patient"][gain["fused_head"]]
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
@@ -290,7 +294,7 @@ def plot_pet_gain(gain, path):
     return _save(fig, path)
 
 
-def format_gain(gain):
+def format_gain(gain: Mapping[str, Any]) -> list[str]:
     """The PET gain as text lines, e.g. for the CLI and the report."""
     def interval(key):
         ci = gain.get(key + "_ci")
@@ -338,7 +342,9 @@ def _selection_row(stage, record, validation):
             f"{chance} |")
 
 
-def write_report(run_dir, continual, records, baselines=None):
+def write_report(run_dir: pathlib.Path | str, continual: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+                 baselines: Mapping[str, Mapping[str, Any]] | None = None,
+                 ) -> tuple[pathlib.Path, dict[str, Any], dict[str, Any] | None]:
     """Write `<run>/report/report.md` and its figures.
 
     Args:

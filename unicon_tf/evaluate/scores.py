@@ -9,6 +9,10 @@ use each kind's `main_metric`.
 two models scored on the same patients can be compared patient by patient.
 """
 
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import keras
 import numpy as np
 
@@ -22,7 +26,8 @@ __all__ = ["chance_level", "classification_scores", "head_metrics", "paired_boot
            "patient_bootstrap", "predict_head", "resampled_metric", "score", "segmentation_scores"]
 
 
-def predict_head(model, head, data_dir, split="test", batch_size=4):
+def predict_head(model: keras.Model, head: str, data_dir: pathlib.Path | str, split: str = "test",
+                 batch_size: int = 4) -> dict[str, Any]:
     """Run one head over a split; return outputs, targets and patient ids and affines.
 
     Args:
@@ -56,7 +61,7 @@ def predict_head(model, head, data_dir, split="test", batch_size=4):
             "affine": np.concatenate(affines)}
 
 
-def score(task, target, output):
+def score(task: str, target: np.ndarray, output: np.ndarray) -> dict[str, Any]:
     """The metrics dict of a task kind's outputs, its main metric under the kind's `main_metric`.
 
     Example:
@@ -66,7 +71,7 @@ def score(task, target, output):
     return task_kind(task).scores(target, output)
 
 
-def head_metrics(task, result, resamples=2000):
+def head_metrics(task: str, result: Mapping[str, Any], resamples: int = 2000) -> dict[str, Any]:
     """The scores of a `predict_head` result, with the patients they cover, their interval
     and the chance level.
 
@@ -113,14 +118,15 @@ def head_metrics(task, result, resamples=2000):
     return scores
 
 
-def chance_level(task, target):
+def chance_level(task: str, target: np.ndarray) -> float:
     """The main metric of a trivial prediction (the kind's `chance`): 0.5 for AUC and
     C-index (every patient scored alike); for per-patient Dice, predicting background
     everywhere (Dice 1 for a patient and class with nothing to find, else 0)."""
     return task_kind(task).chance(target)
 
 
-def paired_difference(task, a, b, resamples=2000, seed=0):
+def paired_difference(task: str, a: Mapping[str, Any], b: Mapping[str, Any], resamples: int = 2000,
+                      seed: int = 0) -> dict[str, Any]:
     """`mean metric(a) - metric(b)` of two models scored on the same patients, with a paired
     bootstrap interval over patients.
 
@@ -137,7 +143,8 @@ def paired_difference(task, a, b, resamples=2000, seed=0):
             "pairs": boot["pairs"]}
 
 
-def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):
+def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, resamples: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Confidence interval of `mean(a - b)` for paired per-patient scores, by resampling patients.
 
     Args:
@@ -162,7 +169,9 @@ def paired_bootstrap(a, b, resamples=2000, level=0.95, seed=0):
                               resamples=resamples, level=level, seed=seed, vectorized=True)
 
 
-def bootstrap_interval(statistic, sizes, resamples=2000, level=0.95, seed=0, vectorized=False, method="linear"):
+def bootstrap_interval(statistic: Callable[[list[np.ndarray]], Any], sizes: Sequence[int], resamples: int = 2000,
+                       level: float = 0.95, seed: int = 0, vectorized: bool = False,
+                       method: str = "linear") -> tuple[float, float]:
     """Percentile interval of a statistic under resampling of patients within groups (Efron's bootstrap).
 
     Args:
@@ -200,7 +209,7 @@ def bootstrap_interval(statistic, sizes, resamples=2000, level=0.95, seed=0, vec
             float(np.percentile(values, 100.0 - tail, method=method)))
 
 
-def resampled_metric(prediction, rows):
+def resampled_metric(prediction: Mapping[str, Any], rows: np.ndarray) -> np.ndarray:
     """The main metric of a head's per-patient test predictions (`head_metrics`' fields, or
     `unicon_tf.experiment.runner._per_patient`, with `task`)
     on bootstrap resamples: `rows` `(resamples, patients)` of patient positions -> `(resamples,)`.
@@ -213,7 +222,8 @@ def resampled_metric(prediction, rows):
     return task_kind(prediction["task"]).resampled(prediction, rows)
 
 
-def patient_bootstrap(pairs, resamples=2000, level=0.95, seed=0):
+def patient_bootstrap(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], resamples: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Paired bootstrap over patients of `mean over groups of metric(a) - metric(b)`.
 
     Args:

@@ -26,6 +26,9 @@ Example:
 [0.67..., 0.769...]
 """
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from scipy import stats
 
@@ -34,10 +37,13 @@ from unicon_tf.tasks import task_kind
 from unicon_tf.train.selection import rule_key, rule_name
 from unicon_tf.evaluate.scores import bootstrap_interval, patient_bootstrap, resampled_metric  # noqa: F401
 
+if TYPE_CHECKING:
+    from unicon_tf.experiment.runner import ExperimentPlan
+
 LEVEL = 0.95
 
 
-def summary_interval(values, level=LEVEL):
+def summary_interval(values: Sequence[float | None], level: float = LEVEL) -> dict[str, Any]:
     """`{"n", "mean", "sd", "ci"}` of the defined values: the Student-t interval of the mean
     (None where it needs two values)."""
     v = np.array([x for x in values if x is not None and not np.isnan(x)], np.float64)
@@ -52,7 +58,7 @@ def summary_interval(values, level=LEVEL):
     return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half]}
 
 
-def paired_tests(a, b):
+def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
     """Paired t-test and Wilcoxon signed-rank test (two-sided) of `a` against `b`:
     `{"t_p", "wilcoxon_p"}`, None where undefined (fewer than 2 pairs; the t-test when the
     differences have no spread, Wilcoxon's when they are all zero)."""
@@ -65,7 +71,7 @@ def paired_tests(a, b):
             "wilcoxon_p": None if np.allclose(d, 0, rtol=0, atol=1e-12) else float(stats.wilcoxon(d).pvalue)}
 
 
-def aggregate(cells, plan, resamples=2000):
+def aggregate(cells: Sequence[Mapping[str, Any]], plan: "ExperimentPlan", resamples: int = 2000) -> dict[str, Any]:
     """`{"scores", "comparisons", "transfer", "data_efficiency"}` of an experiment's cells.
 
     Args:

@@ -30,7 +30,7 @@ RECORD_KEYS = ("type", "producer", "fingerprint")
 """Metadata keys that carry the unicon record's own fields (the rest are its properties)."""
 
 
-def to_record(artifact):
+def to_record(artifact: dsl.Artifact) -> Artifact:
     """The unicon `Artifact` of a KFP input artifact, its local path as the uri.
 
     An artifact that no unicon task produced (a `dsl.importer`'s) is `external`, with no
@@ -48,7 +48,7 @@ def to_record(artifact):
                     {k: v for k, v in metadata.items() if k not in RECORD_KEYS})
 
 
-def write_record(record, artifact):
+def write_record(record: Artifact, artifact: dsl.Artifact) -> None:
     """Describe KFP output `artifact` by the unicon `record` an executor returned.
 
     Where the executor wrote its output elsewhere than the artifact's path (the Evaluator's

@@ -28,6 +28,8 @@ import inspect
 import json
 import os
 import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import yaml
 from kfp import compiler, dsl
@@ -47,7 +49,8 @@ RESOURCED = ("Trainer", "Evaluator")
 """The components whose tasks get a stage's `resources`."""
 
 
-def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=None, data_root=None):
+def build_pipeline(pipeline: PipelineSpec | pathlib.Path | str, image: str = DEFAULT_IMAGE, base: str = "/models",
+                   model_name: str | None = None, data_root: str | None = None) -> Callable[..., Any]:
     """The KFP pipeline (a `dsl.pipeline` graph component) of a unicon pipeline.
 
     Args:
@@ -117,7 +120,8 @@ def build_pipeline(pipeline, image=DEFAULT_IMAGE, base="/models", model_name=Non
                         + " -> ".join(s.name for s in spec.stages))(dag)
 
 
-def compile_pipeline(pipeline, output, **options):
+def compile_pipeline(pipeline: PipelineSpec | pathlib.Path | str, output: pathlib.Path | str,
+                     **options: Any) -> pathlib.Path:
     """Compile `pipeline` (see `build_pipeline` for `options`) to `output` (.yaml or .json).
 
     The file is written beside its target and renamed: an existing one is never left
@@ -140,7 +144,7 @@ def compile_pipeline(pipeline, output, **options):
     return output
 
 
-def load_spec(path):
+def load_spec(path: pathlib.Path | str) -> dict[str, Any]:
     """A compiled pipeline file (YAML or JSON; YAML parses both) as a dict."""
     return yaml.safe_load(pathlib.Path(path).read_text())
 
@@ -178,7 +182,7 @@ def _kfp_name(name):
     return engine_name(name, "kfp_pipeline")
 
 
-def format_task_graph(spec):
+def format_task_graph(spec: Mapping[str, Any]) -> str:
     """A compiled pipeline's task graph as text, read from its IR (what KFP will run).
 
     Each task by display name, stage by stage: its resources, the condition it runs

@@ -15,12 +15,18 @@ its body. Its annotations are KFP's artifact types (`unicon_tf.kubeflow.artifact
 says which unicon type each carries).
 """
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from unicon_tf.kubeflow import artifacts
 
+if TYPE_CHECKING:
+    from unicon_tf.components.base import Artifact as UniconArtifact
 
-def run_component(component, arguments, verbose=2):
+
+def run_component(component: str, arguments: Mapping[str, Any], verbose: int = 2) -> dict[str, "UniconArtifact"]:
     """Execute `component`'s executor on a task's arguments.
 
     Args:

@@ -13,6 +13,8 @@ costliest, are computed once and shared by every path that starts later.
 """
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -20,15 +22,19 @@ from unicon_tf.model.adapters import (AdaptableConv3D, LowRankAdapters, PathGrou
                                       adapter_scope)
 from unicon_tf.model.group_norm import GroupNormalization
 
+if TYPE_CHECKING:
+    import tensorflow as tf
 
-def group_norm(channels, name=None, per_path=False):
+
+def group_norm(channels: int, name: str | None = None, per_path: bool = False) -> GroupNormalization:
     """GroupNormalization with up to 8 groups that always divide `channels`; with
     `per_path=True` a `PathGroupNormalization` (the encoder's, so paths can own a copy)."""
     layer = PathGroupNormalization if per_path else GroupNormalization
     return layer(groups=math.gcd(8, channels), name=name)
 
 
-def residual_backbone(input_channels=16, width=16, depth=4, name="residual_backbone"):
+def residual_backbone(input_channels: int = 16, width: int = 16, depth: int = 4,
+                      name: str = "residual_backbone") -> keras.Model:
     """The default backbone: `depth` levels, channels width * 2**level, stride 2 per level.
 
     Args:
@@ -119,7 +125,8 @@ class SharedEncoder(keras.layers.Layer):
     [(8, 8, 8, 16)]
     """
 
-    def __init__(self, backbone, input_stride=1, adapter_targets=None, **kwargs):
+    def __init__(self, backbone: keras.Model | dict[str, Any], input_stride: int | Sequence[int] = 1,
+                 adapter_targets: Iterable[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         stride = (input_stride,) * 3 if isinstance(input_stride, int) else tuple(input_stride)
         if len(stride) != 3 or min(stride) < 1:
@@ -147,11 +154,11 @@ class SharedEncoder(keras.layers.Layer):
         object.__setattr__(self, "_levels_from", {})
 
     @property
-    def depth(self):
+    def depth(self) -> int:
         """Number of feature levels the backbone outputs."""
         return len(self.backbone.outputs)
 
-    def levels_from(self, start):
+    def levels_from(self, start: int) -> keras.Model:
         """The backbone from level `start - 1`'s feature map to the feature maps of levels
         `start ...`, sharing the backbone's layers (a functional `keras.Model`).
 
@@ -173,22 +180,22 @@ class SharedEncoder(keras.layers.Layer):
             self._levels_from[start] = tail
         return self._levels_from[start]
 
-    def leaf_layers(self):
+    def leaf_layers(self) -> list[keras.layers.Layer]:
         """The backbone's layers, nested models flattened, in graph order."""
         return list(_leaf_layers(self.backbone))
 
     @property
-    def input_channels(self):
+    def input_channels(self) -> int:
         """Channels of the stem features the backbone reads."""
         return self.backbone.inputs[0].shape[-1]
 
-    def feature_shapes(self, input_shape):
+    def feature_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Shapes `(1, d, h, w, c)` of the feature maps for a `(D, H, W)` volume, finest first."""
         grid = tuple(d // s for d, s in zip(input_shape, self.input_stride))
         shape = (1,) + grid + (self.input_channels,)
         return [tuple(s) for s in self.backbone.compute_output_shape(shape)]
 
-    def stem_options(self):
+    def stem_options(self) -> dict[str, Any]:
         """`ModalityStem` options for a new modality: a patch embedding when input_stride > 1,
         the volume itself when the backbone reads one channel, else a convolution."""
         if self.input_stride != (1, 1, 1):
@@ -196,12 +203,12 @@ class SharedEncoder(keras.layers.Layer):
         return {"kind": "identity"} if self.input_channels == 1 else {}
 
     @property
-    def adaptable_layers(self):
+    def adaptable_layers(self) -> list[LowRankAdapters]:
         """The backbone's layers that can carry adapters (`LowRankAdapters`), in graph order."""
         return [layer for layer in self.leaf_layers() if isinstance(layer, LowRankAdapters)]
 
     @property
-    def adapters(self):
+    def adapters(self) -> dict[str, dict[str, Any]]:
         """`{name: {"rank", "alpha", "params", "targets"}}` of the adapters this encoder holds."""
         summary = {}
         for layer in self.adaptable_layers:
@@ -213,12 +220,12 @@ class SharedEncoder(keras.layers.Layer):
         return summary
 
     @property
-    def path_layers(self):
+    def path_layers(self) -> list[PathParameters]:
         """The backbone's layers with per-path variables (`PathParameters`), in graph order."""
         return [layer for layer in self.leaf_layers() if isinstance(layer, PathParameters)]
 
     @property
-    def path_norms(self):
+    def path_norms(self) -> dict[str, dict[str, Any]]:
         """`{name: {"params", "layers"}}` of the per-path GroupNorm copies this encoder holds."""
         summary = {}
         for layer in self.path_layers:
@@ -229,12 +236,12 @@ class SharedEncoder(keras.layers.Layer):
                     entry["layers"] += 1
         return summary
 
-    def base_weights(self):
+    def base_weights(self) -> list[keras.Variable]:
         """The backbone's own weights, without any path's adapters or norm copies."""
         path_ids = {id(w) for layer in self.path_layers for name in layer.paths for w in layer.path_variables(name)}
         return [w for w in self.backbone.weights if id(w) not in path_ids]
 
-    def level_layers(self, levels):
+    def level_layers(self, levels: Iterable[int]) -> list[keras.layers.Layer]:
         """The backbone's leaf layers that compute the feature maps of `levels` (a level's
         layers are those of `levels_from(level)` that `levels_from(level + 1)` lacks).
 
@@ -256,7 +263,8 @@ class SharedEncoder(keras.layers.Layer):
         chosen = set().union(*(from_level(level) - from_level(level + 1) for level in levels))
         return [layer for layer in self.leaf_layers() if id(layer) in chosen]
 
-    def add_adapter(self, name, rank, alpha=None, targets=None, start=0, levels=None, shortcuts=True):
+    def add_adapter(self, name: str, rank: int, alpha: float | None = None, targets: Iterable[str] | None = None,
+                    start: int = 0, levels: Iterable[int] | None = None, shortcuts: bool = True) -> None:
         """Add adapter `name` of rank `rank` to the backbone's adaptable kernels.
 
         Args:
@@ -287,7 +295,7 @@ class SharedEncoder(keras.layers.Layer):
         for layer in layers:
             layer.add_adapter(name, rank, alpha)
 
-    def add_path_norm(self, name, start=0, levels=None):
+    def add_path_norm(self, name: str, start: int = 0, levels: Iterable[int] | None = None) -> None:
         """Give path `name` its own GroupNorm scale and shift (copies of the shared ones) in
         the backbone's `PathGroupNormalization` layers of the chosen levels.
 
@@ -317,7 +325,7 @@ class SharedEncoder(keras.layers.Layer):
                              f"{self.depth - 1} only; it cannot own parameters of levels {levels}.")
         return self.level_layers(levels)
 
-    def call(self, inputs, adapter=None, start=0):
+    def call(self, inputs: "tf.Tensor", adapter: str | None = None, start: int = 0) -> list["tf.Tensor"]:
         """Feature maps of levels `start ...` (all levels for `start=0`, from stem features;
         otherwise from level `start - 1`'s feature map), with adapter `adapter` if given."""
         network = self.backbone if not start else self.levels_from(start)
@@ -325,10 +333,11 @@ class SharedEncoder(keras.layers.Layer):
             features = network(inputs)
         return list(features) if isinstance(features, (list, tuple)) else [features]  # one level: Keras unwraps it
 
-    def compute_output_spec(self, inputs, adapter=None, start=0):
+    def compute_output_spec(self, inputs: keras.KerasTensor, adapter: str | None = None,
+                            start: int = 0) -> list[keras.KerasTensor]:
         return (self.backbone if not start else self.levels_from(start)).compute_output_spec(inputs)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
         config.update(input_stride=list(self.input_stride), adapter_targets=self.adapter_targets)

@@ -18,6 +18,8 @@ it *is* the configs of the stem, fusion and head layers, so it survives `.keras`
 """
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -37,17 +39,17 @@ __all__ = ["VIT_OPTIONS", "describe", "encoder_spec", "expand", "foundation", "m
 
 
 def foundation(
-    input_shape,
-    modality="ct",
-    task="classification",
-    num_classes=2,
-    width=None,
-    depth=None,
-    encoder=None,
-    name="unicon",
-    head_name=None,
-    **head_options,
-):
+    input_shape: Sequence[int],
+    modality: str | Sequence[str] = "ct",
+    task: str = "classification",
+    num_classes: int = 2,
+    width: int | None = None,
+    depth: int | None = None,
+    encoder: str | keras.Model | None = None,
+    name: str = "unicon",
+    head_name: str | None = None,
+    **head_options: Any,
+) -> keras.Model:
     """The stage-0 model: modality stem(s), the shared encoder and one head.
 
     Args:
@@ -125,7 +127,7 @@ def foundation(
     return model
 
 
-def encoder_spec(encoder, options: dict, width: int | None = None,
+def encoder_spec(encoder: str | keras.Model | None, options: dict, width: int | None = None,
                  depth: int | None = None) -> tuple[EncoderFamily, dict, tuple]:
     """The family, build options and weights `(path, format)` that `foundation(encoder=...)` means.
 
@@ -174,8 +176,11 @@ def encoder_spec(encoder, options: dict, width: int | None = None,
     return family, chosen, weights
 
 
-def expand(model, task=None, modality=None, name=None, adapters=None, modalities=None, adapter_targets=None, adapter_start=0,
-           adapter_levels=None, adapter_shortcuts=True, path_norm=False, **head_options):
+def expand(model: keras.Model, task: str | None = None, modality: str | None = None, name: str | None = None,
+           adapters: int | None = None, modalities: Sequence[str] | None = None,
+           adapter_targets: Iterable[str] | None = None, adapter_start: int = 0,
+           adapter_levels: Iterable[int] | None = None, adapter_shortcuts: bool = True, path_norm: bool = False,
+           **head_options: Any) -> keras.Model:
     """Add a head (and optionally a modality) to a model, sharing every existing layer.
 
     Args:
@@ -321,7 +326,7 @@ def expand(model, task=None, modality=None, name=None, adapters=None, modalities
     return keras.Model(inputs, outputs, name=model.name)
 
 
-def describe(model):
+def describe(model: keras.Model) -> dict[str, Any]:
     """The model's registry: stems, encoder (with adapters), heads and parameter counts.
 
     Args:
@@ -390,7 +395,7 @@ def _base_features(parts, encoder, stem_output, modality):
     return list(encoder(stem_output))
 
 
-def non_finite_weights(model):
+def non_finite_weights(model: keras.Model) -> list[str]:
     """Paths of the model's weights that hold a NaN or an infinity (empty when all are finite).
 
     A stage whose weights are not all finite is never checkpointed, saved, blessed or

@@ -18,8 +18,13 @@ outputs (to float32 round-off) as `keras.layers.GroupNormalization`. Group
 normalisation: Wu & He 2018, "Group Normalization", arXiv 1803.08494.
 """
 
+from typing import TYPE_CHECKING
+
 import keras
 from keras import ops
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
@@ -41,7 +46,7 @@ class GroupNormalization(keras.layers.GroupNormalization):
     True
     """
 
-    def call(self, inputs):
+    def call(self, inputs: "tf.Tensor") -> "tf.Tensor":
         if self.axis not in (-1, len(inputs.shape) - 1):
             return super().call(inputs)
         channels = inputs.shape[-1]

@@ -14,6 +14,8 @@ feature maps, finest first. Which head a task uses on which encoder is its task 
 """
 
 import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
@@ -21,6 +23,9 @@ from keras import ops
 from unicon_tf.model.blocks import ResidualConvBlock
 from unicon_tf.model.encoder import group_norm
 from unicon_tf.options import POOLINGS, default_head_name, default_modalities  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 class Head(keras.layers.Layer):
@@ -44,8 +49,9 @@ class Head(keras.layers.Layer):
     task = None
     reads_volumes = False  # True: called on encoder features + the raw volume of each modality
 
-    def __init__(self, modalities=("ct",), stage=0, adapter_rank=None, adapter_start=0, adapter_levels=None,
-                 adapter_shortcuts=True, path_norm=False, **kwargs):
+    def __init__(self, modalities: Sequence[str] = ("ct",), stage: int = 0, adapter_rank: int | None = None,
+                 adapter_start: int = 0, adapter_levels: Sequence[int] | None = None, adapter_shortcuts: bool = True,
+                 path_norm: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("name", self.task)
         super().__init__(**kwargs)
         self.modalities = list(modalities)
@@ -57,31 +63,31 @@ class Head(keras.layers.Layer):
         self.path_norm = bool(path_norm)
 
     @property
-    def adapter(self):
+    def adapter(self) -> str | None:
         """Name of this head's own encoder parameters (its adapters and norm copies, named
         after the head), or None when its path reads the shared encoder only."""
         return self.name if self.adapter_rank or self.path_norm else None
 
     @property
-    def output_layer(self):
+    def output_layer(self) -> keras.layers.Layer:
         """The layer that computes the head's output (logits or risk): its `logits` layer, else
         its `dense` one. Mixed precision keeps it in float32 (`unicon_tf.train.precision`)."""
         return self.logits if hasattr(self, "logits") else self.dense
 
-    def encoder_features(self, inputs):
+    def encoder_features(self, inputs: Sequence["tf.Tensor"]) -> Sequence["tf.Tensor"]:
         """The encoder's feature maps among the head's inputs (all of them unless it reads volumes)."""
         return inputs
 
-    def used_features(self, features):
+    def used_features(self, features: Sequence["tf.Tensor"]) -> list["tf.Tensor"]:
         """The feature maps this head reads (all levels unless a subclass needs fewer)."""
         return list(features)
 
     @classmethod
-    def options(cls):
+    def options(cls) -> list[str]:
         """The task-specific constructor options (what `expand(**head_options)` accepts)."""
         return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         """This head's registry entry as a plain dict."""
         return {
             "task": self.task,
@@ -95,7 +101,7 @@ class Head(keras.layers.Layer):
             "params": self.count_params(),
         }
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(modalities=self.modalities, stage=self.stage, adapter_rank=self.adapter_rank,
                       adapter_start=self.adapter_start)
@@ -116,7 +122,7 @@ class PooledHead(Head):
     small lesion's signal that averaging over the whole volume would dilute.
     """
 
-    def __init__(self, units, dropout=0.0, pooling="avgmax", **kwargs):
+    def __init__(self, units: int, dropout: float = 0.0, pooling: str = "avgmax", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
@@ -128,16 +134,16 @@ class PooledHead(Head):
         self.drop = keras.layers.Dropout(self.dropout, name="dropout")
         self.dense = keras.layers.Dense(self.units, name="dense")
 
-    def build(self, feature_shapes):
+    def build(self, feature_shapes: Sequence[tuple[int | None, ...]]) -> None:
         coarsest = feature_shapes[-1]
         self.norm = group_norm(coarsest[-1], name="norm")
         self.norm.build(coarsest)
         self.dense.build((coarsest[0], coarsest[-1] * (2 if self.pooling == "avgmax" else 1)))
 
-    def used_features(self, features):
+    def used_features(self, features: Sequence["tf.Tensor"]) -> list["tf.Tensor"]:
         return list(features)[-1:]  # only the coarsest map
 
-    def pooled(self, features, training=None):
+    def pooled(self, features: Sequence["tf.Tensor"], training: bool | None = None) -> "tf.Tensor":
         x = ops.silu(self.norm(features[-1]))
         pooled = []
         if self.pooling in ("avg", "avgmax"):
@@ -146,7 +152,7 @@ class PooledHead(Head):
             pooled.append(ops.max(x, axis=(1, 2, 3)))
         return self.dense(self.drop(ops.concatenate(pooled, axis=-1), training=training))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(dropout=self.dropout, pooling=self.pooling)
         return config
@@ -170,22 +176,22 @@ class ClassificationHead(PooledHead):
 
     task = "classification"
 
-    def __init__(self, num_classes=2, dropout=0.0, pooling="avgmax", **kwargs):
+    def __init__(self, num_classes: int = 2, dropout: float = 0.0, pooling: str = "avgmax", **kwargs: Any) -> None:
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
         super().__init__(units=num_classes, dropout=dropout, pooling=pooling, **kwargs)
         self.num_classes = int(num_classes)
 
-    def call(self, features, training=None):
+    def call(self, features: Sequence["tf.Tensor"], training: bool | None = None) -> "tf.Tensor":
         return self.pooled(features, training=training)
 
-    def compute_output_shape(self, feature_shapes):
+    def compute_output_shape(self, feature_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         return (feature_shapes[-1][0], self.num_classes)
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_classes": self.num_classes}
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(num_classes=self.num_classes)
         return config
@@ -200,13 +206,13 @@ class ScalarHead(PooledHead):
         **kwargs: see `Head`.
     """
 
-    def __init__(self, dropout=0.0, pooling="avgmax", **kwargs):
+    def __init__(self, dropout: float = 0.0, pooling: str = "avgmax", **kwargs: Any) -> None:
         super().__init__(units=1, dropout=dropout, pooling=pooling, **kwargs)
 
-    def call(self, features, training=None):
+    def call(self, features: Sequence["tf.Tensor"], training: bool | None = None) -> "tf.Tensor":
         return ops.squeeze(self.pooled(features, training=training), axis=-1)
 
-    def compute_output_shape(self, feature_shapes):
+    def compute_output_shape(self, feature_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         return (feature_shapes[-1][0],)
 
 
@@ -265,8 +271,8 @@ class SegmentationHead(Head):
 
     task = "segmentation"
 
-    def __init__(self, num_classes=2, blocks_per_level=2, final_upsampling=1, side_encoder=0, decoder_channels=0,
-                 **kwargs):
+    def __init__(self, num_classes: int = 2, blocks_per_level: int = 2, final_upsampling: int = 1,
+                 side_encoder: int = 0, decoder_channels: int = 0, **kwargs: Any) -> None:
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
         if int(blocks_per_level) < 1:
@@ -284,10 +290,10 @@ class SegmentationHead(Head):
         self.side_encoder = int(side_encoder)
         self.reads_volumes = self.side_encoder > 0
 
-    def encoder_features(self, inputs):
+    def encoder_features(self, inputs: Sequence["tf.Tensor"]) -> Sequence["tf.Tensor"]:
         return list(inputs)[: -len(self.modalities)] if self.reads_volumes else inputs
 
-    def build(self, input_shapes):
+    def build(self, input_shapes: Sequence[tuple[int | None, ...]]) -> None:
         input_shapes = [tuple(s) for s in input_shapes]
         feature_shapes = self.encoder_features(input_shapes)
         if self.reads_volumes:
@@ -347,7 +353,7 @@ class SegmentationHead(Head):
             out.append(feature + projection(x))
         return out
 
-    def call(self, inputs):
+    def call(self, inputs: Sequence["tf.Tensor"]) -> "tf.Tensor":
         inputs = list(inputs)
         features = self.encoder_features(inputs)
         if self.reads_volumes:
@@ -363,15 +369,15 @@ class SegmentationHead(Head):
             x = self.upsample_final(x)
         return self.logits(x)
 
-    def compute_output_shape(self, input_shapes):
+    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         finest = input_shapes[0]
         spatial = tuple(None if d is None else d * f for d, f in zip(finest[1:4], _per_axis(self.final_upsampling)))
         return (finest[0],) + spatial + (self.num_classes,)
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_classes": self.num_classes, "side_encoder": self.side_encoder}
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             num_classes=self.num_classes,

@@ -8,12 +8,16 @@ Example:
 (['ct'], ['classification'], 'encoder')
 """
 
+from typing import Any
+
+import keras
+
 from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.heads import Head
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 
 
-def model_parts(model):
+def model_parts(model: keras.Model) -> dict[str, Any]:
     """The stems (by modality), fusions (by modality tuple), heads (by name) and encoder."""
     if not isinstance(model.input, dict) or not isinstance(model.output, dict):
         raise ValueError(f"Model '{model.name}' is not a unicon_tf model: its inputs and outputs must be dicts.")

@@ -22,6 +22,7 @@ every tensor fits.
 """
 
 import pathlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,10 +31,13 @@ from unicon_tf.model.families import family_of
 from unicon_tf.model.parts import model_parts
 from unicon_tf.weights_error import PretrainedWeightsError
 
+if TYPE_CHECKING:
+    import keras
+
 FORMATS = ("safetensors", "npz")
 
 
-def read_state_dict(path, format=None):
+def read_state_dict(path: pathlib.Path | str, format: str | None = None) -> dict[str, np.ndarray]:
     """`{key: float32 array}` from a `.safetensors` or `.npz` state dict.
 
     Args:
@@ -73,7 +77,8 @@ def read_state_dict(path, format=None):
     return state
 
 
-def load_pretrained(model_or_encoder, path, format=None, strict=True):
+def load_pretrained(model_or_encoder: "keras.Model | SharedEncoder", path: pathlib.Path | str,
+                    format: str | None = None, strict: bool = True) -> dict[str, list[str]]:
     """Load a MONAI `ViT` state dict into a `vit` model (stem + encoder) or its encoder.
 
     Args:
@@ -110,7 +115,7 @@ def load_pretrained(model_or_encoder, path, format=None, strict=True):
             "skipped": sorted(k for k in skipped if k in state)}
 
 
-def check_state(path, targets: dict, state: dict, skipped: set = frozenset(), strict: bool = True,
+def check_state(path: pathlib.Path | str, targets: dict, state: dict, skipped: set = frozenset(), strict: bool = True,
                 what: str = "the model", checks: dict | None = None) -> list[str]:
     """Check a state dict against a model's targets, then assign all of it or nothing.
 

@@ -50,6 +50,7 @@ import os
 import pathlib
 import tempfile
 import zipfile
+from typing import Any
 
 import h5py
 import keras
@@ -72,7 +73,8 @@ class StorageError(OSError):
     """A by-reference stage file whose base weights file is missing, moved or altered."""
 
 
-def save_model(model: keras.Model, path, store=None, by_reference: bool | None = None) -> dict:
+def save_model(model: keras.Model, path: pathlib.Path | str, store: pathlib.Path | str | None = None,
+               by_reference: bool | None = None) -> dict:
     """Save `model` to the `.keras` file `path`, by reference to a base weights file when large.
 
     Written beside the target and renamed (never half-written); a new base is written the
@@ -132,7 +134,7 @@ def save_model(model: keras.Model, path, store=None, by_reference: bool | None =
             "stored": len(arrays) - len(entries), "base": None if base_file is None else pathlib.Path(os.path.normpath(path.parent / base_file))}
 
 
-def load_model(path, **options) -> keras.Model:
+def load_model(path: pathlib.Path | str, **options: Any) -> keras.Model:
     """Load a `.keras` file written by `save_model` (by reference or self-contained).
 
     Args:
@@ -173,7 +175,7 @@ def load_model(path, **options) -> keras.Model:
         return keras.models.load_model(scratch, **options)
 
 
-def read_manifest(path) -> dict | None:
+def read_manifest(path: pathlib.Path | str) -> dict | None:
     """The by-reference manifest of the `.keras` file `path`, or None for a self-contained one
     (or a file that is no zip archive).
 
@@ -192,7 +194,7 @@ def read_manifest(path) -> dict | None:
     return manifest
 
 
-def default_store(path) -> pathlib.Path:
+def default_store(path: pathlib.Path | str) -> pathlib.Path:
     """The base-weights folder of the stage file `path`: `<run>/weights` for the outermost
     folder holding a `run.json` above it (a run's stages and the baseline runs inside it),
     else for the run of a `<run>/stages/<stage>/` folder (its first stage is saved before

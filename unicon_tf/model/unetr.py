@@ -22,12 +22,17 @@ starts at zero, so the skip path starts as the first modality's alone.
 """
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
 
 from unicon_tf.model.blocks import ResidualConvBlock
 from unicon_tf.model.heads import Head
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
@@ -62,7 +67,8 @@ class UNETRHead(Head):
     task = "segmentation"
     reads_volumes = True
 
-    def __init__(self, num_classes=2, feature_size=16, modality_skips=True, **kwargs):
+    def __init__(self, num_classes: int = 2, feature_size: int = 16, modality_skips: bool = True,
+                 **kwargs: Any) -> None:
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 for a {self.task} head, got {num_classes}.")
         if int(feature_size) < 1:
@@ -72,7 +78,7 @@ class UNETRHead(Head):
         self.feature_size = int(feature_size)
         self.modality_skips = bool(modality_skips)
 
-    def encoder_features(self, inputs):
+    def encoder_features(self, inputs: Sequence["tf.Tensor"]) -> list["tf.Tensor"]:
         return list(inputs)[: -len(self.modalities)]
 
     def _plan(self, shapes):
@@ -95,7 +101,7 @@ class UNETRHead(Head):
         states = [min(available - 1, k * available // (levels - 1)) for k in range(levels - 1)]
         return factors, states
 
-    def build(self, input_shapes):
+    def build(self, input_shapes: Sequence[tuple[int | None, ...]]) -> None:
         shapes = [tuple(s) for s in input_shapes]
         factors, _ = self._plan(shapes)
         levels = len(factors)
@@ -152,7 +158,7 @@ class UNETRHead(Head):
         self.logits = keras.layers.Conv3D(self.num_classes, 1, name="logits")
         self.logits.build(shape)
 
-    def call(self, inputs):
+    def call(self, inputs: Sequence["tf.Tensor"]) -> "tf.Tensor":
         inputs = list(inputs)
         features, volumes = inputs[: -len(self.modalities)], inputs[-len(self.modalities):]
         _, states = self._plan([tuple(t.shape) for t in inputs])
@@ -171,14 +177,14 @@ class UNETRHead(Head):
             x = block(ops.concatenate([up(x), skip], axis=-1))
         return self.logits(x)
 
-    def compute_output_shape(self, input_shapes):
+    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         volume = tuple(input_shapes[-len(self.modalities)])
         return volume[:-1] + (self.num_classes,)
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_classes": self.num_classes, "decoder": "unetr"}
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(num_classes=self.num_classes, feature_size=self.feature_size,
                       modality_skips=self.modality_skips)

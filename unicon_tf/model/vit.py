@@ -20,6 +20,8 @@ input path exactly like the residual CNN (see `SharedEncoder`), and saves with `
 """
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -31,11 +33,14 @@ from unicon_tf.model.encoder import SharedEncoder
 from unicon_tf.model.families import EncoderFamily, register
 from unicon_tf.model.pretrained import load_pretrained
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 POSITIONS = ("learned", "sincos")
 DEFAULT_ADAPTER_TARGETS = ("query", "value")
 
 
-def resize_axis(table, axis, size):
+def resize_axis(table: "tf.Tensor", axis: int, size: "int | tf.Tensor") -> "tf.Tensor":
     """Resize `table` along `axis` to `size` by linear interpolation, half-pixel centres.
 
     The sampling of `torch.nn.functional.interpolate(..., mode="trilinear",
@@ -52,7 +57,8 @@ def resize_axis(table, axis, size):
     return ops.take(table, low, axis=axis) * (1.0 - weight) + ops.take(table, high, axis=axis) * weight
 
 
-def sincos_position_embedding(grid, channels, temperature=10000.0):
+def sincos_position_embedding(grid: Sequence["int | tf.Tensor"], channels: int,
+                              temperature: float = 10000.0) -> "tf.Tensor":
     """Fixed 3D sine-cosine position embedding `(d, h, w, channels)`, as MONAI builds it.
 
     Channels are six equal groups: sin/cos of the second axis, of the first, of the third
@@ -93,7 +99,8 @@ class PositionEmbedding(keras.layers.Layer):
     (1, 4, 4, 4, 6)
     """
 
-    def __init__(self, grid, kind="learned", temperature=10000.0, **kwargs):
+    def __init__(self, grid: Sequence[int], kind: str = "learned", temperature: float = 10000.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in POSITIONS:
             raise ValueError(f"Unknown position embedding '{kind}': expected one of {list(POSITIONS)}.")
@@ -103,7 +110,7 @@ class PositionEmbedding(keras.layers.Layer):
         self.kind = kind
         self.temperature = float(temperature)
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         channels = input_shape[-1]
         if self.kind == "learned":
             self.embedding = self.add_weight(
@@ -113,7 +120,7 @@ class PositionEmbedding(keras.layers.Layer):
         elif channels % 6:
             raise ValueError(f"A 3D sin-cos position embedding needs hidden_size divisible by 6, got {channels}.")
 
-    def table(self, grid, channels):
+    def table(self, grid: Sequence["int | tf.Tensor"], channels: int) -> "tf.Tensor":
         """The embedding `(d, h, w, channels)` for token grid `grid` (ints or tensors)."""
         if self.kind == "sincos":
             return sincos_position_embedding(grid, channels, self.temperature)
@@ -123,14 +130,14 @@ class PositionEmbedding(keras.layers.Layer):
                 table = resize_axis(table, axis, size)
         return table
 
-    def call(self, tokens):
+    def call(self, tokens: "tf.Tensor") -> "tf.Tensor":
         shape = ops.shape(tokens)
         return tokens + ops.cast(self.table(tuple(shape[1:4]), int(tokens.shape[-1])), tokens.dtype)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(grid=list(self.grid), kind=self.kind, temperature=self.temperature)
         return config
@@ -149,11 +156,11 @@ class SelfAttention(keras.layers.Layer):
         **kwargs: `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, num_heads, **kwargs):
+    def __init__(self, num_heads: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
 
-    def call(self, qkv):
+    def call(self, qkv: Sequence["tf.Tensor"]) -> "tf.Tensor":
         query, key, value = qkv
         shape = ops.shape(query)
         channels = query.shape[-1]
@@ -168,16 +175,16 @@ class SelfAttention(keras.layers.Layer):
         attended = ops.matmul(ops.softmax(scores, axis=-1), v)
         return ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), shape)
 
-    def compute_output_shape(self, input_shapes):
+    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         return tuple(input_shapes[0])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(num_heads=self.num_heads)
         return config
 
 
-def default_feature_layers(num_layers):
+def default_feature_layers(num_layers: int) -> list[int]:
     """The blocks whose hidden states UNETR reads: a quarter, half and three quarters deep.
 
     For 12 blocks this is MONAI UNETR's `hidden_states_out[3], [6], [9]` (1-based 3, 6, 9).
@@ -185,8 +192,9 @@ def default_feature_layers(num_layers):
     return sorted({min(num_layers, max(1, int(num_layers * k / 4 + 0.5))) for k in (1, 2, 3)})
 
 
-def vit_backbone(position_grid, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, position="learned",
-                 feature_layers=None, qkv_bias=False, dropout=0.0, name="vit"):
+def vit_backbone(position_grid: Sequence[int], hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                 mlp_dim: int = 3072, position: str = "learned", feature_layers: Iterable[int] | None = None,
+                 qkv_bias: bool = False, dropout: float = 0.0, name: str = "vit") -> keras.Model:
     """The 3D ViT as a functional backbone from a token grid to its hidden-state volumes.
 
     Args:
@@ -246,12 +254,12 @@ def vit_backbone(position_grid, hidden_size=768, num_layers=12, num_heads=12, ml
     return keras.Model(inputs, [states[layer - 1] for layer in feature_layers] + [final], name=name)
 
 
-def is_vit(backbone):
+def is_vit(backbone: keras.Model) -> bool:
     """Whether a backbone is this module's ViT (it has a `PositionEmbedding`)."""
     return any(isinstance(layer, PositionEmbedding) for layer in backbone.layers)
 
 
-def vit_summary(encoder):
+def vit_summary(encoder: SharedEncoder) -> dict[str, Any]:
     """The ViT hyper-parameters of a `SharedEncoder` around `vit_backbone`, for `describe`."""
     backbone = encoder.backbone
     layers = {layer.name: layer for layer in backbone.layers}
@@ -273,8 +281,8 @@ def vit_summary(encoder):
 
 
 def vit_encoder(input_shape: tuple[int, int, int], patch_size: int | tuple[int, int, int] = 16,
-                position_grid: tuple[int, int, int] | None = None, adapter_targets=DEFAULT_ADAPTER_TARGETS,
-                **options) -> SharedEncoder:
+                position_grid: tuple[int, int, int] | None = None,
+                adapter_targets: Iterable[str] = DEFAULT_ADAPTER_TARGETS, **options: Any) -> SharedEncoder:
     """The `vit` family's `SharedEncoder` for volumes of `input_shape` (`foundation(encoder="vit")`).
 
     Args:

@@ -11,7 +11,8 @@ from unicon_tf.model.foundation import foundation
 from unicon_tf.model.parts import model_parts
 from unicon_tf.presets.registry import preset
 
-def backbone(name: str, weights: str | pathlib.Path | None = None, input_shape: tuple[int, int, int] | None = None):
+def backbone(name: str, weights: str | pathlib.Path | None = None,
+             input_shape: tuple[int, int, int] | None = None) -> keras.Model:
     """The pretrained Keras backbone of a preset: a volume in the preset's intensity range to
     its feature maps, finest first.
 

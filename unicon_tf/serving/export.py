@@ -26,6 +26,8 @@ import shutil
 import socket
 import threading
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -46,12 +48,12 @@ class ExportError(RuntimeError):
     """An export that must not happen (unblessed stage, parity failure, bad version)."""
 
 
-def head_outputs(task, output):
+def head_outputs(task: str, output: tf.Tensor) -> dict[str, tf.Tensor]:
     """The named serving outputs of a head's raw output (its task kind's `serving_outputs`)."""
     return task_kind(task).serving_outputs(output)
 
 
-def signatures(model):
+def signatures(model: keras.Model) -> dict[str, tuple[list[str], Callable, list[tf.TensorSpec]]]:
     """`{signature name: (modalities, fn, input specs)}`: `serving_default` and one per head."""
     heads = model_parts(model)["heads"]
     shape = tuple(next(iter(model.input.values())).shape[1:])
@@ -79,7 +81,7 @@ def signatures(model):
     return result
 
 
-def check_volume_shape(modality, volume, shape):
+def check_volume_shape(modality: str, volume: tf.Tensor, shape: Sequence[int]) -> tf.Operation:
     """An in-graph assertion that `volume` is `(batch, *shape)`, naming the input.
 
     TF Serving does not check a request against the signature's shapes, so a wrong volume
@@ -101,7 +103,7 @@ hand is never handed out again (TF Serving clients and labels take a number to m
 model)."""
 
 
-def highest_version(model_dir):
+def highest_version(model_dir: pathlib.Path) -> int:
     """The highest version ever claimed under `model_dir` (its folders, claims in progress and
     the remembered `.highest-version`); 0 when there is none."""
     model_dir = pathlib.Path(model_dir)
@@ -113,7 +115,7 @@ def highest_version(model_dir):
     return max(taken, default=0)
 
 
-def next_version(model_dir):
+def next_version(model_dir: pathlib.Path) -> int:
     """The next integer version under `model_dir` (1 when there is none): one past the
     highest ever claimed (`highest_version`), so versions never go backwards, even when a
     version folder was deleted.
@@ -184,7 +186,7 @@ def _claim_version(model_dir, version=None):
         owner.unlink()
 
 
-def remove_stale_exports(model_dir):
+def remove_stale_exports(model_dir: pathlib.Path) -> None:
     """Remove `.claim-*` files and `.partial-*` folders of exports whose process has died.
 
     A claim is stale when it was made on this host by a process that no longer runs; a
@@ -219,7 +221,9 @@ def _process_alive(pid):
     return True
 
 
-def export_model(model, base, model_name, metadata=None, version=None, parity_batch=None, example_request=False):
+def export_model(model: keras.Model, base: pathlib.Path | str, model_name: str,
+                 metadata: Mapping[str, Any] | None = None, version: int | None = None,
+                 parity_batch: Mapping[str, np.ndarray] | None = None, example_request: bool = False) -> pathlib.Path:
     """Write `model` as version `version` (default: the next free one) of `model_name`.
 
     Args:
@@ -282,7 +286,7 @@ def _write_version(staging, model, model_name, version, metadata, parity_batch, 
         (staging / "request.json").write_text(json.dumps(request))
 
 
-def check_exportable(model):
+def check_exportable(model: keras.Model) -> None:
     """Raise ExportError if `model` has a name its signatures cannot hold or a non-finite weight.
 
     TensorFlow renames signature arguments it does not accept (`t1-ce` becomes `t1_ce`),
@@ -307,7 +311,7 @@ def _noise_batch(model, size=2, seed=0):
     return {m: rng.uniform(-1, 1, (size,) + tuple(t.shape[1:])).astype(np.float32) for m, t in model.input.items()}
 
 
-def check_parity(model, saved_model_dir, batch):
+def check_parity(model: keras.Model, saved_model_dir: pathlib.Path | str, batch: Mapping[str, np.ndarray]) -> float:
     """Max abs difference of every signature's float outputs vs the Keras model on `batch`."""
     loaded = tf.saved_model.load(str(saved_model_dir))
     heads = model_parts(model)["heads"]
@@ -330,7 +334,9 @@ def check_parity(model, saved_model_dir, batch):
     return worst
 
 
-def write_warmup(version_dir, model_name, endpoints, batch):
+def write_warmup(version_dir: pathlib.Path, model_name: str,
+                 endpoints: Mapping[str, tuple[list[str], Callable, list[tf.TensorSpec]]],
+                 batch: Mapping[str, np.ndarray]) -> None:
     """`assets.extra/tf_serving_warmup_requests`: one PredictRequest per signature."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
@@ -346,7 +352,8 @@ def write_warmup(version_dir, model_name, endpoints, batch):
             writer.write(log.SerializeToString())
 
 
-def update_models_config(base, model_name, serving_root="/models", labels=None):
+def update_models_config(base: pathlib.Path | str, model_name: str, serving_root: str = "/models",
+                         labels: Mapping[str, int] | None = None) -> pathlib.Path:
     """Add or update `model_name` in `<base>/models.config` (ModelServerConfig text format).
 
     Args:
@@ -436,8 +443,9 @@ def _drop_missing_versions(path, entry, present):
                       f"{path.parent / entry.name} (deleted?).", ServingWarning, stacklevel=3)
 
 
-def export_stage(run_dir, stage=None, base="saved_models", model_name=None, force=False, labels=None,
-                 serving_root="/models", example_request=False):
+def export_stage(run_dir: pathlib.Path | str, stage: str | None = None, base: pathlib.Path | str = "saved_models",
+                 model_name: str | None = None, force: bool = False, labels: Sequence[str] | None = None,
+                 serving_root: str = "/models", example_request: bool = False) -> pathlib.Path:
     """Export a run's stage (default: its last) if the Evaluator blessed it.
 
     Args:
@@ -474,8 +482,10 @@ def export_stage(run_dir, stage=None, base="saved_models", model_name=None, forc
                       example_request=example_request)
 
 
-def push_stage(stage, base="saved_models", model_name=None, blessing=None, labels=None, serving_root="/models",
-               example_request=False):
+def push_stage(stage: StageFolder | pathlib.Path | str, base: pathlib.Path | str = "saved_models",
+               model_name: str | None = None, blessing: Mapping[str, Any] | None = None,
+               labels: Sequence[str] | None = None, serving_root: str = "/models",
+               example_request: bool = False) -> pathlib.Path:
     """Export a trained stage's model as the next version and list it in `models.config`.
 
     The gate is the caller's: `export_stage` (the CLI) and the Pusher component check the

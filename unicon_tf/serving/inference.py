@@ -11,6 +11,8 @@ series when the CT is a DICOM series.
 
 import json
 import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +27,7 @@ from unicon_tf.files import write_json_atomic
 from unicon_tf.tasks import task_kind
 
 
-def check_request(signature, inputs):
+def check_request(signature: Callable, inputs: Mapping[str, np.ndarray]) -> None:
     """Raise a ValueError naming the input whose rank, shape or dtype the signature refuses.
 
     Args:
@@ -47,7 +49,7 @@ def check_request(signature, inputs):
             raise ValueError(f"input '{name}': dtype {value.dtype}, expected {spec.dtype.name}.")
 
 
-def gaussian_weights(patch, sigma_scale=0.125):
+def gaussian_weights(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
     """Blending weights of a patch: a Gaussian centred on it (sigma = patch * sigma_scale)."""
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / max(n * sigma_scale, 1e-6)) ** 2) for n in patch]
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
@@ -61,7 +63,9 @@ def _starts(size, patch, step):
     return sorted(set(starts))
 
 
-def sliding_window(predict, volumes, patch, overlap=0.5, batch_size=4, fill=-1.0):
+def sliding_window(predict: Callable[[dict[str, np.ndarray]], np.ndarray], volumes: Mapping[str, np.ndarray],
+                   patch: Sequence[int], overlap: float = 0.5, batch_size: int = 4,
+                   fill: float = -1.0) -> np.ndarray:
     """Blend a patch-wise predictor over volumes larger (or smaller) than its patch.
 
     Args:
@@ -107,7 +111,7 @@ def sliding_window(predict, volumes, patch, overlap=0.5, batch_size=4, fill=-1.0
     return blended[: shape[0], : shape[1], : shape[2]]
 
 
-def signature_predictor(signature, output):
+def signature_predictor(signature: Callable, output: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """A `predict(batch)` for `sliding_window` from a SavedModel signature and output name."""
 
     def predict(batch):
@@ -117,7 +121,9 @@ def signature_predictor(signature, output):
     return predict
 
 
-def predict_nifti(saved_model_dir, images, out, overlap=0.5, scales=None):
+def predict_nifti(saved_model_dir: pathlib.Path | str, images: Mapping[str, pathlib.Path | str | dicom.SeriesRef],
+                  out: pathlib.Path | str, overlap: float = 0.5,
+                  scales: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Predict every head of an exported model for one patient's NIfTI images.
 
     Args:

@@ -29,9 +29,14 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from unicon_tf.model.encoder import SharedEncoder
 
 
 class TaskKind:
@@ -76,7 +81,8 @@ class TaskKind:
         """The head class of this kind on an encoder of `family` (`unicon_tf.model.families`)."""
         return self.family_heads.get(family, self.head)
 
-    def head_options(self, options: dict, head_class: type, encoder, input_shape: tuple[int, int, int]) -> dict:
+    def head_options(self, options: dict, head_class: type, encoder: SharedEncoder,
+                     input_shape: tuple[int, int, int]) -> dict:
         """A head's constructor options completed for a `head_class` (`head_class(family)`) on
         `encoder` (a `SharedEncoder`) over volumes of `input_shape`:
         `num_classes` defaults to 2 where the head takes it, and is dropped where not."""
@@ -86,11 +92,12 @@ class TaskKind:
             options.pop("num_classes", None)
         return options
 
-    def target(self, example: dict):
+    def target(self, example: dict) -> tf.Tensor:
         """The training target of a parsed example (`unicon_tf.data.records.parse_example`)."""
         raise NotImplementedError
 
-    def loss_function(self, target, output, sample_weight=None, **options):
+    def loss_function(self, target: tf.Tensor, output: tf.Tensor, sample_weight: tf.Tensor | None = None,
+                      **options: Any) -> tf.Tensor:
         """The task loss `(target, output, sample_weight) -> scalar` with `options` bound."""
         raise NotImplementedError
 
@@ -125,7 +132,8 @@ class TaskKind:
         """
         return functools.partial(self.loss_function, **self.check_loss_options(options))
 
-    def distillation_loss(self, teacher_output, student_output, temperature: float = 2.0):
+    def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
+                          temperature: float = 2.0) -> tf.Tensor:
         """A scalar distance of the student's output from the teacher's (LwF)."""
         raise NotImplementedError
 
@@ -150,7 +158,7 @@ class TaskKind:
         target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"], np.float64)
         return np.array([self.scores(target[r], output[r])[self.main_metric] for r in rows])
 
-    def serving_outputs(self, output) -> dict:
+    def serving_outputs(self, output: tf.Tensor) -> dict:
         """The named outputs of a SavedModel signature, from a head's raw output (TF tensors)."""
         raise NotImplementedError
 

@@ -53,23 +53,25 @@ class Classification(TaskKind):
     ranking = True
     constant_chance = 0.5
 
-    def target(self, example):
+    def target(self, example: dict) -> tf.Tensor:
         return example["label"]
 
-    def loss_function(self, target, output, sample_weight=None):
+    def loss_function(self, target: tf.Tensor, output: tf.Tensor,
+                      sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         return classification_loss(target, output, sample_weight=sample_weight)
 
-    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+    def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
+                          temperature: float = 2.0) -> tf.Tensor:
         return softmax_kl(teacher_output, student_output, temperature)
 
-    def metrics(self, head, num_classes=2):
+    def metrics(self, head: str, num_classes: int = 2) -> list[keras.metrics.Metric]:
         return [keras.metrics.SparseCategoricalAccuracy(name=f"{head}_accuracy"),
                 LogitAUC(num_classes, name=f"{head}_auc")]
 
-    def scores(self, target, output):
+    def scores(self, target: np.ndarray, output: np.ndarray) -> dict:
         return classification_scores(target, output)
 
-    def resampled(self, prediction, rows):
+    def resampled(self, prediction: dict, rows: np.ndarray) -> np.ndarray:
         """Two classes: AUC as the share of concordant positive-negative pairs, vectorised."""
         output = np.asarray(prediction["output"], np.float64)
         if output.shape[-1] != 2:
@@ -80,7 +82,7 @@ class Classification(TaskKind):
         concordant = np.where(difference == 0, 0.5, (difference > 0).astype(np.float64))
         return pairwise_resampled(positive[:, None] & ~positive[None, :], concordant, rows)
 
-    def serving_outputs(self, output):
+    def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
 
 

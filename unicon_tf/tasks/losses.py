@@ -25,7 +25,12 @@ under-weight (a lesion of 30 voxels beside one of 3000 barely moves either):
   one (inverse-frequency class weighting, per image).
 """
 
+from typing import TYPE_CHECKING
+
 from keras import ops
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 DICE_MODES = ("pooled", "per_patient")
 """`dice_ce_loss(dice=...)` values, the default first."""
@@ -33,14 +38,15 @@ CE_WEIGHTINGS = ("none", "lesion")
 """`dice_ce_loss(ce_weighting=...)` values, the default first."""
 
 
-def patient_weights(sample_weight, batch_like):
+def patient_weights(sample_weight: "tf.Tensor | None", batch_like: "tf.Tensor") -> "tf.Tensor":
     """Per-patient weights `(B,)` as float32 (ones when `sample_weight` is None)."""
     if sample_weight is None:
         return ops.ones_like(ops.cast(batch_like, "float32"))
     return ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
 
 
-def classification_loss(labels, logits, sample_weight=None):
+def classification_loss(labels: "tf.Tensor", logits: "tf.Tensor",
+                        sample_weight: "tf.Tensor | None" = None) -> "tf.Tensor":
     """Cross-entropy of integer `labels` `(B,)` against `logits` `(B, C)`: the batch mean of
     `sample_weight * cross-entropy` (Keras' `sum_over_batch_size` reduction)."""
     labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
@@ -49,7 +55,7 @@ def classification_loss(labels, logits, sample_weight=None):
     return ops.mean(patient_weights(sample_weight, labels) * per_patient)
 
 
-def cox_loss(survival, risk, sample_weight=None):
+def cox_loss(survival: "tf.Tensor", risk: "tf.Tensor", sample_weight: "tf.Tensor | None" = None) -> "tf.Tensor":
     """Negative Cox partial log-likelihood (Breslow ties), averaged over events.
 
     For every observed event i: -(r_i - log sum_{j: t_j >= t_i} exp(r_j)). Censored
@@ -81,7 +87,8 @@ def cox_loss(survival, risk, sample_weight=None):
     return ops.sum(weight * event * (log_risk_set - risk)) / ops.maximum(events, 1.0)
 
 
-def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None, dice="pooled", ce_weighting="none"):
+def dice_ce_loss(mask: "tf.Tensor", logits: "tf.Tensor", smooth: float = 1e-5, sample_weight: "tf.Tensor | None" = None,
+                 dice: str = "pooled", ce_weighting: str = "none") -> "tf.Tensor":
     """Soft Dice over the foreground classes plus voxel-wise cross-entropy.
 
     Args:
@@ -133,7 +140,7 @@ def dice_ce_loss(mask, logits, smooth=1e-5, sample_weight=None, dice="pooled", c
     return 1.0 - mean_dice + cross_entropy
 
 
-def lesion_voxel_weights(mask):
+def lesion_voxel_weights(mask: "tf.Tensor") -> "tf.Tensor":
     """Per-voxel weights `(B, D, H, W)` that give each patient's lesion (label > 0) and
     background half of its cross-entropy weight each: n / (2 n_lesion) on the lesion,
     n / (2 (n - n_lesion)) elsewhere, 1 everywhere for a patient without lesion; each
@@ -155,7 +162,7 @@ def lesion_voxel_weights(mask):
     return ops.where(has_both, weights, ops.ones_like(weights))
 
 
-def softmax_kl(teacher_logits, student_logits, temperature=2.0):
+def softmax_kl(teacher_logits: "tf.Tensor", student_logits: "tf.Tensor", temperature: float = 2.0) -> "tf.Tensor":
     """KL(teacher || student) of temperature-softened softmaxes, times T^2, averaged over
     every position (patients, or voxels for segmentation)."""
     teacher_logits, student_logits = ops.cast(teacher_logits, "float32"), ops.cast(student_logits, "float32")
@@ -165,6 +172,6 @@ def softmax_kl(teacher_logits, student_logits, temperature=2.0):
     return ops.mean(ops.sum(t * (log_t - log_s), axis=-1)) * temperature**2
 
 
-def risk_mse(teacher_risk, student_risk, temperature=None):
+def risk_mse(teacher_risk: "tf.Tensor", student_risk: "tf.Tensor", temperature: float | None = None) -> "tf.Tensor":
     """Mean squared difference of risk scores (temperature unused: risks are not softmaxed)."""
     return ops.mean(ops.square(ops.cast(student_risk, "float32") - ops.cast(teacher_risk, "float32")))

@@ -16,11 +16,18 @@ metric everywhere: training logs (`val_<head>_dice`), model selection, `metrics.
 the stage x task matrix and blessing; `dice_pooled` is reported beside it.
 """
 
+from typing import TYPE_CHECKING, Any
+
 import keras
 from keras import ops
 
+if TYPE_CHECKING:
+    import numpy as np
+    import tensorflow as tf
 
-def c_index(time, event, risk, tied_tol=1e-8):
+
+def c_index(time: "np.ndarray | tf.Tensor", event: "np.ndarray | tf.Tensor", risk: "np.ndarray | tf.Tensor",
+            tied_tol: float = 1e-8) -> "tf.Tensor":
     """Harrell's concordance index, defined as `sksurv.metrics.concordance_index_censored`.
 
     A pair (i, j) is comparable when i had an event and t_j > t_i, or t_j == t_i with j
@@ -63,7 +70,7 @@ class ConcordanceIndex(keras.metrics.Metric):
     1.0
     """
 
-    def __init__(self, capacity=4096, name="c_index", **kwargs):
+    def __init__(self, capacity: int = 4096, name: str = "c_index", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.capacity = int(capacity)
         # Under tf.distribute every replica holds the same (gathered) examples: keep the
@@ -74,7 +81,7 @@ class ConcordanceIndex(keras.metrics.Metric):
         self.risk = self.add_variable(shape=(self.capacity,), initializer="zeros", name="risk", aggregation=first)
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="count", aggregation=first)
 
-    def update_state(self, survival, risk, sample_weight=None):
+    def update_state(self, survival: "tf.Tensor", risk: "tf.Tensor", sample_weight: "tf.Tensor | None" = None) -> None:
         survival = ops.cast(ops.reshape(survival, (-1, 2)), "float32")
         risk = ops.cast(ops.reshape(risk, (-1,)), "float32")
         start = ops.minimum(self.count, self.capacity)
@@ -85,35 +92,35 @@ class ConcordanceIndex(keras.metrics.Metric):
         self.risk.assign(ops.scatter_update(self.risk, index, risk[:n]))
         self.count.assign(start + n)
 
-    def result(self):
+    def result(self) -> "tf.Tensor":
         seen = ops.arange(self.count)
         survival, risk = ops.take(self.survival, seen, axis=0), ops.take(self.risk, seen, axis=0)
         return ops.cast(c_index(survival[:, 0], survival[:, 1], risk), "float32")
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         for variable in (self.survival, self.risk, self.count):
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "capacity": self.capacity}
 
 
 class LogitAUC(keras.metrics.AUC):
     """ROC AUC from class logits: of class 1 for two classes, macro one-vs-rest otherwise."""
 
-    def __init__(self, num_classes=2, name="auc", **kwargs):
+    def __init__(self, num_classes: int = 2, name: str = "auc", **kwargs: Any) -> None:
         self.num_classes = int(num_classes)
         multi = self.num_classes > 2
         super().__init__(name=name, multi_label=multi, num_labels=self.num_classes if multi else None, **kwargs)
 
-    def update_state(self, labels, logits, sample_weight=None):
+    def update_state(self, labels: "tf.Tensor", logits: "tf.Tensor", sample_weight: "tf.Tensor | None" = None) -> None:
         probabilities = ops.softmax(logits, axis=-1)
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         if self.num_classes == 2:
             return super().update_state(labels, probabilities[:, 1], sample_weight)
         return super().update_state(ops.one_hot(labels, self.num_classes), probabilities, sample_weight)
 
-    def result(self):
+    def result(self) -> "tf.Tensor":
         """The AUC; NaN when the examples seen hold fewer than two classes (as
         `unicon_tf.tasks.classification.classification_scores`), where Keras' AUC gives 0."""
         positives = self.true_positives[0] + self.false_negatives[0]  # per label for > 2 classes
@@ -124,7 +131,7 @@ class LogitAUC(keras.metrics.AUC):
             classes = ops.sum(ops.cast(positives > 0, "int32"))
         return ops.where(classes >= 2, super().result(), float("nan"))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("multi_label", None), config.pop("num_labels", None)
         return {**config, "num_classes": self.num_classes}
@@ -156,7 +163,7 @@ class DiceScore(keras.metrics.Metric):
     [0.5, 0.985]
     """
 
-    def __init__(self, num_classes=2, average="patient", name="dice", **kwargs):
+    def __init__(self, num_classes: int = 2, average: str = "patient", name: str = "dice", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         if average not in ("patient", "pooled"):
             raise ValueError(f"DiceScore: average must be 'patient' or 'pooled', got {average!r}.")
@@ -169,7 +176,7 @@ class DiceScore(keras.metrics.Metric):
             self.dice_sum = self.add_variable(shape=shape, initializer="zeros", name="dice_sum")
             self.patients = self.add_variable(shape=(), initializer="zeros", name="patients")
 
-    def update_state(self, mask, logits, sample_weight=None):
+    def update_state(self, mask: "tf.Tensor", logits: "tf.Tensor", sample_weight: "tf.Tensor | None" = None) -> None:
         truth = ops.one_hot(ops.cast(mask, "int32"), self.num_classes)
         predicted = ops.one_hot(ops.argmax(logits, axis=-1), self.num_classes)
         if self.average == "pooled":
@@ -182,20 +189,20 @@ class DiceScore(keras.metrics.Metric):
         self.dice_sum.assign_add(ops.sum(_dice(overlap, total), axis=0))
         self.patients.assign_add(ops.cast(ops.shape(truth)[0], "float32"))
 
-    def per_class(self):
+    def per_class(self) -> "tf.Tensor":
         """Dice of classes 1..num_classes-1."""
         if self.average == "pooled":
             return _dice(self.intersection, self.total)[1:]
         return (self.dice_sum / ops.maximum(self.patients, 1.0))[1:]
 
-    def result(self):
+    def result(self) -> "tf.Tensor":
         return ops.mean(self.per_class())
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         for variable in self.variables:
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes, "average": self.average}
 
 

@@ -35,23 +35,25 @@ class Prognosis(TaskKind):
     constant_chance = 0.5
     figure = "kaplan_meier"
 
-    def target(self, example):
+    def target(self, example: dict) -> tf.Tensor:
         return tf.stack([example["time"], tf.cast(example["event"], tf.float32)])
 
-    def loss_function(self, target, output, sample_weight=None):
+    def loss_function(self, target: tf.Tensor, output: tf.Tensor,
+                      sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         return cox_loss(target, output, sample_weight=sample_weight)
 
-    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+    def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
+                          temperature: float = 2.0) -> tf.Tensor:
         return risk_mse(teacher_output, student_output)
 
-    def metrics(self, head, num_classes=2):
+    def metrics(self, head: str, num_classes: int = 2) -> list:
         return [ConcordanceIndex(name=f"{head}_c_index")]
 
-    def scores(self, target, output):
+    def scores(self, target: np.ndarray, output: np.ndarray) -> dict:
         survival = np.asarray(target)
         return {"c_index": float(c_index(survival[:, 0], survival[:, 1], output))}
 
-    def resampled(self, prediction, rows):
+    def resampled(self, prediction: dict, rows: np.ndarray) -> np.ndarray:
         """Harrell's C-index as the share of concordant comparable pairs, vectorised."""
         target = np.asarray(prediction["target"])
         time, event = target[:, 0], target[:, 1].astype(bool)
@@ -62,7 +64,7 @@ class Prognosis(TaskKind):
         concordant = np.where(np.abs(difference) <= 1e-8, 0.5, (difference > 0).astype(np.float64))
         return pairwise_resampled(event[:, None] & (later | tied_censored), concordant, rows)
 
-    def serving_outputs(self, output):
+    def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"risk": output}
 
 

@@ -21,6 +21,8 @@ Example:
 {'r2': 0.5, 'mae': 0.3333333333333333}
 """
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -71,22 +73,22 @@ class RSquared(keras.metrics.Metric):
     0.5
     """
 
-    def __init__(self, name="r2", **kwargs):
+    def __init__(self, name: str = "r2", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.sums = self.add_variable(shape=(4,), initializer="zeros", name="sums")  # n, sum y, sum y^2, sum residual^2
 
-    def update_state(self, target, output, sample_weight=None):
+    def update_state(self, target: tf.Tensor, output: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
         target = ops.reshape(ops.cast(target, "float32"), (-1,))
         output = ops.reshape(ops.cast(output, "float32"), (-1,))
         n = ops.cast(ops.shape(target)[0], "float32")
         self.sums.assign_add(ops.stack([n, ops.sum(target), ops.sum(target**2), ops.sum((target - output) ** 2)]))
 
-    def result(self):
+    def result(self) -> tf.Tensor:
         n, total, squares, residual = (self.sums[i] for i in range(4))
         variation = squares - total**2 / ops.maximum(n, 1.0)
         return ops.where(variation > 0, 1.0 - residual / ops.maximum(variation, 1e-12), float("nan"))
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         self.sums.assign(ops.zeros((4,)))
 
 
@@ -101,11 +103,12 @@ class Regression(TaskKind):
     loss_options = {"error": ("huber", "squared")}
     constant_chance = 0.0
 
-    def target(self, example):
+    def target(self, example: dict) -> tf.Tensor:
         voxel_ml = tf.abs(tf.linalg.det(example["affine"][:3, :3])) / 1000.0
         return tf.reduce_sum(tf.cast(example["mask"] > 0, tf.float32)) * voxel_ml
 
-    def loss_function(self, target, output, sample_weight=None, error="huber"):
+    def loss_function(self, target: tf.Tensor, output: tf.Tensor, sample_weight: tf.Tensor | None = None,
+                      error: str = "huber") -> tf.Tensor:
         difference = ops.cast(ops.reshape(output, (-1,)), "float32") - ops.cast(ops.reshape(target, (-1,)), "float32")
         size = ops.abs(difference)
         if error == "huber":
@@ -114,22 +117,23 @@ class Regression(TaskKind):
             per_patient = difference**2
         return ops.mean(patient_weights(sample_weight, difference) * per_patient)
 
-    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+    def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
+                          temperature: float = 2.0) -> tf.Tensor:
         return risk_mse(teacher_output, student_output)
 
-    def metrics(self, head, num_classes=2):
+    def metrics(self, head: str, num_classes: int = 2) -> list[keras.metrics.Metric]:
         return [RSquared(name=f"{head}_r2"), keras.metrics.MeanAbsoluteError(name=f"{head}_mae")]
 
-    def scores(self, target, output):
+    def scores(self, target: np.ndarray, output: np.ndarray) -> dict:
         target, output = np.asarray(target, np.float64), np.asarray(output, np.float64).reshape(-1)
         return {"r2": float(r_squared(target, output)), "mae": float(np.mean(np.abs(target - output)))}
 
-    def resampled(self, prediction, rows):
+    def resampled(self, prediction: dict, rows: np.ndarray) -> np.ndarray:
         """R^2 of every resample at once."""
         target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"]).reshape(-1)
         return r_squared(target[rows], output[rows])
 
-    def serving_outputs(self, output):
+    def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"value": output}
 
 

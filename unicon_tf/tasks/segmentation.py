@@ -21,6 +21,8 @@ Example:
 (0.5, 0.985, [1.0, 0.0])
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import tensorflow as tf
 
@@ -29,6 +31,9 @@ from unicon_tf.model.unetr import UNETRHead
 from unicon_tf.tasks.base import TaskKind, register
 from unicon_tf.tasks.losses import CE_WEIGHTINGS, DICE_MODES, dice_ce_loss, softmax_kl
 from unicon_tf.tasks.metrics import DiceScore
+
+if TYPE_CHECKING:
+    from unicon_tf.model.encoder import SharedEncoder
 
 
 def _overlaps(masks, logits):
@@ -85,7 +90,8 @@ class Segmentation(TaskKind):
     per_patient = "dice_per_patient"
     figure = "overlays"
 
-    def head_options(self, options, head_class, encoder, input_shape):
+    def head_options(self, options: dict, head_class: type, encoder: "SharedEncoder",
+                     input_shape: tuple[int, int, int]) -> dict:
         """Also `final_upsampling`, from the finest feature map to the input grid (UNet decoder)."""
         options = super().head_options(options, head_class, encoder, input_shape)
         if head_class is SegmentationHead:
@@ -94,23 +100,25 @@ class Segmentation(TaskKind):
             options["final_upsampling"] = factors[0] if len(set(factors)) == 1 else factors
         return options
 
-    def target(self, example):
+    def target(self, example: dict) -> tf.Tensor:
         return example["mask"]
 
-    def loss_function(self, target, output, sample_weight=None, dice="pooled", ce_weighting="none"):
+    def loss_function(self, target: tf.Tensor, output: tf.Tensor, sample_weight: tf.Tensor | None = None,
+                      dice: str = "pooled", ce_weighting: str = "none") -> tf.Tensor:
         return dice_ce_loss(target, output, sample_weight=sample_weight, dice=dice, ce_weighting=ce_weighting)
 
-    def distillation_loss(self, teacher_output, student_output, temperature=2.0):
+    def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
+                          temperature: float = 2.0) -> tf.Tensor:
         return softmax_kl(teacher_output, student_output, temperature)
 
-    def metrics(self, head, num_classes=2):
+    def metrics(self, head: str, num_classes: int = 2) -> list:
         return [DiceScore(num_classes, "patient", name=f"{head}_dice"),
                 DiceScore(num_classes, "pooled", name=f"{head}_dice_pooled")]
 
-    def scores(self, target, output):
+    def scores(self, target: np.ndarray, output: np.ndarray) -> dict:
         return segmentation_scores(target, output)
 
-    def chance(self, target):
+    def chance(self, target: np.ndarray) -> float:
         """Predicting background everywhere: Dice 1 for a patient and class with nothing to
         find, else 0, averaged like `dice`."""
         target = np.asarray(target)
@@ -121,7 +129,7 @@ class Segmentation(TaskKind):
         empty = np.stack([~(target == c).any(axis=axes) for c in range(1, classes + 1)], axis=-1)
         return float(empty.mean())
 
-    def serving_outputs(self, output):
+    def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": tf.nn.softmax(output, axis=-1),
                 "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)}
 

@@ -6,6 +6,8 @@ trains under the stage's strategy; the plugins its strategy adds (LwF, L2-SP, EW
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import keras
 
@@ -18,6 +20,15 @@ from unicon_tf.run import StageError, StageFolder
 from unicon_tf.train.plugins import EWC, Distillation, WeightPenalty
 from unicon_tf.train.precision import set_precision
 from unicon_tf.train.strategies import configure_trainable, shared_trainable_variables
+
+if TYPE_CHECKING:
+    import pathlib
+
+    import numpy as np
+
+    from unicon_tf.model.heads import Head
+    from unicon_tf.train.pipeline import PipelineSpec, StageSpec
+    from unicon_tf.train.plugins import Plugin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +49,13 @@ class StageNetwork:
     head: str
 
     @property
-    def head_layer(self):
+    def head_layer(self) -> Head:
         """The trained head's layer (`unicon_tf.model.heads.Head`)."""
         return model_parts(self.network)["heads"][self.head]
 
 
-def assemble(pipeline, index, spec, init=None, base=None) -> StageNetwork:
+def assemble(pipeline: PipelineSpec, index: int, spec: StageSpec, init: pathlib.Path | str | None = None,
+             base: StageFolder | pathlib.Path | str | None = None) -> StageNetwork:
     """The network of stage `index` of `pipeline`, under the stage's precision, with what
     its strategy trains set trainable.
 
@@ -70,7 +82,7 @@ def assemble(pipeline, index, spec, init=None, base=None) -> StageNetwork:
     return assembled
 
 
-def check_preset_contract(pipeline, spec):
+def check_preset_contract(pipeline: PipelineSpec, spec: StageSpec) -> None:
     """Refuse a stage whose data was not ingested as the pipeline's encoder preset expects.
 
     Raises:
@@ -86,7 +98,8 @@ def check_preset_contract(pipeline, spec):
                          + "; ".join(problems) + f". Ingest it with `unicon-tf ingest --preset {name}`.")
 
 
-def previous_stage(pipeline, index, base):
+def previous_stage(pipeline: PipelineSpec, index: int,
+                   base: StageFolder | pathlib.Path | str | None) -> tuple[StageFolder | None, dict | None]:
     """`(StageFolder, record)` of the previous stage, checked against the pipeline; (None, None)
     for the first stage."""
     if index == 0:
@@ -131,7 +144,8 @@ def _network_for_stage(pipeline, index, spec, init, base):
     return network, teacher, reference
 
 
-def stage_plugins(spec, network, teacher, available, fisher, ewc_later):
+def stage_plugins(spec: StageSpec, network: keras.Model, teacher: keras.Model | None, available: Sequence[str],
+                  fisher: dict[str, np.ndarray] | None, ewc_later: bool) -> list[Plugin]:
     """The stage's plugins: LwF and L2-SP or EWC under `finetune`; an inactive EWC that only
     adds this stage's Fisher when a later stage uses EWC."""
     hp = spec.training

@@ -10,6 +10,8 @@ Multi-scale features are cached for dense heads; the cache's size is checked aga
 """
 
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 import warnings
 
 import keras
@@ -22,11 +24,15 @@ from unicon_tf.model import model_parts
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
 from unicon_tf.train.strategies import shared_trainable_variables
 
+if TYPE_CHECKING:
+    from unicon_tf.train.pipeline import StageSpec
+    from unicon_tf.train.plugins import Plugin
+
 CACHE_LIMIT_BYTES = 4 * 2**30
 """The most memory cached encoder features may take; above it a stage trains uncached (warned)."""
 
 
-def stage_data(spec, modalities, head):
+def stage_data(spec: "StageSpec", modalities: Sequence[str], head: str) -> Callable[..., tf.data.Dataset]:
     """`make(epoch, split="train", ...)`: a stage's data for an epoch, targets keyed by head.
 
     The seed of shuffling and augmentation depends only on (stage seed, epoch), so an
@@ -51,7 +57,9 @@ def _foreground_probability(training):
     return (training.sampling or {}).get("foreground_probability")
 
 
-def stage_trainer(spec, network, head, plugins, make_data, verbose=0):
+def stage_trainer(spec: "StageSpec", network: keras.Model, head: str, plugins: Sequence["Plugin"],
+                  make_data: Callable[..., tf.data.Dataset], verbose: int = 0,
+                  ) -> tuple[keras.Model, Callable[..., tf.data.Dataset], tf.data.Dataset | None]:
     """The Keras model that trains the stage, and `(train_data(epoch), val_data)`: on cached
     features when the stage allows it (see the module docstring), else on the volumes."""
     cache = _feature_cache(spec, network, head)

@@ -12,6 +12,8 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +21,13 @@ from unicon_tf.data import data_fingerprint
 from unicon_tf.files import atomic_folder
 from unicon_tf.model import non_finite_weights
 from unicon_tf.run import StageError
+
+if TYPE_CHECKING:
+    import pathlib
+
+    import keras
+
+    from unicon_tf.train.pipeline import PipelineSpec, StageSpec
 
 
 def _random_state_variables(trainer):
@@ -35,7 +44,8 @@ BEST_WEIGHTS = "best.weights.h5"
 """In a checkpoint: the network's weights at the best validation epoch so far."""
 
 
-def save_checkpoint(directory, network, trainer, state, best=False):
+def save_checkpoint(directory: "pathlib.Path", network: "keras.Model", trainer: "keras.Model", state: dict[str, Any],
+                    best: bool = False) -> None:
     """Weights, optimizer and random state, progress: written to a staging folder then swapped in.
 
     Only called after `_non_finite_state` found nothing wrong, so every checkpoint is good.
@@ -61,7 +71,7 @@ RESUMABLE_KEYS = ("training.epochs", "training.profile_batch", "training.distrib
 devices (the update of a global batch is the same on any number of replicas), resources."""
 
 
-def checkpoint_fingerprint(pipeline, spec, data=True):
+def checkpoint_fingerprint(pipeline: "PipelineSpec", spec: "StageSpec", data: bool = True) -> dict[str, Any]:
     """What a checkpoint records of how its weights were made: every field of the stage's
     definition (the pipeline's grid and encoder, the stage's keys and training keys, flat,
     e.g. `encoder.width`, `training.learning_rate`) and its data (`path`, `fingerprint`).
@@ -98,7 +108,8 @@ def _flat(value, prefix=""):
     return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
 
 
-def checked_resume(checkpoint, spec, identity, accept_changes):
+def checked_resume(checkpoint: "pathlib.Path", spec: "StageSpec", identity: dict[str, Any],
+                   accept_changes: bool | Collection[str]) -> dict[str, list]:
     """`{field: [checkpoint's value, now]}` of what changed since the checkpoint was written.
 
     `accept_changes`: True accepts every change; a set of field names (the overrides given
@@ -125,7 +136,8 @@ def checked_resume(checkpoint, spec, identity, accept_changes):
     return changes
 
 
-def restore_checkpoint(directory, network, trainer, spec=None, changes=None):
+def restore_checkpoint(directory: "pathlib.Path", network: "keras.Model", trainer: "keras.Model",
+                       spec: "StageSpec | None" = None, changes: dict[str, list] | None = None) -> dict[str, Any]:
     """Load a checkpoint's weights, optimizer and random state into `network` and `trainer`;
     return its `state.json`.
 
@@ -163,12 +175,13 @@ def restore_checkpoint(directory, network, trainer, spec=None, changes=None):
     return json.loads((directory / "state.json").read_text())
 
 
-def initial_state(identity):
+def initial_state(identity: dict[str, Any]) -> dict[str, Any]:
     """The state of a stage before its first epoch (`identity`: its `checkpoint_fingerprint`)."""
     return {"epoch": 0, "history": [], "fingerprint": identity, "changes": []}
 
 
-def resumed_state(checkpoint, network, trainer, spec, identity, accept_changes):
+def resumed_state(checkpoint: "pathlib.Path", network: "keras.Model", trainer: "keras.Model", spec: "StageSpec",
+                  identity: dict[str, Any], accept_changes: bool | Collection[str]) -> dict[str, Any]:
     """Restore `checkpoint` into `network` and `trainer`; return its state, with the changes
     this resume accepted appended and the stage's fingerprint now.
 
@@ -183,7 +196,7 @@ def resumed_state(checkpoint, network, trainer, spec, identity, accept_changes):
     return state
 
 
-def carry_best_weights(checkpoint, written):
+def carry_best_weights(checkpoint: "pathlib.Path", written: "pathlib.Path") -> None:
     """A worker writing its checkpoint elsewhere (`written`) takes the chief's best weights
     now, before any epoch: the chief replaces its checkpoint after each one."""
     if written != checkpoint and (checkpoint / BEST_WEIGHTS).exists():

@@ -21,6 +21,8 @@ and scikit-survival's refusal of data without events.
 """
 
 import dataclasses
+import pathlib
+from collections.abc import Sequence
 import warnings
 
 import numpy as np
@@ -35,14 +37,15 @@ from unicon_tf.tasks import task_kind
 class DataMismatchError(StageError, DataError):
     """A stage's head and its data's schema disagree (both a StageError and a DataError)."""
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         DataError.__init__(self, message)
 
     def __reduce__(self):
         return type(self), (self.reason,)
 
 
-def check_head_fits_data(stage, data, schema, task, modalities, num_classes, shape):
+def check_head_fits_data(stage: str, data: pathlib.Path | str, schema: dict, task: str, modalities: Sequence[str],
+                         num_classes: int | None, shape: Sequence[int]) -> None:
     """Raise StageError listing every way the head does not fit its data's schema.
 
     Args:
@@ -106,7 +109,7 @@ class SplitTargets:
     mask_max: int | None  # segmentation: the largest mask value
 
 
-def split_targets(data, schema, split, task):
+def split_targets(data: pathlib.Path | str, schema: dict, split: str, task: str) -> "SplitTargets":
     """Read one split's targets of `task` (not its images): counts for `check_train_split`.
 
     Raises:
@@ -138,7 +141,8 @@ def split_targets(data, schema, split, task):
                         mask_max if task == "segmentation" else None)
 
 
-def check_train_split(stage, data, schema, task, num_classes, batch_size, split="train"):
+def check_train_split(stage: str, data: pathlib.Path | str, schema: dict, task: str, num_classes: int | None,
+                      batch_size: int, split: str = "train") -> tuple["SplitTargets", list[str]]:
     """Refuse a train split that cannot teach `task`; warn about one that teaches it poorly.
 
     Args:
@@ -207,7 +211,8 @@ def check_train_split(stage, data, schema, task, num_classes, batch_size, split=
     return found, notes
 
 
-def check_validation_split(stage, data, schema, task, split="val"):
+def check_validation_split(stage: str, data: pathlib.Path | str, schema: dict, task: str,
+                           split: str = "val") -> list[str]:
     """Warn (`DataWarning`) when the validation split cannot measure the task's metric: one
     class (AUC) or no event (C-index). Model selection on it then keeps the last epoch, and
     a stage that selected on it is not blessed (`validation_never_measured`).
@@ -229,7 +234,7 @@ def check_validation_split(stage, data, schema, task, split="val"):
     return notes
 
 
-def validation_never_measured(record):
+def validation_never_measured(record: dict) -> str | None:
     """Why a trained stage's model selection never had a validation value, or None.
 
     The stage's record (stage.json) holds each epoch's logs and the value its selection

@@ -34,7 +34,7 @@ from unicon_tf.names import PRECISIONS, check_precision  # noqa: F401 (re-export
 
 
 @functools.cache
-def auto_precision():
+def auto_precision() -> str:
     """The precision `auto` stands for on this machine (see the module's table).
 
     Returns:
@@ -56,7 +56,7 @@ def auto_precision():
     return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
-def resolve_precision(precision):
+def resolve_precision(precision: str) -> str:
     """`precision`, with `auto` replaced by `auto_precision()`.
 
     Raises:
@@ -66,7 +66,7 @@ def resolve_precision(precision):
     return auto_precision() if precision == "auto" else precision
 
 
-def set_precision(network, precision):
+def set_precision(network: keras.Model, precision: str) -> keras.Model:
     """Put every layer of `network` under the dtype policy `precision`, heads' output layers
     in float32 (`float32` puts every layer back).
 
@@ -94,7 +94,7 @@ def set_precision(network, precision):
     return network
 
 
-def optimizer_for(precision, optimizer):
+def optimizer_for(precision: str, optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """`optimizer`, wrapped in a dynamic `LossScaleOptimizer` for `mixed_float16` (it skips
     the steps whose scaled gradients overflow while it finds the scale)."""
     if resolve_precision(precision) == "mixed_float16":

@@ -17,9 +17,11 @@ This module runs the steps; each responsibility has its own module in `unicon_tf
 import contextlib
 import dataclasses
 import datetime
+import pathlib
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -46,9 +48,12 @@ from unicon_tf.version import __version__
 __all__ = ["TrainingError", "checkpoint_fingerprint", "fit_stage", "stage_data", "train_stage"]
 
 
-def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_rate=None, init=None,
-                resume=False, data_root=None, callbacks=(), verbose=1, distribute=None, precision=None,
-                profile_batch=None, accept_changes=False):
+def train_stage(pipeline: PipelineSpec | pathlib.Path | str, stage: str, run_dir: pathlib.Path | str,
+                strategy: str | None = None, epochs: int | None = None, learning_rate: float | None = None,
+                init: pathlib.Path | str | None = None, resume: bool = False,
+                data_root: pathlib.Path | str | None = None, callbacks: Sequence[keras.callbacks.Callback] = (),
+                verbose: int = 1, distribute: str | None = None, precision: str | None = None,
+                profile_batch: int | Sequence[int] | None = None, accept_changes: bool = False) -> dict:
     """Train stage `stage` of `pipeline` into its folder of `run_dir`; return its record.
 
     The previous stage must be trained in the same run directory, from the same
@@ -104,9 +109,13 @@ def train_stage(pipeline, stage, run_dir, strategy=None, epochs=None, learning_r
     return record
 
 
-def fit_stage(pipeline, stage, out, base=None, strategy=None, epochs=None, learning_rate=None, init=None,
-              resume=False, callbacks=(), verbose=1, distribute=None, precision=None, profile_batch=None,
-              accept_changes=False):
+def fit_stage(pipeline: PipelineSpec, stage: str, out: StageFolder | pathlib.Path | str,
+              base: StageFolder | pathlib.Path | str | None = None, strategy: str | None = None,
+              epochs: int | None = None, learning_rate: float | None = None, init: pathlib.Path | str | None = None,
+              resume: bool = False,
+              callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 1, distribute: str | None = None,
+              precision: str | None = None, profile_batch: int | Sequence[int] | None = None,
+              accept_changes: bool = False) -> dict:
     """Train stage `stage` of `pipeline` into the folder `out`, starting from the folder `base`.
 
     What the Trainer component runs: it needs no run directory, only the previous
