@@ -270,7 +270,7 @@ class TrainingConfig:
             field.metadata["check"](getattr(self, field.name), task, field.name)
         return self
 
-    def replace(self, **overrides) -> TrainingConfig:
+    def replace(self, **overrides: object) -> TrainingConfig:
         """A copy with `overrides` (None values ignored); unchecked, see `checked`.
 
         Raises:

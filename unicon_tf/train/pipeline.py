@@ -37,6 +37,7 @@ import hashlib
 import json
 import pathlib
 import typing
+from collections.abc import Mapping
 
 import yaml
 
@@ -80,7 +81,7 @@ class StageSpec:
     source: str | None = None  # a `sources` entry whose ExampleGen output is this stage's data
     resources: dict = dataclasses.field(default_factory=dict)  # see RESOURCE_KEYS
 
-    def to_json(self):
+    def to_json(self) -> dict:
         config = dataclasses.asdict(self)
         config["training"] = self.training.to_json(complete=False)
         if not config["path_options"]:
@@ -89,7 +90,7 @@ class StageSpec:
         config["modalities"] = list(self.modalities) if self.modalities else None
         return config
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """SHA-256 of what defines the stage's model (not the data path or epochs)."""
         defining = {k: v for k, v in self.to_json().items() if k not in ("data", "training", "resources")}
         if not defining["adapter_start"]:
@@ -110,7 +111,7 @@ class PipelineSpec:
     stages: list
     sources: dict = dataclasses.field(default_factory=dict)
 
-    def stage(self, name):
+    def stage(self, name: str) -> tuple[int, StageSpec]:
         """`(index, StageSpec)` of the stage called `name`.
 
         Raises:
@@ -121,7 +122,7 @@ class PipelineSpec:
                 return index, stage
         raise PipelineError(f"{self.path}: no stage '{name}' (stages: {[s.name for s in self.stages]}).")
 
-    def head_modalities(self, index):
+    def head_modalities(self, index: int) -> list[str]:
         """The modalities stage `index`'s head reads: its `modalities`, else the pipeline's
         modality (for stage 0: the stage's own `modality`, if any) plus the stage's new one."""
         spec = self.stages[index]
@@ -131,19 +132,19 @@ class PipelineSpec:
             return [spec.modality or self.modality]
         return default_modalities(self.modality, spec.modality)
 
-    def head_name(self, index):
+    def head_name(self, index: int) -> str:
         """The output name of stage `index`'s head: its `head`, else the default name."""
         spec = self.stages[index]
         return spec.head or default_head_name(spec.task, self.head_modalities(index))
 
-    def to_json(self):
+    def to_json(self) -> dict:
         """A JSON-able dict that `PipelineSpec.from_json` turns back into this spec."""
         return {"name": self.name, "path": str(self.path), "input_shape": list(self.input_shape),
                 "modality": self.modality, "encoder": dict(self.encoder), "sources": dict(self.sources),
                 "stages": [s.to_json() for s in self.stages]}
 
     @classmethod
-    def from_json(cls, config):
+    def from_json(cls, config: Mapping) -> "PipelineSpec":
         """The spec `to_json` wrote (e.g. a component's recorded parameter).
 
         Example:
@@ -161,7 +162,7 @@ class PipelineSpec:
                    sources=dict(config["sources"]))
 
 
-def load_pipeline(path, data_root=None):
+def load_pipeline(path: pathlib.Path | str, data_root: pathlib.Path | str | None = None) -> PipelineSpec:
     """Read and validate a pipeline YAML file.
 
     Args:
@@ -447,7 +448,7 @@ def _checked_training(where, training, task=None):
         raise PipelineError(f"{where}: {error}") from None
 
 
-def with_overrides(stage, **overrides):
+def with_overrides(stage: StageSpec, **overrides: object) -> StageSpec:
     """A copy of `stage` with training keys overridden (None values are ignored).
 
     Raises:
