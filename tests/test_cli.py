@@ -56,7 +56,10 @@ def test_a_plain_keras_load_works_after_import_unicon_tf(small_foundation, volum
 
 
 def test_console_script_runs_without_tensorflow_banners():
-    result = subprocess.run(["unicon-tf", "--version"], capture_output=True, text=True, check=True)
+    # the environment's own script (a venv's bin/, not activated, may not be on PATH)
+    script = pathlib.Path(sys.executable).parent / "unicon-tf"
+    result = subprocess.run([str(script) if script.exists() else "unicon-tf", "--version"], capture_output=True,
+                            text=True, check=True)
     assert result.stdout.strip() == f"unicon-tf, version {unicon_tf.__version__}"
     assert result.stderr == ""
 

@@ -66,9 +66,10 @@ def compare(path_one, path_two, batch):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_mirrored_stages_match_one_device(phantom_records, tmp_path):
-    # Global batch 3 over 2 replicas: 2 + 1 rows, the last batch padded; classification,
-    # then prognosis (Cox) and segmentation with validation on adapters.
-    stages = [UNICON_ORDER[0], UNICON_ORDER[1], UNICON_ORDER[2]]
+    # Global batch 3 over 2 replicas: 2 + 1 rows, the last batch padded; classification, then
+    # segmentation with validation on adapters (prognosis's Cox risk sets across replicas:
+    # test_cox_risk_sets_span_the_global_batch_on_two_replicas).
+    stages = [UNICON_ORDER[0], UNICON_ORDER[2]]
     pipeline = write_pipeline(tmp_path, phantom_records, stages=stages, batch_size=3, epochs=1, augment=False)
     result = check("stages", tmp_path / "one", tmp_path / "two", pipeline, *[s["name"] for s in stages])
     batch = next(iter(dataset(phantom_records, "val", batch_size=4)))[0]

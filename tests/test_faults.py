@@ -3,6 +3,7 @@
 import json
 import pathlib
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 import unicon_tf
 from conftest import UNICON_ORDER, Interrupt, patient_row, write_manifest, write_pipeline
 from unicon_tf import data, train
+from unicon_tf.run import ResumeWithoutCheckpointWarning
 from unicon_tf.train.continual import ContinualModel
 from unicon_tf.train.distribute import replica_batches
 from unicon_tf.train.precision import optimizer_for, set_precision
@@ -132,23 +134,27 @@ def grid(records_8, tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["single_task", "naive", "joint"])
-def test_experiment_scores_every_baseline_kind_per_patient(grid, kind):
+def test_experiment_scores_every_baseline_kind_per_patient(grid):
     from unicon_tf.cli import main
 
     pipeline, out = grid
-    args = ["experiment", str(pipeline), "--folds", "2", "--seeds", "1", "--fractions", "1.0", "--baselines", kind,
-            "--out", str(out)]
-    result = CliRunner().invoke(main, args)
+    kinds = ("single_task", "naive", "joint")
+    args = ["experiment", str(pipeline), "--folds", "2", "--seeds", "1", "--fractions", "1.0", "--out", str(out)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, args + [option for kind in kinds for option in ("--baselines", kind)])
     assert result.exit_code == 0, result.output
+    # every cell runs with resume (an interrupted one continues): a fresh stage is no mistyped run directory
+    assert not [w for w in caught if issubclass(w.category, ResumeWithoutCheckpointWarning)]
     folds = json.loads((out / "folds.json").read_text())["folds"]
-    for fold in (0, 1):
-        cell = json.loads((out / "cells" / f"fold{fold}" / "seed0" / "frac1" / kind / "cell.json").read_text())
-        assert sorted(cell["predictions"]) == ["classification", "segmentation"]
-        for prediction in cell["predictions"].values():
-            assert sorted(prediction["patient_ids"]) == sorted(folds[fold]["test"])
-        assert len(cell["predictions"]["segmentation"]["dice_per_patient"]) == len(folds[fold]["test"])
-    assert kind in {c["arm"] for c in json.loads((out / "experiment.json").read_text())["cells"]}
+    for kind in kinds:
+        for fold in (0, 1):
+            cell = json.loads((out / "cells" / f"fold{fold}" / "seed0" / "frac1" / kind / "cell.json").read_text())
+            assert sorted(cell["predictions"]) == ["classification", "segmentation"], kind
+            for prediction in cell["predictions"].values():
+                assert sorted(prediction["patient_ids"]) == sorted(folds[fold]["test"])
+            assert len(cell["predictions"]["segmentation"]["dice_per_patient"]) == len(folds[fold]["test"])
+    assert set(kinds) <= {c["arm"] for c in json.loads((out / "experiment.json").read_text())["cells"]}
 
 
 # --- 3. the head against the data's schema, before any training ------------------------------

@@ -67,7 +67,6 @@ TYPED_MODULES = (
     "unicon_tf.model.encoder",
     "unicon_tf.model.families",
     "unicon_tf.model.foundation",
-    "unicon_tf.model.group_norm",
     "unicon_tf.model.heads",
     "unicon_tf.model.i3resnet",
     "unicon_tf.model.parts",

@@ -53,6 +53,12 @@ class StageError(RuntimeError):
     stage, a run directory of another pipeline."""
 
 
+class ResumeWithoutCheckpointWarning(UserWarning):
+    """A resume was asked for a stage that holds no checkpoint (a mistyped `--run-dir`, say):
+    the stage trains from epoch 1. The experiment runner resumes every cell, fresh or
+    interrupted, so it silences this warning."""
+
+
 class StageFolder:
     """One stage's folder: the Trainer writes it, the Evaluator and Pusher read it.
 

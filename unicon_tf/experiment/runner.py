@@ -25,12 +25,14 @@ Example:
 ...                             ExperimentPlan(folds=5, seeds=(0, 1), fractions=(0.25, 0.5, 1.0)))  # doctest: +SKIP
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -40,7 +42,7 @@ from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
 from unicon_tf.model.storage import load_model
-from unicon_tf.run import BASELINES, Run, StageError
+from unicon_tf.run import BASELINES, ResumeWithoutCheckpointWarning, Run, StageError
 from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 
@@ -190,8 +192,9 @@ class Experiment:
         """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""
         folder = self.out / "cells" / f"fold{fold}" / f"seed{seed}" / "foundation"
         first = self.cell_pipeline(fold, seed, 1.0)
-        LocalRunner(first, folder, base=self.out / "saved_models", verbose=self.verbose).run(
-            stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
+        with _resuming():
+            LocalRunner(first, folder, base=self.out / "saved_models", verbose=self.verbose).run(
+                stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
         return folder
 
     def run_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
@@ -205,8 +208,9 @@ class Experiment:
         if not run_dir.exists():
             _copy_run(self.foundation(fold, seed), run_dir)
         if arm == "continual":
-            LocalRunner(pipeline, run_dir, base=self.out / "saved_models", verbose=self.verbose).run(
-                evaluate=True, push=False, resume=True)
+            with _resuming():
+                LocalRunner(pipeline, run_dir, base=self.out / "saved_models", verbose=self.verbose).run(
+                    evaluate=True, push=False, resume=True)
             result = evaluate_run(run_dir)
             predictions = {h: _per_patient(p["task"], p) for h, p in result.pop("predictions").items()}
             run = run_dir
@@ -341,3 +345,14 @@ def _per_patient(task, prediction):
         record["target"] = prediction["target"].tolist()
         record["output"] = prediction["output"].tolist()
     return record
+
+
+
+@contextlib.contextmanager
+def _resuming() -> Iterator[None]:
+    """Silence `ResumeWithoutCheckpointWarning`: every cell runs with `resume=True` (so an
+    interrupted one continues), and a fresh stage without a checkpoint is the rule there,
+    not a mistyped run directory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResumeWithoutCheckpointWarning)
+        yield

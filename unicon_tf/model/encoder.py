@@ -20,16 +20,15 @@ import keras
 
 from unicon_tf.model.adapters import (AdaptableConv3D, LowRankAdapters, PathGroupNormalization, PathParameters,
                                       adapter_scope)
-from unicon_tf.model.group_norm import GroupNormalization
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 
-def group_norm(channels: int, name: str | None = None, per_path: bool = False) -> GroupNormalization:
+def group_norm(channels: int, name: str | None = None, per_path: bool = False) -> keras.layers.GroupNormalization:
     """GroupNormalization with up to 8 groups that always divide `channels`; with
     `per_path=True` a `PathGroupNormalization` (the encoder's, so paths can own a copy)."""
-    layer = PathGroupNormalization if per_path else GroupNormalization
+    layer = PathGroupNormalization if per_path else keras.layers.GroupNormalization
     return layer(groups=math.gcd(8, channels), name=name)
 
 

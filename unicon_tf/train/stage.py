@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from unicon_tf.data import data_fingerprint, read_schema
 from unicon_tf.model.storage import save_model
-from unicon_tf.run import Run, StageError, StageFolder
+from unicon_tf.run import ResumeWithoutCheckpointWarning, Run, StageError, StageFolder
 from unicon_tf.train.assembly import StageNetwork, assemble, previous_stage, stage_plugins
 from unicon_tf.train.caching import stage_data, stage_trainer
 from unicon_tf.train.checkpoints import (carry_best_weights, checkpoint_fingerprint,  # noqa: F401 (re-exported)
@@ -297,7 +297,7 @@ class _StageJob:
         identity = checkpoint_fingerprint(self.pipeline, spec)
         if self.resume and not checkpoint.exists():  # e.g. a mistyped --run-dir: say so, then train from the start
             warnings.warn(f"Stage '{spec.name}': --resume, but {checkpoint} holds no checkpoint: training from "
-                          "epoch 1", UserWarning, stacklevel=4)
+                          "epoch 1", ResumeWithoutCheckpointWarning, stacklevel=4)
         if not (self.resume and checkpoint.exists()):
             return initial_state(identity)
         state = resumed_state(checkpoint, loop.network, loop.trainer, spec, identity, self.accept_changes)
