@@ -187,3 +187,26 @@ def default_modalities(primary: str, modality: str | None = None) -> list[str]:
     (['ct'], ['ct', 'pet'])
     """
     return [primary] + ([modality] if modality else [])
+
+
+def complete_loss_options(known: dict, options: dict | None, task: str | None) -> dict:
+    """`options` (a stage's `loss:`) completed with the defaults of `known`, a kind's loss
+    options (option -> accepted values, the default first).
+
+    Raises:
+        ValueError: an option the kind's loss does not have, or a value it does not take
+            (the message names the option and the task).
+
+    Example:
+    >>> complete_loss_options({"error": ("huber", "squared")}, {}, "regression")
+    {'error': 'huber'}
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        accepted = f"it has {sorted(known)}" if known else "it has none"
+        raise ValueError(f"unknown loss option(s) {unknown} for a {task} task ({accepted}).")
+    for key, value in options.items():
+        if value not in known[key]:
+            raise ValueError(f"loss option {key} = {value!r} is not one of {list(known[key])}.")
+    return {key: options.get(key, values[0]) for key, values in known.items()}

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from unicon_tf.options import complete_loss_options
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -113,16 +115,7 @@ class TaskKind:
         >>> task_kind("segmentation").check_loss_options({"dice": "per_patient"})
         {'dice': 'per_patient', 'ce_weighting': 'none'}
         """
-        known = self.loss_options
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            accepted = f"it has {sorted(known)}" if known else "it has none"
-            raise ValueError(f"unknown loss option(s) {unknown} for a {self.name} task ({accepted}).")
-        for key, value in options.items():
-            if value not in known[key]:
-                raise ValueError(f"loss option {key} = {value!r} is not one of {list(known[key])}.")
-        return {key: options.get(key, values[0]) for key, values in known.items()}
+        return complete_loss_options(self.loss_options, options, self.name)
 
     def loss(self, options: dict | None = None) -> Callable:
         """The task loss with its `loss_options` bound: `loss(target, output, sample_weight=None)`.

@@ -24,7 +24,7 @@ import dataclasses
 from typing import Callable
 
 from unicon_tf.names import MONITOR, SELECT, check_distribute, check_precision, check_strategy
-from unicon_tf.options import DENSE_TASKS, TASKS
+from unicon_tf.options import DENSE_TASKS, TASKS, complete_loss_options
 
 LOSS_OPTIONS = {"segmentation": {"dice": ("pooled", "per_patient"), "ce_weighting": ("none", "lesion")}}
 """Task -> option -> accepted values (the first is the default); a stage's `loss:` keys
@@ -84,16 +84,7 @@ def check_loss_options(task: str | None, options: dict | None) -> dict:
     >>> check_loss_options("segmentation", {"dice": "per_patient"})
     {'dice': 'per_patient', 'ce_weighting': 'none'}
     """
-    known = kind_declaration(task).loss_options if task is not None else {}
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        accepted = f"it has {sorted(known)}" if known else "it has none"
-        raise ValueError(f"unknown loss option(s) {unknown} for a {task} task ({accepted}).")
-    for key, value in options.items():
-        if value not in known[key]:
-            raise ValueError(f"loss option {key} = {value!r} is not one of {list(known[key])}.")
-    return {key: options.get(key, values[0]) for key, values in known.items()}
+    return complete_loss_options(kind_declaration(task).loss_options if task is not None else {}, options, task)
 
 
 def check_sampling_options(options: dict | None) -> dict:
