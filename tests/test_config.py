@@ -84,6 +84,8 @@ def test_training_config_is_typed_frozen_and_checks_each_field(tmp_path):
     assert set(lesion.to_json(complete=False)) == set(TRAINING_DEFAULTS) - {"select", "patience", "monitor",
                                                                              "min_epochs", "smoothing", "bless"}
     for field, value, message in (("ewc_gamma", 1.5, r"ewc_gamma = 1.5 is out of range"),
+                                  ("learning_rate", "1e-3", r"learning_rate = '1e-3' must be a number \(YAML reads"),
+                                  ("epochs", True, r"epochs = True must be a number\.$"),
                                   ("monitor", "auc", r"monitor must be one of \['auto', 'metric', 'loss'\]"),
                                   ("sampling", {"foreground_probability": 0.5}, r"segmentation stages only"),
                                   ("precision", "fp8", r"Unknown precision 'fp8'")):

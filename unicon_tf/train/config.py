@@ -118,9 +118,21 @@ def _unchecked(value, task, name):
 
 def _number(rule: Callable[[float], bool]) -> Check:
     def check(value, task, name):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not rule(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _numeric(value) else ""
+            raise ValueError(f"{name} = {value!r} must be a number{hint}.")
+        if not rule(value):
             raise ValueError(f"{name} = {value!r} is out of range.")
     return check
+
+
+def _numeric(text: str) -> bool:
+    """Whether `text` reads as a number (YAML 1.1 leaves `1e-3` a string)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _whole(value):
