@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from unicon_tf.model.encoder import SharedEncoder
 
 
-class TaskKind:
+class TaskKind(abc.ABC):
     """One kind of task head: its data, head, losses, metrics, scores and serving outputs.
 
     Subclasses set the class attributes and override the methods whose default does not
@@ -94,14 +95,14 @@ class TaskKind:
             options.pop("num_classes", None)
         return options
 
+    @abc.abstractmethod
     def target(self, example: dict) -> tf.Tensor:
         """The training target of a parsed example (`unicon_tf.data.records.parse_example`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss_function(self, target: tf.Tensor, output: tf.Tensor, sample_weight: tf.Tensor | None = None,
                       **options: Any) -> tf.Tensor:
         """The task loss `(target, output, sample_weight) -> scalar` with `options` bound."""
-        raise NotImplementedError
 
     def check_loss_options(self, options: dict | None) -> dict:
         """`options` completed with the defaults of `loss_options`.
@@ -125,18 +126,18 @@ class TaskKind:
         """
         return functools.partial(self.loss_function, **self.check_loss_options(options))
 
+    @abc.abstractmethod
     def distillation_loss(self, teacher_output: tf.Tensor, student_output: tf.Tensor,
                           temperature: float = 2.0) -> tf.Tensor:
         """A scalar distance of the student's output from the teacher's (LwF)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def metrics(self, head: str, num_classes: int = 2) -> list:
         """The Keras training metrics of a head, named `<head>_<metric>`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scores(self, target: np.ndarray, output: np.ndarray) -> dict:
         """The exact metrics of a split's outputs (NumPy), the main one under `main_metric`."""
-        raise NotImplementedError
 
     def chance(self, target: np.ndarray) -> float:
         """The main metric of a trivial prediction on patients with these targets."""
@@ -151,9 +152,9 @@ class TaskKind:
         target, output = np.asarray(prediction["target"]), np.asarray(prediction["output"], np.float64)
         return np.array([self.scores(target[r], output[r])[self.main_metric] for r in rows])
 
+    @abc.abstractmethod
     def serving_outputs(self, output: tf.Tensor) -> dict:
         """The named outputs of a SavedModel signature, from a head's raw output (TF tensors)."""
-        raise NotImplementedError
 
 
 def pairwise_resampled(comparable: np.ndarray, concordant: np.ndarray, rows: np.ndarray) -> np.ndarray:
