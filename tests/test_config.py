@@ -159,3 +159,21 @@ def test_stage_record_reads_stage_json_written_now_and_before(stage0_run):
                                                                resume_changes=[])
     with pytest.raises(KeyError, match="fingerprint"):
         StageRecord.from_json({k: v for k, v in raw.items() if k != "fingerprint"})
+
+
+def test_precision_auto_resolves_to_this_machines_policy_where_a_stage_uses_it():
+    """`precision: auto` loads from a pipeline and becomes the machine's policy where the
+    network and optimizer are set (`mixed_bfloat16` on a CPU with AVX512_BF16 or AMX)."""
+    import keras
+
+    from unicon_tf.model import foundation
+    from unicon_tf.train.precision import auto_precision, optimizer_for, set_precision
+
+    assert TrainingConfig(precision="auto").checked("classification").precision == "auto"
+    chosen = auto_precision()
+    assert chosen in ("float32", "mixed_float16", "mixed_bfloat16")
+    network = set_precision(foundation((8, 8, 8), width=4, depth=2), "auto")
+    assert network.layers[-1].dtype_policy.name == chosen
+    assert network.layers[-1].output_layer.compute_dtype == "float32"
+    wrapped = optimizer_for("auto", keras.optimizers.Adam())
+    assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer) == (chosen == "mixed_float16")
