@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import keras
 from keras import ops
 
+from unicon_tf.model.group_norm import GroupNormalization
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -239,7 +241,7 @@ class AdaptableDense(LowRankAdapters, keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="unicon_tf")
-class PathGroupNormalization(PathParameters, keras.layers.GroupNormalization):
+class PathGroupNormalization(PathParameters, GroupNormalization):
     """A `GroupNormalization` whose scale and shift can have a copy per named path.
 
     Outside an `adapter_scope` of one of its paths it computes exactly what

@@ -20,6 +20,7 @@ import keras
 
 from unicon_tf.model.adapters import (AdaptableConv3D, LowRankAdapters, PathGroupNormalization, PathParameters,
                                       adapter_scope)
+from unicon_tf.model.group_norm import GroupNormalization
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 def group_norm(channels: int, name: str | None = None, per_path: bool = False) -> keras.layers.GroupNormalization:
     """GroupNormalization with up to 8 groups that always divide `channels`; with
     `per_path=True` a `PathGroupNormalization` (the encoder's, so paths can own a copy)."""
-    layer = PathGroupNormalization if per_path else keras.layers.GroupNormalization
+    layer = PathGroupNormalization if per_path else GroupNormalization
     return layer(groups=math.gcd(8, channels), name=name)
 
 
