@@ -8,6 +8,7 @@ from unicon_tf.model.adapters import (AdaptableConv3D, AdaptableDense, LowRankAd
                                       PathParameters, adapter_scope)
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone  # noqa: E402
 from unicon_tf.model.foundation import describe, expand, foundation, model_parts, non_finite_weights  # noqa: E402
+from unicon_tf.model.group_norm import GroupNormalization  # noqa: E402
 from unicon_tf.model.heads import ClassificationHead, Head, PrognosisHead, SegmentationHead  # noqa: E402
 from unicon_tf.model.pretrained import PretrainedWeightsError, load_pretrained, read_state_dict  # noqa: E402
 from unicon_tf.model.stems import ModalityFusion, ModalityStem  # noqa: E402
@@ -17,6 +18,7 @@ from unicon_tf.model.vit import PositionEmbedding, SelfAttention, vit_backbone  
 __all__ = [
     "AdaptableConv3D",
     "AdaptableDense",
+    "GroupNormalization",
     "LowRankAdapters",
     "PathGroupNormalization",
     "PathParameters",
