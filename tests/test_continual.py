@@ -82,7 +82,9 @@ def test_frozen_prognosis_trains_on_cached_features(phantom_records, stage0_run,
 def finetuned(phantom_records, stage0_run, tmp_path_factory, batch):
     """The prognosis stage trained once per protection on copies of `stage0_run`:
     `{label: (record, classification drift)}`. `alpha0` (finetune, no plugin) is also the
-    unguarded reference of the penalties."""
+    unguarded reference of the penalties. Learning rate 1e-3: at 3e-3 the finetuned encoder's
+    path is chaotic (float round-off in a normalisation layer moved the distilled drift from
+    0.42 to 2.18), so the comparison would measure the trajectory, not the protection."""
     variants = {"naive": dict(strategy="naive"), "alpha0": dict(strategy="finetune", alpha=0.0),
                 "alpha5": dict(strategy="finetune", alpha=5.0),
                 "l2sp": dict(strategy="finetune", alpha=0.0, penalty="l2sp", beta=50.0),
@@ -90,7 +92,7 @@ def finetuned(phantom_records, stage0_run, tmp_path_factory, batch):
     results = {}
     for label, stage in variants.items():
         folder = tmp_path_factory.mktemp(label)
-        record = second_stage(stage0_run, phantom_records, folder, **stage)
+        record = second_stage(stage0_run, phantom_records, folder, learning_rate=1e-3, **stage)
         results[label] = record, drift(folder / "run", batch, "01-prognosis")
     return results
 
@@ -100,7 +102,9 @@ def test_naive_forgets_and_distillation_forgets_less(finetuned):
     drifts = {label: finetuned[label][1] for label in ("naive", "alpha0", "alpha5")}
     record = finetuned["alpha5"][0]
     assert [p["plugin"] for p in record["plugins"]] == ["Distillation"]
-    assert "val_classification_distillation" in record["history"][-1]
+    # the per-head term is measured in training as in validation (it was logged as 0.0)
+    assert all(h["classification_distillation"] > 0 and h["val_classification_distillation"] > 0
+               for h in record["history"])
     assert drifts["naive"] > 1e-3  # the protection tests are not vacuous
     assert drifts["alpha0"] == pytest.approx(drifts["naive"])  # same seed, no plugin: the same run
     assert drifts["alpha5"] < 0.7 * drifts["alpha0"], drifts

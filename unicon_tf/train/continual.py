@@ -79,6 +79,21 @@ class ContinualModel(keras.Model):
 
         return {f"{h}_loss": self.task_losses[h](targets[h], outputs[h], sample_weight=weight(h)) for h in self.heads}
 
+    def _loss(self, inputs, targets, sample_weight, outputs, training):
+        """`(loss, {term name: value})`: each head's task loss plus each plugin's weighted
+        penalty (in training only the active plugins'), and, for logging only, each plugin's
+        unweighted per-head terms (`<head>_<plugin>`, e.g. `classification_distillation`)."""
+        terms = self._task_terms(targets, outputs, sample_weight)
+        penalties = {}
+        for plugin in self.plugins:
+            if training and not plugin.active:
+                continue
+            per_head = plugin.head_terms(inputs, outputs)
+            terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
+            penalties[plugin.name] = plugin.penalty(inputs, outputs, per_head)
+        loss = tf.add_n([terms[f"{h}_loss"] for h in self.heads] + list(penalties.values()))
+        return loss, {**terms, **penalties}
+
     def train_step(self, data: tuple) -> dict[str, tf.Tensor]:
         inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, valid = split_replica_inputs(inputs)
@@ -86,9 +101,7 @@ class ContinualModel(keras.Model):
             return self._replica_train_step(inputs, valid, targets, sample_weight)
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=True)
-            terms = self._task_terms(targets, outputs, sample_weight)
-            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
-            loss = tf.add_n(list(terms.values()))
+            loss, terms = self._loss(inputs, targets, sample_weight, outputs, training=True)
             # Scaled inside the tape (mixed_float16's LossScaleOptimizer): a loss scaled
             # outside it has no gradient.
             scaled = self.optimizer.scale_loss(loss)
@@ -113,9 +126,7 @@ class ContinualModel(keras.Model):
         with tf.GradientTape() as tape:
             local = self(inputs, training=True)
             inputs, targets, sample_weight, outputs = self._gather(inputs, valid, targets, sample_weight, local)
-            terms = self._task_terms(targets, outputs, sample_weight)
-            terms.update({p.name: p.penalty(inputs, outputs) for p in self.plugins if p.active})
-            loss = tf.add_n(list(terms.values()))
+            loss, terms = self._loss(inputs, targets, sample_weight, outputs, training=True)
             scaled = self.optimizer.scale_loss(loss / replicas)
         self._apply_gradients(tape, scaled)
         return replica_logs(self._record(loss, terms, targets, outputs))
@@ -133,13 +144,7 @@ class ContinualModel(keras.Model):
         outputs = self(inputs, training=False)
         if valid is not None:
             inputs, targets, sample_weight, outputs = self._gather(inputs, valid, targets, sample_weight, outputs)
-        terms = self._task_terms(targets, outputs, sample_weight)
-        loss = tf.add_n(list(terms.values()))
-        for plugin in self.plugins:
-            per_head = plugin.head_terms(inputs, outputs)
-            terms.update({f"{h}_{plugin.name}": value for h, value in per_head.items()})
-            terms[plugin.name] = plugin.penalty(inputs, outputs, per_head)
-            loss += terms[plugin.name]
+        loss, terms = self._loss(inputs, targets, sample_weight, outputs, training=False)
         logs = self._record(loss, terms, targets, outputs)
         return logs if valid is None else replica_logs(logs)
 
