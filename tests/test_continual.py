@@ -78,6 +78,27 @@ def test_frozen_prognosis_trains_on_cached_features(phantom_records, stage0_run,
     assert np.std(after["prognosis"]) > 0
 
 
+def test_side_encoder_trains_on_cached_features_without_augmentation(phantom_records, stage0_run, tmp_path, batch):
+    """A frozen segmentation head with a side encoder: without augmentation its volumes are
+    cached beside the encoder's features (the backbone runs once per patient); with
+    augmentation it trains on the volumes. Either way the old head stays bit-identical."""
+    seg = {"name": "segmentation", "task": "segmentation", "strategy": "frozen", "side_encoder": 4}
+    for augment in (False, True):
+        folder = tmp_path / f"augment_{augment}"
+        shutil.copytree(stage0_run, folder / "run")
+        pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], {**seg, "augment": augment}],
+                                  name="variants")
+        record = train.train_stage(pipeline, "segmentation", folder / "run", verbose=0)
+        assert record["cached_features"] is (not augment)
+        before = outputs(folder / "run/stages/00-classification/model.keras", batch)
+        after = outputs(folder / "run/stages/01-segmentation/model.keras", batch)
+        assert np.max(np.abs(after["classification"] - before["classification"])) == 0.0
+        # the side encoder learnt: its zero-initialised projections moved
+        head = model_parts(keras.models.load_model(folder / "run/stages/01-segmentation/model.keras"))["heads"][
+            "segmentation"]
+        assert any(np.any(np.asarray(w) != 0) for p in head.side_projections for w in p.weights), augment
+
+
 @pytest.fixture(scope="module")
 def finetuned(phantom_records, stage0_run, tmp_path_factory, batch):
     """The prognosis stage trained once per protection on copies of `stage0_run`:

@@ -4,9 +4,13 @@ patient and kept in memory (`CachedHeadModel`).
 
 Features are cached when nothing upstream of the new head trains: the encoder's base
 weights (frozen strategy, or a pretrained encoder at stage 0), its stems and fusion, and
-the head has no adapter, reads no volumes (side encoder) and samples no foreground crops.
-Multi-scale features are cached for dense heads; the cache's size is checked against
-`CACHE_LIMIT_BYTES` first.
+the head has no adapter and samples no foreground crops. Cached training sees the stored
+crops, unaugmented. A head that also reads the volumes (a side encoder) is cached only when
+its stage does not augment (`augment: false`): its volumes are then the same every epoch
+and are cached beside the encoder's features, so the side encoder and decoder train
+without re-running the backbone (what makes a 117 M pretrained encoder's dense head
+trainable on a CPU). Multi-scale features are cached for dense heads; the cache's size
+is checked against `CACHE_LIMIT_BYTES` first.
 """
 
 import math
@@ -85,9 +89,11 @@ def _feature_cache(spec, network, head):
     upstream = [parts["stems"][m] for m in head_layer.modalities] + \
         [f for f in [parts["fusions"].get(tuple(head_layer.modalities))] if f is not None]
     frozen_upstream = not shared_trainable_variables(network) and not any(p.trainable_weights for p in upstream)
+    same_volumes = not head_layer.reads_volumes or not spec.training.augment
     if not (spec.training.cache_features and frozen_upstream and head_layer.adapter is None
-            and not head_layer.reads_volumes and _foreground_probability(spec.training) is None):
+            and same_volumes and _foreground_probability(spec.training) is None):
         return None
+    # A side-encoder head's inputs end with its modalities' volumes: they pass through unchanged.
     extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
                             head_layer.used_features(head_layer.input))
     splits = read_schema(spec.data)["splits"]
