@@ -13,12 +13,14 @@ their cells (fold, seed, fraction) and heads by patient id. Per head and arm:
 - the difference to the reference arm with its paired patient-bootstrap interval
   (`unicon_tf.evaluate.scores.patient_bootstrap`).
 
-Writes `pretrained_study.json` and `.md` to `--out`. The whole study (cohort, two
+Every fraction the experiments ran is compared (or those given with `--fraction`). Writes
+`pretrained_study.json`, `.md` and `curves_<head>.png` (each arm's metric against the
+fraction, with its 95% band) to `--out`. The whole study (cohort, two
 experiments, this comparison) is `benchmarks/pretrained_study/run.sh`:
 
     python benchmarks/pretrained_study.py --out results/pretrained_study_real_ct --reference single_task \\
         --arm pretrained=exp_pretrained:continual --arm scratch=exp_scratch:continual \\
-        --arm single_task=exp_scratch:single_task [--fraction 1.0]
+        --arm single_task=exp_scratch:single_task [--fraction 0.25 --fraction 1.0]
 """
 
 import argparse
@@ -31,15 +33,14 @@ from unicon_tf.evaluate.scores import bootstrap_interval, patient_bootstrap, res
 from unicon_tf.tasks import task_kind
 
 
-def read_cells(folder, arm, fraction):
-    """`{(fold, seed): cell record}` of one arm of an experiment at `fraction`."""
+def read_cells(folder, arm):
+    """`{fraction: {(fold, seed): cell record}}` of one arm of an experiment."""
     cells = {}
     for path in sorted(pathlib.Path(folder).glob(f"cells/fold*/seed*/frac*/{arm}/cell.json")):
         record = json.loads(path.read_text())
-        if abs(record["fraction"] - fraction) < 1e-9:
-            cells[(record["fold"], record["seed"])] = record
+        cells.setdefault(float(record["fraction"]), {})[(record["fold"], record["seed"])] = record
     if not cells:
-        raise SystemExit(f"{folder}: no finished '{arm}' cell at fraction {fraction} (cells/*/*/*/{arm}/cell.json)")
+        raise SystemExit(f"{folder}: no finished '{arm}' cell (cells/*/*/*/{arm}/cell.json)")
     return cells
 
 
@@ -84,21 +85,50 @@ def compare(arms, reference):
 
 
 def markdown(result):
-    lines = [f"Pretrained study: reference arm `{result['reference']}`, fraction {result['fraction']}; arms: "
+    lines = [f"Pretrained study: reference arm `{result['reference']}`; arms: "
              + ", ".join(f"`{n}` = {s}" for n, s in result["arms"].items()) + ".", ""]
-    for head, rows in result["table"].items():
-        metric = next(iter(rows.values()))["metric"]
+    heads = sorted({h for table in result["fractions"].values() for h in table})
+    for head in heads:
+        rows_by_fraction = {f: t[head] for f, t in result["fractions"].items() if head in t}
+        metric = next(iter(next(iter(rows_by_fraction.values())).values()))["metric"]
         lines += [f"**{head}** ({metric})", "",
-                  f"| arm | {metric} | 95% CI | per seed | vs {result['reference']} (95% CI) | cells |",
-                  "|---|---|---|---|---|---|"]
-        for name, row in rows.items():
-            vs = row.get("vs_reference")
-            shown = "-" if not vs or vs["difference"] is None else (
-                f"{vs['difference']:+.3f}" + (f" [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]" if vs["ci95"] else ""))
-            lines.append(f"| {name} | {row['mean']:.3f} | [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] | "
-                         f"{', '.join(f'{v:.3f}' for v in row['per_seed'].values())} | {shown} | {row['cells']} |")
+                  f"| fraction | arm | {metric} | 95% CI | per seed | vs {result['reference']} (95% CI) | cells |",
+                  "|---|---|---|---|---|---|---|"]
+        for fraction, rows in rows_by_fraction.items():
+            for name, row in rows.items():
+                vs = row.get("vs_reference")
+                shown = "-" if not vs or vs["difference"] is None else (
+                    f"{vs['difference']:+.3f}" + (f" [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]" if vs["ci95"] else ""))
+                lines.append(f"| {fraction} | {name} | {row['mean']:.3f} | [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] | "
+                             f"{', '.join(f'{v:.3f}' for v in row['per_seed'].values())} | {shown} | {row['cells']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_curves(result, out):
+    """`curves_<head>.png`: each arm's metric against the training fraction, 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = sorted({h for table in result["fractions"].values() for h in table})
+    for head in heads:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        arms = sorted({a for t in result["fractions"].values() for a in t.get(head, {})})
+        for arm in arms:
+            points = sorted((float(f), t[head][arm]) for f, t in result["fractions"].items() if arm in t.get(head, {}))
+            x = [f for f, _ in points]
+            axis.plot(x, [r["mean"] for _, r in points], marker="o", label=arm)
+            axis.fill_between(x, [r["ci95"][0] for _, r in points], [r["ci95"][1] for _, r in points], alpha=0.15)
+            metric = points[0][1]["metric"]
+        axis.set_xlabel("fraction of the later stages' training patients")
+        axis.set_ylabel(metric)
+        axis.set_title(head)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / f"curves_{head}.png", dpi=120)
+        plt.close(figure)
 
 
 def main():
@@ -106,7 +136,8 @@ def main():
     parser.add_argument("--arm", action="append", required=True, metavar="NAME=EXPERIMENT:ARM",
                         help="An arm: a name, an experiment folder and its arm (continual, single_task, ...).")
     parser.add_argument("--reference", required=True, help="The arm every other arm is compared with.")
-    parser.add_argument("--fraction", type=float, default=1.0, help="The training fraction compared.")
+    parser.add_argument("--fraction", type=float, action="append",
+                        help="A training fraction to compare (repeat; default: every fraction the arms share).")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
     specs = {}
@@ -118,12 +149,18 @@ def main():
         specs[name] = (folder, arm)
     if args.reference not in specs:
         parser.error(f"--reference {args.reference!r} is not one of the arms {sorted(specs)}")
-    arms = {name: read_cells(folder, arm, args.fraction) for name, (folder, arm) in specs.items()}
-    result = {"reference": args.reference, "fraction": args.fraction,
-              "arms": {n: f"{f}:{a}" for n, (f, a) in specs.items()}, "table": compare(arms, args.reference)}
+    cells = {name: read_cells(folder, arm) for name, (folder, arm) in specs.items()}
+    fractions = sorted(args.fraction or set.intersection(*(set(c) for c in cells.values())))
+    for name, by_fraction in cells.items():
+        missing = [f for f in fractions if f not in by_fraction]
+        if missing:
+            parser.error(f"arm {name!r} has no finished cell at fraction(s) {missing}")
+    result = {"reference": args.reference, "arms": {n: f"{f}:{a}" for n, (f, a) in specs.items()},
+              "fractions": {str(f): compare({n: c[f] for n, c in cells.items()}, args.reference) for f in fractions}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained_study.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "pretrained_study.md").write_text(markdown(result))
+    plot_curves(result, args.out)
     print(markdown(result))
 
 
