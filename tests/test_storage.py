@@ -105,3 +105,20 @@ def test_a_small_model_stays_a_plain_keras_file(tmp_path):
     restored = keras.models.load_model(tmp_path / "model.keras")
     for name, value in weights_by_path(model).items():
         np.testing.assert_array_equal(weights_by_path(restored)[name], value, err_msg=name)
+
+
+def test_a_copied_run_shares_its_base_weights_file_and_copies_the_rest(tmp_path):
+    from unicon_tf.experiment.runner import _copy_run
+
+    run = tmp_path / "foundation"
+    base = run / "weights" / f"{'a' * 64}.weights.h5"
+    stage = run / "stages" / "00-classification" / "model.keras"
+    for path, content in ((base, b"base"), (stage, b"stage"), (run / "weights" / "notes.h5", b"other")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    _copy_run(run, tmp_path / "cell")
+    copied = tmp_path / "cell" / base.relative_to(run)
+    assert copied.read_bytes() == b"base" and copied.stat().st_ino == base.stat().st_ino  # one file on disk
+    for other in (stage, run / "weights" / "notes.h5"):
+        twin = tmp_path / "cell" / other.relative_to(run)
+        assert twin.read_bytes() == other.read_bytes() and twin.stat().st_ino != other.stat().st_ino

@@ -41,7 +41,7 @@ from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, p
 from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
-from unicon_tf.model.storage import load_model
+from unicon_tf.model.storage import copy_run_file, load_model
 from unicon_tf.run import BASELINES, ResumeWithoutCheckpointWarning, Run, StageError
 from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -235,7 +235,17 @@ class Experiment:
                   "selection": result.get("selection"),
                   "seconds": round(time.time() - started, 1)}
         write_json_atomic(record_file, record)
+        _release_models()
         return record
+
+
+def _release_models():
+    """Free the finished cell's Keras models and traced graphs (Keras' global state and a
+    garbage collection): a grid trains hundreds of models in one process, which otherwise
+    grew by about 100 MB per cell (6.3 to 7.8 GB over 16 cells of the phantom experiment)."""
+    import keras
+
+    keras.backend.clear_session(free_memory=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,11 +295,11 @@ def _folds(out, plan, cohorts):
 
 
 def _copy_run(source, target):
-    """Copy a run directory. The copy's lineage keeps the executions, their paths moved to the
+    """Copy a run directory (its base weights files hard-linked, see `copy_run_file`). The copy's lineage keeps the executions, their paths moved to the
     copy (so they are cache hits there), but not the source's events: each component run is
     counted where it ran."""
     with atomic_folder(target) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+        shutil.copytree(source, staging, dirs_exist_ok=True, copy_function=copy_run_file)
         lineage = staging / "lineage.json"
         if lineage.exists():
             record = _moved(json.loads(lineage.read_text()), str(source), str(target))

@@ -48,6 +48,8 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import tempfile
 import zipfile
 from typing import Any
@@ -67,6 +69,43 @@ DELTA = "delta.weights.h5"
 FORMAT = "unicon-tf weights by reference 1"
 _KERAS_WEIGHTS = "model.weights.h5"
 _KERAS_FILES = ("config.json", "metadata.json")
+
+
+_BASE_NAME = re.compile(r"[0-9a-f]{64}\.weights\.h5")
+
+
+def copy_run_file(source: str, target: str) -> str:
+    """`shutil.copytree`'s `copy_function` for copying a run: a base weights file is
+    hard-linked where the filesystem allows (it is immutable, its name being its content's
+    SHA-256, so copies of a run share its hundreds of MB), every other file copied.
+
+    Args:
+        source: the file to copy.
+        target: its path in the copy.
+
+    Returns:
+        `target`.
+
+    Raises:
+        OSError: as `shutil.copy2` (a failed hard link falls back to a copy).
+
+    Example:
+    >>> import shutil, tempfile
+    >>> run = pathlib.Path(tempfile.mkdtemp())
+    >>> (run / "weights").mkdir()
+    >>> _ = (run / "weights" / ("0" * 64 + ".weights.h5")).write_bytes(b"base")
+    >>> copy = shutil.copytree(run, run.parent / (run.name + "-copy"), copy_function=copy_run_file)
+    >>> (copy / "weights" / ("0" * 64 + ".weights.h5")).stat().st_nlink
+    2
+    """
+    path = pathlib.Path(source)
+    if path.parent.name == "weights" and _BASE_NAME.fullmatch(path.name):
+        try:
+            os.link(source, target)
+            return target
+        except OSError:
+            pass
+    return shutil.copy2(source, target)
 
 
 class StorageError(OSError):
