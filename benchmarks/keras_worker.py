@@ -5,7 +5,7 @@ batch in memory), each a `fit` whose per-step wall times come from a callback:
 
 | variant     | what trains                                                               |
 |-------------|---------------------------------------------------------------------------|
-| `continual` | `ContinualModel` (the package's stage loop), float32                      |
+| `continual` | `ContinualModel` (the package's stage loop and optimizer), float32       |
 | `keras`     | a plain `keras.Model.fit` of the same network and loss (the overhead's reference) |
 | `bfloat16`  | `ContinualModel` with the network under `mixed_bfloat16` (`set_precision`)  |
 
@@ -28,6 +28,7 @@ import tensorflow as tf
 import unicon_tf
 from common import StepTimer, graph_flops, interleaved_seconds
 from unicon_tf.train import ContinualModel
+from unicon_tf.train.optimizers import FusedAdamW
 from unicon_tf.tasks.losses import classification_loss
 from unicon_tf.train.precision import set_precision
 from workers import peak_rss_mb, serve
@@ -67,7 +68,7 @@ def trainer(variant, size, batch, width, depth, strategy=None):
             if variant == "bfloat16":
                 set_precision(network, "mixed_bfloat16")
             model = ContinualModel(network, {"classification": "classification"})
-            model.compile(optimizer=keras.optimizers.Adam(1e-4))
+            model.compile(optimizer=FusedAdamW(1e-4, weight_decay=0.0))  # the stages' optimizer, as Adam
     return Trainer(model, x, y)
 
 

@@ -37,6 +37,7 @@ from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.model.storage import save_model
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.tasks import task_kind
+from unicon_tf.train.optimizers import FusedAdamW
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.selection import Selection, describe_rule
 from unicon_tf.train.stage import stage_data, train_stage
@@ -227,8 +228,7 @@ def _joint(pipeline, run, verbose):
         return tf.data.Dataset.zip(tuple(per_stage)).take(steps)
 
     joint = JointModel(network, heads)
-    joint.compile(optimizer=keras.optimizers.AdamW(specs[0].training.learning_rate,
-                                                   weight_decay=specs[0].training.weight_decay))
+    joint.compile(optimizer=FusedAdamW(specs[0].training.learning_rate, weight_decay=specs[0].training.weight_decay))
     history = []
     for epoch in range(epochs):
         joint.fit(stage_batches(epoch), epochs=1, verbose=progress_verbosity(verbose), shuffle=False)

@@ -37,6 +37,7 @@ from unicon_tf.train.checks import check_head_fits_data, check_train_split, chec
 from unicon_tf.train.continual import CachedHeadModel
 from unicon_tf.train.distribute import chief_folder, get_strategy, release_folder, replica_batches
 from unicon_tf.train.epochs import EpochLoop, TrainingError
+from unicon_tf.train.optimizers import FusedAdamW
 from unicon_tf.train.pipeline import PipelineSpec, StageSpec, load_pipeline, with_overrides
 from unicon_tf.train.plugins import load_fisher
 from unicon_tf.train.precision import optimizer_for, set_precision
@@ -234,7 +235,7 @@ class _StageJob:
         selection = _selection(spec, assembled.head, schema["splits"])
         trainer, train_data, val_data = stage_trainer(spec, assembled.network, assembled.head, plugins, make_data,
                                                       self.verbose)
-        optimizer = keras.optimizers.AdamW(spec.training.learning_rate, weight_decay=spec.training.weight_decay)
+        optimizer = FusedAdamW(spec.training.learning_rate, weight_decay=spec.training.weight_decay)
         trainer.compile(optimizer=optimizer_for(spec.training.precision, optimizer))
         loop = self._epoch_loop(assembled, trainer, (train_data, val_data), selection)
         state = self._start_state(loop, schema)
