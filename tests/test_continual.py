@@ -87,7 +87,7 @@ def test_side_encoder_trains_on_cached_features_without_augmentation(phantom_rec
         folder = tmp_path / f"augment_{augment}"
         shutil.copytree(stage0_run, folder / "run")
         pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], {**seg, "augment": augment}],
-                                  name="variants")
+                                  name="variants", epochs=1)
         record = train.train_stage(pipeline, "segmentation", folder / "run", verbose=0)
         assert record["cached_features"] is (not augment)
         before = outputs(folder / "run/stages/00-classification/model.keras", batch)
