@@ -13,7 +13,8 @@ their cells (fold, seed, fraction) and heads by patient id. Per head and arm:
 - the difference to the reference arm with its paired patient-bootstrap interval
   (`unicon_tf.evaluate.scores.patient_bootstrap`).
 
-Every fraction the experiments ran is compared (or those given with `--fraction`). Writes
+Every fraction the experiments ran is compared (or those given with `--fraction`), each on
+the (fold, seed) cells that every arm finished. Writes
 `pretrained_study.json`, `.md` and `curves_<head>.png` (each arm's metric against the
 fraction, with its 95% band) to `--out`. The whole study (cohort, two
 experiments, this comparison) is `benchmarks/pretrained_study/run.sh`:
@@ -155,8 +156,15 @@ def main():
         missing = [f for f in fractions if f not in by_fraction]
         if missing:
             parser.error(f"arm {name!r} has no finished cell at fraction(s) {missing}")
+    compared = {}
+    for f in fractions:  # like for like: the (fold, seed) cells every arm finished
+        common = set.intersection(*(set(c[f]) for c in cells.values()))
+        if not common:
+            parser.error(f"fraction {f}: no (fold, seed) cell finished in every arm")
+        compared[str(f)] = compare({n: {k: v for k, v in c[f].items() if k in common} for n, c in cells.items()},
+                                   args.reference)
     result = {"reference": args.reference, "arms": {n: f"{f}:{a}" for n, (f, a) in specs.items()},
-              "fractions": {str(f): compare({n: c[f] for n, c in cells.items()}, args.reference) for f in fractions}}
+              "fractions": compared}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained_study.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "pretrained_study.md").write_text(markdown(result))
