@@ -414,7 +414,7 @@ def _decode_with_pydicom(series, ref, patient, field, syntaxes, sitk_error):
         try:
             decoder = get_decoder(uid)
             available, missing = decoder.is_available, decoder.missing_dependencies
-        except NotImplementedError:
+        except NotImplementedError:  # pydicom's answer for a syntax it has no decoder class for (e.g. HTJ2K in 3.0)
             available, missing = False, []
         if not available:
             install = (f"install one of: {'; '.join(missing)} (e.g. pip install pylibjpeg pylibjpeg-openjpeg "
