@@ -15,8 +15,10 @@ The CT is windowed -1000..1000 HU to 0..1 (Merlin's preprocessing), a `--shape` 
 `(X, Y, Z)` (Z the slice axis, the network's "time" axis) is cut from its centre (in-plane
 every second voxel).
 
-    python benchmarks/i3resnet_parity.py --shape 96 96 48 --repeats 3 --threads 2
-writes benchmarks/results/i3resnet_parity.json.
+    python benchmarks/i3resnet_parity.py --shape 64 64 48 --shape 96 96 64 --shape 128 128 96
+writes benchmarks/results/i3resnet_parity.{json,md}, one row per `--shape` (each with its own
+pair of workers). Run it on a quiet machine: a concurrent job on the 2-core CPU slows the
+side that happens to share it (one busy run timed PyTorch at 19 s against 0.76 s quiet).
 """
 
 import argparse
@@ -124,25 +126,16 @@ class Side:
         return self.expect(reply)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(96, 96, 48))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=("torch", "keras"))
-    parser.add_argument("--volume")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args.worker, args.volume, args.threads, args.out)
+def measure(shape, repeats, threads):
+    """Parity and interleaved forward times for one `shape` (X, Y, Z) block."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        np.save(tmp / "volume.npy", real_ct(tuple(args.shape)))
-        sides = {name: Side(name, tmp / "volume.npy", args.threads, tmp / f"{name}.npy") for name in ("keras", "torch")}
+        np.save(tmp / "volume.npy", real_ct(tuple(shape)))
+        sides = {name: Side(name, tmp / "volume.npy", threads, tmp / f"{name}.npy") for name in ("keras", "torch")}
         times = {name: [] for name in sides}
         for name, side in sides.items():  # warm-up
             side.send("run")
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, side in sides.items():
                 times[name].append(side.send("run"))
         for side in sides.values():
@@ -153,21 +146,52 @@ def main():
         keras_out, torch_out = np.load(tmp / "keras.npy"), np.load(tmp / "torch.npy")
     diff = np.abs(keras_out - torch_out)
     result = {
-        "volume": f"ProMED CT 0051 (invesalius-examples), block {list(args.shape)} (X, Y, Z), -1000..1000 HU -> 0..1",
+        "volume": f"ProMED CT 0051 (invesalius-examples), block {list(shape)} (X, Y, Z), -1000..1000 HU -> 0..1",
+        "shape": list(shape),
         "layer4_shape": list(keras_out.shape),
         "max_abs_diff": float(diff.max()),
         "max_abs_reference": float(np.abs(torch_out).max()),
         "max_rel_diff": float(diff.max() / np.abs(torch_out).max()),
         "rel_l2_diff": float(np.linalg.norm(keras_out - torch_out) / np.linalg.norm(torch_out)),
-        "threads": args.threads,
+        "threads": threads,
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
         "median_seconds": {name: float(np.median(ts)) for name, ts in times.items()},
     }
     result["keras_over_torch"] = result["median_seconds"]["keras"] / result["median_seconds"]["torch"]
-    out = HERE / "results" / "i3resnet_parity.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    return result
 
+
+def table(results):
+    """The markdown summary of `measure` rows."""
+    lines = ["| block (X, Y, Z) | layer4 | max rel. diff | Keras s | PyTorch s | Keras / PyTorch |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {' x '.join(map(str, r['shape']))} | {' x '.join(map(str, r['layer4_shape'][1:]))} "
+                     f"| {r['max_rel_diff']:.1e} | {r['median_seconds']['keras']:.3f} "
+                     f"| {r['median_seconds']['torch']:.3f} | **{r['keras_over_torch']:.2f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, action="append",
+                        help="a block (X, Y, Z); repeat for several (default 96 96 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=("torch", "keras"))
+    parser.add_argument("--volume")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.volume, args.threads, args.out)
+    results = [measure(shape, args.repeats, args.threads) for shape in (args.shape or [(96, 96, 64)])]
+    out = HERE / "results" / "i3resnet_parity"
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    heading = (f"# Keras I3ResNet-152 port vs PyTorch reference, real Astra weights, {args.threads} threads, "
+               f"median of {args.repeats} interleaved forward passes (each side in its own process)\n\n")
+    out.with_suffix(".md").write_text(heading + table(results))
+    print(table(results))
 
 if __name__ == "__main__":
     main()

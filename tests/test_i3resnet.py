@@ -234,9 +234,14 @@ def test_savedmodel_export_parity(expected, tmp_path):
 
 @pytest.mark.slow
 def test_frozen_pretrained_encoder_trains_heads_on_cached_multiscale_features(phantom_cohort, tmp_path):
+    """Stage 0 caches all five levels; the CT+PET stage (`adapter_start: 4`, no augmentation)
+    caches CT levels 0-3 and both volumes, trains the fusion, layer4's path and the head, and
+    leaves the CT head's outputs bit-identical."""
     import yaml
 
     from unicon_tf import data, train
+    from unicon_tf.model.paths import head_path
+    from unicon_tf.train.baselines import train_single_task
 
     records = tmp_path / "ct32"
     data.ingest(phantom_cohort, records, data.Preprocessing(shape=(32, 32, 16), spacing=(6.0, 6.0, 12.0)),
@@ -244,20 +249,40 @@ def test_frozen_pretrained_encoder_trains_heads_on_cached_multiscale_features(ph
     spec = {"name": "tiny_i3", "input_shape": [32, 32, 16],
             "encoder": {"kind": "i3resnet", "layers": list(LAYERS), "width": WIDTH, "weights": str(SMALL)},
             "defaults": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "seed": 1, "strategy": "frozen"},
-            "stages": [{"name": "segmentation", "task": "segmentation", "decoder_channels": 8, "data": str(records)}]}
+            "stages": [{"name": "segmentation", "task": "segmentation", "decoder_channels": 8, "data": str(records)},
+                       {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet",
+                        "adapter_start": 4, "side_encoder": 4, "augment": False, "decoder_channels": 8,
+                        "data": str(records)}]}
     path = tmp_path / "tiny_i3.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     record = train.train_stage(train.load_pipeline(path), "segmentation", tmp_path / "run", verbose=0)
     assert record["cached_features"] is True  # stage 0: the pretrained encoder stays frozen under `frozen`
     splits = data.read_schema(records)["splits"]
+    patients = splits["train"]["count"] + splits["val"]["count"]
     levels = [(16, 16, 16, 4), (8, 8, 8, 16), (4, 4, 4, 32), (2, 2, 2, 64), (1, 1, 1, 128)]  # all five, float32
-    assert record["cache_bytes"] == 4 * sum(np.prod(s) for s in levels) * (splits["train"]["count"] +
-                                                                           splits["val"]["count"])
+    assert record["cache_bytes"] == 4 * sum(np.prod(s) for s in levels) * patients
     trained = keras.models.load_model(tmp_path / "run/stages/00-segmentation/model.keras")
     reference = i3resnet_backbone(layers=LAYERS, width=WIDTH)
     load_i3resnet_weights(reference, SMALL)
     for mine, published in zip(model_parts(trained)["encoder"].base_weights(), reference.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(published))
+
+    record = train.train_stage(train.load_pipeline(path), "pet", tmp_path / "run", verbose=0)
+    grown = keras.models.load_model(tmp_path / "run/stages/01-pet/model.keras")
+    assert record["cached_features"] is True
+    assert record["cache_bytes"] == 4 * (sum(np.prod(s) for s in levels[:4]) + 2 * 32 * 32 * 16) * patients
+    configure_trainable(grown, 1, "frozen", pretrained=True)
+    assert [node.operation.name for node in head_path(grown, "segmentation_ctpet").nodes] == [
+        "stem_pet", "fusion_ct_pet_level4", "encoder", "segmentation_ctpet"]
+    x = {m: np.random.default_rng(5).uniform(0, 1, (2, 32, 32, 16, 1)).astype("float32") for m in ("ct", "pet")}
+    np.testing.assert_array_equal(grown(x)["segmentation"].numpy(), trained({"ct": x["ct"]})["segmentation"].numpy())
+    mixing = keras.ops.convert_to_numpy(model_parts(grown)["fusions"][("ct", "pet")].mixing)
+    assert np.abs(mixing[mixing.shape[1]:]).max() > 0  # PET's rows trained away from their zero start
+
+    # Its single-task baseline fuses PET at the same level, so it trains on a cached prefix too.
+    alone = train_single_task(train.load_pipeline(path), tmp_path / "run", "pet")
+    assert alone.record()["cached_features"] is True
+    assert model_parts(keras.models.load_model(alone.model))["fusions"][("ct", "pet")].level == 4
 
 
 @pytest.mark.parametrize("strategy, pretrained, trains", [("frozen", True, False), ("adapters", True, False),

@@ -241,6 +241,12 @@ class SharedEncoder(keras.layers.Layer):
         path_ids = {id(w) for layer in self.path_layers for name in layer.paths for w in layer.path_variables(name)}
         return [w for w in self.backbone.weights if id(w) not in path_ids]
 
+    def path_weights(self, adapter: str | None = None) -> list[keras.Variable]:
+        """The weights a call with `adapter` computes with: the base weights plus that path's
+        adapters and norm copies (none for `adapter=None`)."""
+        own = [w for layer in self.path_layers if adapter in layer.paths for w in layer.path_variables(adapter)]
+        return self.base_weights() + (own if adapter is not None else [])
+
     def level_layers(self, levels: Iterable[int]) -> list[keras.layers.Layer]:
         """The backbone's leaf layers that compute the feature maps of `levels` (a level's
         layers are those of `levels_from(level)` that `levels_from(level + 1)` lacks).

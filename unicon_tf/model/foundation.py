@@ -48,6 +48,7 @@ def foundation(
     encoder: str | keras.Model | None = None,
     name: str = "unicon",
     head_name: str | None = None,
+    fusion_level: int = 0,
     **head_options: Any,
 ) -> keras.Model:
     """The stage-0 model: modality stem(s), the shared encoder and one head.
@@ -74,6 +75,11 @@ def foundation(
         name: the model's name.
         head_name: the head's (and output's) name; defaults to the task, suffixed with the
             modalities when it reads several (`default_head_name`).
+        fusion_level: with several modalities, the encoder level s whose input fuses them:
+            0 fuses the stems; s > 0 computes levels < s from the first modality alone and
+            fuses the others' stem features (average-pooled) into its level s - 1 map, as
+            `expand(..., adapter_start=s)` does for a new modality (on a frozen pretrained
+            encoder the head then trains without backpropagating through levels < s).
         **head_options: further options of the head (see `unicon_tf.model.heads`), and
             with `encoder="vit"` the `VIT_OPTIONS`: `patch_size` (int or per axis, default
             16; a power of two for UNETR), `hidden_size` (768), `num_layers` (12),
@@ -92,7 +98,8 @@ def foundation(
         InvalidNameError: a modality or head name breaks `unicon_tf.names.check_name`.
         ValueError: `input_shape` is not three positive dims or not divisible by the
             encoder's stride; `modality` names no or repeated modalities; an unknown
-            `task` or head option; `num_classes` < 2.
+            `task` or head option; `num_classes` < 2; `fusion_level` > 0 with one
+            modality, outside `[1, depth - 1]` or on an encoder without levels (a ViT).
         PretrainedWeightsError: `weights` that do not fit the ViT.
 
     Example:
@@ -117,8 +124,13 @@ def foundation(
     head_name = check_name(head_name or default_head_name(task, modalities), "head")
     inputs = {m: keras.Input(input_shape + (1,), name=m) for m in modalities}
     stems = [ModalityStem(m, channels=shared.input_channels, stage=0, **stem_options)(inputs[m]) for m in modalities]
-    path = stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems)
-    features = shared(path)
+    if fusion_level:
+        _check_fusion_level(family, shared, fusion_level, modalities)
+        base = shared(stems[0])
+        level_input = ModalityFusion(modalities, stage=0, level=fusion_level)([base[fusion_level - 1]] + stems[1:])
+        features = _features_from(shared, base, fusion_level, level_input)
+    else:
+        features = shared(stems[0] if len(stems) == 1 else ModalityFusion(modalities, stage=0)(stems))
     head = _make_head(task, shared, input_shape, name=head_name, modalities=modalities, stage=0,
                       num_classes=num_classes, **head_options)
     model = keras.Model(inputs, {head.name: _apply_head(head, features, inputs)}, name=name)
@@ -315,8 +327,7 @@ def expand(model: keras.Model, task: str | None = None, modality: str | None = N
             level_input = base[adapter_start - 1]
             if len(modalities) > 1:
                 level_input = _fused(parts, modalities, stage, adapter_start, level_input, stem_outputs)
-            deeper = encoder(level_input, adapter=adapter, start=adapter_start)
-            features = list(base[: adapter_start - 1]) + [level_input] + list(deeper)
+            features = _features_from(encoder, base, adapter_start, level_input, adapter)
 
     head = _make_head(task, encoder, input_shape, name=name, modalities=modalities, stage=stage,
                       adapter_rank=adapters, adapter_start=adapter_start, adapter_levels=adapter_levels,
@@ -384,6 +395,23 @@ def _fused(parts, modalities, stage, level, first, stem_outputs):
         return fusion.output
     fusion = ModalityFusion(modalities, stage=stage, level=level)
     return fusion([first] + [stem_outputs[m] for m in modalities[1:]])
+
+
+def _features_from(encoder, base, start, level_input, adapter=None):
+    """A path's feature maps when it computes levels >= `start` from `level_input` (level
+    start - 1's map, fused or not): the base maps of levels < start - 1, then `level_input`,
+    then the deeper levels."""
+    return list(base[: start - 1]) + [level_input] + list(encoder(level_input, adapter=adapter, start=start))
+
+
+def _check_fusion_level(family, encoder, level, modalities):
+    if len(modalities) < 2:
+        raise ValueError(f"fusion_level={level} fuses modalities: name two or more (got {modalities}).")
+    if not family.levels:
+        raise ValueError(f"fusion_level={level} needs an encoder of levels (the residual CNN, the I3ResNet); the "
+                         f"{family.name} encoder's feature states all come from one token grid: use 0.")
+    if not 0 < level < encoder.depth:
+        raise ValueError(f"fusion_level must be an encoder level in [0, {encoder.depth - 1}], got {level}.")
 
 
 def _base_features(parts, encoder, stem_output, modality):

@@ -131,8 +131,10 @@ def _network_for_stage(pipeline, index, spec, init, base):
                 network = expand(network, task=spec.task, name=spec.head, adapters=spec.adapters,
                                  adapter_start=spec.adapter_start, **spec.path_options, **options)
             return network, None, {"init": str(init), "sha256": sha256(init)}
-        network = foundation(pipeline.input_shape, modality=pipeline.head_modalities(0), task=spec.task,
-                             name=pipeline.name, head_name=spec.head, **pipeline.encoder, **options)
+        modalities = pipeline.head_modalities(0)  # several: a single-task baseline of a multi-modality stage
+        network = foundation(pipeline.input_shape, modality=modalities, task=spec.task, name=pipeline.name,
+                             head_name=spec.head, fusion_level=spec.adapter_start if len(modalities) > 1 else 0,
+                             **pipeline.encoder, **options)
         return network, None, None
     previous = base.model
     network = load_model(previous)

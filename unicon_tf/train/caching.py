@@ -1,16 +1,24 @@
 """The Keras model that trains a stage, and its data: the whole network's path to the new
-head (`ContinualModel`), or the new head alone on encoder features computed once per
-patient and kept in memory (`CachedHeadModel`).
+head (`ContinualModel`), or the path's trainable rest on its frozen prefix's outputs,
+computed once per patient and kept in memory (`CachedHeadModel`).
 
-Features are cached when nothing upstream of the new head trains: the encoder's base
-weights (frozen strategy, or a pretrained encoder at stage 0), its stems and fusion, and
-the head has no adapter and samples no foreground crops. Cached training sees the stored
-crops, unaugmented. A head that also reads the volumes (a side encoder) is cached only when
-its stage does not augment (`augment: false`): its volumes are then the same every epoch
-and are cached beside the encoder's features, so the side encoder and decoder train
-without re-running the backbone (what makes a 117 M pretrained encoder's dense head
-trainable on a CPU). Multi-scale features are cached for dense heads; the cache's size
-is checked against `CACHE_LIMIT_BYTES` first.
+The split is `unicon_tf.model.paths.head_path`: the frozen prefix is every layer call that
+computes only with weights that do not train this stage. Its outputs are cached when the
+prefix runs the shared encoder, no foreground crops are sampled, the stage has
+`cache_features` (default on) and the cached inputs stay the same every epoch:
+
+- a new head on a frozen encoder (the trainable rest is the head): always; cached training
+  sees the stored crops, unaugmented. When the head also reads the volumes (a side
+  encoder), only when the stage does not augment (`augment: false`): the volumes are then
+  cached beside the encoder's multi-scale features, and the side encoder and decoder train
+  without re-running the backbone (what makes a 117 M pretrained encoder's dense head
+  trainable on a CPU);
+- a new modality on a path from encoder level s > 0 (`adapter_start: s`), with or without
+  the path's adapters: when the stage does not augment. The first modality's base feature
+  maps of levels < s and the new modality's volume are cached; the new stem, the fusion,
+  the levels >= s and the head train, and backpropagation never enters levels < s.
+
+The cache's size is checked against `CACHE_LIMIT_BYTES` first.
 """
 
 import math
@@ -25,8 +33,8 @@ import tensorflow as tf
 from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import dataset, read_schema
 from unicon_tf.model import model_parts
+from unicon_tf.model.paths import head_path
 from unicon_tf.train.continual import CachedHeadModel, ContinualModel
-from unicon_tf.train.strategies import shared_trainable_variables
 
 if TYPE_CHECKING:
     from unicon_tf.train.pipeline import StageSpec
@@ -82,20 +90,17 @@ def stage_trainer(spec: "StageSpec", network: keras.Model, head: str, plugins: S
 
 
 def _feature_cache(spec, network, head):
-    """`(extractor, {split: patients})` when the head may train on cached features that fit
-    in `CACHE_LIMIT_BYTES`; None otherwise (warned when only the size is in the way)."""
-    parts = model_parts(network)
-    head_layer = parts["heads"][head]
-    upstream = [parts["stems"][m] for m in head_layer.modalities] + \
-        [f for f in [parts["fusions"].get(tuple(head_layer.modalities))] if f is not None]
-    frozen_upstream = not shared_trainable_variables(network) and not any(p.trainable_weights for p in upstream)
-    same_volumes = not head_layer.reads_volumes or not spec.training.augment
-    if not (spec.training.cache_features and frozen_upstream and head_layer.adapter is None
-            and same_volumes and _foreground_probability(spec.training) is None):
+    """`(path, extractor, {split: patients})` when the head's path may train on its cached
+    frozen prefix within `CACHE_LIMIT_BYTES`; None otherwise (warned when only the size is
+    in the way)."""
+    path = head_path(network, head)
+    # The trainable rest sees the stored crops: a stage that augments keeps it on the volumes,
+    # except a head alone on encoder features (which then trains unaugmented, as it always has).
+    constant_inputs = not spec.training.augment or (len(path.nodes) == 1 and not path.reads_volumes)
+    if not (spec.training.cache_features and path.runs_encoder and constant_inputs
+            and _foreground_probability(spec.training) is None):
         return None
-    # A side-encoder head's inputs end with its modalities' volumes: they pass through unchanged.
-    extractor = keras.Model({m: network.input[m] for m in head_layer.modalities},
-                            head_layer.used_features(head_layer.input))
+    extractor = path.extractor()
     splits = read_schema(spec.data)["splits"]
     counts = {split: splits[split]["count"] for split in ("train", "val") if split in splits}
     size = sum(math.prod(s[1:]) * 4 for s in _shapes(extractor.output)) * sum(counts.values())
@@ -103,12 +108,13 @@ def _feature_cache(spec, network, head):
         warnings.warn(f"Stage '{spec.name}': cached features would take {size / 2**30:.1f} GiB "
                       f"(> {CACHE_LIMIT_BYTES / 2**30:.0f} GiB): training without the cache.")
         return None
-    return extractor, counts
+    return path, extractor, counts
 
 
 def _cached_trainer(spec, network, head, cache, make_data, verbose):
-    """A `CachedHeadModel` on features extracted once (train and val), and its datasets."""
-    extractor, counts = cache
+    """A `CachedHeadModel` on the frozen prefix's outputs extracted once (train and val),
+    and its datasets."""
+    path, extractor, counts = cache
     cached_train = _cache_features(extractor, make_data(0, augment=False, shuffle=False),
                                    counts["train"] if verbose else None, "train")
     cached_val = _cache_features(extractor, make_data(0, "val", augment=False, shuffle=False),
@@ -122,7 +128,7 @@ def _cached_trainer(spec, network, head, cache, make_data, verbose):
         return ds.batch(batch)
 
     val_data = None if cached_val is None else tf.data.Dataset.from_tensor_slices(cached_val).batch(batch)
-    trainer = CachedHeadModel(network, head, spec.task, loss_options={head: spec.training.loss or {}})
+    trainer = CachedHeadModel(network, head, spec.task, path=path, loss_options={head: spec.training.loss or {}})
     trainer.cache_bytes = sum(int(f.nbytes) for cache in (cached_train, cached_val) if cache for f in cache[0])
     if verbose:
         print(f"cached encoder features: {trainer.cache_bytes / 2**20:.1f} MiB in memory")

@@ -8,13 +8,14 @@ step, and its plugins keep the teacher out of Keras' variable tracking, so the t
 never part of the network's weights.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
 
 from unicon_tf.model import model_parts
+from unicon_tf.model.paths import HeadPath, head_path
 from unicon_tf.train.distribute import gather_valid, replica_logs, split_replica_inputs
 from unicon_tf.tasks import task_kind
 
@@ -170,20 +171,27 @@ class ContinualModel(keras.Model):
 
 
 class CachedHeadModel(ContinualModel):
-    """Trains one head on precomputed encoder features (the `frozen` strategy's fast path).
+    """Trains one head's path on its cached frozen prefix (the `frozen` strategy's fast path).
 
     Args:
         network: the unicon model the head belongs to.
-        head: the head's name; its input features must not depend on anything trainable.
+        head: the head's name.
         task: the head's task.
+        path: the head's `HeadPath` (its frozen prefix's frontier and trainable rest);
+            default: `head_path(network, head)` with the weights' current trainability.
+        **kwargs: `ContinualModel`'s `loss_options` and `keras.Model`'s arguments.
+
+    The inputs are the frontier's values in `path.frontier` order (what `path.extractor()`
+    computes), the targets `{head: y}`.
     """
 
-    def __init__(self, network: keras.Model, head: str, task: str, **kwargs: Any) -> None:
-        super().__init__(network, {head: task}, **kwargs)  # kwargs: loss_options, keras.Model's
-        self.head_layer = model_parts(network)["heads"][head]
+    def __init__(self, network: keras.Model, head: str, task: str, path: HeadPath | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(network, {head: task}, **kwargs)
+        self.head_path = path or head_path(network, head)
 
-    def call(self, features: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
-        return {self.head_layer.name: self.head_layer(features, training=training)}
+    def call(self, features: Sequence[tf.Tensor], training: bool = False) -> dict[str, tf.Tensor]:
+        return {self.head_path.head.name: self.head_path(list(features), training=training)}
 
 
 def _num_classes(network, heads):
