@@ -1,6 +1,7 @@
 """Experiments: folds, fractions, resuming, aggregation and the report (issue 16)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -259,3 +260,18 @@ def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(inte
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     refused = CliRunner().invoke(main, args + ["--folds", "3"])
     assert refused.exit_code == 1 and "folds.json" in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_steps_budget_scales_the_later_stages_epoch_counts(interrupted_experiment):
+    plan = ExperimentPlan(folds=2, seeds=(0,), fractions=(0.3, 1.0), baselines=("single_task",), step_budget="steps")
+    experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
+    full, part = experiment.cell_pipeline(1, 0, 1.0), experiment.cell_pipeline(1, 0, 0.3)
+    assert part.stages[0].training == full.stages[0].training  # the foundation trains once, on every patient
+    later = full.stages[1].training
+    assert part.stages[1].training == later.replace(epochs=math.ceil(later.epochs / 0.3),
+                                                    min_epochs=math.ceil(later.min_epochs / 0.3))
+    assert experiment.cell_folder(1, 0, 0.3).name == "frac0.3-steps" and experiment.cell_folder(1, 0, 1.0).name == "frac1"
+    with pytest.raises(ValueError, match="step_budget"):
+        ExperimentPlan(step_budget="minutes")

@@ -189,6 +189,8 @@ def test_demo_plan_on_a_preset_ingests_for_it_and_loads(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     pipeline = load_pipeline(path)
     assert [s.head_options.get("decoder_channels") for s in pipeline.stages] == [None, None, 32, 32]
+    pet = pipeline.stages[-1]  # PET joins at layer4: the cached CT levels 0-3 are never backpropagated through
+    assert (pet.adapter_start, pet.adapters, pet.training.strategy, pet.training.augment) == (4, None, "frozen", False)
     refused = CliRunner().invoke(main, ["demo", "--fast", "--preset", "monai_vit_b16", "--out", str(tmp_path / "d")])
     assert refused.exit_code == 1 and "no fixed spacing and intensity window" in refused.output
     assert "Traceback" not in refused.output

@@ -506,12 +506,15 @@ def demo(out: pathlib.Path, fast: bool, base: pathlib.Path, preset: str | None) 
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.25, show_default=True,
               help="Share of a fold's non-test patients kept for validation.")
 @click.option("--fold-seed", type=int, default=0, show_default=True, help="Seed of the fold partition.")
+@click.option("--step-budget", type=click.Choice(["epochs", "steps"]), default="epochs", show_default=True,
+              help="steps: at fraction f < 1 a later stage's epochs, patience and min_epochs are divided by f "
+                   "(about as many optimizer steps as at fraction 1).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Experiment folder (an existing one is resumed).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.argument("more_fractions", nargs=-1, type=click.FloatRange(min=0, max=1, min_open=True))
 def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[float, ...], kinds: tuple[str, ...],
-               val_fraction: float, fold_seed: int, out: pathlib.Path, data_root: str | None,
+               val_fraction: float, fold_seed: int, step_budget: str, out: pathlib.Path, data_root: str | None,
                more_fractions: tuple[float, ...]) -> None:
     """Cross-validated experiment: folds x seeds x fractions, continual and baselines, intervals, report.
 
@@ -523,7 +526,8 @@ def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[floa
 
     try:
         plan = ExperimentPlan(folds=folds, seeds=tuple(range(seeds)), fractions=tuple(fractions) + more_fractions,
-                              baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed)
+                              baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed,
+                              step_budget=step_budget)
         result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo)
     except (training.PipelineError, training.StageError, training.TrainingError, data.DataError, ValueError) as error:
         raise click.ClickException(str(error)) from error

@@ -59,8 +59,15 @@ class DemoPlan:
             contract = ingest_options(self.preset)
             source.update(spacing=list(contract["spacing"]),
                           windows={m: [w[0], w[1], w[2], list(w[3])] for m, w in contract["windows"].items()})
-            encoder, dense = {"preset": self.preset}, {"decoder_channels": self.decoder_channels}
+            # Unaugmented dense stages train on the frozen encoder's cached maps (the side encoder's
+            # volumes cached with them); PET joins at layer3's output, so a step runs layer4 and
+            # the head instead of the 117 M backbone forward and backward.
+            encoder = {"preset": self.preset}
+            dense = {"decoder_channels": self.decoder_channels, "augment": False}
         stages = self._stages(dense)
+        if self.preset is not None:
+            stages[-1].update(strategy="frozen", adapters=None, adapter_start=PRESET_FUSION_LEVEL, side_encoder=8)
+            stages[-1] = {k: v for k, v in stages[-1].items() if v is not None}
         return {
             "name": "unicon_demo",
             "input_shape": crop,
@@ -84,6 +91,9 @@ class DemoPlan:
                  "epochs": self.epochs["pet"], **dense},
             ]
 
+
+PRESET_FUSION_LEVEL = 4
+"""The encoder level where PET joins CT on a preset: the I3ResNet's layer4 reads layer3's map fused with PET."""
 
 FULL = DemoPlan(patients=96, cohort_shape=64, baselines=("single_task", "naive"),
                 epochs={"classification": 15, "prognosis": 12, "segmentation": 6, "pet": 6})

@@ -2,8 +2,9 @@
 # Issue 24 item 8: the pretrained frozen Astra I3ResNet-152
 # + heads (pretrained.yaml) vs the from-scratch CNN foundation (scratch.yaml) vs the
 # single-task model, for classification, prognosis and CT segmentation, 2 folds x 2 seeds, on
-# one cohort; FRACTIONS="0.25 0.5 1" adds the data-fraction grid (each stage keeps its epochs, so
-# a quarter of 18 training patients is one or two steps per epoch).
+# one cohort; FRACTIONS="0.25 0.5 1" adds the data-fraction grid, STEP_BUDGET=steps divides a later
+# stage's epochs (and patience) by the fraction (about as many optimizer steps at every fraction;
+# with the default `epochs`, a quarter of 18 training patients is one or two steps per epoch).
 #
 #   benchmarks/pretrained_study/run.sh real-ct WORK [pyradiomics-3.0.1.tar.gz]
 #   benchmarks/pretrained_study/run.sh phantom WORK
@@ -28,6 +29,7 @@ if [ ! -f "$data/cohort/manifest.csv" ]; then
 fi
 for arm in pretrained scratch; do
   unicon-tf experiment "$here/$arm.yaml" --data-root "$data" --folds 2 --seeds 2 --fractions ${FRACTIONS:-1} \
+    --step-budget "${STEP_BUDGET:-epochs}" \
     --baselines single_task --out "$data/exp_$arm"
 done
 python "$here/../pretrained_study.py" --out "$here/../results/pretrained_study_${kind//-/_}" --reference single_task \

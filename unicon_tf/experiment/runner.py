@@ -27,6 +27,7 @@ Example:
 
 import contextlib
 import dataclasses
+import math
 import json
 import pathlib
 import shutil
@@ -47,6 +48,7 @@ from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 
 ARMS = ("continual",) + BASELINES
+STEP_BUDGETS = ("epochs", "steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ExperimentPlan:
         baselines: arms beside the continual run (`single_task`, `naive`, `joint`).
         val_fraction: share of a fold's non-test patients kept for validation.
         fold_seed: the seed of the fold partition.
+        step_budget: `epochs` (each later stage trains for its epochs at every fraction:
+            fewer optimizer steps on fewer patients) or `steps` (at fraction f < 1 its
+            `epochs`, `patience` and `min_epochs` are divided by f, rounded up: about as many
+            steps as at fraction 1, the fixed compute budget of data-scarcity comparisons).
     """
 
     folds: int = 5
@@ -68,6 +74,7 @@ class ExperimentPlan:
     baselines: tuple = ("single_task", "naive")
     val_fraction: float = 0.25
     fold_seed: int = 0
+    step_budget: str = "epochs"
 
     def __post_init__(self):
         if self.folds < 2:
@@ -80,6 +87,8 @@ class ExperimentPlan:
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ValueError(f"unknown baseline(s) {sorted(unknown)}: expected some of {list(BASELINES)}.")
+        if self.step_budget not in STEP_BUDGETS:
+            raise ValueError(f"step_budget must be one of {list(STEP_BUDGETS)}, got {self.step_budget!r}.")
         object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in self.fractions))))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
@@ -166,7 +175,10 @@ class Experiment:
         return experiment
 
     def cell_folder(self, fold: int, seed: int, fraction: float) -> pathlib.Path:
-        return self.out / "cells" / f"fold{fold}" / f"seed{seed}" / fraction_name(fraction)
+        """`cells/fold{k}/seed{s}/frac{f}`, suffixed `-steps` under `step_budget: steps` (f < 1):
+        the two budgets never share a cell."""
+        steps = "-steps" if fraction < 1 and self.plan.step_budget == "steps" else ""
+        return self.out / "cells" / f"fold{fold}" / f"seed{seed}" / (fraction_name(fraction) + steps)
 
     def data(self, index: int, fold: int, seed: int, fraction: float) -> pathlib.Path:
         """The ingested folder stage `index` reads at a fold, seed and fraction (written on first use):
@@ -183,10 +195,18 @@ class Experiment:
                            {s: v for s, v in ids.items() if v}, {"fold": fold, "seed": seed, "fraction": fraction})
 
     def cell_pipeline(self, fold: int, seed: int, fraction: float) -> PipelineSpec:
-        """The pipeline of a fold, seed and fraction: each stage's data, every stage's seed."""
-        stages = [dataclasses.replace(with_overrides(spec, seed=seed), data=self.data(i, fold, seed, fraction),
-                                      source=None) for i, spec in enumerate(self.pipeline.stages)]
+        """The pipeline of a fold, seed and fraction: each stage's data, every stage's seed, and
+        under `step_budget: steps` a later stage's epoch counts divided by the fraction."""
+        stages = [dataclasses.replace(with_overrides(spec, seed=seed, **self._epoch_counts(i, spec, fraction)),
+                                      data=self.data(i, fold, seed, fraction), source=None)
+                  for i, spec in enumerate(self.pipeline.stages)]
         return dataclasses.replace(self.pipeline, stages=stages, sources={})
+
+    def _epoch_counts(self, index, spec, fraction):
+        if index == 0 or fraction >= 1 or self.plan.step_budget == "epochs":
+            return {}
+        counts = {key: getattr(spec.training, key) for key in ("epochs", "patience", "min_epochs")}
+        return {key: math.ceil(value / fraction) for key, value in counts.items() if value is not None}
 
     def foundation(self, fold: int, seed: int) -> pathlib.Path:
         """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""
