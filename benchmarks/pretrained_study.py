@@ -34,11 +34,14 @@ from unicon_tf.evaluate.scores import bootstrap_interval, patient_bootstrap, res
 from unicon_tf.tasks import task_kind
 
 
-def read_cells(folder, arm):
-    """`{fraction: {(fold, seed): cell record}}` of one arm of an experiment."""
+def read_cells(folder, arm, step_budget="epochs"):
+    """`{fraction: {(fold, seed): cell record}}` of one arm of an experiment, under one step
+    budget (`unicon-tf experiment --step-budget`: its fraction < 1 cells are `frac{f}-steps`)."""
     cells = {}
     for path in sorted(pathlib.Path(folder).glob(f"cells/fold*/seed*/frac*/{arm}/cell.json")):
         record = json.loads(path.read_text())
+        if record["fraction"] < 1 and path.parent.parent.name.endswith("-steps") != (step_budget == "steps"):
+            continue
         cells.setdefault(float(record["fraction"]), {})[(record["fold"], record["seed"])] = record
     if not cells:
         raise SystemExit(f"{folder}: no finished '{arm}' cell (cells/*/*/*/{arm}/cell.json)")
@@ -139,6 +142,8 @@ def main():
     parser.add_argument("--reference", required=True, help="The arm every other arm is compared with.")
     parser.add_argument("--fraction", type=float, action="append",
                         help="A training fraction to compare (repeat; default: every fraction the arms share).")
+    parser.add_argument("--step-budget", choices=("epochs", "steps"), default="epochs",
+                        help="Which fraction < 1 cells to read (the experiments' --step-budget).")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
     specs = {}
@@ -150,7 +155,7 @@ def main():
         specs[name] = (folder, arm)
     if args.reference not in specs:
         parser.error(f"--reference {args.reference!r} is not one of the arms {sorted(specs)}")
-    cells = {name: read_cells(folder, arm) for name, (folder, arm) in specs.items()}
+    cells = {name: read_cells(folder, arm, args.step_budget) for name, (folder, arm) in specs.items()}
     fractions = sorted(args.fraction or set.intersection(*(set(c) for c in cells.values())))
     for name, by_fraction in cells.items():
         missing = [f for f in fractions if f not in by_fraction]
@@ -164,6 +169,7 @@ def main():
         compared[str(f)] = compare({n: {k: v for k, v in c[f].items() if k in common} for n, c in cells.items()},
                                    args.reference)
     result = {"reference": args.reference, "arms": {n: f"{f}:{a}" for n, (f, a) in specs.items()},
+              "step_budget": args.step_budget,
               "fractions": compared}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained_study.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -225,9 +225,9 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(phantom_records,
         train.train_stage(pipeline, "classification", tmp_path / "run", learning_rate=1e38, verbose=0)
     assert "last good checkpoint" in str(caught.value)
     assert not (tmp_path / "run/stages/00-classification/model.keras").exists()
-    checkpoint = tmp_path / "run/stages/00-classification/checkpoint/network.weights.h5"
+    checkpoint = tmp_path / "run/stages/00-classification/checkpoint/network.weights.npz"
     if checkpoint.exists():  # whatever epoch it holds, it is finite
-        assert_finite_h5(checkpoint)
+        assert_finite_npz(checkpoint)
     # A lower learning rate recovers from the last good checkpoint (or from the start).
     record = train.train_stage(pipeline, "classification", tmp_path / "run", learning_rate=1e-3, resume=True, verbose=0)
     assert len(record["history"]) == 3 and np.isfinite(record["history"][-1]["loss"])
@@ -235,12 +235,9 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(phantom_records,
     assert unicon_tf.model.non_finite_weights(model) == []
 
 
-def assert_finite_h5(path):
-    import h5py
-
-    with h5py.File(path, "r") as weights:
-        arrays = []
-        weights.visititems(lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+def assert_finite_npz(path):
+    with np.load(path) as weights:
+        arrays = [weights[name] for name in weights.files if name not in ("indices", "paths")]
     assert arrays and all(np.all(np.isfinite(a)) for a in arrays)
 
 
@@ -269,7 +266,7 @@ def test_non_finite_weights_are_never_checkpointed_or_saved(phantom_records, sta
     folder = run / "stages/01-segmentation"
     assert not (folder / "model.keras").exists()
     assert json.loads((folder / "checkpoint/state.json").read_text())["epoch"] == 1
-    assert_finite_h5(folder / "checkpoint/network.weights.h5")
+    assert_finite_npz(folder / "checkpoint/network.weights.npz")
     record = train.train_stage(pipeline, "segmentation", run, verbose=0, resume=True, learning_rate=1e-4)
     assert len(record["history"]) == 2
     assert unicon_tf.model.non_finite_weights(keras.models.load_model(folder / "model.keras")) == []

@@ -123,3 +123,34 @@ def test_fusion_level_is_checked(modality, options, message):
     options = {"fusion_level": 1, **options}
     with pytest.raises(ValueError, match=message):
         unicon_tf.foundation((16, 16, 16), modality=modality, **options)
+
+
+def test_a_checkpoint_holds_only_what_the_stage_can_change(tmp_path):
+    """A frozen stage's checkpoint (`save_stage_weights`) holds the new head's path, not the
+    encoder; loading it restores them, refuses another network, and reads Keras' older files."""
+    from unicon_tf.train.checkpoints import load_stage_weights, save_stage_weights, stage_variables
+
+    model, _, _ = grown("i3resnet")
+    saved = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    save_stage_weights(tmp_path / "stage.npz", model)
+    changing = stage_variables(model)
+    assert {v.path for v in changing} == {v.path for v in model.trainable_weights}
+    parts = model_parts(model)
+    left_out = {v.path for v in model.weights} - {v.path for v in changing}
+    assert {v.path for v in parts["encoder"].base_weights() + parts["heads"]["segmentation"].weights} <= left_out
+    for variable in changing:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    load_stage_weights(tmp_path / "stage.npz", model)
+    for variable, array in zip(model.weights, saved):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), array)
+    other, _, _ = grown("residual")
+    before = [keras.ops.convert_to_numpy(v) for v in other.weights]
+    with pytest.raises(ValueError, match="stage.npz: variable .* is not the network's"):
+        load_stage_weights(tmp_path / "stage.npz", other)
+    assert all((keras.ops.convert_to_numpy(v) == b).all() for v, b in zip(other.weights, before))  # nothing assigned
+    model.save_weights(tmp_path / "network.weights.h5")  # a checkpoint written before stage variables
+    for variable in changing:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    load_stage_weights(tmp_path / "network.weights.h5", model)
+    for variable, array in zip(model.weights, saved):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), array)

@@ -1,11 +1,18 @@
 """A stage's epoch checkpoints: what they hold, how a resume checks and restores them.
 
 A checkpoint (`StageFolder.checkpoint`) is rewritten after every good epoch, atomically:
-the network's weights, the best validation epoch's weights (`BEST_WEIGHTS`), the
-optimizer's and the random state's variables, and `state.json` (epochs done, history,
-model selection's state, the stage's `checkpoint_fingerprint` and the changes resumes
-accepted). A resume continues from it only under the same definition and data, unless the
-change is asked for (`checked_resume`).
+the stage's variables (`NETWORK_WEIGHTS`), those of the best validation epoch
+(`BEST_WEIGHTS`), the optimizer's and the random state's variables, and `state.json`
+(epochs done, history, model selection's state, the stage's `checkpoint_fingerprint` and
+the changes resumes accepted). A resume continues from it only under the same definition
+and data, unless the change is asked for (`checked_resume`).
+
+The stage's variables are those training can change (`stage_variables`): the trainable
+ones and the statistics of trainable layers (BatchNorm's moving mean and variance). The
+rest is the previous stage's, rebuilt identically on resume, so a stage on a frozen 117 M
+pretrained encoder checkpoints a few MB per epoch instead of two copies of 470 MB.
+Checkpoints written by unicon-tf 0.x before this (`network.weights.h5`, Keras' whole
+weights file) still resume.
 """
 
 import hashlib
@@ -15,17 +22,16 @@ import warnings
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
 
 from unicon_tf.data import data_fingerprint
 from unicon_tf.files import atomic_folder
-from unicon_tf.model import non_finite_weights
+from unicon_tf.model import PathParameters, non_finite_weights
 from unicon_tf.run import StageError
 
 if TYPE_CHECKING:
     import pathlib
-
-    import keras
 
     from unicon_tf.train.pipeline import PipelineSpec, StageSpec
 
@@ -40,8 +46,59 @@ def _random_state_variables(trainer):
     return [v for v in trainer.variables if id(v) not in weights]
 
 
-BEST_WEIGHTS = "best.weights.h5"
-"""In a checkpoint: the network's weights at the best validation epoch so far."""
+NETWORK_WEIGHTS = "network.weights.npz"
+"""In a checkpoint: the stage's variables after the last good epoch (`save_stage_weights`)."""
+BEST_WEIGHTS = "best.weights.npz"
+"""In a checkpoint: the stage's variables at the best validation epoch so far."""
+_KERAS_FILES = {NETWORK_WEIGHTS: "network.weights.h5", BEST_WEIGHTS: "best.weights.h5"}  # older checkpoints
+
+
+def stage_variables(network: "keras.Model") -> list["keras.Variable"]:
+    """The variables of `network` that training under its current trainability can change:
+    the trainable ones, and the non-trainable ones of trainable leaf layers (BatchNorm's
+    moving statistics) other than `PathParameters` layers (whose frozen base kernels are
+    non-trainable variables of a trainable layer); in `network.weights` order."""
+    changing = {id(v) for v in network.trainable_weights}
+    for layer in network._flatten_layers(include_self=False):
+        if layer.trainable and not isinstance(layer, PathParameters) and not layer._layers:
+            changing.update(id(v) for v in layer.non_trainable_weights)
+    return [v for v in network.weights if id(v) in changing]
+
+
+def save_stage_weights(path: "pathlib.Path", network: "keras.Model") -> None:
+    """Write `stage_variables(network)` to `path` (`.npz`: each array with its index in
+    `network.weights`, its path and shape, so that loading can check it)."""
+    index = {id(v): i for i, v in enumerate(network.weights)}
+    variables = stage_variables(network)
+    np.savez(path, indices=np.array([index[id(v)] for v in variables], np.int64),
+             paths=np.array([v.path for v in variables]),
+             **{f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)})
+
+
+def load_stage_weights(path: "pathlib.Path", network: "keras.Model") -> None:
+    """Assign the variables saved by `save_stage_weights` (or, for a `.h5` file, Keras'
+    whole weights file) to `network`; nothing is assigned unless every saved array fits.
+
+    Raises:
+        ValueError: a saved variable whose index, path or shape is not the network's.
+    """
+    if path.suffix == ".h5":
+        network.load_weights(path)
+        return
+    weights = network.weights
+    with np.load(path) as saved:
+        pairs = [(int(i), str(name), saved[f"v{k}"]) for k, (i, name) in enumerate(zip(saved["indices"], saved["paths"]))]
+    for i, name, array in pairs:
+        if i >= len(weights) or weights[i].path != name or tuple(weights[i].shape) != array.shape:
+            raise ValueError(f"{path}: variable {name} {array.shape} is not the network's variable {i}.")
+    for i, _, array in pairs:
+        weights[i].assign(array)
+
+
+def weights_file(directory: "pathlib.Path", name: str) -> "pathlib.Path | None":
+    """The checkpoint's `NETWORK_WEIGHTS` or `BEST_WEIGHTS` file (or an older checkpoint's
+    Keras `.h5` one), None if it has neither."""
+    return next((directory / n for n in (name, _KERAS_FILES[name]) if (directory / n).exists()), None)
 
 
 def save_checkpoint(directory: "pathlib.Path", network: "keras.Model", trainer: "keras.Model", state: dict[str, Any],
@@ -52,13 +109,13 @@ def save_checkpoint(directory: "pathlib.Path", network: "keras.Model", trainer: 
     `best`: this epoch is the best on validation so far, so its weights become
     `BEST_WEIGHTS`; otherwise the previous checkpoint's are carried over.
     """
-    carried = directory / BEST_WEIGHTS if (directory / BEST_WEIGHTS).exists() else None
+    carried = weights_file(directory, BEST_WEIGHTS)
     with atomic_folder(directory, replace=True) as partial:
-        network.save_weights(partial / "network.weights.h5")
+        save_stage_weights(partial / NETWORK_WEIGHTS, network)
         if best:
-            shutil.copy2(partial / "network.weights.h5", partial / BEST_WEIGHTS)
+            shutil.copy2(partial / NETWORK_WEIGHTS, partial / BEST_WEIGHTS)
         elif carried is not None:
-            shutil.copy2(carried, partial / BEST_WEIGHTS)
+            shutil.copy2(carried, partial / carried.name)
         store = {}
         trainer.optimizer.save_own_variables(store)
         np.savez(partial / "optimizer.npz", **store)
@@ -148,8 +205,9 @@ def restore_checkpoint(directory: "pathlib.Path", network: "keras.Model", traine
     try:
         with warnings.catch_warnings():  # Keras warns once per layer it cannot match before it fails
             warnings.simplefilter("ignore")
-            network.load_weights(directory / "network.weights.h5")
-    except (ValueError, KeyError):  # Keras: "A total of N objects could not be loaded", mismatched shapes
+            load_stage_weights(directory / NETWORK_WEIGHTS if weights_file(directory, NETWORK_WEIGHTS) is None
+                               else weights_file(directory, NETWORK_WEIGHTS), network)
+    except (ValueError, KeyError, FileNotFoundError):  # Keras: "A total of N objects could not be loaded", shapes
         changed = f" (changed since it was written: {', '.join(changes)})" if changes else ""
         raise StageError(f"Stage '{spec.name if spec else '?'}': {directory} does not fit the stage's model{changed}: "
                          "its weights were written for another network (other layers or shapes). Delete it to train "
@@ -199,6 +257,7 @@ def resumed_state(checkpoint: "pathlib.Path", network: "keras.Model", trainer: "
 def carry_best_weights(checkpoint: "pathlib.Path", written: "pathlib.Path") -> None:
     """A worker writing its checkpoint elsewhere (`written`) takes the chief's best weights
     now, before any epoch: the chief replaces its checkpoint after each one."""
-    if written != checkpoint and (checkpoint / BEST_WEIGHTS).exists():
+    best = weights_file(checkpoint, BEST_WEIGHTS)
+    if written != checkpoint and best is not None:
         written.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(checkpoint / BEST_WEIGHTS, written / BEST_WEIGHTS)
+        shutil.copy2(best, written / best.name)

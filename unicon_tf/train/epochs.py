@@ -17,7 +17,7 @@ import numpy as np
 
 from unicon_tf._quiet import progress_verbosity
 from unicon_tf.model import non_finite_weights
-from unicon_tf.train.checkpoints import BEST_WEIGHTS, save_checkpoint
+from unicon_tf.train.checkpoints import BEST_WEIGHTS, load_stage_weights, save_checkpoint, weights_file
 from unicon_tf.train.selection import Selection
 
 
@@ -131,8 +131,8 @@ class EpochLoop:
         (`Selection.record`: the epoch kept, the monitored value, why training stopped)."""
         selected = self.selection.record(state["epoch"], state["history"])
         if selected["epoch"] != state["epoch"]:
-            self.network.load_weights(next(folder / BEST_WEIGHTS for folder in (self.written, self.checkpoint)
-                                           if (folder / BEST_WEIGHTS).exists()))
+            load_stage_weights(next(filter(None, (weights_file(folder, BEST_WEIGHTS)
+                                                  for folder in (self.written, self.checkpoint)))), self.network)
         if self.verbose and self.val_data is not None:
             print(f"stage '{self.stage}': {selected['reason']}")
         return selected
