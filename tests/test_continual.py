@@ -132,6 +132,20 @@ def test_naive_forgets_and_distillation_forgets_less(finetuned):
 
 
 @pytest.mark.slow
+def test_distillation_after_the_pet_stage_reads_pet_in_a_ct_stage(phantom_records, trained_run, tmp_path):
+    """A CT stage fine-tuned with LwF after the PET stage distils the CT+PET head too: its
+    batches carry PET (they once carried only the new head's CT: "Missing data for input 'pet'")."""
+    _, run, _ = trained_run
+    shutil.copytree(run, tmp_path / "run")
+    later = {"name": "relapse", "task": "prognosis", "head": "relapse", "strategy": "finetune", "alpha": 1.0,
+             "epochs": 1}
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER + [later])
+    record = train.train_stage(pipeline, "relapse", tmp_path / "run", verbose=0)
+    assert "segmentation_ctpet" in record["plugins"][0]["heads"]
+    assert record["history"][0]["segmentation_ctpet_distillation"] > 0
+
+
+@pytest.mark.slow
 def test_l2sp_and_ewc_hold_the_encoder(stage0_run, finetuned):
     encoder_weights = len(model_parts(keras.models.load_model(stage0_run / "stages/00-classification/model.keras"))[
         "encoder"].base_weights())

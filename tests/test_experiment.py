@@ -1,7 +1,7 @@
 """Experiments: folds, fractions, resuming, aggregation and the report (issue 16)."""
 
+import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -265,13 +265,20 @@ def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(inte
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_steps_budget_scales_the_later_stages_epoch_counts(interrupted_experiment):
-    plan = ExperimentPlan(folds=2, seeds=(0,), fractions=(0.3, 1.0), baselines=("single_task",), step_budget="steps")
-    experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
+    plan = ExperimentPlan(folds=2, seeds=(0,), fractions=(0.3, 0.7, 1.0), baselines=("single_task",),
+                          step_budget="steps")
+    pipeline = interrupted_experiment["pipeline"]
+    experiment = experiment_runner.Experiment(pipeline, interrupted_experiment["out"], plan)
     full, part = experiment.cell_pipeline(1, 0, 1.0), experiment.cell_pipeline(1, 0, 0.3)
     assert part.stages[0].training == full.stages[0].training  # the foundation trains once, on every patient
-    later = full.stages[1].training
-    assert part.stages[1].training == later.replace(epochs=math.ceil(later.epochs / 0.3),
-                                                    min_epochs=math.ceil(later.min_epochs / 0.3))
+    assert (full.stages[1].training.epochs, full.stages[1].training.min_epochs) == (1, 1)
+    assert part.stages[1].training == full.stages[1].training.replace(epochs=4, min_epochs=4, smoothing=4)
+    later = experiment.pipeline.stages[1]
+    experiment.pipeline = dataclasses.replace(experiment.pipeline, stages=[
+        experiment.pipeline.stages[0], dataclasses.replace(later, training=later.training.replace(
+            epochs=21, patience=7, smoothing=2))])
+    counts = experiment.cell_pipeline(1, 0, 0.7).stages[1].training  # 21 / 0.7 = 30.000000000000004 in floats
+    assert (counts.epochs, counts.patience, counts.min_epochs, counts.smoothing) == (30, 10, 2, 3)
     assert experiment.cell_folder(1, 0, 0.3).name == "frac0.3-steps" and experiment.cell_folder(1, 0, 1.0).name == "frac1"
     with pytest.raises(ValueError, match="step_budget"):
         ExperimentPlan(step_budget="minutes")

@@ -154,3 +154,14 @@ def test_a_checkpoint_holds_only_what_the_stage_can_change(tmp_path):
     load_stage_weights(tmp_path / "network.weights.h5", model)
     for variable, array in zip(model.weights, saved):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), array)
+
+
+def test_a_deep_fusion_runs_under_mixed_float16():
+    """The fusion at level s > 0 average-pools PET; TensorFlow has no float16 AvgPool3D on the CPU."""
+    from unicon_tf.train.precision import set_precision
+
+    model, shape, _ = grown("residual", side_encoder=0)
+    x = volumes(shape)
+    reference = model(x)["segmentation_ctpet"].numpy()
+    mixed = set_precision(model, "mixed_float16")(x)["segmentation_ctpet"]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(mixed).astype("float32"), reference, rtol=0.03, atol=0.05)

@@ -64,8 +64,9 @@ class ExperimentPlan:
         fold_seed: the seed of the fold partition.
         step_budget: `epochs` (each later stage trains for its epochs at every fraction:
             fewer optimizer steps on fewer patients) or `steps` (at fraction f < 1 its
-            `epochs`, `patience` and `min_epochs` are divided by f, rounded up: about as many
-            steps as at fraction 1, the fixed compute budget of data-scarcity comparisons).
+            `epochs`, `patience`, `min_epochs` and `smoothing` are divided by f, rounded up:
+            about as many steps as at fraction 1, the fixed compute budget of data-scarcity
+            comparisons).
     """
 
     folds: int = 5
@@ -205,8 +206,9 @@ class Experiment:
     def _epoch_counts(self, index, spec, fraction):
         if index == 0 or fraction >= 1 or self.plan.step_budget == "epochs":
             return {}
-        counts = {key: getattr(spec.training, key) for key in ("epochs", "patience", "min_epochs")}
-        return {key: math.ceil(value / fraction) for key, value in counts.items() if value is not None}
+        counts = {key: getattr(spec.training, key) for key in ("epochs", "patience", "min_epochs", "smoothing")}
+        # rounded first: 21 / 0.7 is 30.000000000000004 in floating point, and 30 epochs are meant
+        return {key: math.ceil(round(value / fraction, 9)) for key, value in counts.items() if value is not None}
 
     def foundation(self, fold: int, seed: int) -> pathlib.Path:
         """The run directory holding stage 0 of a fold and seed, trained and evaluated there once."""

@@ -142,7 +142,7 @@ class ModalityFusion(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
     def call(self, features: Sequence["tf.Tensor"]) -> "tf.Tensor":
-        features = [x if factor == 1 else ops.average_pool(x, factor, factor) for x, factor in zip(features, self.pooling)]
+        features = [x if factor == 1 else _average_pool(x, factor) for x, factor in zip(features, self.pooling)]
         return ops.matmul(ops.concatenate(features, axis=-1), self.mixing) + self.bias
 
     def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
@@ -152,6 +152,14 @@ class ModalityFusion(keras.layers.Layer):
         config = super().get_config()
         config.update(modalities=self.modalities, stage=self.stage, level=self.level)
         return config
+
+
+def _average_pool(x, factor):
+    """3D average pooling by `factor` (stride = window), in float32 for a float16 `x`
+    (mixed_float16: TensorFlow has no float16 AvgPool3D kernel on the CPU)."""
+    if x.dtype != "float16":
+        return ops.average_pool(x, factor, factor)
+    return ops.cast(ops.average_pool(ops.cast(x, "float32"), factor, factor), x.dtype)
 
 
 def _pool_factor(target_shape, shape):

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.data import data_fingerprint, read_schema
+from unicon_tf.model import model_parts
 from unicon_tf.model.storage import save_model
 from unicon_tf.run import ResumeWithoutCheckpointWarning, Run, StageError, StageFolder
 from unicon_tf.train.assembly import StageNetwork, assemble, previous_stage, stage_plugins
@@ -230,8 +231,9 @@ class _StageJob:
         """Train the stage, save its model and record; the record with `chief` added."""
         spec = self.spec
         assembled = assemble(self.pipeline, self.index, spec, self.init, self.base)
-        schema, make_data = self._checked_data(assembled)
+        schema = self._checked_schema(assembled)
         plugins = self._plugins(assembled, schema)
+        make_data = self._stage_data(assembled, plugins)
         selection = _selection(spec, assembled.head, schema["splits"])
         trainer, train_data, val_data = stage_trainer(spec, assembled.network, assembled.head, plugins, make_data,
                                                       self.verbose)
@@ -253,8 +255,8 @@ class _StageJob:
         shutil.rmtree(self.written.checkpoint, ignore_errors=True)
         return {**record.to_json(), "chief": self.written.path == self.out.path}
 
-    def _checked_data(self, assembled: StageNetwork):
-        """`(schema, make_data)` of the stage's data, checked against the head (see `unicon_tf.train.checks`)."""
+    def _checked_schema(self, assembled: StageNetwork):
+        """The stage's data's schema, checked against the head (see `unicon_tf.train.checks`)."""
         spec, head_layer, network = self.spec, assembled.head_layer, assembled.network
         schema = read_schema(spec.data)
         num_classes = getattr(head_layer, "num_classes", None)
@@ -262,9 +264,17 @@ class _StageJob:
                              network.input[head_layer.modalities[0]].shape[1:4])
         check_train_split(spec.name, spec.data, schema, spec.task, num_classes, spec.training.batch_size)
         check_validation_split(spec.name, spec.data, schema, spec.task)
-        make_data = stage_data(spec, head_layer.modalities, assembled.head)
+        return schema
+
+    def _stage_data(self, assembled: StageNetwork, plugins):
+        """`make_data(epoch, ...)`: the volumes of every modality the new head or a plugin's
+        heads read (a distilled CT+PET head needs PET in a CT stage's batches)."""
+        heads = model_parts(assembled.network)["heads"]
+        modalities = list(assembled.head_layer.modalities)
+        modalities += [m for p in plugins for h in p.heads for m in heads[h].modalities if m not in modalities]
+        make_data = stage_data(self.spec, list(dict.fromkeys(modalities)), assembled.head)
         make_data(0)  # fail now, with the reason, if the data lacks this task's targets
-        return schema, make_data
+        return make_data
 
     def _plugins(self, assembled: StageNetwork, schema):
         """The stage's plugins (`assembly.stage_plugins`), with the previous stage's Fisher."""
