@@ -77,8 +77,8 @@ class HeadPath:
 
     def __call__(self, values: "Sequence[tf.Tensor] | tf.Tensor", training: bool = False) -> "tf.Tensor":
         """The head's output from the frontier's `values` (same order as `frontier`; a tensor
-        when the frontier has one), running
-        the trainable rest's layer calls in graph order; the head reads its used features."""
+        when the frontier has one): the trainable rest's layer calls run in graph order, the
+        head on its used features."""
         values = values if isinstance(values, (list, tuple)) else [values]  # Keras unwraps a one-output extractor
         computed = {id(tensor): value for tensor, value in zip(self.frontier, values, strict=True)}
         for node in self.nodes:
