@@ -205,8 +205,8 @@ def restore_checkpoint(directory: "pathlib.Path", network: "keras.Model", traine
     try:
         with warnings.catch_warnings():  # Keras warns once per layer it cannot match before it fails
             warnings.simplefilter("ignore")
-            load_stage_weights(directory / NETWORK_WEIGHTS if weights_file(directory, NETWORK_WEIGHTS) is None
-                               else weights_file(directory, NETWORK_WEIGHTS), network)
+            # no weights file at all: FileNotFoundError, reported below as a checkpoint that does not fit
+            load_stage_weights(weights_file(directory, NETWORK_WEIGHTS) or directory / NETWORK_WEIGHTS, network)
     except (ValueError, KeyError, FileNotFoundError):  # Keras: "A total of N objects could not be loaded", shapes
         changed = f" (changed since it was written: {', '.join(changes)})" if changes else ""
         raise StageError(f"Stage '{spec.name if spec else '?'}': {directory} does not fit the stage's model{changed}: "
