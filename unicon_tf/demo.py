@@ -52,7 +52,7 @@ class DemoPlan:
         crop = [self.crop] * 3 if isinstance(self.crop, int) else list(self.crop)
         source = {"manifest": str(manifest), "shape": list(crop), "spacing": [3, 3, 3], "center": "mask"}
         encoder = {"width": self.width, "depth": 4}
-        dense = {}
+        dense, pet = {}, {"strategy": "adapters", "adapters": 8}
         if self.preset is not None:
             from unicon_tf.presets import ingest_options
 
@@ -64,10 +64,8 @@ class DemoPlan:
             # the head instead of the 117 M backbone forward and backward.
             encoder = {"preset": self.preset}
             dense = {"decoder_channels": self.decoder_channels, "augment": False}
-        stages = self._stages(dense)
-        if self.preset is not None:
-            stages[-1].update(strategy="frozen", adapters=None, adapter_start=PRESET_FUSION_LEVEL, side_encoder=8)
-            stages[-1] = {k: v for k, v in stages[-1].items() if v is not None}
+            pet = {"strategy": "frozen", "adapter_start": PRESET_FUSION_LEVEL, "side_encoder": 8}
+        stages = self._stages(dense, pet)
         return {
             "name": "unicon_demo",
             "input_shape": crop,
@@ -78,7 +76,7 @@ class DemoPlan:
             "stages": stages,
         }
 
-    def _stages(self, dense):
+    def _stages(self, dense, pet):
         return [
                 {"name": "classification", "task": "classification", "data": "lesion",
                  "epochs": self.epochs["classification"]},
@@ -87,8 +85,7 @@ class DemoPlan:
                 {"name": "segmentation", "task": "segmentation", "data": "lesion", "strategy": "frozen",
                  "side_encoder": 8, "learning_rate": 3.0e-3, "epochs": self.epochs["segmentation"], **dense},
                 {"name": "pet", "task": "segmentation", "modality": "pet", "head": "segmentation_ctpet",
-                 "data": "lesion", "strategy": "adapters", "adapters": 8, "learning_rate": 3.0e-3,
-                 "epochs": self.epochs["pet"], **dense},
+                 "data": "lesion", "learning_rate": 3.0e-3, "epochs": self.epochs["pet"], **pet, **dense},
             ]
 
 

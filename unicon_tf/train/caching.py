@@ -69,6 +69,13 @@ def _foreground_probability(training):
     return (training.sampling or {}).get("foreground_probability")
 
 
+def read_modalities(network: keras.Model, heads: Sequence[str]) -> list[str]:
+    """The modalities `heads` of `network` read, in order of first use: what a stage's
+    batches must carry for its new head and its plugins' old heads."""
+    parts = model_parts(network)["heads"]
+    return list(dict.fromkeys(m for h in heads for m in parts[h].modalities))
+
+
 def stage_trainer(spec: "StageSpec", network: keras.Model, head: str, plugins: Sequence["Plugin"],
                   make_data: Callable[..., tf.data.Dataset], verbose: int = 0,
                   ) -> tuple[keras.Model, Callable[..., tf.data.Dataset], tf.data.Dataset | None]:
@@ -77,9 +84,8 @@ def stage_trainer(spec: "StageSpec", network: keras.Model, head: str, plugins: S
     cache = _feature_cache(spec, network, head)
     if cache is not None:
         return _cached_trainer(spec, network, head, cache, make_data, verbose)
-    parts = model_parts(network)
     heads = [head] + [h for plugin in plugins for h in plugin.heads]
-    needed = {m for h in heads for m in parts["heads"][h].modalities}
+    needed = read_modalities(network, heads)
     inputs = {m: network.input[m] for m in network.input if m in needed}
     outputs = {h: network.output[h] for h in heads}
     subnetwork = keras.Model(inputs, outputs, name=network.name)

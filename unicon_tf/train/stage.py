@@ -27,11 +27,10 @@ import keras
 import tensorflow as tf
 
 from unicon_tf.data import data_fingerprint, read_schema
-from unicon_tf.model import model_parts
 from unicon_tf.model.storage import save_model
 from unicon_tf.run import ResumeWithoutCheckpointWarning, Run, StageError, StageFolder
 from unicon_tf.train.assembly import StageNetwork, assemble, previous_stage, stage_plugins
-from unicon_tf.train.caching import stage_data, stage_trainer
+from unicon_tf.train.caching import read_modalities, stage_data, stage_trainer
 from unicon_tf.train.checkpoints import (carry_best_weights, checkpoint_fingerprint,  # noqa: F401 (re-exported)
                                          initial_state, resumed_state)
 from unicon_tf.train.checks import check_head_fits_data, check_train_split, check_validation_split
@@ -269,10 +268,8 @@ class _StageJob:
     def _stage_data(self, assembled: StageNetwork, plugins):
         """`make_data(epoch, ...)`: the volumes of every modality the new head or a plugin's
         heads read (a distilled CT+PET head needs PET in a CT stage's batches)."""
-        heads = model_parts(assembled.network)["heads"]
-        modalities = list(assembled.head_layer.modalities)
-        modalities += [m for p in plugins for h in p.heads for m in heads[h].modalities if m not in modalities]
-        make_data = stage_data(self.spec, list(dict.fromkeys(modalities)), assembled.head)
+        heads = [assembled.head] + [h for plugin in plugins for h in plugin.heads]
+        make_data = stage_data(self.spec, read_modalities(assembled.network, heads), assembled.head)
         make_data(0)  # fail now, with the reason, if the data lacks this task's targets
         return make_data
 
