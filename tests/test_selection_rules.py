@@ -63,6 +63,29 @@ def test_min_epochs_and_smoothing_keep_a_lucky_first_epoch_out():
         assert not selection.stop()
 
 
+@pytest.mark.parametrize("options, values, kept_epoch, stopped", [
+    # Dice stuck at 0 while the lesions are missed: patience waits, the later epoch is kept
+    ({}, [0.0, 0.0, 0.0, 0.0, 0.3, 0.2, 0.2], 5, True),
+    ({}, [0.0] * 6, 6, False),  # never moved: the last, most trained epoch
+    ({}, [float("nan"), 0.0, 0.0, 0.0], 4, False),  # a NaN epoch is skipped, not a move
+    ({"smoothing": 2}, [0.0, 0.0, 0.0, 0.2, 0.1, 0.0, 0.0], 5, True),  # means 0, 0, 0.1, 0.15, 0.05, 0
+    ({}, [0.3, 0.5, 0.5, 0.4], 2, True),  # once it has moved, a tie is no improvement again
+])
+def test_patience_waits_while_the_metric_has_not_moved_off_its_start(options, values, kept_epoch, stopped):
+    def train(resume_after):  # resumed from a checkpoint's JSON state after epoch `resume_after`
+        selection = Selection("s", "segmentation", "best_val", 2, "metric", len(values), **options)
+        for epoch, value in enumerate(values, start=1):
+            selection.update(epoch, {"val_s_dice": value})
+            if epoch == resume_after:
+                selection = Selection("s", "segmentation", "best_val", 2, "metric", len(values), **options,
+                                      state=json.loads(json.dumps(selection.state())))
+            if selection.stop():
+                break
+        return selection.kept_epoch(epoch), selection.stop()
+
+    assert train(resume_after=None) == train(resume_after=2) == (kept_epoch, stopped)
+
+
 def test_a_model_at_chance_is_flagged_and_no_gain_is_claimed_against_it():
     rng = np.random.default_rng(0)
     time = rng.uniform(1, 10, 40)

@@ -24,7 +24,11 @@ kept, and patience does not count before it) and `smoothing: k` (an epoch is jud
 the mean of the monitored value over it and the k - 1 epochs before it, so one lucky
 epoch does not win; an epoch is judged only once k values exist). A value that is NaN
 (e.g. a C-index without a comparable pair) is never an improvement; a tie is not one
-either (the earlier epoch stays).
+either (the earlier epoch stays), except at a *flat start*: while every judged value so
+far is the same (a metric that has not moved off where it started, e.g. a per-patient
+Dice of 0 while a segmentation head still misses every small lesion), the later epoch is
+kept and patience does not count. Without that rule, patience on a metric stuck at 0
+stopped a head whose loss was still falling and kept its first, barely trained epoch.
 
 Keras' `EarlyStopping(restore_best_weights=True)` does the same inside one `fit` call, but
 a stage calls `fit` once per epoch (to checkpoint and check for non-finite values between
@@ -134,13 +138,20 @@ class Selection:
         if epoch < self.min_epochs or len(window) < self.smoothing:
             return False
         value = float("nan") if None in window else math.fsum(window) / len(window)
+        flat_start = self.best is not None and value == self.best and self._flat()
         better = not math.isnan(value) and (
-            self.best is None or (value > self.best if self.mode == "max" else value < self.best))
+            self.best is None or flat_start or (value > self.best if self.mode == "max" else value < self.best))
         if better:
             self.best, self.best_epoch, self.wait = value, int(epoch), 0
         else:
             self.wait += 1
         return better
+
+    def _flat(self) -> bool:
+        """Whether every finite value judged before the latest epoch was the same (the flat start)."""
+        first = max(self.min_epochs, self.smoothing) - 1  # index of the first judged epoch
+        windows = [self.values[i - self.smoothing + 1:i + 1] for i in range(first, len(self.values) - 1)]
+        return len({math.fsum(w) / len(w) for w in windows if None not in w}) == 1
 
     def stop(self) -> bool:
         """Whether `patience` judged epochs in a row brought no improvement."""
