@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, check_head_options, head_kind
+from unicon_tf.options import ENCODER_LEVELS, ENCODER_OPTIONS, HEAD_OPTIONS, check_head_options, head_kind
 from unicon_tf.train.config import TRAINING_DEFAULTS, TrainingConfig
 from unicon_tf.train.pipeline import PipelineError, PipelineSpec, load_pipeline
 
@@ -109,6 +109,12 @@ def test_declared_head_and_encoder_options_are_what_the_heads_and_families_take(
             {name: signature[name].default for name in head_class.options()}, kind
     for family in ENCODER_OPTIONS:
         assert FAMILIES[family].options == ENCODER_OPTIONS[family]
+        assert FAMILIES[family].levels == (family in ENCODER_LEVELS), family
+    # the declared level counts are the built encoders' (a tiny residual CNN and I3ResNet)
+    for family, options in (("residual", {"width": 4, "depth": 2}), ("residual", {"width": 4}),
+                            ("i3resnet", {"layers": (1, 1, 1, 1), "width": 4})):
+        encoder = FAMILIES[family].build((32, 32, 32), **options)
+        assert encoder.depth == ENCODER_LEVELS[family](options), (family, options)
         for task in DECLARED:
             assert TASKS[task].head_class(family) is classes[head_kind(task, family)]
     # a value the declaration refuses is one the head's constructor refuses, with its message

@@ -92,7 +92,7 @@ def test_later_start_costs_fewer_flops_and_round_trips(volumes, tmp_path):
 
 
 def test_adapter_start_errors_name_the_problem(small_foundation):
-    with pytest.raises(ValueError, match=r"adapter_start must be an encoder level in \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"adapter_start must be an encoder level in \[0, 2\] \(the residual encoder has 3 levels\), got 3"):
         unicon_tf.expand(small_foundation, task="segmentation", adapters=2, adapter_start=3)
     model = unicon_tf.expand(small_foundation, modality="pet", task="segmentation", adapter_start=1)
     with pytest.raises(ValueError, match=r"already fuses \['ct', 'pet'\] at encoder level 1"):
@@ -119,4 +119,22 @@ stages:
     assert pipeline.stages[1].adapter_start == 2 and pipeline.stages[0].adapter_start == 0
     path.write_text(text.replace("START", "-1"))
     with pytest.raises(PipelineError, match="stage 'segmentation': adapter_start must be an encoder level"):
+        load_pipeline(path)
+    # a level the encoder lacks is refused when the file loads, not when that stage trains
+    refused = {
+        "3": r"adapter_start must be an encoder level in \[0, 2\] \(the residual encoder has 3 levels\), got 3",
+        "1, adapter_levels: [0, 1]": r"adapter_levels must lie in \[adapter_start, 2\] = \[1, 2\]",
+        "2, adapter_levels: [3]": r"adapter_levels must lie .* got \[3\]",
+    }
+    for start, message in refused.items():
+        path.write_text(text.replace("START", start))
+        with pytest.raises(PipelineError, match=f"p.yaml: stage 'segmentation': {message}"):
+            load_pipeline(path)
+    path.write_text(text.replace("START", "4").replace("{width: 8, depth: 3}", "{preset: astra_i3resnet152}"))
+    assert load_pipeline(path).stages[1].adapter_start == 4  # the I3ResNet's five levels: stem, layer1-4
+    path.write_text(text.replace("START", "5").replace("{width: 8, depth: 3}", "{preset: astra_i3resnet152}"))
+    with pytest.raises(PipelineError, match=r"in \[0, 4\] \(the i3resnet encoder has 5 levels\), got 5"):
+        load_pipeline(path)
+    path.write_text(text.replace("START", "1").replace("{width: 8, depth: 3}", "{kind: vit}"))
+    with pytest.raises(PipelineError, match="adapter_start=1 needs an encoder whose levels .* the vit encoder.s feature states"):
         load_pipeline(path)

@@ -162,7 +162,7 @@ def test_layer_configs_round_trip(volumes):
 def test_option_errors_name_the_problem(small_foundation):
     with pytest.raises(ValueError, match="pass adapters=r .* or path_norm=True"):
         unicon_tf.expand(small_foundation, task="segmentation", adapter_levels=[1])
-    with pytest.raises(ValueError, match=r"adapter_levels must lie in \[adapter_start, 2\] = \[1, 2\], got \[0\]"):
+    with pytest.raises(ValueError, match=r"adapter_levels must lie in \[adapter_start, 2\] = \[1, 2\] \(the residual encoder has 3 levels\), got \[0\]"):
         unicon_tf.expand(small_foundation, task="segmentation", adapters=2, adapter_start=1, adapter_levels=[0])
     with pytest.raises(ValueError, match="side_encoder must be a channel count"):
         unicon_tf.expand(small_foundation, task="segmentation", side_encoder=-1)

@@ -123,6 +123,69 @@ ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 """Encoder family -> its `foundation` keyword options (a pipeline's `encoder: {kind: ...}`)."""
 
+RESIDUAL_DEPTH = 4
+"""Levels of the built-in residual encoder where `depth` is not given."""
+
+ENCODER_LEVELS: dict[str, Callable[[dict], int]] = {
+    "residual": lambda options: int(options.get("depth") or RESIDUAL_DEPTH),
+    "i3resnet": lambda options: 5,  # the stem, then layer1-4
+}
+"""The families whose levels are computed one from the previous (`EncoderFamily.levels`)
+-> the number of levels an encoder built with given options has: a new path can start at
+any of them (`adapter_start`) and place adapters on those after it (`adapter_levels`).
+On a family not listed (the ViT) a path starts at level 0."""
+
+
+def encoder_levels(family: str, encoder_options: dict) -> int | None:
+    """The levels of an encoder of `family` built with `encoder_options` (`ENCODER_LEVELS`),
+    without building it; None for a family whose levels are not computed one from the
+    previous (the ViT).
+
+    Example:
+    >>> encoder_levels("residual", {"depth": 3}), encoder_levels("i3resnet", {}), encoder_levels("vit", {})
+    (3, 5, None)
+    """
+    return ENCODER_LEVELS[family](encoder_options) if family in ENCODER_LEVELS else None
+
+
+def check_path_levels(family: str, depth: int | None, adapter_start: int,
+                      adapter_levels: list[int] | None = None) -> None:
+    """Refuse a new path's `adapter_start` or `adapter_levels` that its encoder does not have:
+    `expand` checks them against the built encoder, a pipeline file against `encoder_levels`.
+
+    Args:
+        family: the encoder family (for the message).
+        depth: the encoder's levels, None where they are not computed one from the previous.
+        adapter_start: the first level the path computes.
+        adapter_levels: the levels whose layers get the path's adapters (None: all from the start).
+
+    Raises:
+        ValueError: a level the encoder does not have; a start > 0 or `adapter_levels` on an
+            encoder without levels.
+
+    Example:
+    >>> check_path_levels("i3resnet", 5, 4, [4])
+    >>> check_path_levels("residual", 3, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_start must be an encoder level in [0, 2] (the residual encoder has 3 levels), got 3.
+    """
+    if depth is None:
+        if adapter_start:
+            raise ValueError(f"adapter_start={adapter_start} needs an encoder whose levels are computed one from the "
+                             f"previous (the residual CNN, the I3ResNet); the {family} encoder's feature states all "
+                             "come from one token grid: use adapter_start=0.")
+        if adapter_levels:
+            raise ValueError(f"adapter_levels needs an encoder of levels (the residual CNN, the I3ResNet); the {family} "
+                             "encoder's blocks all work on one token grid: use adapter_targets.")
+        return
+    if not 0 <= adapter_start < depth:
+        raise ValueError(f"adapter_start must be an encoder level in [0, {depth - 1}] (the {family} encoder has "
+                         f"{depth} levels), got {adapter_start}.")
+    if adapter_levels and (min(adapter_levels) < adapter_start or max(adapter_levels) >= depth):
+        raise ValueError(f"adapter_levels must lie in [adapter_start, {depth - 1}] = [{adapter_start}, {depth - 1}] "
+                         f"(the {family} encoder has {depth} levels), got {sorted(adapter_levels)}.")
+
 
 def head_kind(task: str, family: str = "residual") -> str:
     """The kind of `task`'s head on an encoder of `family` (a key of `HEAD_OPTIONS`).

@@ -32,7 +32,7 @@ from typing import Callable
 import keras
 
 from unicon_tf.model.encoder import SharedEncoder, residual_backbone
-from unicon_tf.options import ENCODER_OPTIONS
+from unicon_tf.options import ENCODER_OPTIONS, RESIDUAL_DEPTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ def family_of(encoder: SharedEncoder | keras.Model) -> EncoderFamily:
     return next(family for family in FAMILIES.values() if family.detect(backbone))
 
 
-def _residual(input_shape, width=16, depth=4):
+def _residual(input_shape, width=16, depth=RESIDUAL_DEPTH):
     stride = 2 ** (depth - 1)
     if any(d % stride for d in input_shape):
         raise ValueError(f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "

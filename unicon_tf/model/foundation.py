@@ -33,6 +33,7 @@ from unicon_tf.model.heads import default_head_name, default_modalities
 from unicon_tf.model.parts import model_parts
 from unicon_tf.model.stems import ModalityFusion, ModalityStem
 from unicon_tf.names import check_name
+from unicon_tf.options import check_path_levels
 from unicon_tf.tasks import task_kind
 
 __all__ = ["VIT_OPTIONS", "describe", "encoder_spec", "expand", "foundation", "model_parts", "non_finite_weights"]
@@ -277,22 +278,11 @@ def expand(model: keras.Model, task: str | None = None, modality: str | None = N
                          "adapters=r (a rank) or path_norm=True with them.")
     encoder = parts["encoder"]
     adapter_start = int(adapter_start or 0)
-    if adapter_start and not family.levels:
-        raise ValueError(f"adapter_start={adapter_start} needs an encoder whose levels are computed one from the "
-                         f"previous (the residual CNN, the I3ResNet); the {family.name} encoder's feature states all "
-                         "come from one token grid: use adapter_start=0.")
-    if not 0 <= adapter_start < encoder.depth:
-        raise ValueError(f"adapter_start must be an encoder level in [0, {encoder.depth - 1}], got {adapter_start}.")
     if adapter_levels is not None:
         if isinstance(adapter_levels, (int, str)) or not adapter_levels:
             raise ValueError(f"adapter_levels must be a non-empty list of encoder levels, got {adapter_levels!r}.")
         adapter_levels = sorted({int(level) for level in adapter_levels})
-        if adapter_levels[0] < adapter_start or adapter_levels[-1] >= encoder.depth:
-            raise ValueError(f"adapter_levels must lie in [adapter_start, {encoder.depth - 1}] = "
-                             f"[{adapter_start}, {encoder.depth - 1}], got {adapter_levels}.")
-        if not family.levels:
-            raise ValueError("adapter_levels needs an encoder of levels (the residual CNN); a ViT's blocks all "
-                             "work on one token grid: use adapter_targets.")
+    check_path_levels(family.name, encoder.depth if family.levels else None, adapter_start, adapter_levels)
 
     stage = 1 + max(part.stage for group in ("stems", "fusions", "heads") for part in parts[group].values())
     input_shape = tuple(model.input[primary].shape[1:4])

@@ -42,8 +42,8 @@ from collections.abc import Mapping
 import yaml
 
 from unicon_tf.names import InvalidNameError, check_folder_name, check_name
-from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, default_head_name, \
-    default_modalities, head_kind
+from unicon_tf.options import ENCODER_OPTIONS, HEAD_OPTIONS, TASKS, check_head_options, check_path_levels, \
+    default_head_name, default_modalities, encoder_levels, head_kind
 from unicon_tf.presets.registry import PRESETS
 from unicon_tf.train.config import (BLESS_KEYS, LOSS_OPTIONS, OPTIONAL_TRAINING_KEYS, kind_declaration,  # noqa: F401
                                     SELECTION_KEYS, TRAINING_DEFAULTS, TrainingConfig)
@@ -217,7 +217,7 @@ def load_pipeline(path: pathlib.Path | str, data_root: pathlib.Path | str | None
                _source(path, name, entry, root) for name, entry in (raw.get("sources") or {}).items()}
     encoder = _encoder(path, raw.get("encoder"), root)
     family = _family_name(encoder.get("encoder"))
-    context = _StageContext(defaults, root, sources, family)
+    context = _StageContext(defaults, root, sources, family, encoder)
     stages = [_stage(path, index, entry, context)
               for index, entry in enumerate(raw["stages"] or [])]
     if not stages:
@@ -290,6 +290,7 @@ class _StageContext(typing.NamedTuple):
     root: pathlib.Path  # the data root
     sources: dict  # the file's `sources`
     family: str  # the encoder family
+    encoder: dict  # the encoder's `foundation` arguments
 
 
 def _stage(path, index, entry, context):
@@ -308,14 +309,20 @@ def _stage(path, index, entry, context):
     _check_head_options(where, task, context.family, head_options)
     training = _stage_training(where, entry, context.defaults, task, kind)
     _check_modalities(where, entry)
+    adapter_start, path_options = _adapter_start(where, entry.get("adapter_start", 0)), _path_options(where, entry)
+    try:
+        check_path_levels(context.family, encoder_levels(context.family, context.encoder), adapter_start,
+                          path_options.get("adapter_levels"))
+    except ValueError as error:
+        raise PipelineError(f"{where}: {error}") from None
     data = pathlib.Path(entry["data"])
     source = str(entry["data"]) if str(entry["data"]) in context.sources else None
     return StageSpec(
         name=str(entry["name"]), task=task, data=data if data.is_absolute() or source else context.root / data,
         source=source, modality=entry.get("modality"), head=entry.get("head"),
         modalities=tuple(entry["modalities"]) if entry.get("modalities") else None,
-        adapters=entry.get("adapters"), adapter_start=_adapter_start(where, entry.get("adapter_start", 0)),
-        path_options=_path_options(where, entry), head_options=head_options, training=training,
+        adapters=entry.get("adapters"), adapter_start=adapter_start,
+        path_options=path_options, head_options=head_options, training=training,
         resources=_resources(where, entry.get("resources")),
     )
 
@@ -347,7 +354,7 @@ def _check_modalities(where, entry):
 
 def _path_options(where, entry):
     """The stage's `PATH_KEYS` that differ from their defaults, their types checked (the
-    ranges are `expand`'s to check, against the encoder)."""
+    ranges are checked against the encoder by `check_path_levels`)."""
     options = {}
     levels = entry.get("adapter_levels")
     if levels is not None:
