@@ -209,6 +209,7 @@ def test_a_head_that_does_not_fit_the_data_schema_is_refused_before_training(tmp
     ("prognosis", "has no event (4 patients, all censored)"),
     ("classification", "holds one class only (class 1, 4 patients)"),
     ("segmentation", "has only empty masks (4 patients, no foreground voxel)"),
+    ("regression", "has one value only (0 mL in all 4 patients)"),  # a kind added as one module: its own check
 ])
 def test_a_train_split_that_cannot_teach_its_task_is_refused_by_name(tmp_path, task, reason):
     # Train: every patient censored, of class 1, with an empty mask; val and test are fine.

@@ -60,12 +60,11 @@ def _task_name_lookups(tree):
 
 def test_no_table_keyed_by_task_name_outside_the_task_kinds():
     """The consumers look kinds up: no module outside `unicon_tf/tasks/` compares with,
-    keys a table by or indexes with a task name (the demo's pipeline aside; `train/checks.py`'s
-    per-kind data checks are the one place left to move into the kinds; `options.py` and
+    keys a table by or indexes with a task name (the demo's pipeline aside; `options.py` and
     `train/config.py` declare the kinds' options for checks without TensorFlow, held in step
     with the kinds by `test_declarations_without_tensorflow_match_the_kinds`)."""
     package = pathlib.Path(__file__).resolve().parents[1] / "unicon_tf"
-    skipped = {"tasks", "demo.py", "checks.py", "options.py", "config.py"}
+    skipped = {"tasks", "demo.py", "options.py", "config.py"}
     found = [f"{path.relative_to(package)}:{line}" for path in sorted(package.rglob("*.py"))
              if not skipped & {path.parent.name, path.name}
              for line in _task_name_lookups(ast.parse(path.read_text()))]

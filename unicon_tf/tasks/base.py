@@ -16,6 +16,10 @@ needs along the pipeline) says, in one module of `unicon_tf.tasks`,
 | `resampled`, `per_patient`  |                                                           |
 | `serving_outputs`           | `serving.export` (SavedModel signatures), `predict`       |
 | `dense`, `figure`           | voxel-wise kinds (label maps, sampling); the report       |
+| `split_value`,              | `train.checks` (a head against its data's schema, a split |
+| `split_problems`,           | that cannot teach the kind, a validation split that       |
+| `validation_problem`,       | cannot measure it), before any training                   |
+| `schema_classes_problem`    |                                                           |
 
 `register(kind)` adds an instance to `TASKS`; `task_kind(name)` looks one up. The kinds
 shipped are registered by `unicon_tf/tasks/__init__.py`, one import line each.
@@ -155,6 +159,35 @@ class TaskKind(abc.ABC):
     @abc.abstractmethod
     def serving_outputs(self, output: tf.Tensor) -> dict:
         """The named outputs of a SavedModel signature, from a head's raw output (TF tensors)."""
+
+    def split_value(self, target: np.ndarray) -> Any:
+        """One patient's training target (`target(example)` as NumPy) reduced to what the
+        split checks count (`split_problems`); by default the target itself."""
+        return target
+
+    def split_problems(self, values: list, num_classes: int | None) -> tuple[str | None, list[str]]:
+        """Whether a train split can teach this kind, from its patients' `split_value`s.
+
+        Args:
+            values: one `split_value` per patient of the split (at least one).
+            num_classes: the head's classes (None where the kind takes none).
+
+        Returns:
+            `(refusal, notes)`: a phrase completing "the train split of <data> ..." that
+            refuses the stage (None: it can teach), and phrases that are warned about. The
+            default finds nothing.
+        """
+        return None, []
+
+    def validation_problem(self, values: list) -> str | None:
+        """A phrase completing "the val split of <data> ..." when the main metric cannot be
+        measured on patients with these `split_value`s (None: it can; the default)."""
+        return None
+
+    def schema_classes_problem(self, features: dict, num_classes: int | None) -> str | None:
+        """A problem line when the classes the data declares (`schema.json` `features`) do not
+        fit a head of `num_classes` (None: they fit, or the kind has no classes; the default)."""
+        return None
 
 
 def pairwise_resampled(comparable: np.ndarray, concordant: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -85,5 +85,47 @@ class Classification(TaskKind):
     def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": tf.nn.softmax(output, axis=-1), "class": tf.argmax(output, axis=-1)}
 
+    def split_value(self, target: np.ndarray) -> int:
+        return int(target)
+
+    def split_problems(self, values: list, num_classes: int | None) -> tuple[str | None, list[str]]:
+        """Refused: one class only, or a label outside the head's classes. Noted: classes of
+        the head that no patient has.
+
+        Example:
+        >>> CLASSIFICATION.split_problems([1, 1, 1], 2)
+        ('holds one class only (class 1, 3 patients): a classifier cannot learn to tell classes apart', [])
+        """
+        classes = _class_counts(values)
+        notes = []
+        if num_classes and max(classes) >= num_classes:
+            return (f"holds label {max(classes)}, outside the head's {num_classes} classes "
+                    f"(num_classes: {num_classes})"), notes
+        if len(classes) < 2:
+            return (f"holds one class only (class {next(iter(classes))}, {len(values)} patients): a classifier "
+                    "cannot learn to tell classes apart"), notes
+        if num_classes and len(classes) < num_classes:
+            absent = sorted(set(range(num_classes)) - set(classes))
+            notes.append(f"has no patient of class(es) {absent} of the head's {num_classes}: the head never learns them")
+        return None, notes
+
+    def validation_problem(self, values: list) -> str | None:
+        if len(set(values)) < 2:
+            return f"holds one class only ({_class_counts(values)}): its AUC cannot be measured"
+        return None
+
+    def schema_classes_problem(self, features: dict, num_classes: int | None) -> str | None:
+        """The labels' classes (`features.label.classes`, those seen at ingestion) above the head's."""
+        classes = features.get("label", {}).get("classes")
+        if classes is not None and num_classes is not None and classes > num_classes:
+            return (f"field 'num_classes': the head has {num_classes} classes, the data's labels have {classes} "
+                    f"(features.label.classes): set num_classes: {classes} or ingest with matching classes")
+        return None
+
+
+def _class_counts(labels: list) -> dict[int, int]:
+    """`{label: patients}` in label order."""
+    return {label: labels.count(label) for label in sorted(set(labels))}
+
 
 CLASSIFICATION = register(Classification())

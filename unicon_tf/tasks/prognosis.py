@@ -67,5 +67,29 @@ class Prognosis(TaskKind):
     def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"risk": output}
 
+    def split_value(self, target: np.ndarray) -> bool:
+        """Whether the patient had the event."""
+        return bool(target[1] > 0)
+
+    def split_problems(self, values: list, num_classes: int | None) -> tuple[str | None, list[str]]:
+        """Refused: no event, or one patient (no pair). Noted: a single event.
+
+        Example:
+        >>> PROGNOSIS.split_problems([False, False], None)[0]
+        'has no event (2 patients, all censored): the Cox loss and its gradient are 0, nothing can be learnt'
+        """
+        events, n = sum(values), len(values)
+        if events == 0:
+            return (f"has no event ({n} patients, all censored): the Cox loss and its gradient are 0, "
+                    "nothing can be learnt"), []
+        if n < 2:
+            return "has 1 patient: the Cox partial likelihood compares patients and has no pair", []
+        if events == 1:
+            return None, [f"has 1 event in {n} patients: the C-index on it rests on one patient"]
+        return None, []
+
+    def validation_problem(self, values: list) -> str | None:
+        return None if any(values) else f"has no event ({len(values)} patients): its C-index cannot be measured"
+
 
 PROGNOSIS = register(Prognosis())

@@ -136,5 +136,25 @@ class Regression(TaskKind):
     def serving_outputs(self, output: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"value": output}
 
+    def split_value(self, target: np.ndarray) -> float:
+        return float(target)
+
+    def split_problems(self, values: list, num_classes: int | None) -> tuple[str | None, list[str]]:
+        """Refused: every patient with the same value (nothing to regress, R^2 undefined).
+
+        Example:
+        >>> REGRESSION.split_problems([0.0, 0.0, 0.0], None)[0]
+        'has one value only (0 mL in all 3 patients): a regression head has no variation to learn'
+        """
+        if len(set(values)) < 2:
+            return (f"has one value only ({values[0]:g} mL in all {len(values)} patients): a regression head has no "
+                    "variation to learn"), []
+        return None, []
+
+    def validation_problem(self, values: list) -> str | None:
+        if len(set(values)) < 2:
+            return f"has one value only ({values[0]:g} mL in all {len(values)} patients): its R^2 cannot be measured"
+        return None
+
 
 REGRESSION = register(Regression())

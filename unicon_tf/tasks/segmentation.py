@@ -133,5 +133,33 @@ class Segmentation(TaskKind):
         return {"probabilities": tf.nn.softmax(output, axis=-1),
                 "label_map": tf.argmax(output, axis=-1, output_type=tf.int32)}
 
+    def split_value(self, target: np.ndarray) -> int:
+        """The largest label of the patient's mask (0: empty)."""
+        return int(target.max()) if target.size else 0
+
+    def split_problems(self, values: list, num_classes: int | None) -> tuple[str | None, list[str]]:
+        """Refused: only empty masks, or a label outside the head's classes.
+
+        Example:
+        >>> SEGMENTATION.split_problems([0, 0], 2)[0]
+        'has only empty masks (2 patients, no foreground voxel): a segmentation head would learn to predict background everywhere'
+        """
+        if max(values) == 0:
+            return (f"has only empty masks ({len(values)} patients, no foreground voxel): a segmentation head would "
+                    "learn to predict background everywhere"), []
+        if num_classes and max(values) >= num_classes:
+            return (f"holds mask value {max(values)}, outside the head's {num_classes} classes "
+                    f"(num_classes: {num_classes})"), []
+        return None, []
+
+    def schema_classes_problem(self, features: dict, num_classes: int | None) -> str | None:
+        """The masks' classes (`features.mask.classes`, declared at ingestion: every one may
+        appear) other than the head's."""
+        classes = features.get("mask", {}).get("classes")
+        if classes is not None and classes != num_classes:
+            return (f"field 'num_classes': the head has {num_classes} classes, the data's masks have {classes} "
+                    f"(features.mask.classes): set num_classes: {classes} or ingest with matching classes")
+        return None
+
 
 SEGMENTATION = register(Segmentation())
