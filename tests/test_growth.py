@@ -135,6 +135,12 @@ stages:
     path.write_text(text.replace("START", "5").replace("{width: 8, depth: 3}", "{preset: astra_i3resnet152}"))
     with pytest.raises(PipelineError, match=r"in \[0, 4\] \(the i3resnet encoder has 5 levels\), got 5"):
         load_pipeline(path)
+    # the counts the level check reads are YAML whole numbers, refused by name before it
+    for encoder, field in (("{depth: [3]}", "depth"), ("{depth: '3'}", "depth"), ("{depth: 0}", "depth"),
+                           ("{width: 2.5}", "width"), ("{kind: i3resnet, layers: [1, 1, 1]}", "layers")):
+        path.write_text(text.replace("START", "1").replace("{width: 8, depth: 3}", encoder))
+        with pytest.raises(PipelineError, match=f"p.yaml: encoder.{field} must be"):
+            load_pipeline(path)
     path.write_text(text.replace("START", "1").replace("{width: 8, depth: 3}", "{kind: vit}"))
     with pytest.raises(PipelineError, match="adapter_start=1 needs an encoder whose levels .* the vit encoder.s feature states"):
         load_pipeline(path)

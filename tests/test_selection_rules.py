@@ -86,6 +86,18 @@ def test_patience_waits_while_the_metric_has_not_moved_off_its_start(options, va
     assert train(resume_after=None) == train(resume_after=2) == (kept_epoch, stopped)
 
 
+def test_a_flat_start_is_named_in_the_reason():
+    selection = Selection("s", "segmentation", "best_val", 2, "metric", 4)
+    for epoch in range(1, 5):
+        selection.update(epoch, {"val_s_dice": 0.0})
+    assert selection.record(4)["reason"].endswith("(a flat start: val_s_dice had not moved, so the latest epoch "
+                                                  "of that value)")
+    moved = Selection("s", "segmentation", "best_val", 2, "metric", 4)
+    for epoch, value in enumerate([0.0, 0.0, 0.2, 0.1], start=1):
+        moved.update(epoch, {"val_s_dice": value})
+    assert "flat start" not in moved.record(4)["reason"]
+
+
 def test_a_model_at_chance_is_flagged_and_no_gain_is_claimed_against_it():
     rng = np.random.default_rng(0)
     time = rng.uniform(1, 10, 40)

@@ -127,7 +127,7 @@ RESIDUAL_DEPTH = 4
 """Levels of the built-in residual encoder where `depth` is not given."""
 
 ENCODER_LEVELS: dict[str, Callable[[dict], int]] = {
-    "residual": lambda options: int(options.get("depth") or RESIDUAL_DEPTH),
+    "residual": lambda options: RESIDUAL_DEPTH if options.get("depth") is None else int(options["depth"]),
     "i3resnet": lambda options: 5,  # the stem, then layer1-4
 }
 """The families whose levels are computed one from the previous (`EncoderFamily.levels`)

@@ -147,14 +147,18 @@ class Regression(TaskKind):
         'has one value only (0 mL in all 3 patients): a regression head has no variation to learn'
         """
         if len(set(values)) < 2:
-            return (f"has one value only ({values[0]:g} mL in all {len(values)} patients): a regression head has no "
-                    "variation to learn"), []
+            return f"has one value only ({_one_value(values)}): a regression head has no variation to learn", []
         return None, []
 
     def validation_problem(self, values: list) -> str | None:
         if len(set(values)) < 2:
-            return f"has one value only ({values[0]:g} mL in all {len(values)} patients): its R^2 cannot be measured"
+            return f"has one value only ({_one_value(values)}): its R^2 cannot be measured"
         return None
+
+
+def _one_value(values: list) -> str:
+    """`0 mL in all 3 patients`, `2.5 mL in its 1 patient`."""
+    return f"{values[0]:g} mL in " + (f"all {len(values)} patients" if len(values) > 1 else "its 1 patient")
 
 
 REGRESSION = register(Regression())

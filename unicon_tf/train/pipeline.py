@@ -272,10 +272,26 @@ def _encoder(path, entry, root):
     if unknown:
         raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} for kind '{kind}'; "
                             f"known: {sorted(known)}.")
+    _check_encoder_counts(path, entry)
     if "weights" in entry:
         weights = pathlib.Path(entry["weights"])
         entry["weights"] = str(weights if weights.is_absolute() else root / weights)
     return entry if kind == "residual" else {"encoder": kind, **entry}
+
+
+def _check_encoder_counts(path, entry):
+    """The encoder's `width`, `depth` and `layers`, read by the level check (`encoder_levels`)
+    and the builders: whole numbers >= 1 (`layers`: four of them, an I3ResNet's blocks)."""
+    def whole(value):  # YAML integers only: not true, 2.5 or '3'
+        return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+    for key in ("width", "depth"):
+        if entry.get(key) is not None and not whole(entry[key]):
+            raise PipelineError(f"{path}: encoder.{key} must be a whole number >= 1, got {entry[key]!r}.")
+    layers = entry.get("layers")
+    if layers is not None and (not isinstance(layers, list) or len(layers) != 4 or not all(map(whole, layers))):
+        raise PipelineError(f"{path}: encoder.layers must be four whole numbers >= 1 (blocks per I3ResNet layer), "
+                            f"got {layers!r}.")
 
 
 def _family_name(encoder):

@@ -27,7 +27,9 @@ epoch does not win; an epoch is judged only once k values exist). A value that i
 either (the earlier epoch stays), except at a *flat start*: while every judged value so
 far is the same (a metric that has not moved off where it started, e.g. a per-patient
 Dice of 0 while a segmentation head still misses every small lesion), the later epoch is
-kept and patience does not count. Without that rule, patience on a metric stuck at 0
+kept and patience does not count. The values compared are the judged ones (the smoothed
+means under `smoothing`); a NaN epoch is skipped by that comparison and, being no
+improvement, still counts towards patience. Without that rule, patience on a metric stuck at 0
 stopped a head whose loss was still falling and kept its first, barely trained epoch.
 
 Keras' `EarlyStopping(restore_best_weights=True)` does the same inside one `fit` call, but
@@ -147,10 +149,12 @@ class Selection:
             self.wait += 1
         return better
 
-    def _flat(self) -> bool:
-        """Whether every finite value judged before the latest epoch was the same (the flat start)."""
+    def _flat(self, through: int | None = None) -> bool:
+        """Whether every finite value judged before the latest epoch (or up to epoch `through`,
+        1-based) was the same (the flat start)."""
         first = max(self.min_epochs, self.smoothing) - 1  # index of the first judged epoch
-        windows = [self.values[i - self.smoothing + 1:i + 1] for i in range(first, len(self.values) - 1)]
+        last = len(self.values) - 1 if through is None else through
+        windows = [self.values[i - self.smoothing + 1:i + 1] for i in range(first, last)]
         return len({math.fsum(w) / len(w) for w in windows if None not in w}) == 1
 
     def stop(self) -> bool:
@@ -187,6 +191,8 @@ class Selection:
         if self.select == "best_val":
             kept = (f"kept epoch {epoch} of {epochs_run}, the best {self.key} ({self.best:.4f}{smoothed}){on}"
                     if self.best_epoch is not None else f"kept the last epoch {epoch}: no judged finite {self.key}{on}")
+            if self.best_epoch is not None and self.best_epoch > 1 and self._flat(through=self.best_epoch):
+                kept += f" (a flat start: {self.key} had not moved, so the latest epoch of that value)"
         else:
             kept = f"kept the last epoch {epoch} (select: last)"
         metric_key = f"val_{self.head}_{task_kind(self.task).main_metric}"
