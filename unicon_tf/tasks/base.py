@@ -190,6 +190,14 @@ class TaskKind(abc.ABC):
         return None
 
 
+def classes_problem(feature: str, noun: str, num_classes: int | None, classes: int) -> str:
+    """The `schema_classes_problem` line of a head of `num_classes` on data whose `feature`
+    (`label`, `mask`) declares `classes`, e.g. "field 'num_classes': the head has 2 classes,
+    the data's masks have 4 (features.mask.classes): ..."."""
+    return (f"field 'num_classes': the head has {num_classes} classes, the data's {noun} have {classes} "
+            f"(features.{feature}.classes): set num_classes: {classes} or ingest with matching classes")
+
+
 def pairwise_resampled(comparable: np.ndarray, concordant: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A ratio of sums over patient pairs (AUC, Harrell's C-index) on bootstrap resamples.
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from unicon_tf.model.heads import ClassificationHead
-from unicon_tf.tasks.base import TaskKind, pairwise_resampled, register, softmax
+from unicon_tf.tasks.base import TaskKind, classes_problem, pairwise_resampled, register, softmax
 from unicon_tf.tasks.losses import classification_loss, softmax_kl
 from unicon_tf.tasks.metrics import LogitAUC
 
@@ -118,8 +118,7 @@ class Classification(TaskKind):
         """The labels' classes (`features.label.classes`, those seen at ingestion) above the head's."""
         classes = features.get("label", {}).get("classes")
         if classes is not None and num_classes is not None and classes > num_classes:
-            return (f"field 'num_classes': the head has {num_classes} classes, the data's labels have {classes} "
-                    f"(features.label.classes): set num_classes: {classes} or ingest with matching classes")
+            return classes_problem("label", "labels", num_classes, classes)
         return None
 
 

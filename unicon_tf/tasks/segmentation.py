@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from unicon_tf.model.heads import SegmentationHead
 from unicon_tf.model.unetr import UNETRHead
-from unicon_tf.tasks.base import TaskKind, register
+from unicon_tf.tasks.base import TaskKind, classes_problem, register
 from unicon_tf.tasks.losses import CE_WEIGHTINGS, DICE_MODES, dice_ce_loss, softmax_kl
 from unicon_tf.tasks.metrics import DiceScore
 
@@ -157,8 +157,7 @@ class Segmentation(TaskKind):
         appear) other than the head's."""
         classes = features.get("mask", {}).get("classes")
         if classes is not None and classes != num_classes:
-            return (f"field 'num_classes': the head has {num_classes} classes, the data's masks have {classes} "
-                    f"(features.mask.classes): set num_classes: {classes} or ingest with matching classes")
+            return classes_problem("mask", "masks", num_classes, classes)
         return None
 
 

@@ -35,6 +35,7 @@ from unicon_tf.data import DataError, DataWarning
 from unicon_tf.data.records import parse_example, verify_shards
 from unicon_tf.run import StageError
 from unicon_tf.tasks import task_kind
+from unicon_tf.tasks.base import TaskKind
 
 
 class DataMismatchError(StageError, DataError):
@@ -160,9 +161,10 @@ def check_validation_split(stage: str, data: pathlib.Path | str, schema: dict, t
     Returns:
         The warnings given (a list of str; empty without a `val` split).
     """
-    if split not in schema["splits"]:
-        return []
-    problem = task_kind(task).validation_problem(split_values(data, schema, split, task))
+    kind = task_kind(task)
+    if split not in schema["splits"] or type(kind).validation_problem is TaskKind.validation_problem:
+        return []  # (a kind that cannot miss its metric, e.g. segmentation: the split is not read)
+    problem = kind.validation_problem(split_values(data, schema, split, task))
     notes = [f"Stage '{stage}': the {split} split of {data} {problem}"] if problem else []
     for note in notes:
         warnings.warn(note, DataWarning, stacklevel=2)
