@@ -1,16 +1,18 @@
-"""Memory of a long experiment grid: resident memory after each cell of a small grid run in
-this process (2 folds, fractions 0.5 and 1, continual and single-task, 16^3 phantom).
+"""Memory of a long experiment grid: the experiment process's resident memory after each cell
+of a small grid (2 folds, fractions 0.5 and 1, continual and single-task, 16^3 phantom), with
+every cell in its own child process (the default) and with every cell in this process
+(`isolate_cells=False`), and the largest child's peak.
 
-A grid trains hundreds of models in one process. Measured on the 2-core development
-machine: about +100 MB per cell after the first cells (8 cells: 1052 to 1786 MB; the phantom
-experiment's process went from 6.3 to 7.8 GB over 16 cells). Not fixed yet; what is known:
-every model is freed after its cell (no `keras.Model`, layer or variable survives a
-`gc.collect()`), but TensorFlow `FuncGraph`s accumulate, about 330 per cell (Keras'
-`one_step_on_data` train functions and one small graph per optimizer slot variable, ~16,000
-graph `Operation`s); `keras.backend.clear_session()` after each cell and
-`MALLOC_ARENA_MAX=2` change nothing (+97 and +111 MB per cell).
+A grid trains hundreds of models. In one process, TensorFlow keeps the graphs of every model
+trained: every `keras.Model`, layer and variable is freed after its cell, but `FuncGraph`s
+accumulate, about 330 per cell (Keras' `one_step_on_data` train functions and one small graph
+per optimizer slot variable, ~16,000 graph `Operation`s); `keras.backend.clear_session()`
+after each cell and `MALLOC_ARENA_MAX=2` change nothing. Measured on the 2-core development
+machine in one process: about +100 MB per cell (8 cells: 1052 to 1786 MB; the phantom
+experiment's process went from 6.3 to 7.8 GB over 16 cells, a preset process 8.8 GB after
+three cells). Hence one child process per cell.
 
-    python benchmarks/experiment_memory.py [--cells 12]
+    python benchmarks/experiment_memory.py [--cells 8]
 """
 
 import argparse
@@ -23,7 +25,6 @@ import yaml
 from unicon_tf import data
 from unicon_tf.data import phantom
 from unicon_tf.experiment import ExperimentPlan, run_experiment
-from unicon_tf.experiment import runner
 
 
 def rss_mb():
@@ -37,7 +38,8 @@ def rss_mb():
 
 
 def measure(cells, folder):
-    """RSS in MB after each cell of a grid of about `cells` cells."""
+    """`({mode: [this process's RSS in MB after each cell]}, the largest child's peak RSS in MB)` over a
+    grid of about `cells` cells per mode."""
     folder = pathlib.Path(folder)
     cohort = phantom.write_cohort(folder / "phantom", n=24, shape=(32, 32, 32), seed=3, spacing=6.0)
     records = folder / "ct16"
@@ -49,31 +51,34 @@ def measure(cells, folder):
     pipeline.write_text(yaml.safe_dump({"name": "memory", "input_shape": [16, 16, 16], "modality": "ct",
                                         "encoder": {"width": 8, "depth": 3},
                                         "defaults": {"epochs": 2, "batch_size": 2, "seed": 0}, "stages": stages}))
-    rss, run_cell = [], runner.Experiment.run_cell
-
-    def measured(self, *args):
-        record = run_cell(self, *args)
-        rss.append(rss_mb())
-        print(f"cell {len(rss)}: {rss[-1]:.0f} MB", flush=True)
-        return record
-
-    runner.Experiment.run_cell = measured
     fractions = (0.5, 1.0)
     seeds = max(1, cells // (2 * len(fractions) * 2))
-    run_experiment(pipeline, folder / "out", ExperimentPlan(folds=2, seeds=tuple(range(seeds)), fractions=fractions,
-                                                             baselines=("single_task",)))
-    return rss
+    plan = ExperimentPlan(folds=2, seeds=tuple(range(seeds)), fractions=fractions, baselines=("single_task",))
+    rss = {}
+    for mode, isolate in (("child process per cell", True), ("one process", False)):
+        rss[mode] = []
+
+        def measured(line, trace=rss[mode]):
+            trace.append(rss_mb())
+            print(f"{mode}, cell {len(trace)}: {trace[-1]:.0f} MB ({line})", flush=True)
+
+        run_experiment(pipeline, folder / f"out-{isolate}", plan, echo=measured, isolate_cells=isolate)
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return rss, children_peak
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=12, help="About how many cells to run.")
+    parser.add_argument("--cells", type=int, default=8, help="About how many cells to run per mode.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        rss = measure(args.cells, folder)
-    later = rss[2:]
-    growth = (later[-1] - later[0]) / max(1, len(later) - 1)
-    print(f"RSS per cell (MB): {', '.join(f'{r:.0f}' for r in rss)}; growth {growth:+.1f} MB/cell after the first two")
+        rss, children_peak = measure(args.cells, folder)
+    for mode, trace in rss.items():
+        later = trace[2:]
+        growth = (later[-1] - later[0]) / max(1, len(later) - 1)
+        print(f"{mode}: RSS after each cell (MB) {', '.join(f'{r:.0f}' for r in trace)}; "
+              f"growth {growth:+.1f} MB/cell after the first two")
+    print(f"largest child process's peak RSS: {children_peak:.0f} MB")
 
 
 if __name__ == "__main__":

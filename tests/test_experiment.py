@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -177,10 +178,10 @@ def interrupted_experiment(phantom_records, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(experiment_runner.Experiment, "run_cell", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            run_experiment(pipeline, out, PLAN)
+            run_experiment(pipeline, out, PLAN, isolate_cells=False)
     first = out / "cells" / "fold0" / "seed0" / "frac1" / "continual" / "cell.json"
     before = {"executions": executions(out), "first": first.read_text(), "first_mtime": first.stat().st_mtime_ns}
-    result = run_experiment(pipeline, out, PLAN)
+    result = run_experiment(pipeline, out, PLAN, isolate_cells=False)  # the CLI test runs a cell in a child
     return {"pipeline": pipeline, "out": out, "result": result, "before": before, "first": first}
 
 
@@ -241,16 +242,28 @@ def test_fractions_cut_only_the_later_stages_training_split(interrupted_experime
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(interrupted_experiment):
+def test_cli_experiment_runs_a_cell_in_its_own_process_reports_and_refuses_other_folds(interrupted_experiment):
     from unicon_tf.cli import main
 
     out = interrupted_experiment["out"]
     args = ["experiment", str(interrupted_experiment["pipeline"]), "--seeds", "1", "--fractions", "1.0",
             "--baselines", "single_task", "--out", str(out)]
     before = executions(out)
-    result = CliRunner().invoke(main, args + ["--folds", "2"])
+    unfinished = out / "cells" / "fold1" / "seed0" / "frac1" / "single_task" / "cell.json"
+    kept = json.loads(unfinished.read_text())
+    unfinished.unlink()
+
+    def in_this_process(self, *cell):
+        raise AssertionError(f"cell {cell} ran in the CLI's own process")
+
+    with pytest.MonkeyPatch.context() as patch:  # the child imports the module afresh: its own run_cell
+        patch.setattr(experiment_runner.Experiment, "run_cell", in_this_process)
+        result = CliRunner().invoke(main, args + ["--folds", "2"])
     assert result.exit_code == 0, result.output
-    assert executions(out) == before  # every cell was finished: nothing trained
+    redone = json.loads(unfinished.read_text())
+    assert (redone["run"], redone["tasks"], redone["predictions"].keys()) == (
+        kept["run"], kept["tasks"], kept["predictions"].keys())
+    assert executions(out) == before  # the baseline's stages were finished: evaluated again, not trained
     assert "report:" in result.output
     experiment = json.loads((out / "experiment.json").read_text())
     assert {c["arm"] for c in experiment["cells"]} == {"continual", "single_task"}
@@ -260,6 +273,26 @@ def test_cli_experiment_reports_from_finished_cells_and_refuses_other_folds(inte
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     refused = CliRunner().invoke(main, args + ["--folds", "3"])
     assert refused.exit_code == 1 and "folds.json" in refused.output and "Traceback" not in refused.output
+
+
+class _KilledCell(experiment_runner.Experiment):
+    """An experiment whose cells' processes die at once, as the kernel's out-of-memory killer ends them."""
+
+    def run_cell(self, arm, fold, seed, fraction):
+        os._exit(137)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_cell_whose_process_dies_is_a_stage_error_naming_the_cell(interrupted_experiment):
+    from unicon_tf.run import StageError
+
+    plan = dataclasses.replace(PLAN, fractions=(0.5,))
+    experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
+    experiment.__class__ = _KilledCell
+    with pytest.raises(StageError, match=r"Cell continual fold 0 seed 0 frac0.5: its process died .*run again"):
+        experiment.run()
+    assert not (experiment.cell_folder(0, 0, 0.5) / "continual" / "cell.json").exists()
 
 
 @pytest.mark.e2e

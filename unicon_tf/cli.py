@@ -512,23 +512,35 @@ def demo(out: pathlib.Path, fast: bool, base: pathlib.Path, preset: str | None) 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Experiment folder (an existing one is resumed).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--in-process", is_flag=True,
+              help="Run every cell in this process, not each in its own child process: TensorFlow keeps the "
+                   "graphs of every model trained, so memory grows with each cell (~100 MB on a small CNN, "
+                   "GBs on a preset).")
 @click.argument("more_fractions", nargs=-1, type=click.FloatRange(min=0, max=1, min_open=True))
 def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[float, ...], kinds: tuple[str, ...],
                val_fraction: float, fold_seed: int, step_budget: str, out: pathlib.Path, data_root: str | None,
-               more_fractions: tuple[float, ...]) -> None:
+               in_process: bool, more_fractions: tuple[float, ...]) -> None:
     """Cross-validated experiment: folds x seeds x fractions, continual and baselines, intervals, report.
 
     Fractions may follow --fractions as a list: --fractions 0.25 0.5 1.0.
     """
+    import tensorflow as tf
+
     from unicon_tf import data
     from unicon_tf import train as training
     from unicon_tf.experiment import ExperimentPlan, run_experiment
 
+    if not in_process:  # the cells' processes train: this one must not reserve the GPUs' memory
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow's devices are already initialised (an embedding process)
+            pass
     try:
         plan = ExperimentPlan(folds=folds, seeds=tuple(range(seeds)), fractions=tuple(fractions) + more_fractions,
                               baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed,
                               step_budget=step_budget)
-        result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo)
+        result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo,
+                                isolate_cells=not in_process)
     except (training.PipelineError, training.StageError, training.TrainingError, data.DataError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     for entry in result["data_efficiency"]:

@@ -13,8 +13,8 @@
 # CT). Writes WORK/<cohort>/{cohort,exp_pretrained,exp_scratch} and the comparison to
 # benchmarks/results/pretrained_study_<cohort>/. Hours on a 2-core CPU (the frozen encoder
 # runs once per patient and fold-seed; its features are cached); minutes on a GPU.
-# An experiment process grows with every cell (GBs on the preset): for a long grid, run the cells
-# one process each with cells.py (same folders, resumable), then this script's last line.
+# Each cell runs in its own process (the experiment's memory stays flat); an interrupted run
+# resumes where it stopped.
 set -euo pipefail
 kind=${1:?phantom or real-ct}; work=${2:?work folder}; source=${3:-pyradiomics-3.0.1.tar.gz}
 here=$(cd "$(dirname "$0")" && pwd)

@@ -20,15 +20,25 @@ never change with f. A cell whose `cell.json` exists is not run again; an interr
 resumes inside (the runner's cache skips finished component runs; an interrupted stage
 continues from its checkpoint).
 
+Each unfinished cell runs in a fresh child process (spawned, one cell per process) unless
+`isolate_cells=False`: TensorFlow keeps graphs of every model a process trained (Keras' train
+functions and the optimizer's, about 330 `FuncGraph`s per cell, held where `gc` and
+`keras.backend.clear_session()` cannot free them), so one process running a grid grows by
+~100 MB per cell on a small CNN and by GBs on the preset (`benchmarks/experiment_memory.py`).
+A child's memory goes back to the system when it exits; finished cells are read in this
+process.
+
 Example:
 >>> experiment = run_experiment("pipelines/chest_ct.yaml", "experiments/chest_ct",
 ...                             ExperimentPlan(folds=5, seeds=(0, 1), fractions=(0.25, 0.5, 1.0)))  # doctest: +SKIP
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import json
+import math
+import multiprocessing
 import pathlib
 import shutil
 import time
@@ -107,7 +117,7 @@ def fraction_name(fraction: float) -> str:
 
 
 def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Path | str, plan: ExperimentPlan, data_root: pathlib.Path | str | None = None,
-                   verbose: int = 0, echo: Callable[[str], object] = print) -> dict[str, Any]:
+                   verbose: int = 0, echo: Callable[[str], object] = print, isolate_cells: bool = True) -> dict[str, Any]:
     """Run every cell of `plan` not run yet, then aggregate and write the report.
 
     Args:
@@ -117,6 +127,13 @@ def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Pat
         data_root: for relative data paths of a pipeline file.
         verbose: Keras verbosity.
         echo: where progress lines go.
+        isolate_cells: run each unfinished cell in its own child process (see the module
+            docstring; the process's memory then stays flat over the grid). On a GPU, this
+            process should not initialise TensorFlow's devices first (it would reserve the
+            memory the cells need): the CLI hides the GPUs from itself; a script sets
+            `TF_FORCE_GPU_ALLOW_GROWTH=true` or `tf.config.set_visible_devices([], "GPU")`.
+            A script that calls this at top level needs an `if __name__ == "__main__":`
+            guard (Python's `spawn` start method imports the main module in the child).
 
     Returns:
         The `experiment.json` dict: `unicon_tf.experiment.aggregate.aggregate`'s
@@ -125,9 +142,12 @@ def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Pat
 
     Raises:
         ValueError: `out` holds an experiment with other folds (another cohort or plan);
-            PipelineError, DataError, StageError, TrainingError from the components.
+            PipelineError, DataError, StageError, TrainingError from the components (raised
+            here as the cell's process raised them); StageError: a cell's process died
+            (killed, out of memory), naming the cell.
     """
-    return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose).run(echo=echo)
+    return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose).run(echo=echo,
+                                                                                     isolate_cells=isolate_cells)
 
 
 class Experiment:
@@ -150,21 +170,22 @@ class Experiment:
         self.cohorts = _cohorts(self.pipeline, self.out, verbose)
         self.folds = _folds(self.out, plan, self.cohorts)
 
-    def run(self, echo: Callable[[str], object] = print) -> dict[str, Any]:
+    def run(self, echo: Callable[[str], object] = print, isolate_cells: bool = True) -> dict[str, Any]:
         """Every cell (running those not finished), aggregated; see `run_experiment`."""
         from unicon_tf.experiment.aggregate import aggregate
         from unicon_tf.experiment.report import write_report
 
         plan, started, cells = self.plan, time.time(), []
         total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
-        for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
-            for k in range(plan.folds):
-                for fraction in plan.fractions:
-                    for arm in plan.arms:
-                        cells.append(self.run_cell(arm, k, seed, fraction))
-                        echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
-                             + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
-                             + f" ({time.time() - started:.0f} s)")
+        with self._cell_runner(isolate_cells) as run_cell:
+            for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
+                for k in range(plan.folds):
+                    for fraction in plan.fractions:
+                        for arm in plan.arms:
+                            cells.append(run_cell(arm, k, seed, fraction))
+                            echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
+                                 + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
+                                 + f" ({time.time() - started:.0f} s)")
         experiment = {"pipeline": self.pipeline.name, "pipeline_file": str(self.pipeline.path), "out": str(self.out),
                       "plan": plan.to_json(), "patients": len(self.folds["patients"]), "folds": self.folds["folds"],
                       **aggregate(cells, plan)}
@@ -219,11 +240,39 @@ class Experiment:
                 stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
         return folder
 
-    def run_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
-        """One cell's record: read back if the cell is finished, else run it and write it."""
+    @contextlib.contextmanager
+    def _cell_runner(self, isolate: bool) -> Iterator[Callable[[str, int, int, float], dict[str, Any]]]:
+        """`run_cell(arm, fold, seed, fraction)`: `self.run_cell`, or with `isolate` the same in a
+        fresh spawned child process per unfinished cell (a finished one is read here)."""
+        if not isolate:
+            yield self.run_cell
+            return
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's TensorFlow threads
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+            def run_cell(arm, fold, seed, fraction):
+                finished = self.finished_cell(arm, fold, seed, fraction)
+                if finished is not None:
+                    return finished
+                try:
+                    return pool.submit(_run_cell, self, arm, fold, seed, fraction).result()
+                except concurrent.futures.process.BrokenProcessPool as error:
+                    raise StageError(f"Cell {arm} fold {fold} seed {seed} {fraction_name(fraction)}: its process "
+                                     f"died ({error}: killed, or out of memory?). Its finished stages are kept in "
+                                     f"{self.cell_folder(fold, seed, fraction)}: run again to resume.") from error
+            yield run_cell
+
+    def finished_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any] | None:
+        """The record of a finished cell (its `cell.json`), or None."""
         record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
-        if record_file.exists():
-            return json.loads(record_file.read_text())
+        return json.loads(record_file.read_text()) if record_file.exists() else None
+
+    def run_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
+        """One cell's record: read back if the cell is finished, else run it (in this process)
+        and write it."""
+        finished = self.finished_cell(arm, fold, seed, fraction)
+        if finished is not None:
+            return finished
+        record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
         started = time.time()
         pipeline = self.cell_pipeline(fold, seed, fraction)
         run_dir = self.cell_folder(fold, seed, fraction) / "continual"
@@ -258,6 +307,12 @@ class Experiment:
                   "seconds": round(time.time() - started, 1)}
         write_json_atomic(record_file, record)
         return record
+
+
+def _run_cell(experiment: Experiment, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
+    """`experiment.run_cell(...)` in a cell's child process (a module-level function: the child
+    imports this module and runs the class's own `run_cell`)."""
+    return experiment.run_cell(arm, fold, seed, fraction)
 
 
 @dataclasses.dataclass(frozen=True)
