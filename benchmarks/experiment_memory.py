@@ -10,7 +10,10 @@ per optimizer slot variable, ~16,000 graph `Operation`s); `keras.backend.clear_s
 after each cell and `MALLOC_ARENA_MAX=2` change nothing. Measured on the 2-core development
 machine in one process: about +100 MB per cell (8 cells: 1052 to 1786 MB; the phantom
 experiment's process went from 6.3 to 7.8 GB over 16 cells, a preset process 8.8 GB after
-three cells). Hence one child process per cell.
+three cells). Hence one child process per cell. Measured in one run (session 10, 8 cells per
+mode, a shared 2-core CPU): with a child per cell the experiment process stayed at 757 MB
+after every cell (+0.0 MB/cell), the largest child peaked at 1061 MB; in one process, 1061
+to 1790 MB (+109.5 MB/cell after the first two).
 
     python benchmarks/experiment_memory.py [--cells 8]
 """

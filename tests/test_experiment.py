@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -279,7 +280,7 @@ class _KilledCell(experiment_runner.Experiment):
     """An experiment whose cells' processes die at once, as the kernel's out-of-memory killer ends them."""
 
     def run_cell(self, arm, fold, seed, fraction):
-        os._exit(137)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.e2e
@@ -290,7 +291,8 @@ def test_a_cell_whose_process_dies_is_a_stage_error_naming_the_cell(interrupted_
     plan = dataclasses.replace(PLAN, fractions=(0.5,))
     experiment = experiment_runner.Experiment(interrupted_experiment["pipeline"], interrupted_experiment["out"], plan)
     experiment.__class__ = _KilledCell
-    with pytest.raises(StageError, match=r"Cell continual fold 0 seed 0 frac0.5: its process died .*run again"):
+    with pytest.raises(StageError, match=r"Cell continual fold 0 seed 0 frac0.5 \(a rerun resumes it\): its process "
+                                         r"was killed by SIGKILL \(out of memory\?\)"):
         experiment.run()
     assert not (experiment.cell_folder(0, 0, 0.5) / "continual" / "cell.json").exists()
 

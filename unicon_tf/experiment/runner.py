@@ -33,12 +33,10 @@ Example:
 ...                             ExperimentPlan(folds=5, seeds=(0, 1), fractions=(0.25, 0.5, 1.0)))  # doctest: +SKIP
 """
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing
 import pathlib
 import shutil
 import time
@@ -53,6 +51,7 @@ from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
 from unicon_tf.files import atomic_folder, write_json_atomic
 from unicon_tf.model.storage import copy_run_file, load_model
+from unicon_tf.processes import run_in_child
 from unicon_tf.run import BASELINES, ResumeWithoutCheckpointWarning, Run, StageError
 from unicon_tf.train import train_baselines
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
@@ -177,15 +176,15 @@ class Experiment:
 
         plan, started, cells = self.plan, time.time(), []
         total = plan.folds * len(plan.seeds) * len(plan.fractions) * len(plan.arms)
-        with self._cell_runner(isolate_cells) as run_cell:
-            for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
-                for k in range(plan.folds):
-                    for fraction in plan.fractions:
-                        for arm in plan.arms:
-                            cells.append(run_cell(arm, k, seed, fraction))
-                            echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
-                                 + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
-                                 + f" ({time.time() - started:.0f} s)")
+        run_cell = self._run_cell_in_child if isolate_cells else self.run_cell
+        for seed in plan.seeds:  # seed by seed: an unfinished experiment has whole seeds done
+            for k in range(plan.folds):
+                for fraction in plan.fractions:
+                    for arm in plan.arms:
+                        cells.append(run_cell(arm, k, seed, fraction))
+                        echo(f"[{len(cells)}/{total}] fold {k} seed {seed} {fraction_name(fraction)} {arm}: "
+                             + ", ".join(f"{h} {v:.3f}" for h, v in cells[-1]["final"].items() if v is not None)
+                             + f" ({time.time() - started:.0f} s)")
         experiment = {"pipeline": self.pipeline.name, "pipeline_file": str(self.pipeline.path), "out": str(self.out),
                       "plan": plan.to_json(), "patients": len(self.folds["patients"]), "folds": self.folds["folds"],
                       **aggregate(cells, plan)}
@@ -240,26 +239,14 @@ class Experiment:
                 stages=[first.stages[0].name], evaluate=True, push=False, resume=True)
         return folder
 
-    @contextlib.contextmanager
-    def _cell_runner(self, isolate: bool) -> Iterator[Callable[[str, int, int, float], dict[str, Any]]]:
-        """`run_cell(arm, fold, seed, fraction)`: `self.run_cell`, or with `isolate` the same in a
-        fresh spawned child process per unfinished cell (a finished one is read here)."""
-        if not isolate:
-            yield self.run_cell
-            return
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's TensorFlow threads
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-            def run_cell(arm, fold, seed, fraction):
-                finished = self.finished_cell(arm, fold, seed, fraction)
-                if finished is not None:
-                    return finished
-                try:
-                    return pool.submit(_run_cell, self, arm, fold, seed, fraction).result()
-                except concurrent.futures.process.BrokenProcessPool as error:
-                    raise StageError(f"Cell {arm} fold {fold} seed {seed} {fraction_name(fraction)}: its process "
-                                     f"died ({error}: killed, or out of memory?). Its finished stages are kept in "
-                                     f"{self.cell_folder(fold, seed, fraction)}: run again to resume.") from error
-            yield run_cell
+    def _run_cell_in_child(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
+        """`run_cell` in a fresh child process (`unicon_tf.processes.run_in_child`); a finished
+        cell is read here."""
+        finished = self.finished_cell(arm, fold, seed, fraction)
+        if finished is not None:
+            return finished
+        return run_in_child(_run_cell, self, arm, fold, seed, fraction,
+                            what=f"Cell {arm} fold {fold} seed {seed} {fraction_name(fraction)} (a rerun resumes it)")
 
     def finished_cell(self, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any] | None:
         """The record of a finished cell (its `cell.json`), or None."""
@@ -310,8 +297,8 @@ class Experiment:
 
 
 def _run_cell(experiment: Experiment, arm: str, fold: int, seed: int, fraction: float) -> dict[str, Any]:
-    """`experiment.run_cell(...)` in a cell's child process (a module-level function: the child
-    imports this module and runs the class's own `run_cell`)."""
+    """`experiment.run_cell(...)`, run in a cell's child process (a module-level function: the
+    child imports this module and runs the class's own `run_cell`)."""
     return experiment.run_cell(arm, fold, seed, fraction)
 
 
