@@ -139,7 +139,9 @@ def test_experiment_scores_every_baseline_kind_per_patient(grid):
 
     pipeline, out = grid
     kinds = ("single_task", "naive", "joint")
-    args = ["experiment", str(pipeline), "--folds", "2", "--seeds", "1", "--fractions", "1.0", "--out", str(out)]
+    # in this process: the warnings below are caught here (test_experiment runs a cell in a child)
+    args = ["experiment", str(pipeline), "--folds", "2", "--seeds", "1", "--fractions", "1.0", "--out", str(out),
+            "--in-process"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = CliRunner().invoke(main, args + [option for kind in kinds for option in ("--baselines", kind)])
