@@ -1,6 +1,7 @@
 """A function in a fresh child process (`unicon_tf.processes.run_in_child`, the experiment's
 cells): its result or exception comes back, and the child never outlives its parent."""
 
+import contextlib
 import operator
 import os
 import pathlib
@@ -36,29 +37,46 @@ def _children(pid):
 
 
 def _running(pid):
-    stat = pathlib.Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a process's children from /proc")
+def _ignores_sigint(pid):
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def _worker(pid):
+    """The parent's spawned worker (not multiprocessing's resource tracker), once it exists."""
+    for child in _children(pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"spawn_main" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes():  # once it has exec'd
+                return child
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes' children and signal masks from /proc")
 @pytest.mark.parametrize("signal_to", ["group:SIGINT", "parent:SIGINT", "parent:SIGTERM", "parent:SIGKILL"])
 def test_the_child_ends_with_its_parent_without_a_traceback(signal_to):
     whom, name = signal_to.split(":")
     code = "import time; from unicon_tf.processes import run_in_child; run_in_child(time.sleep, 60, what='a sleep')"
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, start_new_session=True)
-    started = time.time()
-    while not _children(parent.pid) and time.time() - started < 30:
-        time.sleep(0.05)
-    time.sleep(0.5)  # past `start()`, whose few milliseconds ignore SIGINT in the parent too
-    children = _children(parent.pid)
-    assert children, "no child process started"
+    deadline = time.time() + 60
+    while (_worker(parent.pid) is None or _ignores_sigint(parent.pid)) and time.time() < deadline:
+        time.sleep(0.05)  # until `start()` is over: the parent ignores SIGINT while it forks the child
+    child = _worker(parent.pid)
+    assert child is not None and not _ignores_sigint(parent.pid), "the child did not start"
+    assert _ignores_sigint(child)  # inherited: Ctrl-C during its imports is no traceback
     # Ctrl-C reaches the whole group, a supervisor's signal the parent alone
     (os.killpg if whom == "group" else os.kill)(parent.pid, signal.Signals[name])
     parent.wait(timeout=30)
     deadline = time.time() + 10
-    while any(_running(c) for c in children) and time.time() < deadline:
+    while _running(child) and time.time() < deadline:
         time.sleep(0.05)
-    assert not any(_running(c) for c in children)
+    assert not _running(child)
     errors = parent.stderr.read()
     assert "SpawnProcess" not in errors  # the child printed no traceback
     assert errors.count("Traceback") == (name == "SIGINT")  # only the parent's own KeyboardInterrupt
