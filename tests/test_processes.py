@@ -62,7 +62,10 @@ def _worker(pid):
 @pytest.mark.parametrize("signal_to", ["group:SIGINT", "parent:SIGINT", "parent:SIGTERM", "parent:SIGKILL"])
 def test_the_child_ends_with_its_parent_without_a_traceback(signal_to):
     whom, name = signal_to.split(":")
-    code = "import time; from unicon_tf.processes import run_in_child; run_in_child(time.sleep, 60, what='a sleep')"
+    # Ctrl-C raises KeyboardInterrupt as in a terminal, even where this test runs with SIGINT ignored
+    # (a background job of a non-interactive shell inherits SIG_IGN)
+    code = ("import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from unicon_tf.processes import run_in_child; run_in_child(time.sleep, 60, what='a sleep')")
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
     while (_worker(parent.pid) is None or _ignores_sigint(parent.pid)) and time.time() < deadline:
