@@ -486,3 +486,63 @@ def test_resume_without_a_checkpoint_says_it_trains_from_the_start(phantom_recor
                                          r"training from epoch 1"):
         record = train.train_stage(pipeline, "classification", tmp_path / "typo", verbose=0, resume=True)
     assert len(record["history"]) == 1
+
+
+# --- 10. a run or experiment folder another process is using ----------------------------------
+
+HOLD_FOLDER = """
+import sys
+from unicon_tf.files import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """`(folder, holder's pid)`: a folder whose lock another process holds for the test."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    yield folder, holder.pid
+    holder.communicate("")  # closing stdin ends the holder, and its lock with it
+
+
+@pytest.mark.parametrize("command", ["run", "baselines", "experiment"])
+def test_a_folder_in_use_by_another_process_is_refused_before_any_write(command, held_folder, phantom_records,
+                                                                         tmp_path):
+    from unicon_tf.cli import main
+    from unicon_tf.files import LOCK_FILE
+
+    folder, pid = held_folder
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:2])
+    arguments = {"run": ["run", str(pipeline), "--run-dir", str(folder), "--no-push"],
+                 "baselines": ["baselines", "--pipeline", str(pipeline), "--run-dir", str(folder),
+                               "--kind", "single_task"],
+                 "experiment": ["experiment", str(pipeline), "--folds", "2", "--out", str(folder), "--in-process"]}
+    result = CliRunner().invoke(main, arguments[command])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    what = "experiment" if command == "experiment" else "run"
+    assert f"{folder}: this {what} folder is in use by another unicon-tf process (pid {pid})" in result.output
+    assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # nothing ingested, trained or recorded
+
+
+def test_a_folder_lock_ends_with_its_process(held_folder):
+    import os
+    import signal
+
+    from unicon_tf.files import FolderInUseError, folder_lock
+
+    folder, pid = held_folder
+    with pytest.raises(FolderInUseError, match=f"pid {pid}"):
+        with folder_lock(folder):
+            pass
+    os.kill(pid, signal.SIGKILL)  # a killed run leaves no stale lock
+    os.waitpid(pid, 0)
+    with folder_lock(folder, "run") as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"

@@ -42,11 +42,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _user_errors():
     """The error types of bad input, imported only once one is raised (`--help` stays light).
     `DataError`, `PipelineError` and `InvalidNameError` are `ValueError`s."""
+    from unicon_tf.files import FolderInUseError
     from unicon_tf.run import StageError
     from unicon_tf.serving import ExportError
     from unicon_tf.train import TrainingError
 
-    return StageError, TrainingError, ExportError, ValueError, FileNotFoundError
+    return StageError, TrainingError, ExportError, FolderInUseError, ValueError, FileNotFoundError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -517,6 +518,7 @@ def demo(out: pathlib.Path, fast: bool, base: pathlib.Path, preset: str | None) 
                    "graphs of every model trained, so memory grows with each cell (~100 MB on a small CNN, "
                    "GBs on a preset).")
 @click.argument("more_fractions", nargs=-1, type=click.FloatRange(min=0, max=1, min_open=True))
+@user_errors
 def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[float, ...], kinds: tuple[str, ...],
                val_fraction: float, fold_seed: int, step_budget: str, out: pathlib.Path, data_root: str | None,
                in_process: bool, more_fractions: tuple[float, ...]) -> None:
@@ -526,8 +528,6 @@ def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[floa
     """
     import tensorflow as tf
 
-    from unicon_tf import data
-    from unicon_tf import train as training
     from unicon_tf.experiment import ExperimentPlan, run_experiment
 
     if not in_process:  # the cells' processes train: this one must not reserve the GPUs' memory
@@ -535,14 +535,11 @@ def experiment(pipeline_path: str, folds: int, seeds: int, fractions: tuple[floa
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:  # TensorFlow's devices are already initialised (an embedding process)
             pass
-    try:
-        plan = ExperimentPlan(folds=folds, seeds=tuple(range(seeds)), fractions=tuple(fractions) + more_fractions,
-                              baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed,
-                              step_budget=step_budget)
-        result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo,
-                                isolate_cells=not in_process)
-    except (training.PipelineError, training.StageError, training.TrainingError, data.DataError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    plan = ExperimentPlan(folds=folds, seeds=tuple(range(seeds)), fractions=tuple(fractions) + more_fractions,
+                          baselines=tuple(kinds), val_fraction=val_fraction, fold_seed=fold_seed,
+                          step_budget=step_budget)
+    result = run_experiment(pipeline_path, out, plan, data_root=data_root, echo=click.echo,
+                            isolate_cells=not in_process)
     for entry in result["data_efficiency"]:
         reached = entry["reached_at"]
         if reached:

@@ -4,6 +4,7 @@ Every JSON record (run.json, stage.json, matrix.json, blessing.json, lineage.jso
 TF Serving `models.config` goes through here (saved `.keras` models: `unicon_tf.model.storage`); so does
 every folder that must appear whole or not at all (`atomic_folder`: an ingested cohort,
 a SavedModel version, a training checkpoint). `sha256` is the one file checksum.
+`folder_lock` keeps a second process out of a run or experiment folder in use.
 
 Example:
 >>> import pathlib, tempfile
@@ -14,6 +15,8 @@ Example:
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -94,6 +97,65 @@ def atomic_folder(path: pathlib.Path | str, replace: bool = False,
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder's lock (`folder_lock`)."""
+
+
+LOCK_FILE = ".unicon-tf.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: pathlib.Path | str, what: str = "run") -> Iterator[pathlib.Path]:
+    """Hold an exclusive lock on `folder` (its `.unicon-tf.lock`, created) for the block.
+
+    A second process asking for the same folder fails at once instead of writing beside the
+    first (two trainings of one stage would overwrite each other's checkpoints and records).
+    The lock is the kernel's (`fcntl.flock`): it ends with the block or with the process, so
+    a killed run leaves no stale lock. The file keeps the holder's pid, for the message.
+    Not reentrant: a process that asks again for a folder it holds is refused too.
+
+    Args:
+        folder: the folder (created if missing).
+        what: what the folder is, for the message ("run", "experiment").
+
+    Yields:
+        The lock file's path.
+
+    Raises:
+        FolderInUseError: another process (or another block of this one) holds the lock;
+            the message names the folder and the holder's pid.
+
+    Example:
+    >>> import tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> try:
+    ...     with folder_lock(folder, "experiment"), folder_lock(folder, "experiment"):
+    ...         pass
+    ... except FolderInUseError as error:
+    ...     print(str(error).split(": ")[1])
+    this experiment folder is in use by another unicon-tf process (pid ...)
+    """
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise FolderInUseError(f"{folder}: this {what} folder is in use by another unicon-tf process "
+                                   f"(pid {holder}): wait for it to finish or stop it, then run again "
+                                   f"(a rerun resumes).") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield path  # the lock ends when the file is closed
 
 
 def sha256(path: pathlib.Path | str) -> str:

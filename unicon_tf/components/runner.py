@@ -30,7 +30,7 @@ from unicon_tf.components import evaluator, example_gen, pusher, trainer
 from unicon_tf.components.base import Artifact, fingerprint
 from unicon_tf.components.graph import External, SingleTaskBaseline, pipeline_graph
 from unicon_tf.data import data_fingerprint
-from unicon_tf.files import sha256, write_json_atomic
+from unicon_tf.files import folder_lock, sha256, write_json_atomic
 from unicon_tf.run import Run
 from unicon_tf.train.baselines import train_single_task
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
@@ -85,8 +85,13 @@ class LocalRunner:
 
         Raises:
             PipelineError: an unknown stage or override.
+            FolderInUseError: another process is running in this run directory.
             StageError, TrainingError, DataError, ExportError: from the components.
         """
+        with folder_lock(self.run_dir, "run"):
+            return self._run_stages(stages, from_stage, evaluate, push, overrides)
+
+    def _run_stages(self, stages, from_stage, evaluate, push, overrides):
         names = [s.name for s in self.pipeline.stages]
         if from_stage is not None:
             self.pipeline.stage(from_stage)

@@ -49,7 +49,7 @@ from unicon_tf.components import COMPONENTS, LocalRunner, fingerprint
 from unicon_tf.evaluate import evaluate_baselines, evaluate_run, head_metrics, predict_head
 from unicon_tf.tasks import task_kind
 from unicon_tf.experiment.folds import make_folds, pool_patients, read_patients, training_subset, write_split
-from unicon_tf.files import atomic_folder, write_json_atomic
+from unicon_tf.files import atomic_folder, folder_lock, write_json_atomic
 from unicon_tf.model.storage import copy_run_file, load_model
 from unicon_tf.processes import run_in_child
 from unicon_tf.run import BASELINES, ResumeWithoutCheckpointWarning, Run, StageError
@@ -141,12 +141,13 @@ def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Pat
 
     Raises:
         ValueError: `out` holds an experiment with other folds (another cohort or plan);
+        FolderInUseError: another process is running this experiment (`out`);
             PipelineError, DataError, StageError, TrainingError from the components (raised
             here as the cell's process raised them); StageError: a cell's process died
             (killed, out of memory), naming the cell.
     """
-    return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose).run(echo=echo,
-                                                                                     isolate_cells=isolate_cells)
+    with folder_lock(out, "experiment"):  # before the first write: ingesting the sources, the folds
+        return Experiment(pipeline, out, plan, data_root=data_root, verbose=verbose)._run_cells(echo, isolate_cells)
 
 
 class Experiment:
@@ -171,6 +172,10 @@ class Experiment:
 
     def run(self, echo: Callable[[str], object] = print, isolate_cells: bool = True) -> dict[str, Any]:
         """Every cell (running those not finished), aggregated; see `run_experiment`."""
+        with folder_lock(self.out, "experiment"):
+            return self._run_cells(echo, isolate_cells)
+
+    def _run_cells(self, echo, isolate_cells):
         from unicon_tf.experiment.aggregate import aggregate
         from unicon_tf.experiment.report import write_report
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from unicon_tf._quiet import progress_verbosity
 from unicon_tf.data import read_schema
+from unicon_tf.files import folder_lock
 from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.model.storage import save_model
 from unicon_tf.run import BASELINES, Run, StageFolder
@@ -62,6 +63,7 @@ def train_baselines(pipeline: PipelineSpec | pathlib.Path | str, run_dir: pathli
 
     Raises:
         ValueError: an unknown kind.
+        FolderInUseError: another process is running in `run_dir`.
         StageError, TrainingError, DataError: as `train_stage`.
     """
     if not isinstance(pipeline, PipelineSpec):
@@ -71,7 +73,8 @@ def train_baselines(pipeline: PipelineSpec | pathlib.Path | str, run_dir: pathli
         raise ValueError(f"Unknown baseline(s) {sorted(unknown)}: expected {list(BASELINES)}.")
     run = Run.create(run_dir, pipeline.name, pipeline.path)
     trainers = {"single_task": _single_task, "naive": _naive, "joint": _joint}
-    return {kind: trainers[kind](pipeline, run, verbose) for kind in kinds}
+    with folder_lock(run.path, "run"):
+        return {kind: trainers[kind](pipeline, run, verbose) for kind in kinds}
 
 
 def _single_task(pipeline, run, verbose):
