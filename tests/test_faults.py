@@ -513,7 +513,12 @@ def held_folder(tmp_path):
     holder.communicate("")  # closing stdin ends the holder, and its lock with it
 
 
-@pytest.mark.parametrize("command", ["run", "baselines", "experiment"])
+FOLDER_COMMANDS = {  # what each command calls the work it is refused
+    "run": "run", "train": "run", "baselines": "run", "evaluate": "evaluation", "experiment": "experiment",
+    "demo": "demo"}
+
+
+@pytest.mark.parametrize("command", sorted(FOLDER_COMMANDS))
 def test_a_folder_in_use_by_another_process_is_refused_before_any_write(command, held_folder, phantom_records,
                                                                          tmp_path):
     from unicon_tf.cli import main
@@ -522,13 +527,17 @@ def test_a_folder_in_use_by_another_process_is_refused_before_any_write(command,
     folder, pid = held_folder
     pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:2])
     arguments = {"run": ["run", str(pipeline), "--run-dir", str(folder), "--no-push"],
+                 "train": ["train", "--pipeline", str(pipeline), "--stage", "classification", "--run-dir", str(folder)],
                  "baselines": ["baselines", "--pipeline", str(pipeline), "--run-dir", str(folder),
                                "--kind", "single_task"],
-                 "experiment": ["experiment", str(pipeline), "--folds", "2", "--out", str(folder), "--in-process"]}
+                 "evaluate": ["evaluate", "--run-dir", str(folder)],
+                 "experiment": ["experiment", str(pipeline), "--folds", "2", "--out", str(folder), "--in-process"],
+                 "demo": ["demo", "--fast", "--out", str(folder), "--base", str(tmp_path / "served")]}
     result = CliRunner().invoke(main, arguments[command])
-    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    what = "experiment" if command == "experiment" else "run"
-    assert f"{folder}: this {what} folder is in use by another unicon-tf process (pid {pid})" in result.output
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit, result.output
+    what = FOLDER_COMMANDS[command]
+    assert f"{folder} is in use by another unicon-tf process (pid {pid})" in result.output
+    assert f"then start this {what} again" in result.output
     assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # nothing ingested, trained or recorded
 
 
@@ -536,13 +545,39 @@ def test_a_folder_lock_ends_with_its_process(held_folder):
     import os
     import signal
 
-    from unicon_tf.files import FolderInUseError, folder_lock
+    from unicon_tf.files import LOCK_FILE, FolderInUseError, folder_lock
 
     folder, pid = held_folder
     with pytest.raises(FolderInUseError, match=f"pid {pid}"):
+        with folder_lock(folder):
+            pass
+    (folder / LOCK_FILE).unlink()  # the file only names the holder: the lock is the folder's
+    with pytest.raises(FolderInUseError, match="pid unknown"):
         with folder_lock(folder):
             pass
     os.kill(pid, signal.SIGKILL)  # a killed run leaves no stale lock
     os.waitpid(pid, 0)
     with folder_lock(folder, "run") as lock:
         assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_folder_that_cannot_be_locked_is_a_clear_error(phantom_records, tmp_path):
+    from unicon_tf.cli import main
+
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:1])
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(main, ["run", str(pipeline), "--run-dir", str(tmp_path / "a_file" / "run")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert f"{tmp_path / 'a_file' / 'run'}: cannot lock this run folder" in result.output
+
+
+def test_baselines_train_and_evaluate_in_a_fresh_run_directory(phantom_records, tmp_path):
+    from unicon_tf.cli import main
+
+    pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:1], epochs=1, depth=2)
+    result = CliRunner().invoke(main, ["baselines", "--pipeline", str(pipeline), "--run-dir", str(tmp_path / "run"),
+                                       "--kind", "single_task"])
+    assert result.exit_code == 0, result.output
+    matrix = json.loads((tmp_path / "run" / "baselines" / "single_task" / "evaluation" / "matrix.json").read_text())
+    assert matrix["tasks"] == ["classification"] and matrix["pipeline"] == "tiny"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["stages"] == {}  # no continual stage trained

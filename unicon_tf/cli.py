@@ -42,12 +42,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _user_errors():
     """The error types of bad input, imported only once one is raised (`--help` stays light).
     `DataError`, `PipelineError` and `InvalidNameError` are `ValueError`s."""
-    from unicon_tf.files import FolderInUseError
+    from unicon_tf.files import FolderLockError
     from unicon_tf.run import StageError
     from unicon_tf.serving import ExportError
     from unicon_tf.train import TrainingError
 
-    return StageError, TrainingError, ExportError, FolderInUseError, ValueError, FileNotFoundError
+    return StageError, TrainingError, ExportError, FolderLockError, ValueError, FileNotFoundError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -292,11 +292,13 @@ def _profile_batch(value):
 def evaluate(run_dir: pathlib.Path, stage: str | None, split: str) -> None:
     """Evaluate every head after every stage: matrix, forgetting, blessing, report.md."""
     from unicon_tf import evaluate as evaluation
+    from unicon_tf.files import folder_lock
     from unicon_tf.run import Run
 
-    result = evaluation.evaluate_run(run_dir, stage=stage, split=split)
-    records = Run(run_dir).stage_records(stage)
-    report, summary, gain = evaluation.write_report(run_dir, result, records, evaluation.load_baselines(run_dir))
+    with folder_lock(run_dir, "evaluation"):  # it writes the run's evaluation, matrix and report
+        result = evaluation.evaluate_run(run_dir, stage=stage, split=split)
+        records = Run(run_dir).stage_records(stage)
+        report, summary, gain = evaluation.write_report(run_dir, result, records, evaluation.load_baselines(run_dir))
     click.echo(format_matrix(result))
     click.echo(", ".join(f"{k.replace('_', ' ')} {v:+.4f}" for k, v in summary.items()
                          if isinstance(v, float)))
@@ -319,10 +321,12 @@ def baselines(pipeline_path: str, run_dir: pathlib.Path, data_root: str | None, 
     """Train and evaluate the baselines: single-task from scratch, naive fine-tuning, joint."""
     from unicon_tf import evaluate as evaluation
     from unicon_tf import train as training
+    from unicon_tf.files import folder_lock
 
-    trained = training.train_baselines(pipeline_path, run_dir, kinds=kinds or BASELINES, data_root=data_root,
-                                       verbose=1)
-    results = evaluation.evaluate_baselines(run_dir, trained)
+    with folder_lock(run_dir, "run"):  # through the evaluation, which writes in the run directory too
+        trained = training.train_baselines(pipeline_path, run_dir, kinds=kinds or BASELINES, data_root=data_root,
+                                           verbose=1)
+        results = evaluation.evaluate_baselines(run_dir, trained)
     for result in results.values():
         click.echo(format_matrix(result))
 

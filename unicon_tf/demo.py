@@ -133,16 +133,28 @@ def run_demo(out: pathlib.Path | str = "demo", fast: bool = False, base: pathlib
         preset: run the stages on a pretrained encoder preset (e.g. `astra_i3resnet152`,
             weights from `pip install "unicon-tf[astra]"`), on 64 x 64 x 32 crops at its
             1.5 x 1.5 x 3 mm, with the single-task baselines only (see `preset_plan`).
+
+    Raises:
+        FolderInUseError: another process is running a demo in `out`.
+        ValueError: an unknown preset.
     """
-    from unicon_tf import evaluate
-    from unicon_tf.components import LocalRunner
-    from unicon_tf.data import phantom
-    from unicon_tf.train import train_baselines
+    from unicon_tf.files import folder_lock
 
     plan = FAST if fast else FULL
     if preset is not None:
         plan = preset_plan(plan, preset)
     out = pathlib.Path(out)
+    with folder_lock(out, "demo"):  # two demos in one folder would write the same cohort and runs
+        return _run_stages(plan, out, base, echo)
+
+
+def _run_stages(plan, out, base, echo):
+    """The demo's five steps (see `run_demo`), in `out`."""
+    from unicon_tf import evaluate
+    from unicon_tf.components import LocalRunner
+    from unicon_tf.data import phantom
+    from unicon_tf.train import train_baselines
+
     started = time.time()
     manifest = out / "phantom" / "manifest.csv"
     if not manifest.exists():

@@ -15,7 +15,6 @@ Example:
 """
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -99,11 +98,16 @@ def atomic_folder(path: pathlib.Path | str, replace: bool = False,
         shutil.rmtree(old, ignore_errors=True)
 
 
-class FolderInUseError(RuntimeError):
+class FolderLockError(RuntimeError):
+    """A folder cannot be locked (`folder_lock`): not writable, or no locks on its file system."""
+
+
+class FolderInUseError(FolderLockError):
     """Another process holds the folder's lock (`folder_lock`)."""
 
 
 LOCK_FILE = ".unicon-tf.lock"
+_HELD: dict[str, int] = {}  # the folders this process holds, by real path: how many blocks deep
 
 
 @contextlib.contextmanager
@@ -112,50 +116,93 @@ def folder_lock(folder: pathlib.Path | str, what: str = "run") -> Iterator[pathl
 
     A second process asking for the same folder fails at once instead of writing beside the
     first (two trainings of one stage would overwrite each other's checkpoints and records).
-    The lock is the kernel's (`fcntl.flock`): it ends with the block or with the process, so
-    a killed run leaves no stale lock. The file keeps the holder's pid, for the message.
-    Not reentrant: a process that asks again for a folder it holds is refused too.
+    The lock is the kernel's (`fcntl.flock` on the folder itself): it ends with the block or
+    with the process, so a killed run leaves no stale lock. `.unicon-tf.lock` keeps the last
+    holder's pid for the message (deleting it is harmless, except on a file system that
+    cannot lock folders, e.g. NFS, where the lock is on that file instead). Within one process the lock
+    is reentrant (a command holding its run folder calls functions that lock it again);
+    child processes do not inherit it.
 
     Args:
         folder: the folder (created if missing).
-        what: what the folder is, for the message ("run", "experiment").
+        what: what the caller is about to run there, for the message ("run", "experiment").
 
     Yields:
         The lock file's path.
 
     Raises:
-        FolderInUseError: another process (or another block of this one) holds the lock;
-            the message names the folder and the holder's pid.
+        FolderInUseError: another process holds the lock; the message names the folder and
+            the holder's pid.
+        FolderLockError: the lock file cannot be created or locked (a read-only folder, a
+            file system without locks), naming the folder and the reason.
 
     Example:
-    >>> import tempfile
+    >>> import os, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> try:
-    ...     with folder_lock(folder, "experiment"), folder_lock(folder, "experiment"):
-    ...         pass
-    ... except FolderInUseError as error:
-    ...     print(str(error).split(": ")[1])
-    this experiment folder is in use by another unicon-tf process (pid ...)
+    >>> with folder_lock(folder, "experiment") as lock, folder_lock(folder):  # reentrant in one process
+    ...     lock.read_text() == f"{os.getpid()}\\n"
+    True
     """
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
-    with open(path, "a+") as handle:
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key] += 1
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield pathlib.Path(key) / LOCK_FILE
+        finally:
+            _HELD[key] -= 1
+        return
+    with _locked_file(pathlib.Path(folder), what) as path:
+        _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[key]
+
+
+@contextlib.contextmanager
+def _locked_file(folder, what):
+    """`folder` locked by this process until the block ends; yields its lock file (the holder's pid)."""
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = _lock(folder, path)
+    except BlockingIOError:  # flock's EWOULDBLOCK: another process holds it
+        holder = path.read_text().strip() if path.exists() else ""
+        raise FolderInUseError(f"{folder} is in use by another unicon-tf process (pid {holder or 'unknown'}): "
+                               f"wait for it to finish or stop it, then start this {what} again.") from None
+    except OSError as error:
+        raise FolderLockError(f"{folder}: cannot lock this {what} folder ({error.strerror or error}): "
+                              "is it writable, on a file system with locks?") from error
+    try:
+        try:
+            path.write_text(f"{os.getpid()}\n")
         except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise FolderLockError(f"{path}: cannot write ({error.strerror or error}): is the {what} folder "
+                                  "writable?") from error
+        yield path
+    finally:
+        os.close(descriptor)  # the lock ends with the descriptor
+
+
+def _lock(folder, path):
+    """An open descriptor holding an exclusive `flock`: on the folder itself (its lock then
+    survives the lock file being deleted), or where the file system cannot lock a folder
+    (NFS emulates `flock` with byte-range locks, which need a file open for writing) on its
+    lock file.
+
+    Raises:
+        BlockingIOError: another process holds the lock.
+        OSError: neither can be locked.
+    """
+    for target, flags in ((folder, os.O_RDONLY | os.O_DIRECTORY), (path, os.O_RDWR | os.O_CREAT)):
+        descriptor = os.open(target, flags, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except OSError as error:
+            os.close(descriptor)
+            if isinstance(error, BlockingIOError) or target == path:
                 raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise FolderInUseError(f"{folder}: this {what} folder is in use by another unicon-tf process "
-                                   f"(pid {holder}): wait for it to finish or stop it, then run again "
-                                   f"(a rerun resumes).") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield path  # the lock ends when the file is closed
 
 
 def sha256(path: pathlib.Path | str) -> str:

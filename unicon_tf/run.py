@@ -186,6 +186,10 @@ class Run:
         """Record stage `index` (`name`, its spec's fingerprint) and `fields` in run.json."""
         entry = self.record["stages"].setdefault(name, {})
         entry.update(index=index, fingerprint=fingerprint, **fields)
+        self.save()
+
+    def save(self) -> None:
+        """Write run.json (the pipeline's name and file, the stages' entries)."""
         write_json_atomic(self.record_file, self.record)
 
     def trained_stage(self, index: int, name: str, fingerprint: str) -> StageFolder:

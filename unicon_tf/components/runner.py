@@ -59,11 +59,16 @@ class LocalRunner:
                  base: pathlib.Path | str = "saved_models", model_name: str | None = None,
                  data_root: pathlib.Path | str | None = None, verbose: int = 1) -> None:
         self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root)
-        self.directory = Run.create(run_dir, self.pipeline.name, self.pipeline.path)
+        self.run_dir = pathlib.Path(run_dir)
+        self._open_run()
         self.base, self.model_name, self.verbose = pathlib.Path(base), model_name, verbose
-        self.run_dir, self.lineage_file = self.directory.path, self.directory.lineage_file
         self.graph = pipeline_graph(self.pipeline)
         self.serving = {"base": str(self.base), "model_name": self.model_name}  # the Pusher's run-time parameters
+
+    def _open_run(self):
+        """Read the run directory's record and lineage (again: another process may have run there since)."""
+        self.directory = Run.create(self.run_dir, self.pipeline.name, self.pipeline.path)
+        self.lineage_file = self.directory.lineage_file
         self.lineage = (json.loads(self.lineage_file.read_text()) if self.lineage_file.exists()
                         else {"pipeline": self.pipeline.name, "executions": {}, "events": []})
 
@@ -89,6 +94,7 @@ class LocalRunner:
             StageError, TrainingError, DataError, ExportError: from the components.
         """
         with folder_lock(self.run_dir, "run"):
+            self._open_run()
             return self._run_stages(stages, from_stage, evaluate, push, overrides)
 
     def _run_stages(self, stages, from_stage, evaluate, push, overrides):

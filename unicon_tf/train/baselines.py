@@ -71,9 +71,10 @@ def train_baselines(pipeline: PipelineSpec | pathlib.Path | str, run_dir: pathli
     unknown = set(kinds) - set(BASELINES)
     if unknown:
         raise ValueError(f"Unknown baseline(s) {sorted(unknown)}: expected {list(BASELINES)}.")
-    run = Run.create(run_dir, pipeline.name, pipeline.path)
     trainers = {"single_task": _single_task, "naive": _naive, "joint": _joint}
-    with folder_lock(run.path, "run"):
+    with folder_lock(run_dir, "run"):
+        run = Run.create(run_dir, pipeline.name, pipeline.path)
+        run.save()  # a fresh run directory: the baselines' evaluation opens it by its run.json
         return {kind: trainers[kind](pipeline, run, verbose) for kind in kinds}
 
 
