@@ -1,8 +1,12 @@
 """Issue 23: kinds of real-world fault, each closed by its right behaviour."""
 
+import errno
+import fcntl
 import json
+import os
 import pathlib
 import re
+import stat
 import warnings
 
 import keras
@@ -492,24 +496,44 @@ def test_resume_without_a_checkpoint_says_it_trains_from_the_start(phantom_recor
 
 HOLD_FOLDER = """
 import sys
-from unicon_tf.files import folder_lock
-with folder_lock(sys.argv[1]):
+from unicon_tf import files
+if sys.argv[2] == "nfs":
+    files.fcntl = NoFolderLocks()
+with files.folder_lock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
 """
 
 
-@pytest.fixture
-def held_folder(tmp_path):
-    """`(folder, holder's pid)`: a folder whose lock another process holds for the test."""
+class NoFolderLocks:
+    """`fcntl` as on NFS, whose flock (byte-range locks) refuses a folder opened read-only."""
+
+    LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+    def flock(self, descriptor, operation):
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return fcntl.flock(descriptor, operation)
+
+
+def hold_folder(folder, file_system="local"):
+    """`(holder process, its pid)`: another process holding `folder`'s lock until its stdin closes."""
+    import inspect
     import subprocess
     import sys
 
-    folder = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(folder)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    script = "import errno, fcntl, os, stat\n" + inspect.getsource(NoFolderLocks) + HOLD_FOLDER
+    holder = subprocess.Popen([sys.executable, "-c", script, str(folder), file_system],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "held"
-    yield folder, holder.pid
+    return holder, holder.pid
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """`(folder, holder's pid)`: a folder whose lock another process holds for the test."""
+    holder, pid = hold_folder(tmp_path / "busy")
+    yield tmp_path / "busy", pid
     holder.communicate("")  # closing stdin ends the holder, and its lock with it
 
 
@@ -561,14 +585,14 @@ def test_a_folder_lock_ends_with_its_process(held_folder):
         assert lock.read_text() == f"{os.getpid()}\n"
 
 
-def test_a_folder_that_cannot_be_locked_is_a_clear_error(phantom_records, tmp_path):
+def test_a_folder_that_cannot_be_made_is_a_clear_error(phantom_records, tmp_path):
     from unicon_tf.cli import main
 
     pipeline = write_pipeline(tmp_path, phantom_records, stages=UNICON_ORDER[:1])
     (tmp_path / "a_file").write_text("")
     result = CliRunner().invoke(main, ["run", str(pipeline), "--run-dir", str(tmp_path / "a_file" / "run")])
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert f"{tmp_path / 'a_file' / 'run'}: cannot lock this run folder" in result.output
+    assert f"{tmp_path / 'a_file' / 'run'}: cannot create this folder for the run (Not a directory)" in result.output
 
 
 def test_baselines_train_and_evaluate_in_a_fresh_run_directory(phantom_records, tmp_path):
@@ -581,3 +605,67 @@ def test_baselines_train_and_evaluate_in_a_fresh_run_directory(phantom_records, 
     matrix = json.loads((tmp_path / "run" / "baselines" / "single_task" / "evaluation" / "matrix.json").read_text())
     assert matrix["tasks"] == ["classification"] and matrix["pipeline"] == "tiny"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["stages"] == {}  # no continual stage trained
+
+
+def test_where_folders_cannot_be_locked_the_lock_file_is_the_lock(tmp_path, monkeypatch):
+    from unicon_tf import files
+
+    monkeypatch.setattr(files, "fcntl", NoFolderLocks())
+    holder, pid = hold_folder(tmp_path / "nfs", "nfs")
+    try:
+        with pytest.raises(files.FolderInUseError, match=f"pid {pid}"):
+            with files.folder_lock(tmp_path / "nfs"):
+                pass
+    finally:
+        holder.communicate("")
+    with files.folder_lock(tmp_path / "nfs") as lock:  # the holder's end released it
+        assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_forked_child_does_not_keep_its_parents_folder_locked(tmp_path):
+    from unicon_tf.files import folder_lock
+
+    with folder_lock(tmp_path):
+        reader, writer = os.pipe()
+        started_reader, started_writer = os.pipe()
+        child = os.fork()
+        if child == 0:  # a fork pool's worker, still running after the block
+            os.close(writer)
+            os.write(started_writer, b"1")  # os.fork has returned here: the fork hooks have run
+            os.read(reader, 1)
+            os._exit(0)
+        assert os.read(started_reader, 1) == b"1"
+        for descriptor in (reader, started_reader, started_writer):
+            os.close(descriptor)
+    try:
+        with folder_lock(tmp_path) as lock:  # a new acquisition: refused if the child held the old one
+            assert lock.read_text() == f"{os.getpid()}\n"
+    finally:
+        os.close(writer)
+        os.waitpid(child, 0)
+
+
+def test_another_thread_is_refused_like_another_process(tmp_path):
+    import threading
+
+    from unicon_tf.files import FolderInUseError, folder_lock
+
+    errors = []
+
+    def other_thread():
+        try:
+            with folder_lock(tmp_path):
+                pass
+        except FolderInUseError as error:
+            errors.append(str(error))
+
+    with folder_lock(tmp_path):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert errors == [f"{tmp_path} is in use by another thread of this process (pid {os.getpid()}): wait for it "
+                      "to finish, then start this run again."]
+    thread = threading.Thread(target=other_thread)  # released: the other thread gets it now
+    thread.start()
+    thread.join()
+    assert len(errors) == 1

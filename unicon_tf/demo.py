@@ -144,7 +144,9 @@ def run_demo(out: pathlib.Path | str = "demo", fast: bool = False, base: pathlib
     if preset is not None:
         plan = preset_plan(plan, preset)
     out = pathlib.Path(out)
-    with folder_lock(out, "demo"):  # two demos in one folder would write the same cohort and runs
+    # two demos in one folder would write the same cohort and runs; the run directory's lock
+    # covers its evaluation too, as `unicon-tf evaluate`'s does
+    with folder_lock(out, "demo"), folder_lock(out / "run", "demo"):
         return _run_stages(plan, out, base, echo)
 
 

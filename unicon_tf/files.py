@@ -21,6 +21,8 @@ import json
 import os
 import pathlib
 import shutil
+import stat
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,81 +109,115 @@ class FolderInUseError(FolderLockError):
 
 
 LOCK_FILE = ".unicon-tf.lock"
-_HELD: dict[str, int] = {}  # the folders this process holds, by real path: how many blocks deep
+_HELD: dict[tuple[int, int], list] = {}  # (device, inode) of a folder: [descriptor, depth, owning thread, lock file]
+_GUARD = threading.RLock()
 
 
 @contextlib.contextmanager
 def folder_lock(folder: pathlib.Path | str, what: str = "run") -> Iterator[pathlib.Path]:
-    """Hold an exclusive lock on `folder` (its `.unicon-tf.lock`, created) for the block.
+    """Hold an exclusive lock on `folder` (created if missing) for the block.
 
     A second process asking for the same folder fails at once instead of writing beside the
     first (two trainings of one stage would overwrite each other's checkpoints and records).
     The lock is the kernel's (`fcntl.flock` on the folder itself): it ends with the block or
-    with the process, so a killed run leaves no stale lock. `.unicon-tf.lock` keeps the last
-    holder's pid for the message (deleting it is harmless, except on a file system that
-    cannot lock folders, e.g. NFS, where the lock is on that file instead). Within one process the lock
-    is reentrant (a command holding its run folder calls functions that lock it again);
-    child processes do not inherit it.
+    with the process, so a killed run leaves no stale lock. `.unicon-tf.lock` in the folder
+    names the last holder's pid for the message; deleting it is harmless, except on a file
+    system that cannot lock folders (NFS), where the lock is on that file instead. Within
+    one thread the lock is reentrant (a command holding its run folder calls functions that
+    lock it again); another thread of the process is refused like another process. A
+    forked child (a `multiprocessing` fork pool) closes its copy: the lock stays its
+    parent's alone, so pool workers outliving a killed run do not hold the folder.
 
     Args:
-        folder: the folder (created if missing).
-        what: what the caller is about to run there, for the message ("run", "experiment").
+        folder: the folder.
+        what: what the caller is about to do there, for the message ("run", "experiment").
 
     Yields:
         The lock file's path.
 
     Raises:
-        FolderInUseError: another process holds the lock; the message names the folder and
-            the holder's pid.
-        FolderLockError: the lock file cannot be created or locked (a read-only folder, a
-            file system without locks), naming the folder and the reason.
+        FolderInUseError: another process or thread holds the lock; the message names the
+            folder and the holder's pid.
+        FolderLockError: the folder cannot be created or locked, or the pid not written (a
+            read-only folder, a file in the path, a file system without locks), naming the
+            folder and the reason.
 
     Example:
     >>> import os, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> with folder_lock(folder, "experiment") as lock, folder_lock(folder):  # reentrant in one process
+    >>> with folder_lock(folder, "experiment") as lock, folder_lock(folder):  # reentrant in one thread
     ...     lock.read_text() == f"{os.getpid()}\\n"
     True
     """
-    key = os.path.realpath(folder)
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield pathlib.Path(key) / LOCK_FILE
-        finally:
-            _HELD[key] -= 1
-        return
-    with _locked_file(pathlib.Path(folder), what) as path:
-        _HELD[key] = 1
-        try:
-            yield path
-        finally:
-            del _HELD[key]
-
-
-@contextlib.contextmanager
-def _locked_file(folder, what):
-    """`folder` locked by this process until the block ends; yields its lock file (the holder's pid)."""
-    path = folder / LOCK_FILE
+    folder = pathlib.Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        identity = os.stat(folder)
+    except OSError as error:
+        raise FolderLockError(f"{folder}: cannot create this folder for the {what} "
+                              f"({error.strerror or error}).") from error
+    key = (identity.st_dev, identity.st_ino)  # the same folder by any path (symlinks, bind mounts)
+    with _GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[2] != threading.get_ident():
+            raise FolderInUseError(f"{folder} is in use by another thread of this process (pid {os.getpid()}): "
+                                   f"wait for it to finish, then start this {what} again.")
+        if held is None:
+            descriptor, path = _acquire(folder, what)
+            held = _HELD[key] = [descriptor, 0, threading.get_ident(), path]
+        held[1] += 1
+    try:
+        yield held[3]
+    finally:
+        with _GUARD:
+            held[1] -= 1
+            if held[1] == 0:  # whichever block ends last releases it
+                if _HELD.get(key) is held:
+                    del _HELD[key]
+                os.close(held[0])  # the lock ends with the descriptor
+
+
+def _forget_after_fork():
+    """In a forked child: close the copies of the held descriptors (the locks stay the parent's)."""
+    for descriptor, *_ in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _acquire(folder, what):
+    """`(descriptor holding the folder's lock, its lock file)`, the holder's pid written there."""
+    path = folder / LOCK_FILE
+    try:
         descriptor = _lock(folder, path)
     except BlockingIOError:  # flock's EWOULDBLOCK: another process holds it
-        holder = path.read_text().strip() if path.exists() else ""
+        try:
+            holder = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            holder = ""
         raise FolderInUseError(f"{folder} is in use by another unicon-tf process (pid {holder or 'unknown'}): "
                                f"wait for it to finish or stop it, then start this {what} again.") from None
     except OSError as error:
-        raise FolderLockError(f"{folder}: cannot lock this {what} folder ({error.strerror or error}): "
+        raise FolderLockError(f"{folder}: cannot lock this folder for the {what} ({error.strerror or error}): "
                               "is it writable, on a file system with locks?") from error
     try:
-        try:
-            path.write_text(f"{os.getpid()}\n")
-        except OSError as error:
-            raise FolderLockError(f"{path}: cannot write ({error.strerror or error}): is the {what} folder "
-                                  "writable?") from error
-        yield path
-    finally:
-        os.close(descriptor)  # the lock ends with the descriptor
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):  # the folder's lock: a writable folder is enough
+            partial = path.with_name(f"{LOCK_FILE}.{os.getpid()}")
+            partial.write_text(f"{os.getpid()}\n")
+            os.replace(partial, path)
+        else:  # the lock is on the file itself (NFS): write through it, never replace it
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    except BaseException as error:
+        os.close(descriptor)
+        if isinstance(error, OSError):
+            raise FolderLockError(f"{path}: cannot write ({error.strerror or error}): is the folder writable?") \
+                from error
+        raise
+    return descriptor, path
 
 
 def _lock(folder, path):
@@ -195,13 +231,18 @@ def _lock(folder, path):
         OSError: neither can be locked.
     """
     for target, flags in ((folder, os.O_RDONLY | os.O_DIRECTORY), (path, os.O_RDWR | os.O_CREAT)):
-        descriptor = os.open(target, flags, 0o644)
+        try:
+            descriptor = os.open(target, flags, 0o644)
+        except OSError:
+            if target == path:
+                raise
+            continue
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return descriptor
-        except OSError as error:
+        except BaseException as error:
             os.close(descriptor)
-            if isinstance(error, BlockingIOError) or target == path:
+            if not isinstance(error, OSError) or isinstance(error, BlockingIOError) or target == path:
                 raise
 
 

@@ -153,7 +153,8 @@ def run_experiment(pipeline: PipelineSpec | pathlib.Path | str, out: pathlib.Pat
 class Experiment:
     """An experiment folder bound to a pipeline and a plan: its cohorts, folds and cells.
 
-    Opening it ingests the pipeline's sources (once) and fixes the folds (`folds.json`).
+    Opening it ingests the pipeline's sources (once) and fixes the folds (`folds.json`),
+    holding the folder's lock (`unicon_tf.files.folder_lock`), as `run` does.
 
     Args:
         pipeline: a `PipelineSpec` or pipeline YAML file.
@@ -167,8 +168,9 @@ class Experiment:
                  data_root: pathlib.Path | str | None = None, verbose: int = 0) -> None:
         self.pipeline = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, data_root=data_root)
         self.out, self.plan, self.verbose = pathlib.Path(out).resolve(), plan, verbose
-        self.cohorts = _cohorts(self.pipeline, self.out, verbose)
-        self.folds = _folds(self.out, plan, self.cohorts)
+        with folder_lock(self.out, "experiment"):  # ingesting the sources, fixing the folds
+            self.cohorts = _cohorts(self.pipeline, self.out, verbose)
+            self.folds = _folds(self.out, plan, self.cohorts)
 
     def run(self, echo: Callable[[str], object] = print, isolate_cells: bool = True) -> dict[str, Any]:
         """Every cell (running those not finished), aggregated; see `run_experiment`."""
@@ -264,12 +266,16 @@ class Experiment:
         finished = self.finished_cell(arm, fold, seed, fraction)
         if finished is not None:
             return finished
-        record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
         started = time.time()
         pipeline = self.cell_pipeline(fold, seed, fraction)
         run_dir = self.cell_folder(fold, seed, fraction) / "continual"
         if not run_dir.exists():
             _copy_run(self.foundation(fold, seed), run_dir)
+        with folder_lock(run_dir, "run"):  # training and evaluating (arms of one fraction share it)
+            return self._run_arm(arm, fold, seed, fraction, pipeline, run_dir, started)
+
+    def _run_arm(self, arm, fold, seed, fraction, pipeline, run_dir, started):
+        record_file = self.cell_folder(fold, seed, fraction) / arm / "cell.json"
         if arm == "continual":
             with _resuming():
                 LocalRunner(pipeline, run_dir, base=self.out / "saved_models", verbose=self.verbose).run(
