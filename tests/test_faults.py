@@ -285,6 +285,21 @@ def _edit(pipeline, **changes):
     pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
+def test_run_resumes_an_interrupted_stage_as_its_refusal_says(records_8, tmp_path):
+    from unicon_tf.cli import main
+
+    pipeline = _interrupted(tmp_path, records_8)
+    arguments = ["run", str(pipeline), "--run-dir", str(tmp_path / "run"), "--base", str(tmp_path / "served"),
+                 "--no-push"]
+    refused = CliRunner().invoke(main, arguments)
+    assert refused.exit_code == 1 and "pass --resume (unicon-tf train or run)" in refused.output
+    resumed = CliRunner().invoke(main, arguments + ["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    stage = tmp_path / "run" / "stages" / "00-grade"
+    assert len(json.loads((stage / "stage.json").read_text())["history"]) == 2  # epoch 1 kept, epoch 2 trained
+    assert (stage / "model.keras").exists() and not (stage / "checkpoint").exists()
+
+
 def test_resume_refuses_a_changed_definition_or_data_unless_accepted(records_8, phantom_cohort, tmp_path):
     other = tmp_path / "ct8-20mm"
     data.ingest(phantom_cohort, other, data.Preprocessing(shape=(8, 8, 8), spacing=(20.0,) * 3, center="mask"),

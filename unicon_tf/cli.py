@@ -402,16 +402,17 @@ def predict(saved_model: pathlib.Path, ct: str | None, pet: str | None, series_u
 @click.option("--base", type=click.Path(file_okay=False, path_type=pathlib.Path), default="saved_models",
               show_default=True, help="TF Serving base folder for the Pusher.")
 @click.option("--no-push", is_flag=True, help="Stop after the Evaluator.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted stage from its last checkpoint.")
 @user_errors
 def run_pipeline(pipeline_path: str, run_dir: pathlib.Path | None, data_root: str | None, from_stage: str | None,
-                 base: pathlib.Path, no_push: bool) -> None:
+                 base: pathlib.Path, no_push: bool, resume: bool) -> None:
     """Run a pipeline: ExampleGen, Trainer, Evaluator and Pusher per stage, with lineage and cache."""
     from unicon_tf import components
     from unicon_tf import train as training
 
     pipeline = training.load_pipeline(pipeline_path, data_root=data_root)
     runner = components.LocalRunner(pipeline, run_dir or pathlib.Path("runs") / pipeline.name, base=base)
-    results = runner.run(from_stage=from_stage, push=not no_push)
+    results = runner.run(from_stage=from_stage, push=not no_push, **({"resume": True} if resume else {}))
     for stage, outputs in results.items():
         pushed = outputs.get("pushed_model")
         state = "" if pushed is None else (f", pushed {pushed.uri}" if pushed.properties["pushed"]

@@ -193,7 +193,7 @@ def _check_out(out, spec, resume):
                          "use another --run-dir.")
     if out.checkpoint.exists() and not resume:
         raise StageError(f"{out.checkpoint} holds an interrupted run of stage '{spec.name}': "
-                         "pass --resume to continue it, or use another --run-dir.")
+                         "pass --resume (unicon-tf train or run) to continue it, or use another --run-dir.")
 
 
 @dataclasses.dataclass
