@@ -91,6 +91,9 @@ def compare(arms, reference):
 def markdown(result):
     lines = [f"Pretrained study: reference arm `{result['reference']}`; arms: "
              + ", ".join(f"`{n}` = {s}" for n, s in result["arms"].items()) + ".", ""]
+    if "from_previous" in result:
+        lines += [f"Fraction(s) {', '.join(result['from_previous']['fractions'])} as written in "
+                  f"`{result['from_previous']['file']}` (cells not re-read).", ""]
     heads = sorted({h for table in result["fractions"].values() for h in table})
     for head in heads:
         rows_by_fraction = {f: t[head] for f, t in result["fractions"].items() if head in t}
@@ -135,6 +138,21 @@ def plot_curves(result, out):
         plt.close(figure)
 
 
+def keep_previous(previous, compared, arms, args):
+    """The fractions of an earlier result that `compared` does not hold (their cell records are
+    gone; their numbers are kept as written).
+
+    Raises:
+        SystemExit: the earlier result has other arms, another reference or step budget.
+    """
+    if set(previous["arms"]) != arms or previous["reference"] != args.reference \
+            or previous.get("step_budget", "epochs") != args.step_budget:
+        raise SystemExit(f"{args.previous}: its arms {sorted(previous['arms'])}, reference "
+                         f"{previous['reference']!r} and step budget {previous.get('step_budget')!r} are not this "
+                         f"study's ({sorted(arms)}, {args.reference!r}, {args.step_budget!r})")
+    return {f: table for f, table in previous["fractions"].items() if f not in compared}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", action="append", required=True, metavar="NAME=EXPERIMENT:ARM",
@@ -144,6 +162,9 @@ def main():
                         help="A training fraction to compare (repeat; default: every fraction the arms share).")
     parser.add_argument("--step-budget", choices=("epochs", "steps"), default="epochs",
                         help="Which fraction < 1 cells to read (the experiments' --step-budget).")
+    parser.add_argument("--previous", type=pathlib.Path, metavar="JSON",
+                        help="An earlier pretrained_study.json with the same arms and step budget: its fractions "
+                             "that these cells do not hold are kept as written (listed under `from_previous`).")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
     specs = {}
@@ -168,9 +189,11 @@ def main():
             parser.error(f"fraction {f}: no (fold, seed) cell finished in every arm")
         compared[str(f)] = compare({n: {k: v for k, v in c[f].items() if k in common} for n, c in cells.items()},
                                    args.reference)
+    kept = keep_previous(json.loads(args.previous.read_text()), compared, set(specs), args) if args.previous else {}
     result = {"reference": args.reference, "arms": {n: f"{f}:{a}" for n, (f, a) in specs.items()},
               "step_budget": args.step_budget,
-              "fractions": compared}
+              "fractions": dict(sorted({**compared, **kept}.items(), key=lambda item: float(item[0]))),
+              **({"from_previous": {"file": str(args.previous), "fractions": sorted(kept, key=float)}} if kept else {})}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pretrained_study.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "pretrained_study.md").write_text(markdown(result))

@@ -33,9 +33,21 @@ def evaluated_run(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(evaluated_run, tmp_path_factory):
-    """The final stage exported once, for the tests that only read it."""
-    return serving.export_stage(evaluated_run, base=tmp_path_factory.mktemp("sm"))
+def versions(evaluated_run, tmp_path_factory):
+    """The final stage exported twice into one base: version 1 labelled `stable` with an
+    example request, then version 2 labelled `canary`; with version 1's digest taken before
+    version 2 was written."""
+    base = tmp_path_factory.mktemp("versions") / "saved_models"
+    first = serving.export_stage(evaluated_run, base=base, labels=["stable"], example_request=True)
+    before = tree_digest(first)
+    second = serving.export_stage(evaluated_run, base=base, labels=["canary"])
+    return {"base": base, "first": first, "first_digest": before, "second": second}
+
+
+@pytest.fixture(scope="module")
+def exported(versions):
+    """The final stage's export, for the tests that only read it."""
+    return versions["second"]
 
 
 def tree_digest(folder):
@@ -47,14 +59,11 @@ def tree_digest(folder):
 
 
 @pytest.mark.slow
-def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
-    base = tmp_path / "saved_models"
-    first = serving.export_stage(evaluated_run, base=base, labels=["stable"], example_request=True)
+def test_export_versions_signatures_config_and_warmup(versions, evaluated_run):
+    base, first, second = versions["base"], versions["first"], versions["second"]
     assert first == base / "tiny" / "1"
-    before = tree_digest(first)
-    second = serving.export_stage(evaluated_run, base=base, labels=["canary"])
     assert second == base / "tiny" / "2"
-    assert tree_digest(first) == before  # version 1 untouched, byte for byte
+    assert tree_digest(first) == versions["first_digest"]  # version 1 untouched by version 2, byte for byte
     assert sorted(p.name for p in (base / "tiny").iterdir()) == [serving.HIGHEST, "1", "2"]  # no staging folder left
 
     loaded = tf.saved_model.load(str(second))  # the signature defs TF Serving reads (saved_model_cli shows them)
@@ -98,16 +107,18 @@ def test_export_versions_signatures_config_and_warmup(evaluated_run, tmp_path):
 def test_export_refusals(evaluated_run, tmp_path):
     run = tmp_path / "run"  # a copy of its own: the shared fixture stays as it is
     shutil.copytree(evaluated_run, run)
-    blessing_file = Evaluation(Run(run).trained_stages()[-1].evaluation).blessing_file
-    blessing_file.write_text(json.dumps({"stage": "pet", "blessed": False, "reasons": ["classification: fell"]}))
-    with pytest.raises(serving.ExportError, match="not blessed: classification: fell"):
-        serving.export_stage(run, base=tmp_path / "sm")
+    # stage 0 (one head: a quick export) stands for any stage
+    blessing_file = Evaluation(Run(run).trained_stages("classification")[-1].evaluation).blessing_file
+    blessing_file.write_text(json.dumps({"stage": "classification", "blessed": False,
+                                         "reasons": ["classification: below its threshold"]}))
+    with pytest.raises(serving.ExportError, match="not blessed: classification: below its threshold"):
+        serving.export_stage(run, "classification", base=tmp_path / "sm")
     assert not (tmp_path / "sm").exists()  # refused before anything is written
-    forced = serving.export_stage(run, base=tmp_path / "sm", force=True)
+    forced = serving.export_stage(run, "classification", base=tmp_path / "sm", force=True)
     assert json.loads((forced / "unicon.json").read_text())["forced"] is True
     blessing_file.unlink()
     with pytest.raises(serving.ExportError, match="has not been evaluated"):
-        serving.export_stage(run, base=tmp_path / "sm")
+        serving.export_stage(run, "classification", base=tmp_path / "sm")
     model = keras.models.load_model(evaluated_run / "stages/00-classification/model.keras")
     with pytest.raises(serving.ExportError, match="already exists"):
         serving.export_model(model, tmp_path / "sm", "tiny", version=1)

@@ -150,14 +150,20 @@ class ContinualModel(keras.Model):
         return logs if valid is None else replica_logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Under a strategy, Keras' fit builds the model by drawing a first batch from a new
-        iterator, which reshuffles the data relative to one device. The network is built
-        already; only the optimizer's variables remain, built here in the strategy's scope."""
-        if self._distribute_strategy is None:
-            return
-        with self.distribute_strategy.scope():
-            if not self.optimizer.built:
+        """Nothing: under a strategy, Keras' fit builds the model by drawing a first batch from
+        a new iterator, which reshuffles the data relative to one device. The network is built
+        already; the optimizer is built by `make_train_function`."""
+
+    def make_train_function(self, force: bool = False):
+        """Keras' train function, with the optimizer's variables built first (in the
+        strategy's scope, on one device too). Variables created while a `tf.function` is
+        first traced make TensorFlow trace it a second time, and Keras builds the optimizer
+        lazily inside the first step on one device: built here, a stage's train step is traced
+        once (tracing is most of a small stage's time)."""
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
 
     def _record(self, loss, terms, targets, outputs):
         self.loss_tracker.update_state(loss)
