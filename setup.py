@@ -37,10 +37,11 @@ setup(
     ],
     extras_require={
         # The tests exercise every optional engine, so the test extra installs them all. Bounds:
-        # the releases the suite has passed on (pytest 8 and 9, xdist 3; Beam and KFP from the
+        # the releases the suite has passed on (pytest 8 and 9; xdist 3.8, whose --no-loadscope-reorder
+        # pytest.ini uses; Beam and KFP from the
         # first releases that resolve beside TensorFlow 2.21 up to their next major).
         # ... and builds the manual strictly (tests/test_docs.py), so it brings the docs extra's packages.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.8,<4", "safetensors>=0.4,<1", "apache-beam>=2.77,<3",
                  "kfp>=2.17,<3", "SimpleITK>=2.3,<3", "pydicom>=3.0,<4", "highdicom>=0.28,<1",
                  *DOCS],
         "docs": DOCS,

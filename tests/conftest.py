@@ -1,6 +1,10 @@
 """Shared fixtures and helpers: small volumes (16^3) and small encoders keep the suite fast on CPU."""
 
 import csv
+import fcntl
+import json
+import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -33,25 +37,75 @@ def run(model, volumes):
     return {name: np.asarray(value) for name, value in outputs.items()}
 
 
+# The modules that take longest (with their session fixtures), slowest first, as measured with
+# `--durations` on 2 cores (2026-12-07). pytest.ini hands modules to pytest-xdist's workers in
+# collection order (`--no-loadscope-reorder`): these go first, so that no long module starts
+# last while the other worker idles (it cost 85 s of 610). The rest follow in their own order.
+SLOWEST_MODULES = ["test_serving", "test_faults", "test_continual", "test_distribute", "test_kubeflow",
+                   "test_isolation", "test_i3resnet", "test_evaluate", "test_experiment", "test_vit",
+                   "test_selection_rules", "test_selection", "test_cli", "test_regression", "test_components"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the modules of `SLOWEST_MODULES` first, in its order (a stable sort: each module's
+    tests keep theirs)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+def built_once(tmp_path_factory, name, build, copy=True):
+    """The folder `build(folder)` writes, built once per test session even under
+    pytest-xdist: the first worker to ask builds it in the session's shared temporary folder
+    while the others wait on a lock (the pattern of pytest-xdist's docs). With `copy`, each
+    caller gets a copy of its own (a test that writes into it, e.g. an evaluation, changes
+    only its worker's copy); without, the shared folder itself (for data only read).
+
+    Returns:
+        The folder's path.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent / "built_once"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died while building
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    if not copy:
+        return folder
+    mine = tmp_path_factory.mktemp(name)
+    shutil.copytree(folder, mine, dirs_exist_ok=True)
+    return mine
+
+
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory):
-    """A 12-patient phantom cohort on disk (CT 32^3 at 6 mm, PET 16^3 at 12 mm); its test
-    split (3 patients) holds both classes."""
+    """A 12-patient phantom cohort on disk (CT 32^3 at 6 mm, PET 16^3 at 12 mm), its
+    manifest's path; its test split (3 patients) holds both classes. Built once per session."""
     from unicon_tf.data import phantom
 
-    out = tmp_path_factory.mktemp("phantom")
-    return phantom.write_cohort(out, n=12, shape=(32, 32, 32), seed=3, spacing=6.0)
+    def build(folder):
+        phantom.write_cohort(folder, n=12, shape=(32, 32, 32), seed=3, spacing=6.0)
+
+    return built_once(tmp_path_factory, "phantom", build, copy=False) / "manifest.csv"
 
 
 @pytest.fixture(scope="session")
 def phantom_records(phantom_cohort, tmp_path_factory):
-    """The phantom cohort ingested at 16^3, 12 mm, cropped around the mask."""
+    """The phantom cohort ingested at 16^3, 12 mm, cropped around the mask (built once)."""
     from unicon_tf import data
 
-    out = tmp_path_factory.mktemp("records") / "ct16"
-    prep = data.Preprocessing(shape=(16, 16, 16), spacing=(12.0, 12.0, 12.0), center="mask")
-    data.ingest(phantom_cohort, out, prep, workers=2, verbose=False)
-    return out
+    def build(folder):
+        prep = data.Preprocessing(shape=(16, 16, 16), spacing=(12.0, 12.0, 12.0), center="mask")
+        data.ingest(phantom_cohort, folder / "ct16", prep, workers=2, verbose=False)
+
+    return built_once(tmp_path_factory, "records", build, copy=False) / "ct16"
 
 
 UNICON_ORDER = [
@@ -124,27 +178,34 @@ def runner_run(phantom_cohort, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(phantom_records, tmp_path_factory):
-    """All four UNICON stages of the tiny pipeline, trained once for the session."""
+    """All four UNICON stages of the tiny pipeline, trained once for the session (each
+    worker gets a copy): `(pipeline, run dir, [stage records])`."""
     from unicon_tf import train
 
-    folder = tmp_path_factory.mktemp("run")
-    pipeline = write_pipeline(folder, phantom_records)
-    records = [train.train_stage(pipeline, s["name"], folder / "run", verbose=0) for s in UNICON_ORDER]
-    return pipeline, folder / "run", records
+    def build(folder):
+        pipeline = write_pipeline(folder, phantom_records)
+        for stage in UNICON_ORDER:
+            train.train_stage(pipeline, stage["name"], folder / "run", verbose=0)
+
+    folder = built_once(tmp_path_factory, "trained_run", build)
+    records = [json.loads((folder / "run" / "stages" / f"{i:02d}-{s['name']}" / "stage.json").read_text())
+               for i, s in enumerate(UNICON_ORDER)]
+    return folder / "tiny.yaml", folder / "run", records
 
 
 @pytest.fixture(scope="session")
 def stage0_run(phantom_records, tmp_path_factory):
-    """A run directory with only the classification stage trained (copied by each variant).
-
-    Its pipeline declares a later EWC stage, so stage 0 also saves its Fisher diagonal."""
+    """A run directory with only the classification stage trained, once for the session
+    (copied by each variant). Its pipeline declares a later EWC stage, so stage 0 also saves
+    its Fisher diagonal."""
     from unicon_tf import train
 
-    folder = tmp_path_factory.mktemp("stage0")
-    later = {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "penalty": "ewc", "beta": 1.0}
-    pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], later], name="variants")
-    train.train_stage(pipeline, "classification", folder / "run", verbose=0)
-    return folder / "run"
+    def build(folder):
+        later = {"name": "prognosis", "task": "prognosis", "strategy": "finetune", "penalty": "ewc", "beta": 1.0}
+        pipeline = write_pipeline(folder, phantom_records, stages=[UNICON_ORDER[0], later], name="variants")
+        train.train_stage(pipeline, "classification", folder / "run", verbose=0)
+
+    return built_once(tmp_path_factory, "stage0", build) / "run"
 
 
 def second_stage(stage0_run, records, folder, **stage):

@@ -8,7 +8,7 @@ step, and its plugins keep the teacher out of Keras' variable tracking, so the t
 never part of the network's weights.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -154,7 +154,7 @@ class ContinualModel(keras.Model):
         a new iterator, which reshuffles the data relative to one device. The network is built
         already; the optimizer is built by `make_train_function`."""
 
-    def make_train_function(self, force: bool = False):
+    def make_train_function(self, force: bool = False) -> Callable[..., Any]:
         """Keras' train function, with the optimizer's variables built first (in the
         strategy's scope, on one device too). Variables created while a `tf.function` is
         first traced make TensorFlow trace it a second time, and Keras builds the optimizer
