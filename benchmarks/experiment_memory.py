@@ -13,7 +13,10 @@ experiment's process went from 6.3 to 7.8 GB over 16 cells, a preset process 8.8
 three cells). Hence one child process per cell. Measured in one run (session 10, 8 cells per
 mode, a shared 2-core CPU): with a child per cell the experiment process stayed at 757 MB
 after every cell (+0.0 MB/cell), the largest child peaked at 1061 MB; in one process, 1061
-to 1790 MB (+109.5 MB/cell after the first two).
+to 1790 MB (+109.5 MB/cell after the first two). Session 12, after `ContinualModel` began
+building its optimizer before the train step is traced (no slot-variable graphs, one trace
+instead of two; `stage_startup.py`): a child per cell 801 MB after every cell (+0.0), the
+largest child 1018 MB; in one process 1048 to 1367 MB (+45.4 MB/cell after the first two).
 
     python benchmarks/experiment_memory.py [--cells 8]
 """

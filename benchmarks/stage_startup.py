@@ -53,6 +53,7 @@ def fit_once(trainer_class, size, traces):
 
 def main():
     options = integer_options(__doc__, repeats=3, size=16)
+    tf.get_logger().setLevel("ERROR")  # every fit builds a new model: TensorFlow's retracing notice is expected
     traces = {}
     seconds = interleaved_seconds({name: (lambda c=cls: fit_once(c, options.size, traces))
                                    for name, cls in (("built first", ContinualModel),

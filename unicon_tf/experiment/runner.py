@@ -24,7 +24,7 @@ Each unfinished cell runs in a fresh child process (spawned, one cell per proces
 `isolate_cells=False`: TensorFlow keeps graphs of every model a process trained (Keras' train
 functions and the optimizer's, about 330 `FuncGraph`s per cell, held where `gc` and
 `keras.backend.clear_session()` cannot free them), so one process running a grid grows by
-~100 MB per cell on a small CNN and by GBs on the preset (`benchmarks/experiment_memory.py`).
+~45 MB per cell on a small CNN and by GBs on the preset (`benchmarks/experiment_memory.py`).
 A child's memory goes back to the system when it exits; finished cells are read in this
 process.
 
