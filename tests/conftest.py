@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import shutil
+import traceback
 
 import nibabel as nib
 import numpy as np
@@ -69,13 +70,20 @@ def built_once(tmp_path_factory, name, build, copy=True):
         return folder
     shared = tmp_path_factory.getbasetemp().parent / "built_once"
     shared.mkdir(exist_ok=True)
-    folder, done = shared / name, shared / f"{name}.done"
+    folder, done, failed = shared / name, shared / f"{name}.done", shared / f"{name}.failed"
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():  # one worker's failure is reported by the others without building again
+            raise RuntimeError(f"building the session fixture '{name}' failed in another worker:\n"
+                               + failed.read_text())
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)  # a worker that died while building
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except Exception:
+                failed.write_text(traceback.format_exc())
+                raise
             done.touch()
     if not copy:
         return folder
@@ -179,18 +187,19 @@ def runner_run(phantom_cohort, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(phantom_records, tmp_path_factory):
     """All four UNICON stages of the tiny pipeline, trained once for the session (each
-    worker gets a copy): `(pipeline, run dir, [stage records])`."""
+    worker gets a copy): `(pipeline, run dir, [what train_stage returned])`. Absolute paths
+    written inside the run (run.json's pipeline file, a teacher's model) name the shared
+    original, which only the builder wrote."""
     from unicon_tf import train
 
     def build(folder):
         pipeline = write_pipeline(folder, phantom_records)
-        for stage in UNICON_ORDER:
-            train.train_stage(pipeline, stage["name"], folder / "run", verbose=0)
+        records = [train.train_stage(pipeline, stage["name"], folder / "run", verbose=0) for stage in UNICON_ORDER]
+        # what train_stage returned, for the workers that did not train (JSON: lists for tuples)
+        (folder / "records.json").write_text(json.dumps(records, default=list))
 
     folder = built_once(tmp_path_factory, "trained_run", build)
-    records = [json.loads((folder / "run" / "stages" / f"{i:02d}-{s['name']}" / "stage.json").read_text())
-               for i, s in enumerate(UNICON_ORDER)]
-    return folder / "tiny.yaml", folder / "run", records
+    return folder / "tiny.yaml", folder / "run", json.loads((folder / "records.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 from conftest import PREP_8, UNICON_ORDER, Interrupt, patient_row, second_stage, write_manifest, write_pipeline
 
@@ -324,3 +325,21 @@ def test_cli_train_runs_a_stage_and_reports_errors(phantom_records, tmp_path):
     result = runner.invoke(main, ["train", "--pipeline", str(pipeline), "--stage", "nope",
                                   "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 1 and "no stage 'nope'" in result.output
+
+
+def test_a_train_step_is_traced_once(volumes, monkeypatch):
+    """The optimizer is built before Keras traces the train step (`OptimizerBuiltFirst`):
+    built inside the first trace, as Keras does on one device, its variables made
+    TensorFlow trace the step twice."""
+    from unicon_tf.train.continual import ContinualModel
+
+    traces = []
+    step = ContinualModel.train_step
+    monkeypatch.setattr(ContinualModel, "train_step", lambda self, data: traces.append(1) or step(self, data))
+    model = unicon_tf.foundation((16, 16, 16), task="segmentation", width=8, depth=2)
+    trainer = ContinualModel(model, {"segmentation": "segmentation"})
+    trainer.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    mask = (np.abs(volumes["ct"][..., 0]) > 1.0).astype("int32")
+    batches = tf.data.Dataset.from_tensors(({"ct": volumes["ct"]}, {"segmentation": mask})).repeat(2)
+    trainer.fit(batches, epochs=2, verbose=0)
+    assert len(traces) == 1 and trainer.optimizer.iterations.numpy() == 4

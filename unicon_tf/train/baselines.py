@@ -38,6 +38,7 @@ from unicon_tf.model import expand, foundation, model_parts
 from unicon_tf.model.storage import save_model
 from unicon_tf.run import BASELINES, Run, StageFolder
 from unicon_tf.tasks import task_kind
+from unicon_tf.train.continual import OptimizerBuiltFirst
 from unicon_tf.train.optimizers import FusedAdamW
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline, with_overrides
 from unicon_tf.train.selection import Selection, describe_rule
@@ -171,7 +172,7 @@ def _train_missing(pipeline, run, verbose):
             train_stage(pipeline, spec.name, run.path, verbose=verbose)
 
 
-class JointModel(keras.Model):
+class JointModel(OptimizerBuiltFirst, keras.Model):
     """Trains every head at once; a step takes one `(inputs, target)` batch per head.
 
     Args:

@@ -23,7 +23,24 @@ if TYPE_CHECKING:
     from unicon_tf.train.plugins import Plugin
 
 
-class ContinualModel(keras.Model):
+class OptimizerBuiltFirst:
+    """Mixin for a `keras.Model` with its own `train_step`: Keras' train function, with the
+    optimizer's variables built first (in the strategy's scope, on one device too).
+
+    Variables created while a `tf.function` is first traced make TensorFlow trace it a
+    second time, and Keras builds the optimizer lazily inside the first step on one device:
+    built here, the train step is traced once (tracing is most of a small stage's start;
+    `benchmarks/stage_startup.py`: 0.51x the time of a first fit).
+    """
+
+    def make_train_function(self, force: bool = False) -> Callable[..., Any]:
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
+
+class ContinualModel(OptimizerBuiltFirst, keras.Model):
     """Trains the heads of one stage; logs every head's loss, plugin terms and task metrics.
 
     Args:
@@ -152,18 +169,8 @@ class ContinualModel(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Nothing: under a strategy, Keras' fit builds the model by drawing a first batch from
         a new iterator, which reshuffles the data relative to one device. The network is built
-        already; the optimizer is built by `make_train_function`."""
+        already; the optimizer is built by `make_train_function` (`OptimizerBuiltFirst`)."""
 
-    def make_train_function(self, force: bool = False) -> Callable[..., Any]:
-        """Keras' train function, with the optimizer's variables built first (in the
-        strategy's scope, on one device too). Variables created while a `tf.function` is
-        first traced make TensorFlow trace it a second time, and Keras builds the optimizer
-        lazily inside the first step on one device: built here, a stage's train step is traced
-        once (tracing is most of a small stage's time)."""
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-        return super().make_train_function(force)
 
     def _record(self, loss, terms, targets, outputs):
         self.loss_tracker.update_state(loss)
