@@ -171,7 +171,6 @@ class ContinualModel(OptimizerBuiltFirst, keras.Model):
         a new iterator, which reshuffles the data relative to one device. The network is built
         already; the optimizer is built by `make_train_function` (`OptimizerBuiltFirst`)."""
 
-
     def _record(self, loss, terms, targets, outputs):
         self.loss_tracker.update_state(loss)
         for name, value in terms.items():
