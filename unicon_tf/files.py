@@ -15,6 +15,7 @@ Example:
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -109,7 +110,19 @@ class FolderInUseError(FolderLockError):
 
 
 LOCK_FILE = ".unicon-tf.lock"
-_HELD: dict[tuple[int, int], list] = {}  # (device, inode) of a folder: [descriptor, depth, owning thread, lock file]
+
+
+@dataclasses.dataclass
+class _Held:
+    """A folder lock this process holds: its descriptor, how many blocks hold it, the owning thread."""
+
+    descriptor: int
+    lock_file: pathlib.Path
+    thread: int
+    depth: int = 0
+
+
+_HELD: dict[tuple[int, int], _Held] = {}  # by (device, inode) of the folder
 _GUARD = threading.RLock()
 
 
@@ -159,29 +172,29 @@ def folder_lock(folder: pathlib.Path | str, what: str = "run") -> Iterator[pathl
     key = (identity.st_dev, identity.st_ino)  # the same folder by any path (symlinks, bind mounts)
     with _GUARD:
         held = _HELD.get(key)
-        if held is not None and held[2] != threading.get_ident():
+        if held is not None and held.thread != threading.get_ident():
             raise FolderInUseError(f"{folder} is in use by another thread of this process (pid {os.getpid()}): "
                                    f"wait for it to finish, then start this {what} again.")
         if held is None:
             descriptor, path = _acquire(folder, what)
-            held = _HELD[key] = [descriptor, 0, threading.get_ident(), path]
-        held[1] += 1
+            held = _HELD[key] = _Held(descriptor, path, threading.get_ident())
+        held.depth += 1
     try:
-        yield held[3]
+        yield held.lock_file
     finally:
         with _GUARD:
-            held[1] -= 1
-            if held[1] == 0:  # whichever block ends last releases it
+            held.depth -= 1
+            if held.depth == 0:  # whichever block ends last releases it
                 if _HELD.get(key) is held:
                     del _HELD[key]
-                os.close(held[0])  # the lock ends with the descriptor
+                os.close(held.descriptor)  # the lock ends with the descriptor
 
 
 def _forget_after_fork():
     """In a forked child: close the copies of the held descriptors (the locks stay the parent's)."""
-    for descriptor, *_ in _HELD.values():
+    for held in _HELD.values():
         with contextlib.suppress(OSError):
-            os.close(descriptor)
+            os.close(held.descriptor)
     _HELD.clear()
 
 
