@@ -5,7 +5,7 @@ every cell in its own child process (the default) and with every cell in this pr
 
 A grid trains hundreds of models. In one process, TensorFlow keeps the graphs of every model
 trained: every `keras.Model`, layer and variable is freed after its cell, but `FuncGraph`s
-accumulate, about 330 per cell (Keras' `one_step_on_data` train functions and one small graph
+accumulated, about 330 per cell until session 12 (Keras' `one_step_on_data` train functions and one small graph
 per optimizer slot variable, ~16,000 graph `Operation`s); `keras.backend.clear_session()`
 after each cell and `MALLOC_ARENA_MAX=2` change nothing. Measured on the 2-core development
 machine in one process: about +100 MB per cell (8 cells: 1052 to 1786 MB; the phantom
@@ -17,6 +17,13 @@ to 1790 MB (+109.5 MB/cell after the first two). Session 12, after `ContinualMod
 building its optimizer before the train step is traced (no slot-variable graphs, one trace
 instead of two; `stage_startup.py`): a child per cell 801 MB after every cell (+0.0), the
 largest child 1018 MB; in one process 1048 to 1367 MB (+45.4 MB/cell after the first two).
+What is left is not Python's to free (session 13, 4 cells in one process, `gc.collect()` after
+each): 2 to 4 `FuncGraph`s stay alive per cell (Keras' `one_step_on_data`), none reachable from
+any Python module (`objgraph.find_backref_chain` finds no chain: they are held from
+TensorFlow's C++ side), no `keras.Model` survives its cell, and the process still grows
+(1055, 1077, 1086, 1179 MB). The same leak is reported upstream for plain `Model.fit` in a
+loop (keras-team/keras#17458, open; #21090; tensorflow/tensorflow#61791): a child process per
+cell is the remedy.
 
     python benchmarks/experiment_memory.py [--cells 8]
 """

@@ -21,10 +21,12 @@ resumes inside (the runner's cache skips finished component runs; an interrupted
 continues from its checkpoint).
 
 Each unfinished cell runs in a fresh child process (spawned, one cell per process) unless
-`isolate_cells=False`: TensorFlow keeps graphs of every model a process trained (Keras' train
-functions and the optimizer's, about 330 `FuncGraph`s per cell, held where `gc` and
-`keras.backend.clear_session()` cannot free them), so one process running a grid grows by
-~45 MB per cell on a small CNN and by GBs on the preset (`benchmarks/experiment_memory.py`).
+`isolate_cells=False`: a process that trains model after model keeps growing, although every
+`keras.Model`, layer and variable is freed after its cell (Keras' train functions stay alive,
+reachable from no Python module, and `keras.backend.clear_session()` frees nothing: the
+long-standing upstream leak, keras-team/keras#17458, #21090), so one process running a grid
+grows by ~45 MB per cell on a small CNN and by GBs on the preset
+(`benchmarks/experiment_memory.py`).
 A child's memory goes back to the system when it exits; finished cells are read in this
 process.
 
