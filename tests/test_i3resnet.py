@@ -3,9 +3,13 @@
 The fixtures were made with torch; these tests need neither torch nor the weights package.
 """
 
+import collections
+import io
 import os
 import pathlib
 import pickle
+import sys
+import types
 import zipfile
 
 import keras
@@ -87,8 +91,67 @@ def test_reader_refuses_other_storage_dtypes_by_name(tmp_path):
     double = rewrite(DTYPES, tmp_path / "double.pt",
                      lambda name, data: data.replace(b"FloatStorage", b"DoubleStorage")
                      if name.endswith("data.pkl") else data)
-    with pytest.raises(PretrainedWeightsError, match=r"double\.pt: refused pickle record 'torch\.DoubleStorage'"):
+    with pytest.raises(PretrainedWeightsError, match=r"double\.pt: storage class 'torch\.DoubleStorage' is not read"):
         read_torch_checkpoint(double)
+
+
+def write_tensor_view(path, monkeypatch, numel, size, stride, offset):
+    """A torch.save zip of one float32 storage of `numel` elements and one tensor viewing it,
+    pickled as torch would (stand-in `torch` modules: the test needs no torch)."""
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):
+        pass
+
+    FloatStorage.__module__, _rebuild_tensor_v2.__module__ = "torch", "torch._utils"
+    FloatStorage.__qualname__, _rebuild_tensor_v2.__qualname__ = "FloatStorage", "_rebuild_tensor_v2"
+    torch.FloatStorage, utils._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils)
+    storage = object()
+
+    class Tensor:
+        def __reduce__(self):
+            return _rebuild_tensor_v2, (storage, offset, size, stride, False, collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", FloatStorage, "0", "cpu", numel) if obj is storage else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"weight": Tensor()})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data/0", np.arange(numel, dtype="<f4").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("size, stride, offset", [
+    ((100000,), (-1,), 0),           # a negative stride reads before the storage
+    ((4,), (-100000000,), 3),        # ... far before it
+    ((4,), (1,), -1),                # a negative offset
+    ((3, 4), (4, 1), 1),             # past the storage's end by one element
+    ((5, 12), (0, 1), 0),            # a broadcast view larger than its storage
+    ((12,), (1, 1), 0),              # a stride list that does not match the size
+])
+def test_reader_refuses_a_tensor_that_is_not_a_view_inside_its_storage(tmp_path, monkeypatch, size, stride, offset):
+    path = write_tensor_view(tmp_path / "view.pt", monkeypatch, 12, size, stride, offset)
+    with pytest.raises(PretrainedWeightsError, match=r"view\.pt: unreadable pickle .*storage data/0 \(12 elements\)"):
+        read_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize("size, stride, offset, values", [
+    ((3, 4), (4, 1), 0, np.arange(12).reshape(3, 4)),
+    ((4, 3), (1, 4), 0, np.arange(12).reshape(3, 4).T),   # a transposed view
+    ((2, 2), (4, 1), 6, [[6, 7], [10, 11]]),              # a view ending on the storage's last element
+    ((0, 4), (4, 1), 12, np.zeros((0, 4))),               # an empty tensor at the end
+])
+def test_reader_rebuilds_views_inside_their_storage(tmp_path, monkeypatch, size, stride, offset, values):
+    path = write_tensor_view(tmp_path / "view.pt", monkeypatch, 12, size, stride, offset)
+    np.testing.assert_array_equal(read_torch_checkpoint(path)["weight"], np.asarray(values, np.float32))
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -96,7 +159,7 @@ def test_reader_refuses_other_storage_dtypes_by_name(tmp_path):
     ("truncated", r"truncated\.pt: not a torch\.save zip checkpoint"),
     ("foreign", r"foreign\.pt: not a torch\.save checkpoint \(a zip without one '<name>/data\.pkl'"),
     ("missing_storage", r"missing_storage\.pt: record .*data/0 is missing"),
-    ("short_storage", r"short_storage\.pt: storage data/0 holds \d+ bytes, its record says"),
+    ("short_storage", r"short_storage\.pt: record .*data/0 holds \d+ bytes, its storage record says"),
     ("absent", r"absent\.pt: checkpoint file does not exist"),
 ])
 def test_reader_names_the_file_and_the_fault(tmp_path, fault, message):

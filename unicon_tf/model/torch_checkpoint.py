@@ -86,7 +86,9 @@ def read_torch_checkpoint(path: str | pathlib.Path) -> object:
         PretrainedWeightsError: naming the file and, where it applies, the record: a missing,
             corrupt, truncated or foreign (not a `torch.save` zip) file, a pickle record that
             is not a tensor rebuild or storage (e.g. one that would call `os.system`), a
-            storage of another dtype, or a storage shorter than its tensor needs.
+            storage of another dtype, a storage shorter than its record says, or a tensor that is
+            not a view inside its storage (negative size, stride or offset; past its end; a
+            broadcast view larger than it).
 
     Example:
     >>> read_torch_checkpoint("weights.pt")["conv1.weight"].dtype  # doctest: +SKIP
@@ -152,13 +154,21 @@ def torch_state_dict(path: str | pathlib.Path, prefix: str = "", key: str | None
     return tensors
 
 
-def _read(archive, path, name):
+def _read(archive, path, name, size=None):
+    """The bytes of record `name`; with `size`, refused before decompressing unless it has that many."""
     try:
-        return archive.read(name)
+        if size is not None and archive.getinfo(name).file_size != size:
+            raise PretrainedWeightsError(f"{path}: record {name} holds {archive.getinfo(name).file_size} bytes, "
+                                         f"its storage record says {size} (truncated or corrupt).")
+        raw = archive.read(name)
     except KeyError as error:
         raise PretrainedWeightsError(f"{path}: record {name} is missing from the checkpoint.") from error
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:  # CRC mismatch, truncation
         raise PretrainedWeightsError(f"{path}: record {name} is corrupt or truncated ({error}).") from error
+    if size is not None and len(raw) != size:
+        raise PretrainedWeightsError(f"{path}: record {name} holds {len(raw)} bytes, its storage record says "
+                                     f"{size} (truncated or corrupt).")
+    return raw
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -176,6 +186,10 @@ class _SafeUnpickler(pickle.Unpickler):
             return _rebuild_tensor if name == "_rebuild_tensor_v2" else _rebuild_parameter
         if module == "torch" and name in STORAGE_DTYPES:
             return _Storage(name)
+        if module == "torch" and name.endswith("Storage"):
+            raise PretrainedWeightsError(
+                f"{self.path}: storage class 'torch.{name}' is not read: only {', '.join(sorted(STORAGE_DTYPES))} "
+                "(bfloat16, float16, float32, int64); convert the checkpoint's tensors to one of those.")
         raise PretrainedWeightsError(
             f"{self.path}: refused pickle record '{module}.{name}': only tensor rebuilds "
             f"(torch._utils.{', '.join(TENSOR_REBUILDS)}), storages ({', '.join(sorted(STORAGE_DTYPES))}) "
@@ -188,11 +202,8 @@ class _SafeUnpickler(pickle.Unpickler):
         key = str(key)
         if key not in self.storages:
             dtype = STORAGE_DTYPES[storage.name]
-            raw = _read(self.archive, self.path, f"{self.prefix}data/{key}")
             itemsize = 2 if dtype == "bfloat16" else dtype.itemsize
-            if len(raw) != int(numel) * itemsize:
-                raise PretrainedWeightsError(f"{self.path}: storage data/{key} holds {len(raw)} bytes, its record "
-                                             f"says {int(numel)} x {itemsize} (truncated or corrupt).")
+            raw = _read(self.archive, self.path, f"{self.prefix}data/{key}", size=int(numel) * itemsize)
             array = np.frombuffer(raw, np.uint16 if dtype == "bfloat16" else dtype)
             self.storages[key] = (bfloat16_to_float32(array) if dtype == "bfloat16"
                                   else array.astype(np.float32) if dtype.kind == "f" else array.copy(), key)
@@ -200,13 +211,23 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """`torch._utils._rebuild_tensor_v2` in NumPy: a view of the storage, copied."""
+    """`torch._utils._rebuild_tensor_v2` in NumPy: a view of the storage, copied.
+
+    Only a view that lies inside its storage and holds no more elements than it is rebuilt:
+    a negative size, stride or offset, a stride list that does not match the size, or a
+    broadcast view larger than its storage (no weight is saved as one) is a `ValueError`
+    naming the storage record (`read_torch_checkpoint` adds the file).
+    """
     data, key = storage
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
-    needed = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(size) else offset
-    if needed > data.size:
-        raise ValueError(f"storage data/{key} holds {data.size} elements; a tensor of size {size} "
-                                     f"at offset {offset} needs {needed}.")
+    where = f"storage data/{key} ({data.size} elements): a tensor of size {size}, stride {stride}, offset {offset}"
+    if len(size) != len(stride) or min((offset, *size, *stride)) < 0:
+        raise ValueError(f"{where} is not a view of it (negative or mismatched size, stride or offset).")
+    numel = int(np.prod(size, dtype=np.int64))
+    needed = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if numel else offset
+    if needed > data.size or numel > data.size:
+        raise ValueError(f"{where} reaches past the storage or holds more elements than it "
+                         f"({numel} elements, last one at {needed - 1}).")
     view = np.lib.stride_tricks.as_strided(data[offset:], size, tuple(s * data.itemsize for s in stride),
                                            writeable=False)
     return np.array(view)
