@@ -53,8 +53,11 @@ def test_presets_command_lists_and_describes():
 def test_file_presets_need_the_users_file(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="Preset 'merlin_i3resnet152' loads a checkpoint you supply"):
         presets.weights_path("merlin_i3resnet152")
-    with pytest.raises(PretrainedWeightsError, match=r"merlin\.pt: weights file for preset 'merlin_i3resnet152'"):
+    with pytest.raises(PretrainedWeightsError, match=r"merlin\.pt: weights file for preset 'merlin_i3resnet152' "
+                                                     "does not exist"):
         presets.weights_path("merlin_i3resnet152", tmp_path / "merlin.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"weights file for preset 'merlin_i3resnet152' is a folder"):
+        presets.weights_path("merlin_i3resnet152", tmp_path)
     assert presets.weights_path("merlin_i3resnet152", FIXTURES / "i3resnet_small.pt").name == "i3resnet_small.pt"
 
 
@@ -141,6 +144,13 @@ def test_ingest_with_a_preset_writes_its_spacing_window_and_range(phantom_cohort
                                         "40", "32", "16", "--preset", "astra_i3resnet152"])
     assert refused.exit_code != 0 and "multiples of [32, 32, 16]" in refused.output
     assert not (tmp_path / "bad").exists()
+    for options, message in ((["--scale", "ct", "2"], "--scale of ['ct'] is fixed by preset"),
+                             (["--window", "CT", "-1000", "400"], "a window is given for modality 'CT', which the "
+                                                                   "manifest has no image column for")):
+        refused = CliRunner().invoke(main, ["ingest", str(phantom_cohort), "--out", str(tmp_path / "bad"), "--shape",
+                                            "32", "32", "16", "--preset", "astra_i3resnet152", *options])
+        assert refused.exit_code in (1, 2) and message in refused.output and "Traceback" not in refused.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_stage_on_data_not_ingested_for_the_preset_is_refused_before_training(phantom_records, tmp_path):
@@ -162,7 +172,15 @@ def test_a_stage_on_data_not_ingested_for_the_preset_is_refused_before_training(
 
 
 @pytest.mark.parametrize("encoder, message", [
-    ({"preset": "resnet50"}, "encoder preset 'resnet50' is unknown"),
+    ({"preset": "resnet50"}, "encoder.preset 'resnet50' is unknown"),
+    ({"preset": ["astra_i3resnet152"]}, r"encoder.preset \['astra_i3resnet152'\] is unknown"),
+    ({"kind": ["residual"]}, r"encoder.kind \['residual'\] is unknown"),
+    ("astra_i3resnet152", "encoder must be a mapping, e.g. `encoder: {preset: astra_i3resnet152}`"),
+    (["residual"], "encoder must be a mapping"),
+    ({"preset": "merlin_i3resnet152"}, "encoder.weights is missing: preset 'merlin_i3resnet152' loads a checkpoint"),
+    ({"preset": "merlin_i3resnet152", "weights": None}, "encoder.weights is missing"),
+    ({"preset": "merlin_i3resnet152", "weights": 3}, "encoder.weights must be a file path, got 3"),
+    ({"kind": "i3resnet", "weights": ["a.pt"]}, r"encoder.weights must be a file path, got \['a.pt'\]"),
     ({"preset": "astra_i3resnet152", "width": 8}, r"unknown encoder key\(s\) \['width'\] with preset"),
     ({"kind": "i3resnet", "depth": 3}, r"unknown encoder key\(s\) \['depth'\] for kind 'i3resnet'"),
 ])
@@ -194,6 +212,9 @@ def test_demo_plan_on_a_preset_ingests_for_it_and_loads(tmp_path):
     refused = CliRunner().invoke(main, ["demo", "--fast", "--preset", "monai_vit_b16", "--out", str(tmp_path / "d")])
     assert refused.exit_code == 1 and "no fixed spacing and intensity window" in refused.output
     assert "Traceback" not in refused.output
+    refused = CliRunner().invoke(main, ["demo", "--fast", "--preset", "merlin_i3resnet152", "--out", str(tmp_path / "m")])
+    assert refused.exit_code == 1 and "'merlin_i3resnet152' loads a checkpoint you supply" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "m").exists()  # refused before any work
 
 
 def test_listing_presets_does_not_import_tensorflow():

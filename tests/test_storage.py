@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import zipfile
 
+import click
 import h5py
 import keras
 import numpy as np
@@ -84,6 +85,20 @@ def test_moved_base_is_an_error_naming_stage_base_and_hash(stages, tmp_path):
     with pytest.raises(StorageError) as error:
         load_model(stage)
     assert all(str(part) in str(error.value) for part in (stage, base, base.name.split(".")[0], "missing"))
+
+
+def test_the_cli_reports_a_moved_base_in_one_line(stages, tmp_path):
+    """Every command that loads a stage goes through `user_errors`: the message, exit 1, no traceback."""
+    from click.testing import CliRunner
+
+    from unicon_tf.cli import user_errors
+
+    stage, base = copied_run(stages, tmp_path)
+    base.rename(tmp_path / base.name)
+    command = click.command()(user_errors(lambda: load_model(stage)))
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: ") and str(base) in result.output and "missing" in result.output
 
 
 def test_altered_base_is_an_error_with_expected_and_actual_hash(stages, tmp_path):

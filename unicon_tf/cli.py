@@ -31,7 +31,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, RuntimeError, FileNotFoundError) as error:
+        except (ValueError, RuntimeError, OSError) as error:
             if not isinstance(error, _user_errors()):
                 raise
             raise click.ClickException(str(error)) from error
@@ -41,13 +41,15 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _user_errors():
     """The error types of bad input, imported only once one is raised (`--help` stays light).
-    `DataError`, `PipelineError` and `InvalidNameError` are `ValueError`s."""
+    `DataError`, `PipelineError`, `InvalidNameError` and `PretrainedWeightsError` are
+    `ValueError`s; an `OSError` (a missing, unreadable or unwritable file, a stage's base
+    weights file moved or altered: `StorageError`) names its file."""
     from unicon_tf.files import FolderLockError
     from unicon_tf.run import StageError
     from unicon_tf.serving import ExportError
     from unicon_tf.train import TrainingError
 
-    return StageError, TrainingError, ExportError, FolderLockError, ValueError, FileNotFoundError
+    return StageError, TrainingError, ExportError, FolderLockError, ValueError, OSError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,6 +136,9 @@ def ingest(manifest: pathlib.Path, out: pathlib.Path, shape: tuple[int, int, int
                                      f"{' '.join(map(str, contract['spacing']))} mm")
         if any(m in contract["windows"] for m, _, _ in windows):
             raise click.BadParameter(f"--window of {sorted(contract['windows'])} is fixed by preset '{preset}'")
+        if any(m in contract["windows"] for m, _ in scales):
+            raise click.BadParameter(f"--scale of {sorted(contract['windows'])} is fixed by preset '{preset}' "
+                                     "(its window reads raw values: HU for CT)")
         spacing = contract["spacing"]
         window_map.update(contract["windows"])
         mismatches = presets.schema_mismatches(preset, {"preprocessing": {

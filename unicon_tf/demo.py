@@ -106,11 +106,17 @@ def preset_plan(plan: DemoPlan, preset: str) -> DemoPlan:
     117 M encoder naively is out of a CPU demo's reach).
 
     Raises:
-        ValueError: an unknown preset or one without a fixed input contract.
+        ValueError: an unknown preset, one without a fixed input contract, or one whose
+            weights are a file the user supplies (the demo runs presets whose weights install
+            with a package; a pipeline names the file: `encoder: {preset: ..., weights: ...}`).
     """
     from unicon_tf.presets import ingest_options, preset as find
 
     ingest_options(preset)  # refuses a preset whose spacing and window depend on the user's checkpoint
+    if find(preset).weights["from"] == "file":
+        raise ValueError(f"demo --preset {preset}: the demo runs presets whose weights install with a package "
+                         f"(astra_i3resnet152); '{preset}' loads a checkpoint you supply: run a pipeline with "
+                         f"`encoder: {{preset: {preset}, weights: <file>}}` (see `unicon-tf presets {preset}`).")
     multiple = find(preset).input["shape_multiple"]
     crop = tuple(max(m, c) for m, c in zip(multiple, (64, 64, 32)))
     return dataclasses.replace(plan, crop=crop, preset=preset, baselines=("single_task",))

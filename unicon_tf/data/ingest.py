@@ -37,6 +37,7 @@ from unicon_tf.data.beam import run_beam
 from unicon_tf.data.errors import DataError, no_usable_patient
 from unicon_tf.data.examples import process_patient, voxel_bytes
 from unicon_tf.data.manifest import read_manifest
+from unicon_tf.data.preprocess import DEFAULT_WINDOWS
 from unicon_tf.data.shards import ShardWriter
 from unicon_tf.files import atomic_folder
 
@@ -86,6 +87,11 @@ def ingest(manifest: pathlib.Path | str, out: pathlib.Path | str, preprocessing:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError("output folder already exists and is not empty; choose a new one", file=out, field="out")
     cohort = read_manifest(manifest, skip_bad=skip_bad)
+    unused = sorted(set(preprocessing.windows) - set(cohort.modalities) - set(DEFAULT_WINDOWS))
+    if unused:  # a misspelt modality ('CT') would leave the real one on its default window
+        raise DataError(f"a window is given for modality {unused[0]!r}, which the manifest has no image column for "
+                        f"(its modalities: {cohort.modalities}); modality names are the manifest's column names",
+                        file=cohort.path, field="windows")
     for modality in cohort.modalities:
         preprocessing.window(modality)
         if modality in cohort.scaling:

@@ -202,7 +202,8 @@ def weights_path(name: str, weights: str | pathlib.Path | None = None) -> pathli
     if weights is not None:
         path = pathlib.Path(weights)
         if not path.is_file():
-            raise PretrainedWeightsError(f"{path}: weights file for preset '{name}' does not exist.")
+            raise PretrainedWeightsError(f"{path}: weights file for preset '{name}' "
+                                         f"{'is a folder, not a file' if path.is_dir() else 'does not exist'}.")
         return path
     if spec["from"] == "file":
         raise PretrainedWeightsError(f"Preset '{name}' loads a checkpoint you supply: pass weights=<file> "

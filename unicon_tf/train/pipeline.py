@@ -253,20 +253,27 @@ def _encoder(path, entry, root):
 
     A relative `weights` path resolves against the data root, like stage data.
     """
+    if entry is not None and not isinstance(entry, dict):
+        raise PipelineError(f"{path}: encoder must be a mapping, e.g. `encoder: {{preset: astra_i3resnet152}}` or "
+                            f"`encoder: {{kind: residual, width: 16}}`; got {entry!r}.")
     entry = dict(entry or {})
     if "preset" in entry:
         name = entry.pop("preset")
-        if name not in PRESETS:
-            raise PipelineError(f"{path}: encoder preset '{name}' is unknown (expected one of {sorted(PRESETS)}).")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise PipelineError(f"{path}: encoder.preset {name!r} is unknown (expected one of {sorted(PRESETS)}).")
         unknown = set(entry) - {"weights"}
         if unknown:
             raise PipelineError(f"{path}: unknown encoder key(s) {sorted(unknown)} with preset '{name}'; "
                                 "a preset takes only 'weights'.")
+        if PRESETS[name].weights["from"] == "file" and entry.get("weights") is None:
+            raise PipelineError(f"{path}: encoder.weights is missing: preset '{name}' loads a checkpoint you "
+                                f"supply ({PRESETS[name].weights['format']}); add `weights: <file>` under encoder.")
         kind, known = name, ("weights",)
     else:
         kind = entry.pop("kind", "residual")
-        if kind not in ENCODER_OPTIONS:
-            raise PipelineError(f"{path}: encoder kind '{kind}' is unknown (expected one of {sorted(ENCODER_OPTIONS)}).")
+        if not isinstance(kind, str) or kind not in ENCODER_OPTIONS:
+            raise PipelineError(f"{path}: encoder.kind {kind!r} is unknown (expected one of "
+                                f"{sorted(ENCODER_OPTIONS)}).")
         known = ENCODER_OPTIONS[kind]
     unknown = set(entry) - set(known)
     if unknown:
@@ -274,6 +281,8 @@ def _encoder(path, entry, root):
                             f"known: {sorted(known)}.")
     _check_encoder_counts(path, entry)
     if "weights" in entry:
+        if not isinstance(entry["weights"], str) or not entry["weights"]:
+            raise PipelineError(f"{path}: encoder.weights must be a file path, got {entry['weights']!r}.")
         weights = pathlib.Path(entry["weights"])
         entry["weights"] = str(weights if weights.is_absolute() else root / weights)
     return entry if kind == "residual" else {"encoder": kind, **entry}
