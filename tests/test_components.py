@@ -6,6 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from unicon_tf.cli import main
@@ -120,6 +121,21 @@ def test_runner_records_lineage_caches_and_gates_the_pusher(runner_run):
                                       "--from-stage", "prognosis"])
     assert rerun.exit_code == 0, rerun.output
     assert json.loads((run / "lineage.json").read_text())["events"][-1]["cached"] is True
+
+    # a stage whose definition changed since it was trained is refused, not returned from the cache
+    model = run / "stages" / "01-prognosis" / "model.keras"
+    trained = model.read_bytes()
+    spec = yaml.safe_load(pipeline.read_text())
+    for changes, named in (({"epochs": 2}, "training.epochs"), ({"learning_rate": 1e-2, "adapters": 2},
+                                                                  "adapters, training.learning_rate")):
+        spec["stages"][1] = {**spec["stages"][1], **changes}
+        changed = pipeline.with_name("changed.yaml")
+        changed.write_text(yaml.safe_dump(spec))
+        spec["stages"][1] = {k: v for k, v in spec["stages"][1].items() if k not in changes}
+        refused = CliRunner().invoke(main, ["run", str(changed), "--run-dir", str(run), "--base", str(base)])
+        assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+        assert f"Stage 'prognosis' in {run} was trained with other {named} than {changed}" in refused.output
+        assert "never overwritten" in refused.output and model.read_bytes() == trained
 
 
 @pytest.mark.e2e

@@ -31,12 +31,51 @@ from unicon_tf.components.base import Artifact, fingerprint
 from unicon_tf.components.graph import External, SingleTaskBaseline, pipeline_graph
 from unicon_tf.data import data_fingerprint
 from unicon_tf.files import folder_lock, sha256, write_json_atomic
-from unicon_tf.run import Run
+from unicon_tf.run import Run, StageError
 from unicon_tf.train.baselines import train_single_task
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
 UNDEFINING = ("resume", "accept_changes", "pipeline", "profile_batch")  # parameters that change no result of their own (the stage's are separate)
+
+
+def changed_stage_definition(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The fields of a stage's definition that differ between a recorded component run's
+    parameters and the current ones (both with `pipeline`, a `PipelineSpec.to_json`, and
+    `stage`); `[]` when neither names a stage or nothing differs.
+
+    The definition is what makes the stage's model: the pipeline's input shape, modality and
+    encoder (a weights file by its path is not compared: it may move) and the stage's own
+    keys and training options (its data is compared by content, as the Examples artifact's
+    fingerprint; `resources` and `training.profile_batch` change no result). Fields are
+    named as in the pipeline file (`encoder`, `adapters`, `training.epochs`, ...). Records
+    written before a field existed compare as its default.
+
+    Example:
+    >>> from unicon_tf.train.pipeline import StageSpec
+    >>> spec = PipelineSpec("p", pathlib.Path("p.yaml"), (16, 16, 16), "ct", {}, [
+    ...     StageSpec("a", "classification", pathlib.Path("data"))])
+    >>> longer = dataclasses.replace(spec, stages=[dataclasses.replace(
+    ...     spec.stages[0], training=spec.stages[0].training.replace(epochs=9))])
+    >>> changed_stage_definition({"pipeline": spec.to_json(), "stage": "a"},
+    ...                          {"pipeline": longer.to_json(), "stage": "a"})
+    ['training.epochs']
+    """
+    if "pipeline" not in current or "stage" not in current or "pipeline" not in recorded:
+        return []
+    before, now = (_stage_definition(p["pipeline"], current["stage"]) for p in (recorded, current))
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def _stage_definition(config, stage):
+    """`{field: value}` of what defines `stage`'s model in a pipeline's JSON (see `changed_stage_definition`)."""
+    pipeline = PipelineSpec.from_json(config)
+    _, spec = pipeline.stage(stage)
+    fields = {"input_shape": list(pipeline.input_shape), "modality": pipeline.modality,
+              "encoder": {k: v for k, v in pipeline.encoder.items() if k != "weights"}}
+    fields.update({k: v for k, v in spec.to_json().items() if k not in ("data", "resources", "training")})
+    fields.update({f"training.{k}": v for k, v in spec.training.to_json().items() if k != "profile_batch"})
+    return fields
 
 
 class LocalRunner:
@@ -202,8 +241,15 @@ class LocalRunner:
         record = self.lineage["executions"].get(run_id)
         if record and record["fingerprint"] == key and all(
                 not o["uri"] or pathlib.Path(o["uri"]).exists() for o in record["outputs"].values()):
-            self._event(run_id, cached=True)
-            return {k: Artifact(**v) for k, v in record["outputs"].items()}
+            changed = changed_stage_definition(record["parameters"], parameters)
+            if not changed:
+                self._event(run_id, cached=True)
+                return {k: Artifact(**v) for k, v in record["outputs"].items()}
+            if component == "Trainer":
+                raise StageError(
+                    f"Stage '{parameters['stage']}' in {self.directory.path} was trained with other "
+                    f"{', '.join(changed)} than {self.pipeline.path} now gives; a trained stage is never "
+                    "overwritten: put the old values back, or run the changed pipeline in another --run-dir.")
         record = {"component": component, "fingerprint": key, "parameters": parameters,
                   "output_dir": None if output_dir is None else str(output_dir),
                   "inputs": {k: a.to_json() for k, a in inputs.items() if a is not None}}
