@@ -178,8 +178,11 @@ def test_expand_errors_name_the_problem(small_foundation, call, message):
 def test_foundation_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"not divisible by the encoder's total stride 4"):
         unicon_tf.foundation((16, 18, 16), width=8, depth=3)
-    with pytest.raises(ValueError, match=r"not divisible by the encoder's total stride"):
+    with pytest.raises(ValueError, match=r"does not fit the encoder .*: use multiples of \[\d+, \d+, \d+\] voxels"):
         unicon_tf.foundation((18, 18, 18), encoder=user_encoder())
+    for shape in ((30, 30, 15), (36, 32, 16)):  # the I3ResNet's stride is anisotropic: (32, 32, 16)
+        with pytest.raises(ValueError, match=rf"input_shape \({shape[0]}, .* use multiples of \[32, 32, 16\] voxels"):
+            unicon_tf.foundation(shape, encoder="i3resnet", layers=(1, 1, 1, 1), width=4)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         unicon_tf.foundation(SHAPE, num_classes=1, width=8, depth=2)
     with pytest.raises(ValueError, match="Unknown task 'survival'"):

@@ -8,6 +8,7 @@ import io
 import os
 import pathlib
 import pickle
+import re
 import sys
 import types
 import zipfile
@@ -218,6 +219,14 @@ def test_load_names_each_bad_tensor_and_assigns_nothing(layers, width, message):
         load_i3resnet_weights(backbone, SMALL)
     for old, new in zip(before, backbone.weights):
         np.testing.assert_array_equal(old, keras.ops.convert_to_numpy(new))
+
+
+def test_a_checkpoint_of_another_network_is_summarised_not_listed_whole():
+    with pytest.raises(PretrainedWeightsError) as error:
+        load_i3resnet_weights(i3resnet_backbone(layers=(2, 2, 2, 2), width=8), SMALL)
+    lines = str(error.value).splitlines()
+    total = int(re.search(r"\((\d+) problem\(s\): (\d+) missing, (\d+) wrong shape\)", lines[0]).group(1))
+    assert total > 25 and len(lines) == 1 + 20 + 1 and lines[-1] == f"  ... and {total - 20} more"
 
 
 def test_load_refuses_a_non_finite_tensor(tmp_path):

@@ -89,11 +89,16 @@ def presets_command(name: str | None, as_json: bool) -> None:
     for info in infos:
         contract, weights = info["input"], info["weights"]
         where = (f"package {weights['package']} ({weights['install']}), SHA-256 {weights['sha256'][:12]}..."
-                 if weights["from"] == "package" else f"a file you name: weights=<file> ({weights['format']})")
+                 if weights["from"] == "package" else
+                 f"a file you name: `encoder: {{preset: {info['name']}, weights: <file>}}` in a pipeline, or "
+                 f"weights=<file> in Python ({weights['format']})")
+        spacing, window = contract["spacing_mm"], contract["intensity_window_hu"]
+        trained = f" (trained at {contract['trained_shape']})" if contract.get("trained_shape") else ""
         click.echo(f"{info['name']}\n  {info['architecture']}, {info['params']:,} parameters\n"
-                   f"  input: {contract['axes']}; {contract['orientation']}, spacing {contract['spacing_mm']} mm, "
-                   f"window {contract['intensity_window_hu']} HU -> {contract['intensity_range']}, "
-                   f"shape multiple of {contract['shape_multiple']} (trained at {contract.get('trained_shape', '-')})\n"
+                   f"  input: {contract['axes']}; {contract['orientation']}, "
+                   f"spacing {f'{spacing} mm' if isinstance(spacing, list) else spacing}, "
+                   f"window {f'{window} HU' if isinstance(window, list) else window} -> {contract['intensity_range']}, "
+                   f"shape multiple of {contract['shape_multiple']}{trained}\n"
                    f"  source: {info['source']}; licence {info['licence']}\n  weights: {where}")
 
 

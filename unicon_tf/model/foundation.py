@@ -453,11 +453,17 @@ def _check_feature_scales(encoder, input_shape):
     shapes = encoder.feature_shapes(input_shape)
     coarsest = shapes[-1][1:4]
     if any(d is None or d < 1 for d in coarsest):
-        raise ValueError(f"The encoder gives empty features {tuple(coarsest)} for input_shape {input_shape}.")
-    stride = input_shape[0] // coarsest[0] if coarsest[0] else 0
+        raise ValueError(f"The encoder gives empty features {tuple(coarsest)} for input_shape {input_shape}: "
+                         f"{_stride_hint(encoder)}.")
     for shape in shapes:
         if any(d * (i // d) != i for d, i in zip(shape[1:4], input_shape)):
-            raise ValueError(
-                f"input_shape {input_shape} is not divisible by the encoder's total stride {stride}: "
-                f"feature map {tuple(shape[1:4])} does not divide the input grid."
-            )
+            raise ValueError(f"input_shape {input_shape} does not fit the encoder (feature map {tuple(shape[1:4])} "
+                             f"does not divide the input grid): {_stride_hint(encoder)}.")
+
+
+def _stride_hint(encoder):
+    """What input shapes an encoder takes: multiples of its total stride per axis, measured on
+    a probe grid (an I3ResNet's is (32, 32, 16): its stem does not stride the last axis)."""
+    probe = (512, 512, 512)
+    strides = [p // c for p, c in zip(probe, encoder.feature_shapes(probe)[-1][1:4])]
+    return f"use multiples of {strides} voxels per axis (the encoder's total stride), at least that"

@@ -115,6 +115,11 @@ def load_pretrained(model_or_encoder: "keras.Model | SharedEncoder", path: pathl
             "skipped": sorted(k for k in skipped if k in state)}
 
 
+MAX_LISTED_PROBLEMS = 20
+"""A state dict that does not fit lists this many of its problems (all are counted): a
+checkpoint of another network would list hundreds."""
+
+
 def check_state(path: pathlib.Path | str, targets: dict, state: dict, skipped: set = frozenset(), strict: bool = True,
                 what: str = "the model", checks: dict | None = None) -> list[str]:
     """Check a state dict against a model's targets, then assign all of it or nothing.
@@ -146,8 +151,13 @@ def check_state(path: pathlib.Path | str, targets: dict, state: dict, skipped: s
     problems += [f"not finite (NaN or Inf): {k}" for k in targets
                  if k in state and state[k].dtype.kind == "f" and not np.all(np.isfinite(state[k]))]
     if problems:
-        raise PretrainedWeightsError(f"{path}: the state dict does not fit {what} "
-                                     f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        counts = {"missing": len(missing), "wrong shape": len(wrong), "unexpected": len(unexpected) if strict else 0}
+        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise PretrainedWeightsError(
+            f"{path}: the state dict does not fit {what} ({len(problems)} problem(s){': ' + summary if summary else ''})"
+            f":\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
     for key, (_, assign) in targets.items():
         assign(np.asarray(state[key], np.float32))
     return sorted(unexpected)
