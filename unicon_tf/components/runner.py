@@ -36,7 +36,9 @@ from unicon_tf.train.baselines import train_single_task
 from unicon_tf.train.pipeline import PipelineSpec, load_pipeline
 
 COMPONENTS = {"ExampleGen": example_gen, "Trainer": trainer, "Evaluator": evaluator, "Pusher": pusher}
-UNDEFINING = ("resume", "accept_changes", "pipeline", "profile_batch")  # parameters that change no result of their own (the stage's are separate)
+# parameters that change no result of their own (the stage's definition inside `pipeline` is
+# compared by `changed_stage_definition`)
+UNDEFINING = ("resume", "accept_changes", "pipeline", "profile_batch")
 
 
 def changed_stage_definition(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -241,15 +243,14 @@ class LocalRunner:
         record = self.lineage["executions"].get(run_id)
         if record and record["fingerprint"] == key and all(
                 not o["uri"] or pathlib.Path(o["uri"]).exists() for o in record["outputs"].values()):
-            changed = changed_stage_definition(record["parameters"], parameters)
-            if not changed:
-                self._event(run_id, cached=True)
-                return {k: Artifact(**v) for k, v in record["outputs"].items()}
-            if component == "Trainer":
+            changed = changed_stage_definition(record["parameters"], parameters)  # a Trainer's only
+            if changed:
                 raise StageError(
                     f"Stage '{parameters['stage']}' in {self.directory.path} was trained with other "
                     f"{', '.join(changed)} than {self.pipeline.path} now gives; a trained stage is never "
                     "overwritten: put the old values back, or run the changed pipeline in another --run-dir.")
+            self._event(run_id, cached=True)
+            return {k: Artifact(**v) for k, v in record["outputs"].items()}
         record = {"component": component, "fingerprint": key, "parameters": parameters,
                   "output_dir": None if output_dir is None else str(output_dir),
                   "inputs": {k: a.to_json() for k, a in inputs.items() if a is not None}}
