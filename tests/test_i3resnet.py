@@ -160,8 +160,9 @@ def test_reader_rebuilds_views_inside_their_storage(tmp_path, monkeypatch, size,
     ("truncated", r"truncated\.pt: not a torch\.save zip checkpoint"),
     ("foreign", r"foreign\.pt: not a torch\.save checkpoint \(a zip without one '<name>/data\.pkl'"),
     ("missing_storage", r"missing_storage\.pt: record .*data/0 is missing"),
-    ("short_storage", r"short_storage\.pt: record .*data/0 holds \d+ bytes, its storage record says"),
+    ("short_storage", r"^\S*short_storage\.pt: record \S*data/0 holds \d+ bytes, its storage record says"),
     ("absent", r"absent\.pt: checkpoint file does not exist"),
+    ("folder", r"folder\.pt: checkpoint file is a folder"),
 ])
 def test_reader_names_the_file_and_the_fault(tmp_path, fault, message):
     path = tmp_path / f"{fault}.pt"
@@ -175,6 +176,8 @@ def test_reader_names_the_file_and_the_fault(tmp_path, fault, message):
         path = path.with_suffix(".pt.npz").rename(path) if not path.exists() else path
     elif fault == "missing_storage":
         rewrite(SMALL, path, lambda name, data: None if name.endswith("/data/0") else data)
+    elif fault == "folder":
+        path.mkdir()
     elif fault == "short_storage":
         rewrite(SMALL, path, lambda name, data: data[:-4] if name.endswith("/data/0") else data)
     with pytest.raises(PretrainedWeightsError, match=message):

@@ -96,7 +96,7 @@ def read_torch_checkpoint(path: str | pathlib.Path) -> object:
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise PretrainedWeightsError(f"{path}: checkpoint file does not exist.")
+        raise PretrainedWeightsError(f"{path}: checkpoint file {'is a folder' if path.is_dir() else 'does not exist'}.")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
@@ -157,18 +157,16 @@ def torch_state_dict(path: str | pathlib.Path, prefix: str = "", key: str | None
 def _read(archive, path, name, size=None):
     """The bytes of record `name`; with `size`, refused before decompressing unless it has that many."""
     try:
-        if size is not None and archive.getinfo(name).file_size != size:
-            raise PretrainedWeightsError(f"{path}: record {name} holds {archive.getinfo(name).file_size} bytes, "
-                                         f"its storage record says {size} (truncated or corrupt).")
-        raw = archive.read(name)
+        info = archive.getinfo(name)
     except KeyError as error:
         raise PretrainedWeightsError(f"{path}: record {name} is missing from the checkpoint.") from error
+    if size is not None and info.file_size != size:
+        raise PretrainedWeightsError(f"{path}: record {name} holds {info.file_size} bytes, its storage record "
+                                     f"says {size} (truncated or corrupt).")
+    try:
+        return archive.read(info)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:  # CRC mismatch, truncation
         raise PretrainedWeightsError(f"{path}: record {name} is corrupt or truncated ({error}).") from error
-    if size is not None and len(raw) != size:
-        raise PretrainedWeightsError(f"{path}: record {name} holds {len(raw)} bytes, its storage record says "
-                                     f"{size} (truncated or corrupt).")
-    return raw
 
 
 class _SafeUnpickler(pickle.Unpickler):
