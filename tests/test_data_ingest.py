@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -524,3 +525,12 @@ def test_when_every_patient_is_rejected_the_error_quotes_the_reasons(tmp_path, w
                     verbose=False)
     assert ("time must be > 0" if where == "manifest" else "unreadable") in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("low, high, scale", [(-math.inf, math.inf, 1.0), (0.0, math.nan, 1.0), (-1000.0, 1000.0, 0.0),
+                                              (-1000.0, 1000.0, -1.0), (-1000.0, 1000.0, math.nan)])
+def test_an_intensity_window_needs_finite_bounds_and_a_positive_scale(low, high, scale):
+    from unicon_tf.data.preprocess import IntensityWindow
+
+    with pytest.raises(ValueError, match="An intensity window"):
+        IntensityWindow(low, high, scale)

@@ -12,6 +12,7 @@ kept so predictions can be written back in world coordinates.
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -51,8 +52,10 @@ class IntensityWindow:
     out_range: tuple = (-1.0, 1.0)
 
     def __post_init__(self):
-        if not self.high > self.low:
-            raise ValueError(f"An intensity window needs high > low, got [{self.low}, {self.high}].")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            raise ValueError(f"An intensity window needs finite bounds, high > low, got [{self.low}, {self.high}].")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"An intensity window's scale must be a finite factor > 0, got {self.scale}.")
         out_range = tuple(float(v) for v in self.out_range)
         if len(out_range) != 2 or not out_range[1] > out_range[0]:
             raise ValueError(f"An intensity window's out_range needs two values, low < high, got {self.out_range}.")

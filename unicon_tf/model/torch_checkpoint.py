@@ -44,6 +44,10 @@ STORAGE_DTYPES = {
 }
 """Storage class (module `torch`) -> the dtype of its bytes; bfloat16 is read as uint16."""
 
+MAX_COMPRESSION_RATIO = 100
+"""A compressed record may inflate to at most this many times its size (`torch.save` writes
+records uncompressed; weights compress by < 2x)."""
+
 TENSOR_REBUILDS = ("_rebuild_tensor_v2", "_rebuild_parameter")
 """Functions of `torch._utils` the unpickler admits (replaced by NumPy equivalents)."""
 
@@ -160,6 +164,9 @@ def _read(archive, path, name, size=None):
         info = archive.getinfo(name)
     except KeyError as error:
         raise PretrainedWeightsError(f"{path}: record {name} is missing from the checkpoint.") from error
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise PretrainedWeightsError(f"{path}: record {name} inflates {info.compress_size} bytes to {info.file_size} "
+                                     "(torch.save stores records uncompressed): refused as a decompression bomb.")
     if size is not None and info.file_size != size:
         raise PretrainedWeightsError(f"{path}: record {name} holds {info.file_size} bytes, its storage record "
                                      f"says {size} (truncated or corrupt).")
@@ -197,15 +204,23 @@ class _SafeUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
             raise PretrainedWeightsError(f"{self.path}: refused persistent id {pid!r}: not a tensor storage.")
         _, storage, key, _location, numel = pid
+        if type(numel) is not int or numel < 0:
+            raise PretrainedWeightsError(f"{self.path}: storage {key!r} has element count {numel!r}, not a whole "
+                                         "number >= 0.")
         key = str(key)
         if key not in self.storages:
             dtype = STORAGE_DTYPES[storage.name]
             itemsize = 2 if dtype == "bfloat16" else dtype.itemsize
             raw = _read(self.archive, self.path, f"{self.prefix}data/{key}", size=int(numel) * itemsize)
             array = np.frombuffer(raw, np.uint16 if dtype == "bfloat16" else dtype)
-            self.storages[key] = (bfloat16_to_float32(array) if dtype == "bfloat16"
-                                  else array.astype(np.float32) if dtype.kind == "f" else array.copy(), key)
-        return self.storages[key]
+            self.storages[key] = ((bfloat16_to_float32(array) if dtype == "bfloat16"
+                                   else array.astype(np.float32) if dtype.kind == "f" else array.copy(), key),
+                                  (storage.name, numel))
+        data, declared = self.storages[key]
+        if declared != (storage.name, numel):
+            raise PretrainedWeightsError(f"{self.path}: storage data/{key} is named as {declared[0]} of {declared[1]} "
+                                         f"elements and as {storage.name} of {numel}.")
+        return data
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -217,7 +232,10 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     naming the storage record (`read_torch_checkpoint` adds the file).
     """
     data, key = storage
-    size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
+    if not (_whole_numbers(size) and _whole_numbers(stride) and _whole_numbers([offset])):
+        raise ValueError(f"storage data/{key}: a tensor's size {size!r}, stride {stride!r} and offset {offset!r} "
+                         "must be whole numbers.")
+    size, stride, offset = tuple(size), tuple(stride), int(offset)
     where = f"storage data/{key} ({data.size} elements): a tensor of size {size}, stride {stride}, offset {offset}"
     if len(size) != len(stride) or min((offset, *size, *stride)) < 0:
         raise ValueError(f"{where} is not a view of it (negative or mismatched size, stride or offset).")
@@ -229,6 +247,11 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     view = np.lib.stride_tricks.as_strided(data[offset:], size, tuple(s * data.itemsize for s in stride),
                                            writeable=False)
     return np.array(view)
+
+
+def _whole_numbers(values):
+    """Whether `values` is a list or tuple of Python ints (not bools, floats or strings)."""
+    return isinstance(values, (list, tuple)) and all(type(v) is int for v in values)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
