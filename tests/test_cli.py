@@ -86,3 +86,17 @@ def test_describe_refuses_a_file_that_is_not_a_model(tmp_path):
     result = CliRunner().invoke(main, ["describe", str(bogus)])
     assert result.exit_code != 0
     assert "notes.keras" in result.output and "cannot read a unicon_tf model" in result.output
+
+
+def test_a_tensorflow_error_on_bad_input_is_one_line():
+    """TensorFlow's own errors (a SavedModel it cannot read) are not `OSError`s: `user_errors` counts them too."""
+    import click
+    import tensorflow as tf
+
+    from unicon_tf.cli import user_errors
+
+    def unreadable():
+        raise tf.errors.FailedPreconditionError(None, None, "x/saved_model.pb is a directory")
+
+    result = CliRunner().invoke(click.command()(user_errors(unreadable)), [])
+    assert result.exit_code == 1 and result.output == "Error: x/saved_model.pb is a directory\n", result.output

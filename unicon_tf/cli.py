@@ -12,6 +12,7 @@ Example:
 import functools
 import json
 import pathlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +32,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, RuntimeError, OSError) as error:
+        except Exception as error:  # re-raised unless bad input (`_user_errors`)
             if not isinstance(error, _user_errors()):
                 raise
             raise click.ClickException(str(error)) from error
@@ -43,13 +44,16 @@ def _user_errors():
     """The error types of bad input, imported only once one is raised (`--help` stays light).
     `DataError`, `PipelineError`, `InvalidNameError` and `PretrainedWeightsError` are
     `ValueError`s; an `OSError` (a missing, unreadable or unwritable file, a stage's base
-    weights file moved or altered: `StorageError`) names its file."""
+    weights file moved or altered: `StorageError`) names its file; so does TensorFlow's
+    `OpError` (e.g. a SavedModel it cannot read), counted once TensorFlow is imported."""
     from unicon_tf.files import FolderLockError
     from unicon_tf.run import StageError
     from unicon_tf.serving import ExportError
     from unicon_tf.train import TrainingError
 
-    return StageError, TrainingError, ExportError, FolderLockError, ValueError, OSError
+    tensorflow = sys.modules.get("tensorflow")
+    return (StageError, TrainingError, ExportError, FolderLockError, ValueError, OSError,
+            *((tensorflow.errors.OpError,) if tensorflow is not None else ()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -47,7 +47,8 @@ def changed_stage_definition(recorded: Mapping[str, Any], current: Mapping[str, 
     `stage`); `[]` when neither names a stage or nothing differs.
 
     The definition is what makes the stage's model: the pipeline's input shape, modality and
-    encoder (a weights file by its path is not compared: it may move) and the stage's own
+    encoder (a weights file by its path: another file is a change, a file overwritten in
+    place is not seen) and the stage's own
     keys and training options (its data is compared by content, as the Examples artifact's
     fingerprint; `resources` and `training.profile_batch` change no result). Fields are
     named as in the pipeline file (`encoder`, `adapters`, `training.epochs`, ...). Records
@@ -73,8 +74,7 @@ def _stage_definition(config, stage):
     """`{field: value}` of what defines `stage`'s model in a pipeline's JSON (see `changed_stage_definition`)."""
     pipeline = PipelineSpec.from_json(config)
     _, spec = pipeline.stage(stage)
-    fields = {"input_shape": list(pipeline.input_shape), "modality": pipeline.modality,
-              "encoder": {k: v for k, v in pipeline.encoder.items() if k != "weights"}}
+    fields = {"input_shape": list(pipeline.input_shape), "modality": pipeline.modality, "encoder": pipeline.encoder}
     fields.update({k: v for k, v in spec.to_json().items() if k not in ("data", "resources", "training")})
     fields.update({f"training.{k}": v for k, v in spec.training.to_json().items() if k != "profile_batch"})
     return fields
