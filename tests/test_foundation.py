@@ -180,7 +180,7 @@ def test_foundation_errors_name_the_problem():
         unicon_tf.foundation((16, 18, 16), width=8, depth=3)
     with pytest.raises(ValueError, match=r"does not fit the encoder .*: use multiples of \[\d+, \d+, \d+\] voxels"):
         unicon_tf.foundation((18, 18, 18), encoder=user_encoder())
-    for shape in ((30, 30, 15), (36, 32, 16)):  # the I3ResNet's stride is anisotropic: (32, 32, 16)
+    for shape in ((30, 30, 15), (36, 32, 16), (64, 48, 24)):  # the I3ResNet's stride is anisotropic: (32, 32, 16)
         with pytest.raises(ValueError, match=rf"input_shape \({shape[0]}, .* use multiples of \[32, 32, 16\] voxels"):
             unicon_tf.foundation(shape, encoder="i3resnet", layers=(1, 1, 1, 1), width=4)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):

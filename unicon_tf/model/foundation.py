@@ -455,10 +455,10 @@ def _check_feature_scales(encoder, input_shape):
     if any(d is None or d < 1 for d in coarsest):
         raise ValueError(f"The encoder gives empty features {tuple(coarsest)} for input_shape {input_shape}: "
                          f"{_stride_hint(encoder)}.")
-    for shape in shapes:
-        if any(d * (i // d) != i for d, i in zip(shape[1:4], input_shape)):
+    for finer, shape in zip([(None, *input_shape)] + shapes[:-1], shapes):
+        if any(f % d for f, d in zip(finer[1:4], shape[1:4])):  # a decoder upsamples each map onto the finer one
             raise ValueError(f"input_shape {input_shape} does not fit the encoder (feature map {tuple(shape[1:4])} "
-                             f"does not divide the input grid): {_stride_hint(encoder)}.")
+                             f"does not divide {tuple(finer[1:4])}): {_stride_hint(encoder)}.")
 
 
 def _stride_hint(encoder):
